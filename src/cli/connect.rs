@@ -1,0 +1,208 @@
+//! Commands that talk to a server.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Args, Subcommand};
+
+use crate::client::{Client, ClientConfig};
+use crate::proto;
+
+/// How to reach the server; every client command takes these.
+#[derive(Debug, Clone, Args)]
+pub struct ConnectArgs {
+    /// Server address.
+    #[arg(long, env = "CLEANROOM_SERVER", default_value = "https://127.0.0.1:50051")]
+    pub server: String,
+    /// CA certificate that signed the server's certificate.
+    #[arg(long, env = "CLEANROOM_CA", default_value = "cleanroom-data/certs/ca.pem")]
+    pub ca: PathBuf,
+    /// Client certificate naming your organisation.
+    #[arg(long, env = "CLEANROOM_CERT")]
+    pub cert: Option<PathBuf>,
+    /// Private key of the client certificate.
+    #[arg(long, env = "CLEANROOM_KEY")]
+    pub key: Option<PathBuf>,
+}
+
+impl ConnectArgs {
+    pub fn config(&self) -> anyhow::Result<ClientConfig> {
+        let config = ClientConfig::new(self.server.clone(), self.ca.clone());
+        match (&self.cert, &self.key) {
+            (Some(cert), Some(key)) => Ok(config.with_identity(cert, key)),
+            (None, None) => anyhow::bail!(
+                "no client certificate: pass --cert and --key, or set CLEANROOM_CERT and CLEANROOM_KEY"
+            ),
+            _ => anyhow::bail!("--cert and --key go together"),
+        }
+    }
+
+    fn connect(&self, rt: &tokio::runtime::Runtime) -> anyhow::Result<Client> {
+        let config = self.config()?;
+        Ok(rt.block_on(Client::connect(&config))?)
+    }
+}
+
+#[derive(Debug, Args)]
+pub(super) struct WhoamiArgs {
+    #[command(flatten)]
+    connect: ConnectArgs,
+}
+
+#[derive(Debug, Args)]
+pub(super) struct AgreementsArgs {
+    #[command(flatten)]
+    connect: ConnectArgs,
+    #[command(subcommand)]
+    command: Option<AgreementsCommand>,
+}
+
+#[derive(Debug, Subcommand)]
+enum AgreementsCommand {
+    /// Show one agreement as you may see it.
+    Show { id: String },
+}
+
+pub(super) fn whoami(args: WhoamiArgs) -> anyhow::Result<ExitCode> {
+    let rt = super::runtime()?;
+    let mut client = args.connect.connect(&rt)?;
+    let me = rt.block_on(client.who_am_i())?;
+    println!(
+        "{} (party to {} agreement(s))",
+        me.organisation, me.agreement_count
+    );
+    Ok(ExitCode::SUCCESS)
+}
+
+pub(super) fn agreements(args: AgreementsArgs) -> anyhow::Result<ExitCode> {
+    let rt = super::runtime()?;
+    let mut client = args.connect.connect(&rt)?;
+    match args.command {
+        None => {
+            let list = rt.block_on(client.list_agreements())?;
+            if list.is_empty() {
+                println!("you are a party to no agreement");
+            }
+            for a in list {
+                println!(
+                    "{}  {}  expires {}  rights: {}\n    {}",
+                    a.id,
+                    state_name(a.state),
+                    a.expires_on,
+                    rights(&a.my_rights),
+                    a.purpose
+                );
+            }
+        }
+        Some(AgreementsCommand::Show { id }) => {
+            let a = rt.block_on(client.get_agreement(&id))?;
+            print!("{}", render_agreement(&a));
+        }
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+fn state_name(s: i32) -> &'static str {
+    match proto::AgreementState::try_from(s) {
+        Ok(proto::AgreementState::Pending) => "pending",
+        Ok(proto::AgreementState::Active) => "active",
+        Ok(proto::AgreementState::Expired) => "expired",
+        _ => "unknown",
+    }
+}
+
+fn rights(rs: &[i32]) -> String {
+    rs.iter()
+        .map(|r| match proto::Right::try_from(*r) {
+            Ok(proto::Right::Upload) => "upload",
+            Ok(proto::Right::Query) => "query",
+            Ok(proto::Right::ReceiveResults) => "receive_results",
+            Ok(proto::Right::SeeOverlap) => "see_overlap",
+            Ok(proto::Right::Admin) => "admin",
+            _ => "unknown",
+        })
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
+fn column_line(c: &proto::Column) -> String {
+    let role = proto::ColumnRole::try_from(c.role).unwrap_or(proto::ColumnRole::Unspecified);
+    match role {
+        proto::ColumnRole::Identifier => format!("{}: identifier ({})", c.name, c.identity_kind),
+        proto::ColumnRole::Dimension if !c.allowed_values.is_empty() => {
+            format!("{}: dimension, one of {}", c.name, c.allowed_values.join(" | "))
+        }
+        proto::ColumnRole::Dimension => format!(
+            "{}: dimension, at most {} values",
+            c.name,
+            c.max_cardinality.unwrap_or_default()
+        ),
+        proto::ColumnRole::Metric => format!(
+            "{}: metric in [{}, {}]",
+            c.name,
+            c.min.unwrap_or_default(),
+            c.max.unwrap_or_default()
+        ),
+        proto::ColumnRole::Sensitive => format!("{}: sensitive (never uploaded)", c.name),
+        proto::ColumnRole::Unspecified => format!("{}: unknown role", c.name),
+    }
+}
+
+/// A readable page for one agreement.
+pub(super) fn render_agreement(a: &proto::Agreement) -> String {
+    use std::fmt::Write;
+    let mut out = String::new();
+    if let Some(s) = &a.summary {
+        let _ = writeln!(out, "agreement {} ({})", s.id, state_name(s.state));
+        let _ = writeln!(out, "  purpose:   {}", s.purpose);
+        let _ = writeln!(
+            out,
+            "  in force:  {} to {}",
+            if s.starts_on.is_empty() { "signature" } else { &s.starts_on },
+            s.expires_on
+        );
+        let _ = writeln!(out, "  policy:    {}", s.policy_hash);
+        let _ = writeln!(out, "  my rights: {}", rights(&s.my_rights));
+    }
+    let _ = writeln!(out, "  retention: {} days", a.retention_days);
+    let _ = writeln!(out, "parties:");
+    for p in &a.parties {
+        let _ = writeln!(out, "  {}: {}", p.organisation, rights(&p.rights));
+    }
+    let _ = writeln!(out, "identity kinds:");
+    for k in &a.identity_kinds {
+        let mut extra = String::new();
+        if k.gmail_canonical {
+            extra.push_str(", gmail canonical");
+        }
+        if !k.default_country.is_empty() {
+            let _ = write!(extra, ", default country {}", k.default_country);
+        }
+        let _ = writeln!(out, "  {}: {} profile{}", k.name, k.profile, extra);
+    }
+    for d in &a.datasets {
+        let _ = writeln!(out, "dataset {} (owner {}):", d.name, d.owner);
+        for c in &d.columns {
+            let _ = writeln!(out, "  {}", column_line(c));
+        }
+    }
+    if let Some(q) = &a.query {
+        let _ = writeln!(
+            out,
+            "queries: aggregates {}; at least {} people per output row",
+            q.aggregates.join(", "),
+            q.min_group_size
+        );
+    }
+    if let Some(p) = &a.privacy {
+        let _ = writeln!(
+            out,
+            "differential privacy: epsilon {} per {} (at most {} a query), delta {}",
+            p.epsilon_total,
+            if p.refresh == "monthly" { "month" } else { "agreement" },
+            p.epsilon_per_query_max,
+            p.delta.map(|d| d.to_string()).unwrap_or_else(|| "none".into())
+        );
+    }
+    out
+}

@@ -1,0 +1,74 @@
+//! The `cleanroom` command line. `main.rs` only calls [`main`].
+
+mod connect;
+mod local;
+mod serve;
+
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+
+pub use connect::ConnectArgs;
+
+#[derive(Debug, Parser)]
+#[command(name = "cleanroom", version, about = "A self-hosted data clean room", long_about = None)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Run the server.
+    Serve(serve::ServeArgs),
+    /// Check and create policy files.
+    #[command(subcommand)]
+    Policy(local::PolicyCommand),
+    /// Create development certificates for mutual TLS.
+    #[command(subcommand)]
+    Certs(local::CertsCommand),
+    /// Show the organisation your client certificate names.
+    Whoami(connect::WhoamiArgs),
+    /// List your agreements, or show one.
+    Agreements(connect::AgreementsArgs),
+}
+
+/// Parses the command line, runs the command and turns its outcome into an
+/// exit status. Errors are printed with their context chain.
+pub fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let result = match cli.command {
+        Command::Serve(args) => serve::run(args),
+        Command::Policy(cmd) => local::policy(cmd),
+        Command::Certs(cmd) => local::certs(cmd),
+        Command::Whoami(args) => connect::whoami(args),
+        Command::Agreements(args) => connect::agreements(args),
+    };
+    match result {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// A Tokio runtime for one command.
+fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
+    use anyhow::Context;
+    tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .context("starting the async runtime")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn command_line_is_well_formed() {
+        use clap::CommandFactory;
+        Cli::command().debug_assert();
+    }
+}

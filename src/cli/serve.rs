@@ -1,0 +1,183 @@
+//! `cleanroom serve`: flags over an optional config file over defaults.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context;
+use clap::{Args, ValueEnum};
+use serde::Deserialize;
+
+use crate::clock::SystemClock;
+use crate::server::{ServerOptions, TlsFiles};
+
+const DEFAULT_LISTEN: &str = "127.0.0.1:50051";
+const DEFAULT_DATA_DIR: &str = "cleanroom-data";
+const DEFAULT_POLICIES_DIR: &str = "policies";
+const DEFAULT_SHUTDOWN_GRACE_SECONDS: f64 = 2.0;
+const DEFAULT_DRAIN_TIMEOUT_SECONDS: f64 = 30.0;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub(super) enum LogFormat {
+    Text,
+    Json,
+}
+
+#[derive(Debug, Args)]
+pub(super) struct ServeArgs {
+    /// TOML config file; flags given here override it.
+    #[arg(long, env = "CLEANROOM_CONFIG")]
+    config: Option<PathBuf>,
+    /// Address to listen on [default: 127.0.0.1:50051].
+    #[arg(long)]
+    listen: Option<SocketAddr>,
+    /// Data directory [default: ./cleanroom-data].
+    #[arg(long)]
+    data_dir: Option<PathBuf>,
+    /// Folder of policy files [default: ./policies].
+    #[arg(long)]
+    policies: Option<PathBuf>,
+    /// Folder with ca.pem, server.pem and server-key.pem [default: DATA_DIR/certs].
+    #[arg(long)]
+    certs_dir: Option<PathBuf>,
+    /// Log format [default: text].
+    #[arg(long, value_enum)]
+    log_format: Option<LogFormat>,
+    /// Seconds health reports NOT_SERVING before draining [default: 2].
+    #[arg(long)]
+    shutdown_grace: Option<f64>,
+}
+
+/// The config file; every key is optional.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ConfigFile {
+    listen: Option<SocketAddr>,
+    data_dir: Option<PathBuf>,
+    policies_dir: Option<PathBuf>,
+    tls: Option<TlsSection>,
+    log_format: Option<LogFormat>,
+    shutdown_grace_seconds: Option<f64>,
+    drain_timeout_seconds: Option<f64>,
+}
+
+/// Certificates from an existing CA, file by file.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct TlsSection {
+    ca: PathBuf,
+    cert: PathBuf,
+    key: PathBuf,
+}
+
+fn read_config(path: &Path) -> anyhow::Result<ConfigFile> {
+    let text = std::fs::read_to_string(path)
+        .with_context(|| format!("reading config file {}", path.display()))?;
+    toml::from_str(&text).map_err(|e| anyhow::anyhow!("{}: {}", path.display(), e.message()))
+}
+
+fn seconds(field: &str, value: f64) -> anyhow::Result<Duration> {
+    Duration::try_from_secs_f64(value)
+        .map_err(|_| anyhow::anyhow!("{field}: must be a non-negative number of seconds"))
+}
+
+/// Resolved settings: flag, else config file, else default.
+#[derive(Debug)]
+struct Settings {
+    listen: SocketAddr,
+    log_format: LogFormat,
+    options: ServerOptions,
+}
+
+fn settings(args: ServeArgs) -> anyhow::Result<Settings> {
+    let file = match &args.config {
+        Some(path) => read_config(path)?,
+        None => ConfigFile::default(),
+    };
+    let data_dir = args
+        .data_dir
+        .or(file.data_dir)
+        .unwrap_or_else(|| PathBuf::from(DEFAULT_DATA_DIR));
+    let tls = match (args.certs_dir, file.tls) {
+        (Some(dir), _) => TlsFiles::in_dir(&dir),
+        (None, Some(t)) => TlsFiles {
+            ca: t.ca,
+            cert: t.cert,
+            key: t.key,
+        },
+        (None, None) => TlsFiles::in_dir(&data_dir.join("certs")),
+    };
+    let listen = match args.listen.or(file.listen) {
+        Some(addr) => addr,
+        None => DEFAULT_LISTEN.parse()?,
+    };
+    let grace = args
+        .shutdown_grace
+        .or(file.shutdown_grace_seconds)
+        .unwrap_or(DEFAULT_SHUTDOWN_GRACE_SECONDS);
+    let drain = file
+        .drain_timeout_seconds
+        .unwrap_or(DEFAULT_DRAIN_TIMEOUT_SECONDS);
+    Ok(Settings {
+        listen,
+        log_format: args.log_format.or(file.log_format).unwrap_or(LogFormat::Text),
+        options: ServerOptions {
+            tls,
+            policies_dir: args
+                .policies
+                .or(file.policies_dir)
+                .unwrap_or_else(|| PathBuf::from(DEFAULT_POLICIES_DIR)),
+            data_dir,
+            shutdown_grace: seconds("shutdown_grace_seconds", grace)?,
+            drain_timeout: seconds("drain_timeout_seconds", drain)?,
+            clock: Arc::new(SystemClock),
+        },
+    })
+}
+
+fn init_logging(format: LogFormat) {
+    use tracing_subscriber::EnvFilter;
+    let filter = EnvFilter::try_from_env("CLEANROOM_LOG").unwrap_or_else(|_| EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    match format {
+        LogFormat::Text => builder.init(),
+        LogFormat::Json => builder.json().init(),
+    }
+}
+
+/// Resolves on SIGTERM or SIGINT.
+async fn shutdown_signal() {
+    use tokio::signal::unix::{SignalKind, signal};
+    let mut term = match signal(SignalKind::terminate()) {
+        Ok(s) => s,
+        Err(e) => {
+            tracing::warn!(error = %e, "cannot listen for SIGTERM; only SIGINT stops the server");
+            let _ = tokio::signal::ctrl_c().await;
+            return;
+        }
+    };
+    tokio::select! {
+        _ = term.recv() => tracing::info!(signal = "SIGTERM", "stop requested"),
+        _ = tokio::signal::ctrl_c() => tracing::info!(signal = "SIGINT", "stop requested"),
+    }
+}
+
+pub(super) fn run(args: ServeArgs) -> anyhow::Result<ExitCode> {
+    let settings = settings(args)?;
+    init_logging(settings.log_format);
+    let rt = super::runtime()?;
+    rt.block_on(async {
+        let listener = tokio::net::TcpListener::bind(settings.listen)
+            .await
+            .with_context(|| format!("listening on {}", settings.listen))?;
+        crate::server::serve(listener, settings.options, shutdown_signal())
+            .await
+            .context("the server could not start")
+    })?;
+    Ok(ExitCode::SUCCESS)
+}

@@ -1,0 +1,188 @@
+//! A Rust client for a Cleanroom server over mutual TLS.
+//!
+//! ```no_run
+//! # async fn demo() -> Result<(), cleanroom::client::ClientError> {
+//! use cleanroom::client::{Client, ClientConfig};
+//! let config = ClientConfig::new("https://127.0.0.1:50051", "certs/ca.pem")
+//!     .with_identity("certs/acme.pem", "certs/acme-key.pem");
+//! let mut client = Client::connect(&config).await?;
+//! println!("I am {}", client.who_am_i().await?.organisation);
+//! # Ok(()) }
+//! ```
+
+use std::path::{Path, PathBuf};
+
+use tonic::transport::{Certificate, Channel, ClientTlsConfig, Identity};
+
+use crate::proto;
+use crate::proto::agreements_client::AgreementsClient;
+
+/// Where the server is and which certificates to use.
+#[derive(Debug, Clone)]
+pub struct ClientConfig {
+    /// `https://host:port`; a bare `host:port` is read as https.
+    pub server: String,
+    /// CA certificate that signed the server's certificate.
+    pub ca: PathBuf,
+    /// Client certificate and key naming the caller's organisation.
+    pub identity: Option<(PathBuf, PathBuf)>,
+}
+
+impl ClientConfig {
+    pub fn new(server: impl Into<String>, ca: impl Into<PathBuf>) -> Self {
+        ClientConfig {
+            server: server.into(),
+            ca: ca.into(),
+            identity: None,
+        }
+    }
+
+    pub fn with_identity(mut self, cert: impl Into<PathBuf>, key: impl Into<PathBuf>) -> Self {
+        self.identity = Some((cert.into(), key.into()));
+        self
+    }
+}
+
+/// Why a call could not be made or was refused.
+#[derive(Debug, thiserror::Error)]
+pub enum ClientError {
+    #[error("{path}: {source}")]
+    Io {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("server address {0:?} is not a valid https URL")]
+    BadServer(String),
+    #[error("cannot connect to {server}: {detail}")]
+    Connect { server: String, detail: String },
+    #[error("{}: {}", code_name(.0.code()), .0.message())]
+    Status(#[from] tonic::Status),
+}
+
+impl ClientError {
+    /// The gRPC status code, if the server answered with one.
+    pub fn code(&self) -> Option<tonic::Code> {
+        match self {
+            ClientError::Status(s) => Some(s.code()),
+            _ => None,
+        }
+    }
+}
+
+fn code_name(code: tonic::Code) -> &'static str {
+    use tonic::Code::*;
+    match code {
+        Ok => "OK",
+        Cancelled => "CANCELLED",
+        Unknown => "UNKNOWN",
+        InvalidArgument => "INVALID_ARGUMENT",
+        DeadlineExceeded => "DEADLINE_EXCEEDED",
+        NotFound => "NOT_FOUND",
+        AlreadyExists => "ALREADY_EXISTS",
+        PermissionDenied => "PERMISSION_DENIED",
+        ResourceExhausted => "RESOURCE_EXHAUSTED",
+        FailedPrecondition => "FAILED_PRECONDITION",
+        Aborted => "ABORTED",
+        OutOfRange => "OUT_OF_RANGE",
+        Unimplemented => "UNIMPLEMENTED",
+        Internal => "INTERNAL",
+        Unavailable => "UNAVAILABLE",
+        DataLoss => "DATA_LOSS",
+        Unauthenticated => "UNAUTHENTICATED",
+    }
+}
+
+fn read(path: &Path) -> Result<Vec<u8>, ClientError> {
+    std::fs::read(path).map_err(|source| ClientError::Io {
+        path: path.to_path_buf(),
+        source,
+    })
+}
+
+/// An open connection to a server.
+#[derive(Debug, Clone)]
+pub struct Client {
+    channel: Channel,
+}
+
+impl Client {
+    /// Connects and completes the TLS handshake.
+    pub async fn connect(config: &ClientConfig) -> Result<Self, ClientError> {
+        let url = if config.server.contains("://") {
+            config.server.clone()
+        } else {
+            format!("https://{}", config.server)
+        };
+        if !url.starts_with("https://") {
+            return Err(ClientError::BadServer(config.server.clone()));
+        }
+        let mut tls = ClientTlsConfig::new().ca_certificate(Certificate::from_pem(read(&config.ca)?));
+        if let Some((cert, key)) = &config.identity {
+            tls = tls.identity(Identity::from_pem(read(cert)?, read(key)?));
+        }
+        let connect_err = |e: tonic::transport::Error| ClientError::Connect {
+            server: config.server.clone(),
+            detail: error_chain(&e),
+        };
+        let channel = Channel::from_shared(url)
+            .map_err(|_| ClientError::BadServer(config.server.clone()))?
+            .tls_config(tls)
+            .map_err(connect_err)?
+            .connect()
+            .await
+            .map_err(connect_err)?;
+        Ok(Client { channel })
+    }
+
+    /// The underlying channel, for the generated clients of other services.
+    pub fn channel(&self) -> Channel {
+        self.channel.clone()
+    }
+
+    fn agreements(&self) -> AgreementsClient<Channel> {
+        AgreementsClient::new(self.channel.clone())
+    }
+
+    pub async fn who_am_i(&mut self) -> Result<proto::WhoAmIResponse, ClientError> {
+        Ok(self
+            .agreements()
+            .who_am_i(proto::WhoAmIRequest {})
+            .await?
+            .into_inner())
+    }
+
+    pub async fn list_agreements(&mut self) -> Result<Vec<proto::AgreementSummary>, ClientError> {
+        Ok(self
+            .agreements()
+            .list_agreements(proto::ListAgreementsRequest {})
+            .await?
+            .into_inner()
+            .agreements)
+    }
+
+    pub async fn get_agreement(&mut self, id: &str) -> Result<proto::Agreement, ClientError> {
+        self.agreements()
+            .get_agreement(proto::GetAgreementRequest {
+                agreement_id: id.to_string(),
+            })
+            .await?
+            .into_inner()
+            .agreement
+            .ok_or_else(|| {
+                ClientError::Status(tonic::Status::internal("server sent no agreement"))
+            })
+    }
+}
+
+/// An error and its causes on one line, for connection failures whose
+/// useful part (a certificate problem, a refused port) is deep in the chain.
+fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut out = e.to_string();
+    let mut source = e.source();
+    while let Some(s) = source {
+        out.push_str(": ");
+        out.push_str(&s.to_string());
+        source = s.source();
+    }
+    out
+}

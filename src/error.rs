@@ -1,0 +1,91 @@
+//! Errors at the gRPC boundary and the status each becomes.
+//!
+//! Messages are fixed texts that name the rule or field; they never carry a
+//! data value, a fingerprint, a secret or a library's own message. Details
+//! of our own faults stay in the server log.
+
+use tonic::{Code, Status};
+
+/// What went wrong in a call, as the caller may learn it.
+#[derive(Debug, thiserror::Error)]
+pub enum ServiceError {
+    /// UNAUTHENTICATED: the TLS session carries no client certificate.
+    #[error("a client certificate is required")]
+    NoClientCertificate,
+    /// UNAUTHENTICATED: the certificate's subject names no valid organisation.
+    #[error("the client certificate does not name an organisation")]
+    NoOrganisation,
+    /// NOT_FOUND: the agreement does not exist or the caller is not a party.
+    /// The two are indistinguishable on purpose.
+    #[error("agreement {0:?} not found")]
+    AgreementNotFound(String),
+    /// INVALID_ARGUMENT: a request field is malformed.
+    #[error("{field}: {rule}")]
+    InvalidArgument { field: &'static str, rule: String },
+    /// PERMISSION_DENIED: the policy forbids this; `rule` names the rule.
+    #[error("rule {rule}: {detail}")]
+    PermissionDenied { rule: &'static str, detail: String },
+    /// FAILED_PRECONDITION: the agreement is not in force (pending or expired).
+    #[error("agreement {id:?} is {state}, not in force")]
+    NotInForce { id: String, state: &'static str },
+    /// INTERNAL: our own fault; the detail is logged, never returned.
+    #[error("internal error")]
+    Internal(String),
+}
+
+impl From<ServiceError> for Status {
+    fn from(err: ServiceError) -> Self {
+        let code = match &err {
+            ServiceError::NoClientCertificate | ServiceError::NoOrganisation => {
+                Code::Unauthenticated
+            }
+            ServiceError::AgreementNotFound(_) => Code::NotFound,
+            ServiceError::InvalidArgument { .. } => Code::InvalidArgument,
+            ServiceError::PermissionDenied { .. } => Code::PermissionDenied,
+            ServiceError::NotInForce { .. } => Code::FailedPrecondition,
+            ServiceError::Internal(detail) => {
+                tracing::warn!(%detail, "internal error");
+                Code::Internal
+            }
+        };
+        if code != Code::Internal {
+            tracing::info!(code = ?code, reason = %err, "request refused");
+        }
+        Status::new(code, err.to_string())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_variant_maps_to_its_code_and_fixed_text() {
+        let cases: Vec<(ServiceError, Code, &str)> = vec![
+            (ServiceError::NoClientCertificate, Code::Unauthenticated, "a client certificate is required"),
+            (ServiceError::NoOrganisation, Code::Unauthenticated, "the client certificate does not name an organisation"),
+            (ServiceError::AgreementNotFound("x".into()), Code::NotFound, "agreement \"x\" not found"),
+            (
+                ServiceError::InvalidArgument { field: "agreement_id", rule: "must not be empty".into() },
+                Code::InvalidArgument,
+                "agreement_id: must not be empty",
+            ),
+            (
+                ServiceError::PermissionDenied { rule: "party.rights", detail: "acme lacks \"query\"".into() },
+                Code::PermissionDenied,
+                "rule party.rights: acme lacks \"query\"",
+            ),
+            (
+                ServiceError::NotInForce { id: "a".into(), state: "expired" },
+                Code::FailedPrecondition,
+                "agreement \"a\" is expired, not in force",
+            ),
+            (ServiceError::Internal("disk full at /secret/path".into()), Code::Internal, "internal error"),
+        ];
+        for (err, code, text) in cases {
+            let status = Status::from(err);
+            assert_eq!(status.code(), code);
+            assert_eq!(status.message(), text);
+        }
+    }
+}

@@ -1,0 +1,16 @@
+//! Cleanroom: a self-hosted second-party data clean room.
+//!
+//! Partners upload keyed fingerprints of their customers plus the few
+//! attribute columns their agreement allows; the server matches the sets and
+//! answers aggregate-only SQL under the agreement's policy. See
+//! `docs/policy.md` for the agreement format.
+
+pub mod certs;
+pub mod cli;
+pub mod client;
+pub mod clock;
+pub mod error;
+pub mod identity;
+pub mod policy;
+pub mod proto;
+pub mod server;

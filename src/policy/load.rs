@@ -1,0 +1,181 @@
+//! Reading policy files and folders, with errors that name the file, the
+//! field and the rule.
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use super::raw::RawPolicy;
+use super::types::{Policy, PolicyHash};
+use super::validate::validate;
+
+/// One broken rule: the field path (`party[1].rights`) and what is wrong.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Problem {
+    pub field: String,
+    pub rule: String,
+}
+
+/// Everything wrong with one policy file.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PolicyError {
+    pub file: PathBuf,
+    pub problems: Vec<Problem>,
+}
+
+impl fmt::Display for PolicyError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        for (i, p) in self.problems.iter().enumerate() {
+            if i > 0 {
+                writeln!(f)?;
+            }
+            write!(f, "{}: {}: {}", self.file.display(), p.field, p.rule)?;
+        }
+        Ok(())
+    }
+}
+
+impl std::error::Error for PolicyError {}
+
+impl PolicyError {
+    fn single(file: &Path, field: impl Into<String>, rule: impl Into<String>) -> Self {
+        PolicyError {
+            file: file.to_path_buf(),
+            problems: vec![Problem {
+                field: field.into(),
+                rule: rule.into(),
+            }],
+        }
+    }
+}
+
+/// Parses and validates one policy from its text. `path` is used in messages
+/// and its stem must equal the agreement id.
+pub fn parse_policy(text: &str, path: &Path) -> Result<Policy, PolicyError> {
+    let hash = PolicyHash::of(text.as_bytes());
+    let deserializer = toml::Deserializer::parse(text).map_err(|e| syntax_error(path, text, &e))?;
+    let raw: RawPolicy = serde_path_to_error::deserialize(deserializer).map_err(|e| {
+        let field = e.path().to_string();
+        let inner = e.into_inner();
+        let field = if field == "." { "(file)".to_string() } else { field };
+        PolicyError::single(path, field, inner.message().to_string())
+    })?;
+    let stem = path.file_stem().and_then(|s| s.to_str());
+    validate(raw, stem, hash).map_err(|problems| PolicyError {
+        file: path.to_path_buf(),
+        problems,
+    })
+}
+
+/// A TOML syntax error, located by line and column. The message is toml's
+/// own description of the syntax, without the quoted source line.
+fn syntax_error(path: &Path, text: &str, e: &toml::de::Error) -> PolicyError {
+    let location = e
+        .span()
+        .map(|span| {
+            let before = &text[..span.start.min(text.len())];
+            let line = before.matches('\n').count() + 1;
+            let column = before.len() - before.rfind('\n').map_or(0, |i| i + 1) + 1;
+            format!("line {line}, column {column}")
+        })
+        .unwrap_or_else(|| "(file)".to_string());
+    PolicyError::single(path, location, format!("TOML syntax: {}", e.message()))
+}
+
+fn read_policy_file(path: &Path) -> Result<Policy, PolicyError> {
+    let text = std::fs::read_to_string(path)
+        .map_err(|e| PolicyError::single(path, "(file)", format!("cannot be read: {e}")))?;
+    parse_policy(&text, path)
+}
+
+/// Policy files named by `paths`: files as given, folders by their `*.toml`
+/// entries in name order.
+fn policy_files(paths: &[PathBuf]) -> Result<Vec<PathBuf>, PolicyError> {
+    let mut files = Vec::new();
+    for path in paths {
+        if path.is_dir() {
+            let entries = std::fs::read_dir(path).map_err(|e| {
+                PolicyError::single(path, "(folder)", format!("cannot be read: {e}"))
+            })?;
+            let mut found: Vec<PathBuf> = entries
+                .filter_map(|e| e.ok().map(|e| e.path()))
+                .filter(|p| p.extension().is_some_and(|x| x == "toml") && p.is_file())
+                .collect();
+            found.sort();
+            files.extend(found);
+        } else {
+            files.push(path.clone());
+        }
+    }
+    Ok(files)
+}
+
+/// Loads every policy under `paths`, reporting all broken files, not only
+/// the first. Two files declaring the same agreement id are an error.
+pub fn load_paths(paths: &[PathBuf]) -> Result<PolicySet, Vec<PolicyError>> {
+    let files = policy_files(paths).map_err(|e| vec![e])?;
+    let mut errors = Vec::new();
+    let mut policies: BTreeMap<String, Arc<Policy>> = BTreeMap::new();
+    let mut origin: BTreeMap<String, PathBuf> = BTreeMap::new();
+    for file in files {
+        match read_policy_file(&file) {
+            Ok(policy) => {
+                let id = policy.id().to_string();
+                if let Some(first) = origin.get(&id) {
+                    errors.push(PolicyError::single(
+                        &file,
+                        "agreement.id",
+                        format!("{id:?} is already declared by {}", first.display()),
+                    ));
+                } else {
+                    origin.insert(id.clone(), file);
+                    policies.insert(id, Arc::new(policy));
+                }
+            }
+            Err(e) => errors.push(e),
+        }
+    }
+    if errors.is_empty() {
+        Ok(PolicySet { policies })
+    } else {
+        Err(errors)
+    }
+}
+
+/// Loads every `*.toml` policy in a folder.
+pub fn load_dir(dir: &Path) -> Result<PolicySet, Vec<PolicyError>> {
+    if !dir.is_dir() {
+        return Err(vec![PolicyError::single(
+            dir,
+            "(folder)",
+            "is not a folder of policy files",
+        )]);
+    }
+    load_paths(&[dir.to_path_buf()])
+}
+
+/// The agreements a server enforces, by id.
+#[derive(Debug, Clone, Default)]
+pub struct PolicySet {
+    policies: BTreeMap<String, Arc<Policy>>,
+}
+
+impl PolicySet {
+    pub fn get(&self, id: &str) -> Option<&Arc<Policy>> {
+        self.policies.get(id)
+    }
+    pub fn iter(&self) -> impl Iterator<Item = &Arc<Policy>> {
+        self.policies.values()
+    }
+    pub fn len(&self) -> usize {
+        self.policies.len()
+    }
+    pub fn is_empty(&self) -> bool {
+        self.policies.is_empty()
+    }
+    /// Agreements `org` is a party to.
+    pub fn for_org<'a>(&'a self, org: &'a str) -> impl Iterator<Item = &'a Arc<Policy>> + 'a {
+        self.iter().filter(move |p| p.party(org).is_some())
+    }
+}

@@ -1,0 +1,17 @@
+//! Data-sharing agreements as policy files.
+//!
+//! A policy file is TOML (`docs/policy.md` documents every field). It is read
+//! into [`raw::RawPolicy`], a plain image of the file, and then validated into
+//! a [`Policy`] whose invariants hold by construction: code that holds a
+//! `Policy` never re-checks that a party exists or that a metric has bounds.
+
+mod load;
+mod raw;
+mod types;
+mod validate;
+
+pub use load::{PolicyError, PolicySet, Problem, load_dir, load_paths, parse_policy};
+pub use types::{
+    Aggregate, AgreementState, Column, ColumnRole, Dataset, Domain, IdentityKind, Party, Policy,
+    PolicyHash, Privacy, Profile, QueryRules, Refresh, Right, Salt, ValueType,
+};

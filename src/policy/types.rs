@@ -1,0 +1,437 @@
+//! The validated policy. Fields are private: a value of these types can only
+//! come out of validation, so its invariants always hold.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::fmt;
+
+use time::Date;
+
+/// A validated data-sharing agreement.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Policy {
+    pub(super) id: String,
+    pub(super) purpose: String,
+    pub(super) starts_on: Option<Date>,
+    pub(super) expires_on: Date,
+    pub(super) retention_days: u32,
+    pub(super) salt: Salt,
+    pub(super) identities: BTreeMap<String, IdentityKind>,
+    pub(super) parties: Vec<Party>,
+    pub(super) datasets: Vec<Dataset>,
+    pub(super) query: QueryRules,
+    pub(super) privacy: Option<Privacy>,
+    pub(super) hash: PolicyHash,
+}
+
+impl Policy {
+    /// The agreement's identifier, also the policy file's stem.
+    pub fn id(&self) -> &str {
+        &self.id
+    }
+    pub fn purpose(&self) -> &str {
+        &self.purpose
+    }
+    /// First day the agreement is in force, if it does not start at once.
+    pub fn starts_on(&self) -> Option<Date> {
+        self.starts_on
+    }
+    /// Last day the agreement is in force (inclusive).
+    pub fn expires_on(&self) -> Date {
+        self.expires_on
+    }
+    /// How long an uploaded dataset version may be kept, in days.
+    pub fn retention_days(&self) -> u32 {
+        self.retention_days
+    }
+    pub fn salt(&self) -> &Salt {
+        &self.salt
+    }
+    /// Identity kinds by name, each with its normalisation profile.
+    pub fn identities(&self) -> &BTreeMap<String, IdentityKind> {
+        &self.identities
+    }
+    pub fn parties(&self) -> &[Party] {
+        &self.parties
+    }
+    pub fn datasets(&self) -> &[Dataset] {
+        &self.datasets
+    }
+    pub fn query(&self) -> &QueryRules {
+        &self.query
+    }
+    pub fn privacy(&self) -> Option<&Privacy> {
+        self.privacy.as_ref()
+    }
+    /// BLAKE3 of the policy file's bytes.
+    pub fn hash(&self) -> &PolicyHash {
+        &self.hash
+    }
+
+    /// The party entry for an organisation, if it is a party at all.
+    pub fn party(&self, org: &str) -> Option<&Party> {
+        self.parties.iter().find(|p| p.org == org)
+    }
+
+    pub fn dataset(&self, name: &str) -> Option<&Dataset> {
+        self.datasets.iter().find(|d| d.name == name)
+    }
+
+    /// Whether `org` is a party holding `right`.
+    pub fn allows(&self, org: &str, right: Right) -> bool {
+        self.party(org).is_some_and(|p| p.has(right))
+    }
+
+    /// The agreement's state on a given day.
+    pub fn state_on(&self, today: Date) -> AgreementState {
+        if self.starts_on.is_some_and(|s| today < s) {
+            AgreementState::Pending
+        } else if today > self.expires_on {
+            AgreementState::Expired
+        } else {
+            AgreementState::Active
+        }
+    }
+}
+
+/// Where an agreement stands on a given day.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum AgreementState {
+    Pending,
+    Active,
+    Expired,
+}
+
+impl AgreementState {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            AgreementState::Pending => "pending",
+            AgreementState::Active => "active",
+            AgreementState::Expired => "expired",
+        }
+    }
+}
+
+/// The agreement's salt: 32 random bytes mixed into every fingerprint key.
+#[derive(Clone, PartialEq, Eq)]
+pub struct Salt(pub(super) [u8; 32]);
+
+impl Salt {
+    pub fn as_bytes(&self) -> &[u8; 32] {
+        &self.0
+    }
+    pub fn to_hex(&self) -> String {
+        hex::encode(self.0)
+    }
+}
+
+impl fmt::Debug for Salt {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("Salt(..)")
+    }
+}
+
+/// BLAKE3 hash of a policy file's bytes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct PolicyHash(pub(super) [u8; 32]);
+
+impl PolicyHash {
+    pub fn of(bytes: &[u8]) -> Self {
+        PolicyHash(*blake3::hash(bytes).as_bytes())
+    }
+    pub fn to_hex(&self) -> String {
+        hex::encode(self.0)
+    }
+    /// The first 12 hex digits, for summaries.
+    pub fn short(&self) -> String {
+        self.to_hex()[..12].to_string()
+    }
+}
+
+/// What a party may do under an agreement.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum Right {
+    /// Upload its own datasets.
+    Upload,
+    /// Run aggregate queries.
+    Query,
+    /// Receive query results.
+    ReceiveResults,
+    /// Learn the size of the overlap between the parties' datasets.
+    SeeOverlap,
+    /// See the agreement's operational state.
+    Admin,
+}
+
+impl Right {
+    pub const ALL: [Right; 5] = [
+        Right::Upload,
+        Right::Query,
+        Right::ReceiveResults,
+        Right::SeeOverlap,
+        Right::Admin,
+    ];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Right::Upload => "upload",
+            Right::Query => "query",
+            Right::ReceiveResults => "receive_results",
+            Right::SeeOverlap => "see_overlap",
+            Right::Admin => "admin",
+        }
+    }
+
+    pub fn parse(s: &str) -> Option<Right> {
+        Right::ALL.into_iter().find(|r| r.as_str() == s)
+    }
+}
+
+/// One organisation's place in an agreement.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Party {
+    pub(super) org: String,
+    pub(super) rights: BTreeSet<Right>,
+}
+
+impl Party {
+    pub fn org(&self) -> &str {
+        &self.org
+    }
+    pub fn rights(&self) -> &BTreeSet<Right> {
+        &self.rights
+    }
+    pub fn has(&self, right: Right) -> bool {
+        self.rights.contains(&right)
+    }
+}
+
+/// How identifiers of one kind are normalised before fingerprinting.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Profile {
+    /// Trim and lower-case; optionally drop dots and `+tag` on gmail.com.
+    Email { gmail_canonical: bool },
+    /// E.164, national numbers read in `default_country` (ISO 3166 alpha-2).
+    Phone { default_country: String },
+    /// Trim and lower-case.
+    Text,
+}
+
+impl Profile {
+    pub fn name(&self) -> &'static str {
+        match self {
+            Profile::Email { .. } => "email",
+            Profile::Phone { .. } => "phone",
+            Profile::Text => "text",
+        }
+    }
+}
+
+/// A named kind of identifier (for example `email`) and its profile.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct IdentityKind {
+    pub(super) name: String,
+    pub(super) profile: Profile,
+}
+
+impl IdentityKind {
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+    pub fn profile(&self) -> &Profile {
+        &self.profile
+    }
+}
+
+/// A party's dataset: the only columns it may upload, each with one role.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Dataset {
+    pub(super) name: String,
+    pub(super) owner: String,
+    pub(super) columns: Vec<Column>,
+}
+
+impl Dataset {
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+    pub fn owner(&self) -> &str {
+        &self.owner
+    }
+    pub fn columns(&self) -> &[Column] {
+        &self.columns
+    }
+    pub fn column(&self, name: &str) -> Option<&Column> {
+        self.columns.iter().find(|c| c.name == name)
+    }
+    /// Columns that are uploaded: everything but sensitive ones.
+    pub fn uploaded_columns(&self) -> impl Iterator<Item = &Column> {
+        self.columns
+            .iter()
+            .filter(|c| !matches!(c.role, ColumnRole::Sensitive))
+    }
+}
+
+/// A dataset column and its one role.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Column {
+    pub(super) name: String,
+    pub(super) role: ColumnRole,
+}
+
+impl Column {
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+    pub fn role(&self) -> &ColumnRole {
+        &self.role
+    }
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub enum ColumnRole {
+    /// A keyed fingerprint of a normalised identifier of this identity kind.
+    Identifier { kind: String },
+    /// A categorical attribute for GROUP BY and filters.
+    Dimension {
+        value_type: ValueType,
+        domain: Domain,
+    },
+    /// A numeric attribute, only inside aggregates, within inclusive bounds.
+    Metric {
+        value_type: ValueType,
+        min: f64,
+        max: f64,
+    },
+    /// Barred from upload and from analysis.
+    Sensitive,
+}
+
+impl ColumnRole {
+    pub fn name(&self) -> &'static str {
+        match self {
+            ColumnRole::Identifier { .. } => "identifier",
+            ColumnRole::Dimension { .. } => "dimension",
+            ColumnRole::Metric { .. } => "metric",
+            ColumnRole::Sensitive => "sensitive",
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ValueType {
+    String,
+    Integer,
+    Float,
+}
+
+impl ValueType {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ValueType::String => "string",
+            ValueType::Integer => "integer",
+            ValueType::Float => "float",
+        }
+    }
+}
+
+/// The values a dimension column may take.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Domain {
+    /// A closed list of allowed values.
+    Values(Vec<String>),
+    /// Any values, but no more than this many distinct ones.
+    MaxCardinality(u32),
+}
+
+/// Aggregate functions an agreement can allow.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum Aggregate {
+    Count,
+    CountDistinct,
+    Sum,
+    Avg,
+}
+
+impl Aggregate {
+    pub const ALL: [Aggregate; 4] = [
+        Aggregate::Count,
+        Aggregate::CountDistinct,
+        Aggregate::Sum,
+        Aggregate::Avg,
+    ];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Aggregate::Count => "count",
+            Aggregate::CountDistinct => "count_distinct",
+            Aggregate::Sum => "sum",
+            Aggregate::Avg => "avg",
+        }
+    }
+
+    pub fn parse(s: &str) -> Option<Aggregate> {
+        Aggregate::ALL.into_iter().find(|a| a.as_str() == s)
+    }
+}
+
+/// Rules every query of the agreement obeys.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct QueryRules {
+    pub(super) aggregates: BTreeSet<Aggregate>,
+    pub(super) min_group_size: u32,
+}
+
+impl QueryRules {
+    pub fn aggregates(&self) -> &BTreeSet<Aggregate> {
+        &self.aggregates
+    }
+    /// Every output row stands for at least this many distinct matched people (at least 2).
+    pub fn min_group_size(&self) -> u32 {
+        self.min_group_size
+    }
+}
+
+/// When a querying organisation's privacy budget starts afresh.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Refresh {
+    Never,
+    Monthly,
+}
+
+impl Refresh {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Refresh::Never => "none",
+            Refresh::Monthly => "monthly",
+        }
+    }
+}
+
+/// Differential privacy settings.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Privacy {
+    pub(super) epsilon_total: f64,
+    pub(super) epsilon_per_query_max: f64,
+    pub(super) delta: Option<f64>,
+    pub(super) refresh: Refresh,
+    pub(super) max_groups_per_person: u32,
+}
+
+impl Privacy {
+    /// Budget per querying organisation and refresh window.
+    pub fn epsilon_total(&self) -> f64 {
+        self.epsilon_total
+    }
+    pub fn epsilon_per_query_max(&self) -> f64 {
+        self.epsilon_per_query_max
+    }
+    pub fn delta(&self) -> Option<f64> {
+        self.delta
+    }
+    pub fn refresh(&self) -> Refresh {
+        self.refresh
+    }
+    pub fn max_groups_per_person(&self) -> u32 {
+        self.max_groups_per_person
+    }
+}

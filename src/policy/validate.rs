@@ -1,0 +1,625 @@
+//! Raw policy -> validated [`Policy`]. Every rule is checked and every
+//! problem is reported with the field path it concerns, so one run of
+//! `cleanroom policy check` lists all mistakes at once.
+
+use std::collections::{BTreeMap, BTreeSet};
+
+use time::{Date, Month};
+
+use super::Problem;
+use super::raw::{RawColumn, RawDataset, RawIdentity, RawPolicy, RawPrivacy};
+use super::types::{
+    Aggregate, Column, ColumnRole, Dataset, Domain, IdentityKind, Party, Policy, PolicyHash,
+    Privacy, Profile, QueryRules, Refresh, Right, Salt, ValueType,
+};
+use crate::identity::country_calling_code;
+
+/// The most distinct values a dimension may declare: beyond that a
+/// "dimension" starts to single people out.
+pub(super) const MAX_DIMENSION_CARDINALITY: i64 = 10_000;
+const MAX_RETENTION_DAYS: i64 = 3_650;
+const MAX_MIN_GROUP_SIZE: i64 = 1_000_000;
+const MAX_GROUPS_PER_PERSON: i64 = 1_000;
+
+#[derive(Debug, Default)]
+struct Problems(Vec<Problem>);
+
+impl Problems {
+    fn push(&mut self, field: impl Into<String>, rule: impl Into<String>) {
+        self.0.push(Problem {
+            field: field.into(),
+            rule: rule.into(),
+        });
+    }
+}
+
+/// Lower-case slug for agreement ids and organisation names.
+fn is_slug(s: &str) -> bool {
+    let b = s.as_bytes();
+    !b.is_empty()
+        && b.len() <= 63
+        && (b[0].is_ascii_lowercase() || b[0].is_ascii_digit())
+        && b.iter()
+            .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || *c == b'-')
+}
+
+/// A name usable unquoted in SQL: datasets, columns, identity kinds.
+fn is_sql_name(s: &str) -> bool {
+    let b = s.as_bytes();
+    !b.is_empty()
+        && b.len() <= 63
+        && b[0].is_ascii_lowercase()
+        && b.iter()
+            .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || *c == b'_')
+}
+
+const SLUG_RULE: &str =
+    "must be 1-63 characters of a-z, 0-9 and '-', starting with a letter or digit";
+const SQL_NAME_RULE: &str =
+    "must be 1-63 characters of a-z, 0-9 and '_', starting with a letter";
+
+fn known_list<T: Copy>(all: &[T], name: impl Fn(T) -> &'static str) -> String {
+    all.iter().map(|t| name(*t)).collect::<Vec<_>>().join(", ")
+}
+
+fn date_of(field: &str, value: &toml::value::Datetime, problems: &mut Problems) -> Option<Date> {
+    let (Some(d), None, None) = (value.date, value.time, value.offset) else {
+        problems.push(field, "must be a date like 2027-12-31, without a time");
+        return None;
+    };
+    let month = Month::try_from(d.month).ok()?;
+    match Date::from_calendar_date(i32::from(d.year), month, d.day) {
+        Ok(date) => Some(date),
+        Err(_) => {
+            problems.push(field, "is not a valid calendar date");
+            None
+        }
+    }
+}
+
+pub(super) fn validate(
+    raw: RawPolicy,
+    file_stem: Option<&str>,
+    hash: PolicyHash,
+) -> Result<Policy, Vec<Problem>> {
+    let mut p = Problems::default();
+    let a = &raw.agreement;
+
+    if !is_slug(&a.id) {
+        p.push("agreement.id", SLUG_RULE);
+    } else if let Some(stem) = file_stem
+        && stem != a.id
+    {
+        p.push(
+            "agreement.id",
+            format!("must match the file name: the file is {stem}.toml but the id is {:?}", a.id),
+        );
+    }
+    if a.purpose.trim().is_empty() {
+        p.push("agreement.purpose", "must describe the purpose of the agreement");
+    }
+    let starts_on = a.starts.as_ref().and_then(|s| date_of("agreement.starts", s, &mut p));
+    let expires_on = date_of("agreement.expires", &a.expires, &mut p);
+    if let (Some(s), Some(e)) = (starts_on, expires_on)
+        && e <= s
+    {
+        p.push("agreement.expires", "must be later than agreement.starts");
+    }
+    if !(1..=MAX_RETENTION_DAYS).contains(&a.retention_days) {
+        p.push(
+            "agreement.retention_days",
+            format!("must be between 1 and {MAX_RETENTION_DAYS}"),
+        );
+    }
+    let salt = match hex::decode(&a.salt) {
+        Ok(bytes) if bytes.len() == 32 => {
+            let mut s = [0u8; 32];
+            s.copy_from_slice(&bytes);
+            if s.iter().all(|b| *b == s[0]) {
+                p.push("agreement.salt", "must be random (`cleanroom policy salt` makes one)");
+            }
+            Some(Salt(s))
+        }
+        _ => {
+            p.push(
+                "agreement.salt",
+                "must be 64 hex digits (32 random bytes; `cleanroom policy salt` makes one)",
+            );
+            None
+        }
+    };
+
+    let identities = validate_identities(&raw.identity, &mut p);
+    let parties = validate_parties(&raw, &mut p);
+    let datasets = validate_datasets(&raw.dataset, &parties, &identities, &mut p);
+    let query = validate_query(&raw, &mut p);
+    let privacy = raw.privacy.as_ref().map(|r| validate_privacy(r, &mut p));
+
+    if !p.0.is_empty() {
+        return Err(p.0);
+    }
+    // Every `None` above pushed a problem, so these all hold values here.
+    let (Some(expires_on), Some(salt), Some(query)) = (expires_on, salt, query) else {
+        unreachable!("a missing value always comes with a problem");
+    };
+    Ok(Policy {
+        id: a.id.clone(),
+        purpose: a.purpose.trim().to_string(),
+        starts_on,
+        expires_on,
+        retention_days: u32::try_from(a.retention_days).unwrap_or(u32::MAX),
+        salt,
+        identities,
+        parties,
+        datasets,
+        query,
+        privacy: privacy.flatten(),
+        hash,
+    })
+}
+
+fn validate_identities(
+    raw: &BTreeMap<String, RawIdentity>,
+    p: &mut Problems,
+) -> BTreeMap<String, IdentityKind> {
+    if raw.is_empty() {
+        p.push(
+            "identity",
+            "at least one identity kind must be declared (for example [identity.email])",
+        );
+    }
+    let mut out = BTreeMap::new();
+    for (name, r) in raw {
+        let field = format!("identity.{name}");
+        if !is_sql_name(name) {
+            p.push(&field, format!("the kind name {SQL_NAME_RULE}"));
+            continue;
+        }
+        let profile = match r.profile.as_str() {
+            "email" => Some(Profile::Email {
+                gmail_canonical: r.gmail_canonical.unwrap_or(false),
+            }),
+            "phone" => match &r.default_country {
+                Some(c) if country_calling_code(c).is_some() => Some(Profile::Phone {
+                    default_country: c.clone(),
+                }),
+                Some(_) => {
+                    p.push(
+                        format!("{field}.default_country"),
+                        "is not a supported ISO 3166 alpha-2 country code (see docs/fingerprints.md)",
+                    );
+                    None
+                }
+                None => {
+                    p.push(
+                        format!("{field}.default_country"),
+                        "is required for the phone profile (country of national numbers)",
+                    );
+                    None
+                }
+            },
+            "text" => Some(Profile::Text),
+            other => {
+                p.push(
+                    format!("{field}.profile"),
+                    format!("{other:?} is not a known profile (known: email, phone, text)"),
+                );
+                None
+            }
+        };
+        if r.gmail_canonical.is_some() && r.profile != "email" {
+            p.push(
+                format!("{field}.gmail_canonical"),
+                "only applies to the email profile",
+            );
+        }
+        if r.default_country.is_some() && r.profile != "phone" {
+            p.push(
+                format!("{field}.default_country"),
+                "only applies to the phone profile",
+            );
+        }
+        if let Some(profile) = profile {
+            out.insert(
+                name.clone(),
+                IdentityKind {
+                    name: name.clone(),
+                    profile,
+                },
+            );
+        }
+    }
+    out
+}
+
+fn validate_parties(raw: &RawPolicy, p: &mut Problems) -> Vec<Party> {
+    if raw.party.len() < 2 {
+        p.push("party", "an agreement needs at least two parties");
+    }
+    let mut parties: Vec<Party> = Vec::new();
+    for (i, rp) in raw.party.iter().enumerate() {
+        let field = format!("party[{i}]");
+        if !is_slug(&rp.org) {
+            p.push(format!("{field}.org"), SLUG_RULE);
+        } else if parties.iter().any(|q| q.org == rp.org) {
+            p.push(
+                format!("{field}.org"),
+                format!("{:?} is already a party; each organisation appears once", rp.org),
+            );
+        }
+        let mut rights = BTreeSet::new();
+        for (j, r) in rp.rights.iter().enumerate() {
+            match Right::parse(r) {
+                Some(right) => {
+                    if !rights.insert(right) {
+                        p.push(format!("{field}.rights[{j}]"), format!("{r:?} is listed twice"));
+                    }
+                }
+                None => p.push(
+                    format!("{field}.rights"),
+                    format!(
+                        "{r:?} is not a known right (known: {})",
+                        known_list(&Right::ALL, Right::as_str)
+                    ),
+                ),
+            }
+        }
+        if rp.rights.is_empty() {
+            p.push(format!("{field}.rights"), "a party needs at least one right");
+        }
+        if rights.contains(&Right::Query) && !rights.contains(&Right::ReceiveResults) {
+            p.push(
+                format!("{field}.rights"),
+                "\"query\" needs \"receive_results\": a querying party receives its own results",
+            );
+        }
+        parties.push(Party {
+            org: rp.org.clone(),
+            rights,
+        });
+    }
+    if !raw.party.is_empty() && !parties.iter().any(|q| q.has(Right::Query)) {
+        p.push("party", "no party has the \"query\" right, so the agreement has no use");
+    }
+    parties
+}
+
+fn validate_datasets(
+    raw: &[RawDataset],
+    parties: &[Party],
+    identities: &BTreeMap<String, IdentityKind>,
+    p: &mut Problems,
+) -> Vec<Dataset> {
+    if raw.is_empty() {
+        p.push("dataset", "at least one dataset must be declared");
+    }
+    let mut datasets: Vec<Dataset> = Vec::new();
+    for (i, rd) in raw.iter().enumerate() {
+        let field = format!("dataset[{i}]");
+        if !is_sql_name(&rd.name) {
+            p.push(format!("{field}.name"), SQL_NAME_RULE);
+        } else if datasets.iter().any(|d| d.name == rd.name) {
+            p.push(
+                format!("{field}.name"),
+                format!("{:?} is declared twice; dataset names are unique", rd.name),
+            );
+        }
+        match parties.iter().find(|q| q.org == rd.owner) {
+            None => p.push(
+                format!("{field}.owner"),
+                format!("{:?} is not a declared party", rd.owner),
+            ),
+            Some(q) if !q.has(Right::Upload) => p.push(
+                format!("{field}.owner"),
+                format!("{:?} owns a dataset but lacks the \"upload\" right", rd.owner),
+            ),
+            Some(_) => {}
+        }
+        let mut columns: Vec<Column> = Vec::new();
+        for (j, rc) in rd.column.iter().enumerate() {
+            let cfield = format!("{field}.column[{j}]");
+            if !is_sql_name(&rc.name) {
+                p.push(format!("{cfield}.name"), SQL_NAME_RULE);
+                continue;
+            }
+            if columns.iter().any(|c| c.name == rc.name) {
+                p.push(
+                    format!("{cfield}.name"),
+                    format!("{:?} is declared twice; a column has exactly one role", rc.name),
+                );
+                continue;
+            }
+            if let Some(role) = validate_column(rc, &cfield, identities, p) {
+                columns.push(Column {
+                    name: rc.name.clone(),
+                    role,
+                });
+            }
+        }
+        if !columns
+            .iter()
+            .any(|c| matches!(c.role, ColumnRole::Identifier { .. }))
+            && !rd.column.iter().any(|c| c.role == "identifier")
+        {
+            p.push(
+                format!("{field}.column"),
+                "a dataset needs at least one identifier column to be matched",
+            );
+        }
+        datasets.push(Dataset {
+            name: rd.name.clone(),
+            owner: rd.owner.clone(),
+            columns,
+        });
+    }
+    let shared = identities.keys().any(|kind| {
+        let owners: BTreeSet<&str> = datasets
+            .iter()
+            .filter(|d| {
+                d.columns.iter().any(
+                    |c| matches!(&c.role, ColumnRole::Identifier { kind: k } if k == kind),
+                )
+            })
+            .map(|d| d.owner.as_str())
+            .collect();
+        owners.len() >= 2
+    });
+    if !datasets.is_empty() && !identities.is_empty() && !shared {
+        p.push(
+            "dataset",
+            "no identity kind appears in datasets of two different parties, so nothing can be matched",
+        );
+    }
+    datasets
+}
+
+fn validate_column(
+    rc: &RawColumn,
+    field: &str,
+    identities: &BTreeMap<String, IdentityKind>,
+    p: &mut Problems,
+) -> Option<ColumnRole> {
+    let forbid = |present: bool, key: &str, role: &str, p: &mut Problems| {
+        if present {
+            p.push(
+                format!("{field}.{key}"),
+                format!("does not apply to a {role} column"),
+            );
+        }
+    };
+    match rc.role.as_str() {
+        "identifier" => {
+            forbid(rc.value_type.is_some(), "type", "identifier", p);
+            forbid(rc.values.is_some(), "values", "identifier", p);
+            forbid(rc.max_cardinality.is_some(), "max_cardinality", "identifier", p);
+            forbid(rc.min.is_some(), "min", "identifier", p);
+            forbid(rc.max.is_some(), "max", "identifier", p);
+            match &rc.kind {
+                None => {
+                    p.push(
+                        format!("{field}.kind"),
+                        "an identifier column needs the identity kind it carries",
+                    );
+                    None
+                }
+                Some(k) if !identities.contains_key(k) => {
+                    p.push(
+                        format!("{field}.kind"),
+                        format!("{k:?} is not declared under [identity]"),
+                    );
+                    None
+                }
+                Some(k) => Some(ColumnRole::Identifier { kind: k.clone() }),
+            }
+        }
+        "dimension" => {
+            forbid(rc.kind.is_some(), "kind", "dimension", p);
+            forbid(rc.min.is_some(), "min", "dimension", p);
+            forbid(rc.max.is_some(), "max", "dimension", p);
+            let value_type = match rc.value_type.as_deref().unwrap_or("string") {
+                "string" => ValueType::String,
+                "integer" => ValueType::Integer,
+                other => {
+                    p.push(
+                        format!("{field}.type"),
+                        format!("{other:?} is not a dimension type (known: string, integer)"),
+                    );
+                    return None;
+                }
+            };
+            let domain = match (&rc.values, rc.max_cardinality) {
+                (Some(_), Some(_)) | (None, None) => {
+                    p.push(
+                        field,
+                        "a dimension declares exactly one of `values` or `max_cardinality`",
+                    );
+                    return None;
+                }
+                (Some(values), None) => {
+                    validate_values(values, value_type, field, p)?;
+                    Domain::Values(values.clone())
+                }
+                (None, Some(n)) => {
+                    if !(1..=MAX_DIMENSION_CARDINALITY).contains(&n) {
+                        p.push(
+                            format!("{field}.max_cardinality"),
+                            format!("must be between 1 and {MAX_DIMENSION_CARDINALITY}"),
+                        );
+                        return None;
+                    }
+                    Domain::MaxCardinality(u32::try_from(n).ok()?)
+                }
+            };
+            Some(ColumnRole::Dimension { value_type, domain })
+        }
+        "metric" => {
+            forbid(rc.kind.is_some(), "kind", "metric", p);
+            forbid(rc.values.is_some(), "values", "metric", p);
+            forbid(rc.max_cardinality.is_some(), "max_cardinality", "metric", p);
+            let value_type = match rc.value_type.as_deref().unwrap_or("float") {
+                "integer" => ValueType::Integer,
+                "float" => ValueType::Float,
+                other => {
+                    p.push(
+                        format!("{field}.type"),
+                        format!("{other:?} is not a metric type (known: integer, float)"),
+                    );
+                    return None;
+                }
+            };
+            let (Some(min), Some(max)) = (rc.min, rc.max) else {
+                p.push(
+                    field,
+                    "a metric column needs both `min` and `max` bounds (they bound each person's contribution)",
+                );
+                return None;
+            };
+            if !min.is_finite() || !max.is_finite() || min >= max {
+                p.push(
+                    format!("{field}.max"),
+                    "bounds must be finite numbers with min < max",
+                );
+                return None;
+            }
+            Some(ColumnRole::Metric {
+                value_type,
+                min,
+                max,
+            })
+        }
+        "sensitive" => {
+            forbid(rc.kind.is_some(), "kind", "sensitive", p);
+            forbid(rc.value_type.is_some(), "type", "sensitive", p);
+            forbid(rc.values.is_some(), "values", "sensitive", p);
+            forbid(rc.max_cardinality.is_some(), "max_cardinality", "sensitive", p);
+            forbid(rc.min.is_some(), "min", "sensitive", p);
+            forbid(rc.max.is_some(), "max", "sensitive", p);
+            Some(ColumnRole::Sensitive)
+        }
+        other => {
+            p.push(
+                format!("{field}.role"),
+                format!(
+                    "{other:?} is not a known role (known: identifier, dimension, metric, sensitive)"
+                ),
+            );
+            None
+        }
+    }
+}
+
+fn validate_values(
+    values: &[String],
+    value_type: ValueType,
+    field: &str,
+    p: &mut Problems,
+) -> Option<()> {
+    let before = p.0.len();
+    if values.is_empty() {
+        p.push(format!("{field}.values"), "must list at least one value");
+    }
+    if values.len() as i64 > MAX_DIMENSION_CARDINALITY {
+        p.push(
+            format!("{field}.values"),
+            format!("lists more than {MAX_DIMENSION_CARDINALITY} values"),
+        );
+    }
+    let mut seen = BTreeSet::new();
+    for (k, v) in values.iter().enumerate() {
+        if !seen.insert(v.as_str()) {
+            p.push(format!("{field}.values[{k}]"), "is listed twice");
+        }
+        if value_type == ValueType::Integer && v.parse::<i64>().is_err() {
+            p.push(
+                format!("{field}.values[{k}]"),
+                "is not an integer, but the column's type is integer",
+            );
+        }
+    }
+    (p.0.len() == before).then_some(())
+}
+
+fn validate_query(raw: &RawPolicy, p: &mut Problems) -> Option<QueryRules> {
+    let q = &raw.query;
+    let mut aggregates = BTreeSet::new();
+    for (i, name) in q.aggregates.iter().enumerate() {
+        match Aggregate::parse(name) {
+            Some(a) => {
+                if !aggregates.insert(a) {
+                    p.push(format!("query.aggregates[{i}]"), format!("{name:?} is listed twice"));
+                }
+            }
+            None => p.push(
+                "query.aggregates",
+                format!(
+                    "{name:?} is not an aggregate an agreement can allow (known: {})",
+                    known_list(&Aggregate::ALL, Aggregate::as_str)
+                ),
+            ),
+        }
+    }
+    if q.aggregates.is_empty() {
+        p.push("query.aggregates", "must allow at least one aggregate");
+    }
+    if !(2..=MAX_MIN_GROUP_SIZE).contains(&q.min_group_size) {
+        p.push(
+            "query.min_group_size",
+            format!(
+                "must be at least 2 (and at most {MAX_MIN_GROUP_SIZE}): an output row must never describe one person"
+            ),
+        );
+        return None;
+    }
+    Some(QueryRules {
+        aggregates,
+        min_group_size: u32::try_from(q.min_group_size).ok()?,
+    })
+}
+
+fn validate_privacy(r: &RawPrivacy, p: &mut Problems) -> Option<Privacy> {
+    let before = p.0.len();
+    if !(r.epsilon_total.is_finite() && r.epsilon_total > 0.0) {
+        p.push("privacy.epsilon_total", "must be a positive number");
+    }
+    if !(r.epsilon_per_query_max.is_finite() && r.epsilon_per_query_max > 0.0) {
+        p.push("privacy.epsilon_per_query_max", "must be a positive number");
+    } else if r.epsilon_per_query_max > r.epsilon_total {
+        p.push(
+            "privacy.epsilon_per_query_max",
+            "must not exceed privacy.epsilon_total",
+        );
+    }
+    if let Some(d) = r.delta
+        && !(d > 0.0 && d < 1e-3)
+    {
+        p.push(
+            "privacy.delta",
+            "must be greater than 0 and less than 0.001",
+        );
+    }
+    let refresh = match r.refresh.as_deref().unwrap_or("none") {
+        "none" => Refresh::Never,
+        "monthly" => Refresh::Monthly,
+        other => {
+            p.push(
+                "privacy.refresh",
+                format!("{other:?} is not a known refresh window (known: none, monthly)"),
+            );
+            Refresh::Never
+        }
+    };
+    let groups = r.max_groups_per_person.unwrap_or(1);
+    if !(1..=MAX_GROUPS_PER_PERSON).contains(&groups) {
+        p.push(
+            "privacy.max_groups_per_person",
+            format!("must be between 1 and {MAX_GROUPS_PER_PERSON}"),
+        );
+    }
+    (p.0.len() == before).then(|| Privacy {
+        epsilon_total: r.epsilon_total,
+        epsilon_per_query_max: r.epsilon_per_query_max,
+        delta: r.delta,
+        refresh,
+        max_groups_per_person: u32::try_from(groups).unwrap_or(1),
+    })
+}

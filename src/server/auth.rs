@@ -1,0 +1,15 @@
+//! Who is calling: the organisation named by the verified client certificate.
+
+use tonic::Request;
+
+use crate::error::ServiceError;
+
+/// The calling organisation, taken from the first (leaf) client certificate.
+/// TLS has already verified the chain against the server's client CA.
+pub(crate) fn caller<T>(request: &Request<T>) -> Result<String, ServiceError> {
+    let certs = request
+        .peer_certs()
+        .filter(|c| !c.is_empty())
+        .ok_or(ServiceError::NoClientCertificate)?;
+    crate::certs::organisation_of(certs[0].as_ref()).ok_or(ServiceError::NoOrganisation)
+}

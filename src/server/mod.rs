@@ -1,0 +1,212 @@
+//! The gRPC server: mutual TLS, organisation identity from the client
+//! certificate, health, reflection and graceful shutdown. Handlers translate
+//! between protobuf and domain types; rules live in the domain modules.
+
+mod agreements;
+mod auth;
+
+use std::future::Future;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, RwLock};
+use std::time::Duration;
+
+use tokio::net::TcpListener;
+use tonic::transport::server::TcpIncoming;
+use tonic::transport::{Certificate, Identity, Server, ServerTlsConfig};
+use tonic_health::ServingStatus;
+
+use crate::clock::Clock;
+use crate::policy::{PolicyError, PolicySet};
+use crate::proto::agreements_server::AgreementsServer;
+
+pub use agreements::AgreementsService;
+
+/// Certificate files the server presents and trusts.
+#[derive(Debug, Clone)]
+pub struct TlsFiles {
+    /// CA that signs client certificates.
+    pub ca: PathBuf,
+    /// The server's certificate chain.
+    pub cert: PathBuf,
+    /// The server's private key.
+    pub key: PathBuf,
+}
+
+impl TlsFiles {
+    /// The files `cleanroom certs init` writes into `dir`.
+    pub fn in_dir(dir: &Path) -> Self {
+        TlsFiles {
+            ca: dir.join(crate::certs::CA_CERT),
+            cert: dir.join(crate::certs::SERVER_CERT),
+            key: dir.join(crate::certs::SERVER_KEY),
+        }
+    }
+}
+
+/// Why the server could not start or stopped with an error.
+#[derive(Debug, thiserror::Error)]
+pub enum ServerError {
+    #[error("{}", .0.iter().map(ToString::to_string).collect::<Vec<_>>().join("\n"))]
+    Policies(Vec<PolicyError>),
+    #[error("{path}: {source}")]
+    Io {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("TLS configuration: {0}")]
+    Tls(String),
+    #[error("gRPC transport: {0}")]
+    Transport(#[from] tonic::transport::Error),
+}
+
+/// State every handler shares.
+#[derive(Debug, Clone)]
+pub struct AppState {
+    policies: Arc<RwLock<Arc<PolicySet>>>,
+    clock: Arc<dyn Clock>,
+}
+
+impl AppState {
+    pub fn new(policies: PolicySet, clock: Arc<dyn Clock>) -> Self {
+        AppState {
+            policies: Arc::new(RwLock::new(Arc::new(policies))),
+            clock,
+        }
+    }
+
+    /// The policies in force now. A snapshot: a call sees one consistent set.
+    pub fn policies(&self) -> Arc<PolicySet> {
+        Arc::clone(&self.policies.read().unwrap_or_else(|e| e.into_inner()))
+    }
+
+    pub fn clock(&self) -> &Arc<dyn Clock> {
+        &self.clock
+    }
+}
+
+/// Everything needed to run a server.
+#[derive(Debug, Clone)]
+pub struct ServerOptions {
+    pub tls: TlsFiles,
+    pub policies_dir: PathBuf,
+    pub data_dir: PathBuf,
+    /// How long health reports NOT_SERVING before the server stops taking
+    /// new calls, so load balancers can move traffic away.
+    pub shutdown_grace: Duration,
+    /// Longest wait for in-flight calls once draining starts.
+    pub drain_timeout: Duration,
+    pub clock: Arc<dyn Clock>,
+}
+
+fn read(path: &Path) -> Result<Vec<u8>, ServerError> {
+    std::fs::read(path).map_err(|source| ServerError::Io {
+        path: path.to_path_buf(),
+        source,
+    })
+}
+
+fn tls_config(files: &TlsFiles) -> Result<ServerTlsConfig, ServerError> {
+    let ca = read(&files.ca)?;
+    let cert = read(&files.cert)?;
+    let key = read(&files.key)?;
+    // Client certificates are requested and, when presented, verified
+    // against the CA during the handshake. A session without one is let
+    // through TLS so that health checks work and other calls can be refused
+    // with a clear UNAUTHENTICATED status instead of a broken connection.
+    Ok(ServerTlsConfig::new()
+        .identity(Identity::from_pem(cert, key))
+        .client_ca_root(Certificate::from_pem(ca))
+        .client_auth_optional(true))
+}
+
+fn create_data_dir(dir: &Path) -> Result<(), ServerError> {
+    use std::os::unix::fs::DirBuilderExt;
+    if dir.is_dir() {
+        return Ok(());
+    }
+    std::fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(dir)
+        .map_err(|source| ServerError::Io {
+            path: dir.to_path_buf(),
+            source,
+        })
+}
+
+/// Runs the server on `listener` until `shutdown` resolves. Then health
+/// turns NOT_SERVING, and after the grace period the server stops accepting
+/// calls and waits for in-flight ones to finish.
+pub async fn serve(
+    listener: TcpListener,
+    options: ServerOptions,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> Result<(), ServerError> {
+    let policies =
+        crate::policy::load_dir(&options.policies_dir).map_err(ServerError::Policies)?;
+    create_data_dir(&options.data_dir)?;
+    let tls = tls_config(&options.tls)?;
+    let local_addr: SocketAddr = listener.local_addr().map_err(|source| ServerError::Io {
+        path: PathBuf::from("(listener)"),
+        source,
+    })?;
+    let state = AppState::new(policies, Arc::clone(&options.clock));
+
+    let (health_reporter, health_service) = tonic_health::server::health_reporter();
+    health_reporter
+        .set_serving::<AgreementsServer<AgreementsService>>()
+        .await;
+    health_reporter.set_service_status("", ServingStatus::Serving).await;
+    let reflection = tonic_reflection::server::Builder::configure()
+        .register_encoded_file_descriptor_set(crate::proto::FILE_DESCRIPTOR_SET)
+        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+        .build_v1()
+        .map_err(|e| ServerError::Tls(format!("reflection: {e}")))?;
+
+    let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
+    let grace = options.shutdown_grace;
+    let reporter = health_reporter.clone();
+    tokio::spawn(async move {
+        shutdown.await;
+        tracing::info!(grace_ms = grace.as_millis() as u64, "shutting down: health NOT_SERVING");
+        reporter.set_service_status("", ServingStatus::NotServing).await;
+        reporter
+            .set_not_serving::<AgreementsServer<AgreementsService>>()
+            .await;
+        tokio::time::sleep(grace).await;
+        tracing::info!("draining in-flight calls");
+        let _ = stop_tx.send(());
+    });
+
+    tracing::info!(
+        addr = %local_addr,
+        agreements = state.policies().len(),
+        data_dir = %options.data_dir.display(),
+        "listening"
+    );
+    let incoming = TcpIncoming::from(listener).with_nodelay(Some(true));
+    let router = Server::builder()
+        .tls_config(tls)?
+        .add_service(health_service)
+        .add_service(reflection)
+        .add_service(AgreementsServer::new(AgreementsService::new(state)));
+
+    let (drained_tx, drained_rx) = tokio::sync::oneshot::channel::<()>();
+    let server = router.serve_with_incoming_shutdown(incoming, async move {
+        let _ = stop_rx.await;
+        let _ = drained_tx.send(());
+    });
+    tokio::pin!(server);
+    // Serve until stopped, then give in-flight calls the drain timeout.
+    tokio::select! {
+        result = &mut server => return result.map_err(ServerError::from),
+        _ = drained_rx => {}
+    }
+    match tokio::time::timeout(options.drain_timeout, server).await {
+        Ok(result) => result?,
+        Err(_) => tracing::warn!("in-flight calls did not finish in time; stopping anyway"),
+    }
+    tracing::info!("stopped");
+    Ok(())
+}
