@@ -76,7 +76,12 @@ pub fn init(dir: &Path, extra_names: &[String], force: bool) -> Result<CaFiles, 
         server_key: dir.join(SERVER_KEY),
     };
     if !force {
-        for path in [&files.ca_cert, &files.ca_key, &files.server_cert, &files.server_key] {
+        for path in [
+            &files.ca_cert,
+            &files.ca_key,
+            &files.server_cert,
+            &files.server_key,
+        ] {
             if path.exists() {
                 return Err(CertError::Exists { path: path.clone() });
             }
@@ -112,9 +117,24 @@ pub fn init(dir: &Path, extra_names: &[String], force: bool) -> Result<CaFiles, 
     let server_cert = server_params.signed_by(&server_key, &issuer)?;
 
     write_file(&files.ca_cert, ca_cert.pem().as_bytes(), false, force)?;
-    write_file(&files.ca_key, ca_key.serialize_pem().as_bytes(), true, force)?;
-    write_file(&files.server_cert, server_cert.pem().as_bytes(), false, force)?;
-    write_file(&files.server_key, server_key.serialize_pem().as_bytes(), true, force)?;
+    write_file(
+        &files.ca_key,
+        ca_key.serialize_pem().as_bytes(),
+        true,
+        force,
+    )?;
+    write_file(
+        &files.server_cert,
+        server_cert.pem().as_bytes(),
+        false,
+        force,
+    )?;
+    write_file(
+        &files.server_key,
+        server_key.serialize_pem().as_bytes(),
+        true,
+        force,
+    )?;
     Ok(files)
 }
 
@@ -224,7 +244,10 @@ mod tests {
             assert_eq!(mode, 0o600, "{}", key.display());
         }
         let pem = std::fs::read_to_string(&client.cert).unwrap();
-        let der = x509_parser::pem::parse_x509_pem(pem.as_bytes()).unwrap().1.contents;
+        let der = x509_parser::pem::parse_x509_pem(pem.as_bytes())
+            .unwrap()
+            .1
+            .contents;
         assert_eq!(organisation_of(&der).as_deref(), Some("acme"));
     }
 
@@ -232,7 +255,10 @@ mod tests {
     fn refuses_to_overwrite_without_force() {
         let dir = tempfile::tempdir().unwrap();
         init(dir.path(), &[], false).unwrap();
-        assert!(matches!(init(dir.path(), &[], false), Err(CertError::Exists { .. })));
+        assert!(matches!(
+            init(dir.path(), &[], false),
+            Err(CertError::Exists { .. })
+        ));
         init(dir.path(), &[], true).unwrap();
         issue_client(dir.path(), "acme", false).unwrap();
         assert!(matches!(
@@ -246,7 +272,10 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         init(dir.path(), &[], false).unwrap();
         for bad in ["", "Acme", "a b", "../x", "acme_corp"] {
-            assert!(matches!(issue_client(dir.path(), bad, false), Err(CertError::BadOrg(_))));
+            assert!(matches!(
+                issue_client(dir.path(), bad, false),
+                Err(CertError::BadOrg(_))
+            ));
         }
     }
 }

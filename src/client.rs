@@ -116,7 +116,8 @@ impl Client {
         if !url.starts_with("https://") {
             return Err(ClientError::BadServer(config.server.clone()));
         }
-        let mut tls = ClientTlsConfig::new().ca_certificate(Certificate::from_pem(read(&config.ca)?));
+        let mut tls =
+            ClientTlsConfig::new().ca_certificate(Certificate::from_pem(read(&config.ca)?));
         if let Some((cert, key)) = &config.identity {
             tls = tls.identity(Identity::from_pem(read(cert)?, read(key)?));
         }
@@ -168,9 +169,7 @@ impl Client {
             .await?
             .into_inner()
             .agreement
-            .ok_or_else(|| {
-                ClientError::Status(tonic::Status::internal("server sent no agreement"))
-            })
+            .ok_or_else(|| ClientError::Status(tonic::Status::internal("server sent no agreement")))
     }
 }
 

@@ -62,25 +62,50 @@ mod tests {
     #[test]
     fn every_variant_maps_to_its_code_and_fixed_text() {
         let cases: Vec<(ServiceError, Code, &str)> = vec![
-            (ServiceError::NoClientCertificate, Code::Unauthenticated, "a client certificate is required"),
-            (ServiceError::NoOrganisation, Code::Unauthenticated, "the client certificate does not name an organisation"),
-            (ServiceError::AgreementNotFound("x".into()), Code::NotFound, "agreement \"x\" not found"),
             (
-                ServiceError::InvalidArgument { field: "agreement_id", rule: "must not be empty".into() },
+                ServiceError::NoClientCertificate,
+                Code::Unauthenticated,
+                "a client certificate is required",
+            ),
+            (
+                ServiceError::NoOrganisation,
+                Code::Unauthenticated,
+                "the client certificate does not name an organisation",
+            ),
+            (
+                ServiceError::AgreementNotFound("x".into()),
+                Code::NotFound,
+                "agreement \"x\" not found",
+            ),
+            (
+                ServiceError::InvalidArgument {
+                    field: "agreement_id",
+                    rule: "must not be empty".into(),
+                },
                 Code::InvalidArgument,
                 "agreement_id: must not be empty",
             ),
             (
-                ServiceError::PermissionDenied { rule: "party.rights", detail: "acme lacks \"query\"".into() },
+                ServiceError::PermissionDenied {
+                    rule: "party.rights",
+                    detail: "acme lacks \"query\"".into(),
+                },
                 Code::PermissionDenied,
                 "rule party.rights: acme lacks \"query\"",
             ),
             (
-                ServiceError::NotInForce { id: "a".into(), state: "expired" },
+                ServiceError::NotInForce {
+                    id: "a".into(),
+                    state: "expired",
+                },
                 Code::FailedPrecondition,
                 "agreement \"a\" is expired, not in force",
             ),
-            (ServiceError::Internal("disk full at /secret/path".into()), Code::Internal, "internal error"),
+            (
+                ServiceError::Internal("disk full at /secret/path".into()),
+                Code::Internal,
+                "internal error",
+            ),
         ];
         for (err, code, text) in cases {
             let status = Status::from(err);

@@ -1,6 +1,12 @@
 //! Generated protobuf and gRPC code for the public contract in `proto/`.
 
-#![allow(missing_docs, unreachable_pub, clippy::all, missing_debug_implementations)]
+// Generated code follows prost's and tonic's conventions, not our lint set.
+#![allow(
+    unreachable_pub,
+    missing_debug_implementations,
+    clippy::all,
+    clippy::clone_on_ref_ptr
+)]
 
 tonic::include_proto!("cleanroom.v1");
 

@@ -12,10 +12,18 @@ use crate::proto;
 #[derive(Debug, Clone, Args)]
 pub struct ConnectArgs {
     /// Server address.
-    #[arg(long, env = "CLEANROOM_SERVER", default_value = "https://127.0.0.1:50051")]
+    #[arg(
+        long,
+        env = "CLEANROOM_SERVER",
+        default_value = "https://127.0.0.1:50051"
+    )]
     pub server: String,
     /// CA certificate that signed the server's certificate.
-    #[arg(long, env = "CLEANROOM_CA", default_value = "cleanroom-data/certs/ca.pem")]
+    #[arg(
+        long,
+        env = "CLEANROOM_CA",
+        default_value = "cleanroom-data/certs/ca.pem"
+    )]
     pub ca: PathBuf,
     /// Client certificate naming your organisation.
     #[arg(long, env = "CLEANROOM_CERT")]
@@ -130,7 +138,11 @@ fn column_line(c: &proto::Column) -> String {
     match role {
         proto::ColumnRole::Identifier => format!("{}: identifier ({})", c.name, c.identity_kind),
         proto::ColumnRole::Dimension if !c.allowed_values.is_empty() => {
-            format!("{}: dimension, one of {}", c.name, c.allowed_values.join(" | "))
+            format!(
+                "{}: dimension, one of {}",
+                c.name,
+                c.allowed_values.join(" | ")
+            )
         }
         proto::ColumnRole::Dimension => format!(
             "{}: dimension, at most {} values",
@@ -149,7 +161,7 @@ fn column_line(c: &proto::Column) -> String {
 }
 
 /// A readable page for one agreement.
-pub(super) fn render_agreement(a: &proto::Agreement) -> String {
+pub fn render_agreement(a: &proto::Agreement) -> String {
     use std::fmt::Write;
     let mut out = String::new();
     if let Some(s) = &a.summary {
@@ -158,7 +170,11 @@ pub(super) fn render_agreement(a: &proto::Agreement) -> String {
         let _ = writeln!(
             out,
             "  in force:  {} to {}",
-            if s.starts_on.is_empty() { "signature" } else { &s.starts_on },
+            if s.starts_on.is_empty() {
+                "signature"
+            } else {
+                &s.starts_on
+            },
             s.expires_on
         );
         let _ = writeln!(out, "  policy:    {}", s.policy_hash);
@@ -199,9 +215,15 @@ pub(super) fn render_agreement(a: &proto::Agreement) -> String {
             out,
             "differential privacy: epsilon {} per {} (at most {} a query), delta {}",
             p.epsilon_total,
-            if p.refresh == "monthly" { "month" } else { "agreement" },
+            if p.refresh == "monthly" {
+                "month"
+            } else {
+                "agreement"
+            },
             p.epsilon_per_query_max,
-            p.delta.map(|d| d.to_string()).unwrap_or_else(|| "none".into())
+            p.delta
+                .map(|d| d.to_string())
+                .unwrap_or_else(|| "none".into())
         );
     }
     out

@@ -111,8 +111,8 @@ fn print_summaries(set: &PolicySet) {
 pub(super) fn certs(cmd: CertsCommand) -> anyhow::Result<ExitCode> {
     match cmd {
         CertsCommand::Init { dir, sans, force } => {
-            let files = crate::certs::init(&dir, &sans, force)
-                .context("creating the development CA")?;
+            let files =
+                crate::certs::init(&dir, &sans, force).context("creating the development CA")?;
             println!("CA certificate:     {}", files.ca_cert.display());
             println!("CA key (0600):      {}", files.ca_key.display());
             println!("server certificate: {}", files.server_cert.display());

@@ -8,7 +8,7 @@ use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
 
-pub use connect::ConnectArgs;
+pub use connect::{ConnectArgs, render_agreement};
 
 #[derive(Debug, Parser)]
 #[command(name = "cleanroom", version, about = "A self-hosted data clean room", long_about = None)]

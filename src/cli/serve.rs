@@ -123,7 +123,10 @@ fn settings(args: ServeArgs) -> anyhow::Result<Settings> {
         .unwrap_or(DEFAULT_DRAIN_TIMEOUT_SECONDS);
     Ok(Settings {
         listen,
-        log_format: args.log_format.or(file.log_format).unwrap_or(LogFormat::Text),
+        log_format: args
+            .log_format
+            .or(file.log_format)
+            .unwrap_or(LogFormat::Text),
         options: ServerOptions {
             tls,
             policies_dir: args
@@ -140,7 +143,8 @@ fn settings(args: ServeArgs) -> anyhow::Result<Settings> {
 
 fn init_logging(format: LogFormat) {
     use tracing_subscriber::EnvFilter;
-    let filter = EnvFilter::try_from_env("CLEANROOM_LOG").unwrap_or_else(|_| EnvFilter::new("info"));
+    let filter =
+        EnvFilter::try_from_env("CLEANROOM_LOG").unwrap_or_else(|_| EnvFilter::new("info"));
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr);

@@ -91,7 +91,12 @@ mod tests {
     #[test]
     fn table_is_sorted_and_unique() {
         for pair in COUNTRIES.windows(2) {
-            assert!(pair[0].code < pair[1].code, "{} then {}", pair[0].code, pair[1].code);
+            assert!(
+                pair[0].code < pair[1].code,
+                "{} then {}",
+                pair[0].code,
+                pair[1].code
+            );
         }
     }
 

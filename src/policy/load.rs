@@ -58,7 +58,11 @@ pub fn parse_policy(text: &str, path: &Path) -> Result<Policy, PolicyError> {
     let raw: RawPolicy = serde_path_to_error::deserialize(deserializer).map_err(|e| {
         let field = e.path().to_string();
         let inner = e.into_inner();
-        let field = if field == "." { "(file)".to_string() } else { field };
+        let field = if field == "." {
+            "(file)".to_string()
+        } else {
+            field
+        };
         PolicyError::single(path, field, inner.message().to_string())
     })?;
     let stem = path.file_stem().and_then(|s| s.to_str());

@@ -55,8 +55,7 @@ fn is_sql_name(s: &str) -> bool {
 
 const SLUG_RULE: &str =
     "must be 1-63 characters of a-z, 0-9 and '-', starting with a letter or digit";
-const SQL_NAME_RULE: &str =
-    "must be 1-63 characters of a-z, 0-9 and '_', starting with a letter";
+const SQL_NAME_RULE: &str = "must be 1-63 characters of a-z, 0-9 and '_', starting with a letter";
 
 fn known_list<T: Copy>(all: &[T], name: impl Fn(T) -> &'static str) -> String {
     all.iter().map(|t| name(*t)).collect::<Vec<_>>().join(", ")
@@ -92,13 +91,22 @@ pub(super) fn validate(
     {
         p.push(
             "agreement.id",
-            format!("must match the file name: the file is {stem}.toml but the id is {:?}", a.id),
+            format!(
+                "must match the file name: the file is {stem}.toml but the id is {:?}",
+                a.id
+            ),
         );
     }
     if a.purpose.trim().is_empty() {
-        p.push("agreement.purpose", "must describe the purpose of the agreement");
+        p.push(
+            "agreement.purpose",
+            "must describe the purpose of the agreement",
+        );
     }
-    let starts_on = a.starts.as_ref().and_then(|s| date_of("agreement.starts", s, &mut p));
+    let starts_on = a
+        .starts
+        .as_ref()
+        .and_then(|s| date_of("agreement.starts", s, &mut p));
     let expires_on = date_of("agreement.expires", &a.expires, &mut p);
     if let (Some(s), Some(e)) = (starts_on, expires_on)
         && e <= s
@@ -116,7 +124,10 @@ pub(super) fn validate(
             let mut s = [0u8; 32];
             s.copy_from_slice(&bytes);
             if s.iter().all(|b| *b == s[0]) {
-                p.push("agreement.salt", "must be random (`cleanroom policy salt` makes one)");
+                p.push(
+                    "agreement.salt",
+                    "must be random (`cleanroom policy salt` makes one)",
+                );
             }
             Some(Salt(s))
         }
@@ -244,7 +255,10 @@ fn validate_parties(raw: &RawPolicy, p: &mut Problems) -> Vec<Party> {
         } else if parties.iter().any(|q| q.org == rp.org) {
             p.push(
                 format!("{field}.org"),
-                format!("{:?} is already a party; each organisation appears once", rp.org),
+                format!(
+                    "{:?} is already a party; each organisation appears once",
+                    rp.org
+                ),
             );
         }
         let mut rights = BTreeSet::new();
@@ -252,7 +266,10 @@ fn validate_parties(raw: &RawPolicy, p: &mut Problems) -> Vec<Party> {
             match Right::parse(r) {
                 Some(right) => {
                     if !rights.insert(right) {
-                        p.push(format!("{field}.rights[{j}]"), format!("{r:?} is listed twice"));
+                        p.push(
+                            format!("{field}.rights[{j}]"),
+                            format!("{r:?} is listed twice"),
+                        );
                     }
                 }
                 None => p.push(
@@ -265,7 +282,10 @@ fn validate_parties(raw: &RawPolicy, p: &mut Problems) -> Vec<Party> {
             }
         }
         if rp.rights.is_empty() {
-            p.push(format!("{field}.rights"), "a party needs at least one right");
+            p.push(
+                format!("{field}.rights"),
+                "a party needs at least one right",
+            );
         }
         if rights.contains(&Right::Query) && !rights.contains(&Right::ReceiveResults) {
             p.push(
@@ -279,7 +299,10 @@ fn validate_parties(raw: &RawPolicy, p: &mut Problems) -> Vec<Party> {
         });
     }
     if !raw.party.is_empty() && !parties.iter().any(|q| q.has(Right::Query)) {
-        p.push("party", "no party has the \"query\" right, so the agreement has no use");
+        p.push(
+            "party",
+            "no party has the \"query\" right, so the agreement has no use",
+        );
     }
     parties
 }
@@ -311,7 +334,10 @@ fn validate_datasets(
             ),
             Some(q) if !q.has(Right::Upload) => p.push(
                 format!("{field}.owner"),
-                format!("{:?} owns a dataset but lacks the \"upload\" right", rd.owner),
+                format!(
+                    "{:?} owns a dataset but lacks the \"upload\" right",
+                    rd.owner
+                ),
             ),
             Some(_) => {}
         }
@@ -325,7 +351,10 @@ fn validate_datasets(
             if columns.iter().any(|c| c.name == rc.name) {
                 p.push(
                     format!("{cfield}.name"),
-                    format!("{:?} is declared twice; a column has exactly one role", rc.name),
+                    format!(
+                        "{:?} is declared twice; a column has exactly one role",
+                        rc.name
+                    ),
                 );
                 continue;
             }
@@ -356,9 +385,9 @@ fn validate_datasets(
         let owners: BTreeSet<&str> = datasets
             .iter()
             .filter(|d| {
-                d.columns.iter().any(
-                    |c| matches!(&c.role, ColumnRole::Identifier { kind: k } if k == kind),
-                )
+                d.columns
+                    .iter()
+                    .any(|c| matches!(&c.role, ColumnRole::Identifier { kind: k } if k == kind))
             })
             .map(|d| d.owner.as_str())
             .collect();
@@ -391,7 +420,12 @@ fn validate_column(
         "identifier" => {
             forbid(rc.value_type.is_some(), "type", "identifier", p);
             forbid(rc.values.is_some(), "values", "identifier", p);
-            forbid(rc.max_cardinality.is_some(), "max_cardinality", "identifier", p);
+            forbid(
+                rc.max_cardinality.is_some(),
+                "max_cardinality",
+                "identifier",
+                p,
+            );
             forbid(rc.min.is_some(), "min", "identifier", p);
             forbid(rc.max.is_some(), "max", "identifier", p);
             match &rc.kind {
@@ -491,7 +525,12 @@ fn validate_column(
             forbid(rc.kind.is_some(), "kind", "sensitive", p);
             forbid(rc.value_type.is_some(), "type", "sensitive", p);
             forbid(rc.values.is_some(), "values", "sensitive", p);
-            forbid(rc.max_cardinality.is_some(), "max_cardinality", "sensitive", p);
+            forbid(
+                rc.max_cardinality.is_some(),
+                "max_cardinality",
+                "sensitive",
+                p,
+            );
             forbid(rc.min.is_some(), "min", "sensitive", p);
             forbid(rc.max.is_some(), "max", "sensitive", p);
             Some(ColumnRole::Sensitive)
@@ -546,7 +585,10 @@ fn validate_query(raw: &RawPolicy, p: &mut Problems) -> Option<QueryRules> {
         match Aggregate::parse(name) {
             Some(a) => {
                 if !aggregates.insert(a) {
-                    p.push(format!("query.aggregates[{i}]"), format!("{name:?} is listed twice"));
+                    p.push(
+                        format!("query.aggregates[{i}]"),
+                        format!("{name:?} is listed twice"),
+                    );
                 }
             }
             None => p.push(

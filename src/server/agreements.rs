@@ -108,7 +108,10 @@ fn summary(policy: &Policy, org: &str, now: AgreementState) -> proto::AgreementS
         id: policy.id().to_string(),
         purpose: policy.purpose().to_string(),
         state: state(now),
-        starts_on: policy.starts_on().map(|d| d.to_string()).unwrap_or_default(),
+        starts_on: policy
+            .starts_on()
+            .map(|d| d.to_string())
+            .unwrap_or_default(),
         expires_on: policy.expires_on().to_string(),
         my_rights,
         policy_hash: policy.hash().to_hex(),

@@ -143,8 +143,7 @@ pub async fn serve(
     options: ServerOptions,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<(), ServerError> {
-    let policies =
-        crate::policy::load_dir(&options.policies_dir).map_err(ServerError::Policies)?;
+    let policies = crate::policy::load_dir(&options.policies_dir).map_err(ServerError::Policies)?;
     create_data_dir(&options.data_dir)?;
     let tls = tls_config(&options.tls)?;
     let local_addr: SocketAddr = listener.local_addr().map_err(|source| ServerError::Io {
@@ -157,7 +156,9 @@ pub async fn serve(
     health_reporter
         .set_serving::<AgreementsServer<AgreementsService>>()
         .await;
-    health_reporter.set_service_status("", ServingStatus::Serving).await;
+    health_reporter
+        .set_service_status("", ServingStatus::Serving)
+        .await;
     let reflection = tonic_reflection::server::Builder::configure()
         .register_encoded_file_descriptor_set(crate::proto::FILE_DESCRIPTOR_SET)
         .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
@@ -169,8 +170,13 @@ pub async fn serve(
     let reporter = health_reporter.clone();
     tokio::spawn(async move {
         shutdown.await;
-        tracing::info!(grace_ms = grace.as_millis() as u64, "shutting down: health NOT_SERVING");
-        reporter.set_service_status("", ServingStatus::NotServing).await;
+        tracing::info!(
+            grace_ms = grace.as_millis() as u64,
+            "shutting down: health NOT_SERVING"
+        );
+        reporter
+            .set_service_status("", ServingStatus::NotServing)
+            .await;
         reporter
             .set_not_serving::<AgreementsServer<AgreementsService>>()
             .await;

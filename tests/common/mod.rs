@@ -1,0 +1,127 @@
+//! A real server on 127.0.0.1:0 with real mutual TLS, for integration tests.
+
+#![allow(dead_code, unreachable_pub)]
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use cleanroom::client::{Client, ClientConfig};
+use cleanroom::clock::{Clock, SystemClock};
+use cleanroom::server::{ServerError, ServerOptions, TlsFiles};
+use tokio::sync::oneshot;
+use tokio::task::JoinHandle;
+
+/// The repository's own policies folder.
+pub fn policies_dir() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("policies")
+}
+
+/// A CA, a server certificate and client certificates for the demo parties
+/// and for `initech`, which is party to nothing.
+pub struct Pki {
+    pub dir: tempfile::TempDir,
+}
+
+impl Pki {
+    pub fn new() -> Self {
+        let dir = tempfile::tempdir().unwrap();
+        cleanroom::certs::init(dir.path(), &[], false).unwrap();
+        for org in ["acme", "globex", "initech"] {
+            cleanroom::certs::issue_client(dir.path(), org, false).unwrap();
+        }
+        Pki { dir }
+    }
+
+    pub fn path(&self) -> &Path {
+        self.dir.path()
+    }
+}
+
+pub struct TestServer {
+    pub addr: std::net::SocketAddr,
+    pub pki: Pki,
+    pub data_dir: tempfile::TempDir,
+    stop: Option<oneshot::Sender<()>>,
+    pub task: Option<JoinHandle<Result<(), ServerError>>>,
+}
+
+pub struct Setup {
+    pub policies: PathBuf,
+    pub clock: Arc<dyn Clock>,
+    pub shutdown_grace: Duration,
+}
+
+impl Default for Setup {
+    fn default() -> Self {
+        Setup {
+            policies: policies_dir(),
+            clock: Arc::new(SystemClock),
+            shutdown_grace: Duration::from_millis(50),
+        }
+    }
+}
+
+impl TestServer {
+    pub async fn start() -> Self {
+        Self::start_with(Setup::default()).await
+    }
+
+    pub async fn start_with(setup: Setup) -> Self {
+        let pki = Pki::new();
+        let data_dir = tempfile::tempdir().unwrap();
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let options = ServerOptions {
+            tls: TlsFiles::in_dir(pki.path()),
+            policies_dir: setup.policies,
+            data_dir: data_dir.path().join("data"),
+            shutdown_grace: setup.shutdown_grace,
+            drain_timeout: Duration::from_secs(10),
+            clock: setup.clock,
+        };
+        let (tx, rx) = oneshot::channel::<()>();
+        let task = tokio::spawn(cleanroom::server::serve(listener, options, async {
+            let _ = rx.await;
+        }));
+        TestServer {
+            addr,
+            pki,
+            data_dir,
+            stop: Some(tx),
+            task: Some(task),
+        }
+    }
+
+    pub fn url(&self) -> String {
+        format!("https://127.0.0.1:{}", self.addr.port())
+    }
+
+    pub fn config(&self, org: Option<&str>) -> ClientConfig {
+        let config = ClientConfig::new(self.url(), self.pki.path().join("ca.pem"));
+        match org {
+            Some(org) => config.with_identity(
+                self.pki.path().join(format!("{org}.pem")),
+                self.pki.path().join(format!("{org}-key.pem")),
+            ),
+            None => config,
+        }
+    }
+
+    pub async fn client(&self, org: &str) -> Client {
+        Client::connect(&self.config(Some(org))).await.unwrap()
+    }
+
+    /// Asks the server to stop, as a signal would.
+    pub fn begin_shutdown(&mut self) {
+        if let Some(tx) = self.stop.take() {
+            let _ = tx.send(());
+        }
+    }
+
+    /// Stops the server and waits for it to finish.
+    pub async fn stop(mut self) -> Result<(), ServerError> {
+        self.begin_shutdown();
+        self.task.take().unwrap().await.unwrap()
+    }
+}
