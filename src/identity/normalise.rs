@@ -1,0 +1,217 @@
+//! Normalisation profiles: the exact spelling of an identifier that gets
+//! fingerprinted. Both partners apply the profile the agreement names, so
+//! the same person gets the same fingerprint. `docs/fingerprints.md`
+//! specifies every step.
+
+use crate::policy::Profile;
+
+use super::countries::{Country, country};
+
+/// Why a value could not be normalised. Carries no part of the value.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Invalid {
+    Empty,
+    /// Not exactly one `@`, an empty part, a space inside, or a domain
+    /// without a dot.
+    NotAnEmail,
+    /// Characters other than digits and separators, or a length that no
+    /// E.164 number has.
+    NotAPhone,
+}
+
+impl Invalid {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Invalid::Empty => "empty",
+            Invalid::NotAnEmail => "not an email address",
+            Invalid::NotAPhone => "not a phone number",
+        }
+    }
+}
+
+/// Normalises `raw` under `profile`.
+pub fn normalise(profile: &Profile, raw: &str) -> Result<String, Invalid> {
+    match profile {
+        Profile::Email { gmail_canonical } => email(raw, *gmail_canonical),
+        Profile::Phone { default_country } => {
+            let c = country(default_country).ok_or(Invalid::NotAPhone)?;
+            phone(raw, c)
+        }
+        Profile::Text => text(raw),
+    }
+}
+
+/// Trim and lower-case.
+pub fn text(raw: &str) -> Result<String, Invalid> {
+    let t = raw.trim();
+    if t.is_empty() {
+        return Err(Invalid::Empty);
+    }
+    Ok(t.to_lowercase())
+}
+
+/// Trim, lower-case, check the shape; with `gmail_canonical`, addresses at
+/// gmail.com or googlemail.com lose the dots and any `+tag` of their local
+/// part and are written at gmail.com.
+pub fn email(raw: &str, gmail_canonical: bool) -> Result<String, Invalid> {
+    let t = raw.trim();
+    if t.is_empty() {
+        return Err(Invalid::Empty);
+    }
+    let lower = t.to_lowercase();
+    let (local, domain) = lower.split_once('@').ok_or(Invalid::NotAnEmail)?;
+    let valid = !local.is_empty()
+        && !domain.contains('@')
+        && domain.contains('.')
+        && !domain.starts_with('.')
+        && !domain.ends_with('.')
+        && !lower.chars().any(char::is_whitespace);
+    if !valid {
+        return Err(Invalid::NotAnEmail);
+    }
+    if gmail_canonical && (domain == "gmail.com" || domain == "googlemail.com") {
+        let untagged = local.split('+').next().unwrap_or_default();
+        let canonical: String = untagged.chars().filter(|c| *c != '.').collect();
+        if canonical.is_empty() {
+            return Err(Invalid::NotAnEmail);
+        }
+        return Ok(format!("{canonical}@gmail.com"));
+    }
+    Ok(lower)
+}
+
+/// Shortest and longest national significant numbers accepted outside the
+/// North American Numbering Plan, and E.164's 15-digit ceiling.
+const MIN_NATIONAL: usize = 4;
+const MAX_E164_DIGITS: usize = 15;
+const MIN_E164_DIGITS: usize = 8;
+
+/// To E.164 (`+` and up to 15 digits). International input starts with `+`
+/// or `00`; anything else is a national number of `default`.
+pub fn phone(raw: &str, default: &Country) -> Result<String, Invalid> {
+    let t = raw.trim();
+    if t.is_empty() {
+        return Err(Invalid::Empty);
+    }
+    let (plus, rest) = match t.strip_prefix('+') {
+        Some(rest) => (true, rest),
+        None => (false, t),
+    };
+    let mut digits = String::with_capacity(16);
+    for c in rest.chars() {
+        match c {
+            '0'..='9' => digits.push(c),
+            ' ' | '-' | '.' | '(' | ')' | '/' | '\u{a0}' => {}
+            _ => return Err(Invalid::NotAPhone),
+        }
+    }
+    let international = if plus {
+        Some(digits.as_str())
+    } else {
+        digits.strip_prefix("00")
+    };
+    let e164 = match international {
+        Some(number) => number.to_string(),
+        None => national(&digits, default)?,
+    };
+    let ok = (MIN_E164_DIGITS..=MAX_E164_DIGITS).contains(&e164.len()) && !e164.starts_with('0');
+    if !ok {
+        return Err(Invalid::NotAPhone);
+    }
+    Ok(format!("+{e164}"))
+}
+
+/// A national number of `c` as E.164 digits (without `+`).
+fn national(digits: &str, c: &Country) -> Result<String, Invalid> {
+    let cc = c.calling_code.to_string();
+    if c.calling_code == 1 {
+        // North American Numbering Plan: 10 digits, optionally after the
+        // trunk prefix 1; area code and exchange never start with 0 or 1.
+        let nsn = match digits.len() {
+            10 => digits,
+            11 if digits.starts_with('1') => &digits[1..],
+            _ => return Err(Invalid::NotAPhone),
+        };
+        let b = nsn.as_bytes();
+        if b[0] < b'2' || b[3] < b'2' {
+            return Err(Invalid::NotAPhone);
+        }
+        return Ok(format!("1{nsn}"));
+    }
+    let nsn = if !c.trunk_prefix.is_empty() && digits.starts_with(c.trunk_prefix) {
+        &digits[c.trunk_prefix.len()..]
+    } else if digits.starts_with(&cc) && digits.len() >= cc.len() + MIN_E164_DIGITS {
+        // Already written with the country code, without `+`.
+        &digits[cc.len()..]
+    } else {
+        digits
+    };
+    if nsn.len() < MIN_NATIONAL || nsn.starts_with('0') {
+        return Err(Invalid::NotAPhone);
+    }
+    Ok(format!("{cc}{nsn}"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn us() -> &'static Country {
+        country("US").unwrap()
+    }
+
+    #[test]
+    fn emails() {
+        assert_eq!(
+            email("  A.B@Example.COM ", false).unwrap(),
+            "a.b@example.com"
+        );
+        assert_eq!(email("a.b+x@googlemail.com", true).unwrap(), "ab@gmail.com");
+        assert_eq!(
+            email("a.b+x@googlemail.com", false).unwrap(),
+            "a.b+x@googlemail.com"
+        );
+        assert_eq!(
+            email("a.b+x@example.com", true).unwrap(),
+            "a.b+x@example.com"
+        );
+        for bad in [
+            "",
+            "   ",
+            "no-at-sign",
+            "a@b",
+            "a@@b.com",
+            "@b.com",
+            "a b@c.com",
+            "a@.com",
+            "a@b.com.",
+            "+@gmail.com",
+        ] {
+            assert!(email(bad, true).is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn phones() {
+        assert_eq!(phone("(415) 555-0132", us()).unwrap(), "+14155550132");
+        assert_eq!(phone("1-415-555-0132", us()).unwrap(), "+14155550132");
+        assert_eq!(phone("415.555.0132", us()).unwrap(), "+14155550132");
+        assert_eq!(phone("+44 20 7031 3000", us()).unwrap(), "+442070313000");
+        assert_eq!(phone("0044 20 7031 3000", us()).unwrap(), "+442070313000");
+        let gb = country("GB").unwrap();
+        assert_eq!(phone("020 7031 3000", gb).unwrap(), "+442070313000");
+        assert_eq!(phone("44 20 7031 3000", gb).unwrap(), "+442070313000");
+        for bad in [
+            "",
+            "12",
+            "555-0132",
+            "415 555 0132 ext 4",
+            "(015) 555-0132",
+            "+1234",
+            "abc",
+            "+1 415 555 0132 0000 0000",
+        ] {
+            assert!(phone(bad, us()).is_err(), "{bad}");
+        }
+    }
+}
