@@ -7,7 +7,14 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let out_dir = std::path::PathBuf::from(std::env::var("OUT_DIR")?);
     tonic_prost_build::configure()
         .file_descriptor_set_path(out_dir.join("cleanroom_descriptor.bin"))
-        .compile_with_config(config, &["proto/cleanroom/v1/agreements.proto"], &["proto"])?;
+        .compile_with_config(
+            config,
+            &[
+                "proto/cleanroom/v1/agreements.proto",
+                "proto/cleanroom/v1/datasets.proto",
+            ],
+            &["proto"],
+        )?;
     println!("cargo:rerun-if-changed=proto");
     Ok(())
 }

@@ -71,6 +71,8 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
             tls: TlsFiles::in_dir(&certs),
             policies_dir: policies.clone(),
             data_dir: work.path().join("data"),
+            master_key: None,
+            limits: cleanroom::upload::Limits::default(),
             shutdown_grace: Duration::from_millis(200),
             drain_timeout: Duration::from_secs(10),
             clock: Arc::new(SystemClock),

@@ -28,9 +28,21 @@ pub enum ServiceError {
     /// FAILED_PRECONDITION: the agreement is not in force (pending or expired).
     #[error("agreement {id:?} is {state}, not in force")]
     NotInForce { id: String, state: &'static str },
+    /// FAILED_PRECONDITION: the client prepared data under another policy version.
+    #[error("rule policy.hash: the policy of agreement {0:?} changed since your client read it; fetch it again")]
+    PolicyChanged(String),
+    /// INVALID_ARGUMENT or RESOURCE_EXHAUSTED (by kind): an upload broke a rule.
+    #[error("upload refused, nothing stored: {0}")]
+    UploadRejected(crate::upload::Rejection),
     /// INTERNAL: our own fault; the detail is logged, never returned.
     #[error("internal error")]
     Internal(String),
+}
+
+impl From<crate::storage::StorageError> for ServiceError {
+    fn from(e: crate::storage::StorageError) -> Self {
+        ServiceError::Internal(e.to_string())
+    }
 }
 
 impl From<ServiceError> for Status {
@@ -42,7 +54,13 @@ impl From<ServiceError> for Status {
             ServiceError::AgreementNotFound(_) => Code::NotFound,
             ServiceError::InvalidArgument { .. } => Code::InvalidArgument,
             ServiceError::PermissionDenied { .. } => Code::PermissionDenied,
-            ServiceError::NotInForce { .. } => Code::FailedPrecondition,
+            ServiceError::NotInForce { .. } | ServiceError::PolicyChanged(_) => {
+                Code::FailedPrecondition
+            }
+            ServiceError::UploadRejected(r) => match r.kind {
+                crate::upload::RejectionKind::Invalid => Code::InvalidArgument,
+                crate::upload::RejectionKind::TooLarge => Code::ResourceExhausted,
+            },
             ServiceError::Internal(detail) => {
                 tracing::warn!(%detail, "internal error");
                 Code::Internal

@@ -14,3 +14,5 @@ pub mod identity;
 pub mod policy;
 pub mod proto;
 pub mod server;
+pub mod storage;
+pub mod upload;

@@ -12,6 +12,7 @@ use serde::Deserialize;
 
 use crate::clock::SystemClock;
 use crate::server::{ServerOptions, TlsFiles};
+use crate::upload::Limits;
 
 const DEFAULT_LISTEN: &str = "127.0.0.1:50051";
 const DEFAULT_DATA_DIR: &str = "cleanroom-data";
@@ -43,6 +44,9 @@ pub(super) struct ServeArgs {
     /// Folder with ca.pem, server.pem and server-key.pem [default: DATA_DIR/certs].
     #[arg(long)]
     certs_dir: Option<PathBuf>,
+    /// Master key file [default: DATA_DIR/master.key, created on first start].
+    #[arg(long, env = "CLEANROOM_MASTER_KEY")]
+    master_key: Option<PathBuf>,
     /// Log format [default: text].
     #[arg(long, value_enum)]
     log_format: Option<LogFormat>,
@@ -59,6 +63,9 @@ struct ConfigFile {
     data_dir: Option<PathBuf>,
     policies_dir: Option<PathBuf>,
     tls: Option<TlsSection>,
+    master_key: Option<PathBuf>,
+    max_upload_rows: Option<u64>,
+    max_upload_bytes: Option<u64>,
     log_format: Option<LogFormat>,
     shutdown_grace_seconds: Option<f64>,
     drain_timeout_seconds: Option<f64>,
@@ -134,6 +141,11 @@ fn settings(args: ServeArgs) -> anyhow::Result<Settings> {
                 .or(file.policies_dir)
                 .unwrap_or_else(|| PathBuf::from(DEFAULT_POLICIES_DIR)),
             data_dir,
+            master_key: args.master_key.or(file.master_key),
+            limits: Limits {
+                max_rows: file.max_upload_rows.unwrap_or(Limits::default().max_rows),
+                max_bytes: file.max_upload_bytes.unwrap_or(Limits::default().max_bytes),
+            },
             shutdown_grace: seconds("shutdown_grace_seconds", grace)?,
             drain_timeout: seconds("drain_timeout_seconds", drain)?,
             clock: Arc::new(SystemClock),

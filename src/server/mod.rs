@@ -4,6 +4,7 @@
 
 mod agreements;
 mod auth;
+mod datasets;
 
 use std::future::Future;
 use std::net::SocketAddr;
@@ -19,8 +20,12 @@ use tonic_health::ServingStatus;
 use crate::clock::Clock;
 use crate::policy::{PolicyError, PolicySet};
 use crate::proto::agreements_server::AgreementsServer;
+use crate::proto::datasets_server::DatasetsServer;
+use crate::storage::{StorageError, Store};
+use crate::upload::Limits;
 
 pub use agreements::AgreementsService;
+pub use datasets::DatasetsService;
 
 /// Certificate files the server presents and trusts.
 #[derive(Debug, Clone)]
@@ -54,6 +59,8 @@ pub enum ServerError {
         path: PathBuf,
         source: std::io::Error,
     },
+    #[error("data directory: {0}")]
+    Storage(#[from] StorageError),
     #[error("TLS configuration: {0}")]
     Tls(String),
     #[error("gRPC transport: {0}")]
@@ -65,14 +72,26 @@ pub enum ServerError {
 pub struct AppState {
     policies: Arc<RwLock<Arc<PolicySet>>>,
     clock: Arc<dyn Clock>,
+    store: Store,
+    limits: Limits,
 }
 
 impl AppState {
-    pub fn new(policies: PolicySet, clock: Arc<dyn Clock>) -> Self {
+    pub fn new(policies: PolicySet, clock: Arc<dyn Clock>, store: Store, limits: Limits) -> Self {
         AppState {
             policies: Arc::new(RwLock::new(Arc::new(policies))),
             clock,
+            store,
+            limits,
         }
+    }
+
+    pub fn store(&self) -> &Store {
+        &self.store
+    }
+
+    pub fn limits(&self) -> Limits {
+        self.limits
     }
 
     /// The policies in force now. A snapshot: a call sees one consistent set.
@@ -91,6 +110,10 @@ pub struct ServerOptions {
     pub tls: TlsFiles,
     pub policies_dir: PathBuf,
     pub data_dir: PathBuf,
+    /// Master key file; `DATA_DIR/master.key` (created on first start) if unset.
+    pub master_key: Option<PathBuf>,
+    /// Size limits of one upload.
+    pub limits: Limits,
     /// How long health reports NOT_SERVING before the server stops taking
     /// new calls, so load balancers can move traffic away.
     pub shutdown_grace: Duration,
@@ -120,21 +143,6 @@ fn tls_config(files: &TlsFiles) -> Result<ServerTlsConfig, ServerError> {
         .client_auth_optional(true))
 }
 
-fn create_data_dir(dir: &Path) -> Result<(), ServerError> {
-    use std::os::unix::fs::DirBuilderExt;
-    if dir.is_dir() {
-        return Ok(());
-    }
-    std::fs::DirBuilder::new()
-        .recursive(true)
-        .mode(0o700)
-        .create(dir)
-        .map_err(|source| ServerError::Io {
-            path: dir.to_path_buf(),
-            source,
-        })
-}
-
 /// Runs the server on `listener` until `shutdown` resolves. Then health
 /// turns NOT_SERVING, and after the grace period the server stops accepting
 /// calls and waits for in-flight ones to finish.
@@ -144,13 +152,13 @@ pub async fn serve(
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<(), ServerError> {
     let policies = crate::policy::load_dir(&options.policies_dir).map_err(ServerError::Policies)?;
-    create_data_dir(&options.data_dir)?;
+    let store = Store::open(&options.data_dir, options.master_key.as_deref())?;
     let tls = tls_config(&options.tls)?;
     let local_addr: SocketAddr = listener.local_addr().map_err(|source| ServerError::Io {
         path: PathBuf::from("(listener)"),
         source,
     })?;
-    let state = AppState::new(policies, Arc::clone(&options.clock));
+    let state = AppState::new(policies, Arc::clone(&options.clock), store, options.limits);
 
     let (health_reporter, health_service) = tonic_health::server::health_reporter();
     health_reporter
@@ -180,6 +188,9 @@ pub async fn serve(
         reporter
             .set_not_serving::<AgreementsServer<AgreementsService>>()
             .await;
+        reporter
+            .set_not_serving::<DatasetsServer<DatasetsService>>()
+            .await;
         tokio::time::sleep(grace).await;
         tracing::info!("draining in-flight calls");
         let _ = stop_tx.send(());
@@ -196,7 +207,8 @@ pub async fn serve(
         .tls_config(tls)?
         .add_service(health_service)
         .add_service(reflection)
-        .add_service(AgreementsServer::new(AgreementsService::new(state)));
+        .add_service(AgreementsServer::new(AgreementsService::new(state.clone())))
+        .add_service(DatasetsServer::new(DatasetsService::new(state)));
 
     let (drained_tx, drained_rx) = tokio::sync::oneshot::channel::<()>();
     let server = router.serve_with_incoming_shutdown(incoming, async move {

@@ -50,6 +50,7 @@ pub struct Setup {
     pub policies: PathBuf,
     pub clock: Arc<dyn Clock>,
     pub shutdown_grace: Duration,
+    pub limits: cleanroom::upload::Limits,
 }
 
 impl Default for Setup {
@@ -58,6 +59,7 @@ impl Default for Setup {
             policies: policies_dir(),
             clock: Arc::new(SystemClock),
             shutdown_grace: Duration::from_millis(50),
+            limits: cleanroom::upload::Limits::default(),
         }
     }
 }
@@ -76,6 +78,8 @@ impl TestServer {
             tls: TlsFiles::in_dir(pki.path()),
             policies_dir: setup.policies,
             data_dir: data_dir.path().join("data"),
+            master_key: None,
+            limits: setup.limits,
             shutdown_grace: setup.shutdown_grace,
             drain_timeout: Duration::from_secs(10),
             clock: setup.clock,

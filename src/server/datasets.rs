@@ -1,0 +1,222 @@
+//! The `Datasets` service: streamed, validated, atomic uploads, and what the
+//! server holds of the caller's own datasets.
+
+use std::sync::Arc;
+
+use tonic::{Request, Response, Status, Streaming};
+
+use super::AppState;
+use super::auth::caller;
+use crate::error::ServiceError;
+use crate::policy::{AgreementState, Policy, Right};
+use crate::proto;
+use crate::proto::upload_request::Part;
+use crate::upload::{Validator, decode_batches};
+
+/// Implements `cleanroom.v1.Datasets`.
+#[derive(Debug, Clone)]
+pub struct DatasetsService {
+    state: AppState,
+}
+
+impl DatasetsService {
+    pub fn new(state: AppState) -> Self {
+        DatasetsService { state }
+    }
+}
+
+fn bad(field: &'static str, rule: impl Into<String>) -> ServiceError {
+    ServiceError::InvalidArgument {
+        field,
+        rule: rule.into(),
+    }
+}
+
+fn valid_upload_id(id: &str) -> bool {
+    (1..=64).contains(&id.len())
+        && id
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
+}
+
+/// The agreement, if `org` is a party to it, and only while it is in force.
+pub(super) fn agreement_in_force(
+    state: &AppState,
+    org: &str,
+    id: &str,
+) -> Result<Arc<Policy>, ServiceError> {
+    let policies = state.policies();
+    let policy = policies
+        .get(id)
+        .filter(|p| p.party(org).is_some())
+        .ok_or_else(|| ServiceError::AgreementNotFound(id.to_string()))?;
+    match policy.state_on(state.clock().today()) {
+        AgreementState::Active => Ok(Arc::clone(policy)),
+        other => Err(ServiceError::NotInForce {
+            id: id.to_string(),
+            state: other.as_str(),
+        }),
+    }
+}
+
+impl DatasetsService {
+    async fn run_upload(
+        &self,
+        org: String,
+        mut stream: Streaming<proto::UploadRequest>,
+    ) -> Result<proto::UploadResponse, ServiceError> {
+        let header = match stream.message().await {
+            Ok(Some(proto::UploadRequest {
+                part: Some(Part::Header(h)),
+            })) => h,
+            Ok(_) => return Err(bad("header", "the first message must be the upload header")),
+            Err(status) => {
+                tracing::info!(code = ?status.code(), "upload stream broke before its header");
+                return Err(bad("header", "the upload stream broke before its header"));
+            }
+        };
+        let policy = agreement_in_force(&self.state, &org, &header.agreement_id)?;
+        let Some(dataset) = policy.dataset(&header.dataset) else {
+            return Err(bad("dataset", format!("{:?} is not a dataset of this agreement", header.dataset)));
+        };
+        if dataset.owner() != org || !policy.allows(&org, Right::Upload) {
+            return Err(ServiceError::PermissionDenied {
+                rule: "party.rights",
+                detail: format!("{org} may not upload dataset {:?}", dataset.name()),
+            });
+        }
+        if !valid_upload_id(&header.upload_id) {
+            return Err(bad("upload_id", "must be 1-64 characters of A-Z, a-z, 0-9, '-' and '_'"));
+        }
+        if header.policy_hash != policy.hash().to_hex() {
+            return Err(ServiceError::PolicyChanged(policy.id().to_string()));
+        }
+        let store = self.state.store();
+        if let Some(done) = store.find_upload(policy.id(), dataset.name(), &header.upload_id)? {
+            tracing::info!(version = %done.version, "upload id already committed; nothing stored again");
+            return Ok(proto::UploadResponse {
+                version: done.version,
+                rows: done.rows,
+                already_committed: true,
+                committed_at: done.committed_at,
+            });
+        }
+
+        let mut validator = Validator::new(dataset, self.state.limits());
+        let mut staged = store.stage(policy.id(), dataset.name())?;
+        let mut messages = 0u64;
+        loop {
+            let message = match stream.message().await {
+                Ok(Some(m)) => m,
+                Ok(None) => {
+                    return Err(bad("commit", "the upload ended without a commit; nothing was stored"));
+                }
+                Err(status) => {
+                    tracing::info!(code = ?status.code(), "upload stream broke; nothing stored");
+                    return Err(bad("batch", "the upload stream broke; nothing was stored"));
+                }
+            };
+            match message.part {
+                Some(Part::Batch(bytes)) => {
+                    let batches = decode_batches(&bytes).map_err(|_| {
+                        bad("batch", format!("message {} is not an Arrow IPC stream", messages + 1))
+                    })?;
+                    let mut rows = 0u64;
+                    for (i, batch) in batches.iter().enumerate() {
+                        let len = if i == 0 { bytes.len() } else { 0 };
+                        validator.check(batch, len).map_err(ServiceError::UploadRejected)?;
+                        rows += batch.num_rows() as u64;
+                    }
+                    staged.append(&bytes, rows)?;
+                    messages += 1;
+                }
+                Some(Part::Commit(commit)) => {
+                    if commit.rows != validator.rows() || commit.batches != messages {
+                        return Err(bad(
+                            "commit",
+                            format!(
+                                "the client sent {} rows in {} batches but the server received {} in {}; nothing was stored",
+                                commit.rows,
+                                commit.batches,
+                                validator.rows(),
+                                messages
+                            ),
+                        ));
+                    }
+                    let upload_id = header.upload_id.clone();
+                    let hash = policy.hash().to_hex();
+                    let now = self.state.clock().now().unix_timestamp();
+                    let store = store.clone();
+                    let org = org.clone();
+                    let info = tokio::task::spawn_blocking(move || {
+                        store.commit(staged, &upload_id, &org, &hash, now)
+                    })
+                    .await
+                    .map_err(|e| ServiceError::Internal(format!("commit task: {e}")))??;
+                    tracing::info!(
+                        agreement = %info.agreement,
+                        dataset = %info.dataset,
+                        version = %info.version,
+                        rows = info.rows,
+                        bytes = info.bytes,
+                        "upload committed"
+                    );
+                    return Ok(proto::UploadResponse {
+                        already_committed: info.upload_id != header.upload_id,
+                        version: info.version,
+                        rows: info.rows,
+                        committed_at: info.committed_at,
+                    });
+                }
+                Some(Part::Header(_)) | None => {
+                    return Err(bad("header", "an upload has exactly one header, first"));
+                }
+            }
+        }
+    }
+}
+
+#[tonic::async_trait]
+impl proto::datasets_server::Datasets for DatasetsService {
+    #[tracing::instrument(skip_all)]
+    async fn upload(
+        &self,
+        request: Request<Streaming<proto::UploadRequest>>,
+    ) -> Result<Response<proto::UploadResponse>, Status> {
+        let org = caller(&request)?;
+        let response = self.run_upload(org, request.into_inner()).await?;
+        Ok(Response::new(response))
+    }
+
+    #[tracing::instrument(skip_all, fields(agreement = %request.get_ref().agreement_id))]
+    async fn list_datasets(
+        &self,
+        request: Request<proto::ListDatasetsRequest>,
+    ) -> Result<Response<proto::ListDatasetsResponse>, Status> {
+        let org = caller(&request)?;
+        let id = &request.get_ref().agreement_id;
+        let policies = self.state.policies();
+        let policy = policies
+            .get(id)
+            .filter(|p| p.party(&org).is_some())
+            .ok_or_else(|| ServiceError::AgreementNotFound(id.clone()))?;
+        let store = self.state.store();
+        let mut datasets = Vec::new();
+        for d in policy.datasets().iter().filter(|d| d.owner() == org) {
+            let versions = store.versions(policy.id(), d.name()).map_err(ServiceError::from)?;
+            let current = store.current(policy.id(), d.name()).map_err(ServiceError::from)?;
+            if let Some(v) = current {
+                datasets.push(proto::DatasetVersion {
+                    dataset: v.dataset,
+                    version: v.version,
+                    upload_id: v.upload_id,
+                    rows: v.rows,
+                    committed_at: v.committed_at,
+                    policy_hash: v.policy_hash,
+                    versions: u32::try_from(versions.len()).unwrap_or(u32::MAX),
+                });
+            }
+        }
+        Ok(Response::new(proto::ListDatasetsResponse { datasets }))
+    }
+}

@@ -1,0 +1,182 @@
+//! Encrypted dataset files.
+//!
+//! ```text
+//! "CRDS" 0x01
+//! chunk*: le32(len) || nonce(12) || AES-256-GCM(ciphertext || tag)
+//! ```
+//!
+//! Each chunk's plaintext is one Arrow IPC stream (schema + one batch); the
+//! last chunk is empty and marks the end. The associated data binds every
+//! chunk to its agreement, dataset, version, position and end flag, so
+//! chunks cannot be reordered, moved between files, or cut off unnoticed.
+
+use std::fs::{File, OpenOptions};
+use std::io::{BufWriter, Read, Write};
+use std::os::unix::fs::OpenOptionsExt;
+use std::path::{Path, PathBuf};
+
+use arrow::ipc::reader::StreamReader;
+use arrow::record_batch::RecordBatch;
+
+use super::crypto::Key;
+use super::{StorageError, io_err};
+
+const MAGIC: &[u8; 5] = b"CRDS\x01";
+
+fn chunk_aad(agreement: &str, dataset: &str, version: &str, index: u64, last: bool) -> Vec<u8> {
+    let mut aad = format!("{agreement}/{dataset}/{version}").into_bytes();
+    aad.extend_from_slice(&index.to_le_bytes());
+    aad.push(u8::from(last));
+    aad
+}
+
+/// A version being written. Dropped without [`StagedVersion::finish_into`],
+/// its file is deleted: an abandoned upload leaves nothing.
+#[derive(Debug)]
+pub struct StagedVersion {
+    path: PathBuf,
+    out: Option<BufWriter<File>>,
+    key: Key,
+    agreement: String,
+    dataset: String,
+    version: String,
+    chunks: u64,
+    rows: u64,
+}
+
+impl StagedVersion {
+    pub(super) fn create(
+        path: PathBuf,
+        key: Key,
+        agreement: &str,
+        dataset: &str,
+        version: &str,
+    ) -> Result<Self, StorageError> {
+        let file = OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(0o600)
+            .open(&path)
+            .map_err(io_err(&path))?;
+        let mut out = BufWriter::with_capacity(1 << 20, file);
+        out.write_all(MAGIC).map_err(io_err(&path))?;
+        Ok(StagedVersion {
+            path,
+            out: Some(out),
+            key,
+            agreement: agreement.to_string(),
+            dataset: dataset.to_string(),
+            version: version.to_string(),
+            chunks: 0,
+            rows: 0,
+        })
+    }
+
+    pub fn agreement(&self) -> &str {
+        &self.agreement
+    }
+    pub fn dataset(&self) -> &str {
+        &self.dataset
+    }
+    pub fn version(&self) -> &str {
+        &self.version
+    }
+    pub fn rows(&self) -> u64 {
+        self.rows
+    }
+
+    fn write_sealed(&mut self, plaintext: &[u8], last: bool) -> Result<(), StorageError> {
+        let aad = chunk_aad(&self.agreement, &self.dataset, &self.version, self.chunks, last);
+        let sealed = self.key.seal(plaintext, &aad)?;
+        let out = self.out.as_mut().expect("staged file is open until finished");
+        let len = u32::try_from(sealed.len())
+            .map_err(|_| StorageError::Arrow("a chunk exceeds 4 GiB".into()))?;
+        out.write_all(&len.to_le_bytes()).map_err(io_err(&self.path))?;
+        out.write_all(&sealed).map_err(io_err(&self.path))?;
+        self.chunks += 1;
+        Ok(())
+    }
+
+    /// Appends one validated Arrow IPC stream holding `rows` rows.
+    pub fn append(&mut self, ipc: &[u8], rows: u64) -> Result<(), StorageError> {
+        self.write_sealed(ipc, false)?;
+        self.rows += rows;
+        Ok(())
+    }
+
+    /// Writes the end marker, syncs, and renames into `target` (syncing its
+    /// folder). Returns rows and file size.
+    pub(super) fn finish_into(mut self, target: &Path) -> Result<(u64, u64), StorageError> {
+        self.write_sealed(&[], true)?;
+        let out = self.out.take().expect("staged file is open until finished");
+        let file = out
+            .into_inner()
+            .map_err(|e| StorageError::Io {
+                path: self.path.clone(),
+                source: e.into_error(),
+            })?;
+        file.sync_all().map_err(io_err(&self.path))?;
+        let bytes = file.metadata().map_err(io_err(&self.path))?.len();
+        drop(file);
+        let parent = target.parent().expect("version files live in a folder");
+        std::fs::create_dir_all(parent).map_err(io_err(parent))?;
+        std::fs::rename(&self.path, target).map_err(io_err(target))?;
+        File::open(parent)
+            .and_then(|d| d.sync_all())
+            .map_err(io_err(parent))?;
+        self.path = PathBuf::new();
+        Ok((self.rows, bytes))
+    }
+}
+
+impl Drop for StagedVersion {
+    fn drop(&mut self) {
+        if !self.path.as_os_str().is_empty() {
+            self.out.take();
+            let _ = std::fs::remove_file(&self.path);
+        }
+    }
+}
+
+/// Reads and decrypts a whole version file.
+pub(super) fn read_version(
+    path: &Path,
+    key: &Key,
+    agreement: &str,
+    dataset: &str,
+    version: &str,
+) -> Result<Vec<RecordBatch>, StorageError> {
+    let damaged = || StorageError::Damaged {
+        path: path.to_path_buf(),
+    };
+    let mut bytes = Vec::new();
+    File::open(path)
+        .and_then(|mut f| f.read_to_end(&mut bytes))
+        .map_err(io_err(path))?;
+    let mut rest = bytes.strip_prefix(MAGIC.as_slice()).ok_or_else(damaged)?;
+    let mut batches = Vec::new();
+    let mut index = 0u64;
+    loop {
+        if rest.len() < 4 {
+            return Err(damaged());
+        }
+        let len = u32::from_le_bytes(rest[..4].try_into().expect("4 bytes")) as usize;
+        let sealed = rest.get(4..4 + len).ok_or_else(damaged)?;
+        rest = &rest[4 + len..];
+        let last_aad = chunk_aad(agreement, dataset, version, index, true);
+        if let Ok(plain) = key.open(sealed, &last_aad) {
+            if !plain.is_empty() || !rest.is_empty() {
+                return Err(damaged());
+            }
+            return Ok(batches);
+        }
+        let aad = chunk_aad(agreement, dataset, version, index, false);
+        let plain = key.open(sealed, &aad).map_err(|_| damaged())?;
+        let reader = StreamReader::try_new(plain.as_slice(), None)
+            .map_err(|e| StorageError::Arrow(format!("{}: {e}", path.display())))?;
+        for batch in reader {
+            batches.push(batch.map_err(|e| StorageError::Arrow(format!("{}: {e}", path.display())))?);
+        }
+        index += 1;
+    }
+}

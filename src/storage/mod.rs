@@ -1,0 +1,437 @@
+//! The embedded store: a data directory with a metadata database (redb) and
+//! dataset versions encrypted at rest.
+//!
+//! ```text
+//! DATA_DIR/master.key                      hex AES-256 key, mode 0600 (or a file given to serve)
+//! DATA_DIR/meta.redb                       metadata: wrapped data keys, versions, uploads, current pointers
+//! DATA_DIR/datasets/AGREEMENT/DATASET/V.cds  one encrypted file per committed version
+//! DATA_DIR/staging/                        uploads in progress; cleared at start
+//! ```
+//!
+//! A version becomes visible only through the metadata commit that follows
+//! the fsync and rename of its file; a crash before that leaves an orphan
+//! file, deleted at the next start, and the previous version current.
+
+mod crypto;
+mod file;
+
+use std::collections::BTreeSet;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use arrow::record_batch::RecordBatch;
+use redb::{Database, ReadableTable, TableDefinition};
+use serde::{Deserialize, Serialize};
+
+use crypto::{KEY_LEN, Key};
+pub use file::StagedVersion;
+
+/// agreement -> data key sealed by the master key.
+const KEYS: TableDefinition<&str, &[u8]> = TableDefinition::new("data_keys");
+/// "agreement/dataset/version" -> VersionInfo (JSON).
+const VERSIONS: TableDefinition<&str, &[u8]> = TableDefinition::new("versions");
+/// "agreement/dataset/upload id" -> version.
+const UPLOADS: TableDefinition<&str, &str> = TableDefinition::new("uploads");
+/// "agreement/dataset" -> current version.
+const CURRENT: TableDefinition<&str, &str> = TableDefinition::new("current");
+
+/// What went wrong in the store. Messages hold paths and causes, never data.
+#[derive(Debug, thiserror::Error)]
+pub enum StorageError {
+    #[error("{path}: {source}")]
+    Io {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("metadata store: {0}")]
+    Db(String),
+    #[error("{0}: the master key does not open this data directory's keys")]
+    WrongMasterKey(String),
+    #[error("{path}: the master key file must hold 64 hex digits")]
+    BadMasterKey { path: PathBuf },
+    #[error("{path}: dataset file is damaged or was tampered with")]
+    Damaged { path: PathBuf },
+    #[error("the system random source failed")]
+    Random,
+    #[error("{0}")]
+    Arrow(String),
+}
+
+macro_rules! db_err {
+    ($($t:ty),*) => {$(
+        impl From<$t> for StorageError {
+            fn from(e: $t) -> Self {
+                StorageError::Db(e.to_string())
+            }
+        }
+    )*};
+}
+db_err!(
+    redb::DatabaseError,
+    redb::TransactionError,
+    redb::TableError,
+    redb::StorageError,
+    redb::CommitError,
+    serde_json::Error
+);
+
+impl From<crypto::CryptoError> for StorageError {
+    fn from(e: crypto::CryptoError) -> Self {
+        match e {
+            crypto::CryptoError::Random => StorageError::Random,
+            crypto::CryptoError::Open => StorageError::Db("a sealed value did not open".into()),
+        }
+    }
+}
+
+pub(crate) fn io_err(path: &Path) -> impl FnOnce(std::io::Error) -> StorageError + '_ {
+    move |source| StorageError::Io {
+        path: path.to_path_buf(),
+        source,
+    }
+}
+
+/// One committed dataset version, as recorded in the metadata store.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct VersionInfo {
+    pub agreement: String,
+    pub dataset: String,
+    pub version: String,
+    pub upload_id: String,
+    pub uploaded_by: String,
+    pub rows: u64,
+    /// Size of the encrypted file.
+    pub bytes: u64,
+    /// Unix seconds.
+    pub committed_at: i64,
+    /// Hex BLAKE3 of the policy the upload was validated against.
+    pub policy_hash: String,
+}
+
+/// The embedded store. Cheap to clone.
+#[derive(Debug, Clone)]
+pub struct Store {
+    inner: Arc<Inner>,
+}
+
+#[derive(Debug)]
+struct Inner {
+    root: PathBuf,
+    db: Database,
+    master: Key,
+}
+
+fn key_name(parts: &[&str]) -> String {
+    parts.join("/")
+}
+
+impl Store {
+    /// Opens (creating if needed) the store in `root`. The master key is read
+    /// from `master_key`, or from `root/master.key`, created on first start.
+    pub fn open(root: &Path, master_key: Option<&Path>) -> Result<Self, StorageError> {
+        create_private_dir(root)?;
+        let key_path = master_key
+            .map(Path::to_path_buf)
+            .unwrap_or_else(|| root.join("master.key"));
+        let master = load_or_create_master(&key_path, master_key.is_none())?;
+        let db_path = root.join("meta.redb");
+        let db = Database::create(&db_path)?;
+        let tx = db.begin_write()?;
+        {
+            tx.open_table(KEYS)?;
+            tx.open_table(VERSIONS)?;
+            tx.open_table(UPLOADS)?;
+            tx.open_table(CURRENT)?;
+        }
+        tx.commit()?;
+        let store = Store {
+            inner: Arc::new(Inner {
+                root: root.to_path_buf(),
+                db,
+                master,
+            }),
+        };
+        store.check_master_key()?;
+        store.recover()?;
+        Ok(store)
+    }
+
+    pub fn root(&self) -> &Path {
+        &self.inner.root
+    }
+
+    fn staging_dir(&self) -> PathBuf {
+        self.inner.root.join("staging")
+    }
+
+    fn version_path(&self, agreement: &str, dataset: &str, version: &str) -> PathBuf {
+        self.inner
+            .root
+            .join("datasets")
+            .join(agreement)
+            .join(dataset)
+            .join(format!("{version}.cds"))
+    }
+
+    /// Fails early if the master key cannot open an existing data key.
+    fn check_master_key(&self) -> Result<(), StorageError> {
+        let tx = self.inner.db.begin_read()?;
+        let keys = tx.open_table(KEYS)?;
+        if let Some(entry) = keys.iter()?.next() {
+            let (agreement, sealed) = entry?;
+            self.inner
+                .master
+                .open(sealed.value(), &data_key_aad(agreement.value()))
+                .map_err(|_| StorageError::WrongMasterKey(agreement.value().to_string()))?;
+        }
+        Ok(())
+    }
+
+    /// Clears staging and deletes version files the metadata does not know:
+    /// the remains of uploads interrupted before their commit.
+    fn recover(&self) -> Result<(), StorageError> {
+        let staging = self.staging_dir();
+        if staging.exists() {
+            std::fs::remove_dir_all(&staging).map_err(io_err(&staging))?;
+        }
+        create_private_dir(&staging)?;
+        let known: BTreeSet<PathBuf> = {
+            let tx = self.inner.db.begin_read()?;
+            let versions = tx.open_table(VERSIONS)?;
+            let mut known = BTreeSet::new();
+            for entry in versions.iter()? {
+                let (_, value) = entry?;
+                let info: VersionInfo = serde_json::from_slice(value.value())?;
+                known.insert(self.version_path(&info.agreement, &info.dataset, &info.version));
+            }
+            known
+        };
+        let datasets = self.inner.root.join("datasets");
+        let mut removed = 0usize;
+        for file in walk_files(&datasets)? {
+            if !known.contains(&file) {
+                std::fs::remove_file(&file).map_err(io_err(&file))?;
+                removed += 1;
+            }
+        }
+        if removed > 0 {
+            tracing::warn!(files = removed, "removed uncommitted dataset files left by an interrupted upload");
+        }
+        Ok(())
+    }
+
+    /// The agreement's data key, created and sealed on first use.
+    fn data_key(&self, agreement: &str) -> Result<Key, StorageError> {
+        let aad = data_key_aad(agreement);
+        {
+            let tx = self.inner.db.begin_read()?;
+            let keys = tx.open_table(KEYS)?;
+            if let Some(sealed) = keys.get(agreement)? {
+                return self.open_data_key(agreement, sealed.value(), &aad);
+            }
+        }
+        let tx = self.inner.db.begin_write()?;
+        let key = {
+            let mut keys = tx.open_table(KEYS)?;
+            let existing = keys.get(agreement)?.map(|s| s.value().to_vec());
+            match existing {
+                Some(sealed) => self.open_data_key(agreement, &sealed, &aad)?,
+                None => {
+                    let bytes = crypto::random_bytes::<KEY_LEN>()?;
+                    let sealed = self.inner.master.seal(&bytes, &aad)?;
+                    keys.insert(agreement, sealed.as_slice())?;
+                    Key::from_bytes(&bytes)
+                }
+            }
+        };
+        tx.commit()?;
+        Ok(key)
+    }
+
+    fn open_data_key(&self, agreement: &str, sealed: &[u8], aad: &[u8]) -> Result<Key, StorageError> {
+        let bytes = self
+            .inner
+            .master
+            .open(sealed, aad)
+            .map_err(|_| StorageError::WrongMasterKey(agreement.to_string()))?;
+        let bytes: [u8; KEY_LEN] = bytes
+            .try_into()
+            .map_err(|_| StorageError::WrongMasterKey(agreement.to_string()))?;
+        Ok(Key::from_bytes(&bytes))
+    }
+
+    /// The version recorded for an upload id, if that upload was committed.
+    pub fn find_upload(
+        &self,
+        agreement: &str,
+        dataset: &str,
+        upload_id: &str,
+    ) -> Result<Option<VersionInfo>, StorageError> {
+        let tx = self.inner.db.begin_read()?;
+        let uploads = tx.open_table(UPLOADS)?;
+        let Some(version) = uploads.get(key_name(&[agreement, dataset, upload_id]).as_str())? else {
+            return Ok(None);
+        };
+        let versions = tx.open_table(VERSIONS)?;
+        let info = versions
+            .get(key_name(&[agreement, dataset, version.value()]).as_str())?
+            .map(|v| serde_json::from_slice(v.value()))
+            .transpose()?;
+        Ok(info)
+    }
+
+    /// The current version of a dataset.
+    pub fn current(&self, agreement: &str, dataset: &str) -> Result<Option<VersionInfo>, StorageError> {
+        let tx = self.inner.db.begin_read()?;
+        let current = tx.open_table(CURRENT)?;
+        let Some(version) = current.get(key_name(&[agreement, dataset]).as_str())? else {
+            return Ok(None);
+        };
+        let versions = tx.open_table(VERSIONS)?;
+        let info = versions
+            .get(key_name(&[agreement, dataset, version.value()]).as_str())?
+            .map(|v| serde_json::from_slice(v.value()))
+            .transpose()?;
+        Ok(info)
+    }
+
+    /// Every committed version of a dataset, oldest first.
+    pub fn versions(&self, agreement: &str, dataset: &str) -> Result<Vec<VersionInfo>, StorageError> {
+        let tx = self.inner.db.begin_read()?;
+        let versions = tx.open_table(VERSIONS)?;
+        let prefix = format!("{agreement}/{dataset}/");
+        let mut out = Vec::new();
+        for entry in versions.range(prefix.as_str()..)? {
+            let (k, v) = entry?;
+            if !k.value().starts_with(&prefix) {
+                break;
+            }
+            out.push(serde_json::from_slice::<VersionInfo>(v.value())?);
+        }
+        out.sort_by(|a, b| a.committed_at.cmp(&b.committed_at).then(a.version.cmp(&b.version)));
+        Ok(out)
+    }
+
+    /// Starts writing a new version; nothing is visible until [`Store::commit`].
+    pub fn stage(&self, agreement: &str, dataset: &str) -> Result<StagedVersion, StorageError> {
+        let stamp = time::OffsetDateTime::now_utc().unix_timestamp_nanos();
+        let suffix = hex::encode(crypto::random_bytes::<4>()?);
+        let version = format!("v{stamp}-{suffix}");
+        let key = self.data_key(agreement)?;
+        let path = self.staging_dir().join(format!("{agreement}.{dataset}.{version}.part"));
+        StagedVersion::create(path, key, agreement, dataset, &version)
+    }
+
+    /// Makes a staged version durable and current, atomically: file synced
+    /// and renamed first, then one metadata transaction records the version,
+    /// the upload id and the new current pointer.
+    pub fn commit(
+        &self,
+        staged: StagedVersion,
+        upload_id: &str,
+        uploaded_by: &str,
+        policy_hash: &str,
+        committed_at: i64,
+    ) -> Result<VersionInfo, StorageError> {
+        let (agreement, dataset, version) = (
+            staged.agreement().to_string(),
+            staged.dataset().to_string(),
+            staged.version().to_string(),
+        );
+        let target = self.version_path(&agreement, &dataset, &version);
+        let (rows, bytes) = staged.finish_into(&target)?;
+        let info = VersionInfo {
+            agreement: agreement.clone(),
+            dataset: dataset.clone(),
+            version: version.clone(),
+            upload_id: upload_id.to_string(),
+            uploaded_by: uploaded_by.to_string(),
+            rows,
+            bytes,
+            committed_at,
+            policy_hash: policy_hash.to_string(),
+        };
+        let tx = self.inner.db.begin_write()?;
+        let upload_key = key_name(&[&agreement, &dataset, upload_id]);
+        let raced = tx.open_table(UPLOADS)?.get(upload_key.as_str())?.is_some();
+        if raced {
+            // A concurrent upload with the same id committed first: keep it.
+            tx.abort()?;
+            std::fs::remove_file(&target).map_err(io_err(&target))?;
+            return self
+                .find_upload(&agreement, &dataset, upload_id)?
+                .ok_or_else(|| StorageError::Db("an upload id points at a missing version".into()));
+        }
+        {
+            let mut uploads = tx.open_table(UPLOADS)?;
+            uploads.insert(upload_key.as_str(), version.as_str())?;
+            let mut versions = tx.open_table(VERSIONS)?;
+            let json = serde_json::to_vec(&info)?;
+            versions.insert(key_name(&[&agreement, &dataset, &version]).as_str(), json.as_slice())?;
+            let mut current = tx.open_table(CURRENT)?;
+            current.insert(key_name(&[&agreement, &dataset]).as_str(), version.as_str())?;
+        }
+        tx.commit()?;
+        Ok(info)
+    }
+
+    /// Decrypts a committed version into record batches.
+    pub fn read(&self, info: &VersionInfo) -> Result<Vec<RecordBatch>, StorageError> {
+        let key = self.data_key(&info.agreement)?;
+        let path = self.version_path(&info.agreement, &info.dataset, &info.version);
+        file::read_version(&path, &key, &info.agreement, &info.dataset, &info.version)
+    }
+}
+
+fn data_key_aad(agreement: &str) -> Vec<u8> {
+    format!("cleanroom data key v1/{agreement}").into_bytes()
+}
+
+fn create_private_dir(dir: &Path) -> Result<(), StorageError> {
+    use std::os::unix::fs::DirBuilderExt;
+    if dir.is_dir() {
+        return Ok(());
+    }
+    std::fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(dir)
+        .map_err(io_err(dir))
+}
+
+fn load_or_create_master(path: &Path, create: bool) -> Result<Key, StorageError> {
+    if !path.exists() && create {
+        let bytes = crypto::random_bytes::<KEY_LEN>()?;
+        crate::certs::write_file(path, format!("{}\n", hex::encode(bytes)).as_bytes(), true, false)
+            .map_err(|e| StorageError::Db(e.to_string()))?;
+        tracing::info!(path = %path.display(), "created a new master key");
+        return Ok(Key::from_bytes(&bytes));
+    }
+    let text = std::fs::read_to_string(path).map_err(io_err(path))?;
+    let bytes: [u8; KEY_LEN] = hex::decode(text.trim())
+        .ok()
+        .and_then(|b| b.try_into().ok())
+        .ok_or_else(|| StorageError::BadMasterKey {
+            path: path.to_path_buf(),
+        })?;
+    Ok(Key::from_bytes(&bytes))
+}
+
+fn walk_files(dir: &Path) -> Result<Vec<PathBuf>, StorageError> {
+    let mut out = Vec::new();
+    if !dir.exists() {
+        return Ok(out);
+    }
+    let mut stack = vec![dir.to_path_buf()];
+    while let Some(d) = stack.pop() {
+        for entry in std::fs::read_dir(&d).map_err(io_err(&d))? {
+            let path = entry.map_err(io_err(&d))?.path();
+            if path.is_dir() {
+                stack.push(path);
+            } else {
+                out.push(path);
+            }
+        }
+    }
+    Ok(out)
+}

@@ -1,0 +1,346 @@
+//! Server-side validation of an upload, batch by batch. A rejection names
+//! the column and the rule and counts the offending rows; it never carries a
+//! value.
+
+use std::collections::HashSet;
+use std::fmt;
+
+use arrow::array::{
+    Array, AsArray, FixedSizeBinaryArray, Float64Array, Int64Array, StringArray,
+};
+use arrow::datatypes::{DataType, Float64Type, Int64Type, SchemaRef};
+use arrow::record_batch::RecordBatch;
+
+use super::upload_schema;
+use crate::policy::{ColumnRole, Dataset, Domain};
+
+/// Size limits of one upload.
+#[derive(Debug, Clone, Copy)]
+pub struct Limits {
+    pub max_rows: u64,
+    /// Arrow IPC bytes received.
+    pub max_bytes: u64,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Limits {
+            max_rows: 100_000_000,
+            max_bytes: 16 << 30,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RejectionKind {
+    /// The data breaks a rule: INVALID_ARGUMENT.
+    Invalid,
+    /// The upload is too large: RESOURCE_EXHAUSTED.
+    TooLarge,
+}
+
+/// Why an upload was refused.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Rejection {
+    pub kind: RejectionKind,
+    pub rule: &'static str,
+    pub column: Option<String>,
+    pub detail: String,
+}
+
+impl fmt::Display for Rejection {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match &self.column {
+            Some(c) => write!(f, "column {c:?}: rule {}: {}", self.rule, self.detail),
+            None => write!(f, "rule {}: {}", self.rule, self.detail),
+        }
+    }
+}
+
+fn invalid(rule: &'static str, column: &str, detail: String) -> Rejection {
+    Rejection {
+        kind: RejectionKind::Invalid,
+        rule,
+        column: Some(column.to_string()),
+        detail,
+    }
+}
+
+#[derive(Debug)]
+enum Check {
+    Identifier,
+    Values(HashSet<String>),
+    Cap { max: u32, seen: HashSet<String> },
+    Metric { min: f64, max: f64 },
+}
+
+/// Checks an upload as it streams in.
+#[derive(Debug)]
+pub struct Validator {
+    schema: SchemaRef,
+    checks: Vec<(String, Check)>,
+    limits: Limits,
+    rows: u64,
+    bytes: u64,
+}
+
+/// Every byte a printable ASCII character: a random 32-byte fingerprint
+/// looks like this with probability (95/256)^32, about 2e-14.
+fn looks_like_text(bytes: &[u8]) -> bool {
+    bytes.iter().all(|b| (0x20..0x7f).contains(b))
+}
+
+/// A value that looks like an email address or a phone number.
+fn looks_like_identifier(v: &str) -> bool {
+    let email = v
+        .split_once('@')
+        .is_some_and(|(l, d)| !l.is_empty() && d.contains('.'));
+    let digits = v.chars().filter(char::is_ascii_digit).count();
+    let phone = digits >= 7
+        && v
+            .chars()
+            .all(|c| c.is_ascii_digit() || " +-().".contains(c));
+    email || phone
+}
+
+impl Validator {
+    pub fn new(dataset: &Dataset, limits: Limits) -> Self {
+        let checks = dataset
+            .uploaded_columns()
+            .map(|c| {
+                let check = match c.role() {
+                    ColumnRole::Identifier { .. } => Check::Identifier,
+                    ColumnRole::Dimension { domain, .. } => match domain {
+                        Domain::Values(values) => Check::Values(values.iter().cloned().collect()),
+                        Domain::MaxCardinality(max) => Check::Cap {
+                            max: *max,
+                            seen: HashSet::new(),
+                        },
+                    },
+                    ColumnRole::Metric { min, max, .. } => Check::Metric {
+                        min: *min,
+                        max: *max,
+                    },
+                    ColumnRole::Sensitive => unreachable!("sensitive columns are not uploaded"),
+                };
+                (c.name().to_string(), check)
+            })
+            .collect();
+        Validator {
+            schema: upload_schema(dataset),
+            checks,
+            limits,
+            rows: 0,
+            bytes: 0,
+        }
+    }
+
+    pub fn rows(&self) -> u64 {
+        self.rows
+    }
+
+    /// Checks one batch that arrived as `encoded_len` bytes of Arrow IPC.
+    pub fn check(&mut self, batch: &RecordBatch, encoded_len: usize) -> Result<(), Rejection> {
+        self.bytes += encoded_len as u64;
+        if self.bytes > self.limits.max_bytes {
+            return Err(Rejection {
+                kind: RejectionKind::TooLarge,
+                rule: "upload.max_bytes",
+                column: None,
+                detail: format!("the upload exceeds {} bytes", self.limits.max_bytes),
+            });
+        }
+        self.check_schema(batch)?;
+        self.rows += batch.num_rows() as u64;
+        if self.rows > self.limits.max_rows {
+            return Err(Rejection {
+                kind: RejectionKind::TooLarge,
+                rule: "upload.max_rows",
+                column: None,
+                detail: format!("the upload exceeds {} rows", self.limits.max_rows),
+            });
+        }
+        let mut no_identifier = vec![true; batch.num_rows()];
+        for (i, (name, check)) in self.checks.iter_mut().enumerate() {
+            let col = batch.column(i);
+            match check {
+                Check::Identifier => {
+                    let fps: &FixedSizeBinaryArray = col.as_fixed_size_binary();
+                    let mut plaintext = 0u64;
+                    for (row, v) in fps.iter().enumerate() {
+                        if let Some(v) = v {
+                            no_identifier[row] = false;
+                            if looks_like_text(v) {
+                                plaintext += 1;
+                            }
+                        }
+                    }
+                    if plaintext > 0 {
+                        return Err(invalid(
+                            "identifier.plaintext",
+                            name,
+                            format!("{plaintext} row(s) hold readable text, not a fingerprint; fingerprint identifiers with `cleanroom upload`"),
+                        ));
+                    }
+                }
+                Check::Values(allowed) => {
+                    let bad = count_strings(col.as_ref(), |v| !allowed.contains(v));
+                    if bad > 0 {
+                        return Err(invalid(
+                            "dimension.values",
+                            name,
+                            format!("{bad} row(s) hold a value outside the agreement's list"),
+                        ));
+                    }
+                }
+                Check::Cap { max, seen } => {
+                    let plaintext = count_strings(col.as_ref(), looks_like_identifier);
+                    if plaintext > 0 {
+                        return Err(invalid(
+                            "dimension.plaintext",
+                            name,
+                            format!("{plaintext} row(s) look like an email address or phone number"),
+                        ));
+                    }
+                    for_each_string(col.as_ref(), |v| {
+                        if seen.len() <= *max as usize {
+                            seen.insert(v.to_string());
+                        }
+                    });
+                    if seen.len() > *max as usize {
+                        return Err(invalid(
+                            "dimension.max_cardinality",
+                            name,
+                            format!("more than {max} distinct values"),
+                        ));
+                    }
+                }
+                Check::Metric { min, max } => {
+                    let out = count_metric(col.as_ref(), *min, *max);
+                    if out > 0 {
+                        return Err(invalid(
+                            "metric.bounds",
+                            name,
+                            format!("{out} row(s) outside [{min}, {max}]"),
+                        ));
+                    }
+                }
+            }
+        }
+        let orphans = no_identifier.iter().filter(|x| **x).count();
+        if orphans > 0 {
+            return Err(Rejection {
+                kind: RejectionKind::Invalid,
+                rule: "upload.identifier_required",
+                column: None,
+                detail: format!("{orphans} row(s) have no identifier at all"),
+            });
+        }
+        Ok(())
+    }
+
+    fn check_schema(&self, batch: &RecordBatch) -> Result<(), Rejection> {
+        let got = batch.schema();
+        let expected = &self.schema;
+        let names = |s: &arrow::datatypes::Schema| {
+            s.fields()
+                .iter()
+                .map(|f| f.name().as_str())
+                .collect::<Vec<_>>()
+                .join(", ")
+        };
+        if got.fields().len() != expected.fields().len()
+            || got
+                .fields()
+                .iter()
+                .zip(expected.fields())
+                .any(|(g, e)| g.name() != e.name())
+        {
+            return Err(Rejection {
+                kind: RejectionKind::Invalid,
+                rule: "upload.schema",
+                column: None,
+                detail: format!(
+                    "columns must be exactly [{}] in that order; got [{}]",
+                    names(expected),
+                    names(&got)
+                ),
+            });
+        }
+        for (g, e) in got.fields().iter().zip(expected.fields()) {
+            if g.data_type() != e.data_type() {
+                return Err(invalid(
+                    "upload.schema",
+                    e.name(),
+                    format!("must be {}, got {}", type_name(e.data_type()), type_name(g.data_type())),
+                ));
+            }
+        }
+        Ok(())
+    }
+}
+
+fn type_name(t: &DataType) -> String {
+    match t {
+        DataType::FixedSizeBinary(32) => "a 32-byte fingerprint".to_string(),
+        DataType::Utf8 => "a string".to_string(),
+        DataType::Int64 => "a 64-bit integer".to_string(),
+        DataType::Float64 => "a 64-bit float".to_string(),
+        other => format!("{other}"),
+    }
+}
+
+/// Dimension values as text: strings as they are, integers in decimal.
+fn for_each_string(col: &dyn Array, mut f: impl FnMut(&str)) {
+    if let Some(s) = col.as_any().downcast_ref::<StringArray>() {
+        s.iter().flatten().for_each(f);
+    } else if let Some(ints) = col.as_any().downcast_ref::<Int64Array>() {
+        let mut buf = String::new();
+        for v in ints.iter().flatten() {
+            buf.clear();
+            use std::fmt::Write;
+            let _ = write!(buf, "{v}");
+            f(&buf);
+        }
+    }
+}
+
+fn count_strings(col: &dyn Array, mut pred: impl FnMut(&str) -> bool) -> u64 {
+    let mut n = 0;
+    for_each_string(col, |v| {
+        if pred(v) {
+            n += 1;
+        }
+    });
+    n
+}
+
+fn count_metric(col: &dyn Array, min: f64, max: f64) -> u64 {
+    let outside = |v: f64| !(v >= min && v <= max);
+    match col.data_type() {
+        DataType::Float64 => {
+            let a: &Float64Array = col.as_primitive::<Float64Type>();
+            a.iter().flatten().filter(|v| outside(*v)).count() as u64
+        }
+        DataType::Int64 => {
+            let a: &Int64Array = col.as_primitive::<Int64Type>();
+            a.iter().flatten().filter(|v| outside(*v as f64)).count() as u64
+        }
+        _ => 0,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn identifier_heuristics() {
+        assert!(looks_like_identifier("jane@example.com"));
+        assert!(looks_like_identifier("+1 (415) 555-0132"));
+        assert!(!looks_like_identifier("north"));
+        assert!(!looks_like_identifier("18-24"));
+        assert!(looks_like_text(b"jane.saoirse@example.com........"));
+        assert!(!looks_like_text(&[0u8; 32]));
+    }
+}
