@@ -16,6 +16,7 @@ use tonic::transport::{Certificate, Channel, ClientTlsConfig, Identity};
 
 use crate::proto;
 use crate::proto::agreements_client::AgreementsClient;
+use crate::proto::datasets_client::DatasetsClient;
 
 /// Where the server is and which certificates to use.
 #[derive(Debug, Clone)]
@@ -170,6 +171,22 @@ impl Client {
             .into_inner()
             .agreement
             .ok_or_else(|| ClientError::Status(tonic::Status::internal("server sent no agreement")))
+    }
+}
+
+impl Client {
+    /// The caller's own datasets in an agreement, with their current versions.
+    pub async fn list_datasets(
+        &mut self,
+        agreement_id: &str,
+    ) -> Result<Vec<proto::DatasetVersion>, ClientError> {
+        Ok(DatasetsClient::new(self.channel.clone())
+            .list_datasets(proto::ListDatasetsRequest {
+                agreement_id: agreement_id.to_string(),
+            })
+            .await?
+            .into_inner()
+            .datasets)
     }
 }
 

@@ -29,7 +29,9 @@ pub enum ServiceError {
     #[error("agreement {id:?} is {state}, not in force")]
     NotInForce { id: String, state: &'static str },
     /// FAILED_PRECONDITION: the client prepared data under another policy version.
-    #[error("rule policy.hash: the policy of agreement {0:?} changed since your client read it; fetch it again")]
+    #[error(
+        "rule policy.hash: the policy of agreement {0:?} changed since your client read it; fetch it again"
+    )]
     PolicyChanged(String),
     /// INVALID_ARGUMENT or RESOURCE_EXHAUSTED (by kind): an upload broke a rule.
     #[error("upload refused, nothing stored: {0}")]

@@ -45,7 +45,7 @@ impl ConnectArgs {
         }
     }
 
-    fn connect(&self, rt: &tokio::runtime::Runtime) -> anyhow::Result<Client> {
+    pub(super) fn connect(&self, rt: &tokio::runtime::Runtime) -> anyhow::Result<Client> {
         let config = self.config()?;
         Ok(rt.block_on(Client::connect(&config))?)
     }

@@ -127,3 +127,51 @@ pub(super) fn certs(cmd: CertsCommand) -> anyhow::Result<ExitCode> {
     }
     Ok(ExitCode::SUCCESS)
 }
+
+#[derive(Debug, clap::Args)]
+pub(super) struct SynthArgs {
+    /// Agreement whose parties to generate (only retail-media-demo is known).
+    #[arg(long, default_value = crate::synth::DEMO_AGREEMENT)]
+    agreement: String,
+    /// Rows per party.
+    #[arg(long, default_value_t = 100_000)]
+    rows: u64,
+    /// Share of acme's customers also in globex's audience (0 to 1).
+    #[arg(long, default_value_t = 0.3)]
+    overlap: f64,
+    /// Random seed; the same seed gives the same files.
+    #[arg(long, default_value_t = 42)]
+    seed: u64,
+    /// Output folder.
+    #[arg(long, default_value = "synth")]
+    out: PathBuf,
+}
+
+pub(super) fn synth(args: SynthArgs) -> anyhow::Result<ExitCode> {
+    if args.agreement != crate::synth::DEMO_AGREEMENT {
+        anyhow::bail!(
+            "synth generates the parties of {} only, not {:?}",
+            crate::synth::DEMO_AGREEMENT,
+            args.agreement
+        );
+    }
+    if !(0.0..=1.0).contains(&args.overlap) {
+        anyhow::bail!("--overlap: must be between 0 and 1");
+    }
+    let truth = crate::synth::generate(&crate::synth::SynthOptions {
+        rows: args.rows,
+        overlap: args.overlap,
+        seed: args.seed,
+        out: args.out.clone(),
+    })
+    .with_context(|| format!("writing synthetic files to {}", args.out.display()))?;
+    println!(
+        "wrote {} and {} ({} rows each, {} people in both) and truth.json to {}",
+        crate::synth::ACME_FILE,
+        crate::synth::GLOBEX_FILE,
+        truth.acme_rows,
+        truth.overlap,
+        args.out.display()
+    );
+    Ok(ExitCode::SUCCESS)
+}

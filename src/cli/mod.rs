@@ -3,6 +3,7 @@
 mod connect;
 mod local;
 mod serve;
+mod upload;
 
 use std::process::ExitCode;
 
@@ -27,6 +28,15 @@ enum Command {
     /// Create development certificates for mutual TLS.
     #[command(subcommand)]
     Certs(local::CertsCommand),
+    /// Create the shared secret partners fingerprint with.
+    #[command(subcommand)]
+    Secret(upload::SecretCommand),
+    /// Fingerprint a file on this machine and upload what the agreement allows.
+    Upload(upload::UploadArgs),
+    /// Show what the server holds of your datasets.
+    Datasets(upload::DatasetsArgs),
+    /// Generate synthetic partner files for the demo agreement.
+    Synth(local::SynthArgs),
     /// Show the organisation your client certificate names.
     Whoami(connect::WhoamiArgs),
     /// List your agreements, or show one.
@@ -41,6 +51,10 @@ pub fn main() -> ExitCode {
         Command::Serve(args) => serve::run(args),
         Command::Policy(cmd) => local::policy(cmd),
         Command::Certs(cmd) => local::certs(cmd),
+        Command::Secret(cmd) => upload::secret(cmd),
+        Command::Upload(args) => upload::run_upload(args),
+        Command::Datasets(args) => upload::datasets(args),
+        Command::Synth(args) => local::synth(args),
         Command::Whoami(args) => connect::whoami(args),
         Command::Agreements(args) => connect::agreements(args),
     };

@@ -77,7 +77,10 @@ impl DatasetsService {
         };
         let policy = agreement_in_force(&self.state, &org, &header.agreement_id)?;
         let Some(dataset) = policy.dataset(&header.dataset) else {
-            return Err(bad("dataset", format!("{:?} is not a dataset of this agreement", header.dataset)));
+            return Err(bad(
+                "dataset",
+                format!("{:?} is not a dataset of this agreement", header.dataset),
+            ));
         };
         if dataset.owner() != org || !policy.allows(&org, Right::Upload) {
             return Err(ServiceError::PermissionDenied {
@@ -86,7 +89,10 @@ impl DatasetsService {
             });
         }
         if !valid_upload_id(&header.upload_id) {
-            return Err(bad("upload_id", "must be 1-64 characters of A-Z, a-z, 0-9, '-' and '_'"));
+            return Err(bad(
+                "upload_id",
+                "must be 1-64 characters of A-Z, a-z, 0-9, '-' and '_'",
+            ));
         }
         if header.policy_hash != policy.hash().to_hex() {
             return Err(ServiceError::PolicyChanged(policy.id().to_string()));
@@ -109,7 +115,10 @@ impl DatasetsService {
             let message = match stream.message().await {
                 Ok(Some(m)) => m,
                 Ok(None) => {
-                    return Err(bad("commit", "the upload ended without a commit; nothing was stored"));
+                    return Err(bad(
+                        "commit",
+                        "the upload ended without a commit; nothing was stored",
+                    ));
                 }
                 Err(status) => {
                     tracing::info!(code = ?status.code(), "upload stream broke; nothing stored");
@@ -119,12 +128,17 @@ impl DatasetsService {
             match message.part {
                 Some(Part::Batch(bytes)) => {
                     let batches = decode_batches(&bytes).map_err(|_| {
-                        bad("batch", format!("message {} is not an Arrow IPC stream", messages + 1))
+                        bad(
+                            "batch",
+                            format!("message {} is not an Arrow IPC stream", messages + 1),
+                        )
                     })?;
                     let mut rows = 0u64;
                     for (i, batch) in batches.iter().enumerate() {
                         let len = if i == 0 { bytes.len() } else { 0 };
-                        validator.check(batch, len).map_err(ServiceError::UploadRejected)?;
+                        validator
+                            .check(batch, len)
+                            .map_err(ServiceError::UploadRejected)?;
                         rows += batch.num_rows() as u64;
                     }
                     staged.append(&bytes, rows)?;
@@ -203,8 +217,12 @@ impl proto::datasets_server::Datasets for DatasetsService {
         let store = self.state.store();
         let mut datasets = Vec::new();
         for d in policy.datasets().iter().filter(|d| d.owner() == org) {
-            let versions = store.versions(policy.id(), d.name()).map_err(ServiceError::from)?;
-            let current = store.current(policy.id(), d.name()).map_err(ServiceError::from)?;
+            let versions = store
+                .versions(policy.id(), d.name())
+                .map_err(ServiceError::from)?;
+            let current = store
+                .current(policy.id(), d.name())
+                .map_err(ServiceError::from)?;
             if let Some(v) = current {
                 datasets.push(proto::DatasetVersion {
                     dataset: v.dataset,

@@ -86,12 +86,22 @@ impl StagedVersion {
     }
 
     fn write_sealed(&mut self, plaintext: &[u8], last: bool) -> Result<(), StorageError> {
-        let aad = chunk_aad(&self.agreement, &self.dataset, &self.version, self.chunks, last);
+        let aad = chunk_aad(
+            &self.agreement,
+            &self.dataset,
+            &self.version,
+            self.chunks,
+            last,
+        );
         let sealed = self.key.seal(plaintext, &aad)?;
-        let out = self.out.as_mut().expect("staged file is open until finished");
+        let out = self
+            .out
+            .as_mut()
+            .expect("staged file is open until finished");
         let len = u32::try_from(sealed.len())
             .map_err(|_| StorageError::Arrow("a chunk exceeds 4 GiB".into()))?;
-        out.write_all(&len.to_le_bytes()).map_err(io_err(&self.path))?;
+        out.write_all(&len.to_le_bytes())
+            .map_err(io_err(&self.path))?;
         out.write_all(&sealed).map_err(io_err(&self.path))?;
         self.chunks += 1;
         Ok(())
@@ -109,12 +119,10 @@ impl StagedVersion {
     pub(super) fn finish_into(mut self, target: &Path) -> Result<(u64, u64), StorageError> {
         self.write_sealed(&[], true)?;
         let out = self.out.take().expect("staged file is open until finished");
-        let file = out
-            .into_inner()
-            .map_err(|e| StorageError::Io {
-                path: self.path.clone(),
-                source: e.into_error(),
-            })?;
+        let file = out.into_inner().map_err(|e| StorageError::Io {
+            path: self.path.clone(),
+            source: e.into_error(),
+        })?;
         file.sync_all().map_err(io_err(&self.path))?;
         let bytes = file.metadata().map_err(io_err(&self.path))?.len();
         drop(file);
@@ -175,7 +183,8 @@ pub(super) fn read_version(
         let reader = StreamReader::try_new(plain.as_slice(), None)
             .map_err(|e| StorageError::Arrow(format!("{}: {e}", path.display())))?;
         for batch in reader {
-            batches.push(batch.map_err(|e| StorageError::Arrow(format!("{}: {e}", path.display())))?);
+            batches
+                .push(batch.map_err(|e| StorageError::Arrow(format!("{}: {e}", path.display())))?);
         }
         index += 1;
     }

@@ -215,7 +215,10 @@ impl Store {
             }
         }
         if removed > 0 {
-            tracing::warn!(files = removed, "removed uncommitted dataset files left by an interrupted upload");
+            tracing::warn!(
+                files = removed,
+                "removed uncommitted dataset files left by an interrupted upload"
+            );
         }
         Ok(())
     }
@@ -248,7 +251,12 @@ impl Store {
         Ok(key)
     }
 
-    fn open_data_key(&self, agreement: &str, sealed: &[u8], aad: &[u8]) -> Result<Key, StorageError> {
+    fn open_data_key(
+        &self,
+        agreement: &str,
+        sealed: &[u8],
+        aad: &[u8],
+    ) -> Result<Key, StorageError> {
         let bytes = self
             .inner
             .master
@@ -269,7 +277,8 @@ impl Store {
     ) -> Result<Option<VersionInfo>, StorageError> {
         let tx = self.inner.db.begin_read()?;
         let uploads = tx.open_table(UPLOADS)?;
-        let Some(version) = uploads.get(key_name(&[agreement, dataset, upload_id]).as_str())? else {
+        let Some(version) = uploads.get(key_name(&[agreement, dataset, upload_id]).as_str())?
+        else {
             return Ok(None);
         };
         let versions = tx.open_table(VERSIONS)?;
@@ -281,7 +290,11 @@ impl Store {
     }
 
     /// The current version of a dataset.
-    pub fn current(&self, agreement: &str, dataset: &str) -> Result<Option<VersionInfo>, StorageError> {
+    pub fn current(
+        &self,
+        agreement: &str,
+        dataset: &str,
+    ) -> Result<Option<VersionInfo>, StorageError> {
         let tx = self.inner.db.begin_read()?;
         let current = tx.open_table(CURRENT)?;
         let Some(version) = current.get(key_name(&[agreement, dataset]).as_str())? else {
@@ -296,7 +309,11 @@ impl Store {
     }
 
     /// Every committed version of a dataset, oldest first.
-    pub fn versions(&self, agreement: &str, dataset: &str) -> Result<Vec<VersionInfo>, StorageError> {
+    pub fn versions(
+        &self,
+        agreement: &str,
+        dataset: &str,
+    ) -> Result<Vec<VersionInfo>, StorageError> {
         let tx = self.inner.db.begin_read()?;
         let versions = tx.open_table(VERSIONS)?;
         let prefix = format!("{agreement}/{dataset}/");
@@ -308,7 +325,11 @@ impl Store {
             }
             out.push(serde_json::from_slice::<VersionInfo>(v.value())?);
         }
-        out.sort_by(|a, b| a.committed_at.cmp(&b.committed_at).then(a.version.cmp(&b.version)));
+        out.sort_by(|a, b| {
+            a.committed_at
+                .cmp(&b.committed_at)
+                .then(a.version.cmp(&b.version))
+        });
         Ok(out)
     }
 
@@ -318,7 +339,9 @@ impl Store {
         let suffix = hex::encode(crypto::random_bytes::<4>()?);
         let version = format!("v{stamp}-{suffix}");
         let key = self.data_key(agreement)?;
-        let path = self.staging_dir().join(format!("{agreement}.{dataset}.{version}.part"));
+        let path = self
+            .staging_dir()
+            .join(format!("{agreement}.{dataset}.{version}.part"));
         StagedVersion::create(path, key, agreement, dataset, &version)
     }
 
@@ -360,14 +383,19 @@ impl Store {
             std::fs::remove_file(&target).map_err(io_err(&target))?;
             return self
                 .find_upload(&agreement, &dataset, upload_id)?
-                .ok_or_else(|| StorageError::Db("an upload id points at a missing version".into()));
+                .ok_or_else(|| {
+                    StorageError::Db("an upload id points at a missing version".into())
+                });
         }
         {
             let mut uploads = tx.open_table(UPLOADS)?;
             uploads.insert(upload_key.as_str(), version.as_str())?;
             let mut versions = tx.open_table(VERSIONS)?;
             let json = serde_json::to_vec(&info)?;
-            versions.insert(key_name(&[&agreement, &dataset, &version]).as_str(), json.as_slice())?;
+            versions.insert(
+                key_name(&[&agreement, &dataset, &version]).as_str(),
+                json.as_slice(),
+            )?;
             let mut current = tx.open_table(CURRENT)?;
             current.insert(key_name(&[&agreement, &dataset]).as_str(), version.as_str())?;
         }
@@ -402,8 +430,13 @@ fn create_private_dir(dir: &Path) -> Result<(), StorageError> {
 fn load_or_create_master(path: &Path, create: bool) -> Result<Key, StorageError> {
     if !path.exists() && create {
         let bytes = crypto::random_bytes::<KEY_LEN>()?;
-        crate::certs::write_file(path, format!("{}\n", hex::encode(bytes)).as_bytes(), true, false)
-            .map_err(|e| StorageError::Db(e.to_string()))?;
+        crate::certs::write_file(
+            path,
+            format!("{}\n", hex::encode(bytes)).as_bytes(),
+            true,
+            false,
+        )
+        .map_err(|e| StorageError::Db(e.to_string()))?;
         tracing::info!(path = %path.display(), "created a new master key");
         return Ok(Key::from_bytes(&bytes));
     }

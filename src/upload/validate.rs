@@ -5,9 +5,7 @@
 use std::collections::HashSet;
 use std::fmt;
 
-use arrow::array::{
-    Array, AsArray, FixedSizeBinaryArray, Float64Array, Int64Array, StringArray,
-};
+use arrow::array::{Array, AsArray, FixedSizeBinaryArray, Float64Array, Int64Array, StringArray};
 use arrow::datatypes::{DataType, Float64Type, Int64Type, SchemaRef};
 use arrow::record_batch::RecordBatch;
 
@@ -97,8 +95,7 @@ fn looks_like_identifier(v: &str) -> bool {
         .is_some_and(|(l, d)| !l.is_empty() && d.contains('.'));
     let digits = v.chars().filter(char::is_ascii_digit).count();
     let phone = digits >= 7
-        && v
-            .chars()
+        && v.chars()
             .all(|c| c.is_ascii_digit() || " +-().".contains(c));
     email || phone
 }
@@ -179,7 +176,9 @@ impl Validator {
                         return Err(invalid(
                             "identifier.plaintext",
                             name,
-                            format!("{plaintext} row(s) hold readable text, not a fingerprint; fingerprint identifiers with `cleanroom upload`"),
+                            format!(
+                                "{plaintext} row(s) hold readable text, not a fingerprint; fingerprint identifiers with `cleanroom upload`"
+                            ),
                         ));
                     }
                 }
@@ -199,7 +198,9 @@ impl Validator {
                         return Err(invalid(
                             "dimension.plaintext",
                             name,
-                            format!("{plaintext} row(s) look like an email address or phone number"),
+                            format!(
+                                "{plaintext} row(s) look like an email address or phone number"
+                            ),
                         ));
                     }
                     for_each_string(col.as_ref(), |v| {
@@ -272,7 +273,11 @@ impl Validator {
                 return Err(invalid(
                     "upload.schema",
                     e.name(),
-                    format!("must be {}, got {}", type_name(e.data_type()), type_name(g.data_type())),
+                    format!(
+                        "must be {}, got {}",
+                        type_name(e.data_type()),
+                        type_name(g.data_type())
+                    ),
                 ));
             }
         }

@@ -1,0 +1,211 @@
+//! `cleanroom secret new`, `cleanroom upload`, `cleanroom datasets`.
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use anyhow::Context;
+use clap::{Args, Subcommand};
+
+use super::ConnectArgs;
+use crate::identity::Secret;
+use crate::prepare::{CsvOptions, InputFormat, UploadOptions, upload};
+
+#[derive(Debug, Subcommand)]
+pub(super) enum SecretCommand {
+    /// Write a new random shared secret (hex) to a file with owner-only permissions.
+    New {
+        /// File to create.
+        #[arg(long)]
+        out: PathBuf,
+        /// Replace an existing file.
+        #[arg(long)]
+        force: bool,
+    },
+}
+
+pub(super) fn secret(cmd: SecretCommand) -> anyhow::Result<ExitCode> {
+    match cmd {
+        SecretCommand::New { out, force } => {
+            let secret = Secret::generate();
+            crate::certs::write_file(
+                &out,
+                format!("{}\n", secret.to_hex()).as_bytes(),
+                true,
+                force,
+            )
+            .context("writing the secret")?;
+            println!(
+                "wrote a 32-byte secret to {} (mode 0600); share it with your partner out of band, never with the server",
+                out.display()
+            );
+        }
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+/// Reads the shared secret from `--secret-file`, or `CLEANROOM_SECRET` (hex).
+fn load_secret(file: Option<&PathBuf>) -> anyhow::Result<Secret> {
+    if let Some(path) = file {
+        return Ok(Secret::from_file(path)?);
+    }
+    match std::env::var("CLEANROOM_SECRET") {
+        Ok(hex) => Ok(Secret::from_hex(&hex, "CLEANROOM_SECRET")?),
+        Err(_) => anyhow::bail!(
+            "no shared secret: pass --secret-file FILE or set CLEANROOM_SECRET (secrets are never taken on the command line)"
+        ),
+    }
+}
+
+fn parse_mapping(pairs: &[String]) -> anyhow::Result<BTreeMap<String, String>> {
+    let mut out = BTreeMap::new();
+    for pair in pairs {
+        let (policy, input) = pair
+            .split_once('=')
+            .filter(|(p, i)| !p.is_empty() && !i.is_empty())
+            .ok_or_else(|| {
+                anyhow::anyhow!("--map {pair:?}: expected POLICY_COLUMN=INPUT_COLUMN")
+            })?;
+        if out.insert(policy.to_string(), input.to_string()).is_some() {
+            anyhow::bail!("--map: policy column {policy:?} is mapped twice");
+        }
+    }
+    Ok(out)
+}
+
+fn single_byte(name: &str, value: &str) -> anyhow::Result<u8> {
+    let value = if value == "\\t" { "\t" } else { value };
+    match value.as_bytes() {
+        [b] => Ok(*b),
+        _ => anyhow::bail!("{name}: must be a single character"),
+    }
+}
+
+#[derive(Debug, Args)]
+pub(super) struct UploadArgs {
+    #[command(flatten)]
+    connect: ConnectArgs,
+    /// Agreement id.
+    #[arg(long)]
+    agreement: String,
+    /// Dataset name in the agreement.
+    #[arg(long)]
+    dataset: String,
+    /// CSV (with a header row) or Parquet file.
+    #[arg(long)]
+    input: PathBuf,
+    /// File holding the shared secret (hex), or set CLEANROOM_SECRET.
+    #[arg(long, env = "CLEANROOM_SECRET_FILE")]
+    secret_file: Option<PathBuf>,
+    /// Input format [default: from the file name].
+    #[arg(long, value_enum)]
+    format: Option<InputFormat>,
+    /// CSV field delimiter (one character; \t for tab).
+    #[arg(long, default_value = ",")]
+    delimiter: String,
+    /// CSV quote character.
+    #[arg(long, default_value = "\"")]
+    quote: String,
+    /// Policy column read from a differently named input column (repeatable).
+    #[arg(long = "map", value_name = "POLICY_COLUMN=INPUT_COLUMN")]
+    map: Vec<String>,
+    /// Upload id; reuse one to retry safely [default: random].
+    #[arg(long)]
+    upload_id: Option<String>,
+    /// No progress bar.
+    #[arg(long)]
+    no_progress: bool,
+}
+
+pub(super) fn run_upload(args: UploadArgs) -> anyhow::Result<ExitCode> {
+    let secret = load_secret(args.secret_file.as_ref())?;
+    let options = UploadOptions {
+        agreement: args.agreement,
+        dataset: args.dataset,
+        input: args.input,
+        format: args.format,
+        csv: CsvOptions {
+            delimiter: single_byte("--delimiter", &args.delimiter)?,
+            quote: single_byte("--quote", &args.quote)?,
+        },
+        mapping: parse_mapping(&args.map)?,
+        upload_id: args.upload_id,
+        progress: !args.no_progress,
+    };
+    let rt = super::runtime()?;
+    let client = args.connect.connect(&rt)?;
+    let report = rt.block_on(upload(&client, &secret, &options))?;
+    let s = &report.stats;
+    let secs = report.elapsed.as_secs_f64();
+    if !report.dropped.is_empty() {
+        println!(
+            "kept on this machine (not in the agreement): {}",
+            report.dropped.join(", ")
+        );
+    }
+    if report.response.already_committed {
+        println!(
+            "upload {} was already committed as version {} ({} rows); nothing stored again",
+            report.upload_id, report.response.version, report.response.rows
+        );
+        return Ok(ExitCode::SUCCESS);
+    }
+    println!(
+        "uploaded {} of {} rows to {}/{} as version {} (upload id {})",
+        s.rows_sent,
+        s.rows_read,
+        options.agreement,
+        options.dataset,
+        report.response.version,
+        report.upload_id
+    );
+    for (column, n) in &s.invalid {
+        println!("  {n} invalid {column} value(s) left out");
+    }
+    if s.rows_without_identifier > 0 {
+        println!(
+            "  {} row(s) without any valid identifier left out",
+            s.rows_without_identifier
+        );
+    }
+    println!(
+        "  {} duplicate row(s) (same first identifier)",
+        s.duplicates
+    );
+    println!(
+        "  {} batches, {:.1} MiB, {:.2} s, {:.0} rows/s",
+        report.batches,
+        report.bytes_sent as f64 / (1 << 20) as f64,
+        secs,
+        s.rows_read as f64 / secs.max(1e-9)
+    );
+    Ok(ExitCode::SUCCESS)
+}
+
+#[derive(Debug, Args)]
+pub(super) struct DatasetsArgs {
+    #[command(flatten)]
+    connect: ConnectArgs,
+    /// Agreement id.
+    #[arg(long)]
+    agreement: String,
+}
+
+pub(super) fn datasets(args: DatasetsArgs) -> anyhow::Result<ExitCode> {
+    let rt = super::runtime()?;
+    let mut client = args.connect.connect(&rt)?;
+    let list = rt.block_on(client.list_datasets(&args.agreement))?;
+    if list.is_empty() {
+        println!("no dataset of yours is stored under {}", args.agreement);
+    }
+    for d in list {
+        let when = time::OffsetDateTime::from_unix_timestamp(d.committed_at)
+            .map(|t| t.to_string())
+            .unwrap_or_default();
+        println!(
+            "{}: {} rows, version {} (upload {}), committed {}, {} version(s) kept",
+            d.dataset, d.rows, d.version, d.upload_id, when, d.versions
+        );
+    }
+    Ok(ExitCode::SUCCESS)
+}

@@ -1,0 +1,375 @@
+//! The partner side of an upload: read the partner's own file, keep only the
+//! columns the agreement names, normalise and fingerprint identifiers on
+//! this machine, and turn rows into the Arrow batches the server expects.
+
+mod input;
+mod send;
+
+use std::collections::{BTreeMap, HashSet};
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use arrow::array::{
+    Array, ArrayRef, BooleanArray, FixedSizeBinaryBuilder, Float64Builder, Int64Builder,
+    StringArray, StringBuilder,
+};
+use arrow::compute::filter_record_batch;
+use arrow::datatypes::{DataType, Field, Schema, SchemaRef};
+use arrow::record_batch::RecordBatch;
+
+use crate::identity::{Fingerprinter, Invalid, Secret, normalise};
+use crate::policy::Profile;
+use crate::proto;
+
+pub use input::{Chunk, CsvOptions, InputFormat, InputReader};
+pub use send::{UploadError, UploadOptions, UploadReport, upload};
+
+/// Why the partner's file could not be prepared. Never carries a value.
+#[derive(Debug, thiserror::Error)]
+pub enum PrepareError {
+    #[error("{file}: {detail}")]
+    Input { file: PathBuf, detail: String },
+    #[error("{0}")]
+    Plan(String),
+    #[error("row {row}: column {column:?} {rule}")]
+    Value {
+        row: u64,
+        column: String,
+        rule: &'static str,
+    },
+}
+
+#[derive(Debug, Clone)]
+enum Kind {
+    Identifier {
+        profile: Profile,
+        fingerprinter: Fingerprinter,
+    },
+    Text,
+    Integer,
+    Float,
+}
+
+#[derive(Debug, Clone)]
+struct PlanColumn {
+    name: String,
+    input_index: usize,
+    kind: Kind,
+}
+
+/// What to send, column by column, and what is left behind.
+#[derive(Debug, Clone)]
+pub struct Plan {
+    dataset: String,
+    columns: Vec<PlanColumn>,
+    schema: SchemaRef,
+    dropped: Vec<String>,
+}
+
+fn profile_of(kind: &proto::IdentityKind) -> Result<Profile, PrepareError> {
+    match kind.profile.as_str() {
+        "email" => Ok(Profile::Email {
+            gmail_canonical: kind.gmail_canonical,
+        }),
+        "phone" => Ok(Profile::Phone {
+            default_country: kind.default_country.clone(),
+        }),
+        "text" => Ok(Profile::Text),
+        other => Err(PrepareError::Plan(format!(
+            "identity kind {:?} uses profile {other:?}, which this client does not know; upgrade cleanroom",
+            kind.name
+        ))),
+    }
+}
+
+impl Plan {
+    /// Plans the upload of `dataset` from a file whose header is `header`.
+    /// `mapping` maps policy column names to input column names; unmapped
+    /// columns are looked up under their policy name.
+    pub fn new(
+        agreement: &proto::Agreement,
+        dataset: &str,
+        secret: &Secret,
+        header: &[String],
+        mapping: &BTreeMap<String, String>,
+    ) -> Result<Self, PrepareError> {
+        let d = agreement
+            .datasets
+            .iter()
+            .find(|d| d.name == dataset)
+            .ok_or_else(|| {
+                PrepareError::Plan(format!(
+                    "dataset {dataset:?} is not one of your datasets in this agreement"
+                ))
+            })?;
+        let salt: [u8; 32] = hex::decode(&agreement.salt)
+            .ok()
+            .and_then(|s| s.try_into().ok())
+            .ok_or_else(|| PrepareError::Plan("the server sent a malformed salt".into()))?;
+        for policy_name in mapping.keys() {
+            if !d.columns.iter().any(|c| &c.name == policy_name) {
+                return Err(PrepareError::Plan(format!(
+                    "--map names {policy_name:?}, which is not a column of dataset {dataset:?}"
+                )));
+            }
+        }
+        let mut columns = Vec::new();
+        let mut fields = Vec::new();
+        let mut used = HashSet::new();
+        for c in &d.columns {
+            let role =
+                proto::ColumnRole::try_from(c.role).unwrap_or(proto::ColumnRole::Unspecified);
+            let input_name = mapping.get(&c.name).unwrap_or(&c.name);
+            if role == proto::ColumnRole::Sensitive {
+                continue;
+            }
+            let input_index = header.iter().position(|h| h == input_name).ok_or_else(|| {
+                PrepareError::Plan(format!(
+                    "the input has no column {input_name:?} for policy column {:?} (input columns: {}); map one with --map {}=INPUT_COLUMN",
+                    c.name,
+                    header.join(", "),
+                    c.name
+                ))
+            })?;
+            used.insert(input_index);
+            let value_type =
+                proto::ValueType::try_from(c.value_type).unwrap_or(proto::ValueType::Unspecified);
+            let (kind, data_type) = match role {
+                proto::ColumnRole::Identifier => {
+                    let kind = agreement
+                        .identity_kinds
+                        .iter()
+                        .find(|k| k.name == c.identity_kind)
+                        .ok_or_else(|| {
+                            PrepareError::Plan(format!(
+                                "column {:?} uses identity kind {:?}, which the agreement does not declare",
+                                c.name, c.identity_kind
+                            ))
+                        })?;
+                    (
+                        Kind::Identifier {
+                            profile: profile_of(kind)?,
+                            fingerprinter: Fingerprinter::new(secret, &salt, &kind.name),
+                        },
+                        DataType::FixedSizeBinary(crate::upload::FINGERPRINT_LEN),
+                    )
+                }
+                _ => match value_type {
+                    proto::ValueType::String => (Kind::Text, DataType::Utf8),
+                    proto::ValueType::Integer => (Kind::Integer, DataType::Int64),
+                    proto::ValueType::Float => (Kind::Float, DataType::Float64),
+                    proto::ValueType::Unspecified => {
+                        return Err(PrepareError::Plan(format!(
+                            "column {:?} has no value type; upgrade cleanroom",
+                            c.name
+                        )));
+                    }
+                },
+            };
+            fields.push(Field::new(&c.name, data_type, true));
+            columns.push(PlanColumn {
+                name: c.name.clone(),
+                input_index,
+                kind,
+            });
+        }
+        let dropped = header
+            .iter()
+            .enumerate()
+            .filter(|(i, _)| !used.contains(i))
+            .map(|(_, h)| h.clone())
+            .collect();
+        Ok(Plan {
+            dataset: dataset.to_string(),
+            columns,
+            schema: Arc::new(Schema::new(fields)),
+            dropped,
+        })
+    }
+
+    /// Input columns that stay on this machine.
+    pub fn dropped(&self) -> &[String] {
+        &self.dropped
+    }
+
+    /// Header positions of the input columns to read, in plan order.
+    pub fn input_indices(&self) -> Vec<usize> {
+        self.columns.iter().map(|c| c.input_index).collect()
+    }
+
+    pub fn schema(&self) -> &SchemaRef {
+        &self.schema
+    }
+
+    pub fn dataset(&self) -> &str {
+        &self.dataset
+    }
+}
+
+/// Counts gathered while preparing.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct PrepareStats {
+    pub rows_read: u64,
+    pub rows_sent: u64,
+    /// Identifier values that could not be normalised, by column.
+    pub invalid: BTreeMap<String, u64>,
+    /// Rows dropped because no identifier column had a valid value.
+    pub rows_without_identifier: u64,
+    /// Rows whose first identifier fingerprint was already seen.
+    pub duplicates: u64,
+}
+
+/// Turns chunks of the partner's file into upload batches.
+#[derive(Debug)]
+pub struct Preparer {
+    plan: Plan,
+    stats: PrepareStats,
+    seen: HashSet<u64>,
+}
+
+impl Preparer {
+    pub fn new(plan: Plan) -> Self {
+        Preparer {
+            plan,
+            stats: PrepareStats::default(),
+            seen: HashSet::new(),
+        }
+    }
+
+    pub fn plan(&self) -> &Plan {
+        &self.plan
+    }
+
+    pub fn stats(&self) -> &PrepareStats {
+        &self.stats
+    }
+
+    /// Normalises, fingerprints and types one chunk; rows without any valid
+    /// identifier are left out and counted.
+    pub fn prepare(&mut self, chunk: &Chunk) -> Result<RecordBatch, PrepareError> {
+        let n = chunk.len();
+        self.stats.rows_read += n as u64;
+        let mut has_identifier = vec![false; n];
+        let mut arrays: Vec<ArrayRef> = Vec::with_capacity(self.plan.columns.len());
+        let mut first_identifier: Option<usize> = None;
+        for (ci, (col, input)) in self.plan.columns.iter().zip(&chunk.columns).enumerate() {
+            let array: ArrayRef = match &col.kind {
+                Kind::Identifier {
+                    profile,
+                    fingerprinter,
+                } => {
+                    first_identifier.get_or_insert(ci);
+                    let (array, invalid) =
+                        fingerprint_column(input, profile, fingerprinter, &mut has_identifier);
+                    if invalid > 0 {
+                        *self.stats.invalid.entry(col.name.clone()).or_default() += invalid;
+                    }
+                    array
+                }
+                Kind::Text => {
+                    let mut b = StringBuilder::with_capacity(n, n * 8);
+                    for v in input.iter() {
+                        match v.map(str::trim).filter(|t| !t.is_empty()) {
+                            Some(t) => b.append_value(t),
+                            None => b.append_null(),
+                        }
+                    }
+                    Arc::new(b.finish())
+                }
+                Kind::Integer => {
+                    let mut b = Int64Builder::with_capacity(n);
+                    for (row, v) in input.iter().enumerate() {
+                        match v.map(str::trim).filter(|t| !t.is_empty()) {
+                            Some(t) => {
+                                b.append_value(t.parse().map_err(|_| PrepareError::Value {
+                                    row: chunk.first_row + row as u64,
+                                    column: col.name.clone(),
+                                    rule: "is not an integer",
+                                })?)
+                            }
+                            None => b.append_null(),
+                        }
+                    }
+                    Arc::new(b.finish())
+                }
+                Kind::Float => {
+                    let mut b = Float64Builder::with_capacity(n);
+                    for (row, v) in input.iter().enumerate() {
+                        match v.map(str::trim).filter(|t| !t.is_empty()) {
+                            Some(t) => {
+                                let x: f64 = t.parse().map_err(|_| PrepareError::Value {
+                                    row: chunk.first_row + row as u64,
+                                    column: col.name.clone(),
+                                    rule: "is not a number",
+                                })?;
+                                if !x.is_finite() {
+                                    return Err(PrepareError::Value {
+                                        row: chunk.first_row + row as u64,
+                                        column: col.name.clone(),
+                                        rule: "is not a finite number",
+                                    });
+                                }
+                                b.append_value(x);
+                            }
+                            None => b.append_null(),
+                        }
+                    }
+                    Arc::new(b.finish())
+                }
+            };
+            arrays.push(array);
+        }
+        let batch = RecordBatch::try_new(Arc::clone(&self.plan.schema), arrays)
+            .map_err(|e| PrepareError::Plan(format!("building a batch: {e}")))?;
+        let kept = has_identifier.iter().filter(|k| **k).count();
+        self.stats.rows_without_identifier += (n - kept) as u64;
+        let batch = if kept == n {
+            batch
+        } else {
+            filter_record_batch(&batch, &BooleanArray::from(has_identifier))
+                .map_err(|e| PrepareError::Plan(format!("filtering a batch: {e}")))?
+        };
+        if let Some(ci) = first_identifier {
+            let fps = batch
+                .column(ci)
+                .as_any()
+                .downcast_ref::<arrow::array::FixedSizeBinaryArray>()
+                .expect("identifier columns are fixed-size binary");
+            for fp in fps.iter().flatten() {
+                let prefix = u64::from_le_bytes(fp[..8].try_into().expect("32-byte fingerprint"));
+                if !self.seen.insert(prefix) {
+                    self.stats.duplicates += 1;
+                }
+            }
+        }
+        self.stats.rows_sent += batch.num_rows() as u64;
+        Ok(batch)
+    }
+}
+
+/// Fingerprints one identifier column; invalid values become nulls and are
+/// counted, empty ones are simply missing.
+fn fingerprint_column(
+    input: &StringArray,
+    profile: &Profile,
+    fingerprinter: &Fingerprinter,
+    has_identifier: &mut [bool],
+) -> (ArrayRef, u64) {
+    let mut b = FixedSizeBinaryBuilder::with_capacity(input.len(), crate::upload::FINGERPRINT_LEN);
+    let mut invalid = 0u64;
+    for (row, v) in input.iter().enumerate() {
+        match v.map(|raw| normalise(profile, raw)) {
+            Some(Ok(normalised)) => {
+                b.append_value(fingerprinter.fingerprint(&normalised))
+                    .expect("fingerprints are 32 bytes");
+                has_identifier[row] = true;
+            }
+            Some(Err(Invalid::Empty)) | None => b.append_null(),
+            Some(Err(_)) => {
+                invalid += 1;
+                b.append_null();
+            }
+        }
+    }
+    (Arc::new(b.finish()), invalid)
+}

@@ -1,0 +1,208 @@
+//! Streaming a prepared file to the server: header, batches, commit.
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
+
+use indicatif::{ProgressBar, ProgressStyle};
+use tokio_stream::wrappers::ReceiverStream;
+
+use super::{CsvOptions, InputFormat, InputReader, Plan, PrepareError, PrepareStats, Preparer};
+use crate::client::{Client, ClientError};
+use crate::identity::Secret;
+use crate::proto;
+use crate::proto::datasets_client::DatasetsClient;
+use crate::proto::upload_request::Part;
+use crate::upload::{ROWS_PER_MESSAGE, encode_batch};
+
+/// What to upload and how to read it.
+#[derive(Debug, Clone)]
+pub struct UploadOptions {
+    pub agreement: String,
+    pub dataset: String,
+    pub input: PathBuf,
+    /// Detected from the file name when unset.
+    pub format: Option<InputFormat>,
+    pub csv: CsvOptions,
+    /// Policy column -> input column.
+    pub mapping: BTreeMap<String, String>,
+    /// Reuse an id to retry an upload idempotently; random when unset.
+    pub upload_id: Option<String>,
+    /// Draw a progress bar on a terminal.
+    pub progress: bool,
+}
+
+/// What an upload did.
+#[derive(Debug, Clone)]
+pub struct UploadReport {
+    pub upload_id: String,
+    pub response: proto::UploadResponse,
+    pub stats: PrepareStats,
+    /// Input columns that never left this machine.
+    pub dropped: Vec<String>,
+    pub batches: u64,
+    /// Arrow IPC bytes sent.
+    pub bytes_sent: u64,
+    pub elapsed: Duration,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum UploadError {
+    #[error(transparent)]
+    Prepare(#[from] PrepareError),
+    #[error(transparent)]
+    Server(#[from] ClientError),
+}
+
+impl UploadError {
+    /// The gRPC status code, when the server refused the upload.
+    pub fn code(&self) -> Option<tonic::Code> {
+        match self {
+            UploadError::Server(e) => e.code(),
+            UploadError::Prepare(_) => None,
+        }
+    }
+}
+
+fn random_upload_id() -> String {
+    let mut bytes = [0u8; 12];
+    ring::rand::SecureRandom::fill(&ring::rand::SystemRandom::new(), &mut bytes)
+        .expect("the system random source failed");
+    hex::encode(bytes)
+}
+
+fn progress_bar(total_bytes: u64, show: bool) -> ProgressBar {
+    if !show {
+        return ProgressBar::hidden();
+    }
+    let bar = ProgressBar::new(total_bytes);
+    bar.set_style(
+        ProgressStyle::with_template(
+            "{spinner} [{elapsed_precise}] {wide_bar} {bytes}/{total_bytes} {msg}",
+        )
+        .expect("valid progress template"),
+    );
+    bar
+}
+
+struct Produced {
+    stats: PrepareStats,
+    dropped: Vec<String>,
+    batches: u64,
+    bytes: u64,
+}
+
+/// Reads, prepares and sends on a blocking thread; the gRPC call consumes
+/// the channel. Ends early, without a commit, if the server stops listening.
+fn produce(
+    mut reader: InputReader,
+    plan: Plan,
+    tx: tokio::sync::mpsc::Sender<proto::UploadRequest>,
+    bar: ProgressBar,
+) -> Result<Produced, PrepareError> {
+    let started = Instant::now();
+    let dropped = plan.dropped().to_vec();
+    let indices = plan.input_indices();
+    let mut preparer = Preparer::new(plan);
+    let (mut batches, mut bytes) = (0u64, 0u64);
+    while let Some(chunk) = reader.next_chunk(ROWS_PER_MESSAGE, &indices)? {
+        let batch = preparer.prepare(&chunk)?;
+        if batch.num_rows() > 0 {
+            let ipc = encode_batch(&batch)
+                .map_err(|e| PrepareError::Plan(format!("encoding a batch: {e}")))?;
+            bytes += ipc.len() as u64;
+            let message = proto::UploadRequest {
+                part: Some(Part::Batch(ipc)),
+            };
+            if tx.blocking_send(message).is_err() {
+                // The server ended the call; its answer says why.
+                return Ok(Produced {
+                    stats: preparer.stats().clone(),
+                    dropped,
+                    batches,
+                    bytes,
+                });
+            }
+            batches += 1;
+        }
+        let rows = preparer.stats().rows_read;
+        let rate = rows as f64 / started.elapsed().as_secs_f64().max(1e-9);
+        bar.set_position(reader.bytes_read());
+        bar.set_message(format!("{rows} rows, {rate:.0} rows/s"));
+    }
+    let stats = preparer.stats().clone();
+    let _ = tx.blocking_send(proto::UploadRequest {
+        part: Some(Part::Commit(proto::UploadCommit {
+            rows: stats.rows_sent,
+            batches,
+        })),
+    });
+    bar.finish_and_clear();
+    Ok(Produced {
+        stats,
+        dropped,
+        batches,
+        bytes,
+    })
+}
+
+/// Prepares `options.input` on this machine and uploads it.
+pub async fn upload(
+    client: &Client,
+    secret: &Secret,
+    options: &UploadOptions,
+) -> Result<UploadReport, UploadError> {
+    let started = Instant::now();
+    let mut client = client.clone();
+    let agreement = client.get_agreement(&options.agreement).await?;
+    let policy_hash = agreement
+        .summary
+        .as_ref()
+        .map(|s| s.policy_hash.clone())
+        .unwrap_or_default();
+    let format = options
+        .format
+        .unwrap_or_else(|| InputFormat::from_path(&options.input));
+    let reader = InputReader::open(&options.input, format, options.csv, ROWS_PER_MESSAGE)?;
+    let plan = Plan::new(
+        &agreement,
+        &options.dataset,
+        secret,
+        reader.header(),
+        &options.mapping,
+    )?;
+    let upload_id = options.upload_id.clone().unwrap_or_else(random_upload_id);
+
+    let (tx, rx) = tokio::sync::mpsc::channel::<proto::UploadRequest>(4);
+    let header = proto::UploadRequest {
+        part: Some(Part::Header(proto::UploadHeader {
+            agreement_id: options.agreement.clone(),
+            dataset: options.dataset.clone(),
+            upload_id: upload_id.clone(),
+            policy_hash,
+        })),
+    };
+    tx.send(header)
+        .await
+        .expect("the receiver is held until the call starts");
+    let bar = progress_bar(reader.bytes_total(), options.progress);
+    let producer = tokio::task::spawn_blocking(move || produce(reader, plan, tx, bar));
+    let answer = DatasetsClient::new(client.channel())
+        .upload(ReceiverStream::new(rx))
+        .await;
+    let produced = producer
+        .await
+        .map_err(|e| PrepareError::Plan(format!("preparation thread failed: {e}")))?;
+    // A local failure explains a server refusal of the truncated stream.
+    let produced = produced?;
+    let response = answer.map_err(ClientError::from)?.into_inner();
+    Ok(UploadReport {
+        upload_id,
+        response,
+        stats: produced.stats,
+        dropped: produced.dropped,
+        batches: produced.batches,
+        bytes_sent: produced.bytes,
+        elapsed: started.elapsed(),
+    })
+}
