@@ -129,3 +129,34 @@ impl TestServer {
         self.task.take().unwrap().await.unwrap()
     }
 }
+
+/// A shared secret both demo parties use.
+pub fn secret() -> cleanroom::identity::Secret {
+    cleanroom::identity::Secret::from_hex(&"5a".repeat(32), "test").unwrap()
+}
+
+/// Synthetic partner files in a fresh folder.
+pub fn synth(rows: u64, overlap: f64) -> (tempfile::TempDir, cleanroom::synth::SynthTruth) {
+    let dir = tempfile::tempdir().unwrap();
+    let truth = cleanroom::synth::generate(&cleanroom::synth::SynthOptions {
+        rows,
+        overlap,
+        seed: 11,
+        out: dir.path().to_path_buf(),
+    })
+    .unwrap();
+    (dir, truth)
+}
+
+pub fn upload_options(dataset: &str, input: &Path) -> cleanroom::prepare::UploadOptions {
+    cleanroom::prepare::UploadOptions {
+        agreement: "retail-media-demo".into(),
+        dataset: dataset.into(),
+        input: input.to_path_buf(),
+        format: None,
+        csv: cleanroom::prepare::CsvOptions::default(),
+        mapping: Default::default(),
+        upload_id: None,
+        progress: false,
+    }
+}
