@@ -468,3 +468,93 @@ fn walk_files(dir: &Path) -> Result<Vec<PathBuf>, StorageError> {
     }
     Ok(out)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use arrow::array::Int64Array;
+    use arrow::datatypes::{DataType, Field, Schema};
+
+    fn batch(n: i64) -> RecordBatch {
+        let schema = Arc::new(Schema::new(vec![Field::new("x", DataType::Int64, true)]));
+        RecordBatch::try_new(schema, vec![Arc::new(Int64Array::from_iter_values(0..n))]).unwrap()
+    }
+
+    fn put(store: &Store, upload_id: &str, n: i64) -> VersionInfo {
+        let mut staged = store.stage("a", "d").unwrap();
+        let b = batch(n);
+        staged
+            .append(&crate::upload::encode_batch(&b).unwrap(), n as u64)
+            .unwrap();
+        store.commit(staged, upload_id, "acme", "h", 1).unwrap()
+    }
+
+    #[test]
+    fn versions_round_trip_and_orphans_are_removed_at_open() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path(), None).unwrap();
+        let v1 = put(&store, "u1", 5);
+        let v2 = put(&store, "u2", 7);
+        assert_eq!(store.current("a", "d").unwrap().unwrap(), v2);
+        assert_eq!(store.find_upload("a", "d", "u1").unwrap().unwrap(), v1);
+        assert_eq!(store.read(&v2).unwrap()[0].num_rows(), 7);
+        // An abandoned staged version leaves nothing.
+        drop(store.stage("a", "d").unwrap());
+        assert_eq!(
+            std::fs::read_dir(dir.path().join("staging"))
+                .unwrap()
+                .count(),
+            0
+        );
+        drop(store);
+
+        // A file renamed into place whose metadata commit never happened.
+        let orphan = dir.path().join("datasets/a/d/v9-orphan.cds");
+        std::fs::write(&orphan, b"CRDS\x01partial").unwrap();
+        let store = Store::open(dir.path(), None).unwrap();
+        assert!(!orphan.exists());
+        assert_eq!(store.current("a", "d").unwrap().unwrap(), v2);
+        assert_eq!(store.versions("a", "d").unwrap().len(), 2);
+    }
+
+    #[test]
+    fn tampered_or_truncated_files_are_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path(), None).unwrap();
+        let v = put(&store, "u1", 5);
+        let path = store.version_path("a", "d", &v.version);
+        let original = std::fs::read(&path).unwrap();
+        let mut flipped = original.clone();
+        let mid = flipped.len() / 2;
+        flipped[mid] ^= 0x01;
+        std::fs::write(&path, &flipped).unwrap();
+        assert!(matches!(store.read(&v), Err(StorageError::Damaged { .. })));
+        std::fs::write(&path, &original[..original.len() - 40]).unwrap();
+        assert!(matches!(store.read(&v), Err(StorageError::Damaged { .. })));
+        std::fs::write(&path, &original).unwrap();
+        assert_eq!(store.read(&v).unwrap()[0].num_rows(), 5);
+    }
+
+    #[test]
+    fn a_wrong_master_key_is_refused_at_open() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path(), None).unwrap();
+        put(&store, "u1", 3);
+        drop(store);
+        let other = dir.path().join("other.key");
+        std::fs::write(&other, hex::encode([9u8; 32])).unwrap();
+        assert!(matches!(
+            Store::open(dir.path(), Some(&other)),
+            Err(StorageError::WrongMasterKey(_))
+        ));
+        let key_mode = {
+            use std::os::unix::fs::PermissionsExt;
+            std::fs::metadata(dir.path().join("master.key"))
+                .unwrap()
+                .permissions()
+                .mode()
+                & 0o777
+        };
+        assert_eq!(key_mode, 0o600);
+    }
+}

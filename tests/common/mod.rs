@@ -160,3 +160,90 @@ pub fn upload_options(dataset: &str, input: &Path) -> cleanroom::prepare::Upload
         progress: false,
     }
 }
+
+/// The real `cleanroom` binary serving on 127.0.0.1:0.
+pub struct RealServer {
+    pub child: std::process::Child,
+    pub addr: String,
+    pub log: std::sync::mpsc::Receiver<String>,
+    /// Log lines read before the address showed up.
+    pub early_log: Vec<String>,
+}
+
+impl RealServer {
+    pub fn spawn(pki: &Pki, data_dir: &Path, grace_seconds: &str) -> Self {
+        use std::io::{BufRead, BufReader};
+        let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_cleanroom"))
+            .args([
+                "serve",
+                "--listen",
+                "127.0.0.1:0",
+                "--log-format",
+                "json",
+                "--shutdown-grace",
+                grace_seconds,
+            ])
+            .arg("--data-dir")
+            .arg(data_dir)
+            .arg("--policies")
+            .arg(policies_dir())
+            .arg("--certs-dir")
+            .arg(pki.path())
+            .stderr(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::null())
+            .spawn()
+            .unwrap();
+        let stderr = child.stderr.take().unwrap();
+        let (tx, rx) = std::sync::mpsc::channel::<String>();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+                let _ = tx.send(line);
+            }
+        });
+        let mut early_log = Vec::new();
+        loop {
+            let Ok(line) = rx.recv_timeout(Duration::from_secs(30)) else {
+                let _ = child.kill();
+                let _ = child.wait();
+                panic!("the server did not log its address: {early_log:?}");
+            };
+            early_log.push(line.clone());
+            if line.contains("\"listening\"") {
+                let start = line.find("\"addr\":\"").unwrap() + 8;
+                let end = start + line[start..].find('"').unwrap();
+                let addr = line[start..end].to_string();
+                return RealServer {
+                    child,
+                    addr,
+                    log: rx,
+                    early_log,
+                };
+            }
+        }
+    }
+
+    pub fn config(&self, pki: &Pki, org: &str) -> ClientConfig {
+        ClientConfig::new(format!("https://{}", self.addr), pki.path().join("ca.pem"))
+            .with_identity(
+                pki.path().join(format!("{org}.pem")),
+                pki.path().join(format!("{org}-key.pem")),
+            )
+    }
+
+    pub fn signal(&self, signal: i32) {
+        let pid = i32::try_from(self.child.id()).unwrap();
+        // SAFETY: sends a signal to our own child process.
+        #[allow(unsafe_code)]
+        let rc = unsafe { libc::kill(pid, signal) };
+        assert_eq!(rc, 0);
+    }
+}
+
+impl Drop for RealServer {
+    fn drop(&mut self) {
+        if let Ok(None) = self.child.try_wait() {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
+    }
+}
