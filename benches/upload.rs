@@ -1,0 +1,162 @@
+//! Upload throughput over loopback mutual TLS, client and server in one
+//! process on this machine.
+//!
+//! ```text
+//! cargo bench --bench upload                      # 1M rows
+//! cargo bench --bench upload -- --rows 10000000   # 10M rows
+//! ```
+//!
+//! Prints rows/s for: client-side preparation alone (read CSV, normalise,
+//! fingerprint, encode Arrow IPC); transfer plus server validation,
+//! encryption and commit of already prepared batches; the commit step alone;
+//! and the whole upload end to end.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use cleanroom::client::{Client, ClientConfig};
+use cleanroom::clock::SystemClock;
+use cleanroom::prepare::{CsvOptions, InputFormat, InputReader, Plan, Preparer, UploadOptions, upload};
+use cleanroom::proto;
+use cleanroom::proto::datasets_client::DatasetsClient;
+use cleanroom::proto::upload_request::Part;
+use cleanroom::server::{ServerOptions, TlsFiles};
+use cleanroom::upload::{Limits, ROWS_PER_MESSAGE, encode_batch};
+
+fn arg(name: &str, default: u64) -> u64 {
+    let args: Vec<String> = std::env::args().collect();
+    args.iter()
+        .position(|a| a == name)
+        .and_then(|i| args.get(i + 1))
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(default)
+}
+
+fn rate(rows: u64, d: Duration) -> String {
+    format!("{:>12.0} rows/s  ({:.2} s)", rows as f64 / d.as_secs_f64(), d.as_secs_f64())
+}
+
+#[tokio::main(flavor = "multi_thread", worker_threads = 2)]
+async fn main() -> Result<(), Box<dyn std::error::Error>> {
+    let rows = arg("--rows", 1_000_000);
+    let work = tempfile::tempdir()?;
+    let certs = work.path().join("certs");
+    cleanroom::certs::init(&certs, &[], false)?;
+    cleanroom::certs::issue_client(&certs, "acme", false)?;
+
+    let t = Instant::now();
+    let truth = cleanroom::synth::generate(&cleanroom::synth::SynthOptions {
+        rows,
+        overlap: 0.3,
+        seed: 1,
+        out: work.path().join("synth"),
+    })?;
+    let input = work.path().join("synth").join(cleanroom::synth::ACME_FILE);
+    let size = std::fs::metadata(&input)?.len();
+    println!(
+        "generated {} rows ({:.0} MiB CSV) in {:.1} s",
+        truth.acme_rows,
+        size as f64 / (1 << 20) as f64,
+        t.elapsed().as_secs_f64()
+    );
+
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+    let url = format!("https://{}", listener.local_addr()?);
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let server = tokio::spawn(cleanroom::server::serve(
+        listener,
+        ServerOptions {
+            tls: TlsFiles::in_dir(&certs),
+            policies_dir: std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("policies"),
+            data_dir: work.path().join("data"),
+            master_key: None,
+            limits: Limits::default(),
+            shutdown_grace: Duration::from_millis(10),
+            drain_timeout: Duration::from_secs(10),
+            clock: Arc::new(SystemClock),
+        },
+        async {
+            let _ = stopped.await;
+        },
+    ));
+    let config = ClientConfig::new(url, certs.join("ca.pem"))
+        .with_identity(certs.join("acme.pem"), certs.join("acme-key.pem"));
+    let mut client = Client::connect(&config).await?;
+    let agreement = client.get_agreement("retail-media-demo").await?;
+    let secret = cleanroom::identity::Secret::generate();
+
+    // 1. Client-side preparation alone.
+    let t = Instant::now();
+    let mut reader = InputReader::open(&input, InputFormat::Csv, CsvOptions::default(), ROWS_PER_MESSAGE)?;
+    let plan = Plan::new(&agreement, "customers", &secret, reader.header(), &Default::default())?;
+    let indices = plan.input_indices();
+    let mut preparer = Preparer::new(plan);
+    let mut messages = Vec::new();
+    let mut bytes = 0usize;
+    while let Some(chunk) = reader.next_chunk(ROWS_PER_MESSAGE, &indices)? {
+        let batch = preparer.prepare(&chunk)?;
+        let ipc = encode_batch(&batch)?;
+        bytes += ipc.len();
+        messages.push(ipc);
+    }
+    let prepare_time = t.elapsed();
+    let sent_rows = preparer.stats().rows_sent;
+
+    // 2. Transfer + server validation, encryption and commit of prepared batches.
+    let hash = agreement.summary.as_ref().map(|s| s.policy_hash.clone()).unwrap_or_default();
+    let (tx, rx) = tokio::sync::mpsc::channel::<proto::UploadRequest>(4);
+    let batches = messages.len() as u64;
+    let feeder = tokio::spawn(async move {
+        let _ = tx
+            .send(proto::UploadRequest {
+                part: Some(Part::Header(proto::UploadHeader {
+                    agreement_id: "retail-media-demo".into(),
+                    dataset: "customers".into(),
+                    upload_id: "bench-ingest".into(),
+                    policy_hash: hash,
+                })),
+            })
+            .await;
+        for m in messages {
+            let _ = tx.send(proto::UploadRequest { part: Some(Part::Batch(m)) }).await;
+        }
+        let at = Instant::now();
+        let _ = tx
+            .send(proto::UploadRequest {
+                part: Some(Part::Commit(proto::UploadCommit { rows: sent_rows, batches })),
+            })
+            .await;
+        at
+    });
+    let t = Instant::now();
+    DatasetsClient::new(client.channel())
+        .max_encoding_message_size(8 << 20)
+        .upload(tokio_stream::wrappers::ReceiverStream::new(rx))
+        .await?;
+    let ingest_time = t.elapsed();
+    let commit_time = feeder.await?.elapsed();
+
+    // 3. The whole upload, end to end.
+    let options = UploadOptions {
+        agreement: "retail-media-demo".into(),
+        dataset: "customers".into(),
+        input: input.clone(),
+        format: None,
+        csv: CsvOptions::default(),
+        mapping: Default::default(),
+        upload_id: Some("bench-end-to-end".into()),
+        progress: false,
+    };
+    let t = Instant::now();
+    let report = upload(&client, &secret, &options).await?;
+    let total_time = t.elapsed();
+
+    println!("rows read {}, rows sent {sent_rows}, {batches} batches, {:.0} MiB Arrow IPC", truth.acme_rows, bytes as f64 / (1 << 20) as f64);
+    println!("client preparation (read, normalise, fingerprint, encode) {}", rate(truth.acme_rows, prepare_time));
+    println!("transfer + server validate/encrypt/commit               {}", rate(sent_rows, ingest_time));
+    println!("  of which the commit (fsync, rename, metadata)          {:.3} s", commit_time.as_secs_f64());
+    println!("end to end (cleanroom upload)                            {}", rate(report.stats.rows_read, total_time));
+    let _ = stop.send(());
+    server.await??;
+    Ok(())
+}
