@@ -16,7 +16,9 @@ use std::time::{Duration, Instant};
 
 use cleanroom::client::{Client, ClientConfig};
 use cleanroom::clock::SystemClock;
-use cleanroom::prepare::{CsvOptions, InputFormat, InputReader, Plan, Preparer, UploadOptions, upload};
+use cleanroom::prepare::{
+    CsvOptions, InputFormat, InputReader, Plan, Preparer, UploadOptions, upload,
+};
 use cleanroom::proto;
 use cleanroom::proto::datasets_client::DatasetsClient;
 use cleanroom::proto::upload_request::Part;
@@ -33,7 +35,11 @@ fn arg(name: &str, default: u64) -> u64 {
 }
 
 fn rate(rows: u64, d: Duration) -> String {
-    format!("{:>12.0} rows/s  ({:.2} s)", rows as f64 / d.as_secs_f64(), d.as_secs_f64())
+    format!(
+        "{:>12.0} rows/s  ({:.2} s)",
+        rows as f64 / d.as_secs_f64(),
+        d.as_secs_f64()
+    )
 }
 
 #[tokio::main(flavor = "multi_thread", worker_threads = 2)]
@@ -87,8 +93,19 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
 
     // 1. Client-side preparation alone.
     let t = Instant::now();
-    let mut reader = InputReader::open(&input, InputFormat::Csv, CsvOptions::default(), ROWS_PER_MESSAGE)?;
-    let plan = Plan::new(&agreement, "customers", &secret, reader.header(), &Default::default())?;
+    let mut reader = InputReader::open(
+        &input,
+        InputFormat::Csv,
+        CsvOptions::default(),
+        ROWS_PER_MESSAGE,
+    )?;
+    let plan = Plan::new(
+        &agreement,
+        "customers",
+        &secret,
+        reader.header(),
+        &Default::default(),
+    )?;
     let indices = plan.input_indices();
     let mut preparer = Preparer::new(plan);
     let mut messages = Vec::new();
@@ -103,7 +120,11 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     let sent_rows = preparer.stats().rows_sent;
 
     // 2. Transfer + server validation, encryption and commit of prepared batches.
-    let hash = agreement.summary.as_ref().map(|s| s.policy_hash.clone()).unwrap_or_default();
+    let hash = agreement
+        .summary
+        .as_ref()
+        .map(|s| s.policy_hash.clone())
+        .unwrap_or_default();
     let (tx, rx) = tokio::sync::mpsc::channel::<proto::UploadRequest>(4);
     let batches = messages.len() as u64;
     let feeder = tokio::spawn(async move {
@@ -118,12 +139,19 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
             })
             .await;
         for m in messages {
-            let _ = tx.send(proto::UploadRequest { part: Some(Part::Batch(m)) }).await;
+            let _ = tx
+                .send(proto::UploadRequest {
+                    part: Some(Part::Batch(m)),
+                })
+                .await;
         }
         let at = Instant::now();
         let _ = tx
             .send(proto::UploadRequest {
-                part: Some(Part::Commit(proto::UploadCommit { rows: sent_rows, batches })),
+                part: Some(Part::Commit(proto::UploadCommit {
+                    rows: sent_rows,
+                    batches,
+                })),
             })
             .await;
         at
@@ -151,11 +179,27 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     let report = upload(&client, &secret, &options).await?;
     let total_time = t.elapsed();
 
-    println!("rows read {}, rows sent {sent_rows}, {batches} batches, {:.0} MiB Arrow IPC", truth.acme_rows, bytes as f64 / (1 << 20) as f64);
-    println!("client preparation (read, normalise, fingerprint, encode) {}", rate(truth.acme_rows, prepare_time));
-    println!("transfer + server validate/encrypt/commit               {}", rate(sent_rows, ingest_time));
-    println!("  of which the commit (fsync, rename, metadata)          {:.3} s", commit_time.as_secs_f64());
-    println!("end to end (cleanroom upload)                            {}", rate(report.stats.rows_read, total_time));
+    println!(
+        "rows read {}, rows sent {sent_rows}, {batches} batches, {:.0} MiB Arrow IPC",
+        truth.acme_rows,
+        bytes as f64 / (1 << 20) as f64
+    );
+    println!(
+        "client preparation (read, normalise, fingerprint, encode) {}",
+        rate(truth.acme_rows, prepare_time)
+    );
+    println!(
+        "transfer + server validate/encrypt/commit               {}",
+        rate(sent_rows, ingest_time)
+    );
+    println!(
+        "  of which the commit (fsync, rename, metadata)          {:.3} s",
+        commit_time.as_secs_f64()
+    );
+    println!(
+        "end to end (cleanroom upload)                            {}",
+        rate(report.stats.rows_read, total_time)
+    );
     let _ = stop.send(());
     server.await??;
     Ok(())

@@ -7,14 +7,30 @@
 //! Creates a development CA and certificates for the demo parties, starts a
 //! server on 127.0.0.1 with mutual TLS and the agreements in `policies/`,
 //! then shows what each organisation may see, and what an outsider and a
-//! caller without a certificate get. Everything lives in a temporary folder.
+//! caller without a certificate get. Then both partners fingerprint
+//! synthetic customer files on "their" side and upload them, and one upload
+//! is refused. Everything lives in a temporary folder.
 
 use std::sync::Arc;
 use std::time::Duration;
 
 use cleanroom::client::{Client, ClientConfig, ClientError};
 use cleanroom::clock::SystemClock;
+use cleanroom::prepare::{UploadOptions, upload};
 use cleanroom::server::{ServerOptions, TlsFiles};
+
+fn upload_options(dataset: &str, input: &std::path::Path) -> UploadOptions {
+    UploadOptions {
+        agreement: "retail-media-demo".into(),
+        dataset: dataset.into(),
+        input: input.to_path_buf(),
+        format: None,
+        csv: Default::default(),
+        mapping: Default::default(),
+        upload_id: None,
+        progress: false,
+    }
+}
 
 fn step(title: &str) {
     println!("\n== {title}");
@@ -117,7 +133,52 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         other => return Err(format!("expected UNAUTHENTICATED, got {other:?}").into()),
     }
 
-    step("8. Graceful shutdown: health turns NOT_SERVING, in-flight calls finish");
+    step("8. A shared secret for the partners, and synthetic partner files with messy identifiers");
+    let secret = cleanroom::identity::Secret::generate();
+    let synth_dir = work.path().join("synth");
+    let truth = cleanroom::synth::generate(&cleanroom::synth::SynthOptions {
+        rows: 20_000,
+        overlap: 0.3,
+        seed: 42,
+        out: synth_dir.clone(),
+    })?;
+    println!(
+        "   {} rows each, {} people in both; a few identifiers invalid",
+        truth.acme_rows, truth.overlap
+    );
+
+    step("9. Each partner fingerprints on its own machine and uploads what the agreement allows");
+    for (org, dataset, file, client) in [
+        ("acme", "customers", cleanroom::synth::ACME_FILE, &acme),
+        ("globex", "audience", cleanroom::synth::GLOBEX_FILE, &globex),
+    ] {
+        let options = upload_options(dataset, &synth_dir.join(file));
+        let report = upload(client, &secret, &options).await?;
+        let invalid: u64 = report.stats.invalid.values().sum();
+        println!(
+            "   {org}: {} of {} rows sent to {dataset} in {:.2} s; kept at home: {}; invalid identifiers: {invalid}; rows without any: {}",
+            report.stats.rows_sent,
+            report.stats.rows_read,
+            report.elapsed.as_secs_f64(),
+            report.dropped.join(", "),
+            report.stats.rows_without_identifier,
+        );
+    }
+    for d in acme.list_datasets("retail-media-demo").await? {
+        println!(
+            "   server holds for acme: {} = {} rows, version {}",
+            d.dataset, d.rows, d.version
+        );
+    }
+
+    step("10. A refused upload: acme may see globex's dataset, but never write it");
+    let options = upload_options("audience", &synth_dir.join(cleanroom::synth::GLOBEX_FILE));
+    match upload(&acme, &secret, &options).await {
+        Err(e) => println!("   refused: {e}"),
+        Ok(_) => return Err("expected PERMISSION_DENIED".into()),
+    }
+
+    step("11. Graceful shutdown: health turns NOT_SERVING, in-flight calls finish");
     let _ = stop.send(());
     server.await??;
     println!("   server stopped cleanly");

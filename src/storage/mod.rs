@@ -335,7 +335,11 @@ impl Store {
 
     /// Starts writing a new version; nothing is visible until [`Store::commit`].
     pub fn stage(&self, agreement: &str, dataset: &str) -> Result<StagedVersion, StorageError> {
-        let stamp = time::OffsetDateTime::now_utc().unix_timestamp_nanos();
+        let stamp = time::OffsetDateTime::now_utc()
+            .format(time::macros::format_description!(
+                "[year][month][day]T[hour][minute][second].[subsecond digits:6]Z"
+            ))
+            .map_err(|e| StorageError::Db(format!("formatting a version stamp: {e}")))?;
         let suffix = hex::encode(crypto::random_bytes::<4>()?);
         let version = format!("v{stamp}-{suffix}");
         let key = self.data_key(agreement)?;
