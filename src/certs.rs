@@ -183,12 +183,7 @@ pub fn issue_client(dir: &Path, org: &str, force: bool) -> Result<ClientFiles, C
 
 /// Organisation names as they appear in certificates and policies.
 pub fn is_org_name(s: &str) -> bool {
-    let b = s.as_bytes();
-    !b.is_empty()
-        && b.len() <= 63
-        && (b[0].is_ascii_lowercase() || b[0].is_ascii_digit())
-        && b.iter()
-            .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || *c == b'-')
+    crate::policy::is_slug(s)
 }
 
 /// The organisation a client certificate (DER) names: its subject common

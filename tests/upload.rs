@@ -340,6 +340,23 @@ async fn refused_uploads_name_the_rule_and_keep_the_previous_version() {
     );
     assert!(!msg.contains("surplus"));
 
+    // A metric cell that is not a number: row and column, never the content.
+    let path = variant("nan.csv", &|t| {
+        let mut lines: Vec<String> = t.lines().map(String::from).collect();
+        let mut cells: Vec<String> = lines[5].split(',').map(String::from).collect();
+        cells[5] = "twelve".into();
+        lines[5] = cells.join(",");
+        lines.join("\n") + "\n"
+    });
+    let err = upload(&acme, &secret, &upload_options("customers", &path))
+        .await
+        .unwrap_err();
+    let msg = err.to_string();
+    assert_eq!(
+        msg,
+        "row 5: column \"lifetime_value\" is not a finite number"
+    );
+
     // Oversized upload: more rows than the server's limit.
     let big = tempfile::tempdir().unwrap();
     cleanroom::synth::generate(&cleanroom::synth::SynthOptions {

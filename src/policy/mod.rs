@@ -15,3 +15,4 @@ pub use types::{
     Aggregate, AgreementState, Column, ColumnRole, Dataset, Domain, IdentityKind, Party, Policy,
     PolicyHash, Privacy, Profile, QueryRules, Refresh, Right, Salt, ValueType,
 };
+pub use validate::is_slug;

@@ -34,7 +34,7 @@ impl Problems {
 }
 
 /// Lower-case slug for agreement ids and organisation names.
-fn is_slug(s: &str) -> bool {
+pub fn is_slug(s: &str) -> bool {
     let b = s.as_bytes();
     !b.is_empty()
         && b.len() <= 63

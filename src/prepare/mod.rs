@@ -279,40 +279,28 @@ impl Preparer {
                 Kind::Integer => {
                     let mut b = Int64Builder::with_capacity(n);
                     for (row, v) in input.iter().enumerate() {
-                        match v.map(str::trim).filter(|t| !t.is_empty()) {
-                            Some(t) => {
-                                b.append_value(t.parse().map_err(|_| PrepareError::Value {
-                                    row: chunk.first_row + row as u64,
-                                    column: col.name.clone(),
-                                    rule: "is not an integer",
-                                })?)
-                            }
-                            None => b.append_null(),
-                        }
+                        let cell = parse_cell::<i64>(v, "is not an integer", || {
+                            (chunk.first_row + row as u64, col.name.clone())
+                        })?;
+                        b.append_option(cell);
                     }
                     Arc::new(b.finish())
                 }
                 Kind::Float => {
                     let mut b = Float64Builder::with_capacity(n);
                     for (row, v) in input.iter().enumerate() {
-                        match v.map(str::trim).filter(|t| !t.is_empty()) {
-                            Some(t) => {
-                                let x: f64 = t.parse().map_err(|_| PrepareError::Value {
-                                    row: chunk.first_row + row as u64,
-                                    column: col.name.clone(),
-                                    rule: "is not a number",
-                                })?;
-                                if !x.is_finite() {
-                                    return Err(PrepareError::Value {
-                                        row: chunk.first_row + row as u64,
-                                        column: col.name.clone(),
-                                        rule: "is not a finite number",
-                                    });
-                                }
-                                b.append_value(x);
-                            }
-                            None => b.append_null(),
+                        let cell = parse_cell::<f64>(v, "is not a finite number", || {
+                            (chunk.first_row + row as u64, col.name.clone())
+                        })?
+                        .filter(|x| x.is_finite());
+                        if v.is_some_and(|t| !t.trim().is_empty()) && cell.is_none() {
+                            return Err(PrepareError::Value {
+                                row: chunk.first_row + row as u64,
+                                column: col.name.clone(),
+                                rule: "is not a finite number",
+                            });
                         }
+                        b.append_option(cell);
                     }
                     Arc::new(b.finish())
                 }
@@ -344,6 +332,22 @@ impl Preparer {
         }
         self.stats.rows_sent += batch.num_rows() as u64;
         Ok(batch)
+    }
+}
+
+/// A number cell: empty is missing; anything unparseable stops the upload
+/// with its row and column (never its content).
+fn parse_cell<T: std::str::FromStr>(
+    cell: Option<&str>,
+    rule: &'static str,
+    place: impl Fn() -> (u64, String),
+) -> Result<Option<T>, PrepareError> {
+    match cell.map(str::trim).filter(|t| !t.is_empty()) {
+        None => Ok(None),
+        Some(t) => t.parse().map(Some).map_err(|_| {
+            let (row, column) = place();
+            PrepareError::Value { row, column, rule }
+        }),
     }
 }
 

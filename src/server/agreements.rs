@@ -67,14 +67,10 @@ impl proto::agreements_server::Agreements for AgreementsService {
             }
             .into());
         }
-        let policies = self.state.policies();
-        let policy = policies
-            .get(id)
-            .filter(|p| p.party(&org).is_some())
-            .ok_or_else(|| ServiceError::AgreementNotFound(id.clone()))?;
+        let policy = self.state.agreement_for(&org, id)?;
         let today = self.state.clock().today();
         Ok(Response::new(proto::GetAgreementResponse {
-            agreement: Some(agreement_view(policy, &org, policy.state_on(today))),
+            agreement: Some(agreement_view(&policy, &org, policy.state_on(today))),
         }))
     }
 }

@@ -45,13 +45,9 @@ pub(super) fn agreement_in_force(
     org: &str,
     id: &str,
 ) -> Result<Arc<Policy>, ServiceError> {
-    let policies = state.policies();
-    let policy = policies
-        .get(id)
-        .filter(|p| p.party(org).is_some())
-        .ok_or_else(|| ServiceError::AgreementNotFound(id.to_string()))?;
+    let policy = state.agreement_for(org, id)?;
     match policy.state_on(state.clock().today()) {
-        AgreementState::Active => Ok(Arc::clone(policy)),
+        AgreementState::Active => Ok(policy),
         other => Err(ServiceError::NotInForce {
             id: id.to_string(),
             state: other.as_str(),
@@ -209,11 +205,7 @@ impl proto::datasets_server::Datasets for DatasetsService {
     ) -> Result<Response<proto::ListDatasetsResponse>, Status> {
         let org = caller(&request)?;
         let id = &request.get_ref().agreement_id;
-        let policies = self.state.policies();
-        let policy = policies
-            .get(id)
-            .filter(|p| p.party(&org).is_some())
-            .ok_or_else(|| ServiceError::AgreementNotFound(id.clone()))?;
+        let policy = self.state.agreement_for(&org, id)?;
         let store = self.state.store();
         let mut datasets = Vec::new();
         for d in policy.datasets().iter().filter(|d| d.owner() == org) {

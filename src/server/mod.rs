@@ -102,6 +102,20 @@ impl AppState {
     pub fn clock(&self) -> &Arc<dyn Clock> {
         &self.clock
     }
+
+    /// The agreement `id` if `org` is a party to it; NOT_FOUND otherwise,
+    /// exactly as for an agreement that does not exist.
+    pub(crate) fn agreement_for(
+        &self,
+        org: &str,
+        id: &str,
+    ) -> Result<Arc<crate::policy::Policy>, crate::error::ServiceError> {
+        self.policies()
+            .get(id)
+            .filter(|p| p.party(org).is_some())
+            .map(Arc::clone)
+            .ok_or_else(|| crate::error::ServiceError::AgreementNotFound(id.to_string()))
+    }
 }
 
 /// Everything needed to run a server.

@@ -275,18 +275,12 @@ impl Store {
         dataset: &str,
         upload_id: &str,
     ) -> Result<Option<VersionInfo>, StorageError> {
-        let tx = self.inner.db.begin_read()?;
-        let uploads = tx.open_table(UPLOADS)?;
-        let Some(version) = uploads.get(key_name(&[agreement, dataset, upload_id]).as_str())?
-        else {
-            return Ok(None);
-        };
-        let versions = tx.open_table(VERSIONS)?;
-        let info = versions
-            .get(key_name(&[agreement, dataset, version.value()]).as_str())?
-            .map(|v| serde_json::from_slice(v.value()))
-            .transpose()?;
-        Ok(info)
+        self.follow(
+            UPLOADS,
+            &key_name(&[agreement, dataset, upload_id]),
+            agreement,
+            dataset,
+        )
     }
 
     /// The current version of a dataset.
@@ -295,9 +289,24 @@ impl Store {
         agreement: &str,
         dataset: &str,
     ) -> Result<Option<VersionInfo>, StorageError> {
+        self.follow(
+            CURRENT,
+            &key_name(&[agreement, dataset]),
+            agreement,
+            dataset,
+        )
+    }
+
+    /// Looks up a version name in `table` under `key`, then its record.
+    fn follow(
+        &self,
+        table: TableDefinition<&str, &str>,
+        key: &str,
+        agreement: &str,
+        dataset: &str,
+    ) -> Result<Option<VersionInfo>, StorageError> {
         let tx = self.inner.db.begin_read()?;
-        let current = tx.open_table(CURRENT)?;
-        let Some(version) = current.get(key_name(&[agreement, dataset]).as_str())? else {
+        let Some(version) = tx.open_table(table)?.get(key)? else {
             return Ok(None);
         };
         let versions = tx.open_table(VERSIONS)?;
