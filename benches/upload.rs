@@ -23,7 +23,7 @@ use cleanroom::proto;
 use cleanroom::proto::datasets_client::DatasetsClient;
 use cleanroom::proto::upload_request::Part;
 use cleanroom::server::{ServerOptions, TlsFiles};
-use cleanroom::upload::{Limits, ROWS_PER_MESSAGE, encode_batch};
+use cleanroom::upload::{Limits, MAX_MESSAGE_BYTES, ROWS_PER_MESSAGE, encode_messages};
 
 fn arg(name: &str, default: u64) -> u64 {
     let args: Vec<String> = std::env::args().collect();
@@ -112,9 +112,10 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     let mut bytes = 0usize;
     while let Some(chunk) = reader.next_chunk(ROWS_PER_MESSAGE, &indices)? {
         let batch = preparer.prepare(&chunk)?;
-        let ipc = encode_batch(&batch)?;
-        bytes += ipc.len();
-        messages.push(ipc);
+        for ipc in encode_messages(&batch, MAX_MESSAGE_BYTES)? {
+            bytes += ipc.len();
+            messages.push(ipc);
+        }
     }
     let prepare_time = t.elapsed();
     let sent_rows = preparer.stats().rows_sent;

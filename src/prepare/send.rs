@@ -13,7 +13,7 @@ use crate::identity::Secret;
 use crate::proto;
 use crate::proto::datasets_client::DatasetsClient;
 use crate::proto::upload_request::Part;
-use crate::upload::{ROWS_PER_MESSAGE, encode_batch};
+use crate::upload::{MAX_MESSAGE_BYTES, ROWS_PER_MESSAGE, encode_messages};
 
 /// What to upload and how to read it.
 #[derive(Debug, Clone)]
@@ -107,9 +107,13 @@ fn produce(
     let (mut batches, mut bytes) = (0u64, 0u64);
     while let Some(chunk) = reader.next_chunk(ROWS_PER_MESSAGE, &indices)? {
         let batch = preparer.prepare(&chunk)?;
-        if batch.num_rows() > 0 {
-            let ipc = encode_batch(&batch)
-                .map_err(|e| PrepareError::Plan(format!("encoding a batch: {e}")))?;
+        let messages = if batch.num_rows() > 0 {
+            encode_messages(&batch, MAX_MESSAGE_BYTES)
+                .map_err(|e| PrepareError::Plan(format!("encoding a batch: {e}")))?
+        } else {
+            Vec::new()
+        };
+        for ipc in messages {
             bytes += ipc.len() as u64;
             let message = proto::UploadRequest {
                 part: Some(Part::Batch(ipc)),

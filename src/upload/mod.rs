@@ -60,7 +60,54 @@ pub fn encode_batch(batch: &RecordBatch) -> Result<Vec<u8>, ArrowError> {
     Ok(out)
 }
 
+/// Largest upload message the client sends; gRPC's default limit is 4 MiB.
+pub const MAX_MESSAGE_BYTES: usize = 2 << 20;
+
+/// One batch as IPC messages of at most `max_bytes` each (a single row is
+/// never split), halving the batch until every piece fits.
+pub fn encode_messages(batch: &RecordBatch, max_bytes: usize) -> Result<Vec<Vec<u8>>, ArrowError> {
+    let ipc = encode_batch(batch)?;
+    if ipc.len() <= max_bytes || batch.num_rows() <= 1 {
+        return Ok(vec![ipc]);
+    }
+    let half = batch.num_rows() / 2;
+    let mut out = encode_messages(&batch.slice(0, half), max_bytes)?;
+    out.extend(encode_messages(
+        &batch.slice(half, batch.num_rows() - half),
+        max_bytes,
+    )?);
+    Ok(out)
+}
+
 /// The batches of one Arrow IPC stream.
 pub fn decode_batches(bytes: &[u8]) -> Result<Vec<RecordBatch>, ArrowError> {
     StreamReader::try_new(bytes, None)?.collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use arrow::array::StringArray;
+
+    #[test]
+    fn large_batches_are_split_to_fit_a_message() {
+        let schema = Arc::new(Schema::new(vec![Field::new("s", DataType::Utf8, true)]));
+        let values: Vec<String> = (0..10_000).map(|i| format!("{i:0>200}")).collect();
+        let batch =
+            RecordBatch::try_new(schema, vec![Arc::new(StringArray::from(values))]).unwrap();
+        let messages = encode_messages(&batch, 256 << 10).unwrap();
+        assert!(messages.len() >= 8);
+        assert!(messages.iter().all(|m| m.len() <= 256 << 10));
+        let rows: usize = messages
+            .iter()
+            .map(|m| {
+                decode_batches(m)
+                    .unwrap()
+                    .iter()
+                    .map(RecordBatch::num_rows)
+                    .sum::<usize>()
+            })
+            .sum();
+        assert_eq!(rows, 10_000);
+    }
 }
