@@ -144,6 +144,15 @@ fn read(path: &Path) -> Result<Vec<u8>, ServerError> {
 }
 
 fn tls_config(files: &TlsFiles) -> Result<ServerTlsConfig, ServerError> {
+    for path in [&files.ca, &files.cert, &files.key] {
+        if !path.exists() {
+            return Err(ServerError::Tls(format!(
+                "{} does not exist; create development certificates with `cleanroom certs init --dir {}`, or point --certs-dir or the config file's [tls] at yours",
+                path.display(),
+                path.parent().map(|p| p.display().to_string()).unwrap_or_default()
+            )));
+        }
+    }
     let ca = read(&files.ca)?;
     let cert = read(&files.cert)?;
     let key = read(&files.key)?;
@@ -166,8 +175,8 @@ pub async fn serve(
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<(), ServerError> {
     let policies = crate::policy::load_dir(&options.policies_dir).map_err(ServerError::Policies)?;
-    let store = Store::open(&options.data_dir, options.master_key.as_deref())?;
     let tls = tls_config(&options.tls)?;
+    let store = Store::open(&options.data_dir, options.master_key.as_deref())?;
     let local_addr: SocketAddr = listener.local_addr().map_err(|source| ServerError::Io {
         path: PathBuf::from("(listener)"),
         source,
