@@ -7,4 +7,4 @@ mod normalise;
 
 pub use countries::{Country, country, country_calling_code};
 pub use fingerprint::{CONTEXT, Fingerprinter, MIN_SECRET_BYTES, Secret, SecretError};
-pub use normalise::{Invalid, email, normalise, phone, text};
+pub use normalise::{Invalid, Normaliser, email, normalise, phone, text};

@@ -31,53 +31,104 @@ impl Invalid {
 
 /// Normalises `raw` under `profile`.
 pub fn normalise(profile: &Profile, raw: &str) -> Result<String, Invalid> {
-    match profile {
-        Profile::Email { gmail_canonical } => email(raw, *gmail_canonical),
-        Profile::Phone { default_country } => {
-            let c = country(default_country).ok_or(Invalid::NotAPhone)?;
-            phone(raw, c)
+    let mut out = String::new();
+    Normaliser::new(profile)
+        .ok_or(Invalid::NotAPhone)?
+        .normalise_into(raw, &mut out)?;
+    Ok(out)
+}
+
+/// A profile resolved once, for normalising many values into one buffer.
+#[derive(Debug, Clone, Copy)]
+pub enum Normaliser {
+    Email { gmail_canonical: bool },
+    Phone { country: &'static Country },
+    Text,
+}
+
+impl Normaliser {
+    /// `None` for a phone profile whose country is not supported.
+    pub fn new(profile: &Profile) -> Option<Self> {
+        Some(match profile {
+            Profile::Email { gmail_canonical } => Normaliser::Email {
+                gmail_canonical: *gmail_canonical,
+            },
+            Profile::Phone { default_country } => Normaliser::Phone {
+                country: country(default_country)?,
+            },
+            Profile::Text => Normaliser::Text,
+        })
+    }
+
+    /// Writes the normalised form of `raw` into `out` (cleared first).
+    pub fn normalise_into(&self, raw: &str, out: &mut String) -> Result<(), Invalid> {
+        out.clear();
+        match self {
+            Normaliser::Email { gmail_canonical } => email_into(raw, *gmail_canonical, out),
+            Normaliser::Phone { country } => phone_into(raw, country, out),
+            Normaliser::Text => {
+                let t = raw.trim();
+                if t.is_empty() {
+                    return Err(Invalid::Empty);
+                }
+                lower_into(t, out);
+                Ok(())
+            }
         }
-        Profile::Text => text(raw),
+    }
+}
+
+fn lower_into(t: &str, out: &mut String) {
+    if t.is_ascii() {
+        out.push_str(t);
+        out.make_ascii_lowercase();
+    } else {
+        out.push_str(&t.to_lowercase());
     }
 }
 
 /// Trim and lower-case.
 pub fn text(raw: &str) -> Result<String, Invalid> {
-    let t = raw.trim();
-    if t.is_empty() {
-        return Err(Invalid::Empty);
-    }
-    Ok(t.to_lowercase())
+    let mut out = String::new();
+    Normaliser::Text.normalise_into(raw, &mut out)?;
+    Ok(out)
 }
 
 /// Trim, lower-case, check the shape; with `gmail_canonical`, addresses at
 /// gmail.com or googlemail.com lose the dots and any `+tag` of their local
 /// part and are written at gmail.com.
 pub fn email(raw: &str, gmail_canonical: bool) -> Result<String, Invalid> {
+    let mut out = String::new();
+    email_into(raw, gmail_canonical, &mut out)?;
+    Ok(out)
+}
+
+fn email_into(raw: &str, gmail_canonical: bool, out: &mut String) -> Result<(), Invalid> {
     let t = raw.trim();
     if t.is_empty() {
         return Err(Invalid::Empty);
     }
-    let lower = t.to_lowercase();
-    let (local, domain) = lower.split_once('@').ok_or(Invalid::NotAnEmail)?;
+    lower_into(t, out);
+    let (local, domain) = out.split_once('@').ok_or(Invalid::NotAnEmail)?;
     let valid = !local.is_empty()
         && !domain.contains('@')
         && domain.contains('.')
         && !domain.starts_with('.')
         && !domain.ends_with('.')
-        && !lower.chars().any(char::is_whitespace);
+        && !out.chars().any(char::is_whitespace);
     if !valid {
         return Err(Invalid::NotAnEmail);
     }
     if gmail_canonical && (domain == "gmail.com" || domain == "googlemail.com") {
         let untagged = local.split('+').next().unwrap_or_default();
-        let canonical: String = untagged.chars().filter(|c| *c != '.').collect();
+        let mut canonical: String = untagged.chars().filter(|c| *c != '.').collect();
         if canonical.is_empty() {
             return Err(Invalid::NotAnEmail);
         }
-        return Ok(format!("{canonical}@gmail.com"));
+        canonical.push_str("@gmail.com");
+        *out = canonical;
     }
-    Ok(lower)
+    Ok(())
 }
 
 /// Shortest and longest national significant numbers accepted outside the
@@ -89,6 +140,12 @@ const MIN_E164_DIGITS: usize = 8;
 /// To E.164 (`+` and up to 15 digits). International input starts with `+`
 /// or `00`; anything else is a national number of `default`.
 pub fn phone(raw: &str, default: &Country) -> Result<String, Invalid> {
+    let mut out = String::new();
+    phone_into(raw, default, &mut out)?;
+    Ok(out)
+}
+
+fn phone_into(raw: &str, default: &Country, out: &mut String) -> Result<(), Invalid> {
     let t = raw.trim();
     if t.is_empty() {
         return Err(Invalid::Empty);
@@ -97,28 +154,31 @@ pub fn phone(raw: &str, default: &Country) -> Result<String, Invalid> {
         Some(rest) => (true, rest),
         None => (false, t),
     };
-    let mut digits = String::with_capacity(16);
+    // Digits go after a leading '+' in `out`; national numbers are rewritten below.
+    out.push('+');
     for c in rest.chars() {
         match c {
-            '0'..='9' => digits.push(c),
+            '0'..='9' => out.push(c),
             ' ' | '-' | '.' | '(' | ')' | '/' | '\u{a0}' => {}
             _ => return Err(Invalid::NotAPhone),
         }
     }
-    let international = if plus {
-        Some(digits.as_str())
-    } else {
-        digits.strip_prefix("00")
-    };
-    let e164 = match international {
-        Some(number) => number.to_string(),
-        None => national(&digits, default)?,
-    };
+    let digits = &out[1..];
+    if !plus && let Some(number) = digits.strip_prefix("00") {
+        let number = number.to_string();
+        out.truncate(1);
+        out.push_str(&number);
+    } else if !plus {
+        let e164 = national(digits, default)?;
+        out.truncate(1);
+        out.push_str(&e164);
+    }
+    let e164 = &out[1..];
     let ok = (MIN_E164_DIGITS..=MAX_E164_DIGITS).contains(&e164.len()) && !e164.starts_with('0');
     if !ok {
         return Err(Invalid::NotAPhone);
     }
-    Ok(format!("+{e164}"))
+    Ok(())
 }
 
 /// A national number of `c` as E.164 digits (without `+`).

@@ -17,7 +17,7 @@ use arrow::compute::filter_record_batch;
 use arrow::datatypes::{DataType, Field, Schema, SchemaRef};
 use arrow::record_batch::RecordBatch;
 
-use crate::identity::{Fingerprinter, Invalid, Secret, normalise};
+use crate::identity::{Fingerprinter, Invalid, Normaliser, Secret};
 use crate::policy::Profile;
 use crate::proto;
 
@@ -42,7 +42,7 @@ pub enum PrepareError {
 #[derive(Debug, Clone)]
 enum Kind {
     Identifier {
-        profile: Profile,
+        normaliser: Normaliser,
         fingerprinter: Fingerprinter,
     },
     Text,
@@ -148,7 +148,12 @@ impl Plan {
                         })?;
                     (
                         Kind::Identifier {
-                            profile: profile_of(kind)?,
+                            normaliser: Normaliser::new(&profile_of(kind)?).ok_or_else(|| {
+                                PrepareError::Plan(format!(
+                                    "identity kind {:?} names country {:?}, which this client does not support; upgrade cleanroom",
+                                    kind.name, kind.default_country
+                                ))
+                            })?,
                             fingerprinter: Fingerprinter::new(secret, &salt, &kind.name),
                         },
                         DataType::FixedSizeBinary(crate::upload::FINGERPRINT_LEN),
@@ -249,18 +254,41 @@ impl Preparer {
     pub fn prepare(&mut self, chunk: &Chunk) -> Result<RecordBatch, PrepareError> {
         let n = chunk.len();
         self.stats.rows_read += n as u64;
+        // Fingerprinting is the costly part: identifier columns side by side.
+        let mut fingerprinted: Vec<Option<(ArrayRef, u64)>> = std::thread::scope(|scope| {
+            let handles: Vec<_> = self
+                .plan
+                .columns
+                .iter()
+                .zip(&chunk.columns)
+                .map(|(col, input)| match &col.kind {
+                    Kind::Identifier {
+                        normaliser,
+                        fingerprinter,
+                    } => Some(
+                        scope.spawn(move || fingerprint_column(input, normaliser, fingerprinter)),
+                    ),
+                    _ => None,
+                })
+                .collect();
+            handles
+                .into_iter()
+                .map(|h| h.map(|h| h.join().expect("a fingerprinting thread panicked")))
+                .collect()
+        });
         let mut has_identifier = vec![false; n];
         let mut arrays: Vec<ArrayRef> = Vec::with_capacity(self.plan.columns.len());
         let mut first_identifier: Option<usize> = None;
         for (ci, (col, input)) in self.plan.columns.iter().zip(&chunk.columns).enumerate() {
             let array: ArrayRef = match &col.kind {
-                Kind::Identifier {
-                    profile,
-                    fingerprinter,
-                } => {
+                Kind::Identifier { .. } => {
                     first_identifier.get_or_insert(ci);
-                    let (array, invalid) =
-                        fingerprint_column(input, profile, fingerprinter, &mut has_identifier);
+                    let (array, invalid) = fingerprinted[ci]
+                        .take()
+                        .expect("every identifier column was fingerprinted");
+                    for (row, present) in has_identifier.iter_mut().enumerate() {
+                        *present |= array.is_valid(row);
+                    }
                     if invalid > 0 {
                         *self.stats.invalid.entry(col.name.clone()).or_default() += invalid;
                     }
@@ -355,18 +383,17 @@ fn parse_cell<T: std::str::FromStr>(
 /// counted, empty ones are simply missing.
 fn fingerprint_column(
     input: &StringArray,
-    profile: &Profile,
+    normaliser: &Normaliser,
     fingerprinter: &Fingerprinter,
-    has_identifier: &mut [bool],
 ) -> (ArrayRef, u64) {
     let mut b = FixedSizeBinaryBuilder::with_capacity(input.len(), crate::upload::FINGERPRINT_LEN);
     let mut invalid = 0u64;
-    for (row, v) in input.iter().enumerate() {
-        match v.map(|raw| normalise(profile, raw)) {
-            Some(Ok(normalised)) => {
-                b.append_value(fingerprinter.fingerprint(&normalised))
+    let mut buf = String::with_capacity(64);
+    for v in input.iter() {
+        match v.map(|raw| normaliser.normalise_into(raw, &mut buf)) {
+            Some(Ok(())) => {
+                b.append_value(fingerprinter.fingerprint(&buf))
                     .expect("fingerprints are 32 bytes");
-                has_identifier[row] = true;
             }
             Some(Err(Invalid::Empty)) | None => b.append_null(),
             Some(Err(_)) => {

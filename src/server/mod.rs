@@ -149,7 +149,9 @@ fn tls_config(files: &TlsFiles) -> Result<ServerTlsConfig, ServerError> {
             return Err(ServerError::Tls(format!(
                 "{} does not exist; create development certificates with `cleanroom certs init --dir {}`, or point --certs-dir or the config file's [tls] at yours",
                 path.display(),
-                path.parent().map(|p| p.display().to_string()).unwrap_or_default()
+                path.parent()
+                    .map(|p| p.display().to_string())
+                    .unwrap_or_default()
             )));
         }
     }
