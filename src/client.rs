@@ -16,6 +16,7 @@ use tonic::transport::{Certificate, Channel, ClientTlsConfig, Identity};
 
 use crate::proto;
 use crate::proto::agreements_client::AgreementsClient;
+use crate::proto::audit_client::AuditClient;
 use crate::proto::datasets_client::DatasetsClient;
 
 /// Where the server is and which certificates to use.
@@ -187,6 +188,22 @@ impl Client {
             .await?
             .into_inner()
             .datasets)
+    }
+}
+
+impl Client {
+    /// Audit entries of an agreement the caller is a party to.
+    pub async fn audit_entries(
+        &mut self,
+        agreement_id: &str,
+    ) -> Result<Vec<proto::AuditEntry>, ClientError> {
+        Ok(AuditClient::new(self.channel.clone())
+            .list_entries(proto::ListAuditEntriesRequest {
+                agreement_id: agreement_id.to_string(),
+            })
+            .await?
+            .into_inner()
+            .entries)
     }
 }
 

@@ -41,6 +41,30 @@ pub enum ServiceError {
     Internal(String),
 }
 
+impl ServiceError {
+    /// The rule an audit entry records for this refusal.
+    pub fn rule(&self) -> String {
+        match self {
+            ServiceError::NoClientCertificate | ServiceError::NoOrganisation => {
+                "auth.certificate".into()
+            }
+            ServiceError::AgreementNotFound(_) => "agreement.party".into(),
+            ServiceError::InvalidArgument { field, .. } => format!("request.{field}"),
+            ServiceError::PermissionDenied { rule, .. } => (*rule).into(),
+            ServiceError::NotInForce { .. } => "agreement.dates".into(),
+            ServiceError::PolicyChanged(_) => "policy.hash".into(),
+            ServiceError::UploadRejected(r) => r.rule.into(),
+            ServiceError::Internal(_) => "internal".into(),
+        }
+    }
+}
+
+impl From<crate::audit::AuditError> for ServiceError {
+    fn from(e: crate::audit::AuditError) -> Self {
+        ServiceError::Internal(e.to_string())
+    }
+}
+
 impl From<crate::storage::StorageError> for ServiceError {
     fn from(e: crate::storage::StorageError) -> Self {
         ServiceError::Internal(e.to_string())

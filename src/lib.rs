@@ -5,6 +5,7 @@
 //! answers aggregate-only SQL under the agreement's policy. See
 //! `docs/policy.md` for the agreement format.
 
+pub mod audit;
 pub mod certs;
 pub mod cli;
 pub mod client;

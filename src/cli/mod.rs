@@ -1,5 +1,6 @@
 //! The `cleanroom` command line. `main.rs` only calls [`main`].
 
+mod audit;
 mod connect;
 mod local;
 mod serve;
@@ -37,6 +38,9 @@ enum Command {
     Datasets(upload::DatasetsArgs),
     /// Generate synthetic partner files for the demo agreement.
     Synth(local::SynthArgs),
+    /// Check the audit chain, or read your agreements' audit entries.
+    #[command(subcommand)]
+    Audit(audit::AuditCommand),
     /// Show the organisation your client certificate names.
     Whoami(connect::WhoamiArgs),
     /// List your agreements, or show one.
@@ -55,6 +59,7 @@ pub fn main() -> ExitCode {
         Command::Upload(args) => upload::run_upload(args),
         Command::Datasets(args) => upload::datasets(args),
         Command::Synth(args) => local::synth(args),
+        Command::Audit(cmd) => audit::run(cmd),
         Command::Whoami(args) => connect::whoami(args),
         Command::Agreements(args) => connect::agreements(args),
     };

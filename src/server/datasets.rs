@@ -7,6 +7,7 @@ use tonic::{Request, Response, Status, Streaming};
 
 use super::AppState;
 use super::auth::caller;
+use crate::audit::Event;
 use crate::error::ServiceError;
 use crate::policy::{AgreementState, Policy, Right};
 use crate::proto;
@@ -55,22 +56,28 @@ pub(super) fn agreement_in_force(
     }
 }
 
+async fn read_header(
+    stream: &mut Streaming<proto::UploadRequest>,
+) -> Result<proto::UploadHeader, ServiceError> {
+    match stream.message().await {
+        Ok(Some(proto::UploadRequest {
+            part: Some(Part::Header(h)),
+        })) => Ok(h),
+        Ok(_) => Err(bad("header", "the first message must be the upload header")),
+        Err(status) => {
+            tracing::info!(code = ?status.code(), "upload stream broke before its header");
+            Err(bad("header", "the upload stream broke before its header"))
+        }
+    }
+}
+
 impl DatasetsService {
     async fn run_upload(
         &self,
         org: String,
+        header: proto::UploadHeader,
         mut stream: Streaming<proto::UploadRequest>,
     ) -> Result<proto::UploadResponse, ServiceError> {
-        let header = match stream.message().await {
-            Ok(Some(proto::UploadRequest {
-                part: Some(Part::Header(h)),
-            })) => h,
-            Ok(_) => return Err(bad("header", "the first message must be the upload header")),
-            Err(status) => {
-                tracing::info!(code = ?status.code(), "upload stream broke before its header");
-                return Err(bad("header", "the upload stream broke before its header"));
-            }
-        };
         let policy = agreement_in_force(&self.state, &org, &header.agreement_id)?;
         let Some(dataset) = policy.dataset(&header.dataset) else {
             return Err(bad(
@@ -194,8 +201,32 @@ impl proto::datasets_server::Datasets for DatasetsService {
         request: Request<Streaming<proto::UploadRequest>>,
     ) -> Result<Response<proto::UploadResponse>, Status> {
         let org = caller(&request)?;
-        let response = self.run_upload(org, request.into_inner()).await?;
-        Ok(Response::new(response))
+        let mut stream = request.into_inner();
+        let header = read_header(&mut stream).await;
+        let (agreement, dataset) = header
+            .as_ref()
+            .map(|h| (h.agreement_id.clone(), h.dataset.clone()))
+            .unwrap_or_default();
+        let outcome = match header {
+            Ok(header) => self.run_upload(org.clone(), header, stream).await,
+            Err(e) => Err(e),
+        };
+        let event = Event {
+            policy_hash: self.state.policy_hash(&agreement),
+            org,
+            agreement,
+            action: "upload",
+            accepted: outcome.is_ok(),
+            rule: outcome.as_ref().err().map(ServiceError::rule),
+            subject: Some(match &outcome {
+                Ok(r) => format!("{dataset} {}", r.version),
+                Err(_) => dataset,
+            }),
+            rows: outcome.as_ref().ok().map(|r| r.rows),
+            ..Event::default()
+        };
+        self.state.audit(event)?;
+        Ok(Response::new(outcome?))
     }
 
     #[tracing::instrument(skip_all, fields(agreement = %request.get_ref().agreement_id))]

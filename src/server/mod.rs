@@ -3,6 +3,7 @@
 //! between protobuf and domain types; rules live in the domain modules.
 
 mod agreements;
+mod audit;
 mod auth;
 mod datasets;
 
@@ -17,14 +18,17 @@ use tonic::transport::server::TcpIncoming;
 use tonic::transport::{Certificate, Identity, Server, ServerTlsConfig};
 use tonic_health::ServingStatus;
 
+use crate::audit::{AuditError, AuditLog, Event};
 use crate::clock::Clock;
 use crate::policy::{PolicyError, PolicySet};
 use crate::proto::agreements_server::AgreementsServer;
+use crate::proto::audit_server::AuditServer;
 use crate::proto::datasets_server::DatasetsServer;
 use crate::storage::{StorageError, Store};
 use crate::upload::Limits;
 
 pub use agreements::AgreementsService;
+pub use audit::AuditService;
 pub use datasets::DatasetsService;
 
 /// Certificate files the server presents and trusts.
@@ -61,6 +65,8 @@ pub enum ServerError {
     },
     #[error("data directory: {0}")]
     Storage(#[from] StorageError),
+    #[error("{0}")]
+    Audit(#[from] AuditError),
     #[error("TLS configuration: {0}")]
     Tls(String),
     #[error("gRPC transport: {0}")]
@@ -74,16 +80,45 @@ pub struct AppState {
     clock: Arc<dyn Clock>,
     store: Store,
     limits: Limits,
+    audit: AuditLog,
 }
 
 impl AppState {
-    pub fn new(policies: PolicySet, clock: Arc<dyn Clock>, store: Store, limits: Limits) -> Self {
+    pub fn new(
+        policies: PolicySet,
+        clock: Arc<dyn Clock>,
+        store: Store,
+        limits: Limits,
+        audit: AuditLog,
+    ) -> Self {
         AppState {
             policies: Arc::new(RwLock::new(Arc::new(policies))),
             clock,
             store,
             limits,
+            audit,
         }
+    }
+
+    pub fn audit_log(&self) -> &AuditLog {
+        &self.audit
+    }
+
+    /// Appends to the audit log; a failure to audit is our fault and fails
+    /// the call, so nothing happens unaudited.
+    pub(crate) fn audit(&self, event: Event) -> Result<(), crate::error::ServiceError> {
+        self.audit
+            .append(event, self.clock.now().unix_timestamp())
+            .map(|_| ())
+            .map_err(Into::into)
+    }
+
+    /// The hash of the policy now in force for `id`, or empty if none.
+    pub(crate) fn policy_hash(&self, id: &str) -> String {
+        self.policies()
+            .get(id)
+            .map(|p| p.hash().to_hex())
+            .unwrap_or_default()
     }
 
     pub fn store(&self) -> &Store {
@@ -183,7 +218,14 @@ pub async fn serve(
         path: PathBuf::from("(listener)"),
         source,
     })?;
-    let state = AppState::new(policies, Arc::clone(&options.clock), store, options.limits);
+    let audit = AuditLog::open(&options.data_dir)?;
+    let state = AppState::new(
+        policies,
+        Arc::clone(&options.clock),
+        store,
+        options.limits,
+        audit,
+    );
 
     let (health_reporter, health_service) = tonic_health::server::health_reporter();
     health_reporter
@@ -233,7 +275,8 @@ pub async fn serve(
         .add_service(health_service)
         .add_service(reflection)
         .add_service(AgreementsServer::new(AgreementsService::new(state.clone())))
-        .add_service(DatasetsServer::new(DatasetsService::new(state)));
+        .add_service(DatasetsServer::new(DatasetsService::new(state.clone())))
+        .add_service(AuditServer::new(AuditService::new(state)));
 
     let (drained_tx, drained_rx) = tokio::sync::oneshot::channel::<()>();
     let server = router.serve_with_incoming_shutdown(incoming, async move {

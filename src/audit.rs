@@ -1,0 +1,418 @@
+//! The audit log: append-only JSON lines, each entry chained to the one
+//! before by BLAKE3, so editing, removing or reordering any entry breaks the
+//! chain. The head (last sequence number and hash) is also kept in a
+//! separate file, so cutting entries off the end is detected too.
+//!
+//! ```text
+//! hash(entry) = BLAKE3(prev_hash_bytes || JSON of the entry with "hash": "")
+//! ```
+//!
+//! Entries hold organisations, agreements, rules, counts and hashes, never a
+//! data value, a fingerprint or a secret.
+
+use std::fs::{File, OpenOptions};
+use std::io::{BufRead, BufReader, Write};
+use std::os::unix::fs::OpenOptionsExt;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+
+use serde::{Deserialize, Serialize};
+
+pub const LOG_FILE: &str = "audit.log";
+pub const HEAD_FILE: &str = "audit.head";
+const GENESIS: [u8; 32] = [0u8; 32];
+
+/// One audited event.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Entry {
+    pub seq: u64,
+    /// Unix seconds.
+    pub time: i64,
+    pub org: String,
+    pub agreement: String,
+    pub policy_hash: String,
+    /// "upload", "overlap", "query".
+    pub action: String,
+    /// "accepted" or "rejected".
+    pub decision: String,
+    /// The rule that decided a rejection.
+    pub rule: Option<String>,
+    /// What the action concerned: a dataset, a version.
+    pub subject: Option<String>,
+    /// BLAKE3 of the SQL text, for queries.
+    pub sql_hash: Option<String>,
+    /// Rows stored or returned.
+    pub rows: Option<u64>,
+    /// Output rows suppressed by the minimum group size.
+    pub suppressed: Option<u64>,
+    /// Hex hash of the previous entry (zeros for the first).
+    pub prev: String,
+    /// Hex hash of this entry.
+    pub hash: String,
+}
+
+/// What a caller records; the log adds sequence, chain and time.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Event {
+    pub org: String,
+    pub agreement: String,
+    pub policy_hash: String,
+    pub action: &'static str,
+    pub accepted: bool,
+    pub rule: Option<String>,
+    pub subject: Option<String>,
+    pub sql_hash: Option<String>,
+    pub rows: Option<u64>,
+    pub suppressed: Option<u64>,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum AuditError {
+    #[error("{path}: {source}")]
+    Io {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("audit log broken at line {line} (entry {seq}): {reason}")]
+    Broken { line: u64, seq: u64, reason: String },
+    #[error("audit log: {0}")]
+    Head(String),
+}
+
+fn io(path: &Path) -> impl FnOnce(std::io::Error) -> AuditError + '_ {
+    move |source| AuditError::Io {
+        path: path.to_path_buf(),
+        source,
+    }
+}
+
+fn entry_hash(entry: &Entry, prev: &[u8; 32]) -> [u8; 32] {
+    let mut unhashed = entry.clone();
+    unhashed.hash = String::new();
+    let json = serde_json::to_vec(&unhashed).expect("entries serialise");
+    let mut hasher = blake3::Hasher::new();
+    hasher.update(prev);
+    hasher.update(&json);
+    *hasher.finalize().as_bytes()
+}
+
+/// The result of checking a log: entry count and head.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Verified {
+    pub entries: u64,
+    pub head: [u8; 32],
+}
+
+/// Checks the whole chain of the log in `dir` and that it ends at the
+/// recorded head. The error names the first broken line.
+pub fn verify(dir: &Path) -> Result<Verified, AuditError> {
+    let (verified, _) = read_chain(dir, |_| {})?;
+    match read_head(dir)? {
+        Some((seq, hash)) if seq != verified.entries || hash != verified.head => {
+            Err(AuditError::Head(format!(
+                "the log ends at entry {} but the recorded head is entry {seq}: entries were removed or added outside the server",
+                verified.entries
+            )))
+        }
+        None if verified.entries > 0 => Err(AuditError::Head(
+            "the head file is missing but the log has entries".into(),
+        )),
+        _ => Ok(verified),
+    }
+}
+
+fn read_chain(dir: &Path, mut each: impl FnMut(&Entry)) -> Result<(Verified, u64), AuditError> {
+    let path = dir.join(LOG_FILE);
+    let mut prev = GENESIS;
+    let mut entries = 0u64;
+    let file = match File::open(&path) {
+        Ok(f) => f,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            return Ok((
+                Verified {
+                    entries: 0,
+                    head: GENESIS,
+                },
+                0,
+            ));
+        }
+        Err(e) => return Err(io(&path)(e)),
+    };
+    let mut bytes = 0u64;
+    for (i, line) in BufReader::new(file).lines().enumerate() {
+        let line = line.map_err(io(&path))?;
+        bytes += line.len() as u64 + 1;
+        let line_no = i as u64 + 1;
+        let broken = |reason: &str| AuditError::Broken {
+            line: line_no,
+            seq: entries + 1,
+            reason: reason.to_string(),
+        };
+        let entry: Entry =
+            serde_json::from_str(&line).map_err(|_| broken("not a well-formed entry"))?;
+        if entry.seq != entries + 1 {
+            return Err(broken(
+                "sequence number out of order: an entry was removed or moved",
+            ));
+        }
+        if entry.prev != hex::encode(prev) {
+            return Err(broken("does not chain to the entry before it"));
+        }
+        let hash = entry_hash(&entry, &prev);
+        if entry.hash != hex::encode(hash) {
+            return Err(broken(
+                "content does not match its hash: the entry was edited",
+            ));
+        }
+        each(&entry);
+        prev = hash;
+        entries += 1;
+    }
+    Ok((
+        Verified {
+            entries,
+            head: prev,
+        },
+        bytes,
+    ))
+}
+
+fn read_head(dir: &Path) -> Result<Option<(u64, [u8; 32])>, AuditError> {
+    let path = dir.join(HEAD_FILE);
+    let text = match std::fs::read_to_string(&path) {
+        Ok(t) => t,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+        Err(e) => return Err(io(&path)(e)),
+    };
+    let mut parts = text.split_whitespace();
+    let parsed = (|| {
+        let seq = parts.next()?.parse().ok()?;
+        let hash: [u8; 32] = hex::decode(parts.next()?).ok()?.try_into().ok()?;
+        Some((seq, hash))
+    })();
+    parsed
+        .map(Some)
+        .ok_or_else(|| AuditError::Head(format!("{} is malformed", path.display())))
+}
+
+fn write_head(dir: &Path, seq: u64, hash: &[u8; 32]) -> Result<(), AuditError> {
+    let path = dir.join(HEAD_FILE);
+    let tmp = dir.join(format!("{HEAD_FILE}.tmp"));
+    let mut f = OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(0o600)
+        .open(&tmp)
+        .map_err(io(&tmp))?;
+    writeln!(f, "{seq} {}", hex::encode(hash)).map_err(io(&tmp))?;
+    f.sync_all().map_err(io(&tmp))?;
+    std::fs::rename(&tmp, &path).map_err(io(&path))
+}
+
+#[derive(Debug)]
+struct State {
+    file: File,
+    seq: u64,
+    head: [u8; 32],
+}
+
+/// The server's audit log. Cheap to clone; appends are serialised.
+#[derive(Debug, Clone)]
+pub struct AuditLog {
+    dir: PathBuf,
+    state: Arc<Mutex<State>>,
+}
+
+impl AuditLog {
+    /// Opens the log in `dir`, checking its whole chain first. A log that
+    /// holds one entry more than its head (a crash between the two writes)
+    /// has its head brought forward; any other mismatch refuses to open.
+    pub fn open(dir: &Path) -> Result<Self, AuditError> {
+        let (verified, _) = read_chain(dir, |_| {})?;
+        match read_head(dir)? {
+            Some((seq, hash)) if seq == verified.entries && hash == verified.head => {}
+            Some((seq, _)) if seq + 1 == verified.entries => {
+                tracing::warn!(
+                    entry = verified.entries,
+                    "audit head was one entry behind; recovered"
+                );
+                write_head(dir, verified.entries, &verified.head)?;
+            }
+            None if verified.entries <= 1 => write_head(dir, verified.entries, &verified.head)?,
+            _ => {
+                return Err(AuditError::Head(
+                    "the log and its recorded head disagree; run `cleanroom audit verify`".into(),
+                ));
+            }
+        }
+        let path = dir.join(LOG_FILE);
+        let file = OpenOptions::new()
+            .append(true)
+            .create(true)
+            .mode(0o600)
+            .open(&path)
+            .map_err(io(&path))?;
+        Ok(AuditLog {
+            dir: dir.to_path_buf(),
+            state: Arc::new(Mutex::new(State {
+                file,
+                seq: verified.entries,
+                head: verified.head,
+            })),
+        })
+    }
+
+    /// Appends an event durably (the line is synced before the head moves).
+    pub fn append(&self, event: Event, time: i64) -> Result<Entry, AuditError> {
+        let mut state = self.state.lock().unwrap_or_else(|e| e.into_inner());
+        let mut entry = Entry {
+            seq: state.seq + 1,
+            time,
+            org: event.org,
+            agreement: event.agreement,
+            policy_hash: event.policy_hash,
+            action: event.action.to_string(),
+            decision: if event.accepted {
+                "accepted"
+            } else {
+                "rejected"
+            }
+            .to_string(),
+            rule: event.rule,
+            subject: event.subject,
+            sql_hash: event.sql_hash,
+            rows: event.rows,
+            suppressed: event.suppressed,
+            prev: hex::encode(state.head),
+            hash: String::new(),
+        };
+        let hash = entry_hash(&entry, &state.head);
+        entry.hash = hex::encode(hash);
+        let mut line = serde_json::to_vec(&entry).expect("entries serialise");
+        line.push(b'\n');
+        let path = self.dir.join(LOG_FILE);
+        state.file.write_all(&line).map_err(io(&path))?;
+        state.file.sync_data().map_err(io(&path))?;
+        write_head(&self.dir, entry.seq, &hash)?;
+        state.seq = entry.seq;
+        state.head = hash;
+        Ok(entry)
+    }
+
+    /// Entries about one agreement, oldest first.
+    pub fn entries_for(&self, agreement: &str) -> Result<Vec<Entry>, AuditError> {
+        let _guard = self.state.lock().unwrap_or_else(|e| e.into_inner());
+        let mut out = Vec::new();
+        read_chain(&self.dir, |e| {
+            if e.agreement == agreement {
+                out.push(e.clone());
+            }
+        })?;
+        Ok(out)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn event(n: u64) -> Event {
+        Event {
+            org: "acme".into(),
+            agreement: "retail-media-demo".into(),
+            policy_hash: "ab".repeat(32),
+            action: "upload",
+            accepted: n.is_multiple_of(2),
+            rule: (!n.is_multiple_of(2)).then(|| "metric.bounds".to_string()),
+            subject: Some("customers".into()),
+            rows: Some(n * 10),
+            ..Event::default()
+        }
+    }
+
+    fn log_with(n: u64) -> tempfile::TempDir {
+        let dir = tempfile::tempdir().unwrap();
+        let log = AuditLog::open(dir.path()).unwrap();
+        for i in 0..n {
+            log.append(event(i), 1_700_000_000 + i as i64).unwrap();
+        }
+        dir
+    }
+
+    fn lines(dir: &Path) -> Vec<String> {
+        std::fs::read_to_string(dir.join(LOG_FILE))
+            .unwrap()
+            .lines()
+            .map(String::from)
+            .collect()
+    }
+
+    fn write_lines(dir: &Path, lines: &[String]) {
+        std::fs::write(dir.join(LOG_FILE), lines.join("\n") + "\n").unwrap();
+    }
+
+    #[test]
+    fn an_intact_log_verifies_and_reopens() {
+        let dir = log_with(5);
+        assert_eq!(verify(dir.path()).unwrap().entries, 5);
+        let log = AuditLog::open(dir.path()).unwrap();
+        let e = log.append(event(5), 1).unwrap();
+        assert_eq!(e.seq, 6);
+        assert_eq!(verify(dir.path()).unwrap().entries, 6);
+        assert_eq!(log.entries_for("retail-media-demo").unwrap().len(), 6);
+        assert!(log.entries_for("other").unwrap().is_empty());
+    }
+
+    #[test]
+    fn editing_any_entry_is_detected_at_that_entry() {
+        for target in 0..5usize {
+            let dir = log_with(5);
+            let mut l = lines(dir.path());
+            l[target] = l[target].replace("\"time\":", "\"time\":1");
+            write_lines(dir.path(), &l);
+            match verify(dir.path()) {
+                Err(AuditError::Broken { line, .. }) => assert_eq!(line, target as u64 + 1),
+                other => panic!("edit of entry {target} not detected: {other:?}"),
+            }
+            assert!(AuditLog::open(dir.path()).is_err());
+        }
+    }
+
+    #[test]
+    fn deleting_or_reordering_any_entry_is_detected() {
+        for target in 0..5usize {
+            let dir = log_with(5);
+            let mut l = lines(dir.path());
+            l.remove(target);
+            write_lines(dir.path(), &l);
+            assert!(
+                verify(dir.path()).is_err(),
+                "deletion of entry {target} not detected"
+            );
+        }
+        let dir = log_with(5);
+        let mut l = lines(dir.path());
+        l.swap(1, 2);
+        write_lines(dir.path(), &l);
+        assert!(matches!(
+            verify(dir.path()),
+            Err(AuditError::Broken { line: 2, .. })
+        ));
+    }
+
+    #[test]
+    fn a_rehashed_edit_still_breaks_the_next_link() {
+        let dir = log_with(3);
+        let mut l = lines(dir.path());
+        let mut e: Entry = serde_json::from_str(&l[0]).unwrap();
+        e.rows = Some(999);
+        e.hash = hex::encode(entry_hash(&e, &GENESIS));
+        l[0] = serde_json::to_string(&e).unwrap();
+        write_lines(dir.path(), &l);
+        assert!(matches!(
+            verify(dir.path()),
+            Err(AuditError::Broken { line: 2, .. })
+        ));
+    }
+}

@@ -1,0 +1,60 @@
+//! The `Audit` service: a party reads the audit entries of its agreements.
+
+use tonic::{Request, Response, Status};
+
+use super::AppState;
+use super::auth::caller;
+use crate::error::ServiceError;
+use crate::proto;
+
+/// Implements `cleanroom.v1.Audit`.
+#[derive(Debug, Clone)]
+pub struct AuditService {
+    state: AppState,
+}
+
+impl AuditService {
+    pub fn new(state: AppState) -> Self {
+        AuditService { state }
+    }
+}
+
+#[tonic::async_trait]
+impl proto::audit_server::Audit for AuditService {
+    #[tracing::instrument(skip_all, fields(agreement = %request.get_ref().agreement_id))]
+    async fn list_entries(
+        &self,
+        request: Request<proto::ListAuditEntriesRequest>,
+    ) -> Result<Response<proto::ListAuditEntriesResponse>, Status> {
+        let org = caller(&request)?;
+        let policy = self
+            .state
+            .agreement_for(&org, &request.get_ref().agreement_id)?;
+        let log = self.state.audit_log().clone();
+        let id = policy.id().to_string();
+        let entries = tokio::task::spawn_blocking(move || log.entries_for(&id))
+            .await
+            .map_err(|e| ServiceError::Internal(format!("audit read task: {e}")))?
+            .map_err(ServiceError::from)?;
+        let entries = entries
+            .into_iter()
+            .map(|e| proto::AuditEntry {
+                seq: e.seq,
+                time: e.time,
+                organisation: e.org,
+                agreement_id: e.agreement,
+                policy_hash: e.policy_hash,
+                action: e.action,
+                decision: e.decision,
+                rule: e.rule,
+                subject: e.subject,
+                sql_hash: e.sql_hash,
+                rows: e.rows,
+                suppressed: e.suppressed,
+                prev: e.prev,
+                hash: e.hash,
+            })
+            .collect();
+        Ok(Response::new(proto::ListAuditEntriesResponse { entries }))
+    }
+}

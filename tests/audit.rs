@@ -1,0 +1,91 @@
+//! Uploads are audited; parties read their agreements' entries; tampering
+//! with the log on disk is detected.
+
+mod common;
+
+use common::{TestServer, secret, synth, upload_options};
+use tonic::Code;
+
+#[tokio::test]
+async fn uploads_are_audited_and_the_chain_detects_tampering() {
+    let mut server = TestServer::start().await;
+    let (files, _) = synth(500, 0.3);
+    let acme = server.client("acme").await;
+    let ok = cleanroom::prepare::upload(
+        &acme,
+        &secret(),
+        &upload_options("customers", &files.path().join("acme-customers.csv")),
+    )
+    .await
+    .unwrap();
+    // A refused upload: a value out of bounds.
+    let bad_path = files.path().join("bad.csv");
+    let text = std::fs::read_to_string(files.path().join("acme-customers.csv")).unwrap();
+    let mut lines: Vec<String> = text.lines().map(String::from).collect();
+    let mut cells: Vec<String> = lines[1].split(',').map(String::from).collect();
+    cells[5] = "77777.77".into();
+    lines[1] = cells.join(",");
+    std::fs::write(&bad_path, lines.join("\n") + "\n").unwrap();
+    assert!(
+        cleanroom::prepare::upload(&acme, &secret(), &upload_options("customers", &bad_path))
+            .await
+            .is_err()
+    );
+
+    // Both parties read the same entries; an outsider cannot.
+    let mut globex = server.client("globex").await;
+    let entries = globex.audit_entries("retail-media-demo").await.unwrap();
+    assert_eq!(entries.len(), 2);
+    assert_eq!(entries[0].organisation, "acme");
+    assert_eq!(entries[0].action, "upload");
+    assert_eq!(entries[0].decision, "accepted");
+    assert_eq!(entries[0].rows, Some(ok.response.rows));
+    assert_eq!(
+        entries[0].subject.as_deref(),
+        Some(format!("customers {}", ok.response.version).as_str())
+    );
+    assert_eq!(entries[1].decision, "rejected");
+    assert_eq!(entries[1].rule.as_deref(), Some("metric.bounds"));
+    assert_eq!(entries[1].prev, entries[0].hash);
+    let dump = format!("{entries:?}");
+    assert!(!dump.contains("77777"), "an entry holds a data value");
+    let mut initech = server.client("initech").await;
+    let err = initech
+        .audit_entries("retail-media-demo")
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Some(Code::NotFound));
+
+    let kept = std::mem::replace(&mut server.data_dir, tempfile::tempdir().unwrap());
+    server.stop().await.unwrap();
+    let data_dir = kept.path().join("data");
+    assert_eq!(cleanroom::audit::verify(&data_dir).unwrap().entries, 2);
+    let verify_cli = || {
+        std::process::Command::new(env!("CARGO_BIN_EXE_cleanroom"))
+            .args(["audit", "verify", "--data-dir"])
+            .arg(&data_dir)
+            .output()
+            .unwrap()
+    };
+    assert!(verify_cli().status.success());
+
+    // Edit the first entry's row count on disk.
+    let log = data_dir.join(cleanroom::audit::LOG_FILE);
+    let original = std::fs::read_to_string(&log).unwrap();
+    let edited = original.replacen(
+        &format!("\"rows\":{}", ok.response.rows),
+        &format!("\"rows\":{}", ok.response.rows + 1),
+        1,
+    );
+    assert_ne!(edited, original);
+    std::fs::write(&log, &edited).unwrap();
+    let out = verify_cli();
+    assert!(!out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("broken at line 1 (entry 1)"), "{stderr}");
+
+    // Delete the last entry.
+    let first_line_only = original.lines().next().unwrap().to_string() + "\n";
+    std::fs::write(&log, first_line_only).unwrap();
+    assert!(!verify_cli().status.success());
+}
