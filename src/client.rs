@@ -18,6 +18,7 @@ use crate::proto;
 use crate::proto::agreements_client::AgreementsClient;
 use crate::proto::audit_client::AuditClient;
 use crate::proto::datasets_client::DatasetsClient;
+use crate::proto::matching_client::MatchingClient;
 
 /// Where the server is and which certificates to use.
 #[derive(Debug, Clone)]
@@ -204,6 +205,24 @@ impl Client {
             .await?
             .into_inner()
             .entries)
+    }
+}
+
+impl Client {
+    /// How many people two datasets of an agreement share (suppressed under
+    /// the minimum group size). `datasets` may be empty for a two-dataset agreement.
+    pub async fn overlap(
+        &mut self,
+        agreement_id: &str,
+        datasets: &[String],
+    ) -> Result<proto::OverlapResponse, ClientError> {
+        Ok(MatchingClient::new(self.channel.clone())
+            .overlap(proto::OverlapRequest {
+                agreement_id: agreement_id.to_string(),
+                datasets: datasets.to_vec(),
+            })
+            .await?
+            .into_inner())
     }
 }
 

@@ -28,6 +28,9 @@ pub enum ServiceError {
     /// FAILED_PRECONDITION: the agreement is not in force (pending or expired).
     #[error("agreement {id:?} is {state}, not in force")]
     NotInForce { id: String, state: &'static str },
+    /// FAILED_PRECONDITION: a dataset the request needs has no upload yet.
+    #[error("dataset {0:?} has no upload yet")]
+    NoData(String),
     /// FAILED_PRECONDITION: the client prepared data under another policy version.
     #[error(
         "rule policy.hash: the policy of agreement {0:?} changed since your client read it; fetch it again"
@@ -53,6 +56,7 @@ impl ServiceError {
             ServiceError::PermissionDenied { rule, .. } => (*rule).into(),
             ServiceError::NotInForce { .. } => "agreement.dates".into(),
             ServiceError::PolicyChanged(_) => "policy.hash".into(),
+            ServiceError::NoData(_) => "dataset.uploaded".into(),
             ServiceError::UploadRejected(r) => r.rule.into(),
             ServiceError::Internal(_) => "internal".into(),
         }
@@ -80,9 +84,9 @@ impl From<ServiceError> for Status {
             ServiceError::AgreementNotFound(_) => Code::NotFound,
             ServiceError::InvalidArgument { .. } => Code::InvalidArgument,
             ServiceError::PermissionDenied { .. } => Code::PermissionDenied,
-            ServiceError::NotInForce { .. } | ServiceError::PolicyChanged(_) => {
-                Code::FailedPrecondition
-            }
+            ServiceError::NotInForce { .. }
+            | ServiceError::PolicyChanged(_)
+            | ServiceError::NoData(_) => Code::FailedPrecondition,
             ServiceError::UploadRejected(r) => match r.kind {
                 crate::upload::RejectionKind::Invalid => Code::InvalidArgument,
                 crate::upload::RejectionKind::TooLarge => Code::ResourceExhausted,

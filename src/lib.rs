@@ -15,6 +15,7 @@ pub mod identity;
 pub mod policy;
 pub mod prepare;
 pub mod proto;
+pub mod psi;
 pub mod server;
 pub mod storage;
 pub mod synth;

@@ -228,3 +228,33 @@ pub fn render_agreement(a: &proto::Agreement) -> String {
     }
     out
 }
+
+#[derive(Debug, Args)]
+pub(super) struct OverlapArgs {
+    #[command(flatten)]
+    connect: ConnectArgs,
+    /// Agreement id.
+    #[arg(long)]
+    agreement: String,
+    /// The two datasets to match (comma-separated); optional when the agreement has two.
+    #[arg(long, value_delimiter = ',')]
+    datasets: Vec<String>,
+}
+
+pub(super) fn overlap(args: OverlapArgs) -> anyhow::Result<ExitCode> {
+    let rt = super::runtime()?;
+    let mut client = args.connect.connect(&rt)?;
+    let r = rt.block_on(client.overlap(&args.agreement, &args.datasets))?;
+    let pair = r.datasets.join(" and ");
+    match r.overlap {
+        Some(n) => println!(
+            "{n} people are in both {pair} (matched on {})",
+            r.matched_on.join(" or ")
+        ),
+        None => println!(
+            "fewer than {} people are in both {pair}: the count is suppressed by the agreement's minimum group size",
+            r.min_group_size
+        ),
+    }
+    Ok(ExitCode::SUCCESS)
+}

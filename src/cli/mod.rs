@@ -38,6 +38,8 @@ enum Command {
     Datasets(upload::DatasetsArgs),
     /// Generate synthetic partner files for the demo agreement.
     Synth(local::SynthArgs),
+    /// How many people two datasets of an agreement share.
+    Overlap(connect::OverlapArgs),
     /// Check the audit chain, or read your agreements' audit entries.
     #[command(subcommand)]
     Audit(audit::AuditCommand),
@@ -60,6 +62,7 @@ pub fn main() -> ExitCode {
         Command::Datasets(args) => upload::datasets(args),
         Command::Synth(args) => local::synth(args),
         Command::Audit(cmd) => audit::run(cmd),
+        Command::Overlap(args) => connect::overlap(args),
         Command::Whoami(args) => connect::whoami(args),
         Command::Agreements(args) => connect::agreements(args),
     };

@@ -6,6 +6,7 @@ mod agreements;
 mod audit;
 mod auth;
 mod datasets;
+mod matching;
 
 use std::future::Future;
 use std::net::SocketAddr;
@@ -24,12 +25,14 @@ use crate::policy::{PolicyError, PolicySet};
 use crate::proto::agreements_server::AgreementsServer;
 use crate::proto::audit_server::AuditServer;
 use crate::proto::datasets_server::DatasetsServer;
+use crate::proto::matching_server::MatchingServer;
 use crate::storage::{StorageError, Store};
 use crate::upload::Limits;
 
 pub use agreements::AgreementsService;
 pub use audit::AuditService;
 pub use datasets::DatasetsService;
+pub use matching::MatchingService;
 
 /// Certificate files the server presents and trusts.
 #[derive(Debug, Clone)]
@@ -276,6 +279,7 @@ pub async fn serve(
         .add_service(reflection)
         .add_service(AgreementsServer::new(AgreementsService::new(state.clone())))
         .add_service(DatasetsServer::new(DatasetsService::new(state.clone())))
+        .add_service(MatchingServer::new(MatchingService::new(state.clone())))
         .add_service(AuditServer::new(AuditService::new(state)));
 
     let (drained_tx, drained_rx) = tokio::sync::oneshot::channel::<()>();

@@ -1,0 +1,277 @@
+//! Matching people across datasets by their keyed fingerprints.
+//!
+//! A person is a connected group of rows: two rows (in the same dataset or
+//! in two datasets) belong to one person when they share a fingerprint of
+//! the same identity kind. So someone who matches on email in one row and
+//! on phone in another counts once, and duplicate rows of one person in a
+//! dataset count once. The overlap is the number of people with rows in
+//! both datasets. Plain functions over Arrow batches: no network, no store.
+
+use std::collections::HashMap;
+use std::hash::{BuildHasherDefault, Hash, Hasher};
+
+use arrow::array::{Array, FixedSizeBinaryArray};
+use arrow::record_batch::RecordBatch;
+
+/// One dataset's rows and which of its columns carry which identity kind.
+#[derive(Debug, Clone, Copy)]
+pub struct Side<'a> {
+    pub batches: &'a [RecordBatch],
+    /// (column index, identity kind)
+    pub identifiers: &'a [(usize, &'a str)],
+}
+
+impl Side<'_> {
+    fn rows(&self) -> usize {
+        self.batches.iter().map(RecordBatch::num_rows).sum()
+    }
+}
+
+/// The outcome of matching two datasets.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Matching {
+    /// People with rows in both datasets.
+    pub overlap: u64,
+    /// Distinct people in each dataset.
+    pub people: [u64; 2],
+    /// Person number of every row, first dataset's rows then the second's;
+    /// equal numbers mean the same person.
+    pub person_of_row: Vec<u32>,
+}
+
+/// Fingerprints are uniformly random, so their first 8 bytes are already a
+/// good hash.
+#[derive(Clone, Copy, PartialEq, Eq)]
+struct Fp([u8; 32]);
+
+impl Hash for Fp {
+    fn hash<H: Hasher>(&self, state: &mut H) {
+        state.write_u64(u64::from_le_bytes(
+            self.0[..8].try_into().expect("32-byte fingerprint"),
+        ));
+    }
+}
+
+#[derive(Default)]
+struct PassThrough(u64);
+
+impl Hasher for PassThrough {
+    fn finish(&self) -> u64 {
+        self.0
+    }
+    fn write(&mut self, bytes: &[u8]) {
+        for b in bytes {
+            self.0 = self.0.rotate_left(8) ^ u64::from(*b);
+        }
+    }
+    fn write_u64(&mut self, n: u64) {
+        self.0 = n;
+    }
+}
+
+type FpMap = HashMap<Fp, u32, BuildHasherDefault<PassThrough>>;
+
+/// Union-find over row numbers, with path halving and union by size.
+struct People {
+    parent: Vec<u32>,
+    size: Vec<u32>,
+}
+
+impl People {
+    fn new(n: usize) -> Self {
+        People {
+            parent: (0..n as u32).collect(),
+            size: vec![1; n],
+        }
+    }
+
+    fn find(&mut self, mut x: u32) -> u32 {
+        while self.parent[x as usize] != x {
+            let grand = self.parent[self.parent[x as usize] as usize];
+            self.parent[x as usize] = grand;
+            x = grand;
+        }
+        x
+    }
+
+    fn union(&mut self, a: u32, b: u32) {
+        let (mut a, mut b) = (self.find(a), self.find(b));
+        if a == b {
+            return;
+        }
+        if self.size[a as usize] < self.size[b as usize] {
+            std::mem::swap(&mut a, &mut b);
+        }
+        self.parent[b as usize] = a;
+        self.size[a as usize] += self.size[b as usize];
+    }
+}
+
+/// Matches two datasets. Rows without any fingerprint are people of their own.
+pub fn match_people(first: Side<'_>, second: Side<'_>) -> Matching {
+    let sides = [first, second];
+    let total: usize = sides.iter().map(Side::rows).sum();
+    assert!(total < u32::MAX as usize, "more rows than a u32 can number");
+    let mut people = People::new(total);
+    let mut by_kind: HashMap<&str, FpMap> = HashMap::new();
+    let mut offset = 0u32;
+    for side in &sides {
+        for batch in side.batches {
+            for &(column, kind) in side.identifiers {
+                let fps = batch
+                    .column(column)
+                    .as_any()
+                    .downcast_ref::<FixedSizeBinaryArray>()
+                    .expect("identifier columns are fixed-size binary");
+                let map = by_kind.entry(kind).or_default();
+                for row in 0..fps.len() {
+                    if fps.is_null(row) {
+                        continue;
+                    }
+                    let fp = Fp(fps.value(row).try_into().expect("32-byte fingerprint"));
+                    let global = offset + row as u32;
+                    match map.entry(fp) {
+                        std::collections::hash_map::Entry::Occupied(e) => {
+                            people.union(global, *e.get());
+                        }
+                        std::collections::hash_map::Entry::Vacant(v) => {
+                            v.insert(global);
+                        }
+                    }
+                }
+            }
+            offset += batch.num_rows() as u32;
+        }
+    }
+    drop(by_kind);
+
+    let first_rows = sides[0].rows() as u32;
+    let mut seen = vec![0u8; total];
+    let mut person_of_row = Vec::with_capacity(total);
+    for row in 0..total as u32 {
+        let root = people.find(row);
+        seen[root as usize] |= if row < first_rows { 1 } else { 2 };
+        person_of_row.push(root);
+    }
+    let count = |mask: u8| seen.iter().filter(|s| **s & mask == mask).count() as u64;
+    Matching {
+        overlap: count(3),
+        people: [count(1), count(2)],
+        person_of_row,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use arrow::array::FixedSizeBinaryBuilder;
+    use arrow::datatypes::{DataType, Field, Schema};
+    use proptest::prelude::*;
+    use std::collections::HashSet;
+    use std::sync::Arc;
+
+    fn fp(n: u64, kind: u8) -> [u8; 32] {
+        let mut key = [0u8; 9];
+        key[..8].copy_from_slice(&n.to_le_bytes());
+        key[8] = kind;
+        *blake3::hash(&key).as_bytes()
+    }
+
+    /// One batch with an email column and a phone column.
+    fn batch(rows: &[(Option<u64>, Option<u64>)]) -> RecordBatch {
+        let mut email = FixedSizeBinaryBuilder::new(32);
+        let mut phone = FixedSizeBinaryBuilder::new(32);
+        for (e, p) in rows {
+            match e {
+                Some(n) => email.append_value(fp(*n, 0)).unwrap(),
+                None => email.append_null(),
+            }
+            match p {
+                Some(n) => phone.append_value(fp(*n, 1)).unwrap(),
+                None => phone.append_null(),
+            }
+        }
+        let schema = Schema::new(vec![
+            Field::new("email", DataType::FixedSizeBinary(32), true),
+            Field::new("phone", DataType::FixedSizeBinary(32), true),
+        ]);
+        RecordBatch::try_new(
+            Arc::new(schema),
+            vec![Arc::new(email.finish()), Arc::new(phone.finish())],
+        )
+        .unwrap()
+    }
+
+    const BOTH: &[(usize, &str)] = &[(0, "email"), (1, "phone")];
+
+    #[test]
+    fn email_or_phone_counts_a_person_once() {
+        // Person 1 matches on email, person 2 on phone, person 3 on both
+        // through two different rows, person 4 only in the first dataset.
+        let a = [batch(&[
+            (Some(1), None),
+            (None, Some(2)),
+            (Some(3), None),
+            (None, Some(3)),
+            (Some(4), Some(4)),
+        ])];
+        let b = [batch(&[
+            (Some(1), Some(10)),
+            (Some(20), Some(2)),
+            (Some(3), Some(3)),
+        ])];
+        let m = match_people(
+            Side {
+                batches: &a,
+                identifiers: BOTH,
+            },
+            Side {
+                batches: &b,
+                identifiers: BOTH,
+            },
+        );
+        assert_eq!(m.overlap, 3);
+        // a: rows 3 and 4 (email 3, phone 3) are one person only through b's row.
+        assert_eq!(m.people, [4, 3]);
+        assert_eq!(m.person_of_row[2], m.person_of_row[3]);
+        assert_eq!(m.person_of_row[0], m.person_of_row[5]);
+    }
+
+    #[test]
+    fn kinds_never_match_each_other() {
+        let a = [batch(&[(Some(7), None)])];
+        let b = [batch(&[(None, Some(7))])];
+        let m = match_people(
+            Side {
+                batches: &a,
+                identifiers: BOTH,
+            },
+            Side {
+                batches: &b,
+                identifiers: BOTH,
+            },
+        );
+        assert_eq!(m.overlap, 0);
+    }
+
+    proptest! {
+        #[test]
+        fn equals_a_plain_set_intersection(
+            a in proptest::collection::hash_set(0u64..400, 0..200),
+            b in proptest::collection::hash_set(0u64..400, 0..200),
+        ) {
+            let rows_a: Vec<_> = a.iter().map(|n| (Some(*n), None)).collect();
+            let rows_b: Vec<_> = b.iter().map(|n| (Some(*n), None)).collect();
+            let (ba, bb) = ([batch(&rows_a)], [batch(&rows_b)]);
+            let m = match_people(
+                Side { batches: &ba, identifiers: BOTH },
+                Side { batches: &bb, identifiers: BOTH },
+            );
+            let expected = a.intersection(&b).count() as u64;
+            prop_assert_eq!(m.overlap, expected);
+            prop_assert_eq!(m.people, [a.len() as u64, b.len() as u64]);
+            let distinct: HashSet<u32> = m.person_of_row.iter().copied().collect();
+            prop_assert_eq!(distinct.len() as u64, (a.len() + b.len()) as u64 - expected);
+        }
+    }
+}
