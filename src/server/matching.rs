@@ -85,13 +85,9 @@ impl MatchingService {
         let store = self.state.store();
         let mut versions = Vec::new();
         for d in [a, b] {
-            let v =
-                store
-                    .current(policy.id(), d.name())?
-                    .ok_or_else(|| ServiceError::NotInForce {
-                        id: policy.id().to_string(),
-                        state: "waiting for uploads",
-                    })?;
+            let v = store
+                .current(policy.id(), d.name())?
+                .ok_or_else(|| ServiceError::NoData(d.name().to_string()))?;
             versions.push(v);
         }
         let (cols_a, cols_b) = (identifier_columns(a), identifier_columns(b));
