@@ -107,32 +107,29 @@ impl People {
     }
 }
 
-/// Matches two datasets. Rows without any fingerprint are people of their own.
-pub fn match_people(first: Side<'_>, second: Side<'_>) -> Matching {
-    let sides = [first, second];
-    let total: usize = sides.iter().map(Side::rows).sum();
-    assert!(total < u32::MAX as usize, "more rows than a u32 can number");
-    let mut people = People::new(total);
-    let mut by_kind: HashMap<&str, FpMap> = HashMap::new();
+/// Rows that share a fingerprint of `kind`, as pairs of row numbers
+/// (numbered across both sides in order).
+fn links_of_kind(sides: &[Side<'_>; 2], kind: &str, capacity: usize) -> Vec<(u32, u32)> {
+    let mut first_row_of = FpMap::with_capacity_and_hasher(capacity, Default::default());
+    let mut links = Vec::new();
     let mut offset = 0u32;
-    for side in &sides {
+    for side in sides {
         for batch in side.batches {
-            for &(column, kind) in side.identifiers {
+            for &(column, _) in side.identifiers.iter().filter(|(_, k)| *k == kind) {
                 let fps = batch
                     .column(column)
                     .as_any()
                     .downcast_ref::<FixedSizeBinaryArray>()
                     .expect("identifier columns are fixed-size binary");
-                let map = by_kind.entry(kind).or_default();
                 for row in 0..fps.len() {
                     if fps.is_null(row) {
                         continue;
                     }
                     let fp = Fp(fps.value(row).try_into().expect("32-byte fingerprint"));
                     let global = offset + row as u32;
-                    match map.entry(fp) {
+                    match first_row_of.entry(fp) {
                         std::collections::hash_map::Entry::Occupied(e) => {
-                            people.union(global, *e.get());
+                            links.push((global, *e.get()));
                         }
                         std::collections::hash_map::Entry::Vacant(v) => {
                             v.insert(global);
@@ -143,7 +140,35 @@ pub fn match_people(first: Side<'_>, second: Side<'_>) -> Matching {
             offset += batch.num_rows() as u32;
         }
     }
-    drop(by_kind);
+    links
+}
+
+/// Matches two datasets. Rows without any fingerprint are people of their own.
+/// Identity kinds are indexed side by side, one thread each.
+pub fn match_people(first: Side<'_>, second: Side<'_>) -> Matching {
+    let sides = [first, second];
+    let total: usize = sides.iter().map(Side::rows).sum();
+    assert!(total < u32::MAX as usize, "more rows than a u32 can number");
+    let mut kinds: Vec<&str> = sides
+        .iter()
+        .flat_map(|s| s.identifiers.iter().map(|(_, k)| *k))
+        .collect();
+    kinds.sort_unstable();
+    kinds.dedup();
+    let links: Vec<Vec<(u32, u32)>> = std::thread::scope(|scope| {
+        let handles: Vec<_> = kinds
+            .iter()
+            .map(|kind| scope.spawn(|| links_of_kind(&sides, kind, total)))
+            .collect();
+        handles
+            .into_iter()
+            .map(|h| h.join().expect("a matching thread panicked"))
+            .collect()
+    });
+    let mut people = People::new(total);
+    for (a, b) in links.into_iter().flatten() {
+        people.union(a, b);
+    }
 
     let first_rows = sides[0].rows() as u32;
     let mut seen = vec![0u8; total];
