@@ -16,6 +16,7 @@ pub mod policy;
 pub mod prepare;
 pub mod proto;
 pub mod psi;
+pub mod query;
 pub mod server;
 pub mod storage;
 pub mod synth;

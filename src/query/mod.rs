@@ -1,0 +1,366 @@
+//! Governed aggregate queries with DataFusion.
+//!
+//! 1. Plan the analyst's SQL in a session that knows only the agreement's
+//!    datasets and the aggregates the product allows (no DataFusion
+//!    defaults: no min, max, array_agg, string_agg, generate_series, ...).
+//! 2. Check the unoptimised plan by allow-list ([`check`]).
+//! 3. Rewrite: the aggregation also counts the distinct matched people
+//!    behind each group, and a filter drops groups under the agreement's
+//!    minimum, counting what it drops.
+//! 4. Execute. Engine errors become fixed texts; their details stay in the
+//!    server log.
+
+mod check;
+mod rewrite;
+
+use std::sync::Arc;
+
+use arrow::array::{ArrayRef, NullArray, UInt32Array};
+use arrow::datatypes::{DataType, Field, Schema, SchemaRef};
+use arrow::record_batch::RecordBatch;
+use datafusion::datasource::MemTable;
+use datafusion::error::DataFusionError;
+use datafusion::execution::SessionStateBuilder;
+use datafusion::functions_aggregate::planner::AggregateFunctionPlanner;
+use datafusion::functions_aggregate::{average::avg_udaf, count::count_udaf, sum::sum_udaf};
+use datafusion::prelude::{SessionConfig, SessionContext};
+
+pub use check::{Checked, Violation, check};
+
+use crate::policy::{ColumnRole, Dataset, Policy};
+
+/// The hidden column holding each row's person number; never visible to
+/// analysts (the checker refuses any column the policy does not declare).
+pub const PERSON_COLUMN: &str = "__person";
+
+/// What a governed query returned.
+#[derive(Debug, Clone)]
+pub struct QueryOutcome {
+    pub schema: SchemaRef,
+    pub batches: Vec<RecordBatch>,
+    /// Output groups dropped for standing for too few people.
+    pub suppressed: u64,
+    pub checked: Checked,
+}
+
+impl QueryOutcome {
+    pub fn rows(&self) -> u64 {
+        self.batches.iter().map(|b| b.num_rows() as u64).sum()
+    }
+}
+
+/// Why a query gave no result.
+#[derive(Debug, thiserror::Error)]
+pub enum QueryError {
+    #[error("{0}")]
+    Refused(Violation),
+    /// The engine failed on an accepted plan; the detail is for the log only.
+    #[error("the query could not be executed")]
+    Engine(String),
+}
+
+/// One dataset's rows, with the person number of every row.
+#[derive(Debug, Clone)]
+pub struct TableData {
+    pub dataset: Dataset,
+    pub batches: Vec<RecordBatch>,
+    /// One entry per row, across batches in order.
+    pub person_of_row: Vec<u32>,
+}
+
+/// The table an analyst sees: the uploaded columns, the sensitive columns as
+/// always-null placeholders (so naming them is refused by rule rather than
+/// as an unknown column), and the hidden person column.
+fn table_batches(t: &TableData) -> Result<(SchemaRef, Vec<RecordBatch>), DataFusionError> {
+    let mut fields: Vec<Field> = Vec::new();
+    for c in t.dataset.columns() {
+        match crate::upload::column_type(c.role()) {
+            Some(dt) => fields.push(Field::new(c.name(), dt, true)),
+            None => fields.push(Field::new(c.name(), DataType::Null, true)),
+        }
+    }
+    fields.push(Field::new(PERSON_COLUMN, DataType::UInt32, false));
+    let schema = Arc::new(Schema::new(fields));
+    let mut out = Vec::with_capacity(t.batches.len());
+    let mut offset = 0usize;
+    for batch in &t.batches {
+        let n = batch.num_rows();
+        let mut uploaded = batch.columns().iter();
+        let mut columns: Vec<ArrayRef> = Vec::with_capacity(schema.fields().len());
+        for c in t.dataset.columns() {
+            match c.role() {
+                ColumnRole::Sensitive => columns.push(Arc::new(NullArray::new(n))),
+                _ => columns.push(Arc::clone(uploaded.next().ok_or_else(|| {
+                    DataFusionError::Internal("stored batch lacks a column".into())
+                })?)),
+            }
+        }
+        let persons = t.person_of_row.get(offset..offset + n).ok_or_else(|| {
+            DataFusionError::Internal("person numbers do not cover the rows".into())
+        })?;
+        columns.push(Arc::new(UInt32Array::from(persons.to_vec())));
+        offset += n;
+        out.push(RecordBatch::try_new(Arc::clone(&schema), columns)?);
+    }
+    Ok((schema, out))
+}
+
+/// A session with only the agreement's tables and the allowed aggregates.
+fn session(tables: &[TableData]) -> Result<SessionContext, DataFusionError> {
+    let config = SessionConfig::new()
+        .with_information_schema(false)
+        .with_target_partitions(2);
+    let state = SessionStateBuilder::new()
+        .with_config(config)
+        .with_aggregate_functions(vec![count_udaf(), sum_udaf(), avg_udaf()])
+        // Plans COUNT(*) as a count of a literal.
+        .with_expr_planners(vec![Arc::new(AggregateFunctionPlanner)])
+        .build();
+    let ctx = SessionContext::new_with_state(state);
+    for t in tables {
+        let (schema, batches) = table_batches(t)?;
+        ctx.register_table(
+            t.dataset.name(),
+            Arc::new(MemTable::try_new(schema, vec![batches])?),
+        )?;
+    }
+    Ok(ctx)
+}
+
+/// Plans and checks `sql` without running it.
+pub async fn plan_and_check(
+    policy: &Policy,
+    tables: &[TableData],
+    sql: &str,
+) -> Result<
+    (
+        SessionContext,
+        datafusion::logical_expr::LogicalPlan,
+        Checked,
+    ),
+    QueryError,
+> {
+    only_a_select(sql).map_err(QueryError::Refused)?;
+    let ctx = session(tables).map_err(|e| QueryError::Engine(e.to_string()))?;
+    let plan = ctx
+        .state()
+        .create_logical_plan(sql)
+        .await
+        .map_err(|e| QueryError::Refused(planning_refusal(&e, policy)))?;
+    let checked = check(&plan, policy).map_err(QueryError::Refused)?;
+    Ok((ctx, plan, checked))
+}
+
+/// Runs a governed query.
+pub async fn run(
+    policy: &Policy,
+    tables: &[TableData],
+    sql: &str,
+) -> Result<QueryOutcome, QueryError> {
+    let (ctx, plan, checked) = plan_and_check(policy, tables, sql).await?;
+    let counter = Arc::new(std::sync::atomic::AtomicU64::new(0));
+    let plan = rewrite::enforce_min_group_size(
+        plan,
+        policy.query().min_group_size(),
+        Arc::clone(&counter),
+    )
+    .map_err(|e| QueryError::Engine(e.to_string()))?;
+    let df = ctx
+        .execute_logical_plan(plan)
+        .await
+        .map_err(|e| QueryError::Engine(e.to_string()))?;
+    let schema: SchemaRef = Arc::new(df.schema().as_arrow().clone());
+    let batches = df
+        .collect()
+        .await
+        .map_err(|e| QueryError::Engine(e.to_string()))?;
+    Ok(QueryOutcome {
+        schema,
+        batches,
+        suppressed: counter.load(std::sync::atomic::Ordering::SeqCst),
+        checked,
+    })
+}
+
+/// Exactly one statement, and a query (SELECT), before anything is planned.
+fn only_a_select(sql: &str) -> Result<(), Violation> {
+    use datafusion::sql::parser::{DFParser, Statement};
+    use datafusion::sql::sqlparser::ast::Statement as SqlStatement;
+    let statements = DFParser::parse_sql(sql).map_err(|_| Violation {
+        policy: false,
+        rule: "sql.syntax",
+        detail: "the SQL could not be parsed".into(),
+    })?;
+    match statements.len() {
+        1 => {}
+        0 => {
+            return Err(Violation {
+                policy: false,
+                rule: "sql.syntax",
+                detail: "no statement".into(),
+            });
+        }
+        _ => {
+            return Err(Violation {
+                policy: false,
+                rule: "sql.syntax",
+                detail: "one statement at a time".into(),
+            });
+        }
+    }
+    match &statements[0] {
+        Statement::Statement(s) if matches!(s.as_ref(), SqlStatement::Query(_)) => Ok(()),
+        Statement::Explain(_) => Err(check::deny(
+            "query.statement",
+            "EXPLAIN is not allowed; only SELECT queries run",
+        )),
+        _ => Err(check::deny(
+            "query.statement",
+            "only SELECT queries run: no DDL, DML, SET, COPY or other statements",
+        )),
+    }
+}
+
+/// A planning failure as a fixed text naming the rule. DataFusion's own
+/// message is never returned: it can quote the query or values.
+fn planning_refusal(e: &DataFusionError, policy: &Policy) -> Violation {
+    let root = e.find_root();
+    let message = root.to_string();
+    let quoted = |prefix: &str| -> Option<String> {
+        let start = message.find(prefix)? + prefix.len();
+        let rest = &message[start..];
+        let name: String = rest
+            .chars()
+            .take_while(|c| c.is_ascii_alphanumeric() || *c == '_')
+            .collect();
+        (!name.is_empty() && name.len() <= 64).then(|| name.to_ascii_lowercase())
+    };
+    match root {
+        DataFusionError::SQL(..) => Violation {
+            policy: false,
+            rule: "sql.syntax",
+            detail: "the SQL could not be parsed".into(),
+        },
+        _ if message.contains("Invalid function") => match quoted("Invalid function '") {
+            Some(name)
+                if [
+                    "min",
+                    "max",
+                    "array_agg",
+                    "string_agg",
+                    "first_value",
+                    "last_value",
+                    "median",
+                    "stddev",
+                    "var",
+                    "approx_distinct",
+                    "bit_and",
+                    "bit_or",
+                    "bool_and",
+                    "bool_or",
+                ]
+                .contains(&name.as_str()) =>
+            {
+                check::deny(
+                    "query.aggregates",
+                    format!("{name} is not allowed in agreement {}", policy.id()),
+                )
+            }
+            Some(name) => check::deny("query.functions", format!("function {name} is not allowed")),
+            None => check::deny("query.functions", "a function in the query is not allowed"),
+        },
+        _ if message.contains("coercion")
+            || message.contains("argument types")
+            || message.contains("does not support") =>
+        {
+            check::deny(
+                "query.aggregate_argument",
+                "an aggregate was given a column of a type it does not accept",
+            )
+        }
+        _ if message.contains("table function") => {
+            check::deny("query.tables", "table functions are not allowed")
+        }
+        _ if message.contains("table '") && message.contains("not found") => {
+            check::deny("query.tables", "queries read the agreement's datasets only")
+        }
+        _ if message.contains("No field named") || message.contains("Schema error") => Violation {
+            policy: false,
+            rule: "sql.columns",
+            detail: "a column in the query does not exist in its tables".into(),
+        },
+        DataFusionError::NotImplemented(_) => {
+            check::deny("query.shape", "this SQL construct is not supported")
+        }
+        _ => Violation {
+            policy: false,
+            rule: "sql.plan",
+            detail: "the query could not be planned".into(),
+        },
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn demo() -> Policy {
+        let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("policies/retail-media-demo.toml");
+        crate::policy::parse_policy(&std::fs::read_to_string(&path).unwrap(), &path).unwrap()
+    }
+
+    #[test]
+    fn engine_errors_map_to_fixed_texts() {
+        let policy = demo();
+        let cases: Vec<(DataFusionError, &str, bool)> = vec![
+            (
+                DataFusionError::Plan("Invalid function 'max'.\nDid you mean 'sum'?".into()),
+                "rule query.aggregates: max is not allowed in agreement retail-media-demo",
+                true,
+            ),
+            (
+                DataFusionError::Plan("Invalid function 'lower'".into()),
+                "rule query.functions: function lower is not allowed",
+                true,
+            ),
+            (
+                DataFusionError::Plan("table 'public.secret_table' not found".into()),
+                "rule query.tables: queries read the agreement's datasets only",
+                true,
+            ),
+            (
+                DataFusionError::Plan("table function 'generate_series' not found".into()),
+                "rule query.tables: table functions are not allowed",
+                true,
+            ),
+            (
+                DataFusionError::SchemaError(
+                    Box::new(datafusion::common::SchemaError::FieldNotFound {
+                        field: Box::new(datafusion::common::Column::from_name("jane@example.com")),
+                        valid_fields: vec![],
+                    }),
+                    Box::new(None),
+                ),
+                "rule sql.columns: a column in the query does not exist in its tables",
+                false,
+            ),
+            (
+                DataFusionError::NotImplemented("Unsupported ast node 'x = 42'".into()),
+                "rule query.shape: this SQL construct is not supported",
+                true,
+            ),
+            (
+                DataFusionError::Execution("value 'jane@example.com' overflowed".into()),
+                "rule sql.plan: the query could not be planned",
+                false,
+            ),
+        ];
+        for (err, text, policy_refusal) in cases {
+            let v = planning_refusal(&err, &policy);
+            assert_eq!(v.to_string(), text);
+            assert_eq!(v.policy, policy_refusal, "{text}");
+            assert!(!v.to_string().contains("jane"), "{v}");
+        }
+    }
+}
