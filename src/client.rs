@@ -19,6 +19,7 @@ use crate::proto::agreements_client::AgreementsClient;
 use crate::proto::audit_client::AuditClient;
 use crate::proto::datasets_client::DatasetsClient;
 use crate::proto::matching_client::MatchingClient;
+use crate::proto::queries_client::QueriesClient;
 
 /// Where the server is and which certificates to use.
 #[derive(Debug, Clone)]
@@ -223,6 +224,55 @@ impl Client {
             })
             .await?
             .into_inner())
+    }
+}
+
+/// A governed query's answer.
+#[derive(Debug, Clone)]
+pub struct QueryAnswer {
+    pub header: proto::QueryHeader,
+    pub schema: arrow::datatypes::SchemaRef,
+    pub batches: Vec<arrow::record_batch::RecordBatch>,
+    pub summary: proto::QuerySummary,
+}
+
+impl Client {
+    /// Runs governed aggregate SQL under an agreement.
+    pub async fn query(
+        &mut self,
+        agreement_id: &str,
+        sql: &str,
+    ) -> Result<QueryAnswer, ClientError> {
+        use proto::query_response::Part;
+        let mut stream = QueriesClient::new(self.channel.clone())
+            .query(proto::QueryRequest {
+                agreement_id: agreement_id.to_string(),
+                sql: sql.to_string(),
+            })
+            .await?
+            .into_inner();
+        let (mut header, mut summary, mut batches) = (None, None, Vec::new());
+        while let Some(message) = stream.message().await? {
+            match message.part {
+                Some(Part::Header(h)) => header = Some(h),
+                Some(Part::Batch(ipc)) => {
+                    batches.extend(crate::upload::decode_batches(&ipc).map_err(|_| {
+                        tonic::Status::data_loss("the server sent a malformed batch")
+                    })?)
+                }
+                Some(Part::Summary(s)) => summary = Some(s),
+                None => {}
+            }
+        }
+        let (Some(header), Some(summary), Some(first)) = (header, summary, batches.first()) else {
+            return Err(tonic::Status::data_loss("the answer ended early").into());
+        };
+        Ok(QueryAnswer {
+            header,
+            schema: first.schema(),
+            batches,
+            summary,
+        })
     }
 }
 

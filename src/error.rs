@@ -39,6 +39,10 @@ pub enum ServiceError {
     /// INVALID_ARGUMENT or RESOURCE_EXHAUSTED (by kind): an upload broke a rule.
     #[error("upload refused, nothing stored: {0}")]
     UploadRejected(crate::upload::Rejection),
+    /// PERMISSION_DENIED (policy) or INVALID_ARGUMENT (malformed SQL): a
+    /// query refused by its rule.
+    #[error("{0}")]
+    QueryRefused(crate::query::Violation),
     /// INTERNAL: our own fault; the detail is logged, never returned.
     #[error("internal error")]
     Internal(String),
@@ -58,6 +62,7 @@ impl ServiceError {
             ServiceError::PolicyChanged(_) => "policy.hash".into(),
             ServiceError::NoData(_) => "dataset.uploaded".into(),
             ServiceError::UploadRejected(r) => r.rule.into(),
+            ServiceError::QueryRefused(v) => v.rule.into(),
             ServiceError::Internal(_) => "internal".into(),
         }
     }
@@ -91,6 +96,8 @@ impl From<ServiceError> for Status {
                 crate::upload::RejectionKind::Invalid => Code::InvalidArgument,
                 crate::upload::RejectionKind::TooLarge => Code::ResourceExhausted,
             },
+            ServiceError::QueryRefused(v) if v.policy => Code::PermissionDenied,
+            ServiceError::QueryRefused(_) => Code::InvalidArgument,
             ServiceError::Internal(detail) => {
                 tracing::warn!(%detail, "internal error");
                 Code::Internal

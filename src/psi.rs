@@ -108,8 +108,8 @@ impl People {
 }
 
 /// Rows that share a fingerprint of `kind`, as pairs of row numbers
-/// (numbered across both sides in order).
-fn links_of_kind(sides: &[Side<'_>; 2], kind: &str, capacity: usize) -> Vec<(u32, u32)> {
+/// (numbered across all sides in order).
+fn links_of_kind(sides: &[Side<'_>], kind: &str, capacity: usize) -> Vec<(u32, u32)> {
     let mut first_row_of = FpMap::with_capacity_and_hasher(capacity, Default::default());
     let mut links = Vec::new();
     let mut offset = 0u32;
@@ -143,10 +143,10 @@ fn links_of_kind(sides: &[Side<'_>; 2], kind: &str, capacity: usize) -> Vec<(u32
     links
 }
 
-/// Matches two datasets. Rows without any fingerprint are people of their own.
-/// Identity kinds are indexed side by side, one thread each.
-pub fn match_people(first: Side<'_>, second: Side<'_>) -> Matching {
-    let sides = [first, second];
+/// The person number of every row of `sides`, in order: rows linked by a
+/// shared fingerprint of one kind have equal numbers. Identity kinds are
+/// indexed side by side, one thread each.
+pub fn people(sides: &[Side<'_>]) -> Vec<u32> {
     let total: usize = sides.iter().map(Side::rows).sum();
     assert!(total < u32::MAX as usize, "more rows than a u32 can number");
     let mut kinds: Vec<&str> = sides
@@ -158,25 +158,27 @@ pub fn match_people(first: Side<'_>, second: Side<'_>) -> Matching {
     let links: Vec<Vec<(u32, u32)>> = std::thread::scope(|scope| {
         let handles: Vec<_> = kinds
             .iter()
-            .map(|kind| scope.spawn(|| links_of_kind(&sides, kind, total)))
+            .map(|kind| scope.spawn(|| links_of_kind(sides, kind, total)))
             .collect();
         handles
             .into_iter()
             .map(|h| h.join().expect("a matching thread panicked"))
             .collect()
     });
-    let mut people = People::new(total);
+    let mut uf = People::new(total);
     for (a, b) in links.into_iter().flatten() {
-        people.union(a, b);
+        uf.union(a, b);
     }
+    (0..total as u32).map(|row| uf.find(row)).collect()
+}
 
-    let first_rows = sides[0].rows() as u32;
-    let mut seen = vec![0u8; total];
-    let mut person_of_row = Vec::with_capacity(total);
-    for row in 0..total as u32 {
-        let root = people.find(row);
-        seen[root as usize] |= if row < first_rows { 1 } else { 2 };
-        person_of_row.push(root);
+/// Matches two datasets. Rows without any fingerprint are people of their own.
+pub fn match_people(first: Side<'_>, second: Side<'_>) -> Matching {
+    let first_rows = first.rows();
+    let person_of_row = people(&[first, second]);
+    let mut seen = vec![0u8; person_of_row.len()];
+    for (row, root) in person_of_row.iter().enumerate() {
+        seen[*root as usize] |= if row < first_rows { 1 } else { 2 };
     }
     let count = |mask: u8| seen.iter().filter(|s| **s & mask == mask).count() as u64;
     Matching {

@@ -258,3 +258,75 @@ pub(super) fn overlap(args: OverlapArgs) -> anyhow::Result<ExitCode> {
     }
     Ok(ExitCode::SUCCESS)
 }
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum OutputFormat {
+    Table,
+    Csv,
+    Json,
+}
+
+#[derive(Debug, Args)]
+pub(super) struct QueryArgs {
+    #[command(flatten)]
+    connect: ConnectArgs,
+    /// Agreement id.
+    #[arg(long)]
+    agreement: String,
+    /// The aggregate query; tables are the agreement's dataset names.
+    #[arg(long)]
+    sql: String,
+    /// Output format.
+    #[arg(long, value_enum, default_value = "table")]
+    format: OutputFormat,
+}
+
+pub(super) fn query(args: QueryArgs) -> anyhow::Result<ExitCode> {
+    let rt = super::runtime()?;
+    let mut client = args.connect.connect(&rt)?;
+    let answer = rt.block_on(client.query(&args.agreement, &args.sql))?;
+    print!("{}", render_answer(&answer, args.format)?);
+    if answer.summary.suppressed > 0 {
+        eprintln!(
+            "{} row(s) suppressed: each stood for fewer than {} people",
+            answer.summary.suppressed, answer.header.min_group_size
+        );
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+/// A query answer as a text table, CSV or JSON lines.
+pub fn render_answer(
+    answer: &crate::client::QueryAnswer,
+    format: OutputFormat,
+) -> anyhow::Result<String> {
+    Ok(match format {
+        OutputFormat::Table => {
+            format!(
+                "{}\n",
+                arrow::util::pretty::pretty_format_batches(&answer.batches)?
+            )
+        }
+        OutputFormat::Csv => {
+            let mut out = Vec::new();
+            {
+                let mut w = arrow::csv::Writer::new(&mut out);
+                for b in &answer.batches {
+                    w.write(b)?;
+                }
+            }
+            String::from_utf8(out)?
+        }
+        OutputFormat::Json => {
+            let mut out = Vec::new();
+            {
+                let mut w = arrow::json::LineDelimitedWriter::new(&mut out);
+                for b in &answer.batches {
+                    w.write(b)?;
+                }
+                w.finish()?;
+            }
+            String::from_utf8(out)?
+        }
+    })
+}

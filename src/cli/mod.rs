@@ -10,7 +10,7 @@ use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
 
-pub use connect::{ConnectArgs, render_agreement};
+pub use connect::{ConnectArgs, OutputFormat, render_agreement, render_answer};
 
 #[derive(Debug, Parser)]
 #[command(name = "cleanroom", version, about = "A self-hosted data clean room", long_about = None)]
@@ -40,6 +40,8 @@ enum Command {
     Synth(local::SynthArgs),
     /// How many people two datasets of an agreement share.
     Overlap(connect::OverlapArgs),
+    /// Run governed aggregate SQL.
+    Query(connect::QueryArgs),
     /// Check the audit chain, or read your agreements' audit entries.
     #[command(subcommand)]
     Audit(audit::AuditCommand),
@@ -63,6 +65,7 @@ pub fn main() -> ExitCode {
         Command::Synth(args) => local::synth(args),
         Command::Audit(cmd) => audit::run(cmd),
         Command::Overlap(args) => connect::overlap(args),
+        Command::Query(args) => connect::query(args),
         Command::Whoami(args) => connect::whoami(args),
         Command::Agreements(args) => connect::agreements(args),
     };

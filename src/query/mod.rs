@@ -68,6 +68,49 @@ pub struct TableData {
     pub person_of_row: Vec<u32>,
 }
 
+/// Every dataset of an agreement as a query table, people numbered across
+/// all of them. `batches` holds each dataset's stored rows (empty if none).
+pub fn agreement_tables(policy: &Policy, batches: Vec<Vec<RecordBatch>>) -> Vec<TableData> {
+    let identifiers: Vec<Vec<(usize, &str)>> = policy
+        .datasets()
+        .iter()
+        .map(|d| {
+            d.uploaded_columns()
+                .enumerate()
+                .filter_map(|(i, c)| match c.role() {
+                    ColumnRole::Identifier { kind } => Some((i, kind.as_str())),
+                    _ => None,
+                })
+                .collect()
+        })
+        .collect();
+    let sides: Vec<crate::psi::Side<'_>> = batches
+        .iter()
+        .zip(&identifiers)
+        .map(|(b, ids)| crate::psi::Side {
+            batches: b,
+            identifiers: ids,
+        })
+        .collect();
+    let persons = crate::psi::people(&sides);
+    let mut offset = 0;
+    policy
+        .datasets()
+        .iter()
+        .zip(batches.clone())
+        .map(|(d, b)| {
+            let n: usize = b.iter().map(RecordBatch::num_rows).sum();
+            let t = TableData {
+                dataset: d.clone(),
+                batches: b,
+                person_of_row: persons[offset..offset + n].to_vec(),
+            };
+            offset += n;
+            t
+        })
+        .collect()
+}
+
 /// The table an analyst sees: the uploaded columns, the sensitive columns as
 /// always-null placeholders (so naming them is refused by rule rather than
 /// as an unknown column), and the hidden person column.
@@ -158,6 +201,16 @@ pub async fn run(
     sql: &str,
 ) -> Result<QueryOutcome, QueryError> {
     let (ctx, plan, checked) = plan_and_check(policy, tables, sql).await?;
+    execute(policy, ctx, plan, checked).await
+}
+
+/// Runs a plan [`plan_and_check`] accepted, under the minimum group size.
+pub async fn execute(
+    policy: &Policy,
+    ctx: SessionContext,
+    plan: datafusion::logical_expr::LogicalPlan,
+    checked: Checked,
+) -> Result<QueryOutcome, QueryError> {
     let counter = Arc::new(std::sync::atomic::AtomicU64::new(0));
     let plan = rewrite::enforce_min_group_size(
         plan,

@@ -7,6 +7,7 @@ mod audit;
 mod auth;
 mod datasets;
 mod matching;
+mod queries;
 
 use std::future::Future;
 use std::net::SocketAddr;
@@ -26,6 +27,7 @@ use crate::proto::agreements_server::AgreementsServer;
 use crate::proto::audit_server::AuditServer;
 use crate::proto::datasets_server::DatasetsServer;
 use crate::proto::matching_server::MatchingServer;
+use crate::proto::queries_server::QueriesServer;
 use crate::storage::{StorageError, Store};
 use crate::upload::Limits;
 
@@ -33,6 +35,7 @@ pub use agreements::AgreementsService;
 pub use audit::AuditService;
 pub use datasets::DatasetsService;
 pub use matching::MatchingService;
+pub use queries::QueriesService;
 
 /// Certificate files the server presents and trusts.
 #[derive(Debug, Clone)]
@@ -84,6 +87,7 @@ pub struct AppState {
     store: Store,
     limits: Limits,
     audit: AuditLog,
+    query_tables: queries::TableCache,
 }
 
 impl AppState {
@@ -100,7 +104,12 @@ impl AppState {
             store,
             limits,
             audit,
+            query_tables: queries::TableCache::default(),
         }
+    }
+
+    pub(crate) fn query_tables(&self) -> &queries::TableCache {
+        &self.query_tables
     }
 
     pub fn audit_log(&self) -> &AuditLog {
@@ -280,6 +289,7 @@ pub async fn serve(
         .add_service(AgreementsServer::new(AgreementsService::new(state.clone())))
         .add_service(DatasetsServer::new(DatasetsService::new(state.clone())))
         .add_service(MatchingServer::new(MatchingService::new(state.clone())))
+        .add_service(QueriesServer::new(QueriesService::new(state.clone())))
         .add_service(AuditServer::new(AuditService::new(state)));
 
     let (drained_tx, drained_rx) = tokio::sync::oneshot::channel::<()>();

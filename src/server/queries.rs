@@ -1,0 +1,207 @@
+//! The `Queries` service: governed aggregate SQL over the agreement's data.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+
+use tokio_stream::wrappers::ReceiverStream;
+use tonic::{Request, Response, Status};
+
+use super::AppState;
+use super::auth::caller;
+use super::datasets::agreement_in_force;
+use crate::audit::Event;
+use crate::error::ServiceError;
+use crate::policy::{Policy, Right};
+use crate::proto;
+use crate::proto::query_response::Part;
+use crate::query::{QueryError, QueryOutcome, TableData, agreement_tables};
+
+/// One agreement's tables and the versions (and policy) they were built from.
+#[derive(Debug)]
+struct Cached {
+    key: Vec<String>,
+    tables: Arc<Vec<TableData>>,
+}
+
+/// The agreement's tables, and for each dataset its name if it has data.
+type Loaded = (Vec<Option<String>>, Arc<Vec<TableData>>);
+
+/// Decrypted and matched tables per agreement, kept while the datasets'
+/// current versions stay the same.
+#[derive(Debug, Default, Clone)]
+pub(crate) struct TableCache {
+    inner: Arc<Mutex<HashMap<String, Cached>>>,
+}
+
+impl TableCache {
+    /// The agreement's tables for its current versions, loading and
+    /// matching them if they changed. Blocking: call off the async runtime.
+    pub(crate) fn tables(&self, state: &AppState, policy: &Policy) -> Result<Loaded, ServiceError> {
+        let store = state.store();
+        let mut versions = Vec::new();
+        for d in policy.datasets() {
+            versions.push(store.current(policy.id(), d.name())?);
+        }
+        let key: Vec<String> = versions
+            .iter()
+            .map(|v| v.as_ref().map(|v| v.version.clone()).unwrap_or_default())
+            .chain(std::iter::once(policy.hash().to_hex()))
+            .collect();
+        let present: Vec<Option<String>> = versions
+            .iter()
+            .map(|v| v.as_ref().map(|v| v.dataset.clone()))
+            .collect();
+        if let Some(cached) = self
+            .inner
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(policy.id())
+            && cached.key == key
+        {
+            return Ok((present, Arc::clone(&cached.tables)));
+        }
+        let mut batches = Vec::new();
+        for v in &versions {
+            batches.push(match v {
+                Some(v) => store.read(v)?,
+                None => Vec::new(),
+            });
+        }
+        let tables = Arc::new(agreement_tables(policy, batches));
+        self.inner.lock().unwrap_or_else(|e| e.into_inner()).insert(
+            policy.id().to_string(),
+            Cached {
+                key,
+                tables: Arc::clone(&tables),
+            },
+        );
+        Ok((present, tables))
+    }
+}
+
+/// Implements `cleanroom.v1.Queries`.
+#[derive(Debug, Clone)]
+pub struct QueriesService {
+    state: AppState,
+}
+
+impl QueriesService {
+    pub fn new(state: AppState) -> Self {
+        QueriesService { state }
+    }
+
+    async fn answer(
+        &self,
+        org: &str,
+        request: &proto::QueryRequest,
+    ) -> Result<(Arc<Policy>, QueryOutcome), ServiceError> {
+        let policy = agreement_in_force(&self.state, org, &request.agreement_id)?;
+        for right in [Right::Query, Right::ReceiveResults] {
+            if !policy.allows(org, right) {
+                return Err(ServiceError::PermissionDenied {
+                    rule: "party.rights",
+                    detail: format!(
+                        "{org} lacks {:?} in agreement {}",
+                        right.as_str(),
+                        policy.id()
+                    ),
+                });
+            }
+        }
+        if request.sql.len() > 64 * 1024 {
+            return Err(ServiceError::InvalidArgument {
+                field: "sql",
+                rule: "must be at most 64 KiB".into(),
+            });
+        }
+        let (state, p) = (self.state.clone(), Arc::clone(&policy));
+        let (present, tables) =
+            tokio::task::spawn_blocking(move || state.query_tables().tables(&state, &p))
+                .await
+                .map_err(|e| ServiceError::Internal(format!("loading tables: {e}")))??;
+        let (ctx, plan, checked) = crate::query::plan_and_check(&policy, &tables, &request.sql)
+            .await
+            .map_err(query_error)?;
+        for name in &checked.datasets {
+            if !present.iter().flatten().any(|p| p == name) {
+                return Err(ServiceError::NoData(name.clone()));
+            }
+        }
+        let outcome = crate::query::execute(&policy, ctx, plan, checked)
+            .await
+            .map_err(query_error)?;
+        Ok((policy, outcome))
+    }
+}
+
+fn query_error(e: QueryError) -> ServiceError {
+    match e {
+        QueryError::Refused(v) => ServiceError::QueryRefused(v),
+        QueryError::Engine(detail) => ServiceError::Internal(format!("query engine: {detail}")),
+    }
+}
+
+type QueryStream = ReceiverStream<Result<proto::QueryResponse, Status>>;
+
+#[tonic::async_trait]
+impl proto::queries_server::Queries for QueriesService {
+    type QueryStream = QueryStream;
+
+    #[tracing::instrument(skip_all, fields(agreement = %request.get_ref().agreement_id))]
+    async fn query(
+        &self,
+        request: Request<proto::QueryRequest>,
+    ) -> Result<Response<Self::QueryStream>, Status> {
+        let org = caller(&request)?;
+        let sql_hash = blake3::hash(request.get_ref().sql.as_bytes())
+            .to_hex()
+            .to_string();
+        let outcome = self.answer(&org, request.get_ref()).await;
+        let agreement = request.get_ref().agreement_id.clone();
+        self.state.audit(Event {
+            policy_hash: self.state.policy_hash(&agreement),
+            org,
+            agreement,
+            action: "query",
+            accepted: outcome.is_ok(),
+            rule: outcome.as_ref().err().map(ServiceError::rule),
+            subject: outcome
+                .as_ref()
+                .ok()
+                .map(|(_, o)| o.checked.datasets.join(" x ")),
+            sql_hash: Some(sql_hash.clone()),
+            rows: outcome.as_ref().ok().map(|(_, o)| o.rows()),
+            suppressed: outcome.as_ref().ok().map(|(_, o)| o.suppressed),
+        })?;
+        let (policy, outcome) = outcome?;
+
+        let mut messages = vec![Part::Header(proto::QueryHeader {
+            policy_hash: policy.hash().to_hex(),
+            min_group_size: policy.query().min_group_size(),
+            datasets: outcome.checked.datasets.clone(),
+        })];
+        let mut batches = outcome.batches.clone();
+        if batches.is_empty() {
+            batches.push(arrow::record_batch::RecordBatch::new_empty(Arc::clone(
+                &outcome.schema,
+            )));
+        }
+        for b in &batches {
+            for ipc in crate::upload::encode_messages(b, crate::upload::MAX_MESSAGE_BYTES)
+                .map_err(|e| ServiceError::Internal(format!("encoding a result: {e}")))?
+            {
+                messages.push(Part::Batch(ipc));
+            }
+        }
+        messages.push(Part::Summary(proto::QuerySummary {
+            rows: outcome.rows(),
+            suppressed: outcome.suppressed,
+            sql_hash,
+        }));
+        let (tx, rx) = tokio::sync::mpsc::channel(messages.len().max(1));
+        for part in messages {
+            let _ = tx.try_send(Ok(proto::QueryResponse { part: Some(part) }));
+        }
+        Ok(Response::new(ReceiverStream::new(rx)))
+    }
+}
