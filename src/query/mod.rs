@@ -149,7 +149,8 @@ fn table_batches(t: &TableData) -> Result<(SchemaRef, Vec<RecordBatch>), DataFus
 }
 
 /// A session with only the agreement's tables and the allowed aggregates.
-fn session(tables: &[TableData]) -> Result<SessionContext, DataFusionError> {
+/// Public for benchmarks that compare governed and plain execution.
+pub fn session(tables: &[TableData]) -> Result<SessionContext, DataFusionError> {
     let config = SessionConfig::new()
         .with_information_schema(false)
         .with_target_partitions(2);

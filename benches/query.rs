@@ -1,0 +1,159 @@
+//! Governed query cost: matching, then a join + group-by with and without
+//! governance, on generated demo-shaped data held in memory.
+//!
+//! ```text
+//! cargo bench --bench query                      # 1M x 1M rows
+//! cargo bench --bench query -- --rows 10000000   # 10M x 10M
+//! ```
+//!
+//! "Plain" runs the same SQL in the same restricted session without the
+//! checker and the minimum-group-size rewrite; the overhead is governed
+//! time over plain time, best of five runs each.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use arrow::array::{FixedSizeBinaryBuilder, Float64Array, Int64Array, StringArray};
+use arrow::datatypes::{DataType, Field, Schema};
+use arrow::record_batch::RecordBatch;
+use cleanroom::policy::Policy;
+
+const SQL: &str = "SELECT c.region, a.interest_segment, COUNT(*) AS people, AVG(c.lifetime_value) AS ltv, \
+                   SUM(a.spend) AS spend FROM customers c JOIN audience a ON c.email = a.email \
+                   GROUP BY c.region, a.interest_segment";
+
+fn arg(name: &str, default: u64) -> u64 {
+    let args: Vec<String> = std::env::args().collect();
+    args.iter()
+        .position(|a| a == name)
+        .and_then(|i| args.get(i + 1))
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(default)
+}
+
+fn fp(person: u64, kind: u8) -> [u8; 32] {
+    let mut input = [0u8; 9];
+    input[..8].copy_from_slice(&person.to_le_bytes());
+    input[8] = kind;
+    *blake3::hash(&input).as_bytes()
+}
+
+const REGIONS: [&str; 4] = ["north", "south", "east", "west"];
+const AGES: [&str; 6] = ["18-24", "25-34", "35-44", "45-54", "55-64", "65+"];
+const SEGMENTS: [&str; 6] = ["sports", "travel", "home", "tech", "fashion", "food"];
+
+/// Batches of 65,536 rows of one side.
+fn side(ids: &[u64], customers: bool) -> Vec<RecordBatch> {
+    ids.chunks(65_536)
+        .map(|chunk| {
+            let mut email = FixedSizeBinaryBuilder::new(32);
+            let mut phone = FixedSizeBinaryBuilder::new(32);
+            for p in chunk {
+                email.append_value(fp(*p, 0)).expect("32 bytes");
+                if p % 10 < 7 {
+                    phone.append_value(fp(*p, 1)).expect("32 bytes");
+                } else {
+                    phone.append_null();
+                }
+            }
+            let (dim, dim_values, metric_name): (&str, &[&str], &str) = if customers {
+                ("age_band", &AGES, "region")
+            } else {
+                ("interest_segment", &SEGMENTS, "ad_exposures")
+            };
+            let mut fields = vec![
+                Field::new("email", DataType::FixedSizeBinary(32), true),
+                Field::new("phone", DataType::FixedSizeBinary(32), true),
+                Field::new(dim, DataType::Utf8, true),
+            ];
+            let mut columns: Vec<arrow::array::ArrayRef> = vec![
+                Arc::new(email.finish()),
+                Arc::new(phone.finish()),
+                Arc::new(StringArray::from_iter_values(
+                    chunk
+                        .iter()
+                        .map(|p| dim_values[(p * 7 % dim_values.len() as u64) as usize]),
+                )),
+            ];
+            if customers {
+                fields.push(Field::new(metric_name, DataType::Utf8, true));
+                fields.push(Field::new("lifetime_value", DataType::Float64, true));
+                columns.push(Arc::new(StringArray::from_iter_values(
+                    chunk.iter().map(|p| REGIONS[(p * 13 % 4) as usize]),
+                )));
+                columns.push(Arc::new(Float64Array::from_iter_values(
+                    chunk.iter().map(|p| (p * 37 % 5000) as f64),
+                )));
+            } else {
+                fields.push(Field::new(metric_name, DataType::Int64, true));
+                fields.push(Field::new("spend", DataType::Float64, true));
+                columns.push(Arc::new(Int64Array::from_iter_values(
+                    chunk.iter().map(|p| (p % 50) as i64),
+                )));
+                columns.push(Arc::new(Float64Array::from_iter_values(
+                    chunk.iter().map(|p| (p * 11 % 2000) as f64),
+                )));
+            }
+            RecordBatch::try_new(Arc::new(Schema::new(fields)), columns).expect("valid batch")
+        })
+        .collect()
+}
+
+fn best(times: &[Duration]) -> Duration {
+    *times.iter().min().expect("at least one run")
+}
+
+#[tokio::main(flavor = "multi_thread", worker_threads = 2)]
+async fn main() -> Result<(), Box<dyn std::error::Error>> {
+    let rows = arg("--rows", 1_000_000);
+    let path =
+        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("policies/retail-media-demo.toml");
+    let policy: Policy = cleanroom::policy::parse_policy(&std::fs::read_to_string(&path)?, &path)?;
+    let shared = rows * 3 / 10;
+    let t = Instant::now();
+    let customers: Vec<u64> = (0..rows).collect();
+    let audience: Vec<u64> = (0..shared).chain(rows..2 * rows - shared).collect();
+    let batches = vec![side(&customers, true), side(&audience, false)];
+    println!(
+        "generated {rows} x {rows} rows in {:.1} s",
+        t.elapsed().as_secs_f64()
+    );
+
+    let t = Instant::now();
+    let tables = cleanroom::query::agreement_tables(&policy, batches);
+    let matching = t.elapsed();
+    println!(
+        "matching (people across both datasets)   {:>8.3} s",
+        matching.as_secs_f64()
+    );
+
+    let mut governed = Vec::new();
+    let mut plain = Vec::new();
+    let mut groups = 0;
+    for _ in 0..5 {
+        let t = Instant::now();
+        let outcome = cleanroom::query::run(&policy, &tables, SQL).await?;
+        governed.push(t.elapsed());
+        groups = outcome.rows();
+
+        let t = Instant::now();
+        let ctx = cleanroom::query::session(&tables)?;
+        let batches = ctx.sql(SQL).await?.collect().await?;
+        plain.push(t.elapsed());
+        assert!(!batches.is_empty());
+    }
+    let (g, p) = (best(&governed), best(&plain));
+    println!(
+        "governed join + group-by ({groups} groups)   {:>8.3} s",
+        g.as_secs_f64()
+    );
+    println!(
+        "same plan without governance             {:>8.3} s",
+        p.as_secs_f64()
+    );
+    println!(
+        "governance overhead                      {:>8.1} %",
+        (g.as_secs_f64() / p.as_secs_f64() - 1.0) * 100.0
+    );
+    Ok(())
+}
