@@ -8,8 +8,10 @@
 //! server on 127.0.0.1 with mutual TLS and the agreements in `policies/`,
 //! then shows what each organisation may see, and what an outsider and a
 //! caller without a certificate get. Then both partners fingerprint
-//! synthetic customer files on "their" side and upload them, and one upload
-//! is refused. Everything lives in a temporary folder.
+//! synthetic customer files on "their" side and upload them (one upload is
+//! refused), the overlap is counted, acme's analyst runs governed aggregate
+//! queries (two refused, with their rules), and the audit log is shown.
+//! Everything lives in a temporary folder.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -178,7 +180,70 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         Ok(_) => return Err("expected PERMISSION_DENIED".into()),
     }
 
-    step("11. Graceful shutdown: health turns NOT_SERVING, in-flight calls finish");
+    step("11. The overlap: people in both datasets, matched on email or phone");
+    let overlap = acme.overlap("retail-media-demo", &[]).await?;
+    println!(
+        "   {} people are both acme customers and globex audience (generator's truth: {})",
+        overlap
+            .overlap
+            .map(|n| n.to_string())
+            .unwrap_or_else(|| "suppressed".into()),
+        truth.overlap
+    );
+
+    step("12. acme's analyst asks aggregate questions; every row stands for at least 50 people");
+    for (question, sql) in [
+        (
+            "Matched customers' average lifetime value and publisher spend, by region",
+            "SELECT c.region, COUNT(*) AS people, AVG(c.lifetime_value) AS avg_ltv, AVG(a.spend) AS avg_spend \
+             FROM customers c JOIN audience a ON c.email = a.email GROUP BY c.region ORDER BY c.region",
+        ),
+        (
+            "Sports and travel fans by age band and region, largest groups first (small groups suppressed)",
+            "SELECT a.interest_segment, c.age_band, c.region, COUNT(*) AS people, AVG(c.lifetime_value) AS avg_ltv \
+             FROM customers c JOIN audience a ON c.email = a.email \
+             WHERE a.interest_segment IN ('sports', 'travel') \
+             GROUP BY a.interest_segment, c.age_band, c.region ORDER BY people DESC LIMIT 5",
+        ),
+    ] {
+        println!("   {question}:");
+        let answer = acme.query("retail-media-demo", sql).await?;
+        let table = cleanroom::cli::render_answer(&answer, cleanroom::cli::OutputFormat::Table)?;
+        for line in table.lines() {
+            println!("   {line}");
+        }
+        println!(
+            "   {} row(s), {} suppressed for standing for fewer than {} people",
+            answer.summary.rows, answer.summary.suppressed, answer.header.min_group_size
+        );
+    }
+
+    step("13. A query that would describe individuals is refused, with the rule it broke");
+    let sneaky =
+        "SELECT c.email, c.lifetime_value FROM customers c JOIN audience a ON c.email = a.email";
+    match acme.query("retail-media-demo", sneaky).await {
+        Err(e) => println!("   refused: {e}"),
+        Ok(_) => return Err("expected PERMISSION_DENIED".into()),
+    }
+    let max = "SELECT c.region, MAX(c.lifetime_value) FROM customers c JOIN audience a ON c.email = a.email GROUP BY c.region";
+    match acme.query("retail-media-demo", max).await {
+        Err(e) => println!("   refused: {e}"),
+        Ok(_) => return Err("expected PERMISSION_DENIED".into()),
+    }
+
+    step("14. The audit log both partners can read");
+    for e in acme.audit_entries("retail-media-demo").await? {
+        println!(
+            "   #{} {} {} {}{}",
+            e.seq,
+            e.organisation,
+            e.action,
+            e.decision,
+            e.rule.map(|r| format!(" ({r})")).unwrap_or_default()
+        );
+    }
+
+    step("15. Graceful shutdown: health turns NOT_SERVING, in-flight calls finish");
     let _ = stop.send(());
     server.await??;
     println!("   server stopped cleanly");
