@@ -109,9 +109,14 @@ impl People {
 
 /// Rows that share a fingerprint of `kind`, as pairs of row numbers
 /// (numbered across all sides in order).
+///
+/// The index is keyed by the fingerprint's first 8 bytes (16-byte entries
+/// instead of 40, so far fewer cache misses); a prefix hit is confirmed on
+/// the full 32 bytes, and the rare different fingerprint sharing a prefix
+/// goes to an exact index.
 fn links_of_kind(sides: &[Side<'_>], kind: &str, capacity: usize) -> Vec<(u32, u32)> {
-    let mut first_row_of = FpMap::with_capacity_and_hasher(capacity, Default::default());
-    let mut links = Vec::new();
+    // Every column of this kind with the global number of its first row.
+    let mut columns: Vec<(u32, &FixedSizeBinaryArray)> = Vec::new();
     let mut offset = 0u32;
     for side in sides {
         for batch in side.batches {
@@ -121,23 +126,47 @@ fn links_of_kind(sides: &[Side<'_>], kind: &str, capacity: usize) -> Vec<(u32, u
                     .as_any()
                     .downcast_ref::<FixedSizeBinaryArray>()
                     .expect("identifier columns are fixed-size binary");
-                for row in 0..fps.len() {
-                    if fps.is_null(row) {
-                        continue;
-                    }
-                    let fp = Fp(fps.value(row).try_into().expect("32-byte fingerprint"));
-                    let global = offset + row as u32;
-                    match first_row_of.entry(fp) {
-                        std::collections::hash_map::Entry::Occupied(e) => {
-                            links.push((global, *e.get()));
-                        }
-                        std::collections::hash_map::Entry::Vacant(v) => {
-                            v.insert(global);
+                columns.push((offset, fps));
+            }
+            offset += batch.num_rows() as u32;
+        }
+    }
+    let mut first: HashMap<u64, u64, BuildHasherDefault<PassThrough>> =
+        HashMap::with_capacity_and_hasher(capacity, Default::default());
+    let mut exact = FpMap::default();
+    let mut links = Vec::new();
+    for (entry, (offset, fps)) in columns.iter().enumerate() {
+        for row in 0..fps.len() {
+            if fps.is_null(row) {
+                continue;
+            }
+            let value = fps.value(row);
+            let prefix = u64::from_le_bytes(value[..8].try_into().expect("32-byte fingerprint"));
+            let global = offset + row as u32;
+            let here = ((entry as u64) << 32) | u64::from(global);
+            match first.entry(prefix) {
+                std::collections::hash_map::Entry::Vacant(v) => {
+                    v.insert(here);
+                }
+                std::collections::hash_map::Entry::Occupied(o) => {
+                    let seen = *o.get();
+                    let (seen_entry, seen_global) = ((seen >> 32) as usize, seen as u32);
+                    let (seen_offset, seen_fps) = columns[seen_entry];
+                    if seen_fps.value((seen_global - seen_offset) as usize) == value {
+                        links.push((global, seen_global));
+                    } else {
+                        let fp = Fp(value.try_into().expect("32-byte fingerprint"));
+                        match exact.entry(fp) {
+                            std::collections::hash_map::Entry::Occupied(x) => {
+                                links.push((global, *x.get()));
+                            }
+                            std::collections::hash_map::Entry::Vacant(x) => {
+                                x.insert(global);
+                            }
                         }
                     }
                 }
             }
-            offset += batch.num_rows() as u32;
         }
     }
     links
@@ -279,6 +308,45 @@ mod tests {
             },
         );
         assert_eq!(m.overlap, 0);
+    }
+
+    #[test]
+    fn fingerprints_sharing_a_prefix_are_told_apart() {
+        let schema = Arc::new(Schema::new(vec![Field::new(
+            "email",
+            DataType::FixedSizeBinary(32),
+            true,
+        )]));
+        let mk = |tails: &[u8]| {
+            let mut b = FixedSizeBinaryBuilder::new(32);
+            for t in tails {
+                let mut v = [7u8; 32];
+                v[31] = *t;
+                b.append_value(v).unwrap();
+            }
+            RecordBatch::try_new(Arc::clone(&schema), vec![Arc::new(b.finish())]).unwrap()
+        };
+        // Same first 8 bytes everywhere; full values 1, 2 and 3.
+        let a = [mk(&[1, 2])];
+        let b = [mk(&[2, 3, 3])];
+        let ids: &[(usize, &str)] = &[(0, "email")];
+        let m = match_people(
+            Side {
+                batches: &a,
+                identifiers: ids,
+            },
+            Side {
+                batches: &b,
+                identifiers: ids,
+            },
+        );
+        assert_eq!(m.overlap, 1, "only the value 2 is in both");
+        assert_eq!(m.people, [2, 2]);
+        assert_eq!(
+            m.person_of_row[3], m.person_of_row[4],
+            "the two 3s are one person"
+        );
+        assert_ne!(m.person_of_row[0], m.person_of_row[1]);
     }
 
     proptest! {
