@@ -9,6 +9,10 @@
 //! on 70% of rows; 30% of the first side's people are in the second. Times
 //! the matching itself (the data is already decrypted in memory).
 
+mod common;
+
+use common::{arg, fingerprint};
+
 use std::sync::Arc;
 use std::time::Instant;
 
@@ -16,22 +20,6 @@ use arrow::array::FixedSizeBinaryBuilder;
 use arrow::datatypes::{DataType, Field, Schema};
 use arrow::record_batch::RecordBatch;
 use cleanroom::psi::{Side, match_people};
-
-fn arg(name: &str, default: u64) -> u64 {
-    let args: Vec<String> = std::env::args().collect();
-    args.iter()
-        .position(|a| a == name)
-        .and_then(|i| args.get(i + 1))
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(default)
-}
-
-fn fingerprint(person: u64, kind: u8) -> [u8; 32] {
-    let mut input = [0u8; 9];
-    input[..8].copy_from_slice(&person.to_le_bytes());
-    input[8] = kind;
-    *blake3::hash(&input).as_bytes()
-}
 
 /// Batches of 65,536 rows for people `ids`.
 fn side(ids: impl Iterator<Item = u64>) -> Vec<RecordBatch> {

@@ -10,6 +10,10 @@
 //! checker and the minimum-group-size rewrite; the overhead is governed
 //! time over plain time, best of five runs each.
 
+mod common;
+
+use common::{arg, fingerprint};
+
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -22,22 +26,6 @@ const SQL: &str = "SELECT c.region, a.interest_segment, COUNT(*) AS people, AVG(
                    SUM(a.spend) AS spend FROM customers c JOIN audience a ON c.email = a.email \
                    GROUP BY c.region, a.interest_segment";
 
-fn arg(name: &str, default: u64) -> u64 {
-    let args: Vec<String> = std::env::args().collect();
-    args.iter()
-        .position(|a| a == name)
-        .and_then(|i| args.get(i + 1))
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(default)
-}
-
-fn fp(person: u64, kind: u8) -> [u8; 32] {
-    let mut input = [0u8; 9];
-    input[..8].copy_from_slice(&person.to_le_bytes());
-    input[8] = kind;
-    *blake3::hash(&input).as_bytes()
-}
-
 const REGIONS: [&str; 4] = ["north", "south", "east", "west"];
 const AGES: [&str; 6] = ["18-24", "25-34", "35-44", "45-54", "55-64", "65+"];
 const SEGMENTS: [&str; 6] = ["sports", "travel", "home", "tech", "fashion", "food"];
@@ -49,9 +37,9 @@ fn side(ids: &[u64], customers: bool) -> Vec<RecordBatch> {
             let mut email = FixedSizeBinaryBuilder::new(32);
             let mut phone = FixedSizeBinaryBuilder::new(32);
             for p in chunk {
-                email.append_value(fp(*p, 0)).expect("32 bytes");
+                email.append_value(fingerprint(*p, 0)).expect("32 bytes");
                 if p % 10 < 7 {
-                    phone.append_value(fp(*p, 1)).expect("32 bytes");
+                    phone.append_value(fingerprint(*p, 1)).expect("32 bytes");
                 } else {
                     phone.append_null();
                 }

@@ -11,6 +11,10 @@
 //! encryption and commit of already prepared batches; the commit step alone;
 //! and the whole upload end to end.
 
+mod common;
+
+use common::arg;
+
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -24,15 +28,6 @@ use cleanroom::proto::datasets_client::DatasetsClient;
 use cleanroom::proto::upload_request::Part;
 use cleanroom::server::{ServerOptions, TlsFiles};
 use cleanroom::upload::{Limits, MAX_MESSAGE_BYTES, ROWS_PER_MESSAGE, encode_messages};
-
-fn arg(name: &str, default: u64) -> u64 {
-    let args: Vec<String> = std::env::args().collect();
-    args.iter()
-        .position(|a| a == name)
-        .and_then(|i| args.get(i + 1))
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(default)
-}
 
 fn rate(rows: u64, d: Duration) -> String {
     format!(
