@@ -51,8 +51,13 @@ fn spend(p: u64) -> f64 {
 /// customers: people 0..n; audience: people 0..shared and n..; email on all
 /// rows, phone on even people.
 fn tables(n: u64, shared: u64) -> Vec<TableData> {
+    tables_of((0..n).collect(), shared)
+}
+
+/// As [`tables`], with the customers' people given (repeats allowed).
+fn tables_of(customers_ids: Vec<u64>, shared: u64) -> Vec<TableData> {
     let policy = demo();
-    let customers_ids: Vec<u64> = (0..n).collect();
+    let n = customers_ids.iter().max().map_or(0, |m| m + 1);
     let audience_ids: Vec<u64> = (0..shared).chain(n..n + (n - shared)).collect();
     let ids = |people: &[u64]| {
         let mut email = FixedSizeBinaryBuilder::new(32);
@@ -127,18 +132,18 @@ fn tables(n: u64, shared: u64) -> Vec<TableData> {
             identifiers: ids,
         },
     );
-    let split = n as usize;
+    let split = customers_ids.len();
     vec![
-        TableData {
-            dataset: policy.dataset("customers").unwrap().clone(),
-            batches: c,
-            person_of_row: m.person_of_row[..split].to_vec(),
-        },
-        TableData {
-            dataset: policy.dataset("audience").unwrap().clone(),
-            batches: a,
-            person_of_row: m.person_of_row[split..].to_vec(),
-        },
+        TableData::new(
+            policy.dataset("customers").unwrap().clone(),
+            c,
+            m.person_of_row[..split].to_vec(),
+        ),
+        TableData::new(
+            policy.dataset("audience").unwrap().clone(),
+            a,
+            m.person_of_row[split..].to_vec(),
+        ),
     ]
 }
 
@@ -259,4 +264,43 @@ async fn governed_results_equal_the_plain_computation_without_small_groups() {
     .unwrap();
     assert_eq!(outcome.rows(), 0);
     assert_eq!(outcome.suppressed, 1);
+}
+
+#[tokio::test]
+async fn people_are_counted_not_rows() {
+    let policy = demo();
+    // 30 matched people, each with two customer rows: 60 joined rows but 30 people.
+    let ids: Vec<u64> = (0..200).flat_map(|p| [p, p]).collect();
+    let data = tables_of(ids, 30);
+    assert!(!data[0].one_row_per_person);
+    let outcome = run(
+        &policy,
+        &data,
+        "SELECT COUNT(*) FROM customers c JOIN audience a ON c.email = a.email",
+    )
+    .await
+    .unwrap();
+    assert_eq!(
+        outcome.rows(),
+        0,
+        "30 people are under the minimum of 50, whatever the row count"
+    );
+    assert_eq!(outcome.suppressed, 1);
+
+    // 60 matched people with two rows each pass.
+    let ids: Vec<u64> = (0..200).flat_map(|p| [p, p]).collect();
+    let data = tables_of(ids, 60);
+    let outcome = run(
+        &policy,
+        &data,
+        "SELECT COUNT(*) AS n FROM customers c JOIN audience a ON c.email = a.email",
+    )
+    .await
+    .unwrap();
+    assert_eq!(outcome.rows(), 1);
+    let n = outcome.batches[0]
+        .column(0)
+        .as_primitive::<Int64Type>()
+        .value(0);
+    assert_eq!(n, 120, "COUNT(*) still counts joined rows");
 }

@@ -66,6 +66,23 @@ pub struct TableData {
     pub batches: Vec<RecordBatch>,
     /// One entry per row, across batches in order.
     pub person_of_row: Vec<u32>,
+    /// No person has two rows in this table.
+    pub one_row_per_person: bool,
+}
+
+impl TableData {
+    pub fn new(dataset: Dataset, batches: Vec<RecordBatch>, person_of_row: Vec<u32>) -> Self {
+        let mut seen = vec![false; person_of_row.iter().max().map_or(0, |m| *m as usize + 1)];
+        let one_row_per_person = person_of_row
+            .iter()
+            .all(|p| !std::mem::replace(&mut seen[*p as usize], true));
+        TableData {
+            dataset,
+            batches,
+            person_of_row,
+            one_row_per_person,
+        }
+    }
 }
 
 /// Every dataset of an agreement as a query table, people numbered across
@@ -100,11 +117,7 @@ pub fn agreement_tables(policy: &Policy, batches: Vec<Vec<RecordBatch>>) -> Vec<
         .zip(batches.clone())
         .map(|(d, b)| {
             let n: usize = b.iter().map(RecordBatch::num_rows).sum();
-            let t = TableData {
-                dataset: d.clone(),
-                batches: b,
-                person_of_row: persons[offset..offset + n].to_vec(),
-            };
+            let t = TableData::new(d.clone(), b, persons[offset..offset + n].to_vec());
             offset += n;
             t
         })
@@ -202,7 +215,16 @@ pub async fn run(
     sql: &str,
 ) -> Result<QueryOutcome, QueryError> {
     let (ctx, plan, checked) = plan_and_check(policy, tables, sql).await?;
-    execute(policy, ctx, plan, checked).await
+    let single = one_row_per_person(tables, &checked);
+    execute(policy, ctx, plan, checked, single).await
+}
+
+/// Whether every table the query reads has at most one row per person.
+pub fn one_row_per_person(tables: &[TableData], checked: &Checked) -> bool {
+    tables
+        .iter()
+        .filter(|t| checked.datasets.iter().any(|d| d == t.dataset.name()))
+        .all(|t| t.one_row_per_person)
 }
 
 /// Runs a plan [`plan_and_check`] accepted, under the minimum group size.
@@ -211,12 +233,19 @@ pub async fn execute(
     ctx: SessionContext,
     plan: datafusion::logical_expr::LogicalPlan,
     checked: Checked,
+    one_row_per_person: bool,
 ) -> Result<QueryOutcome, QueryError> {
     let counter = Arc::new(std::sync::atomic::AtomicU64::new(0));
+    let counting = if one_row_per_person {
+        rewrite::PeopleCount::Rows
+    } else {
+        rewrite::PeopleCount::Distinct
+    };
     let plan = rewrite::enforce_min_group_size(
         plan,
         policy.query().min_group_size(),
         Arc::clone(&counter),
+        counting,
     )
     .map_err(|e| QueryError::Engine(e.to_string()))?;
     let df = ctx

@@ -25,7 +25,7 @@ use datafusion::functions_aggregate::count::count_udaf;
 use datafusion::logical_expr::expr::AggregateFunction;
 use datafusion::logical_expr::{
     Aggregate, ColumnarValue, Expr, Filter, LogicalPlan, ScalarFunctionArgs, ScalarUDF,
-    ScalarUDFImpl, Signature, Volatility, col,
+    ScalarUDFImpl, Signature, Volatility, col, lit,
 };
 
 use super::PERSON_COLUMN;
@@ -99,12 +99,25 @@ fn person_column(input: &LogicalPlan) -> Result<Column> {
         .ok_or_else(|| DataFusionError::Internal("no person column under the aggregate".into()))
 }
 
-/// Adds the distinct-people count to the aggregation and drops groups under
-/// `min` people; `dropped` counts them.
+/// How the people behind a group are counted.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum PeopleCount {
+    /// `COUNT(DISTINCT person)`: always right.
+    Distinct,
+    /// `COUNT(*)`: equal to the distinct count, and far cheaper, when every
+    /// joined table holds at most one row per person. Rows joined on equal
+    /// fingerprints belong to one person, so each person then yields at
+    /// most one joined row.
+    Rows,
+}
+
+/// Adds the people count to the aggregation and drops groups under `min`
+/// people; `dropped` counts them.
 pub(super) fn enforce_min_group_size(
     plan: LogicalPlan,
     min: u32,
     dropped: Arc<AtomicU64>,
+    counting: PeopleCount,
 ) -> Result<LogicalPlan> {
     let keep = Arc::new(ScalarUDF::new_from_impl(MinGroup {
         min: i64::from(min),
@@ -113,11 +126,14 @@ pub(super) fn enforce_min_group_size(
     }));
     plan.transform_up(|node| match node {
         LogicalPlan::Aggregate(agg) => {
-            let person = person_column(&agg.input)?;
+            let (args, distinct) = match counting {
+                PeopleCount::Distinct => (vec![Expr::Column(person_column(&agg.input)?)], true),
+                PeopleCount::Rows => (vec![lit(1i64)], false),
+            };
             let people = Expr::AggregateFunction(AggregateFunction::new_udf(
                 count_udaf(),
-                vec![Expr::Column(person)],
-                true,
+                args,
+                distinct,
                 None,
                 vec![],
                 None,

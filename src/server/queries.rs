@@ -127,7 +127,8 @@ impl QueriesService {
                 return Err(ServiceError::NoData(name.clone()));
             }
         }
-        let outcome = crate::query::execute(&policy, ctx, plan, checked)
+        let single = crate::query::one_row_per_person(&tables, &checked);
+        let outcome = crate::query::execute(&policy, ctx, plan, checked, single)
             .await
             .map_err(query_error)?;
         Ok((policy, outcome))
