@@ -54,7 +54,9 @@ impl QueryOutcome {
 pub enum QueryError {
     #[error("{0}")]
     Refused(Violation),
-    /// The engine failed on an accepted plan; the detail is for the log only.
+    /// The engine failed on an accepted plan. The detail names the kind of
+    /// failure only: engine messages can quote data values, which must not
+    /// reach a log either.
     #[error("the query could not be executed")]
     Engine(String),
 }
@@ -198,7 +200,7 @@ pub async fn plan_and_check(
     QueryError,
 > {
     only_a_select(sql).map_err(QueryError::Refused)?;
-    let ctx = session(tables).map_err(|e| QueryError::Engine(e.to_string()))?;
+    let ctx = session(tables).map_err(|e| QueryError::Engine(engine_failure(&e)))?;
     let plan = ctx
         .state()
         .create_logical_plan(sql)
@@ -247,16 +249,16 @@ pub async fn execute(
         Arc::clone(&counter),
         counting,
     )
-    .map_err(|e| QueryError::Engine(e.to_string()))?;
+    .map_err(|e| QueryError::Engine(engine_failure(&e)))?;
     let df = ctx
         .execute_logical_plan(plan)
         .await
-        .map_err(|e| QueryError::Engine(e.to_string()))?;
+        .map_err(|e| QueryError::Engine(engine_failure(&e)))?;
     let schema: SchemaRef = Arc::new(df.schema().as_arrow().clone());
     let batches = df
         .collect()
         .await
-        .map_err(|e| QueryError::Engine(e.to_string()))?;
+        .map_err(|e| QueryError::Engine(engine_failure(&e)))?;
     Ok(QueryOutcome {
         schema,
         batches,
@@ -302,6 +304,22 @@ fn only_a_select(sql: &str) -> Result<(), Violation> {
             "only SELECT queries run: no DDL, DML, SET, COPY or other statements",
         )),
     }
+}
+
+/// The kind of an engine failure, without its message.
+fn engine_failure(e: &DataFusionError) -> String {
+    let kind = match e.find_root() {
+        DataFusionError::ArrowError(..) => "arrow",
+        DataFusionError::Plan(_) => "planning",
+        DataFusionError::SchemaError(..) => "schema",
+        DataFusionError::Execution(_) | DataFusionError::ExecutionJoin(_) => "execution",
+        DataFusionError::ResourcesExhausted(_) => "resources exhausted",
+        DataFusionError::Internal(_) => "internal",
+        DataFusionError::NotImplemented(_) => "not implemented",
+        DataFusionError::IoError(_) => "i/o",
+        _ => "other",
+    };
+    format!("DataFusion {kind} error")
 }
 
 /// A planning failure as a fixed text naming the rule. DataFusion's own
@@ -439,6 +457,10 @@ mod tests {
                 false,
             ),
         ];
+        let failure = engine_failure(&DataFusionError::Execution(
+            "Cannot cast value 'jane@example.com'".into(),
+        ));
+        assert_eq!(failure, "DataFusion execution error");
         for (err, text, policy_refusal) in cases {
             let v = planning_refusal(&err, &policy);
             assert_eq!(v.to_string(), text);
