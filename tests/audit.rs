@@ -3,7 +3,7 @@
 
 mod common;
 
-use common::{TestServer, secret, synth, upload_options};
+use common::{TestServer, secret, synth, upload_options, with_cells};
 use tonic::Code;
 
 #[tokio::test]
@@ -21,11 +21,7 @@ async fn uploads_are_audited_and_the_chain_detects_tampering() {
     // A refused upload: a value out of bounds.
     let bad_path = files.path().join("bad.csv");
     let text = std::fs::read_to_string(files.path().join("acme-customers.csv")).unwrap();
-    let mut lines: Vec<String> = text.lines().map(String::from).collect();
-    let mut cells: Vec<String> = lines[1].split(',').map(String::from).collect();
-    cells[5] = "77777.77".into();
-    lines[1] = cells.join(",");
-    std::fs::write(&bad_path, lines.join("\n") + "\n").unwrap();
+    std::fs::write(&bad_path, with_cells(&text, 1..=1, 5, "77777.77")).unwrap();
     assert!(
         cleanroom::prepare::upload(&acme, &secret(), &upload_options("customers", &bad_path))
             .await

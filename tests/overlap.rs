@@ -2,28 +2,13 @@
 
 mod common;
 
-use cleanroom::prepare::upload;
-use common::{Setup, TestServer, secret, synth, upload_options};
+use common::{Setup, TestServer, synth, upload_demo};
 use tonic::Code;
 
 async fn upload_both(server: &TestServer, rows: u64, overlap: f64) -> cleanroom::synth::SynthTruth {
     let (files, truth) = synth(rows, overlap);
-    let acme = server.client("acme").await;
-    let globex = server.client("globex").await;
-    upload(
-        &acme,
-        &secret(),
-        &upload_options("customers", &files.path().join("acme-customers.csv")),
-    )
-    .await
-    .unwrap();
-    upload(
-        &globex,
-        &secret(),
-        &upload_options("audience", &files.path().join("globex-audience.csv")),
-    )
-    .await
-    .unwrap();
+    upload_demo(server, "acme", files.path()).await;
+    upload_demo(server, "globex", files.path()).await;
     truth
 }
 

@@ -2,8 +2,7 @@
 
 mod common;
 
-use cleanroom::prepare::upload;
-use common::{TestServer, secret, synth, upload_options};
+use common::{TestServer, synth, upload_demo};
 use tonic::Code;
 
 #[tokio::test]
@@ -13,26 +12,14 @@ async fn queries_over_grpc_are_governed_audited_and_never_echo_data() {
 
     // Before the audience is uploaded, a query naming it says so.
     let (files, truth) = synth(4_000, 0.4);
-    upload(
-        &acme,
-        &secret(),
-        &upload_options("customers", &files.path().join("acme-customers.csv")),
-    )
-    .await
-    .unwrap();
+    upload_demo(&server, "acme", files.path()).await;
     let sql = "SELECT c.region, COUNT(*) AS people, AVG(c.lifetime_value) AS ltv FROM customers c \
                JOIN audience a ON c.email = a.email GROUP BY c.region ORDER BY c.region";
     let err = acme.query("retail-media-demo", sql).await.unwrap_err();
     assert_eq!(err.code(), Some(Code::FailedPrecondition), "{err}");
 
+    upload_demo(&server, "globex", files.path()).await;
     let globex = server.client("globex").await;
-    upload(
-        &globex,
-        &secret(),
-        &upload_options("audience", &files.path().join("globex-audience.csv")),
-    )
-    .await
-    .unwrap();
 
     let answer = acme.query("retail-media-demo", sql).await.unwrap();
     let names: Vec<&str> = answer

@@ -17,7 +17,7 @@ use cleanroom::proto;
 use cleanroom::proto::datasets_client::DatasetsClient;
 use cleanroom::proto::upload_request::Part;
 use cleanroom::storage::Store;
-use common::{Setup, TestServer, secret, synth, upload_options};
+use common::{Setup, TestServer, secret, synth, upload_options, with_cells};
 use tonic::Code;
 
 fn all_files(dir: &Path) -> Vec<std::path::PathBuf> {
@@ -303,15 +303,7 @@ async fn refused_uploads_name_the_rule_and_keep_the_previous_version() {
     assert!(!msg.contains("central"), "echoed a value: {msg}");
 
     // Out-of-bounds metric.
-    let path = variant("ltv.csv", &|t| {
-        let mut lines: Vec<String> = t.lines().map(String::from).collect();
-        for line in lines.iter_mut().skip(1).take(3) {
-            let mut cells: Vec<&str> = line.split(',').collect();
-            cells[5] = "98765.43";
-            *line = cells.join(",");
-        }
-        lines.join("\n") + "\n"
-    });
+    let path = variant("ltv.csv", &|t| with_cells(t, 1..=3, 5, "98765.43"));
     let err = upload(&acme, &secret, &upload_options("customers", &path))
         .await
         .unwrap_err();
@@ -341,13 +333,7 @@ async fn refused_uploads_name_the_rule_and_keep_the_previous_version() {
     assert!(!msg.contains("surplus"));
 
     // A metric cell that is not a number: row and column, never the content.
-    let path = variant("nan.csv", &|t| {
-        let mut lines: Vec<String> = t.lines().map(String::from).collect();
-        let mut cells: Vec<String> = lines[5].split(',').map(String::from).collect();
-        cells[5] = "twelve".into();
-        lines[5] = cells.join(",");
-        lines.join("\n") + "\n"
-    });
+    let path = variant("nan.csv", &|t| with_cells(t, 5..=5, 5, "twelve"));
     let err = upload(&acme, &secret, &upload_options("customers", &path))
         .await
         .unwrap_err();

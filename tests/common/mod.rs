@@ -247,3 +247,39 @@ impl Drop for RealServer {
         }
     }
 }
+
+/// Uploads a demo party's synthetic file: acme's customers or globex's audience.
+pub async fn upload_demo(
+    server: &TestServer,
+    org: &str,
+    dir: &Path,
+) -> cleanroom::prepare::UploadReport {
+    let (dataset, file) = match org {
+        "acme" => ("customers", cleanroom::synth::ACME_FILE),
+        _ => ("audience", cleanroom::synth::GLOBEX_FILE),
+    };
+    let client = server.client(org).await;
+    cleanroom::prepare::upload(
+        &client,
+        &secret(),
+        &upload_options(dataset, &dir.join(file)),
+    )
+    .await
+    .unwrap()
+}
+
+/// The CSV `text` with cell `column` of data rows `rows` (1-based) set to `value`.
+pub fn with_cells(
+    text: &str,
+    rows: std::ops::RangeInclusive<usize>,
+    column: usize,
+    value: &str,
+) -> String {
+    let mut lines: Vec<String> = text.lines().map(String::from).collect();
+    for row in rows {
+        let mut cells: Vec<&str> = lines[row].split(',').collect();
+        cells[column] = value;
+        lines[row] = cells.join(",");
+    }
+    lines.join("\n") + "\n"
+}
