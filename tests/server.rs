@@ -15,9 +15,13 @@ use tonic_health::pb::health_check_response::ServingStatus;
 use tonic_health::pb::health_client::HealthClient;
 
 async fn health(client: &Client) -> ServingStatus {
+    health_of(client, "").await
+}
+
+async fn health_of(client: &Client, service: &str) -> ServingStatus {
     let response = HealthClient::new(client.channel())
         .check(HealthCheckRequest {
-            service: String::new(),
+            service: service.to_string(),
         })
         .await
         .unwrap()
@@ -169,6 +173,19 @@ async fn health_turns_not_serving_during_shutdown_then_the_server_exits() {
     .await;
     let acme = server.client("acme").await;
     assert_eq!(health(&acme).await, ServingStatus::Serving);
+    for service in [
+        "cleanroom.v1.Agreements",
+        "cleanroom.v1.Datasets",
+        "cleanroom.v1.Matching",
+        "cleanroom.v1.Queries",
+        "cleanroom.v1.Audit",
+    ] {
+        assert_eq!(
+            health_of(&acme, service).await,
+            ServingStatus::Serving,
+            "{service}"
+        );
+    }
 
     server.begin_shutdown();
     let mut status = ServingStatus::Serving;
@@ -180,6 +197,10 @@ async fn health_turns_not_serving_during_shutdown_then_the_server_exits() {
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     assert_eq!(status, ServingStatus::NotServing);
+    assert_eq!(
+        health_of(&acme, "cleanroom.v1.Queries").await,
+        ServingStatus::NotServing
+    );
     // Calls still finish during the grace period.
     let mut acme2 = acme.clone();
     assert_eq!(acme2.who_am_i().await.unwrap().organisation, "acme");

@@ -73,6 +73,8 @@ pub enum ServerError {
     Storage(#[from] StorageError),
     #[error("{0}")]
     Audit(#[from] AuditError),
+    #[error("gRPC reflection: {0}")]
+    Reflection(String),
     #[error("TLS configuration: {0}")]
     Tls(String),
     #[error("gRPC transport: {0}")]
@@ -215,6 +217,21 @@ fn tls_config(files: &TlsFiles) -> Result<ServerTlsConfig, ServerError> {
         .client_auth_optional(true))
 }
 
+/// Sets the health of the whole server ("") and of every service.
+async fn set_health(reporter: &tonic_health::server::HealthReporter, status: ServingStatus) {
+    use tonic::server::NamedService;
+    for service in [
+        "",
+        <AgreementsServer<AgreementsService> as NamedService>::NAME,
+        <DatasetsServer<DatasetsService> as NamedService>::NAME,
+        <MatchingServer<MatchingService> as NamedService>::NAME,
+        <QueriesServer<QueriesService> as NamedService>::NAME,
+        <AuditServer<AuditService> as NamedService>::NAME,
+    ] {
+        reporter.set_service_status(service, status).await;
+    }
+}
+
 /// Runs the server on `listener` until `shutdown` resolves. Then health
 /// turns NOT_SERVING, and after the grace period the server stops accepting
 /// calls and waits for in-flight ones to finish.
@@ -240,17 +257,12 @@ pub async fn serve(
     );
 
     let (health_reporter, health_service) = tonic_health::server::health_reporter();
-    health_reporter
-        .set_serving::<AgreementsServer<AgreementsService>>()
-        .await;
-    health_reporter
-        .set_service_status("", ServingStatus::Serving)
-        .await;
+    set_health(&health_reporter, ServingStatus::Serving).await;
     let reflection = tonic_reflection::server::Builder::configure()
         .register_encoded_file_descriptor_set(crate::proto::FILE_DESCRIPTOR_SET)
         .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
         .build_v1()
-        .map_err(|e| ServerError::Tls(format!("reflection: {e}")))?;
+        .map_err(|e| ServerError::Reflection(e.to_string()))?;
 
     let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
     let grace = options.shutdown_grace;
@@ -261,15 +273,7 @@ pub async fn serve(
             grace_ms = grace.as_millis() as u64,
             "shutting down: health NOT_SERVING"
         );
-        reporter
-            .set_service_status("", ServingStatus::NotServing)
-            .await;
-        reporter
-            .set_not_serving::<AgreementsServer<AgreementsService>>()
-            .await;
-        reporter
-            .set_not_serving::<DatasetsServer<DatasetsService>>()
-            .await;
+        set_health(&reporter, ServingStatus::NotServing).await;
         tokio::time::sleep(grace).await;
         tracing::info!("draining in-flight calls");
         let _ = stop_tx.send(());
