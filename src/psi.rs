@@ -8,7 +8,9 @@
 //! both datasets. Plain functions over Arrow batches: no network, no store.
 
 use std::collections::HashMap;
-use std::hash::{BuildHasherDefault, Hash, Hasher};
+use std::hash::{Hash, Hasher};
+
+use crate::identity::PrefixHash;
 
 use arrow::array::{Array, FixedSizeBinaryArray};
 use arrow::record_batch::RecordBatch;
@@ -52,24 +54,7 @@ impl Hash for Fp {
     }
 }
 
-#[derive(Default)]
-struct PassThrough(u64);
-
-impl Hasher for PassThrough {
-    fn finish(&self) -> u64 {
-        self.0
-    }
-    fn write(&mut self, bytes: &[u8]) {
-        for b in bytes {
-            self.0 = self.0.rotate_left(8) ^ u64::from(*b);
-        }
-    }
-    fn write_u64(&mut self, n: u64) {
-        self.0 = n;
-    }
-}
-
-type FpMap = HashMap<Fp, u32, BuildHasherDefault<PassThrough>>;
+type FpMap = HashMap<Fp, u32, PrefixHash>;
 
 /// Union-find over row numbers, with path halving and union by size.
 struct People {
@@ -131,7 +116,7 @@ fn links_of_kind(sides: &[Side<'_>], kind: &str, capacity: usize) -> Vec<(u32, u
             offset += batch.num_rows() as u32;
         }
     }
-    let mut first: HashMap<u64, u64, BuildHasherDefault<PassThrough>> =
+    let mut first: HashMap<u64, u64, PrefixHash> =
         HashMap::with_capacity_and_hasher(capacity, Default::default());
     let mut exact = FpMap::default();
     let mut links = Vec::new();

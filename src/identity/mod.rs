@@ -6,5 +6,7 @@ mod fingerprint;
 mod normalise;
 
 pub use countries::{Country, country, country_calling_code};
-pub use fingerprint::{CONTEXT, Fingerprinter, MIN_SECRET_BYTES, Secret, SecretError};
+pub use fingerprint::{
+    CONTEXT, Fingerprinter, MIN_SECRET_BYTES, PrefixHash, PrefixHasher, Secret, SecretError,
+};
 pub use normalise::{Invalid, Normaliser, email, normalise, phone, text};

@@ -229,7 +229,7 @@ pub struct PrepareStats {
 pub struct Preparer {
     plan: Plan,
     stats: PrepareStats,
-    seen: HashSet<u64>,
+    seen: HashSet<u64, crate::identity::PrefixHash>,
 }
 
 impl Preparer {
@@ -237,7 +237,7 @@ impl Preparer {
         Preparer {
             plan,
             stats: PrepareStats::default(),
-            seen: HashSet::new(),
+            seen: HashSet::default(),
         }
     }
 

@@ -7,7 +7,9 @@ use std::time::{Duration, Instant};
 use indicatif::{ProgressBar, ProgressStyle};
 use tokio_stream::wrappers::ReceiverStream;
 
-use super::{CsvOptions, InputFormat, InputReader, Plan, PrepareError, PrepareStats, Preparer};
+use super::{
+    Chunk, CsvOptions, InputFormat, InputReader, Plan, PrepareError, PrepareStats, Preparer,
+};
 use crate::client::{Client, ClientError};
 use crate::identity::Secret;
 use crate::proto;
@@ -105,48 +107,70 @@ fn produce(
     let indices = plan.input_indices();
     let mut preparer = Preparer::new(plan);
     let (mut batches, mut bytes) = (0u64, 0u64);
-    while let Some(chunk) = reader.next_chunk(ROWS_PER_MESSAGE, &indices)? {
-        let batch = preparer.prepare(&chunk)?;
-        let messages = if batch.num_rows() > 0 {
-            encode_messages(&batch, MAX_MESSAGE_BYTES)
-                .map_err(|e| PrepareError::Plan(format!("encoding a batch: {e}")))?
-        } else {
-            Vec::new()
-        };
-        for ipc in messages {
-            bytes += ipc.len() as u64;
-            let message = proto::UploadRequest {
-                part: Some(Part::Batch(ipc)),
-            };
-            if tx.blocking_send(message).is_err() {
-                // The server ended the call; its answer says why.
-                return Ok(Produced {
-                    stats: preparer.stats().clone(),
-                    dropped,
-                    batches,
-                    bytes,
-                });
+    // Reading runs one chunk ahead of preparation, on its own thread.
+    let (chunks_tx, chunks) =
+        std::sync::mpsc::sync_channel::<Result<(Chunk, u64), PrepareError>>(2);
+    std::thread::scope(|scope| {
+        scope.spawn(move || {
+            loop {
+                let next = reader
+                    .next_chunk(ROWS_PER_MESSAGE, &indices)
+                    .map(|c| c.map(|c| (c, reader.bytes_read())));
+                let item = match next {
+                    Ok(Some(item)) => Ok(item),
+                    Ok(None) => break,
+                    Err(e) => Err(e),
+                };
+                let failed = item.is_err();
+                if chunks_tx.send(item).is_err() || failed {
+                    break;
+                }
             }
-            batches += 1;
+        });
+        for item in chunks {
+            let (chunk, position) = item?;
+            let batch = preparer.prepare(&chunk)?;
+            let messages = if batch.num_rows() > 0 {
+                encode_messages(&batch, MAX_MESSAGE_BYTES)
+                    .map_err(|e| PrepareError::Plan(format!("encoding a batch: {e}")))?
+            } else {
+                Vec::new()
+            };
+            for ipc in messages {
+                bytes += ipc.len() as u64;
+                let message = proto::UploadRequest {
+                    part: Some(Part::Batch(ipc)),
+                };
+                if tx.blocking_send(message).is_err() {
+                    // The server ended the call; its answer says why.
+                    return Ok(false);
+                }
+                batches += 1;
+            }
+            let rows = preparer.stats().rows_read;
+            let rate = rows as f64 / started.elapsed().as_secs_f64().max(1e-9);
+            bar.set_position(position);
+            bar.set_message(format!("{rows} rows, {rate:.0} rows/s"));
         }
-        let rows = preparer.stats().rows_read;
-        let rate = rows as f64 / started.elapsed().as_secs_f64().max(1e-9);
-        bar.set_position(reader.bytes_read());
-        bar.set_message(format!("{rows} rows, {rate:.0} rows/s"));
-    }
-    let stats = preparer.stats().clone();
-    let _ = tx.blocking_send(proto::UploadRequest {
-        part: Some(Part::Commit(proto::UploadCommit {
-            rows: stats.rows_sent,
+        Ok(true)
+    })
+    .map(|complete| {
+        let stats = preparer.stats().clone();
+        if complete {
+            let _ = tx.blocking_send(proto::UploadRequest {
+                part: Some(Part::Commit(proto::UploadCommit {
+                    rows: stats.rows_sent,
+                    batches,
+                })),
+            });
+        }
+        bar.finish_and_clear();
+        Produced {
+            stats,
+            dropped,
             batches,
-        })),
-    });
-    bar.finish_and_clear();
-    Ok(Produced {
-        stats,
-        dropped,
-        batches,
-        bytes,
+            bytes,
+        }
     })
 }
 
