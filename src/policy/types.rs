@@ -263,6 +263,17 @@ impl Dataset {
     pub fn column(&self, name: &str) -> Option<&Column> {
         self.columns.iter().find(|c| c.name == name)
     }
+    /// Identifier columns as (position among the uploaded columns, identity kind).
+    pub fn identifier_columns(&self) -> Vec<(usize, &str)> {
+        self.uploaded_columns()
+            .enumerate()
+            .filter_map(|(i, c)| match &c.role {
+                ColumnRole::Identifier { kind } => Some((i, kind.as_str())),
+                _ => None,
+            })
+            .collect()
+    }
+
     /// Columns that are uploaded: everything but sensitive ones.
     pub fn uploaded_columns(&self) -> impl Iterator<Item = &Column> {
         self.columns

@@ -93,15 +93,7 @@ pub fn agreement_tables(policy: &Policy, batches: Vec<Vec<RecordBatch>>) -> Vec<
     let identifiers: Vec<Vec<(usize, &str)>> = policy
         .datasets()
         .iter()
-        .map(|d| {
-            d.uploaded_columns()
-                .enumerate()
-                .filter_map(|(i, c)| match c.role() {
-                    ColumnRole::Identifier { kind } => Some((i, kind.as_str())),
-                    _ => None,
-                })
-                .collect()
-        })
+        .map(Dataset::identifier_columns)
         .collect();
     let sides: Vec<crate::psi::Side<'_>> = batches
         .iter()

@@ -212,20 +212,16 @@ impl proto::datasets_server::Datasets for DatasetsService {
             Err(e) => Err(e),
         };
         let event = Event {
-            policy_hash: self.state.policy_hash(&agreement),
             org,
             agreement,
             action: "upload",
-            accepted: outcome.is_ok(),
-            rule: outcome.as_ref().err().map(ServiceError::rule),
-            subject: Some(match &outcome {
-                Ok(r) => format!("{dataset} {}", r.version),
-                Err(_) => dataset,
-            }),
-            rows: outcome.as_ref().ok().map(|r| r.rows),
+            subject: Some(dataset.clone()),
             ..Event::default()
         };
-        self.state.audit(event)?;
+        self.state.audit_outcome(event, &outcome, |r, e| {
+            e.subject = Some(format!("{dataset} {}", r.version));
+            e.rows = Some(r.rows);
+        })?;
         Ok(Response::new(outcome?))
     }
 

@@ -9,7 +9,7 @@ use super::auth::caller;
 use super::datasets::agreement_in_force;
 use crate::audit::Event;
 use crate::error::ServiceError;
-use crate::policy::{ColumnRole, Dataset, Policy, Right};
+use crate::policy::{Dataset, Policy, Right};
 use crate::proto;
 use crate::psi::{Side, match_people};
 
@@ -58,16 +58,6 @@ fn pick_datasets<'p>(
     }
 }
 
-fn identifier_columns(d: &Dataset) -> Vec<(usize, String)> {
-    d.uploaded_columns()
-        .enumerate()
-        .filter_map(|(i, c)| match c.role() {
-            ColumnRole::Identifier { kind } => Some((i, kind.clone())),
-            _ => None,
-        })
-        .collect()
-}
-
 impl MatchingService {
     async fn overlap_of(
         &self,
@@ -90,18 +80,18 @@ impl MatchingService {
                 .ok_or_else(|| ServiceError::NoData(d.name().to_string()))?;
             versions.push(v);
         }
-        let (cols_a, cols_b) = (identifier_columns(a), identifier_columns(b));
-        let matched_on: Vec<String> = cols_a
-            .iter()
-            .filter(|(_, k)| cols_b.iter().any(|(_, kb)| kb == k))
-            .map(|(_, k)| k.clone())
+        let (kinds_b, names) = (b.identifier_columns(), [a.name(), b.name()]);
+        let matched_on: Vec<String> = a
+            .identifier_columns()
+            .into_iter()
+            .filter(|(_, k)| kinds_b.iter().any(|(_, kb)| kb == k))
+            .map(|(_, k)| k.to_string())
             .collect();
-        let store = store.clone();
+        let (store, da, db) = (store.clone(), a.clone(), b.clone());
         let overlap = tokio::task::spawn_blocking(move || -> Result<u64, ServiceError> {
             let batches_a = store.read(&versions[0])?;
             let batches_b = store.read(&versions[1])?;
-            let ids_a: Vec<(usize, &str)> = cols_a.iter().map(|(i, k)| (*i, k.as_str())).collect();
-            let ids_b: Vec<(usize, &str)> = cols_b.iter().map(|(i, k)| (*i, k.as_str())).collect();
+            let (ids_a, ids_b) = (da.identifier_columns(), db.identifier_columns());
             let m = match_people(
                 Side {
                     batches: &batches_a,
@@ -124,7 +114,7 @@ impl MatchingService {
                 overlap: (!suppressed).then_some(overlap),
                 suppressed,
                 min_group_size: min,
-                datasets: vec![a.name().to_string(), b.name().to_string()],
+                datasets: names.map(str::to_string).to_vec(),
                 matched_on,
                 policy_hash: policy.hash().to_hex(),
             },
@@ -141,17 +131,15 @@ impl proto::matching_server::Matching for MatchingService {
     ) -> Result<Response<proto::OverlapResponse>, Status> {
         let org = caller(&request)?;
         let outcome = self.overlap_of(&org, request.get_ref()).await;
-        let agreement = request.get_ref().agreement_id.clone();
-        self.state.audit(Event {
-            policy_hash: self.state.policy_hash(&agreement),
+        let event = Event {
             org,
-            agreement,
+            agreement: request.get_ref().agreement_id.clone(),
             action: "overlap",
-            accepted: outcome.is_ok(),
-            rule: outcome.as_ref().err().map(ServiceError::rule),
-            subject: outcome.as_ref().ok().map(|(_, r)| r.datasets.join(" x ")),
-            suppressed: outcome.as_ref().ok().map(|(_, r)| u64::from(r.suppressed)),
             ..Event::default()
+        };
+        self.state.audit_outcome(event, &outcome, |(_, r), e| {
+            e.subject = Some(r.datasets.join(" x "));
+            e.suppressed = Some(u64::from(r.suppressed));
         })?;
         Ok(Response::new(outcome?.1))
     }

@@ -127,6 +127,24 @@ impl AppState {
             .map_err(Into::into)
     }
 
+    /// Audits a call's outcome: `event` names who, what and where; this adds
+    /// the policy hash, the decision and the rule, and `details` fills in
+    /// what an accepted call produced.
+    pub(crate) fn audit_outcome<T>(
+        &self,
+        mut event: Event,
+        outcome: &Result<T, crate::error::ServiceError>,
+        details: impl FnOnce(&T, &mut Event),
+    ) -> Result<(), crate::error::ServiceError> {
+        event.policy_hash = self.policy_hash(&event.agreement);
+        event.accepted = outcome.is_ok();
+        match outcome {
+            Ok(value) => details(value, &mut event),
+            Err(e) => event.rule = Some(e.rule()),
+        }
+        self.audit(event)
+    }
+
     /// The hash of the policy now in force for `id`, or empty if none.
     pub(crate) fn policy_hash(&self, id: &str) -> String {
         self.policies()

@@ -158,21 +158,17 @@ impl proto::queries_server::Queries for QueriesService {
             .to_hex()
             .to_string();
         let outcome = self.answer(&org, request.get_ref()).await;
-        let agreement = request.get_ref().agreement_id.clone();
-        self.state.audit(Event {
-            policy_hash: self.state.policy_hash(&agreement),
+        let event = Event {
             org,
-            agreement,
+            agreement: request.get_ref().agreement_id.clone(),
             action: "query",
-            accepted: outcome.is_ok(),
-            rule: outcome.as_ref().err().map(ServiceError::rule),
-            subject: outcome
-                .as_ref()
-                .ok()
-                .map(|(_, o)| o.checked.datasets.join(" x ")),
             sql_hash: Some(sql_hash.clone()),
-            rows: outcome.as_ref().ok().map(|(_, o)| o.rows()),
-            suppressed: outcome.as_ref().ok().map(|(_, o)| o.suppressed),
+            ..Event::default()
+        };
+        self.state.audit_outcome(event, &outcome, |(_, o), e| {
+            e.subject = Some(o.checked.datasets.join(" x "));
+            e.rows = Some(o.rows());
+            e.suppressed = Some(o.suppressed);
         })?;
         let (policy, outcome) = outcome?;
 
