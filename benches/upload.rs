@@ -15,19 +15,17 @@ mod common;
 
 use common::arg;
 
-use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use cleanroom::client::{Client, ClientConfig};
-use cleanroom::clock::SystemClock;
 use cleanroom::prepare::{
     CsvOptions, InputFormat, InputReader, Plan, Preparer, UploadOptions, upload,
 };
 use cleanroom::proto;
 use cleanroom::proto::datasets_client::DatasetsClient;
 use cleanroom::proto::upload_request::Part;
-use cleanroom::server::{ServerOptions, TlsFiles};
-use cleanroom::upload::{Limits, MAX_MESSAGE_BYTES, ROWS_PER_MESSAGE, encode_messages};
+use cleanroom::server::ServerOptions;
+use cleanroom::upload::{MAX_MESSAGE_BYTES, ROWS_PER_MESSAGE, encode_messages};
 
 fn rate(rows: u64, d: Duration) -> String {
     format!(
@@ -67,14 +65,12 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     let server = tokio::spawn(cleanroom::server::serve(
         listener,
         ServerOptions {
-            tls: TlsFiles::in_dir(&certs),
-            policies_dir: std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("policies"),
-            data_dir: work.path().join("data"),
-            master_key: None,
-            limits: Limits::default(),
             shutdown_grace: Duration::from_millis(10),
-            drain_timeout: Duration::from_secs(10),
-            clock: Arc::new(SystemClock),
+            ..ServerOptions::new(
+                &certs,
+                &std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("policies"),
+                &work.path().join("data"),
+            )
         },
         async {
             let _ = stopped.await;

@@ -13,13 +13,11 @@
 //! queries (two refused, with their rules), and the audit log is shown.
 //! Everything lives in a temporary folder.
 
-use std::sync::Arc;
 use std::time::Duration;
 
 use cleanroom::client::{Client, ClientConfig, ClientError};
-use cleanroom::clock::SystemClock;
 use cleanroom::prepare::{UploadOptions, upload};
-use cleanroom::server::{ServerOptions, TlsFiles};
+use cleanroom::server::ServerOptions;
 
 fn upload_options(dataset: &str, input: &std::path::Path) -> UploadOptions {
     UploadOptions {
@@ -86,14 +84,8 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     let server = tokio::spawn(cleanroom::server::serve(
         listener,
         ServerOptions {
-            tls: TlsFiles::in_dir(&certs),
-            policies_dir: policies.clone(),
-            data_dir: work.path().join("data"),
-            master_key: None,
-            limits: cleanroom::upload::Limits::default(),
             shutdown_grace: Duration::from_millis(200),
-            drain_timeout: Duration::from_secs(10),
-            clock: Arc::new(SystemClock),
+            ..ServerOptions::new(&certs, &policies, &work.path().join("data"))
         },
         async {
             let _ = stopped.await;

@@ -203,6 +203,23 @@ pub struct ServerOptions {
     pub clock: Arc<dyn Clock>,
 }
 
+impl ServerOptions {
+    /// Embedded defaults: certificates from `certs_dir`, the system clock,
+    /// default limits, a 2 s shutdown grace and a 30 s drain.
+    pub fn new(certs_dir: &Path, policies_dir: &Path, data_dir: &Path) -> Self {
+        ServerOptions {
+            tls: TlsFiles::in_dir(certs_dir),
+            policies_dir: policies_dir.to_path_buf(),
+            data_dir: data_dir.to_path_buf(),
+            master_key: None,
+            limits: Limits::default(),
+            shutdown_grace: Duration::from_secs(2),
+            drain_timeout: Duration::from_secs(30),
+            clock: Arc::new(crate::clock::SystemClock),
+        }
+    }
+}
+
 fn read(path: &Path) -> Result<Vec<u8>, ServerError> {
     std::fs::read(path).map_err(|source| ServerError::Io {
         path: path.to_path_buf(),

@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use cleanroom::client::{Client, ClientConfig};
 use cleanroom::clock::{Clock, SystemClock};
-use cleanroom::server::{ServerError, ServerOptions, TlsFiles};
+use cleanroom::server::{ServerError, ServerOptions};
 use tokio::sync::oneshot;
 use tokio::task::JoinHandle;
 
@@ -75,14 +75,11 @@ impl TestServer {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
         let options = ServerOptions {
-            tls: TlsFiles::in_dir(pki.path()),
-            policies_dir: setup.policies,
-            data_dir: data_dir.path().join("data"),
-            master_key: None,
             limits: setup.limits,
             shutdown_grace: setup.shutdown_grace,
             drain_timeout: Duration::from_secs(10),
             clock: setup.clock,
+            ..ServerOptions::new(pki.path(), &setup.policies, &data_dir.path().join("data"))
         };
         let (tx, rx) = oneshot::channel::<()>();
         let task = tokio::spawn(cleanroom::server::serve(listener, options, async {
