@@ -14,6 +14,7 @@ pub mod error;
 pub mod identity;
 pub mod policy;
 pub mod prepare;
+pub mod privacy;
 pub mod proto;
 pub mod psi;
 pub mod query;

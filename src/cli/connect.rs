@@ -213,7 +213,7 @@ pub fn render_agreement(a: &proto::Agreement) -> String {
     if let Some(p) = &a.privacy {
         let _ = writeln!(
             out,
-            "differential privacy: epsilon {} per {} (at most {} a query), delta {}",
+            "differential privacy: epsilon {} per {} (at most {} a query), delta {}; a person counts in at most {} group(s) and {} row(s) per group",
             p.epsilon_total,
             if p.refresh == "monthly" {
                 "month"
@@ -221,9 +221,9 @@ pub fn render_agreement(a: &proto::Agreement) -> String {
                 "agreement"
             },
             p.epsilon_per_query_max,
-            p.delta
-                .map(|d| d.to_string())
-                .unwrap_or_else(|| "none".into())
+            p.delta,
+            p.max_groups_per_person,
+            p.max_rows_per_person
         );
     }
     out

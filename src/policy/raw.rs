@@ -83,4 +83,5 @@ pub(crate) struct RawPrivacy {
     pub(crate) delta: Option<f64>,
     pub(crate) refresh: Option<String>,
     pub(crate) max_groups_per_person: Option<i64>,
+    pub(crate) max_rows_per_person: Option<i64>,
 }

@@ -423,9 +423,10 @@ impl Refresh {
 pub struct Privacy {
     pub(super) epsilon_total: f64,
     pub(super) epsilon_per_query_max: f64,
-    pub(super) delta: Option<f64>,
+    pub(super) delta: f64,
     pub(super) refresh: Refresh,
     pub(super) max_groups_per_person: u32,
+    pub(super) max_rows_per_person: u32,
 }
 
 impl Privacy {
@@ -436,7 +437,9 @@ impl Privacy {
     pub fn epsilon_per_query_max(&self) -> f64 {
         self.epsilon_per_query_max
     }
-    pub fn delta(&self) -> Option<f64> {
+    /// Probability that the threshold lets through a group one person
+    /// could reveal, per query.
+    pub fn delta(&self) -> f64 {
         self.delta
     }
     pub fn refresh(&self) -> Refresh {
@@ -444,5 +447,9 @@ impl Privacy {
     }
     pub fn max_groups_per_person(&self) -> u32 {
         self.max_groups_per_person
+    }
+    /// Rows one person adds to a COUNT in one group.
+    pub fn max_rows_per_person(&self) -> u32 {
+        self.max_rows_per_person
     }
 }

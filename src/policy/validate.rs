@@ -20,6 +20,7 @@ pub(super) const MAX_DIMENSION_CARDINALITY: i64 = 10_000;
 const MAX_RETENTION_DAYS: i64 = 3_650;
 const MAX_MIN_GROUP_SIZE: i64 = 1_000_000;
 const MAX_GROUPS_PER_PERSON: i64 = 1_000;
+const MAX_ROWS_PER_PERSON: i64 = 1_000;
 
 #[derive(Debug, Default)]
 struct Problems(Vec<Problem>);
@@ -631,13 +632,16 @@ fn validate_privacy(r: &RawPrivacy, p: &mut Problems) -> Option<Privacy> {
             "must not exceed privacy.epsilon_total",
         );
     }
-    if let Some(d) = r.delta
-        && !(d > 0.0 && d < 1e-3)
-    {
-        p.push(
+    match r.delta {
+        Some(d) if d > 0.0 && d < 1e-3 => {}
+        Some(_) => p.push(
             "privacy.delta",
             "must be greater than 0 and less than 0.001",
-        );
+        ),
+        None => p.push(
+            "privacy.delta",
+            "is required: the threshold that keeps group keys private spends it",
+        ),
     }
     let refresh = match r.refresh.as_deref().unwrap_or("none") {
         "none" => Refresh::Never,
@@ -657,11 +661,19 @@ fn validate_privacy(r: &RawPrivacy, p: &mut Problems) -> Option<Privacy> {
             format!("must be between 1 and {MAX_GROUPS_PER_PERSON}"),
         );
     }
+    let rows = r.max_rows_per_person.unwrap_or(1);
+    if !(1..=MAX_ROWS_PER_PERSON).contains(&rows) {
+        p.push(
+            "privacy.max_rows_per_person",
+            format!("must be between 1 and {MAX_ROWS_PER_PERSON}"),
+        );
+    }
     (p.0.len() == before).then(|| Privacy {
         epsilon_total: r.epsilon_total,
         epsilon_per_query_max: r.epsilon_per_query_max,
-        delta: r.delta,
+        delta: r.delta.unwrap_or_default(),
         refresh,
         max_groups_per_person: u32::try_from(groups).unwrap_or(1),
+        max_rows_per_person: u32::try_from(rows).unwrap_or(1),
     })
 }

@@ -44,10 +44,20 @@ pub(crate) fn deny(rule: &'static str, detail: impl Into<String>) -> Violation {
 }
 
 /// What the checker learned about an accepted plan.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct Checked {
     /// Datasets scanned, in plan order.
     pub datasets: Vec<String>,
+    /// The aggregation's functions, in its order.
+    pub aggregates: Vec<AggregateUse>,
+}
+
+/// One aggregate function of an accepted query.
+#[derive(Debug, Clone, PartialEq)]
+pub struct AggregateUse {
+    pub kind: Aggregate,
+    /// The role of its column; None for COUNT(*).
+    pub role: Option<ColumnRole>,
 }
 
 struct Checker<'a> {
@@ -55,6 +65,7 @@ struct Checker<'a> {
     /// Qualifier in the plan (alias or table name) -> dataset name.
     tables: HashMap<String, String>,
     scans: Vec<String>,
+    aggregates: Vec<AggregateUse>,
 }
 
 /// Checks `plan` against the agreement. The plan must come straight from the
@@ -64,9 +75,13 @@ pub fn check(plan: &LogicalPlan, policy: &Policy) -> Result<Checked, Violation> 
         policy,
         tables: HashMap::new(),
         scans: Vec::new(),
+        aggregates: Vec::new(),
     };
     c.above(plan)?;
-    Ok(Checked { datasets: c.scans })
+    Ok(Checked {
+        datasets: c.scans,
+        aggregates: c.aggregates,
+    })
 }
 
 fn statement_kind(plan: &LogicalPlan) -> Option<&'static str> {
@@ -169,7 +184,8 @@ impl Checker<'_> {
                     self.group_expr(g)?;
                 }
                 for a in &agg.aggr_expr {
-                    self.aggregate_expr(a)?;
+                    let used = self.aggregate_expr(a)?;
+                    self.aggregates.push(used);
                 }
                 self.parties()
             }
@@ -414,7 +430,7 @@ impl Checker<'_> {
     }
 
     /// One aggregate: an allowed function over a plain column of the right role.
-    fn aggregate_expr(&self, e: &Expr) -> Result<(), Violation> {
+    fn aggregate_expr(&self, e: &Expr) -> Result<AggregateUse, Violation> {
         let e = match e {
             Expr::Alias(a) => a.expr.as_ref(),
             other => other,
@@ -446,9 +462,10 @@ impl Checker<'_> {
                 format!("{name} takes a plain column: no FILTER or ORDER BY inside"),
             ));
         }
+        let counted = AggregateUse { kind, role: None };
         match p.args.as_slice() {
-            [] => Ok(()),
-            [Expr::Literal(..)] if kind == Aggregate::Count => Ok(()),
+            [] => Ok(counted),
+            [Expr::Literal(..)] if kind == Aggregate::Count => Ok(counted),
             [arg] => {
                 let Expr::Column(c) = strip_cast(arg) else {
                     return Err(match expression_refusal(arg, "inside an aggregate") {
@@ -461,8 +478,13 @@ impl Checker<'_> {
                         ),
                     });
                 };
-                match (kind, self.role(c)?) {
-                    (Aggregate::Sum | Aggregate::Avg, ColumnRole::Metric { .. }) => Ok(()),
+                let role = self.role(c)?;
+                let used = AggregateUse {
+                    kind,
+                    role: Some(role.clone()),
+                };
+                match (kind, role) {
+                    (Aggregate::Sum | Aggregate::Avg, ColumnRole::Metric { .. }) => Ok(used),
                     (Aggregate::Sum | Aggregate::Avg, other) => Err(deny(
                         "query.aggregate_argument",
                         format!(
@@ -478,7 +500,7 @@ impl Checker<'_> {
                             c.name
                         ),
                     )),
-                    _ => Ok(()),
+                    _ => Ok(used),
                 }
             }
             _ => Err(deny(
@@ -510,7 +532,7 @@ impl Checker<'_> {
             }
             Expr::Cast(c) => self.output_expr(&c.expr),
             Expr::TryCast(c) => self.output_expr(&c.expr),
-            Expr::AggregateFunction(_) => self.aggregate_expr(e),
+            Expr::AggregateFunction(_) => self.aggregate_expr(e).map(|_| ()),
             other => Err(expression_refusal(other, "in the output")),
         }
     }

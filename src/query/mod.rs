@@ -11,6 +11,7 @@
 //!    server log.
 
 mod check;
+pub mod private;
 mod rewrite;
 
 use std::sync::Arc;
@@ -25,7 +26,7 @@ use datafusion::functions_aggregate::planner::AggregateFunctionPlanner;
 use datafusion::functions_aggregate::{average::avg_udaf, count::count_udaf, sum::sum_udaf};
 use datafusion::prelude::{SessionConfig, SessionContext};
 
-pub use check::{Checked, Violation, check};
+pub use check::{AggregateUse, Checked, Violation, check};
 
 use crate::policy::{ColumnRole, Dataset, Policy};
 
@@ -39,8 +40,12 @@ pub struct QueryOutcome {
     pub schema: SchemaRef,
     pub batches: Vec<RecordBatch>,
     /// Output groups dropped for standing for too few people.
+    /// Output groups dropped for standing for too few people. Always 0
+    /// under differential privacy, where that number is not released.
     pub suppressed: u64,
     pub checked: Checked,
+    /// The noise applied, under differential privacy.
+    pub privacy: Option<crate::privacy::Report>,
 }
 
 impl QueryOutcome {
@@ -202,13 +207,23 @@ pub async fn plan_and_check(
     Ok((ctx, plan, checked))
 }
 
-/// Runs a governed query.
+/// Runs a governed query: under the minimum group size, and with
+/// differential privacy at the agreement's largest per-query epsilon when
+/// it has a privacy section. No budget is charged here; the server does
+/// that around [`private::execute`].
 pub async fn run(
     policy: &Policy,
     tables: &[TableData],
     sql: &str,
 ) -> Result<QueryOutcome, QueryError> {
     let (ctx, plan, checked) = plan_and_check(policy, tables, sql).await?;
+    if let Some(privacy) = policy.privacy() {
+        let noise_plan = private::plan(policy, &checked, privacy.epsilon_per_query_max())
+            .map_err(QueryError::Refused)?;
+        let rng = crate::privacy::NoiseSource::from_os()
+            .map_err(|_| QueryError::Engine("the system random source failed".into()))?;
+        return private::execute(ctx, plan, checked, &noise_plan, rng).await;
+    }
     let single = one_row_per_person(tables, &checked);
     execute(policy, ctx, plan, checked, single).await
 }
@@ -256,6 +271,7 @@ pub async fn execute(
         batches,
         suppressed: counter.load(std::sync::atomic::Ordering::SeqCst),
         checked,
+        privacy: None,
     })
 }
 
@@ -299,7 +315,7 @@ fn only_a_select(sql: &str) -> Result<(), Violation> {
 }
 
 /// The kind of an engine failure, without its message.
-fn engine_failure(e: &DataFusionError) -> String {
+pub(crate) fn engine_failure(e: &DataFusionError) -> String {
     let kind = match e.find_root() {
         DataFusionError::ArrowError(..) => "arrow",
         DataFusionError::Plan(_) => "planning",

@@ -90,7 +90,7 @@ impl ScalarUDFImpl for MinGroup {
 }
 
 /// The person column of the first table under the aggregation.
-fn person_column(input: &LogicalPlan) -> Result<Column> {
+pub(super) fn person_column(input: &LogicalPlan) -> Result<Column> {
     input
         .schema()
         .iter()

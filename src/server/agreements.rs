@@ -227,6 +227,7 @@ pub(crate) fn agreement_view(policy: &Policy, org: &str, now: AgreementState) ->
             delta: p.delta(),
             refresh: p.refresh().as_str().to_string(),
             max_groups_per_person: p.max_groups_per_person(),
+            max_rows_per_person: p.max_rows_per_person(),
         }),
     }
 }

@@ -14,6 +14,7 @@
 
 mod crypto;
 mod file;
+mod ledger;
 
 use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
@@ -25,6 +26,7 @@ use serde::{Deserialize, Serialize};
 
 use crypto::{KEY_LEN, Key};
 pub use file::StagedVersion;
+pub use ledger::{Charge, Spent};
 
 /// agreement -> data key sealed by the master key.
 const KEYS: TableDefinition<&str, &[u8]> = TableDefinition::new("data_keys");
@@ -142,6 +144,8 @@ impl Store {
             tx.open_table(VERSIONS)?;
             tx.open_table(UPLOADS)?;
             tx.open_table(CURRENT)?;
+            tx.open_table(ledger::BUDGET)?;
+            tx.open_table(ledger::PENDING)?;
         }
         tx.commit()?;
         let store = Store {

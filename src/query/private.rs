@@ -1,0 +1,340 @@
+//! Differentially private execution of a checked plan.
+//!
+//! ```text
+//! analyst's plan:   Limit? Sort? Projection Filter(HAVING)?  Aggregate(G; aggs)  input
+//! 1. DataFusion:    Aggregate(G, person; rows, per aggregate: sum, count)  input
+//! 2. privacy::Plan: bound per person, sum per group, noise, threshold
+//! 3. DataFusion:    Limit? Sort? Projection Filter(HAVING)?  [released noisy groups]
+//! ```
+//!
+//! The analyst's HAVING, ORDER BY and LIMIT run on the released noisy
+//! values only: the aggregate node is replaced by a table holding them.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use arrow::array::{Array, ArrayRef, Float64Array, Int64Array, UInt32Array};
+use arrow::datatypes::{DataType, Field, Schema};
+use arrow::record_batch::RecordBatch;
+use arrow::row::{RowConverter, Rows, SortField};
+use datafusion::catalog::default_table_source::provider_as_source;
+use datafusion::common::tree_node::{Transformed, TreeNode};
+use datafusion::common::{Column, TableReference};
+use datafusion::datasource::MemTable;
+use datafusion::error::DataFusionError;
+use datafusion::functions_aggregate::expr_fn::{count, sum};
+use datafusion::logical_expr::{Aggregate, Expr, LogicalPlan, LogicalPlanBuilder, cast, lit};
+use datafusion::prelude::SessionContext;
+
+use super::check::{AggregateUse, deny};
+use super::{Checked, QueryError, QueryOutcome, Violation, engine_failure};
+use crate::policy::{Aggregate as Kind, ColumnRole, Policy, ValueType};
+use crate::privacy::mechanism::{Contributions, Released, Value};
+use crate::privacy::{Bounds, Measure, NoiseSource, Plan, Settings};
+
+const NOISY_TABLE: &str = "__cleanroom_noisy";
+
+/// The privacy measure of each aggregate, or the rule that refuses it.
+pub fn measures(checked: &Checked) -> Result<Vec<Measure>, Violation> {
+    checked.aggregates.iter().map(measure).collect()
+}
+
+fn measure(used: &AggregateUse) -> Result<Measure, Violation> {
+    let bounds = |role: &Option<ColumnRole>| match role {
+        Some(ColumnRole::Metric {
+            value_type,
+            min,
+            max,
+        }) => Ok(Bounds {
+            lo: *min,
+            hi: *max,
+            integer: *value_type == ValueType::Integer,
+        }),
+        _ => Err(deny(
+            "query.aggregate_argument",
+            "SUM and AVG apply to metric columns",
+        )),
+    };
+    match (used.kind, &used.role) {
+        (Kind::Count, None) => Ok(Measure::Rows),
+        (Kind::Count, Some(_)) => Ok(Measure::NonNull),
+        (Kind::CountDistinct, Some(ColumnRole::Identifier { .. })) => Ok(Measure::People),
+        (Kind::CountDistinct, _) => Err(deny(
+            "privacy.count_distinct",
+            "with differential privacy COUNT(DISTINCT ...) counts people: give it an identifier column",
+        )),
+        (Kind::Sum, role) => bounds(role).map(Measure::Sum),
+        (Kind::Avg, role) => bounds(role).map(Measure::Avg),
+    }
+}
+
+/// The noise plan of a checked query at `epsilon`, before anything runs.
+pub fn plan(policy: &Policy, checked: &Checked, epsilon: f64) -> Result<Plan, Violation> {
+    let privacy = policy.privacy().ok_or_else(|| {
+        deny(
+            "privacy.disabled",
+            "this agreement has no differential privacy section",
+        )
+    })?;
+    let settings = Settings {
+        epsilon,
+        delta: privacy.delta(),
+        max_groups_per_person: privacy.max_groups_per_person(),
+        max_rows_per_person: privacy.max_rows_per_person(),
+        min_group_size: policy.query().min_group_size(),
+    };
+    Plan::new(settings, &measures(checked)?).map_err(|e| deny(e.rule, e.detail))
+}
+
+fn find_aggregate(plan: &LogicalPlan) -> Option<&Aggregate> {
+    match plan {
+        LogicalPlan::Aggregate(a) => Some(a),
+        other => other.inputs().first().and_then(|p| find_aggregate(p)),
+    }
+}
+
+fn engine(e: DataFusionError) -> QueryError {
+    QueryError::Engine(engine_failure(&e))
+}
+
+fn internal(what: &str) -> QueryError {
+    QueryError::Engine(format!("private aggregation: {what}"))
+}
+
+/// Runs a checked plan under `noise_plan`.
+pub async fn execute(
+    ctx: SessionContext,
+    plan: LogicalPlan,
+    checked: Checked,
+    noise_plan: &Plan,
+    mut rng: NoiseSource,
+) -> Result<QueryOutcome, QueryError> {
+    let measures = measures(&checked).map_err(QueryError::Refused)?;
+    let agg = find_aggregate(&plan).ok_or_else(|| internal("no aggregation"))?;
+
+    // 1. Partial aggregates per group and person.
+    let person = Expr::Column(super::rewrite::person_column(&agg.input).map_err(engine)?);
+    let mut group = agg.group_expr.clone();
+    let groups_width = group.len();
+    group.push(person);
+    let mut partials = vec![count(lit(1i64)).alias("__rows")];
+    // Per measure: (sum column, count column) in the partial output.
+    let mut columns: Vec<(Option<usize>, Option<usize>)> = Vec::new();
+    let mut next = groups_width + 2;
+    for (i, (m, e)) in measures.iter().zip(&agg.aggr_expr).enumerate() {
+        let arg = || -> Result<Expr, QueryError> {
+            let e = match e {
+                Expr::Alias(a) => a.expr.as_ref(),
+                other => other,
+            };
+            match e {
+                Expr::AggregateFunction(af) => af
+                    .params
+                    .args
+                    .first()
+                    .cloned()
+                    .ok_or_else(|| internal("aggregate without argument")),
+                _ => Err(internal("not an aggregate")),
+            }
+        };
+        match m {
+            Measure::Rows => columns.push((None, None)),
+            Measure::NonNull | Measure::People => {
+                partials.push(count(arg()?).alias(format!("__n{i}")));
+                columns.push((None, Some(next)));
+                next += 1;
+            }
+            Measure::Sum(_) | Measure::Avg(_) => {
+                partials.push(sum(cast(arg()?, DataType::Float64)).alias(format!("__s{i}")));
+                partials.push(count(arg()?).alias(format!("__n{i}")));
+                columns.push((Some(next), Some(next + 1)));
+                next += 2;
+            }
+        }
+    }
+    let partial = Aggregate::try_new(Arc::clone(&agg.input), group, partials).map_err(engine)?;
+    let batches = ctx
+        .execute_logical_plan(LogicalPlan::Aggregate(partial))
+        .await
+        .map_err(engine)?
+        .collect()
+        .await
+        .map_err(engine)?;
+
+    // 2. Group numbers, contributions, then the mechanism.
+    let group_fields: Vec<SortField> = agg
+        .schema
+        .fields()
+        .iter()
+        .take(groups_width)
+        .map(|f| SortField::new(f.data_type().clone()))
+        .collect();
+    let converter = if groups_width > 0 {
+        Some(RowConverter::new(group_fields).map_err(|e| engine(e.into()))?)
+    } else {
+        None
+    };
+    let mut keys: Vec<Rows> = Vec::with_capacity(batches.len());
+    if let Some(conv) = &converter {
+        for b in &batches {
+            keys.push(
+                conv.convert_columns(&b.columns()[..groups_width])
+                    .map_err(|e| engine(e.into()))?,
+            );
+        }
+    }
+    let mut ids: HashMap<&[u8], u32> = HashMap::new();
+    let mut representatives: Vec<(usize, usize)> = Vec::new();
+    let mut c = Contributions {
+        sums: vec![Vec::new(); measures.len()],
+        counts: vec![Vec::new(); measures.len()],
+        ..Contributions::default()
+    };
+    for (bi, b) in batches.iter().enumerate() {
+        let persons = b
+            .column(groups_width)
+            .as_any()
+            .downcast_ref::<UInt32Array>()
+            .ok_or_else(|| internal("person numbers"))?;
+        let rows = int64(b.column(groups_width + 1))?;
+        for r in 0..b.num_rows() {
+            let g = match keys.get(bi) {
+                Some(k) => {
+                    let key: &[u8] = k.row(r).data();
+                    let fresh = ids.len() as u32;
+                    *ids.entry(key).or_insert_with(|| {
+                        representatives.push((bi, r));
+                        fresh
+                    })
+                }
+                None => {
+                    if representatives.is_empty() {
+                        representatives.push((bi, r));
+                    }
+                    0
+                }
+            };
+            c.group.push(g);
+            c.person.push(persons.value(r));
+            c.rows.push(rows.value(r).max(0) as u64);
+        }
+        for (i, (s, n)) in columns.iter().enumerate() {
+            if let Some(s) = s {
+                let s = b
+                    .column(*s)
+                    .as_any()
+                    .downcast_ref::<Float64Array>()
+                    .ok_or_else(|| internal("partial sums"))?;
+                c.sums[i].extend((0..s.len()).map(|r| if s.is_null(r) { 0.0 } else { s.value(r) }));
+            }
+            if let Some(n) = n {
+                let n = int64(b.column(*n))?;
+                c.counts[i].extend(n.values().iter().map(|v| (*v).max(0) as u64));
+            }
+        }
+    }
+    let bounded = noise_plan
+        .bound(&c, representatives.len(), &mut rng)
+        .map_err(|e| QueryError::Refused(deny(e.rule, e.detail)))?;
+    let released = noise_plan.release(&bounded, &mut rng);
+
+    // 3. The released groups replace the aggregation in the analyst's plan.
+    let noisy = released_batch(
+        agg,
+        &converter,
+        &keys,
+        &representatives,
+        &released,
+        &measures,
+    )?;
+    let provider = MemTable::try_new(noisy.schema(), vec![vec![noisy]]).map_err(engine)?;
+    let projection: Vec<Expr> = agg
+        .schema
+        .iter()
+        .enumerate()
+        .map(|(j, (q, f))| {
+            Expr::Column(Column::new(
+                Some(TableReference::bare(NOISY_TABLE)),
+                format!("__dp_{j}"),
+            ))
+            .alias_qualified(q.cloned(), f.name())
+        })
+        .collect();
+    let replacement =
+        LogicalPlanBuilder::scan(NOISY_TABLE, provider_as_source(Arc::new(provider)), None)
+            .and_then(|b| b.project(projection))
+            .and_then(LogicalPlanBuilder::build)
+            .map_err(engine)?;
+    let rest = plan
+        .transform_up(|node| match node {
+            LogicalPlan::Aggregate(_) => Ok(Transformed::yes(replacement.clone())),
+            other => Ok(Transformed::yes(other.recompute_schema()?)),
+        })
+        .map_err(engine)?
+        .data;
+    let df = ctx.execute_logical_plan(rest).await.map_err(engine)?;
+    let schema = Arc::new(df.schema().as_arrow().clone());
+    let batches = df.collect().await.map_err(engine)?;
+    Ok(QueryOutcome {
+        schema,
+        batches,
+        // Not reported: how many groups the threshold held back is itself
+        // not private.
+        suppressed: 0,
+        checked,
+        privacy: Some(noise_plan.report()),
+    })
+}
+
+fn int64(a: &ArrayRef) -> Result<&Int64Array, QueryError> {
+    a.as_any()
+        .downcast_ref::<Int64Array>()
+        .ok_or_else(|| internal("partial counts"))
+}
+
+/// The released groups as one batch shaped like the aggregation's output,
+/// with positional column names.
+fn released_batch(
+    agg: &Aggregate,
+    converter: &Option<RowConverter>,
+    keys: &[Rows],
+    representatives: &[(usize, usize)],
+    released: &[Released],
+    measures: &[Measure],
+) -> Result<RecordBatch, QueryError> {
+    let fields: Vec<Field> = agg
+        .schema
+        .fields()
+        .iter()
+        .enumerate()
+        .map(|(j, f)| Field::new(format!("__dp_{j}"), f.data_type().clone(), true))
+        .collect();
+    let schema = Arc::new(Schema::new(fields));
+    let mut columns: Vec<ArrayRef> = Vec::with_capacity(schema.fields().len());
+    if let Some(conv) = converter {
+        let rows = released.iter().map(|g| {
+            let (b, r) = representatives[g.group as usize];
+            keys[b].row(r)
+        });
+        columns.extend(conv.convert_rows(rows).map_err(|e| engine(e.into()))?);
+    }
+    let width = columns.len();
+    for (i, _) in measures.iter().enumerate() {
+        let values = released.iter().map(|g| g.values[i]);
+        let array: ArrayRef = match released.first().map(|g| g.values[i]) {
+            Some(Value::Float(_)) => {
+                Arc::new(Float64Array::from_iter_values(values.map(|v| match v {
+                    Value::Float(f) => f,
+                    Value::Int(i) => i as f64,
+                })))
+            }
+            _ => Arc::new(Int64Array::from_iter_values(values.map(|v| match v {
+                Value::Int(i) => i,
+                Value::Float(f) => f as i64,
+            }))),
+        };
+        let target = schema.field(width + i).data_type();
+        columns.push(arrow::compute::cast(&array, target).map_err(|e| engine(e.into()))?);
+    }
+    RecordBatch::try_new(schema, columns).map_err(|e| engine(e.into()))
+}
