@@ -23,7 +23,7 @@ pub const HEAD_FILE: &str = "audit.head";
 const GENESIS: [u8; 32] = [0u8; 32];
 
 /// One audited event.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Entry {
     pub seq: u64,
     /// Unix seconds.
@@ -45,6 +45,12 @@ pub struct Entry {
     pub rows: Option<u64>,
     /// Output rows suppressed by the minimum group size.
     pub suppressed: Option<u64>,
+    /// Privacy budget the query spent (differential privacy only).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub epsilon: Option<f64>,
+    /// The query's id in the budget ledger.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub query_id: Option<String>,
     /// Hex hash of the previous entry (zeros for the first).
     pub prev: String,
     /// Hex hash of this entry.
@@ -52,7 +58,7 @@ pub struct Entry {
 }
 
 /// What a caller records; the log adds sequence, chain and time.
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
+#[derive(Debug, Clone, Default, PartialEq)]
 pub struct Event {
     pub org: String,
     pub agreement: String,
@@ -64,6 +70,10 @@ pub struct Event {
     pub sql_hash: Option<String>,
     pub rows: Option<u64>,
     pub suppressed: Option<u64>,
+    pub epsilon: Option<f64>,
+    pub query_id: Option<String>,
+    /// A query a crash interrupted after its budget was charged.
+    pub interrupted: bool,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -273,10 +283,10 @@ impl AuditLog {
             agreement: event.agreement,
             policy_hash: event.policy_hash,
             action: event.action.to_string(),
-            decision: if event.accepted {
-                "accepted"
-            } else {
-                "rejected"
+            decision: match (event.interrupted, event.accepted) {
+                (true, _) => "interrupted",
+                (false, true) => "accepted",
+                (false, false) => "rejected",
             }
             .to_string(),
             rule: event.rule,
@@ -284,6 +294,8 @@ impl AuditLog {
             sql_hash: event.sql_hash,
             rows: event.rows,
             suppressed: event.suppressed,
+            epsilon: event.epsilon,
+            query_id: event.query_id,
             prev: hex::encode(state.head),
             hash: String::new(),
         };
@@ -298,6 +310,18 @@ impl AuditLog {
         state.seq = entry.seq;
         state.head = hash;
         Ok(entry)
+    }
+
+    /// Ids of every audited query that charged a privacy budget.
+    pub fn query_ids(&self) -> Result<std::collections::HashSet<String>, AuditError> {
+        let _guard = self.state.lock().unwrap_or_else(|e| e.into_inner());
+        let mut out = std::collections::HashSet::new();
+        read_chain(&self.dir, |e| {
+            if let Some(id) = &e.query_id {
+                out.insert(id.clone());
+            }
+        })?;
+        Ok(out)
     }
 
     /// Entries about one agreement, oldest first.

@@ -237,17 +237,29 @@ pub struct QueryAnswer {
 }
 
 impl Client {
-    /// Runs governed aggregate SQL under an agreement.
+    /// Runs governed aggregate SQL under an agreement (under differential
+    /// privacy, at the agreement's largest per-query epsilon).
     pub async fn query(
         &mut self,
         agreement_id: &str,
         sql: &str,
+    ) -> Result<QueryAnswer, ClientError> {
+        self.query_with_epsilon(agreement_id, sql, None).await
+    }
+
+    /// As [`Client::query`], spending `epsilon` of the privacy budget.
+    pub async fn query_with_epsilon(
+        &mut self,
+        agreement_id: &str,
+        sql: &str,
+        epsilon: Option<f64>,
     ) -> Result<QueryAnswer, ClientError> {
         use proto::query_response::Part;
         let mut stream = QueriesClient::new(self.channel.clone())
             .query(proto::QueryRequest {
                 agreement_id: agreement_id.to_string(),
                 sql: sql.to_string(),
+                epsilon,
             })
             .await?
             .into_inner();
@@ -273,6 +285,21 @@ impl Client {
             batches,
             summary,
         })
+    }
+}
+
+impl Client {
+    /// The caller's privacy budget in an agreement.
+    pub async fn budget(
+        &mut self,
+        agreement_id: &str,
+    ) -> Result<proto::BudgetResponse, ClientError> {
+        Ok(QueriesClient::new(self.channel.clone())
+            .budget(proto::BudgetRequest {
+                agreement_id: agreement_id.to_string(),
+            })
+            .await?
+            .into_inner())
     }
 }
 

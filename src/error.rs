@@ -43,6 +43,19 @@ pub enum ServiceError {
     /// query refused by its rule.
     #[error("{0}")]
     QueryRefused(crate::query::Violation),
+    /// RESOURCE_EXHAUSTED: the caller's privacy budget does not cover the query.
+    #[error(
+        "rule privacy.budget: agreement {agreement:?}: this query needs epsilon {needed} but {remaining} of {total} remains in window {window}; the budget refreshes {next_refresh}"
+    )]
+    BudgetExhausted {
+        agreement: String,
+        needed: f64,
+        remaining: f64,
+        total: f64,
+        window: String,
+        /// "at 2026-12-01T00:00:00Z", or "never".
+        next_refresh: String,
+    },
     /// INTERNAL: our own fault; the detail is logged, never returned.
     #[error("internal error")]
     Internal(String),
@@ -63,6 +76,7 @@ impl ServiceError {
             ServiceError::NoData(_) => "dataset.uploaded".into(),
             ServiceError::UploadRejected(r) => r.rule.into(),
             ServiceError::QueryRefused(v) => v.rule.into(),
+            ServiceError::BudgetExhausted { .. } => "privacy.budget".into(),
             ServiceError::Internal(_) => "internal".into(),
         }
     }
@@ -98,6 +112,7 @@ impl From<ServiceError> for Status {
             },
             ServiceError::QueryRefused(v) if v.policy => Code::PermissionDenied,
             ServiceError::QueryRefused(_) => Code::InvalidArgument,
+            ServiceError::BudgetExhausted { .. } => Code::ResourceExhausted,
             ServiceError::Internal(detail) => {
                 tracing::warn!(%detail, "internal error");
                 Code::Internal
@@ -155,6 +170,18 @@ mod tests {
                 },
                 Code::FailedPrecondition,
                 "agreement \"a\" is expired, not in force",
+            ),
+            (
+                ServiceError::BudgetExhausted {
+                    agreement: "a".into(),
+                    needed: 1.0,
+                    remaining: 0.5,
+                    total: 10.0,
+                    window: "2026-11".into(),
+                    next_refresh: "at 2026-12-01T00:00:00Z".into(),
+                },
+                Code::ResourceExhausted,
+                "rule privacy.budget: agreement \"a\": this query needs epsilon 1 but 0.5 of 10 remains in window 2026-11; the budget refreshes at 2026-12-01T00:00:00Z",
             ),
             (
                 ServiceError::Internal("disk full at /secret/path".into()),

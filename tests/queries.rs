@@ -14,9 +14,33 @@ use cleanroom::query::{QueryError, TableData, run};
 use serde::Deserialize;
 
 fn demo() -> Policy {
+    with_privacy(None)
+}
+
+/// The demo agreement with its `[privacy]` section replaced (None: removed,
+/// thresholds only).
+fn with_privacy(privacy: Option<&str>) -> Policy {
+    let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("policies/retail-media-demo.toml");
+    let text = std::fs::read_to_string(&path).unwrap();
+    let (head, tail) = text.split_once("[privacy]").unwrap();
+    let text = match privacy {
+        None => head.to_string(),
+        Some(section) => format!("{head}[privacy]\n{section}\n"),
+    };
+    let _ = tail;
+    cleanroom::policy::parse_policy(&text, &path).unwrap()
+}
+
+/// The demo agreement as shipped, with differential privacy.
+fn private_demo() -> Policy {
     let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("policies/retail-media-demo.toml");
     cleanroom::policy::parse_policy(&std::fs::read_to_string(&path).unwrap(), &path).unwrap()
 }
+
+/// So much epsilon that the noise is almost always zero: shows the
+/// bounding and thresholds on their own.
+const NEAR_NOISELESS: &str =
+    "epsilon_total = 1e9\nepsilon_per_query_max = 1e8\ndelta = 1e-7\nmax_groups_per_person = 1";
 
 fn fp(person: u64, kind: u8) -> [u8; 32] {
     let mut input = [0u8; 9];
@@ -169,7 +193,8 @@ async fn query_policy_cases() {
     .unwrap();
     let cases: Cases = toml::from_str(&text).unwrap();
     assert!(cases.case.len() >= 50, "{} cases", cases.case.len());
-    let policy = demo();
+    // As shipped, with differential privacy: the rules hold either way.
+    let policy = private_demo();
     let data = tables(2_000, 800);
     let mut failures = Vec::new();
     for case in &cases.case {
@@ -303,4 +328,186 @@ async fn people_are_counted_not_rows() {
         .as_primitive::<Int64Type>()
         .value(0);
     assert_eq!(n, 120, "COUNT(*) still counts joined rows");
+}
+
+fn float_sum(outcome: &cleanroom::query::QueryOutcome, column: usize) -> Option<f64> {
+    let b = outcome.batches.iter().find(|b| b.num_rows() > 0)?;
+    Some(b.column(column).as_primitive::<Float64Type>().value(0))
+}
+
+#[tokio::test]
+async fn the_differencing_attack_is_exact_without_privacy_and_noisy_with_it() {
+    let (n, shared) = (6_000u64, 2_500u64);
+    let data = tables(n, shared);
+    let all = "SELECT SUM(a.spend) FROM customers c JOIN audience a ON c.email = a.email";
+    let but_food = "SELECT SUM(a.spend) FROM customers c JOIN audience a ON c.email = a.email \
+                    WHERE a.interest_segment <> 'food'";
+    let food_people = (0..shared).filter(|p| segment(*p) == "food").count() as u64;
+    let food_total: f64 = (0..shared)
+        .filter(|p| segment(*p) == "food")
+        .map(spend)
+        .sum();
+    assert!(
+        food_people > 0 && food_people < 50,
+        "food is a small group: {food_people}"
+    );
+
+    // Thresholds alone: both answers pass, and their difference is the
+    // small group's exact total.
+    let plain = demo();
+    let a = float_sum(&run(&plain, &data, all).await.unwrap(), 0).unwrap();
+    let b = float_sum(&run(&plain, &data, but_food).await.unwrap(), 0).unwrap();
+    assert!((a - b - food_total).abs() < 1e-6);
+
+    // With differential privacy the difference is off by noise of the
+    // order of the scale, trial after trial.
+    let private = private_demo();
+    let outcome = run(&private, &data, all).await.unwrap();
+    let scale = outcome.privacy.as_ref().unwrap().columns[0].scale;
+    // spend is bounded by 2000; epsilon 1 split between threshold and sum.
+    assert!((scale - 4000.0).abs() < 1.0, "{scale}");
+    let trials = 60;
+    let mut errors = Vec::new();
+    for _ in 0..trials {
+        let a = float_sum(&run(&private, &data, all).await.unwrap(), 0).unwrap();
+        let b = float_sum(&run(&private, &data, but_food).await.unwrap(), 0).unwrap();
+        errors.push((a - b - food_total).abs());
+    }
+    let mean = errors.iter().sum::<f64>() / trials as f64;
+    // The difference of two independent discrete Laplace draws of scale b
+    // has E|.| = 1.5 b; allow wide sampling error.
+    assert!(
+        mean > 0.75 * scale && mean < 2.5 * scale,
+        "mean error {mean} vs scale {scale}"
+    );
+    let close = errors
+        .iter()
+        .filter(|e| **e < food_total.min(1000.0) / 10.0)
+        .count();
+    assert!(
+        close <= trials / 10,
+        "{close} of {trials} trials came close to the exact total"
+    );
+}
+
+#[tokio::test]
+async fn one_person_with_many_rows_moves_a_private_sum_by_at_most_the_bound() {
+    let policy = with_privacy(Some(NEAR_NOISELESS));
+    let sql = "SELECT COUNT(*), SUM(c.lifetime_value) FROM customers c JOIN audience a ON c.email = a.email";
+    let shared = 400u64;
+    let base_ids: Vec<u64> = (0..1_000).collect();
+    // Person 7 (matched) appears 40 more times in the customers' rows.
+    let mut heavy_ids = base_ids.clone();
+    heavy_ids.extend(std::iter::repeat_n(7, 40));
+    let sum_of = |o: &cleanroom::query::QueryOutcome| {
+        let b = o.batches.iter().find(|b| b.num_rows() > 0).unwrap();
+        (
+            b.column(0).as_primitive::<Int64Type>().value(0),
+            b.column(1).as_primitive::<Float64Type>().value(0),
+        )
+    };
+    let base = run(&policy, &tables_of(base_ids, shared), sql)
+        .await
+        .unwrap();
+    let heavy = run(&policy, &tables_of(heavy_ids, shared), sql)
+        .await
+        .unwrap();
+    let ((c0, s0), (c1, s1)) = (sum_of(&base), sum_of(&heavy));
+    // Noiseless here: the bounded sums are the exact ones.
+    let exact: f64 = (0..shared).map(ltv).sum();
+    assert!((s0 - exact).abs() < 0.01, "{s0} vs {exact}");
+    assert_eq!(c0, shared as i64);
+    // Unbounded, the 40 extra rows would add 40 * ltv(7) = 10,360.
+    assert!(40.0 * ltv(7) > 5000.0);
+    assert!(s1 - s0 <= 5000.0, "one person moved the sum by {}", s1 - s0);
+    assert_eq!(
+        c1, c0,
+        "COUNT(*) counts at most max_rows_per_person rows per person"
+    );
+}
+
+#[tokio::test]
+async fn private_groups_match_the_truth_when_noise_is_negligible() {
+    let policy = with_privacy(Some(NEAR_NOISELESS));
+    let (n, shared) = (6_000u64, 2_500u64);
+    let data = tables(n, shared);
+    let sql = "SELECT c.region, a.interest_segment, COUNT(*) AS n, SUM(a.spend) AS spend, AVG(c.lifetime_value) AS ltv, \
+               COUNT(DISTINCT c.email) AS people \
+               FROM customers c JOIN audience a ON c.email = a.email \
+               GROUP BY c.region, a.interest_segment HAVING COUNT(*) > 60 ORDER BY n DESC";
+    let outcome = run(&policy, &data, sql).await.unwrap();
+    let report = outcome.privacy.clone().unwrap();
+    assert_eq!(report.columns.len(), 4);
+    assert!(report.threshold > 50);
+    let mut plain: BTreeMap<(String, String), (i64, f64, f64)> = BTreeMap::new();
+    for p in 0..shared {
+        let e = plain
+            .entry((region(p).to_string(), segment(p).to_string()))
+            .or_default();
+        e.0 += 1;
+        e.1 += spend(p);
+        e.2 += ltv(p);
+    }
+    let mut previous = i64::MAX;
+    let mut seen = 0;
+    for b in &outcome.batches {
+        let r = b.column(0).as_string::<i32>();
+        let s = b.column(1).as_string::<i32>();
+        let count = b.column(2).as_primitive::<Int64Type>();
+        let sum = b.column(3).as_primitive::<Float64Type>();
+        let avg = b.column(4).as_primitive::<Float64Type>();
+        let people = b.column(5).as_primitive::<Int64Type>();
+        for i in 0..b.num_rows() {
+            let (n, total, ltv_total) = plain[&(r.value(i).to_string(), s.value(i).to_string())];
+            assert_eq!(count.value(i), n);
+            assert_eq!(people.value(i), n);
+            assert!(count.value(i) > 60, "HAVING reads the released values");
+            assert!(
+                count.value(i) <= previous,
+                "ORDER BY reads the released values"
+            );
+            previous = count.value(i);
+            // Sums are exact up to the power-of-two grid they are noised on.
+            assert!(
+                (sum.value(i) - total).abs() <= n as f64,
+                "{} vs {total}",
+                sum.value(i)
+            );
+            assert!((avg.value(i) - ltv_total / n as f64).abs() < 1.0);
+            seen += 1;
+        }
+    }
+    let expected = plain.values().filter(|v| v.0 > 60).count();
+    assert_eq!(
+        seen, expected,
+        "every group above HAVING's bound is released"
+    );
+    assert_eq!(
+        outcome.suppressed, 0,
+        "not released under differential privacy"
+    );
+}
+
+#[tokio::test]
+async fn count_distinct_under_privacy_takes_identifiers_only() {
+    let data = tables(2_000, 800);
+    let err = run(
+        &private_demo(),
+        &data,
+        "SELECT COUNT(DISTINCT c.region) FROM customers c JOIN audience a ON c.email = a.email",
+    )
+    .await
+    .unwrap_err();
+    let QueryError::Refused(v) = err else {
+        panic!("refused by rule")
+    };
+    assert_eq!(v.rule, "privacy.count_distinct");
+    // The same query passes with thresholds only.
+    run(
+        &demo(),
+        &data,
+        "SELECT COUNT(DISTINCT c.region) FROM customers c JOIN audience a ON c.email = a.email",
+    )
+    .await
+    .unwrap();
 }

@@ -62,6 +62,7 @@ pub(super) fn run(cmd: AuditCommand) -> anyhow::Result<ExitCode> {
                     ("sql", e.sql_hash.map(|h| h[..12.min(h.len())].to_string())),
                     ("rows", e.rows.map(|r| r.to_string())),
                     ("suppressed", e.suppressed.map(|r| r.to_string())),
+                    ("epsilon", e.epsilon.map(|r| r.to_string())),
                 ] {
                     if let Some(v) = value {
                         line.push_str(&format!(" {label}={v}"));

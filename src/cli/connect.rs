@@ -279,20 +279,92 @@ pub(super) struct QueryArgs {
     /// Output format.
     #[arg(long, value_enum, default_value = "table")]
     format: OutputFormat,
+    /// Privacy budget to spend (agreements with differential privacy);
+    /// defaults to the agreement's largest per-query epsilon.
+    #[arg(long)]
+    epsilon: Option<f64>,
 }
 
 pub(super) fn query(args: QueryArgs) -> anyhow::Result<ExitCode> {
     let rt = super::runtime()?;
     let mut client = args.connect.connect(&rt)?;
-    let answer = rt.block_on(client.query(&args.agreement, &args.sql))?;
+    let answer =
+        rt.block_on(client.query_with_epsilon(&args.agreement, &args.sql, args.epsilon))?;
     print!("{}", render_answer(&answer, args.format)?);
-    if answer.summary.suppressed > 0 {
+    if let Some(p) = &answer.header.privacy {
+        eprint!("{}", render_privacy(p));
+    } else if answer.summary.suppressed > 0 {
         eprintln!(
             "{} row(s) suppressed: each stood for fewer than {} people",
             answer.summary.suppressed, answer.header.min_group_size
         );
     }
     Ok(ExitCode::SUCCESS)
+}
+
+/// The noise an answer carries, for the analyst.
+pub fn render_privacy(p: &crate::proto::PrivacyReport) -> String {
+    let mut out = format!(
+        "differential privacy: {}\n  spent epsilon {} (delta {}); {} left, budget refreshes {}\n  groups shown only with a noisy count of at least {} people (noise scale {:.2}); a person counts in at most {} group(s), {} row(s) each\n",
+        p.mechanism,
+        p.epsilon,
+        p.delta,
+        p.epsilon_remaining,
+        p.next_refresh,
+        p.threshold,
+        p.threshold_scale,
+        p.max_groups_per_person,
+        p.max_rows_per_person
+    );
+    for c in &p.columns {
+        out.push_str(&format!(
+            "  {}: epsilon {:.4}, noise scale {:.2}, 95% within +/-{:.2}",
+            c.aggregate, c.epsilon, c.scale, c.half_width_95
+        ));
+        if let Some(n) = c.count_scale {
+            out.push_str(&format!(
+                " (of the sum; over a people count with noise scale {n:.2})"
+            ));
+        }
+        out.push('\n');
+    }
+    out
+}
+
+#[derive(Debug, Args)]
+pub(super) struct BudgetArgs {
+    #[command(flatten)]
+    connect: ConnectArgs,
+    /// Agreement id.
+    #[arg(long)]
+    agreement: String,
+}
+
+pub(super) fn budget(args: BudgetArgs) -> anyhow::Result<ExitCode> {
+    let rt = super::runtime()?;
+    let mut client = args.connect.connect(&rt)?;
+    let b = rt.block_on(client.budget(&args.agreement))?;
+    print!("{}", render_budget(&args.agreement, &b));
+    Ok(ExitCode::SUCCESS)
+}
+
+/// A privacy budget as text.
+pub fn render_budget(agreement: &str, b: &crate::proto::BudgetResponse) -> String {
+    if !b.enabled {
+        return format!("agreement {agreement} has no differential privacy: no budget applies\n");
+    }
+    format!(
+        "agreement {agreement}, window {}\n  spent     epsilon {} in {} quer{}\n  remaining epsilon {} of {}\n  per query at most {} (delta {})\n  refreshes {}\n",
+        b.window,
+        b.epsilon_spent,
+        b.queries,
+        if b.queries == 1 { "y" } else { "ies" },
+        b.epsilon_remaining,
+        b.epsilon_total,
+        b.epsilon_per_query_max,
+        b.delta,
+        b.next_refresh
+    )
 }
 
 /// A query answer as a text table, CSV or JSON lines.

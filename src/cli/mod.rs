@@ -10,7 +10,9 @@ use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
 
-pub use connect::{ConnectArgs, OutputFormat, render_agreement, render_answer};
+pub use connect::{
+    ConnectArgs, OutputFormat, render_agreement, render_answer, render_budget, render_privacy,
+};
 
 #[derive(Debug, Parser)]
 #[command(name = "cleanroom", version, about = "A self-hosted data clean room", long_about = None)]
@@ -42,6 +44,8 @@ enum Command {
     Overlap(connect::OverlapArgs),
     /// Run governed aggregate SQL.
     Query(connect::QueryArgs),
+    /// Show your privacy budget in an agreement: spent, remaining, next refresh.
+    Budget(connect::BudgetArgs),
     /// Check the audit chain, or read your agreements' audit entries.
     #[command(subcommand)]
     Audit(audit::AuditCommand),
@@ -66,6 +70,7 @@ pub fn main() -> ExitCode {
         Command::Audit(cmd) => audit::run(cmd),
         Command::Overlap(args) => connect::overlap(args),
         Command::Query(args) => connect::query(args),
+        Command::Budget(args) => connect::budget(args),
         Command::Whoami(args) => connect::whoami(args),
         Command::Agreements(args) => connect::agreements(args),
     };

@@ -106,6 +106,8 @@ pub struct Plan {
 /// Noise added to one output column, for the analyst.
 #[derive(Debug, Clone, PartialEq)]
 pub struct ColumnNoise {
+    /// The aggregate's name in the plan (filled in by the query engine).
+    pub aggregate: String,
     /// Epsilon spent on this column.
     pub epsilon: f64,
     /// Scale of the discrete Laplace noise, in the column's units (for AVG:
@@ -266,6 +268,7 @@ impl Plan {
                     _ => (m.grid, self.share),
                 };
                 ColumnNoise {
+                    aggregate: String::new(),
                     epsilon: eps,
                     scale: m.scale.map_or(0.0, |s| s.value() * unit),
                     count_scale: m.count_scale.map(Scale::value),

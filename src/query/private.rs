@@ -110,7 +110,9 @@ pub async fn execute(
     mut rng: NoiseSource,
 ) -> Result<QueryOutcome, QueryError> {
     let measures = measures(&checked).map_err(QueryError::Refused)?;
-    let agg = find_aggregate(&plan).ok_or_else(|| internal("no aggregation"))?;
+    let agg = find_aggregate(&plan)
+        .cloned()
+        .ok_or_else(|| internal("no aggregation"))?;
 
     // 1. Partial aggregates per group and person.
     let person = Expr::Column(super::rewrite::person_column(&agg.input).map_err(engine)?);
@@ -240,7 +242,7 @@ pub async fn execute(
 
     // 3. The released groups replace the aggregation in the analyst's plan.
     let noisy = released_batch(
-        agg,
+        &agg,
         &converter,
         &keys,
         &representatives,
@@ -272,6 +274,14 @@ pub async fn execute(
         })
         .map_err(engine)?
         .data;
+    let mut report = noise_plan.report();
+    for (c, f) in report
+        .columns
+        .iter_mut()
+        .zip(agg.schema.fields().iter().skip(groups_width))
+    {
+        c.aggregate = f.name().clone();
+    }
     let df = ctx.execute_logical_plan(rest).await.map_err(engine)?;
     let schema = Arc::new(df.schema().as_arrow().clone());
     let batches = df.collect().await.map_err(engine)?;
@@ -282,7 +292,7 @@ pub async fn execute(
         // not private.
         suppressed: 0,
         checked,
-        privacy: Some(noise_plan.report()),
+        privacy: Some(report),
     })
 }
 

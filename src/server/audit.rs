@@ -51,6 +51,8 @@ impl proto::audit_server::Audit for AuditService {
                 sql_hash: e.sql_hash,
                 rows: e.rows,
                 suppressed: e.suppressed,
+                epsilon: e.epsilon,
+                query_id: e.query_id,
                 prev: e.prev,
                 hash: e.hash,
             })

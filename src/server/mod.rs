@@ -267,6 +267,49 @@ async fn set_health(reporter: &tonic_health::server::HealthReporter, status: Ser
     }
 }
 
+/// Settles the budget charges a crash left pending. Each stays spent (its
+/// answer may have left the server). A charge without an audit entry first
+/// gets one, decision "interrupted", so the audit log accounts for every
+/// epsilon the ledger holds.
+fn settle_interrupted(
+    store: &Store,
+    audit: &AuditLog,
+    policies: &PolicySet,
+    now: i64,
+) -> Result<(), ServerError> {
+    let pending = store.pending_charges()?;
+    if pending.is_empty() {
+        return Ok(());
+    }
+    let audited = audit.query_ids()?;
+    for c in pending {
+        if !audited.contains(&c.query) {
+            let event = Event {
+                org: c.org.clone(),
+                agreement: c.agreement.clone(),
+                policy_hash: policies
+                    .get(&c.agreement)
+                    .map(|p| p.hash().to_hex())
+                    .unwrap_or_default(),
+                action: "query",
+                rule: Some("privacy.budget".into()),
+                epsilon: Some(crate::privacy::from_micros(c.micros)),
+                query_id: Some(c.query.clone()),
+                interrupted: true,
+                ..Event::default()
+            };
+            audit.append(event, now)?;
+        }
+        store.settle(&c.query)?;
+        tracing::warn!(
+            agreement = %c.agreement,
+            org = %c.org,
+            "a query interrupted by a stop kept its budget charge"
+        );
+    }
+    Ok(())
+}
+
 /// Runs the server on `listener` until `shutdown` resolves. Then health
 /// turns NOT_SERVING, and after the grace period the server stops accepting
 /// calls and waits for in-flight ones to finish.
@@ -283,6 +326,12 @@ pub async fn serve(
         source,
     })?;
     let audit = AuditLog::open(&options.data_dir)?;
+    settle_interrupted(
+        &store,
+        &audit,
+        &policies,
+        options.clock.now().unix_timestamp(),
+    )?;
     let state = AppState::new(
         policies,
         Arc::clone(&options.clock),

@@ -12,9 +12,12 @@ use super::datasets::agreement_in_force;
 use crate::audit::Event;
 use crate::error::ServiceError;
 use crate::policy::{Policy, Right};
+use crate::privacy::window::describe;
+use crate::privacy::{NoiseSource, Report, from_micros, to_micros, window};
 use crate::proto;
 use crate::proto::query_response::Part;
 use crate::query::{QueryError, QueryOutcome, TableData, agreement_tables};
+use crate::storage::Charge;
 
 /// One agreement's tables and the versions (and policy) they were built from.
 #[derive(Debug)]
@@ -94,7 +97,7 @@ impl QueriesService {
         &self,
         org: &str,
         request: &proto::QueryRequest,
-    ) -> Result<(Arc<Policy>, QueryOutcome), ServiceError> {
+    ) -> Result<Answer, ServiceError> {
         let policy = agreement_in_force(&self.state, org, &request.agreement_id)?;
         for right in [Right::Query, Right::ReceiveResults] {
             if !policy.allows(org, right) {
@@ -127,11 +130,176 @@ impl QueriesService {
                 return Err(ServiceError::NoData(name.clone()));
             }
         }
+        if let Some(privacy) = policy.privacy() {
+            return self
+                .answer_privately(org, request, &policy, privacy, ctx, plan, checked)
+                .await;
+        }
+        if request.epsilon.is_some() {
+            return Err(ServiceError::InvalidArgument {
+                field: "epsilon",
+                rule: format!(
+                    "agreement {} has no differential privacy; leave epsilon unset",
+                    policy.id()
+                ),
+            });
+        }
         let single = crate::query::one_row_per_person(&tables, &checked);
         let outcome = crate::query::execute(&policy, ctx, plan, checked, single)
             .await
             .map_err(query_error)?;
-        Ok((policy, outcome))
+        Ok(Answer {
+            policy,
+            outcome,
+            charge: None,
+        })
+    }
+
+    /// Plans the noise, charges the budget, runs; refunds if the run fails.
+    #[allow(clippy::too_many_arguments)]
+    async fn answer_privately(
+        &self,
+        org: &str,
+        request: &proto::QueryRequest,
+        policy: &Arc<Policy>,
+        privacy: &crate::policy::Privacy,
+        ctx: datafusion::prelude::SessionContext,
+        plan: datafusion::logical_expr::LogicalPlan,
+        checked: crate::query::Checked,
+    ) -> Result<Answer, ServiceError> {
+        let max = privacy.epsilon_per_query_max();
+        let epsilon = request.epsilon.unwrap_or(max);
+        if !(epsilon.is_finite() && epsilon > 0.0 && epsilon <= max) {
+            return Err(ServiceError::InvalidArgument {
+                field: "epsilon",
+                rule: format!(
+                    "must be greater than 0 and at most {max} (privacy.epsilon_per_query_max)"
+                ),
+            });
+        }
+        let noise_plan = crate::query::private::plan(policy, &checked, epsilon)
+            .map_err(ServiceError::QueryRefused)?;
+        let window = window(privacy.refresh(), self.state.clock().now());
+        let charge = Charge {
+            query: new_query_id()?,
+            agreement: policy.id().to_string(),
+            org: org.to_string(),
+            window: window.id.clone(),
+            micros: to_micros(epsilon),
+        };
+        let total = to_micros(privacy.epsilon_total());
+        let (store, c) = (self.state.store().clone(), charge.clone());
+        let spent = tokio::task::spawn_blocking(move || store.charge(&c, total))
+            .await
+            .map_err(|e| ServiceError::Internal(format!("charging the budget: {e}")))??;
+        let spent = match spent {
+            Ok(after) => after,
+            Err(before) => {
+                return Err(ServiceError::BudgetExhausted {
+                    agreement: policy.id().to_string(),
+                    needed: epsilon,
+                    remaining: from_micros(total.saturating_sub(before.micros)),
+                    total: privacy.epsilon_total(),
+                    window: window.id,
+                    next_refresh: match window.next_refresh {
+                        Some(t) => format!("at {}", describe(Some(t))),
+                        None => "never".into(),
+                    },
+                });
+            }
+        };
+        let run = match NoiseSource::from_os() {
+            Ok(rng) => crate::query::private::execute(ctx, plan, checked, &noise_plan, rng)
+                .await
+                .map_err(query_error),
+            Err(_) => Err(ServiceError::Internal(
+                "the system random source failed".into(),
+            )),
+        };
+        match run {
+            Ok(outcome) => Ok(Answer {
+                policy: Arc::clone(policy),
+                outcome,
+                charge: Some(Charged {
+                    charge,
+                    epsilon,
+                    remaining: from_micros(total.saturating_sub(spent.micros)),
+                    next_refresh: describe(window.next_refresh),
+                }),
+            }),
+            Err(e) => {
+                self.refund(&charge.query).await;
+                Err(e)
+            }
+        }
+    }
+
+    async fn refund(&self, query: &str) {
+        let (store, q) = (self.state.store().clone(), query.to_string());
+        match tokio::task::spawn_blocking(move || store.refund(&q)).await {
+            Ok(Ok(_)) => {}
+            Ok(Err(e)) => tracing::warn!(error = %e, "refunding a failed query's budget"),
+            Err(e) => tracing::warn!(error = %e, "refunding a failed query's budget"),
+        }
+    }
+
+    async fn settle(&self, query: &str) {
+        let (store, q) = (self.state.store().clone(), query.to_string());
+        match tokio::task::spawn_blocking(move || store.settle(&q)).await {
+            Ok(Ok(_)) => {}
+            // Left pending; the next start settles it against the audit log.
+            Ok(Err(e)) => tracing::warn!(error = %e, "settling a query's budget charge"),
+            Err(e) => tracing::warn!(error = %e, "settling a query's budget charge"),
+        }
+    }
+}
+
+/// A query's answer, and its budget charge under differential privacy.
+#[derive(Debug)]
+struct Answer {
+    policy: Arc<Policy>,
+    outcome: QueryOutcome,
+    charge: Option<Charged>,
+}
+
+#[derive(Debug)]
+struct Charged {
+    charge: Charge,
+    epsilon: f64,
+    remaining: f64,
+    next_refresh: String,
+}
+
+/// A fresh random query id for the budget ledger and the audit log.
+fn new_query_id() -> Result<String, ServiceError> {
+    let mut id = [0u8; 16];
+    ring::rand::SecureRandom::fill(&ring::rand::SystemRandom::new(), &mut id)
+        .map_err(|_| ServiceError::Internal("the system random source failed".into()))?;
+    Ok(hex::encode(id))
+}
+
+fn privacy_report(r: &Report, charged: &Charged) -> proto::PrivacyReport {
+    proto::PrivacyReport {
+        mechanism: r.mechanism.to_string(),
+        epsilon: r.epsilon,
+        delta: r.delta,
+        threshold: r.threshold,
+        threshold_scale: r.threshold_scale,
+        max_groups_per_person: r.max_groups_per_person,
+        max_rows_per_person: r.max_rows_per_person,
+        columns: r
+            .columns
+            .iter()
+            .map(|c| proto::ColumnNoise {
+                aggregate: c.aggregate.clone(),
+                epsilon: c.epsilon,
+                scale: c.scale,
+                count_scale: c.count_scale,
+                half_width_95: c.half_width_95,
+            })
+            .collect(),
+        epsilon_remaining: charged.remaining,
+        next_refresh: charged.next_refresh.clone(),
     }
 }
 
@@ -165,17 +333,40 @@ impl proto::queries_server::Queries for QueriesService {
             sql_hash: Some(sql_hash.clone()),
             ..Event::default()
         };
-        self.state.audit_outcome(event, &outcome, |(_, o), e| {
-            e.subject = Some(o.checked.datasets.join(" x "));
-            e.rows = Some(o.rows());
-            e.suppressed = Some(o.suppressed);
-        })?;
-        let (policy, outcome) = outcome?;
+        let audited = self.state.audit_outcome(event, &outcome, |a, e| {
+            e.subject = Some(a.outcome.checked.datasets.join(" x "));
+            e.rows = Some(a.outcome.rows());
+            if let Some(c) = &a.charge {
+                e.epsilon = Some(c.epsilon);
+                e.query_id = Some(c.charge.query.clone());
+            } else {
+                e.suppressed = Some(a.outcome.suppressed);
+            }
+        });
+        let charged = outcome.as_ref().ok().and_then(|a| a.charge.as_ref());
+        if let Some(c) = charged {
+            // Unaudited answers are not given, so their charge goes back.
+            match &audited {
+                Ok(()) => self.settle(&c.charge.query).await,
+                Err(_) => self.refund(&c.charge.query).await,
+            }
+        }
+        audited?;
+        let Answer {
+            policy,
+            outcome,
+            charge,
+        } = outcome?;
 
+        let privacy = match (&outcome.privacy, &charge) {
+            (Some(r), Some(c)) => Some(privacy_report(r, c)),
+            _ => None,
+        };
         let mut messages = vec![Part::Header(proto::QueryHeader {
             policy_hash: policy.hash().to_hex(),
             min_group_size: policy.query().min_group_size(),
             datasets: outcome.checked.datasets.clone(),
+            privacy,
         })];
         let mut batches = outcome.batches.clone();
         if batches.is_empty() {
@@ -200,5 +391,42 @@ impl proto::queries_server::Queries for QueriesService {
             let _ = tx.try_send(Ok(proto::QueryResponse { part: Some(part) }));
         }
         Ok(Response::new(ReceiverStream::new(rx)))
+    }
+
+    #[tracing::instrument(skip_all, fields(agreement = %request.get_ref().agreement_id))]
+    async fn budget(
+        &self,
+        request: Request<proto::BudgetRequest>,
+    ) -> Result<Response<proto::BudgetResponse>, Status> {
+        let org = caller(&request)?;
+        let policy = self
+            .state
+            .agreement_for(&org, &request.get_ref().agreement_id)?;
+        let Some(privacy) = policy.privacy() else {
+            return Ok(Response::new(proto::BudgetResponse::default()));
+        };
+        let window = window(privacy.refresh(), self.state.clock().now());
+        let (store, agreement, w, o) = (
+            self.state.store().clone(),
+            policy.id().to_string(),
+            window.id.clone(),
+            org.clone(),
+        );
+        let spent = tokio::task::spawn_blocking(move || store.spent(&agreement, &o, &w))
+            .await
+            .map_err(|e| ServiceError::Internal(format!("reading the budget: {e}")))?
+            .map_err(ServiceError::from)?;
+        let total = to_micros(privacy.epsilon_total());
+        Ok(Response::new(proto::BudgetResponse {
+            enabled: true,
+            epsilon_total: privacy.epsilon_total(),
+            epsilon_spent: from_micros(spent.micros),
+            epsilon_remaining: from_micros(total.saturating_sub(spent.micros)),
+            epsilon_per_query_max: privacy.epsilon_per_query_max(),
+            delta: privacy.delta(),
+            window: window.id,
+            next_refresh: describe(window.next_refresh),
+            queries: spent.queries,
+        }))
     }
 }
