@@ -71,6 +71,14 @@ impl ClientError {
             _ => None,
         }
     }
+
+    /// The server's status, if it answered with one.
+    pub fn status(&self) -> Option<&tonic::Status> {
+        match self {
+            ClientError::Status(s) => Some(s),
+            _ => None,
+        }
+    }
 }
 
 fn code_name(code: tonic::Code) -> &'static str {

@@ -144,6 +144,20 @@ async fn whoami_agreements_synth_upload_and_datasets_from_the_command_line() {
     assert!(out.status.success(), "{}", text(&out));
     assert!(text(&out).starts_with("customers: "), "{}", text(&out));
 
+    // The privacy budget, before any query.
+    let out = cleanroom(&["budget", "--agreement", "retail-media-demo"], &env);
+    assert!(out.status.success(), "{}", text(&out));
+    let printed = text(&out);
+    assert!(
+        printed.contains("spent     epsilon 0 in 0 queries"),
+        "{printed}"
+    );
+    assert!(printed.contains("remaining epsilon 10 of 10"), "{printed}");
+    assert!(printed.contains("refreshes 20"), "{printed}");
+    let out = cleanroom(&["budget", "--agreement", "no-such-agreement"], &env);
+    assert!(!out.status.success());
+    assert!(text(&out).contains("NOT_FOUND"), "{}", text(&out));
+
     // A bad mapping names the flag.
     let mut mapped: Vec<&str> = upload_args.to_vec();
     mapped.extend(["--map", "email"]);

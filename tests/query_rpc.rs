@@ -45,9 +45,18 @@ async fn queries_over_grpc_are_governed_audited_and_never_echo_data() {
         })
         .sum();
     // Every shared person has one row on each side and a valid email; four
-    // regions of several hundred people each: nothing is suppressed.
+    // regions of several hundred people each: all are shown. The demo
+    // agreement has differential privacy, so each count carries noise.
+    let privacy = answer.header.privacy.as_ref().expect("the demo is private");
+    assert_eq!(privacy.epsilon, 1.0);
+    let noise = privacy.columns[0].half_width_95;
+    assert!(noise > 0.0 && noise < 20.0, "{noise}");
+    assert!(
+        (total - truth.overlap as i64).abs() as f64 <= 4.0 * 3.0 * noise,
+        "{total} vs {}",
+        truth.overlap
+    );
     assert_eq!(answer.summary.suppressed, 0);
-    assert_eq!(total as u64, truth.overlap);
     assert_eq!(answer.summary.rows, 4);
 
     let csv = cleanroom::cli::render_answer(&answer, cleanroom::cli::OutputFormat::Csv).unwrap();
@@ -85,6 +94,7 @@ async fn queries_over_grpc_are_governed_audited_and_never_echo_data() {
         Some(blake3::hash(sql.as_bytes()).to_hex().as_str())
     );
     assert_eq!(accepted.rows, Some(4));
+    assert_eq!(accepted.epsilon, Some(1.0));
     assert!(
         queries
             .iter()

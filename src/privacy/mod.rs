@@ -13,9 +13,10 @@ pub use window::{Window, window};
 /// exactly.
 pub const MICROS: f64 = 1_000_000.0;
 
-/// Epsilon in millionths, rounded up (a charge never undercounts).
+/// Epsilon in millionths, to the nearest, and at least one: no query is
+/// free.
 pub fn to_micros(epsilon: f64) -> u64 {
-    (epsilon * MICROS).ceil() as u64
+    ((epsilon * MICROS).round() as u64).max(1)
 }
 
 /// Millionths back to epsilon.
