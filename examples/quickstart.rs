@@ -183,7 +183,9 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         truth.overlap
     );
 
-    step("12. acme's analyst asks aggregate questions; every row stands for at least 50 people");
+    step(
+        "12. acme's analyst asks aggregate questions: every row stands for at least 50 people, values carry differential privacy noise",
+    );
     for (question, sql) in [
         (
             "Matched customers' average lifetime value and publisher spend, by region",
@@ -191,11 +193,10 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
              FROM customers c JOIN audience a ON c.email = a.email GROUP BY c.region ORDER BY c.region",
         ),
         (
-            "Sports and travel fans by age band and region, largest groups first (small groups suppressed)",
-            "SELECT a.interest_segment, c.age_band, c.region, COUNT(*) AS people, AVG(c.lifetime_value) AS avg_ltv \
+            "Customers by publisher interest segment, largest first (HAVING and ORDER BY see only noisy values)",
+            "SELECT a.interest_segment, COUNT(*) AS people, AVG(c.lifetime_value) AS avg_ltv \
              FROM customers c JOIN audience a ON c.email = a.email \
-             WHERE a.interest_segment IN ('sports', 'travel') \
-             GROUP BY a.interest_segment, c.age_band, c.region ORDER BY people DESC LIMIT 5",
+             GROUP BY a.interest_segment HAVING COUNT(*) > 200 ORDER BY people DESC LIMIT 5",
         ),
     ] {
         println!("   {question}:");
@@ -204,10 +205,17 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         for line in table.lines() {
             println!("   {line}");
         }
-        println!(
-            "   {} row(s), {} suppressed for standing for fewer than {} people",
-            answer.summary.rows, answer.summary.suppressed, answer.header.min_group_size
-        );
+        println!("   {} row(s)", answer.summary.rows);
+        if let Some(p) = &answer.header.privacy {
+            for line in cleanroom::cli::render_privacy(p).lines() {
+                println!("   {line}");
+            }
+        }
+    }
+    println!("   acme's privacy budget now:");
+    let budget = acme.budget("retail-media-demo").await?;
+    for line in cleanroom::cli::render_budget("retail-media-demo", &budget).lines() {
+        println!("   {line}");
     }
 
     step("13. A query that would describe individuals is refused, with the rule it broke");
@@ -226,12 +234,15 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     step("14. The audit log both partners can read");
     for e in acme.audit_entries("retail-media-demo").await? {
         println!(
-            "   #{} {} {} {}{}",
+            "   #{} {} {} {}{}{}",
             e.seq,
             e.organisation,
             e.action,
             e.decision,
-            e.rule.map(|r| format!(" ({r})")).unwrap_or_default()
+            e.rule.map(|r| format!(" ({r})")).unwrap_or_default(),
+            e.epsilon
+                .map(|x| format!(" epsilon {x}"))
+                .unwrap_or_default()
         );
     }
 

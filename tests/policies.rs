@@ -192,6 +192,20 @@ const CASES: &[Case] = &[
         rule: "must not exceed privacy.epsilon_total",
     },
     Case {
+        name: "privacy without delta",
+        from: "delta = 1e-7",
+        to: "",
+        field: "privacy.delta",
+        rule: "is required",
+    },
+    Case {
+        name: "rows per person out of range",
+        from: "max_groups_per_person = 1",
+        to: "max_groups_per_person = 1\nmax_rows_per_person = 0",
+        field: "privacy.max_rows_per_person",
+        rule: "must be between 1 and 1000",
+    },
+    Case {
         name: "unknown refresh window",
         from: "refresh = \"monthly\"",
         to: "refresh = \"weekly\"",

@@ -585,8 +585,8 @@ mod tests {
         let mut r = rng();
         for _ in 0..5000 {
             let b = plan.bound(&c, 5, &mut r).unwrap();
-            for g in 0..5 {
-                kept[g] += b.totals[0][g] as u32 - u32::from(g == 2);
+            for (g, k) in kept.iter_mut().enumerate() {
+                *k += b.totals[0][g] as u32 - u32::from(g == 2);
             }
         }
         for k in kept {
