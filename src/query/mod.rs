@@ -222,7 +222,8 @@ pub async fn run(
             .map_err(QueryError::Refused)?;
         let rng = crate::privacy::NoiseSource::from_os()
             .map_err(|_| QueryError::Engine("the system random source failed".into()))?;
-        return private::execute(ctx, plan, checked, &noise_plan, rng).await;
+        let single = one_row_per_person(tables, &checked);
+        return private::execute(ctx, plan, checked, &noise_plan, single, rng).await;
     }
     let single = one_row_per_person(tables, &checked);
     execute(policy, ctx, plan, checked, single).await

@@ -107,6 +107,7 @@ pub async fn execute(
     plan: LogicalPlan,
     checked: Checked,
     noise_plan: &Plan,
+    one_row_per_person: bool,
     mut rng: NoiseSource,
 ) -> Result<QueryOutcome, QueryError> {
     let measures = measures(&checked).map_err(QueryError::Refused)?;
@@ -119,7 +120,12 @@ pub async fn execute(
     let mut group = agg.group_expr.clone();
     let groups_width = group.len();
     group.push(person);
-    let mut partials = vec![count(lit(1i64)).alias("__rows")];
+    // When every table holds at most one row per person, each joined row
+    // is one person's only row: a projection gives the partials without
+    // grouping.
+    let per_row = one_row_per_person;
+    let rows_expr = if per_row { lit(1i64) } else { count(lit(1i64)) };
+    let mut partials = vec![rows_expr.alias("__rows")];
     // Per measure: (sum column, count column) in the partial output.
     let mut columns: Vec<(Option<usize>, Option<usize>)> = Vec::new();
     let mut next = groups_width + 2;
@@ -142,21 +148,33 @@ pub async fn execute(
         match m {
             Measure::Rows => columns.push((None, None)),
             Measure::NonNull | Measure::People => {
-                partials.push(count(arg()?).alias(format!("__n{i}")));
+                partials.push(non_null(arg()?, per_row).alias(format!("__n{i}")));
                 columns.push((None, Some(next)));
                 next += 1;
             }
             Measure::Sum(_) | Measure::Avg(_) => {
-                partials.push(sum(cast(arg()?, DataType::Float64)).alias(format!("__s{i}")));
-                partials.push(count(arg()?).alias(format!("__n{i}")));
+                let value = cast(arg()?, DataType::Float64);
+                let total = if per_row { value } else { sum(value) };
+                partials.push(total.alias(format!("__s{i}")));
+                partials.push(non_null(arg()?, per_row).alias(format!("__n{i}")));
                 columns.push((Some(next), Some(next + 1)));
                 next += 2;
             }
         }
     }
-    let partial = Aggregate::try_new(Arc::clone(&agg.input), group, partials).map_err(engine)?;
+    let partial = if per_row {
+        group.extend(partials);
+        LogicalPlanBuilder::from(Arc::clone(&agg.input))
+            .project(group)
+            .and_then(LogicalPlanBuilder::build)
+            .map_err(engine)?
+    } else {
+        LogicalPlan::Aggregate(
+            Aggregate::try_new(Arc::clone(&agg.input), group, partials).map_err(engine)?,
+        )
+    };
     let batches = ctx
-        .execute_logical_plan(LogicalPlan::Aggregate(partial))
+        .execute_logical_plan(partial)
         .await
         .map_err(engine)?
         .collect()
@@ -294,6 +312,15 @@ pub async fn execute(
         checked,
         privacy: Some(report),
     })
+}
+
+/// Non-null values of `e`: per row 1 or 0, or their count per group.
+fn non_null(e: Expr, per_row: bool) -> Expr {
+    if per_row {
+        cast(e.is_not_null(), DataType::Int64)
+    } else {
+        count(e)
+    }
 }
 
 fn int64(a: &ArrayRef) -> Result<&Int64Array, QueryError> {

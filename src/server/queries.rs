@@ -130,9 +130,10 @@ impl QueriesService {
                 return Err(ServiceError::NoData(name.clone()));
             }
         }
+        let single = crate::query::one_row_per_person(&tables, &checked);
         if let Some(privacy) = policy.privacy() {
             return self
-                .answer_privately(org, request, &policy, privacy, ctx, plan, checked)
+                .answer_privately(org, request, &policy, privacy, (ctx, plan, checked), single)
                 .await;
         }
         if request.epsilon.is_some() {
@@ -144,7 +145,6 @@ impl QueriesService {
                 ),
             });
         }
-        let single = crate::query::one_row_per_person(&tables, &checked);
         let outcome = crate::query::execute(&policy, ctx, plan, checked, single)
             .await
             .map_err(query_error)?;
@@ -156,16 +156,14 @@ impl QueriesService {
     }
 
     /// Plans the noise, charges the budget, runs; refunds if the run fails.
-    #[allow(clippy::too_many_arguments)]
     async fn answer_privately(
         &self,
         org: &str,
         request: &proto::QueryRequest,
         policy: &Arc<Policy>,
         privacy: &crate::policy::Privacy,
-        ctx: datafusion::prelude::SessionContext,
-        plan: datafusion::logical_expr::LogicalPlan,
-        checked: crate::query::Checked,
+        (ctx, plan, checked): Planned,
+        one_row_per_person: bool,
     ) -> Result<Answer, ServiceError> {
         let max = privacy.epsilon_per_query_max();
         let epsilon = request.epsilon.unwrap_or(max);
@@ -209,9 +207,16 @@ impl QueriesService {
             }
         };
         let run = match NoiseSource::from_os() {
-            Ok(rng) => crate::query::private::execute(ctx, plan, checked, &noise_plan, rng)
-                .await
-                .map_err(query_error),
+            Ok(rng) => crate::query::private::execute(
+                ctx,
+                plan,
+                checked,
+                &noise_plan,
+                one_row_per_person,
+                rng,
+            )
+            .await
+            .map_err(query_error),
             Err(_) => Err(ServiceError::Internal(
                 "the system random source failed".into(),
             )),
@@ -253,6 +258,13 @@ impl QueriesService {
         }
     }
 }
+
+/// A checked query, ready to run.
+type Planned = (
+    datafusion::prelude::SessionContext,
+    datafusion::logical_expr::LogicalPlan,
+    crate::query::Checked,
+);
 
 /// A query's answer, and its budget charge under differential privacy.
 #[derive(Debug)]
