@@ -115,6 +115,7 @@ fn state_name(s: i32) -> &'static str {
         Ok(proto::AgreementState::Pending) => "pending",
         Ok(proto::AgreementState::Active) => "active",
         Ok(proto::AgreementState::Expired) => "expired",
+        Ok(proto::AgreementState::Suspended) => "suspended",
         _ => "unknown",
     }
 }

@@ -69,6 +69,8 @@ struct ConfigFile {
     log_format: Option<LogFormat>,
     shutdown_grace_seconds: Option<f64>,
     drain_timeout_seconds: Option<f64>,
+    policy_poll_seconds: Option<f64>,
+    maintenance_interval_seconds: Option<f64>,
 }
 
 /// Certificates from an existing CA, file by file.
@@ -149,6 +151,14 @@ fn settings(args: ServeArgs) -> anyhow::Result<Settings> {
             shutdown_grace: seconds("shutdown_grace_seconds", grace)?,
             drain_timeout: seconds("drain_timeout_seconds", drain)?,
             clock: Arc::new(SystemClock),
+            policy_poll: seconds(
+                "policy_poll_seconds",
+                file.policy_poll_seconds.unwrap_or(2.0),
+            )?,
+            maintenance_interval: seconds(
+                "maintenance_interval_seconds",
+                file.maintenance_interval_seconds.unwrap_or(60.0),
+            )?,
         },
     })
 }

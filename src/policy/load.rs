@@ -1,7 +1,7 @@
 //! Reading policy files and folders, with errors that name the file, the
 //! field and the rule.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::fmt;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -39,7 +39,7 @@ impl fmt::Display for PolicyError {
 impl std::error::Error for PolicyError {}
 
 impl PolicyError {
-    fn single(file: &Path, field: impl Into<String>, rule: impl Into<String>) -> Self {
+    pub(super) fn single(file: &Path, field: impl Into<String>, rule: impl Into<String>) -> Self {
         PolicyError {
             file: file.to_path_buf(),
             problems: vec![Problem {
@@ -87,7 +87,7 @@ fn syntax_error(path: &Path, text: &str, e: &toml::de::Error) -> PolicyError {
     PolicyError::single(path, location, format!("TOML syntax: {}", e.message()))
 }
 
-fn read_policy_file(path: &Path) -> Result<Policy, PolicyError> {
+pub(super) fn read_policy_file(path: &Path) -> Result<Policy, PolicyError> {
     let text = std::fs::read_to_string(path)
         .map_err(|e| PolicyError::single(path, "(file)", format!("cannot be read: {e}")))?;
     parse_policy(&text, path)
@@ -95,7 +95,7 @@ fn read_policy_file(path: &Path) -> Result<Policy, PolicyError> {
 
 /// Policy files named by `paths`: files as given, folders by their `*.toml`
 /// entries in name order.
-fn policy_files(paths: &[PathBuf]) -> Result<Vec<PathBuf>, PolicyError> {
+pub(super) fn policy_files(paths: &[PathBuf]) -> Result<Vec<PathBuf>, PolicyError> {
     let mut files = Vec::new();
     for path in paths {
         if path.is_dir() {
@@ -141,7 +141,10 @@ pub fn load_paths(paths: &[PathBuf]) -> Result<PolicySet, Vec<PolicyError>> {
         }
     }
     if errors.is_empty() {
-        Ok(PolicySet { policies })
+        Ok(PolicySet {
+            policies,
+            suspended: BTreeSet::new(),
+        })
     } else {
         Err(errors)
     }
@@ -162,10 +165,20 @@ pub fn load_dir(dir: &Path) -> Result<PolicySet, Vec<PolicyError>> {
 /// The agreements a server enforces, by id.
 #[derive(Debug, Clone, Default)]
 pub struct PolicySet {
-    policies: BTreeMap<String, Arc<Policy>>,
+    pub(super) policies: BTreeMap<String, Arc<Policy>>,
+    /// Agreements whose file was removed while the server ran.
+    pub(super) suspended: BTreeSet<String>,
 }
 
 impl PolicySet {
+    /// Where agreement `policy` stands on `today`, suspension included.
+    pub fn state_of(&self, policy: &Policy, today: time::Date) -> super::AgreementState {
+        if self.suspended.contains(policy.id()) {
+            super::AgreementState::Suspended
+        } else {
+            policy.state_on(today)
+        }
+    }
     pub fn get(&self, id: &str) -> Option<&Arc<Policy>> {
         self.policies.get(id)
     }

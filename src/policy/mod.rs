@@ -7,6 +7,7 @@
 
 mod load;
 mod raw;
+pub mod reload;
 mod types;
 mod validate;
 

@@ -99,6 +99,9 @@ pub enum AgreementState {
     Pending,
     Active,
     Expired,
+    /// Its policy file was removed from the server's folder: no uploads or
+    /// queries, data kept, until the file returns.
+    Suspended,
 }
 
 impl AgreementState {
@@ -107,6 +110,7 @@ impl AgreementState {
             AgreementState::Pending => "pending",
             AgreementState::Active => "active",
             AgreementState::Expired => "expired",
+            AgreementState::Suspended => "suspended",
         }
     }
 }

@@ -48,7 +48,7 @@ impl proto::agreements_server::Agreements for AgreementsService {
         let policies = self.state.policies();
         let agreements = policies
             .for_org(&org)
-            .map(|p| summary(p, &org, p.state_on(today)))
+            .map(|p| summary(p, &org, policies.state_of(p, today)))
             .collect();
         Ok(Response::new(proto::ListAgreementsResponse { agreements }))
     }
@@ -70,7 +70,11 @@ impl proto::agreements_server::Agreements for AgreementsService {
         let policy = self.state.agreement_for(&org, id)?;
         let today = self.state.clock().today();
         Ok(Response::new(proto::GetAgreementResponse {
-            agreement: Some(agreement_view(&policy, &org, policy.state_on(today))),
+            agreement: Some(agreement_view(
+                &policy,
+                &org,
+                self.state.policies().state_of(&policy, today),
+            )),
         }))
     }
 }
@@ -91,6 +95,7 @@ fn state(s: AgreementState) -> i32 {
         AgreementState::Pending => proto::AgreementState::Pending,
         AgreementState::Active => proto::AgreementState::Active,
         AgreementState::Expired => proto::AgreementState::Expired,
+        AgreementState::Suspended => proto::AgreementState::Suspended,
     };
     s as i32
 }

@@ -47,7 +47,7 @@ pub(super) fn agreement_in_force(
     id: &str,
 ) -> Result<Arc<Policy>, ServiceError> {
     let policy = state.agreement_for(org, id)?;
-    match policy.state_on(state.clock().today()) {
+    match state.policies().state_of(&policy, state.clock().today()) {
         AgreementState::Active => Ok(policy),
         other => Err(ServiceError::NotInForce {
             id: id.to_string(),

@@ -90,6 +90,20 @@ pub struct AppState {
     limits: Limits,
     audit: AuditLog,
     query_tables: queries::TableCache,
+    reload: Arc<std::sync::Mutex<ReloadStatus>>,
+}
+
+/// How the last re-reads of the policy folder went, for admins.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct ReloadStatus {
+    /// Re-reads after a change in the folder.
+    pub reloads: u64,
+    /// Re-reads that refused at least one file.
+    pub failures: u64,
+    /// Unix seconds of the last re-read.
+    pub last_at: Option<i64>,
+    /// The last re-read's refusals, as `cleanroom policy check` prints them.
+    pub last_errors: Vec<String>,
 }
 
 impl AppState {
@@ -107,7 +121,92 @@ impl AppState {
             limits,
             audit,
             query_tables: queries::TableCache::default(),
+            reload: Arc::default(),
         }
+    }
+
+    pub fn reload_status(&self) -> ReloadStatus {
+        self.reload
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+    }
+
+    /// Re-reads the policy folder and puts the result in force: valid
+    /// edits apply, broken files keep their last good policy, removed
+    /// files suspend their agreement. Every change and refusal is logged
+    /// and audited. Blocking: call off the async runtime.
+    pub fn reload_policies(&self, dir: &Path) {
+        let current = self.policies();
+        let outcome = crate::policy::reload::reload(dir, &current);
+        let now = self.clock.now().unix_timestamp();
+        for c in &outcome.changes {
+            tracing::info!(
+                agreement = %c.id,
+                change = c.kind.as_str(),
+                old = c.old_hash.as_deref().unwrap_or("-"),
+                new = c.new_hash.as_deref().unwrap_or("-"),
+                "policy reloaded"
+            );
+            let event = Event {
+                org: OPERATOR.into(),
+                agreement: c.id.clone(),
+                policy_hash: c
+                    .new_hash
+                    .clone()
+                    .or(c.old_hash.clone())
+                    .unwrap_or_default(),
+                action: "policy_reload",
+                accepted: true,
+                subject: Some(format!(
+                    "{} {} -> {}",
+                    c.kind.as_str(),
+                    c.old_hash.as_deref().unwrap_or("none"),
+                    c.new_hash.as_deref().unwrap_or("none")
+                )),
+                ..Event::default()
+            };
+            if let Err(e) = self.audit.append(event, now) {
+                tracing::error!(error = %e, "auditing a policy reload");
+            }
+        }
+        let mut messages = Vec::new();
+        for e in &outcome.errors {
+            for line in e.to_string().lines() {
+                tracing::warn!(problem = %line, "policy file refused; the last good policy stays in force");
+                messages.push(line.to_string());
+            }
+            let agreement = e
+                .file
+                .file_stem()
+                .and_then(|s| s.to_str())
+                .unwrap_or_default()
+                .to_string();
+            let event = Event {
+                org: OPERATOR.into(),
+                policy_hash: current
+                    .get(&agreement)
+                    .map(|p| p.hash().to_hex())
+                    .unwrap_or_default(),
+                agreement,
+                action: "policy_reload",
+                accepted: false,
+                rule: Some("policy.invalid".into()),
+                subject: e.file.file_name().map(|n| n.to_string_lossy().into_owned()),
+                ..Event::default()
+            };
+            if let Err(e) = self.audit.append(event, now) {
+                tracing::error!(error = %e, "auditing a refused policy reload");
+            }
+        }
+        *self.policies.write().unwrap_or_else(|e| e.into_inner()) = Arc::new(outcome.set);
+        let mut status = self.reload.lock().unwrap_or_else(|e| e.into_inner());
+        status.reloads += 1;
+        if !outcome.errors.is_empty() {
+            status.failures += 1;
+        }
+        status.last_at = Some(now);
+        status.last_errors = messages;
     }
 
     pub(crate) fn query_tables(&self) -> &queries::TableCache {
@@ -185,6 +284,9 @@ impl AppState {
     }
 }
 
+/// The organisation name audit entries carry for the server's own acts.
+pub const OPERATOR: &str = "(operator)";
+
 /// Everything needed to run a server.
 #[derive(Debug, Clone)]
 pub struct ServerOptions {
@@ -201,6 +303,10 @@ pub struct ServerOptions {
     /// Longest wait for in-flight calls once draining starts.
     pub drain_timeout: Duration,
     pub clock: Arc<dyn Clock>,
+    /// How often the policy folder is checked for edits.
+    pub policy_poll: Duration,
+    /// How often retention and expiry deletion runs.
+    pub maintenance_interval: Duration,
 }
 
 impl ServerOptions {
@@ -216,6 +322,8 @@ impl ServerOptions {
             shutdown_grace: Duration::from_secs(2),
             drain_timeout: Duration::from_secs(30),
             clock: Arc::new(crate::clock::SystemClock),
+            policy_poll: Duration::from_secs(2),
+            maintenance_interval: Duration::from_secs(60),
         }
     }
 }
@@ -340,6 +448,8 @@ pub async fn serve(
         audit,
     );
 
+    let background = spawn_background(&state, &options);
+
     let (health_reporter, health_service) = tonic_health::server::health_reporter();
     set_health(&health_reporter, ServingStatus::Serving).await;
     let reflection = tonic_reflection::server::Builder::configure()
@@ -395,6 +505,29 @@ pub async fn serve(
         Ok(result) => result?,
         Err(_) => tracing::warn!("in-flight calls did not finish in time; stopping anyway"),
     }
+    background.abort();
     tracing::info!("stopped");
     Ok(())
+}
+
+/// The server's own work between calls: re-reading the policy folder when
+/// it changes.
+fn spawn_background(state: &AppState, options: &ServerOptions) -> tokio::task::JoinHandle<()> {
+    let state = state.clone();
+    let dir = options.policies_dir.clone();
+    let poll = options.policy_poll;
+    tokio::spawn(async move {
+        let mut last = crate::policy::reload::folder_digest(&dir);
+        loop {
+            tokio::time::sleep(poll).await;
+            let digest = crate::policy::reload::folder_digest(&dir);
+            if digest != last {
+                last = digest;
+                let (s, d) = (state.clone(), dir.clone());
+                if let Err(e) = tokio::task::spawn_blocking(move || s.reload_policies(&d)).await {
+                    tracing::error!(error = %e, "re-reading the policy folder");
+                }
+            }
+        }
+    })
 }

@@ -346,6 +346,8 @@ impl proto::queries_server::Queries for QueriesService {
             ..Event::default()
         };
         let audited = self.state.audit_outcome(event, &outcome, |a, e| {
+            // The policy the query ran under, even if a reload replaced it since.
+            e.policy_hash = a.policy.hash().to_hex();
             e.subject = Some(a.outcome.checked.datasets.join(" x "));
             e.rows = Some(a.outcome.rows());
             if let Some(c) = &a.charge {

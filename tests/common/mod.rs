@@ -51,6 +51,8 @@ pub struct Setup {
     pub clock: Arc<dyn Clock>,
     pub shutdown_grace: Duration,
     pub limits: cleanroom::upload::Limits,
+    pub policy_poll: Duration,
+    pub maintenance_interval: Duration,
 }
 
 impl Default for Setup {
@@ -60,6 +62,8 @@ impl Default for Setup {
             clock: Arc::new(SystemClock),
             shutdown_grace: Duration::from_millis(50),
             limits: cleanroom::upload::Limits::default(),
+            policy_poll: Duration::from_millis(100),
+            maintenance_interval: Duration::from_millis(100),
         }
     }
 }
@@ -79,6 +83,8 @@ impl TestServer {
             shutdown_grace: setup.shutdown_grace,
             drain_timeout: Duration::from_secs(10),
             clock: setup.clock,
+            policy_poll: setup.policy_poll,
+            maintenance_interval: setup.maintenance_interval,
             ..ServerOptions::new(pki.path(), &setup.policies, &data_dir.path().join("data"))
         };
         let (tx, rx) = oneshot::channel::<()>();
