@@ -171,3 +171,103 @@ async fn policy_edits_apply_broken_edits_are_refused_and_removal_suspends() {
     acme.query(ID, SQL).await.unwrap();
     server.stop().await.unwrap();
 }
+
+fn dataset_files(data_dir: &Path) -> Vec<std::path::PathBuf> {
+    fn walk(dir: &Path, out: &mut Vec<std::path::PathBuf>) {
+        if let Ok(entries) = std::fs::read_dir(dir) {
+            for e in entries.flatten() {
+                let p = e.path();
+                if p.is_dir() {
+                    walk(&p, out);
+                } else {
+                    out.push(p);
+                }
+            }
+        }
+    }
+    let mut out = Vec::new();
+    walk(&data_dir.join("datasets"), &mut out);
+    out
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn retention_and_expiry_delete_the_data_and_destroy_the_key() {
+    use time::macros::datetime;
+    let policies = policy_folder();
+    let clock = cleanroom::clock::ManualClock::new(datetime!(2026-11-20 12:00 UTC));
+    let server = TestServer::start_with(Setup {
+        policies: policies.path().to_path_buf(),
+        clock: std::sync::Arc::new(clock.clone()),
+        ..Setup::default()
+    })
+    .await;
+    let data_dir = server.data_dir.path().join("data");
+    let (files, _) = common::synth(2_000, 0.5);
+    upload_demo(&server, "acme", files.path()).await;
+    upload_demo(&server, "globex", files.path()).await;
+    let mut acme = server.client("acme").await;
+    acme.query(ID, SQL).await.unwrap();
+    assert_eq!(dataset_files(&data_dir).len(), 2);
+
+    // 179 days after the uploads (stamped by the server's clock) the data
+    // is still there.
+    let uploaded = datetime!(2026-11-20 12:00 UTC);
+    clock.set(uploaded + time::Duration::days(179));
+    tokio::time::sleep(Duration::from_millis(400)).await;
+    assert_eq!(dataset_files(&data_dir).len(), 2);
+
+    // Past 180 days: both datasets go, the key with them.
+    clock.set(uploaded + time::Duration::days(181));
+    let gone = eventually(|| {
+        let d = data_dir.clone();
+        async move { dataset_files(&d).is_empty() }
+    })
+    .await;
+    assert!(gone, "{:?}", dataset_files(&data_dir));
+    let entries = acme.audit_entries(ID).await.unwrap();
+    let retention: Vec<_> = entries.iter().filter(|e| e.action == "retention").collect();
+    assert!(
+        retention.iter().any(|e| e.subject.as_deref()
+            == Some("customers: 1 version(s) deleted, older than 180 days")),
+        "{retention:?}"
+    );
+    let key_gone = eventually(|| {
+        let mut c = acme.clone();
+        async move {
+            c.audit_entries(ID).await.unwrap().iter().any(|e| {
+                e.subject
+                    .as_deref()
+                    .is_some_and(|s| s.starts_with("data key destroyed"))
+            })
+        }
+    })
+    .await;
+    assert!(key_gone);
+    let err = acme.query(ID, SQL).await.unwrap_err();
+    assert_eq!(err.code(), Some(Code::FailedPrecondition));
+    assert!(acme.list_datasets(ID).await.unwrap().is_empty());
+
+    // A new upload gets a new key; past the agreement's expiry it all goes,
+    // and queries say the agreement expired.
+    clock.set(datetime!(2027-12-30 12:00 UTC));
+    upload_demo(&server, "acme", files.path()).await;
+    assert_eq!(dataset_files(&data_dir).len(), 1);
+    clock.set(datetime!(2028-01-01 00:00 UTC));
+    let gone = eventually(|| {
+        let d = data_dir.clone();
+        async move { dataset_files(&d).is_empty() }
+    })
+    .await;
+    assert!(gone);
+    let err = acme.query(ID, SQL).await.unwrap_err();
+    assert_eq!(err.code(), Some(Code::FailedPrecondition));
+    assert!(err.to_string().contains("expired"), "{err}");
+    let entries = acme.audit_entries(ID).await.unwrap();
+    assert!(entries.iter().any(|e| e.action == "retention"
+        && e.subject.as_deref() == Some("customers: 1 version(s) deleted, the agreement expired")));
+    let data = server.data_dir.path().join("data");
+    server.stop().await.unwrap();
+    // With the server stopped, the store confirms the key is gone.
+    let store = cleanroom::storage::Store::open(&data, None).unwrap();
+    assert!(!store.has_data_key(ID).unwrap());
+}

@@ -125,6 +125,75 @@ impl AppState {
         }
     }
 
+    /// Deletes what retention and expiry no longer allow: every version
+    /// older than the agreement's retention period, and everything of an
+    /// agreement past its expiry date. When nothing of an agreement is
+    /// left, its data key is destroyed. Each deletion is audited.
+    /// Blocking: call off the async runtime.
+    pub fn run_maintenance(&self) -> Result<(), StorageError> {
+        let now = self.clock.now();
+        let (today, unix) = (now.date(), now.unix_timestamp());
+        for policy in self.policies().iter() {
+            let id = policy.id();
+            let expired = policy.state_on(today) == crate::policy::AgreementState::Expired;
+            let keep_after = unix - i64::from(policy.retention_days()) * 86_400;
+            let mut remaining = 0usize;
+            for d in policy.datasets() {
+                let versions = self.store.versions(id, d.name())?;
+                let (doomed, kept): (Vec<_>, Vec<_>) = versions
+                    .into_iter()
+                    .partition(|v| expired || v.committed_at <= keep_after);
+                remaining += kept.len();
+                if doomed.is_empty() {
+                    continue;
+                }
+                self.store.delete_versions(&doomed)?;
+                let why = if expired {
+                    "the agreement expired".to_string()
+                } else {
+                    format!("older than {} days", policy.retention_days())
+                };
+                tracing::info!(agreement = %id, dataset = %d.name(), versions = doomed.len(), reason = %why, "data deleted");
+                self.audit_maintenance(Event {
+                    org: OPERATOR.into(),
+                    agreement: id.to_string(),
+                    policy_hash: policy.hash().to_hex(),
+                    action: "retention",
+                    accepted: true,
+                    subject: Some(format!(
+                        "{}: {} version(s) deleted, {why}",
+                        d.name(),
+                        doomed.len()
+                    )),
+                    rows: Some(doomed.iter().map(|v| v.rows).sum()),
+                    ..Event::default()
+                });
+            }
+            if (expired || remaining == 0)
+                && self.store.has_data_key(id)?
+                && self.store.shred_data_key_if_unused(id)?
+            {
+                tracing::info!(agreement = %id, "data key destroyed");
+                self.audit_maintenance(Event {
+                    org: OPERATOR.into(),
+                    agreement: id.to_string(),
+                    policy_hash: policy.hash().to_hex(),
+                    action: "retention",
+                    accepted: true,
+                    subject: Some("data key destroyed: no data of the agreement remains".into()),
+                    ..Event::default()
+                });
+            }
+        }
+        Ok(())
+    }
+
+    fn audit_maintenance(&self, event: Event) {
+        if let Err(e) = self.audit.append(event, self.clock.now().unix_timestamp()) {
+            tracing::error!(error = %e, "auditing a deletion");
+        }
+    }
+
     pub fn reload_status(&self) -> ReloadStatus {
         self.reload
             .lock()
@@ -511,12 +580,27 @@ pub async fn serve(
 }
 
 /// The server's own work between calls: re-reading the policy folder when
-/// it changes.
-fn spawn_background(state: &AppState, options: &ServerOptions) -> tokio::task::JoinHandle<()> {
+/// it changes, and deleting data retention and expiry no longer allow.
+fn spawn_background(state: &AppState, options: &ServerOptions) -> Background {
+    let maintenance = {
+        let state = state.clone();
+        let every = options.maintenance_interval;
+        tokio::spawn(async move {
+            loop {
+                let s = state.clone();
+                match tokio::task::spawn_blocking(move || s.run_maintenance()).await {
+                    Ok(Ok(())) => {}
+                    Ok(Err(e)) => tracing::error!(error = %e, "retention and expiry"),
+                    Err(e) => tracing::error!(error = %e, "retention and expiry"),
+                }
+                tokio::time::sleep(every).await;
+            }
+        })
+    };
     let state = state.clone();
     let dir = options.policies_dir.clone();
     let poll = options.policy_poll;
-    tokio::spawn(async move {
+    let reload = tokio::spawn(async move {
         let mut last = crate::policy::reload::folder_digest(&dir);
         loop {
             tokio::time::sleep(poll).await;
@@ -529,5 +613,22 @@ fn spawn_background(state: &AppState, options: &ServerOptions) -> tokio::task::J
                 }
             }
         }
-    })
+    });
+    Background {
+        tasks: vec![maintenance, reload],
+    }
+}
+
+/// Background tasks, stopped with the server.
+#[derive(Debug)]
+struct Background {
+    tasks: Vec<tokio::task::JoinHandle<()>>,
+}
+
+impl Background {
+    fn abort(self) {
+        for t in self.tasks {
+            t.abort();
+        }
+    }
 }

@@ -15,6 +15,7 @@
 mod crypto;
 mod file;
 mod ledger;
+mod lifecycle;
 
 use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
@@ -121,6 +122,8 @@ struct Inner {
     root: PathBuf,
     db: Database,
     master: Key,
+    /// Held while a data key is created for staging or destroyed.
+    keys_lock: std::sync::Mutex<()>,
 }
 
 fn key_name(parts: &[&str]) -> String {
@@ -153,6 +156,7 @@ impl Store {
                 root: root.to_path_buf(),
                 db,
                 master,
+                keys_lock: std::sync::Mutex::new(()),
             }),
         };
         store.check_master_key()?;
@@ -355,6 +359,11 @@ impl Store {
             .map_err(|e| StorageError::Db(format!("formatting a version stamp: {e}")))?;
         let suffix = hex::encode(crypto::random_bytes::<4>()?);
         let version = format!("v{stamp}-{suffix}");
+        let _guard = self
+            .inner
+            .keys_lock
+            .lock()
+            .unwrap_or_else(|e| e.into_inner());
         let key = self.data_key(agreement)?;
         let path = self
             .staging_dir()
@@ -497,7 +506,7 @@ mod tests {
         RecordBatch::try_new(schema, vec![Arc::new(Int64Array::from_iter_values(0..n))]).unwrap()
     }
 
-    fn put(store: &Store, upload_id: &str, n: i64) -> VersionInfo {
+    pub(super) fn put(store: &Store, upload_id: &str, n: i64) -> VersionInfo {
         let mut staged = store.stage("a", "d").unwrap();
         let b = batch(n);
         staged
