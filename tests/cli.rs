@@ -144,6 +144,32 @@ async fn whoami_agreements_synth_upload_and_datasets_from_the_command_line() {
     assert!(out.status.success(), "{}", text(&out));
     assert!(text(&out).starts_with("customers: "), "{}", text(&out));
 
+    // Erasure: five customers withdraw; only fingerprints leave.
+    let text_in = std::fs::read_to_string(&input).unwrap();
+    let withdrawn = work.path().join("withdrawn.csv");
+    let five: Vec<&str> = text_in.lines().take(6).collect();
+    std::fs::write(&withdrawn, five.join("\n") + "\n").unwrap();
+    let out = cleanroom(
+        &[
+            "erase",
+            "--agreement",
+            "retail-media-demo",
+            "--dataset",
+            "customers",
+            "--input",
+            withdrawn.to_str().unwrap(),
+        ],
+        &with_secret,
+    );
+    assert!(out.status.success(), "{}", text(&out));
+    let printed = text(&out);
+    assert!(
+        printed.contains("row(s) from retail-media-demo/customers"),
+        "{printed}"
+    );
+    assert!(printed.contains("1 older version(s) deleted"), "{printed}");
+    assert!(!printed.contains('@'), "no identifier is echoed: {printed}");
+
     // The privacy budget, before any query.
     let out = cleanroom(&["budget", "--agreement", "retail-media-demo"], &env);
     assert!(out.status.success(), "{}", text(&out));

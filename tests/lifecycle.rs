@@ -271,3 +271,136 @@ async fn retention_and_expiry_delete_the_data_and_destroy_the_key() {
     let store = cleanroom::storage::Store::open(&data, None).unwrap();
     assert!(!store.has_data_key(ID).unwrap());
 }
+
+/// The CSV `text` cut to its header and first `rows` data rows.
+fn first_rows(text: &str, rows: usize) -> String {
+    text.lines().take(rows + 1).collect::<Vec<_>>().join("\n") + "\n"
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn erasure_removes_exactly_those_people_and_survives_a_restart() {
+    let policies = policy_folder();
+    let setup = || Setup {
+        policies: policies.path().to_path_buf(),
+        ..Setup::default()
+    };
+    let server = TestServer::start_with(setup()).await;
+    let (files, truth) = common::synth(4_000, 0.5);
+    upload_demo(&server, "acme", files.path()).await;
+    upload_demo(&server, "globex", files.path()).await;
+    let count_sql = "SELECT COUNT(*) FROM customers c JOIN audience a ON c.email = a.email";
+    let count = |answer: &cleanroom::client::QueryAnswer| {
+        answer.batches[0]
+            .column(0)
+            .as_any()
+            .downcast_ref::<arrow::array::Int64Array>()
+            .unwrap()
+            .value(0)
+    };
+    let mut acme = server.client("acme").await;
+    assert_eq!(
+        acme.overlap(ID, &[]).await.unwrap().overlap,
+        Some(truth.overlap)
+    );
+    assert_eq!(
+        count(&acme.query(ID, count_sql).await.unwrap()) as u64,
+        truth.overlap
+    );
+
+    // acme's first 300 customers are shared people (ids below the overlap)
+    // and withdraw consent. The erase file holds their raw rows, which are
+    // fingerprinted on acme's machine; only fingerprints travel.
+    let text = std::fs::read_to_string(files.path().join(cleanroom::synth::ACME_FILE)).unwrap();
+    let erase_file = files.path().join("withdrawn.csv");
+    std::fs::write(&erase_file, first_rows(&text, 300)).unwrap();
+    let options = cleanroom::prepare::EraseOptions {
+        agreement: ID.into(),
+        dataset: "customers".into(),
+        input: erase_file.clone(),
+        format: None,
+        csv: cleanroom::prepare::CsvOptions::default(),
+        mapping: Default::default(),
+    };
+    let client = server.client("acme").await;
+    let report = cleanroom::prepare::erase(&client, &common::secret(), &options)
+        .await
+        .unwrap();
+    assert_eq!(report.rows_removed, 300);
+    assert_eq!(report.versions_deleted, 1);
+    let expected = truth.overlap - 300;
+    assert_eq!(acme.overlap(ID, &[]).await.unwrap().overlap, Some(expected));
+    assert_eq!(
+        count(&acme.query(ID, count_sql).await.unwrap()) as u64,
+        expected
+    );
+    let entries = acme.audit_entries(ID).await.unwrap();
+    let erased = entries.iter().find(|e| e.action == "erase").unwrap();
+    assert_eq!(
+        (erased.decision.as_str(), erased.rows),
+        ("accepted", Some(300))
+    );
+
+    // Again: nothing left to remove.
+    let again = cleanroom::prepare::erase(&client, &common::secret(), &options)
+        .await
+        .unwrap();
+    assert_eq!(again.rows_removed, 0);
+
+    // Only the dataset's owner may erase from it: globex's client refuses
+    // locally, and the server refuses a hand-made request.
+    let globex = server.client("globex").await;
+    let err = cleanroom::prepare::erase(&globex, &common::secret(), &options)
+        .await
+        .unwrap_err();
+    assert!(
+        err.to_string().contains("not one of your datasets"),
+        "{err}"
+    );
+    let hash = acme
+        .get_agreement(ID)
+        .await
+        .unwrap()
+        .summary
+        .unwrap()
+        .policy_hash;
+    let request = |kind: &str, fingerprints: Vec<u8>| proto::EraseRequest {
+        agreement_id: ID.into(),
+        dataset: "customers".into(),
+        policy_hash: hash.clone(),
+        sets: vec![proto::FingerprintSet {
+            kind: kind.into(),
+            fingerprints,
+        }],
+    };
+    let mut raw = proto::datasets_client::DatasetsClient::new(globex.channel());
+    let status = raw.erase(request("email", vec![7; 32])).await.unwrap_err();
+    assert_eq!(status.code(), Code::PermissionDenied);
+    assert!(
+        status.message().starts_with("rule party.rights:"),
+        "{}",
+        status.message()
+    );
+    let mut raw = proto::datasets_client::DatasetsClient::new(client.channel());
+    let status = raw
+        .erase(request("passport", vec![7; 32]))
+        .await
+        .unwrap_err();
+    assert_eq!(status.code(), Code::InvalidArgument);
+    let status = raw.erase(request("email", vec![7; 31])).await.unwrap_err();
+    assert_eq!(status.code(), Code::InvalidArgument);
+
+    // A restart keeps the erasure.
+    let server = server.restart(setup()).await;
+    let mut acme = server.client("acme").await;
+    assert_eq!(acme.overlap(ID, &[]).await.unwrap().overlap, Some(expected));
+    assert_eq!(
+        count(&acme.query(ID, count_sql).await.unwrap()) as u64,
+        expected
+    );
+    let listed = acme.list_datasets(ID).await.unwrap();
+    assert_eq!(
+        listed[0].versions, 1,
+        "older versions holding the people are gone"
+    );
+    server.stop().await.unwrap();
+}

@@ -38,6 +38,9 @@ enum Command {
     Upload(upload::UploadArgs),
     /// Show what the server holds of your datasets.
     Datasets(upload::DatasetsArgs),
+    /// Remove people from your dataset (erasure, opt-out): their
+    /// identifiers are fingerprinted here and only fingerprints are sent.
+    Erase(upload::EraseArgs),
     /// Generate synthetic partner files for the demo agreement.
     Synth(local::SynthArgs),
     /// How many people two datasets of an agreement share.
@@ -65,6 +68,7 @@ pub fn main() -> ExitCode {
         Command::Certs(cmd) => local::certs(cmd),
         Command::Secret(cmd) => upload::secret(cmd),
         Command::Upload(args) => upload::run_upload(args),
+        Command::Erase(args) => upload::run_erase(args),
         Command::Datasets(args) => upload::datasets(args),
         Command::Synth(args) => local::synth(args),
         Command::Audit(cmd) => audit::run(cmd),

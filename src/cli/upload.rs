@@ -209,3 +209,63 @@ pub(super) fn datasets(args: DatasetsArgs) -> anyhow::Result<ExitCode> {
     }
     Ok(ExitCode::SUCCESS)
 }
+
+#[derive(Debug, Args)]
+pub(super) struct EraseArgs {
+    #[command(flatten)]
+    connect: ConnectArgs,
+    /// Agreement id.
+    #[arg(long)]
+    agreement: String,
+    /// Your dataset to erase from.
+    #[arg(long)]
+    dataset: String,
+    /// CSV or Parquet file with one or more of the dataset's identifier
+    /// columns (other columns are ignored); fingerprinted on this machine.
+    #[arg(long)]
+    input: PathBuf,
+    /// File holding the shared secret (hex), or set CLEANROOM_SECRET.
+    #[arg(long, env = "CLEANROOM_SECRET_FILE")]
+    secret_file: Option<PathBuf>,
+    /// Input format [default: from the file name].
+    #[arg(long, value_enum)]
+    format: Option<InputFormat>,
+    /// CSV field delimiter (one character; \t for tab).
+    #[arg(long, default_value = ",")]
+    delimiter: String,
+    /// CSV quote character.
+    #[arg(long, default_value = "\"")]
+    quote: String,
+    /// Policy column read from a differently named input column (repeatable).
+    #[arg(long = "map", value_name = "POLICY_COLUMN=INPUT_COLUMN")]
+    map: Vec<String>,
+}
+
+pub(super) fn run_erase(args: EraseArgs) -> anyhow::Result<ExitCode> {
+    let secret = load_secret(args.secret_file.as_ref())?;
+    let options = crate::prepare::EraseOptions {
+        agreement: args.agreement,
+        dataset: args.dataset,
+        input: args.input,
+        format: args.format,
+        csv: CsvOptions {
+            delimiter: single_byte("--delimiter", &args.delimiter)?,
+            quote: single_byte("--quote", &args.quote)?,
+        },
+        mapping: parse_mapping(&args.map)?,
+    };
+    let rt = super::runtime()?;
+    let client = args.connect.connect(&rt)?;
+    let report = rt.block_on(crate::prepare::erase(&client, &secret, &options))?;
+    println!(
+        "sent {} fingerprint(s) ({} invalid value(s) left out); removed {} row(s) from {}/{}, {} remain; {} older version(s) deleted",
+        report.fingerprints,
+        report.invalid,
+        report.rows_removed,
+        options.agreement,
+        options.dataset,
+        report.rows_kept,
+        report.versions_deleted
+    );
+    Ok(ExitCode::SUCCESS)
+}

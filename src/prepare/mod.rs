@@ -2,6 +2,7 @@
 //! columns the agreement names, normalise and fingerprint identifiers on
 //! this machine, and turn rows into the Arrow batches the server expects.
 
+mod erase;
 mod input;
 mod send;
 
@@ -21,6 +22,7 @@ use crate::identity::{Fingerprinter, Invalid, Normaliser, Secret};
 use crate::policy::Profile;
 use crate::proto;
 
+pub use erase::{EraseOptions, EraseReport, erase};
 pub use input::{Chunk, CsvOptions, InputFormat, InputReader};
 pub use send::{UploadError, UploadOptions, UploadReport, upload};
 
@@ -55,6 +57,8 @@ struct PlanColumn {
     name: String,
     input_index: usize,
     kind: Kind,
+    /// The identity kind of an identifier column.
+    identity: Option<String>,
 }
 
 /// What to send, column by column, and what is left behind.
@@ -93,6 +97,42 @@ impl Plan {
         header: &[String],
         mapping: &BTreeMap<String, String>,
     ) -> Result<Self, PrepareError> {
+        Self::build(agreement, dataset, secret, header, mapping, false)
+    }
+
+    /// Plans fingerprinting only the identifier columns the input has (at
+    /// least one), as an erasure request needs.
+    pub fn identifiers(
+        agreement: &proto::Agreement,
+        dataset: &str,
+        secret: &Secret,
+        header: &[String],
+        mapping: &BTreeMap<String, String>,
+    ) -> Result<Self, PrepareError> {
+        let plan = Self::build(agreement, dataset, secret, header, mapping, true)?;
+        if plan.columns.is_empty() {
+            return Err(PrepareError::Plan(format!(
+                "the input has none of dataset {dataset:?}'s identifier columns (input columns: {}); map one with --map POLICY_COLUMN=INPUT_COLUMN",
+                header.join(", ")
+            )));
+        }
+        Ok(plan)
+    }
+
+    /// The identity kind of each planned identifier column, in plan order
+    /// (None for other columns).
+    pub fn identity_kinds(&self) -> Vec<Option<String>> {
+        self.columns.iter().map(|c| c.identity.clone()).collect()
+    }
+
+    fn build(
+        agreement: &proto::Agreement,
+        dataset: &str,
+        secret: &Secret,
+        header: &[String],
+        mapping: &BTreeMap<String, String>,
+        identifiers_only: bool,
+    ) -> Result<Self, PrepareError> {
         let d = agreement
             .datasets
             .iter()
@@ -120,7 +160,12 @@ impl Plan {
             let role =
                 proto::ColumnRole::try_from(c.role).unwrap_or(proto::ColumnRole::Unspecified);
             let input_name = mapping.get(&c.name).unwrap_or(&c.name);
-            if role == proto::ColumnRole::Sensitive {
+            if role == proto::ColumnRole::Sensitive
+                || (identifiers_only && role != proto::ColumnRole::Identifier)
+            {
+                continue;
+            }
+            if identifiers_only && !header.iter().any(|h| h == input_name) {
                 continue;
             }
             let input_index = header.iter().position(|h| h == input_name).ok_or_else(|| {
@@ -176,6 +221,7 @@ impl Plan {
                 name: c.name.clone(),
                 input_index,
                 kind,
+                identity: (role == proto::ColumnRole::Identifier).then(|| c.identity_kind.clone()),
             });
         }
         let dropped = header

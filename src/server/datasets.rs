@@ -1,6 +1,7 @@
 //! The `Datasets` service: streamed, validated, atomic uploads, and what the
 //! server holds of the caller's own datasets.
 
+use std::collections::HashSet;
 use std::sync::Arc;
 
 use tonic::{Request, Response, Status, Streaming};
@@ -54,6 +55,154 @@ pub(super) fn agreement_in_force(
             state: other.as_str(),
         }),
     }
+}
+
+impl DatasetsService {
+    async fn run_erase(
+        &self,
+        org: &str,
+        request: &proto::EraseRequest,
+    ) -> Result<proto::EraseResponse, ServiceError> {
+        let policy = agreement_in_force(&self.state, org, &request.agreement_id)?;
+        let Some(dataset) = policy.dataset(&request.dataset) else {
+            return Err(bad(
+                "dataset",
+                format!("{:?} is not a dataset of this agreement", request.dataset),
+            ));
+        };
+        if dataset.owner() != org || !policy.allows(org, Right::Upload) {
+            return Err(ServiceError::PermissionDenied {
+                rule: "party.rights",
+                detail: format!(
+                    "{org} may not erase from dataset {:?}: only its owner, with the upload right",
+                    dataset.name()
+                ),
+            });
+        }
+        if request.policy_hash != policy.hash().to_hex() {
+            return Err(ServiceError::PolicyChanged(policy.id().to_string()));
+        }
+        // Fingerprints per identifier column of the dataset.
+        let columns = dataset.identifier_columns();
+        let mut wanted: Vec<(usize, HashSet<[u8; 32]>)> = Vec::new();
+        for set in &request.sets {
+            if !columns.iter().any(|(_, kind)| *kind == set.kind) {
+                return Err(bad(
+                    "sets.kind",
+                    format!(
+                        "{:?} is not an identity kind of dataset {:?}",
+                        set.kind,
+                        dataset.name()
+                    ),
+                ));
+            }
+            if set.fingerprints.is_empty() || set.fingerprints.len() % 32 != 0 {
+                return Err(bad(
+                    "sets.fingerprints",
+                    "must be a non-empty concatenation of 32-byte fingerprints",
+                ));
+            }
+            let fps: HashSet<[u8; 32]> = set
+                .fingerprints
+                .chunks_exact(32)
+                .map(|c| <[u8; 32]>::try_from(c).unwrap_or([0; 32]))
+                .collect();
+            for (index, kind) in &columns {
+                if *kind == set.kind {
+                    wanted.push((*index, fps.clone()));
+                }
+            }
+        }
+        if wanted.is_empty() {
+            return Err(bad("sets", "no fingerprints to erase"));
+        }
+        let (state, policy, org) = (self.state.clone(), Arc::clone(&policy), org.to_string());
+        let dataset = dataset.name().to_string();
+        tokio::task::spawn_blocking(move || erase_rows(&state, &policy, &dataset, &org, &wanted))
+            .await
+            .map_err(|e| ServiceError::Internal(format!("erasing: {e}")))?
+    }
+}
+
+/// Writes the dataset's current version again without the rows carrying
+/// one of the `wanted` fingerprints, then deletes every older version.
+fn erase_rows(
+    state: &AppState,
+    policy: &Policy,
+    dataset: &str,
+    org: &str,
+    wanted: &[(usize, HashSet<[u8; 32]>)],
+) -> Result<proto::EraseResponse, ServiceError> {
+    use arrow::array::{Array, BooleanArray, FixedSizeBinaryArray};
+    let store = state.store();
+    let Some(current) = store.current(policy.id(), dataset)? else {
+        return Err(ServiceError::NoData(dataset.to_string()));
+    };
+    let batches = store.read(&current)?;
+    let mut kept_batches = Vec::with_capacity(batches.len());
+    let (mut removed, mut kept) = (0u64, 0u64);
+    for batch in &batches {
+        let mut keep = vec![true; batch.num_rows()];
+        for (index, fps) in wanted {
+            let column = batch
+                .column(*index)
+                .as_any()
+                .downcast_ref::<FixedSizeBinaryArray>()
+                .ok_or_else(|| {
+                    ServiceError::Internal("a stored identifier column is not binary".into())
+                })?;
+            for (row, k) in keep.iter_mut().enumerate() {
+                if *k
+                    && column.is_valid(row)
+                    && <[u8; 32]>::try_from(column.value(row)).is_ok_and(|fp| fps.contains(&fp))
+                {
+                    *k = false;
+                }
+            }
+        }
+        let mask = BooleanArray::from(keep);
+        removed += (mask.len() - mask.true_count()) as u64;
+        let filtered = arrow::compute::filter_record_batch(batch, &mask)
+            .map_err(|e| ServiceError::Internal(format!("filtering rows: {e}")))?;
+        kept += filtered.num_rows() as u64;
+        kept_batches.push(filtered);
+    }
+    if removed == 0 {
+        return Ok(proto::EraseResponse {
+            rows_removed: 0,
+            rows_kept: kept,
+            version: String::new(),
+            versions_deleted: 0,
+        });
+    }
+    let mut staged = store.stage(policy.id(), dataset)?;
+    for b in kept_batches.iter().filter(|b| b.num_rows() > 0) {
+        let ipc = crate::upload::encode_batch(b)
+            .map_err(|e| ServiceError::Internal(format!("encoding rows: {e}")))?;
+        staged.append(&ipc, b.num_rows() as u64)?;
+    }
+    let mut id = [0u8; 12];
+    ring::rand::SecureRandom::fill(&ring::rand::SystemRandom::new(), &mut id)
+        .map_err(|_| ServiceError::Internal("the system random source failed".into()))?;
+    let info = store.commit(
+        staged,
+        &format!("erase-{}", hex::encode(id)),
+        org,
+        &policy.hash().to_hex(),
+        state.clock().now().unix_timestamp(),
+    )?;
+    let older: Vec<_> = store
+        .versions(policy.id(), dataset)?
+        .into_iter()
+        .filter(|v| v.version != info.version)
+        .collect();
+    store.delete_versions(&older)?;
+    Ok(proto::EraseResponse {
+        rows_removed: removed,
+        rows_kept: kept,
+        version: info.version,
+        versions_deleted: older.len() as u64,
+    })
 }
 
 async fn read_header(
@@ -221,6 +370,31 @@ impl proto::datasets_server::Datasets for DatasetsService {
         self.state.audit_outcome(event, &outcome, |r, e| {
             e.subject = Some(format!("{dataset} {}", r.version));
             e.rows = Some(r.rows);
+        })?;
+        Ok(Response::new(outcome?))
+    }
+
+    #[tracing::instrument(skip_all, fields(agreement = %request.get_ref().agreement_id))]
+    async fn erase(
+        &self,
+        request: Request<proto::EraseRequest>,
+    ) -> Result<Response<proto::EraseResponse>, Status> {
+        let org = caller(&request)?;
+        let request = request.into_inner();
+        let outcome = self.run_erase(&org, &request).await;
+        let event = Event {
+            org,
+            agreement: request.agreement_id.clone(),
+            action: "erase",
+            subject: Some(request.dataset.clone()),
+            ..Event::default()
+        };
+        self.state.audit_outcome(event, &outcome, |r, e| {
+            e.subject = Some(format!(
+                "{}: {} row(s) removed, {} older version(s) deleted",
+                request.dataset, r.rows_removed, r.versions_deleted
+            ));
+            e.rows = Some(r.rows_removed);
         })?;
         Ok(Response::new(outcome?))
     }

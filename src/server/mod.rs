@@ -574,7 +574,7 @@ pub async fn serve(
         Ok(result) => result?,
         Err(_) => tracing::warn!("in-flight calls did not finish in time; stopping anyway"),
     }
-    background.abort();
+    background.stop().await;
     tracing::info!("stopped");
     Ok(())
 }
@@ -626,9 +626,14 @@ struct Background {
 }
 
 impl Background {
-    fn abort(self) {
-        for t in self.tasks {
+    /// Stops the tasks and waits until they are gone, so nothing holds the
+    /// data directory once `serve` returns.
+    async fn stop(self) {
+        for t in &self.tasks {
             t.abort();
+        }
+        for t in self.tasks {
+            let _ = t.await;
         }
     }
 }

@@ -74,8 +74,18 @@ impl TestServer {
     }
 
     pub async fn start_with(setup: Setup) -> Self {
-        let pki = Pki::new();
-        let data_dir = tempfile::tempdir().unwrap();
+        Self::start_in(Pki::new(), tempfile::tempdir().unwrap(), setup).await
+    }
+
+    /// Stops the server and starts another on the same data and certificates.
+    pub async fn restart(mut self, setup: Setup) -> Self {
+        self.begin_shutdown();
+        self.task.take().unwrap().await.unwrap().unwrap();
+        let (pki, data_dir) = (self.pki, self.data_dir);
+        Self::start_in(pki, data_dir, setup).await
+    }
+
+    async fn start_in(pki: Pki, data_dir: tempfile::TempDir, setup: Setup) -> Self {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
         let options = ServerOptions {
