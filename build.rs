@@ -15,6 +15,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
                 "proto/cleanroom/v1/audit.proto",
                 "proto/cleanroom/v1/matching.proto",
                 "proto/cleanroom/v1/queries.proto",
+                "proto/cleanroom/v1/governance.proto",
             ],
             &["proto"],
         )?;

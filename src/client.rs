@@ -18,6 +18,7 @@ use crate::proto;
 use crate::proto::agreements_client::AgreementsClient;
 use crate::proto::audit_client::AuditClient;
 use crate::proto::datasets_client::DatasetsClient;
+use crate::proto::governance_client::GovernanceClient;
 use crate::proto::matching_client::MatchingClient;
 use crate::proto::queries_client::QueriesClient;
 
@@ -297,6 +298,28 @@ impl Client {
 }
 
 impl Client {
+    /// What the service holds of the caller's data in an agreement and who
+    /// used the agreement.
+    pub async fn access_report(
+        &mut self,
+        agreement_id: &str,
+    ) -> Result<proto::AccessReportResponse, ClientError> {
+        Ok(GovernanceClient::new(self.channel.clone())
+            .access_report(proto::AccessReportRequest {
+                agreement_id: agreement_id.to_string(),
+            })
+            .await?
+            .into_inner())
+    }
+
+    /// The agreements the caller administers.
+    pub async fn admin_status(&mut self) -> Result<proto::AdminStatusResponse, ClientError> {
+        Ok(GovernanceClient::new(self.channel.clone())
+            .admin_status(proto::AdminStatusRequest {})
+            .await?
+            .into_inner())
+    }
+
     /// The caller's privacy budget in an agreement.
     pub async fn budget(
         &mut self,

@@ -265,11 +265,13 @@ async fn retention_and_expiry_delete_the_data_and_destroy_the_key() {
     let entries = acme.audit_entries(ID).await.unwrap();
     assert!(entries.iter().any(|e| e.action == "retention"
         && e.subject.as_deref() == Some("customers: 1 version(s) deleted, the agreement expired")));
-    let data = server.data_dir.path().join("data");
-    server.stop().await.unwrap();
+    let kept = server.stop_keeping_data().await;
     // With the server stopped, the store confirms the key is gone.
+    let data = kept.path().join("data");
+    assert!(data.join("meta.redb").exists());
     let store = cleanroom::storage::Store::open(&data, None).unwrap();
     assert!(!store.has_data_key(ID).unwrap());
+    assert!(store.versions(ID, "customers").unwrap().is_empty());
 }
 
 /// The CSV `text` cut to its header and first `rows` data rows.
@@ -403,4 +405,149 @@ async fn erasure_removes_exactly_those_people_and_survives_a_restart() {
         "older versions holding the people are gone"
     );
     server.stop().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn access_reports_and_the_admin_view_match_what_happened() {
+    let policies = tempfile::tempdir().unwrap();
+    let with_admin = thresholds_only(&demo_text()).replace(
+        r#"rights = ["upload", "see_overlap"]"#,
+        r#"rights = ["upload", "see_overlap", "admin"]"#,
+    );
+    write_policy(policies.path(), &with_admin);
+    let server = TestServer::start_with(Setup {
+        policies: policies.path().to_path_buf(),
+        ..Setup::default()
+    })
+    .await;
+    let (files, _) = common::synth(2_000, 0.5);
+    let acme_upload = upload_demo(&server, "acme", files.path()).await;
+    let globex_upload = upload_demo(&server, "globex", files.path()).await;
+    let mut acme = server.client("acme").await;
+    acme.query(ID, SQL).await.unwrap();
+    acme.query(ID, "SELECT c.email FROM customers c")
+        .await
+        .unwrap_err();
+    acme.overlap(ID, &[]).await.unwrap();
+
+    let report = acme.access_report(ID).await.unwrap();
+    assert_eq!(
+        (report.organisation.as_str(), report.state.as_str()),
+        ("acme", "active")
+    );
+    assert_eq!(report.datasets.len(), 1, "only acme's own data");
+    let held = &report.datasets[0];
+    assert_eq!(held.dataset, "customers");
+    assert_eq!(
+        held.columns,
+        [
+            "email (identifier)",
+            "phone (identifier)",
+            "age_band (dimension)",
+            "region (dimension)",
+            "lifetime_value (metric)"
+        ]
+    );
+    assert_eq!(held.versions.len(), 1);
+    let v = &held.versions[0];
+    assert!(v.current);
+    assert_eq!(v.rows, acme_upload.response.rows);
+    assert_eq!(v.version, acme_upload.response.version);
+    assert_eq!(v.delete_by, v.uploaded_at + 180 * 86_400);
+    let count = |org: &str, action: &str| {
+        report
+            .access
+            .iter()
+            .find(|a| a.organisation == org && a.action == action)
+            .map(|a| (a.accepted, a.rejected))
+    };
+    assert_eq!(count("acme", "upload"), Some((1, 0)));
+    assert_eq!(count("globex", "upload"), Some((1, 0)));
+    assert_eq!(count("acme", "query"), Some((1, 1)));
+    assert_eq!(count("acme", "overlap"), Some((1, 0)));
+    assert_eq!(count("globex", "query"), None);
+    assert!(
+        report.budget.is_none(),
+        "no differential privacy in this agreement"
+    );
+    let text = cleanroom::cli::render_report(&report);
+    assert!(text.contains("acme query: 1 accepted, 1 refused"), "{text}");
+
+    let mut globex = server.client("globex").await;
+    let report = globex.access_report(ID).await.unwrap();
+    assert_eq!(report.datasets[0].dataset, "audience");
+    assert_eq!(
+        report.datasets[0].versions[0].rows,
+        globex_upload.response.rows
+    );
+    let mut initech = server.client("initech").await;
+    assert_eq!(
+        initech.access_report(ID).await.unwrap_err().code(),
+        Some(Code::NotFound)
+    );
+
+    // The admin view: globex administers the agreement, acme does not.
+    let err = acme.admin_status().await.unwrap_err();
+    assert_eq!(err.code(), Some(Code::PermissionDenied));
+    let status = globex.admin_status().await.unwrap();
+    let a = &status.agreements[0];
+    assert_eq!(
+        (a.agreement_id.as_str(), a.state.as_str(), a.data_key),
+        (ID, "active", true)
+    );
+    let rows: Vec<u64> = a.datasets.iter().map(|d| d.rows).collect();
+    assert_eq!(
+        rows,
+        [acme_upload.response.rows, globex_upload.response.rows]
+    );
+    assert_eq!(status.reload.as_ref().unwrap().failures, 0);
+
+    // A refused policy edit shows up for the admin, with its message.
+    write_policy(
+        policies.path(),
+        &with_admin.replace("min_group_size = 50", "min_group_size = 1"),
+    );
+    let seen = eventually(|| {
+        let mut g = globex.clone();
+        async move { g.admin_status().await.unwrap().reload.unwrap().failures == 1 }
+    })
+    .await;
+    assert!(seen);
+    let status = globex.admin_status().await.unwrap();
+    let errors = &status.reload.as_ref().unwrap().last_errors;
+    assert!(
+        errors
+            .iter()
+            .any(|e| e.contains("query.min_group_size: must be at least 2")),
+        "{errors:?}"
+    );
+    let text = cleanroom::cli::render_status(&status);
+    assert!(text.contains("policy files refused"), "{text}");
+
+    // Locally, on the stopped server's data directory.
+    write_policy(policies.path(), &with_admin);
+    let kept = server.stop_keeping_data().await;
+    let data = kept.path().join("data");
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_cleanroom"))
+        .args(["admin", "status", "--data-dir"])
+        .arg(&data)
+        .arg("--policies")
+        .arg(policies.path())
+        .output()
+        .unwrap();
+    let printed = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{printed} {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        printed.contains("agreement retail-media-demo: active"),
+        "{printed}"
+    );
+    assert!(
+        printed.contains("dataset customers (owner acme):"),
+        "{printed}"
+    );
+    assert!(printed.contains("policies: all files valid"), "{printed}");
 }

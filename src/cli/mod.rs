@@ -2,6 +2,7 @@
 
 mod audit;
 mod connect;
+mod governance;
 mod local;
 mod serve;
 mod upload;
@@ -13,6 +14,7 @@ use clap::{Parser, Subcommand};
 pub use connect::{
     ConnectArgs, OutputFormat, render_agreement, render_answer, render_budget, render_privacy,
 };
+pub use governance::{render_report, render_status};
 
 #[derive(Debug, Parser)]
 #[command(name = "cleanroom", version, about = "A self-hosted data clean room", long_about = None)]
@@ -49,6 +51,12 @@ enum Command {
     Query(connect::QueryArgs),
     /// Show your privacy budget in an agreement: spent, remaining, next refresh.
     Budget(connect::BudgetArgs),
+    /// What the service holds of your data in an agreement, who used the
+    /// agreement and how often, and your budget use.
+    Report(governance::ReportArgs),
+    /// Administration: agreements you administer, or a stopped server's data directory.
+    #[command(subcommand)]
+    Admin(governance::AdminCommand),
     /// Check the audit chain, or read your agreements' audit entries.
     #[command(subcommand)]
     Audit(audit::AuditCommand),
@@ -75,6 +83,8 @@ pub fn main() -> ExitCode {
         Command::Overlap(args) => connect::overlap(args),
         Command::Query(args) => connect::query(args),
         Command::Budget(args) => connect::budget(args),
+        Command::Report(args) => governance::report(args),
+        Command::Admin(cmd) => governance::admin(cmd),
         Command::Whoami(args) => connect::whoami(args),
         Command::Agreements(args) => connect::agreements(args),
     };

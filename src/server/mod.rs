@@ -6,6 +6,7 @@ mod agreements;
 mod audit;
 mod auth;
 mod datasets;
+pub mod governance;
 mod matching;
 mod queries;
 
@@ -26,6 +27,7 @@ use crate::policy::{PolicyError, PolicySet};
 use crate::proto::agreements_server::AgreementsServer;
 use crate::proto::audit_server::AuditServer;
 use crate::proto::datasets_server::DatasetsServer;
+use crate::proto::governance_server::GovernanceServer;
 use crate::proto::matching_server::MatchingServer;
 use crate::proto::queries_server::QueriesServer;
 use crate::storage::{StorageError, Store};
@@ -34,6 +36,7 @@ use crate::upload::Limits;
 pub use agreements::AgreementsService;
 pub use audit::AuditService;
 pub use datasets::DatasetsService;
+pub use governance::GovernanceService;
 pub use matching::MatchingService;
 pub use queries::QueriesService;
 
@@ -439,6 +442,7 @@ async fn set_health(reporter: &tonic_health::server::HealthReporter, status: Ser
         <MatchingServer<MatchingService> as NamedService>::NAME,
         <QueriesServer<QueriesService> as NamedService>::NAME,
         <AuditServer<AuditService> as NamedService>::NAME,
+        <GovernanceServer<GovernanceService> as NamedService>::NAME,
     ] {
         reporter.set_service_status(service, status).await;
     }
@@ -557,6 +561,7 @@ pub async fn serve(
         .add_service(DatasetsServer::new(DatasetsService::new(state.clone())))
         .add_service(MatchingServer::new(MatchingService::new(state.clone())))
         .add_service(QueriesServer::new(QueriesService::new(state.clone())))
+        .add_service(GovernanceServer::new(GovernanceService::new(state.clone())))
         .add_service(AuditServer::new(AuditService::new(state)));
 
     let (drained_tx, drained_rx) = tokio::sync::oneshot::channel::<()>();

@@ -416,31 +416,13 @@ impl proto::queries_server::Queries for QueriesService {
         let policy = self
             .state
             .agreement_for(&org, &request.get_ref().agreement_id)?;
-        let Some(privacy) = policy.privacy() else {
-            return Ok(Response::new(proto::BudgetResponse::default()));
-        };
-        let window = window(privacy.refresh(), self.state.clock().now());
-        let (store, agreement, w, o) = (
-            self.state.store().clone(),
-            policy.id().to_string(),
-            window.id.clone(),
-            org.clone(),
-        );
-        let spent = tokio::task::spawn_blocking(move || store.spent(&agreement, &o, &w))
-            .await
-            .map_err(|e| ServiceError::Internal(format!("reading the budget: {e}")))?
-            .map_err(ServiceError::from)?;
-        let total = to_micros(privacy.epsilon_total());
-        Ok(Response::new(proto::BudgetResponse {
-            enabled: true,
-            epsilon_total: privacy.epsilon_total(),
-            epsilon_spent: from_micros(spent.micros),
-            epsilon_remaining: from_micros(total.saturating_sub(spent.micros)),
-            epsilon_per_query_max: privacy.epsilon_per_query_max(),
-            delta: privacy.delta(),
-            window: window.id,
-            next_refresh: describe(window.next_refresh),
-            queries: spent.queries,
-        }))
+        let (store, now) = (self.state.store().clone(), self.state.clock().now());
+        let view = tokio::task::spawn_blocking(move || {
+            super::governance::budget_view(&store, &policy, &org, now)
+        })
+        .await
+        .map_err(|e| ServiceError::Internal(format!("reading the budget: {e}")))?
+        .map_err(ServiceError::from)?;
+        Ok(Response::new(view))
     }
 }

@@ -77,6 +77,14 @@ impl TestServer {
         Self::start_in(Pki::new(), tempfile::tempdir().unwrap(), setup).await
     }
 
+    /// Stops the server and hands over its data directory (the parent of
+    /// `data`), which would otherwise be deleted with the server.
+    pub async fn stop_keeping_data(mut self) -> tempfile::TempDir {
+        self.begin_shutdown();
+        self.task.take().unwrap().await.unwrap().unwrap();
+        self.data_dir
+    }
+
     /// Stops the server and starts another on the same data and certificates.
     pub async fn restart(mut self, setup: Setup) -> Self {
         self.begin_shutdown();

@@ -1,0 +1,257 @@
+//! `cleanroom report` and `cleanroom admin status`.
+
+use std::fmt::Write as _;
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use anyhow::Context;
+use clap::{Args, Subcommand};
+
+use super::ConnectArgs;
+use crate::proto;
+
+#[derive(Debug, Args)]
+pub(super) struct ReportArgs {
+    #[command(flatten)]
+    connect: ConnectArgs,
+    /// Agreement id.
+    #[arg(long)]
+    agreement: String,
+}
+
+pub(super) fn report(args: ReportArgs) -> anyhow::Result<ExitCode> {
+    let rt = super::runtime()?;
+    let mut client = args.connect.connect(&rt)?;
+    let report = rt.block_on(client.access_report(&args.agreement))?;
+    print!("{}", render_report(&report));
+    Ok(ExitCode::SUCCESS)
+}
+
+fn when(unix: i64) -> String {
+    time::OffsetDateTime::from_unix_timestamp(unix)
+        .ok()
+        .and_then(|t| {
+            t.format(&time::format_description::well_known::Rfc3339)
+                .ok()
+        })
+        .unwrap_or_else(|| unix.to_string())
+}
+
+/// An access report as text for a data protection officer.
+pub fn render_report(r: &proto::AccessReportResponse) -> String {
+    let mut out = String::new();
+    let _ = writeln!(
+        out,
+        "Access report for {} in agreement {}\ngenerated {}\npurpose: {}\nstate: {}; policy {}\nretention: {} days per upload; everything is deleted after {}",
+        r.organisation,
+        r.agreement_id,
+        when(r.generated_at),
+        r.purpose,
+        r.state,
+        r.policy_hash,
+        r.retention_days,
+        r.expires
+    );
+    let _ = writeln!(out, "\nData held");
+    if r.datasets.iter().all(|d| d.versions.is_empty()) {
+        let _ = writeln!(out, "  nothing");
+    }
+    for d in &r.datasets {
+        let _ = writeln!(
+            out,
+            "  dataset {}: columns {}",
+            d.dataset,
+            d.columns.join(", ")
+        );
+        for v in &d.versions {
+            let _ = writeln!(
+                out,
+                "    version {}{}: {} rows, uploaded {} by {}, deleted by {}",
+                v.version,
+                if v.current { " (current)" } else { "" },
+                v.rows,
+                when(v.uploaded_at),
+                v.uploaded_by,
+                when(v.delete_by)
+            );
+        }
+    }
+    let _ = writeln!(out, "\nUse of the agreement (from the audit log)");
+    if r.access.is_empty() {
+        let _ = writeln!(out, "  none");
+    }
+    for a in &r.access {
+        let _ = write!(
+            out,
+            "  {} {}: {} accepted, {} refused, last {}",
+            a.organisation,
+            a.action,
+            a.accepted,
+            a.rejected,
+            when(a.last_at)
+        );
+        if a.epsilon > 0.0 {
+            let _ = write!(out, ", epsilon {}", a.epsilon);
+        }
+        out.push('\n');
+    }
+    if let Some(b) = &r.budget {
+        let _ = writeln!(
+            out,
+            "\nPrivacy budget\n  window {}: spent epsilon {} in {} queries, {} of {} remains; refreshes {}",
+            b.window,
+            b.epsilon_spent,
+            b.queries,
+            b.epsilon_remaining,
+            b.epsilon_total,
+            b.next_refresh
+        );
+    }
+    out
+}
+
+#[derive(Debug, Subcommand)]
+pub(super) enum AdminCommand {
+    /// Agreements you administer: state, data, budgets, last policy reload.
+    /// With --data-dir, read a stopped server's data directory instead.
+    Status {
+        #[command(flatten)]
+        connect: ConnectArgs,
+        /// Read this data directory directly (the server must be stopped:
+        /// the metadata store admits one process at a time).
+        #[arg(long)]
+        data_dir: Option<PathBuf>,
+        /// Policy folder, with --data-dir.
+        #[arg(long, default_value = "policies")]
+        policies: PathBuf,
+    },
+}
+
+pub(super) fn admin(cmd: AdminCommand) -> anyhow::Result<ExitCode> {
+    let AdminCommand::Status {
+        connect,
+        data_dir,
+        policies,
+    } = cmd;
+    let status = match data_dir {
+        Some(dir) => local_status(&dir, &policies)?,
+        None => {
+            let rt = super::runtime()?;
+            let mut client = connect.connect(&rt)?;
+            rt.block_on(client.admin_status())?
+        }
+    };
+    print!("{}", render_status(&status));
+    Ok(ExitCode::SUCCESS)
+}
+
+/// The admin view of every agreement, from a stopped server's files.
+fn local_status(
+    data_dir: &std::path::Path,
+    policies: &std::path::Path,
+) -> anyhow::Result<proto::AdminStatusResponse> {
+    let (set, errors) = match crate::policy::load_dir(policies) {
+        Ok(set) => (set, Vec::new()),
+        Err(errors) => (
+            crate::policy::PolicySet::default(),
+            errors
+                .iter()
+                .flat_map(|e| e.to_string().lines().map(String::from).collect::<Vec<_>>())
+                .collect(),
+        ),
+    };
+    if !data_dir.join("meta.redb").exists() {
+        anyhow::bail!(
+            "{}: not a cleanroom data directory (no meta.redb)",
+            data_dir.display()
+        );
+    }
+    let store = crate::storage::Store::open(data_dir, None).with_context(|| {
+        format!(
+            "opening {} (is the server still running? stop it, or ask it with cleanroom admin status and an admin certificate)",
+            data_dir.display()
+        )
+    })?;
+    let now = time::OffsetDateTime::now_utc();
+    let mut agreements = Vec::new();
+    for p in set.iter() {
+        agreements.push(crate::server::governance::agreement_status(
+            &set, p, &store, now,
+        )?);
+    }
+    Ok(proto::AdminStatusResponse {
+        generated_at: now.unix_timestamp(),
+        agreements,
+        reload: Some(proto::PolicyReloadStatus {
+            last_errors: errors,
+            ..proto::PolicyReloadStatus::default()
+        }),
+    })
+}
+
+/// The admin view as text.
+pub fn render_status(s: &proto::AdminStatusResponse) -> String {
+    let mut out = String::new();
+    let _ = writeln!(out, "status at {}", when(s.generated_at));
+    for a in &s.agreements {
+        let _ = writeln!(
+            out,
+            "agreement {}: {}; policy {}; data key {}",
+            a.agreement_id,
+            a.state,
+            &a.policy_hash[..12.min(a.policy_hash.len())],
+            if a.data_key { "present" } else { "none" }
+        );
+        for d in &a.datasets {
+            if d.current_version.is_empty() {
+                let _ = writeln!(out, "  dataset {} (owner {}): no data", d.dataset, d.owner);
+            } else {
+                let _ = writeln!(
+                    out,
+                    "  dataset {} (owner {}): {} rows in {}, uploaded {}; {} version(s) held",
+                    d.dataset,
+                    d.owner,
+                    d.rows,
+                    d.current_version,
+                    when(d.uploaded_at),
+                    d.versions
+                );
+            }
+        }
+        for b in &a.budgets {
+            let _ = writeln!(
+                out,
+                "  budget {} window {}: epsilon {} of {} in {} queries",
+                b.organisation, b.window, b.epsilon_spent, b.epsilon_total, b.queries
+            );
+        }
+    }
+    if let Some(r) = &s.reload {
+        match r.last_at {
+            Some(at) => {
+                let _ = writeln!(
+                    out,
+                    "policy reloads: {} ({} with refused files), last {}",
+                    r.reloads,
+                    r.failures,
+                    when(at)
+                );
+            }
+            None => {
+                let _ = writeln!(out, "policy reloads: none since start");
+            }
+        }
+        if r.last_errors.is_empty() {
+            let _ = writeln!(out, "policies: all files valid");
+        } else {
+            let _ = writeln!(
+                out,
+                "policy files refused (the last good policy stays in force):"
+            );
+            for e in &r.last_errors {
+                let _ = writeln!(out, "  {e}");
+            }
+        }
+    }
+    out
+}
