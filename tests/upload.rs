@@ -394,6 +394,54 @@ async fn refused_uploads_name_the_rule_and_keep_the_previous_version() {
         err.message()
     );
 
+    // A sensitive attribute sent anyway, by a hand-made client.
+    let globex = server.client("globex").await;
+    let globex_hash = hash.clone();
+    let n = 2;
+    let mut email = FixedSizeBinaryBuilder::new(32);
+    let mut phone = FixedSizeBinaryBuilder::new(32);
+    for i in 0..n {
+        email.append_value(random_fp(40 + i)).unwrap();
+        phone.append_null();
+    }
+    let with_health = RecordBatch::try_new(
+        Arc::new(Schema::new(vec![
+            Field::new("email", DataType::FixedSizeBinary(32), true),
+            Field::new("phone", DataType::FixedSizeBinary(32), true),
+            Field::new("interest_segment", DataType::Utf8, true),
+            Field::new("ad_exposures", DataType::Int64, true),
+            Field::new("spend", DataType::Float64, true),
+            Field::new("health_interest", DataType::Utf8, true),
+        ])),
+        vec![
+            Arc::new(email.finish()),
+            Arc::new(phone.finish()),
+            Arc::new(StringArray::from(vec!["sports"; 2])),
+            Arc::new(arrow::array::Int64Array::from(vec![1i64; 2])),
+            Arc::new(Float64Array::from(vec![1.0; 2])),
+            Arc::new(StringArray::from(vec!["diabetes"; 2])),
+        ],
+    )
+    .unwrap();
+    let err = raw_upload(
+        &globex,
+        vec![
+            header(&globex_hash, "audience", "x-health"),
+            batch_msg(&with_health),
+            commit(2, 1),
+        ],
+    )
+    .await
+    .unwrap_err();
+    assert_eq!(err.code(), Code::InvalidArgument);
+    assert!(
+        err.message()
+            .contains("column \"health_interest\": rule column.sensitive"),
+        "{}",
+        err.message()
+    );
+    assert!(!err.message().contains("diabetes"));
+
     // A plaintext email in a fingerprint column.
     let mut fake = [b' '; 32];
     fake[..24].copy_from_slice(b"jane.saoirse@example.com");

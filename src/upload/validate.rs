@@ -76,6 +76,8 @@ enum Check {
 #[derive(Debug)]
 pub struct Validator {
     schema: SchemaRef,
+    /// Columns the policy bars as sensitive.
+    sensitive: Vec<String>,
     checks: Vec<(String, Check)>,
     limits: Limits,
     rows: u64,
@@ -125,6 +127,12 @@ impl Validator {
             .collect();
         Validator {
             schema: upload_schema(dataset),
+            sensitive: dataset
+                .columns()
+                .iter()
+                .filter(|c| matches!(c.role(), ColumnRole::Sensitive))
+                .map(|c| c.name().to_string())
+                .collect(),
             checks,
             limits,
             rows: 0,
@@ -243,6 +251,17 @@ impl Validator {
     fn check_schema(&self, batch: &RecordBatch) -> Result<(), Rejection> {
         let got = batch.schema();
         let expected = &self.schema;
+        if let Some(barred) = got
+            .fields()
+            .iter()
+            .find(|f| self.sensitive.iter().any(|s| s == f.name()))
+        {
+            return Err(invalid(
+                "column.sensitive",
+                barred.name(),
+                "is a sensitive attribute the agreement bars; it is never uploaded".into(),
+            ));
+        }
         let names = |s: &arrow::datatypes::Schema| {
             s.fields()
                 .iter()
