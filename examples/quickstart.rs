@@ -246,7 +246,13 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         );
     }
 
-    step("15. Graceful shutdown: health turns NOT_SERVING, in-flight calls finish");
+    step("15. acme's access report, for its data protection officer");
+    let report = acme.access_report("retail-media-demo").await?;
+    for line in cleanroom::cli::render_report(&report).lines() {
+        println!("   {line}");
+    }
+
+    step("16. Graceful shutdown: health turns NOT_SERVING, in-flight calls finish");
     let _ = stop.send(());
     server.await??;
     println!("   server stopped cleanly");
