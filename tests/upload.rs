@@ -185,6 +185,23 @@ async fn raw_upload(
         .map(tonic::Response::into_inner)
 }
 
+/// Uploads one batch that the server must refuse; its status.
+async fn refused_batch(
+    client: &Client,
+    hash: &str,
+    dataset: &str,
+    id: &str,
+    batch: &RecordBatch,
+) -> tonic::Status {
+    let rows = batch.num_rows() as u64;
+    raw_upload(
+        client,
+        vec![header(hash, dataset, id), batch_msg(batch), commit(rows, 1)],
+    )
+    .await
+    .unwrap_err()
+}
+
 fn header(client_hash: &str, dataset: &str, id: &str) -> proto::UploadRequest {
     proto::UploadRequest {
         part: Some(Part::Header(proto::UploadHeader {
@@ -423,16 +440,7 @@ async fn refused_uploads_name_the_rule_and_keep_the_previous_version() {
         ],
     )
     .unwrap();
-    let err = raw_upload(
-        &globex,
-        vec![
-            header(&globex_hash, "audience", "x-health"),
-            batch_msg(&with_health),
-            commit(2, 1),
-        ],
-    )
-    .await
-    .unwrap_err();
+    let err = refused_batch(&globex, &globex_hash, "audience", "x-health", &with_health).await;
     assert_eq!(err.code(), Code::InvalidArgument);
     assert!(
         err.message()
@@ -446,16 +454,7 @@ async fn refused_uploads_name_the_rule_and_keep_the_previous_version() {
     let mut fake = [b' '; 32];
     fake[..24].copy_from_slice(b"jane.saoirse@example.com");
     let plain = customers_batch(&[random_fp(3), fake], "north", 10.0);
-    let err = raw_upload(
-        &acme,
-        vec![
-            header(&hash, "customers", "x3"),
-            batch_msg(&plain),
-            commit(2, 1),
-        ],
-    )
-    .await
-    .unwrap_err();
+    let err = refused_batch(&acme, &hash, "customers", "x3", &plain).await;
     assert_eq!(err.code(), Code::InvalidArgument);
     assert!(
         err.message()

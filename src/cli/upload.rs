@@ -94,6 +94,19 @@ pub(super) struct UploadArgs {
     /// CSV (with a header row) or Parquet file.
     #[arg(long)]
     input: PathBuf,
+    #[command(flatten)]
+    reading: ReadingArgs,
+    /// Upload id; reuse one to retry safely [default: random].
+    #[arg(long)]
+    upload_id: Option<String>,
+    /// No progress bar.
+    #[arg(long)]
+    no_progress: bool,
+}
+
+/// How a partner file is read and fingerprinted, for upload and erase.
+#[derive(Debug, Args)]
+pub(super) struct ReadingArgs {
     /// File holding the shared secret (hex), or set CLEANROOM_SECRET.
     #[arg(long, env = "CLEANROOM_SECRET_FILE")]
     secret_file: Option<PathBuf>,
@@ -109,26 +122,44 @@ pub(super) struct UploadArgs {
     /// Policy column read from a differently named input column (repeatable).
     #[arg(long = "map", value_name = "POLICY_COLUMN=INPUT_COLUMN")]
     map: Vec<String>,
-    /// Upload id; reuse one to retry safely [default: random].
-    #[arg(long)]
-    upload_id: Option<String>,
-    /// No progress bar.
-    #[arg(long)]
-    no_progress: bool,
+}
+
+/// The resolved reading options.
+struct Reading {
+    secret: Secret,
+    format: Option<InputFormat>,
+    csv: CsvOptions,
+    mapping: BTreeMap<String, String>,
+}
+
+impl ReadingArgs {
+    fn resolve(&self) -> anyhow::Result<Reading> {
+        Ok(Reading {
+            secret: load_secret(self.secret_file.as_ref())?,
+            format: self.format,
+            csv: CsvOptions {
+                delimiter: single_byte("--delimiter", &self.delimiter)?,
+                quote: single_byte("--quote", &self.quote)?,
+            },
+            mapping: parse_mapping(&self.map)?,
+        })
+    }
 }
 
 pub(super) fn run_upload(args: UploadArgs) -> anyhow::Result<ExitCode> {
-    let secret = load_secret(args.secret_file.as_ref())?;
+    let Reading {
+        secret,
+        format,
+        csv,
+        mapping,
+    } = args.reading.resolve()?;
     let options = UploadOptions {
         agreement: args.agreement,
         dataset: args.dataset,
         input: args.input,
-        format: args.format,
-        csv: CsvOptions {
-            delimiter: single_byte("--delimiter", &args.delimiter)?,
-            quote: single_byte("--quote", &args.quote)?,
-        },
-        mapping: parse_mapping(&args.map)?,
+        format,
+        csv,
+        mapping,
         upload_id: args.upload_id,
         progress: !args.no_progress,
     };
@@ -224,35 +255,24 @@ pub(super) struct EraseArgs {
     /// columns (other columns are ignored); fingerprinted on this machine.
     #[arg(long)]
     input: PathBuf,
-    /// File holding the shared secret (hex), or set CLEANROOM_SECRET.
-    #[arg(long, env = "CLEANROOM_SECRET_FILE")]
-    secret_file: Option<PathBuf>,
-    /// Input format [default: from the file name].
-    #[arg(long, value_enum)]
-    format: Option<InputFormat>,
-    /// CSV field delimiter (one character; \t for tab).
-    #[arg(long, default_value = ",")]
-    delimiter: String,
-    /// CSV quote character.
-    #[arg(long, default_value = "\"")]
-    quote: String,
-    /// Policy column read from a differently named input column (repeatable).
-    #[arg(long = "map", value_name = "POLICY_COLUMN=INPUT_COLUMN")]
-    map: Vec<String>,
+    #[command(flatten)]
+    reading: ReadingArgs,
 }
 
 pub(super) fn run_erase(args: EraseArgs) -> anyhow::Result<ExitCode> {
-    let secret = load_secret(args.secret_file.as_ref())?;
+    let Reading {
+        secret,
+        format,
+        csv,
+        mapping,
+    } = args.reading.resolve()?;
     let options = crate::prepare::EraseOptions {
         agreement: args.agreement,
         dataset: args.dataset,
         input: args.input,
-        format: args.format,
-        csv: CsvOptions {
-            delimiter: single_byte("--delimiter", &args.delimiter)?,
-            quote: single_byte("--quote", &args.quote)?,
-        },
-        mapping: parse_mapping(&args.map)?,
+        format,
+        csv,
+        mapping,
     };
     let rt = super::runtime()?;
     let client = args.connect.connect(&rt)?;

@@ -6,7 +6,7 @@ use std::path::PathBuf;
 
 use arrow::array::{Array, FixedSizeBinaryArray};
 
-use super::{CsvOptions, InputFormat, InputReader, Plan, PrepareError, Preparer, UploadError};
+use super::{CsvOptions, InputFormat, Plan, PrepareError, Preparer, UploadError};
 use crate::client::{Client, ClientError};
 use crate::identity::Secret;
 use crate::proto;
@@ -48,17 +48,14 @@ pub async fn erase(
     secret: &Secret,
     options: &EraseOptions,
 ) -> Result<EraseReport, UploadError> {
-    let mut client = client.clone();
-    let agreement = client.get_agreement(&options.agreement).await?;
-    let policy_hash = agreement
-        .summary
-        .as_ref()
-        .map(|s| s.policy_hash.clone())
-        .unwrap_or_default();
-    let format = options
-        .format
-        .unwrap_or_else(|| InputFormat::from_path(&options.input));
-    let mut reader = InputReader::open(&options.input, format, options.csv, 8_192)?;
+    let (agreement, policy_hash, mut reader) = super::send::open_input(
+        client,
+        &options.agreement,
+        &options.input,
+        options.format,
+        options.csv,
+    )
+    .await?;
     let plan = Plan::identifiers(
         &agreement,
         &options.dataset,
@@ -70,7 +67,7 @@ pub async fn erase(
     let indices = plan.input_indices();
     let mut preparer = Preparer::new(plan);
     let mut sets: BTreeMap<String, BTreeSet<[u8; 32]>> = BTreeMap::new();
-    while let Some(chunk) = reader.next_chunk(8_192, &indices)? {
+    while let Some(chunk) = reader.next_chunk(crate::upload::ROWS_PER_MESSAGE, &indices)? {
         let batch = preparer.prepare(&chunk)?;
         for (i, kind) in kinds.iter().enumerate() {
             let Some(kind) = kind else { continue };

@@ -175,23 +175,40 @@ fn produce(
 }
 
 /// Prepares `options.input` on this machine and uploads it.
+/// The agreement as the caller sees it, the hash of the policy it was read
+/// under, and a reader over the partner's file.
+pub(super) async fn open_input(
+    client: &Client,
+    agreement: &str,
+    input: &std::path::Path,
+    format: Option<InputFormat>,
+    csv: super::CsvOptions,
+) -> Result<(proto::Agreement, String, InputReader), UploadError> {
+    let agreement = client.clone().get_agreement(agreement).await?;
+    let policy_hash = agreement
+        .summary
+        .as_ref()
+        .map(|s| s.policy_hash.clone())
+        .unwrap_or_default();
+    let format = format.unwrap_or_else(|| InputFormat::from_path(input));
+    let reader = InputReader::open(input, format, csv, ROWS_PER_MESSAGE)?;
+    Ok((agreement, policy_hash, reader))
+}
+
 pub async fn upload(
     client: &Client,
     secret: &Secret,
     options: &UploadOptions,
 ) -> Result<UploadReport, UploadError> {
     let started = Instant::now();
-    let mut client = client.clone();
-    let agreement = client.get_agreement(&options.agreement).await?;
-    let policy_hash = agreement
-        .summary
-        .as_ref()
-        .map(|s| s.policy_hash.clone())
-        .unwrap_or_default();
-    let format = options
-        .format
-        .unwrap_or_else(|| InputFormat::from_path(&options.input));
-    let reader = InputReader::open(&options.input, format, options.csv, ROWS_PER_MESSAGE)?;
+    let (agreement, policy_hash, reader) = open_input(
+        client,
+        &options.agreement,
+        &options.input,
+        options.format,
+        options.csv,
+    )
+    .await?;
     let plan = Plan::new(
         &agreement,
         &options.dataset,
