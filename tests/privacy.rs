@@ -128,6 +128,23 @@ async fn concurrent_queries_spend_exactly_the_budget_and_windows_refresh() {
 
     // The next month starts afresh.
     clock.set(datetime!(2026-12-01 00:00 UTC));
+
+    // A query that fails while it runs gets its epsilon back.
+    let failing = "SELECT c.region, COUNT(*) AS n FROM customers c JOIN audience a ON c.email = a.email \
+                   GROUP BY c.region HAVING COUNT(*) / 0 > 1";
+    let err = a
+        .query_with_epsilon("retail-media-demo", failing, Some(0.5))
+        .await
+        .unwrap_err();
+    assert_eq!(err.status().unwrap().code(), Code::Internal, "{err}");
+    assert_eq!(err.status().unwrap().message(), "internal error");
+    let b = a.budget("retail-media-demo").await.unwrap();
+    assert_eq!((b.epsilon_spent, b.queries), (0.0, 0), "refunded");
+    let last = a.audit_entries("retail-media-demo").await.unwrap();
+    let last = last.last().unwrap();
+    assert_eq!((last.decision.as_str(), last.epsilon), ("rejected", None));
+
+    clock.set(datetime!(2026-12-01 00:00 UTC));
     let answer = a
         .query_with_epsilon("retail-media-demo", SQL, Some(0.5))
         .await
