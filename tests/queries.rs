@@ -374,6 +374,9 @@ async fn the_differencing_attack_is_exact_without_privacy_and_noisy_with_it() {
         errors.push((a - b - food_total).abs());
     }
     let mean = errors.iter().sum::<f64>() / trials as f64;
+    eprintln!(
+        "differencing: small group total {food_total}, mean error {mean:.0} over {trials} trials (scale {scale})"
+    );
     // The difference of two independent discrete Laplace draws of scale b
     // has E|.| = 1.5 b; allow wide sampling error.
     assert!(
