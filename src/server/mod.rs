@@ -5,6 +5,7 @@
 mod agreements;
 mod audit;
 mod auth;
+mod budget;
 mod datasets;
 pub mod governance;
 mod matching;

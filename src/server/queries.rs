@@ -8,16 +8,15 @@ use tonic::{Request, Response, Status};
 
 use super::AppState;
 use super::auth::caller;
+use super::budget::{Charged, epsilon_for, no_epsilon, privacy_report};
 use super::datasets::agreement_in_force;
 use crate::audit::Event;
 use crate::error::ServiceError;
 use crate::policy::{Policy, Right};
-use crate::privacy::window::describe;
-use crate::privacy::{NoiseSource, Report, from_micros, to_micros, window};
+use crate::privacy::NoiseSource;
 use crate::proto;
 use crate::proto::query_response::Part;
 use crate::query::{QueryError, QueryOutcome, TableData, agreement_tables};
-use crate::storage::Charge;
 
 /// One agreement's tables and the versions (and policy) they were built from.
 #[derive(Debug)]
@@ -136,15 +135,7 @@ impl QueriesService {
                 .answer_privately(org, request, &policy, privacy, (ctx, plan, checked), single)
                 .await;
         }
-        if request.epsilon.is_some() {
-            return Err(ServiceError::InvalidArgument {
-                field: "epsilon",
-                rule: format!(
-                    "agreement {} has no differential privacy; leave epsilon unset",
-                    policy.id()
-                ),
-            });
-        }
+        no_epsilon(&policy, request.epsilon)?;
         let outcome = crate::query::execute(&policy, ctx, plan, checked, single)
             .await
             .map_err(query_error)?;
@@ -165,47 +156,13 @@ impl QueriesService {
         (ctx, plan, checked): Planned,
         one_row_per_person: bool,
     ) -> Result<Answer, ServiceError> {
-        let max = privacy.epsilon_per_query_max();
-        let epsilon = request.epsilon.unwrap_or(max);
-        if !(epsilon.is_finite() && epsilon > 0.0 && epsilon <= max) {
-            return Err(ServiceError::InvalidArgument {
-                field: "epsilon",
-                rule: format!(
-                    "must be greater than 0 and at most {max} (privacy.epsilon_per_query_max)"
-                ),
-            });
-        }
+        let epsilon = epsilon_for(privacy, request.epsilon)?;
         let noise_plan = crate::query::private::plan(policy, &checked, epsilon)
             .map_err(ServiceError::QueryRefused)?;
-        let window = window(privacy.refresh(), self.state.clock().now());
-        let charge = Charge {
-            query: new_query_id()?,
-            agreement: policy.id().to_string(),
-            org: org.to_string(),
-            window: window.id.clone(),
-            micros: to_micros(epsilon),
-        };
-        let total = to_micros(privacy.epsilon_total());
-        let (store, c) = (self.state.store().clone(), charge.clone());
-        let spent = tokio::task::spawn_blocking(move || store.charge(&c, total))
-            .await
-            .map_err(|e| ServiceError::Internal(format!("charging the budget: {e}")))??;
-        let spent = match spent {
-            Ok(after) => after,
-            Err(before) => {
-                return Err(ServiceError::BudgetExhausted {
-                    agreement: policy.id().to_string(),
-                    needed: epsilon,
-                    remaining: from_micros(total.saturating_sub(before.micros)),
-                    total: privacy.epsilon_total(),
-                    window: window.id,
-                    next_refresh: match window.next_refresh {
-                        Some(t) => format!("at {}", describe(Some(t))),
-                        None => "never".into(),
-                    },
-                });
-            }
-        };
+        let charged = self
+            .state
+            .charge_budget(org, policy, privacy, epsilon)
+            .await?;
         let run = match NoiseSource::from_os() {
             Ok(rng) => crate::query::private::execute(
                 ctx,
@@ -225,36 +182,12 @@ impl QueriesService {
             Ok(outcome) => Ok(Answer {
                 policy: Arc::clone(policy),
                 outcome,
-                charge: Some(Charged {
-                    charge,
-                    epsilon,
-                    remaining: from_micros(total.saturating_sub(spent.micros)),
-                    next_refresh: describe(window.next_refresh),
-                }),
+                charge: Some(charged),
             }),
             Err(e) => {
-                self.refund(&charge.query).await;
+                self.state.refund_budget(&charged.charge.query).await;
                 Err(e)
             }
-        }
-    }
-
-    async fn refund(&self, query: &str) {
-        let (store, q) = (self.state.store().clone(), query.to_string());
-        match tokio::task::spawn_blocking(move || store.refund(&q)).await {
-            Ok(Ok(_)) => {}
-            Ok(Err(e)) => tracing::warn!(error = %e, "refunding a failed query's budget"),
-            Err(e) => tracing::warn!(error = %e, "refunding a failed query's budget"),
-        }
-    }
-
-    async fn settle(&self, query: &str) {
-        let (store, q) = (self.state.store().clone(), query.to_string());
-        match tokio::task::spawn_blocking(move || store.settle(&q)).await {
-            Ok(Ok(_)) => {}
-            // Left pending; the next start settles it against the audit log.
-            Ok(Err(e)) => tracing::warn!(error = %e, "settling a query's budget charge"),
-            Err(e) => tracing::warn!(error = %e, "settling a query's budget charge"),
         }
     }
 }
@@ -272,47 +205,6 @@ struct Answer {
     policy: Arc<Policy>,
     outcome: QueryOutcome,
     charge: Option<Charged>,
-}
-
-#[derive(Debug)]
-struct Charged {
-    charge: Charge,
-    epsilon: f64,
-    remaining: f64,
-    next_refresh: String,
-}
-
-/// A fresh random query id for the budget ledger and the audit log.
-fn new_query_id() -> Result<String, ServiceError> {
-    let mut id = [0u8; 16];
-    ring::rand::SecureRandom::fill(&ring::rand::SystemRandom::new(), &mut id)
-        .map_err(|_| ServiceError::Internal("the system random source failed".into()))?;
-    Ok(hex::encode(id))
-}
-
-fn privacy_report(r: &Report, charged: &Charged) -> proto::PrivacyReport {
-    proto::PrivacyReport {
-        mechanism: r.mechanism.to_string(),
-        epsilon: r.epsilon,
-        delta: r.delta,
-        threshold: r.threshold,
-        threshold_scale: r.threshold_scale,
-        max_groups_per_person: r.max_groups_per_person,
-        max_rows_per_person: r.max_rows_per_person,
-        columns: r
-            .columns
-            .iter()
-            .map(|c| proto::ColumnNoise {
-                aggregate: c.aggregate.clone(),
-                epsilon: c.epsilon,
-                scale: c.scale,
-                count_scale: c.count_scale,
-                half_width_95: c.half_width_95,
-            })
-            .collect(),
-        epsilon_remaining: charged.remaining,
-        next_refresh: charged.next_refresh.clone(),
-    }
 }
 
 fn query_error(e: QueryError) -> ServiceError {
@@ -358,13 +250,7 @@ impl proto::queries_server::Queries for QueriesService {
             }
         });
         let charged = outcome.as_ref().ok().and_then(|a| a.charge.as_ref());
-        if let Some(c) = charged {
-            // Unaudited answers are not given, so their charge goes back.
-            match &audited {
-                Ok(()) => self.settle(&c.charge.query).await,
-                Err(_) => self.refund(&c.charge.query).await,
-            }
-        }
+        self.state.finish_charge(charged, &audited).await;
         audited?;
         let Answer {
             policy,
