@@ -172,16 +172,19 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         Ok(_) => return Err("expected PERMISSION_DENIED".into()),
     }
 
-    step("11. The overlap: people in both datasets, matched on email or phone");
-    let overlap = acme.overlap("retail-media-demo", &[]).await?;
-    println!(
-        "   {} people are both acme customers and globex audience (generator's truth: {})",
-        overlap
-            .overlap
-            .map(|n| n.to_string())
-            .unwrap_or_else(|| "suppressed".into()),
-        truth.overlap
+    step(
+        "11. The overlap: people in both datasets, matched on email or phone (noised: it spends acme's privacy budget too)",
     );
+    let overlap = acme
+        .overlap_with_epsilon("retail-media-demo", &[], Some(0.5))
+        .await?;
+    print!("   {}", cleanroom::cli::render_overlap(&overlap));
+    println!("   (the generator's truth: {})", truth.overlap);
+    if let Some(p) = &overlap.privacy {
+        for line in cleanroom::cli::render_privacy(p).lines() {
+            println!("   {line}");
+        }
+    }
 
     step(
         "12. acme's analyst asks aggregate questions: every row stands for at least 50 people, values carry differential privacy noise",

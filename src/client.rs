@@ -220,16 +220,30 @@ impl Client {
 
 impl Client {
     /// How many people two datasets of an agreement share (suppressed under
-    /// the minimum group size). `datasets` may be empty for a two-dataset agreement.
+    /// the minimum group size; noised under differential privacy, at the
+    /// agreement's largest per-query epsilon). `datasets` may be empty for
+    /// a two-dataset agreement.
     pub async fn overlap(
         &mut self,
         agreement_id: &str,
         datasets: &[String],
     ) -> Result<proto::OverlapResponse, ClientError> {
+        self.overlap_with_epsilon(agreement_id, datasets, None)
+            .await
+    }
+
+    /// As [`Client::overlap`], spending `epsilon` of the privacy budget.
+    pub async fn overlap_with_epsilon(
+        &mut self,
+        agreement_id: &str,
+        datasets: &[String],
+        epsilon: Option<f64>,
+    ) -> Result<proto::OverlapResponse, ClientError> {
         Ok(MatchingClient::new(self.channel.clone())
             .overlap(proto::OverlapRequest {
                 agreement_id: agreement_id.to_string(),
                 datasets: datasets.to_vec(),
+                epsilon,
             })
             .await?
             .into_inner())

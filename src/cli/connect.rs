@@ -240,24 +240,38 @@ pub(super) struct OverlapArgs {
     /// The two datasets to match (comma-separated); optional when the agreement has two.
     #[arg(long, value_delimiter = ',')]
     datasets: Vec<String>,
+    /// Privacy budget to spend (agreements with differential privacy);
+    /// defaults to the agreement's largest per-query epsilon.
+    #[arg(long)]
+    epsilon: Option<f64>,
 }
 
 pub(super) fn overlap(args: OverlapArgs) -> anyhow::Result<ExitCode> {
     let rt = super::runtime()?;
     let mut client = args.connect.connect(&rt)?;
-    let r = rt.block_on(client.overlap(&args.agreement, &args.datasets))?;
+    let r =
+        rt.block_on(client.overlap_with_epsilon(&args.agreement, &args.datasets, args.epsilon))?;
+    print!("{}", render_overlap(&r));
+    if let Some(p) = &r.privacy {
+        eprint!("{}", render_privacy(p));
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+/// An overlap answer as a sentence.
+pub fn render_overlap(r: &crate::proto::OverlapResponse) -> String {
     let pair = r.datasets.join(" and ");
+    let noisy = if r.privacy.is_some() { "about " } else { "" };
     match r.overlap {
-        Some(n) => println!(
-            "{n} people are in both {pair} (matched on {})",
+        Some(n) => format!(
+            "{noisy}{n} people are in both {pair} (matched on {})\n",
             r.matched_on.join(" or ")
         ),
-        None => println!(
-            "fewer than {} people are in both {pair}: the count is suppressed by the agreement's minimum group size",
+        None => format!(
+            "too few people are in both {pair} to show: the count is held back by the agreement's minimum group size of {}\n",
             r.min_group_size
         ),
     }
-    Ok(ExitCode::SUCCESS)
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]

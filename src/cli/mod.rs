@@ -12,7 +12,8 @@ use std::process::ExitCode;
 use clap::{Parser, Subcommand};
 
 pub use connect::{
-    ConnectArgs, OutputFormat, render_agreement, render_answer, render_budget, render_privacy,
+    ConnectArgs, OutputFormat, render_agreement, render_answer, render_budget, render_overlap,
+    render_privacy,
 };
 pub use governance::{render_report, render_status};
 

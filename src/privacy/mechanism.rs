@@ -348,6 +348,21 @@ pub struct Bounded {
 }
 
 impl Plan {
+    /// A single count of distinct people (each person counted once, as in
+    /// an overlap), released under the plan's threshold. None when held
+    /// back.
+    pub fn release_people_count(&self, people: u64, rng: &mut NoiseSource) -> Option<i64> {
+        let bounded = Bounded {
+            people: vec![people],
+            totals: vec![vec![i128::from(people)]],
+            avg_counts: vec![Vec::new()],
+        };
+        match self.release(&bounded, rng).first()?.values.first()? {
+            Value::Int(v) => Some(*v),
+            Value::Float(_) => None,
+        }
+    }
+
     /// Steps 1-3: keeps at most `max_groups_per_person` groups per person
     /// and sums the bounded contributions per group.
     pub fn bound(
@@ -658,6 +673,20 @@ mod tests {
         let mean_abs = sum_errors.iter().map(|e| e.abs()).sum::<f64>() / 400.0;
         // E|Laplace(b)| = b.
         assert!((mean_abs - sum_scale).abs() / sum_scale < 0.2, "{mean_abs}");
+    }
+
+    #[test]
+    fn a_people_count_is_noised_and_thresholded() {
+        let plan = Plan::new(settings(1.0), &[Measure::People]).unwrap();
+        let mut r = rng();
+        assert_eq!(plan.release_people_count(0, &mut r), None);
+        assert_eq!(plan.release_people_count(50, &mut r), None);
+        let shown = plan.release_people_count(6000, &mut r).unwrap();
+        assert!((shown - 6000).abs() < 40, "{shown}");
+        let draws: Vec<i64> = (0..200)
+            .map(|_| plan.release_people_count(6000, &mut r).unwrap())
+            .collect();
+        assert!(draws.iter().any(|d| *d != 6000), "the count is noised");
     }
 
     #[test]

@@ -6,10 +6,12 @@ use tonic::{Request, Response, Status};
 
 use super::AppState;
 use super::auth::caller;
+use super::budget::{Charged, epsilon_for, no_epsilon, privacy_report};
 use super::datasets::agreement_in_force;
 use crate::audit::Event;
 use crate::error::ServiceError;
 use crate::policy::{Dataset, Policy, Right};
+use crate::privacy::{Measure, NoiseSource, Plan, Settings};
 use crate::proto;
 use crate::psi::{Side, match_people};
 
@@ -63,7 +65,7 @@ impl MatchingService {
         &self,
         org: &str,
         request: &proto::OverlapRequest,
-    ) -> Result<(Arc<Policy>, proto::OverlapResponse), ServiceError> {
+    ) -> Result<(Arc<Policy>, proto::OverlapResponse, Option<Charged>), ServiceError> {
         let policy = agreement_in_force(&self.state, org, &request.agreement_id)?;
         if !policy.allows(org, Right::SeeOverlap) {
             return Err(ServiceError::PermissionDenied {
@@ -72,6 +74,77 @@ impl MatchingService {
             });
         }
         let [a, b] = pick_datasets(&policy, &request.datasets)?;
+        // Under differential privacy: the noise plan and the charge come
+        // first, as for a query.
+        let private = match policy.privacy() {
+            Some(privacy) => {
+                let epsilon = epsilon_for(privacy, request.epsilon)?;
+                let plan = Plan::new(
+                    Settings {
+                        epsilon,
+                        delta: privacy.delta(),
+                        // A person is in the overlap once.
+                        max_groups_per_person: 1,
+                        max_rows_per_person: 1,
+                        min_group_size: policy.query().min_group_size(),
+                    },
+                    &[Measure::People],
+                )
+                .map_err(|e| {
+                    ServiceError::QueryRefused(crate::query::Violation {
+                        policy: true,
+                        rule: e.rule,
+                        detail: e.detail,
+                    })
+                })?;
+                Some(plan)
+            }
+            None => {
+                no_epsilon(&policy, request.epsilon)?;
+                None
+            }
+        };
+        for d in [a, b] {
+            if self.state.store().current(policy.id(), d.name())?.is_none() {
+                return Err(ServiceError::NoData(d.name().to_string()));
+            }
+        }
+        let charged = match (&private, policy.privacy()) {
+            (Some(plan), Some(privacy)) => Some(
+                self.state
+                    .charge_budget(org, &policy, privacy, plan.report().epsilon)
+                    .await?,
+            ),
+            _ => None,
+        };
+        match self.count(&policy, a, b, private.as_ref()).await {
+            Ok(mut response) => {
+                if let (Some(plan), Some(c)) = (&private, &charged) {
+                    let mut report = plan.report();
+                    if let Some(col) = report.columns.first_mut() {
+                        col.aggregate = "overlap".into();
+                    }
+                    response.privacy = Some(privacy_report(&report, c));
+                }
+                Ok((Arc::clone(&policy), response, charged))
+            }
+            Err(e) => {
+                if let Some(c) = &charged {
+                    self.state.refund_budget(&c.charge.query).await;
+                }
+                Err(e)
+            }
+        }
+    }
+
+    /// Matches the two datasets; the count is noised under `private`.
+    async fn count(
+        &self,
+        policy: &Arc<Policy>,
+        a: &Dataset,
+        b: &Dataset,
+        private: Option<&Plan>,
+    ) -> Result<proto::OverlapResponse, ServiceError> {
         let store = self.state.store();
         let mut versions = Vec::new();
         for d in [a, b] {
@@ -107,18 +180,25 @@ impl MatchingService {
         .await
         .map_err(|e| ServiceError::Internal(format!("matching task: {e}")))??;
         let min = policy.query().min_group_size();
-        let suppressed = overlap < u64::from(min);
-        Ok((
-            Arc::clone(&policy),
-            proto::OverlapResponse {
-                overlap: (!suppressed).then_some(overlap),
-                suppressed,
-                min_group_size: min,
-                datasets: names.map(str::to_string).to_vec(),
-                matched_on,
-                policy_hash: policy.hash().to_hex(),
-            },
-        ))
+        let shown = match private {
+            Some(plan) => {
+                let mut rng = NoiseSource::from_os().map_err(|_| {
+                    ServiceError::Internal("the system random source failed".into())
+                })?;
+                plan.release_people_count(overlap, &mut rng)
+                    .map(|v| v.max(0) as u64)
+            }
+            None => (overlap >= u64::from(min)).then_some(overlap),
+        };
+        Ok(proto::OverlapResponse {
+            overlap: shown,
+            suppressed: shown.is_none(),
+            min_group_size: min,
+            datasets: names.map(str::to_string).to_vec(),
+            matched_on,
+            policy_hash: policy.hash().to_hex(),
+            privacy: None,
+        })
     }
 }
 
@@ -137,10 +217,20 @@ impl proto::matching_server::Matching for MatchingService {
             action: "overlap",
             ..Event::default()
         };
-        self.state.audit_outcome(event, &outcome, |(_, r), e| {
+        let audited = self.state.audit_outcome(event, &outcome, |(p, r, c), e| {
+            e.policy_hash = p.hash().to_hex();
             e.subject = Some(r.datasets.join(" x "));
-            e.suppressed = Some(u64::from(r.suppressed));
-        })?;
+            match c {
+                Some(c) => {
+                    e.epsilon = Some(c.epsilon);
+                    e.query_id = Some(c.charge.query.clone());
+                }
+                None => e.suppressed = Some(u64::from(r.suppressed)),
+            }
+        });
+        let charged = outcome.as_ref().ok().and_then(|(_, _, c)| c.as_ref());
+        self.state.finish_charge(charged, &audited).await;
+        audited?;
         Ok(Response::new(outcome?.1))
     }
 }
