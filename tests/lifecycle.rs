@@ -61,6 +61,15 @@ where
     false
 }
 
+/// Whether the caller's only agreement reaches `state` within 5 seconds.
+async fn reaches_state(client: &Client, state: proto::AgreementState) -> bool {
+    eventually(|| {
+        let mut c = client.clone();
+        async move { c.list_agreements().await.unwrap()[0].state == state as i32 }
+    })
+    .await
+}
+
 const SQL: &str = "SELECT c.region, COUNT(*) AS n FROM customers c JOIN audience a ON c.email = a.email GROUP BY c.region";
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -144,13 +153,7 @@ async fn policy_edits_apply_broken_edits_are_refused_and_removal_suspends() {
 
     // Removing the file suspends the agreement; data stays.
     std::fs::remove_file(policies.path().join("retail-media-demo.toml")).unwrap();
-    let suspended = eventually(|| {
-        let mut c = acme.clone();
-        async move {
-            c.list_agreements().await.unwrap()[0].state == proto::AgreementState::Suspended as i32
-        }
-    })
-    .await;
+    let suspended = reaches_state(&acme, proto::AgreementState::Suspended).await;
     assert!(suspended);
     let err = acme.query(ID, SQL).await.unwrap_err();
     assert_eq!(err.code(), Some(Code::FailedPrecondition));
@@ -160,13 +163,7 @@ async fn policy_edits_apply_broken_edits_are_refused_and_removal_suspends() {
 
     // Back again: resumed.
     write_policy(policies.path(), &thresholds_only(&demo_text()));
-    let resumed = eventually(|| {
-        let mut c = acme.clone();
-        async move {
-            c.list_agreements().await.unwrap()[0].state == proto::AgreementState::Active as i32
-        }
-    })
-    .await;
+    let resumed = reaches_state(&acme, proto::AgreementState::Active).await;
     assert!(resumed);
     acme.query(ID, SQL).await.unwrap();
     server.stop().await.unwrap();
