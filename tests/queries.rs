@@ -6,11 +6,12 @@ use std::path::Path;
 use std::sync::Arc;
 
 use arrow::array::{AsArray, FixedSizeBinaryBuilder, Float64Array, Int64Array, StringArray};
-use arrow::datatypes::{DataType, Field, Float64Type, Int64Type, Schema};
+use arrow::datatypes::{Float64Type, Int64Type};
 use arrow::record_batch::RecordBatch;
 use cleanroom::policy::Policy;
 use cleanroom::psi::{Side, match_people};
 use cleanroom::query::{QueryError, TableData, run};
+use cleanroom::upload::upload_schema;
 use serde::Deserialize;
 
 fn demo() -> Policy {
@@ -97,14 +98,9 @@ fn tables_of(customers_ids: Vec<u64>, shared: u64) -> Vec<TableData> {
         (email.finish(), phone.finish())
     };
     let (ce, cp) = ids(&customers_ids);
+    let schema = |name: &str| upload_schema(policy.dataset(name).unwrap());
     let customers = RecordBatch::try_new(
-        Arc::new(Schema::new(vec![
-            Field::new("email", DataType::FixedSizeBinary(32), true),
-            Field::new("phone", DataType::FixedSizeBinary(32), true),
-            Field::new("age_band", DataType::Utf8, true),
-            Field::new("region", DataType::Utf8, true),
-            Field::new("lifetime_value", DataType::Float64, true),
-        ])),
+        schema("customers"),
         vec![
             Arc::new(ce),
             Arc::new(cp),
@@ -122,13 +118,7 @@ fn tables_of(customers_ids: Vec<u64>, shared: u64) -> Vec<TableData> {
     .unwrap();
     let (ae, ap) = ids(&audience_ids);
     let audience = RecordBatch::try_new(
-        Arc::new(Schema::new(vec![
-            Field::new("email", DataType::FixedSizeBinary(32), true),
-            Field::new("phone", DataType::FixedSizeBinary(32), true),
-            Field::new("interest_segment", DataType::Utf8, true),
-            Field::new("ad_exposures", DataType::Int64, true),
-            Field::new("spend", DataType::Float64, true),
-        ])),
+        schema("audience"),
         vec![
             Arc::new(ae),
             Arc::new(ap),

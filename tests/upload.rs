@@ -394,16 +394,7 @@ async fn refused_uploads_name_the_rule_and_keep_the_previous_version() {
     // Schema mismatch: a column missing.
     let full = customers_batch(&[random_fp(1), random_fp(2)], "north", 10.0);
     let short = full.project(&[0, 1, 2, 3]).unwrap();
-    let err = raw_upload(
-        &acme,
-        vec![
-            header(&hash, "customers", "x2"),
-            batch_msg(&short),
-            commit(2, 1),
-        ],
-    )
-    .await
-    .unwrap_err();
+    let err = refused_batch(&acme, &hash, "customers", "x2", &short).await;
     assert_eq!(err.code(), Code::InvalidArgument);
     assert!(
         err.message().contains("rule upload.schema"),
@@ -421,15 +412,17 @@ async fn refused_uploads_name_the_rule_and_keep_the_previous_version() {
         email.append_value(random_fp(40 + i)).unwrap();
         phone.append_null();
     }
+    let policies = cleanroom::policy::load_dir(&common::policies_dir()).unwrap();
+    let policy = policies.get("retail-media-demo").unwrap();
+    let mut fields: Vec<Field> =
+        cleanroom::upload::upload_schema(policy.dataset("audience").unwrap())
+            .fields()
+            .iter()
+            .map(|f| f.as_ref().clone())
+            .collect();
+    fields.push(Field::new("health_interest", DataType::Utf8, true));
     let with_health = RecordBatch::try_new(
-        Arc::new(Schema::new(vec![
-            Field::new("email", DataType::FixedSizeBinary(32), true),
-            Field::new("phone", DataType::FixedSizeBinary(32), true),
-            Field::new("interest_segment", DataType::Utf8, true),
-            Field::new("ad_exposures", DataType::Int64, true),
-            Field::new("spend", DataType::Float64, true),
-            Field::new("health_interest", DataType::Utf8, true),
-        ])),
+        Arc::new(Schema::new(fields)),
         vec![
             Arc::new(email.finish()),
             Arc::new(phone.finish()),

@@ -291,6 +291,11 @@ impl Plan {
     pub fn threshold(&self) -> u64 {
         self.threshold
     }
+
+    /// The measures the plan noises, in the aggregation's order.
+    pub fn measures(&self) -> Vec<Measure> {
+        self.measures.iter().map(|m| m.measure).collect()
+    }
 }
 
 fn units(b: Bounds, grid: f64) -> Result<(i64, i64), PlanError> {

@@ -110,7 +110,7 @@ pub async fn execute(
     one_row_per_person: bool,
     mut rng: NoiseSource,
 ) -> Result<QueryOutcome, QueryError> {
-    let measures = measures(&checked).map_err(QueryError::Refused)?;
+    let measures = noise_plan.measures();
     let agg = find_aggregate(&plan)
         .cloned()
         .ok_or_else(|| internal("no aggregation"))?;

@@ -104,10 +104,14 @@ impl MatchingService {
                 None
             }
         };
+        let mut versions = Vec::new();
         for d in [a, b] {
-            if self.state.store().current(policy.id(), d.name())?.is_none() {
-                return Err(ServiceError::NoData(d.name().to_string()));
-            }
+            let v = self
+                .state
+                .store()
+                .current(policy.id(), d.name())?
+                .ok_or_else(|| ServiceError::NoData(d.name().to_string()))?;
+            versions.push(v);
         }
         let charged = match (&private, policy.privacy()) {
             (Some(plan), Some(privacy)) => Some(
@@ -117,7 +121,10 @@ impl MatchingService {
             ),
             _ => None,
         };
-        match self.count(&policy, a, b, private.as_ref()).await {
+        match self
+            .count(&policy, [a, b], versions, private.as_ref())
+            .await
+        {
             Ok(mut response) => {
                 if let (Some(plan), Some(c)) = (&private, &charged) {
                     let mut report = plan.report();
@@ -137,22 +144,16 @@ impl MatchingService {
         }
     }
 
-    /// Matches the two datasets; the count is noised under `private`.
+    /// Matches the two datasets' `versions`; the count is noised under
+    /// `private`.
     async fn count(
         &self,
         policy: &Arc<Policy>,
-        a: &Dataset,
-        b: &Dataset,
+        [a, b]: [&Dataset; 2],
+        versions: Vec<crate::storage::VersionInfo>,
         private: Option<&Plan>,
     ) -> Result<proto::OverlapResponse, ServiceError> {
         let store = self.state.store();
-        let mut versions = Vec::new();
-        for d in [a, b] {
-            let v = store
-                .current(policy.id(), d.name())?
-                .ok_or_else(|| ServiceError::NoData(d.name().to_string()))?;
-            versions.push(v);
-        }
         let (kinds_b, names) = (b.identifier_columns(), [a.name(), b.name()]);
         let matched_on: Vec<String> = a
             .identifier_columns()
