@@ -14,6 +14,13 @@ fn demo_text() -> String {
 }
 
 #[test]
+fn the_test_agreements_parse() {
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/policies");
+    let set = load_dir(&dir).unwrap();
+    assert!(set.get("retail-coalition-demo").is_some());
+}
+
+#[test]
 fn every_file_in_policies_parses() {
     let mut count = 0;
     for entry in std::fs::read_dir(policies_dir()).unwrap() {

@@ -78,7 +78,6 @@ async fn concurrent_queries_spend_exactly_the_budget_and_windows_refresh() {
                         .all(|c| c.scale > 0.0 && c.half_width_95 > 0.0)
                 );
                 assert_eq!(p.next_refresh, "2026-12-01T00:00:00Z");
-                assert_eq!(answer.summary.suppressed, 0);
             }
             Err(e) => {
                 let status = e.status().expect("a gRPC status");
@@ -129,29 +128,53 @@ async fn concurrent_queries_spend_exactly_the_budget_and_windows_refresh() {
     // The next month starts afresh.
     clock.set(datetime!(2026-12-01 00:00 UTC));
 
-    // A query that fails while it runs gets its epsilon back.
+    // A query that fails after reading data (here above the release
+    // boundary, on released values) keeps its charge: a refund would make
+    // failing probes free. It is audited with its epsilon.
     let failing = "SELECT c.region, COUNT(*) AS n FROM customers c JOIN audience a ON c.email = a.email \
                    GROUP BY c.region HAVING COUNT(*) / 0 > 1";
     let err = a
         .query_with_epsilon("retail-media-demo", failing, Some(0.5))
         .await
         .unwrap_err();
-    assert_eq!(err.status().unwrap().code(), Code::Internal, "{err}");
-    assert_eq!(err.status().unwrap().message(), "internal error");
+    assert_eq!(err.status().unwrap().code(), Code::InvalidArgument, "{err}");
+    assert!(
+        err.status()
+            .unwrap()
+            .message()
+            .starts_with("rule query.output:")
+    );
     let b = a.budget("retail-media-demo").await.unwrap();
-    assert_eq!((b.epsilon_spent, b.queries), (0.0, 0), "refunded");
+    assert_eq!((b.epsilon_spent, b.queries), (0.5, 1), "charged");
     let last = a.audit_entries("retail-media-demo").await.unwrap();
     let last = last.last().unwrap();
-    assert_eq!((last.decision.as_str(), last.epsilon), ("rejected", None));
+    assert_eq!(
+        (last.decision.as_str(), last.epsilon, last.rule.as_deref()),
+        ("rejected", Some(0.5), Some("query.output"))
+    );
+    assert!(last.query_id.is_some());
 
-    clock.set(datetime!(2026-12-01 00:00 UTC));
+    // A query refused before reading anything costs nothing.
+    let refused = "SELECT SUM(CAST(c.lifetime_value AS TINYINT)) FROM customers c JOIN audience a ON c.email = a.email";
+    let err = a
+        .query_with_epsilon("retail-media-demo", refused, Some(0.5))
+        .await
+        .unwrap_err();
+    assert_eq!(
+        err.status().unwrap().code(),
+        Code::PermissionDenied,
+        "{err}"
+    );
+    let b = a.budget("retail-media-demo").await.unwrap();
+    assert_eq!((b.epsilon_spent, b.queries), (0.5, 1), "not charged");
+
     let answer = a
         .query_with_epsilon("retail-media-demo", SQL, Some(0.5))
         .await
         .unwrap();
-    assert_eq!(answer.header.privacy.unwrap().epsilon_remaining, 1.5);
+    assert_eq!(answer.header.privacy.unwrap().epsilon_remaining, 1.0);
     let b = a.budget("retail-media-demo").await.unwrap();
-    assert_eq!((b.window.as_str(), b.epsilon_spent), ("2026-12", 0.5));
+    assert_eq!((b.window.as_str(), b.epsilon_spent), ("2026-12", 1.0));
 
     // Budgets are per organisation: globex has no query right, and its
     // budget view shows nothing spent.

@@ -308,10 +308,10 @@ pub(super) fn query(args: QueryArgs) -> anyhow::Result<ExitCode> {
     print!("{}", render_answer(&answer, args.format)?);
     if let Some(p) = &answer.header.privacy {
         eprint!("{}", render_privacy(p));
-    } else if answer.summary.suppressed > 0 {
+    } else {
         eprintln!(
-            "{} row(s) suppressed: each stood for fewer than {} people",
-            answer.summary.suppressed, answer.header.min_group_size
+            "every row stands for at least {} people; groups under that minimum are never shown, nor counted",
+            answer.header.min_group_size
         );
     }
     Ok(ExitCode::SUCCESS)

@@ -5,18 +5,28 @@
 //! name of the rule.
 //!
 //! ```text
-//! [Limit] [Sort] Projection [Filter: HAVING]     only above the aggregate
+//! [Limit] [Sort] Projection [Filter: HAVING]     above the release boundary
 //! Aggregate                                      exactly one
 //! [Filter: WHERE on dimensions]
 //! Join (inner, equi on identifiers of one kind)  across parties' datasets
 //!   [SubqueryAlias] TableScan ...
 //! ```
+//!
+//! Everything from the aggregate down runs on the parties' rows before the
+//! minimum group size, so it is built of total expressions only: no cast
+//! that can fail or narrow, no arithmetic, no function that can raise.
+//! Whatever is above the aggregate runs over the released table only
+//! ([`super::release`]).
+//!
+//! Every column reference is resolved as the engine resolves it, by its
+//! position in the input schema, to the dataset and column it reads; never
+//! through names an alias could shadow.
 
-use std::collections::HashMap;
+use arrow::datatypes::DataType;
+use datafusion::common::{Column, DFSchema, JoinType, ScalarValue};
+use datafusion::logical_expr::{Expr, ExprSchemable, LogicalPlan, Operator};
 
-use datafusion::common::{Column, JoinType};
-use datafusion::logical_expr::{Expr, LogicalPlan, Operator};
-
+use super::PERSON_COLUMN;
 use crate::policy::{Aggregate, ColumnRole, Policy};
 
 /// Why a query was refused.
@@ -60,21 +70,40 @@ pub struct AggregateUse {
     pub role: Option<ColumnRole>,
 }
 
+/// Where one field of a plan node's output comes from: a dataset's column.
+/// `None` for fields no dataset declares (the hidden person column).
+type Sources = Vec<Option<Source>>;
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct Source {
+    dataset: String,
+    column: String,
+}
+
+/// The fields an expression may name: a node's input schema, and the
+/// source of each of its fields, in the schema's order.
+struct Scope<'s> {
+    schema: &'s DFSchema,
+    sources: &'s [Option<Source>],
+}
+
 struct Checker<'a> {
     policy: &'a Policy,
-    /// Qualifier in the plan (alias or table name) -> dataset name.
-    tables: HashMap<String, String>,
+    /// Datasets scanned, in plan order.
     scans: Vec<String>,
+    /// The name each scanned input goes by in the query (alias or table).
+    qualifiers: Vec<String>,
     aggregates: Vec<AggregateUse>,
 }
 
-/// Checks `plan` against the agreement. The plan must come straight from the
-/// SQL planner (not analysed or optimised).
+/// Checks `plan` against the agreement. The plan comes from the SQL planner
+/// and DataFusion's analyzer (types coerced, so every implicit cast is
+/// visible), not optimised.
 pub fn check(plan: &LogicalPlan, policy: &Policy) -> Result<Checked, Violation> {
     let mut c = Checker {
         policy,
-        tables: HashMap::new(),
         scans: Vec::new(),
+        qualifiers: Vec::new(),
         aggregates: Vec::new(),
     };
     c.above(plan)?;
@@ -150,41 +179,48 @@ fn node_refusal(plan: &LogicalPlan, place: &str) -> Violation {
 }
 
 impl Checker<'_> {
-    /// Nodes above the aggregate, down to it.
+    /// Nodes above the aggregate, down to it. They run over the released
+    /// table only (see `release`), so any expression over its columns may
+    /// appear; the checker still refuses what is not an expression over
+    /// them (subqueries, window functions, aggregates of aggregates).
     fn above(&mut self, plan: &LogicalPlan) -> Result<(), Violation> {
         match plan {
             LogicalPlan::Limit(limit) => {
                 for e in [&limit.skip, &limit.fetch].into_iter().flatten() {
-                    self.output_expr(e)?;
+                    output_expr(e)?;
                 }
                 self.above(&limit.input)
             }
             LogicalPlan::Sort(sort) => {
                 for s in &sort.expr {
-                    self.output_expr(&s.expr)?;
+                    output_expr(&s.expr)?;
                 }
                 self.above(&sort.input)
             }
             LogicalPlan::Projection(p) => {
                 for e in &p.expr {
-                    self.output_expr(e)?;
+                    output_expr(e)?;
                 }
                 self.above(&p.input)
             }
             LogicalPlan::Filter(f) if matches!(f.input.as_ref(), LogicalPlan::Aggregate(_)) => {
-                self.output_expr(&f.predicate)?;
+                output_expr(&f.predicate)?;
                 self.above(&f.input)
             }
             LogicalPlan::Aggregate(agg) => {
                 if agg.group_expr.is_empty() && agg.aggr_expr.is_empty() {
                     return Err(node_refusal(plan, "here"));
                 }
-                self.below(&agg.input)?;
+                let sources = self.below(&agg.input)?;
+                let scope = Scope {
+                    schema: agg.input.schema(),
+                    sources: &sources,
+                };
                 for g in &agg.group_expr {
-                    self.group_expr(g)?;
+                    self.group_expr(g, &scope)?;
                 }
                 for a in &agg.aggr_expr {
-                    let used = self.aggregate_expr(a)?;
+                    let used = self.aggregate_expr(a, &scope)?;
                     self.aggregates.push(used);
                 }
                 self.parties()
@@ -194,11 +230,16 @@ impl Checker<'_> {
     }
 
     /// Nodes beneath the aggregate: WHERE filters over one join tree.
-    fn below(&mut self, plan: &LogicalPlan) -> Result<(), Violation> {
+    fn below(&mut self, plan: &LogicalPlan) -> Result<Sources, Violation> {
         match plan {
             LogicalPlan::Filter(f) => {
-                self.below(&f.input)?;
-                self.filter_expr(&f.predicate)
+                let sources = self.below(&f.input)?;
+                let scope = Scope {
+                    schema: f.input.schema(),
+                    sources: &sources,
+                };
+                self.filter_expr(&f.predicate, &scope)?;
+                Ok(sources)
             }
             LogicalPlan::Join(_) => self.join_tree(plan),
             LogicalPlan::TableScan(_) | LogicalPlan::SubqueryAlias(_) => {
@@ -212,20 +253,39 @@ impl Checker<'_> {
         }
     }
 
-    fn join_tree(&mut self, plan: &LogicalPlan) -> Result<(), Violation> {
+    fn join_tree(&mut self, plan: &LogicalPlan) -> Result<Sources, Violation> {
         match plan {
             LogicalPlan::Join(join) => {
-                self.join_tree(&join.left)?;
-                self.join_tree(&join.right)?;
+                let left = self.join_tree(&join.left)?;
+                let right = self.join_tree(&join.right)?;
                 if join.join_type != JoinType::Inner {
                     return Err(deny(
                         "query.join",
                         format!("{} joins are not allowed; only inner joins", join.join_type),
                     ));
                 }
-                let mut pairs: Vec<(Column, Column)> = Vec::new();
+                let mut sources = left.clone();
+                sources.extend(right.iter().cloned());
+                if join.schema.fields().len() != sources.len() {
+                    return Err(node_refusal(plan, "in a join"));
+                }
+                let (left_scope, right_scope, joined) = (
+                    Scope {
+                        schema: join.left.schema(),
+                        sources: &left,
+                    },
+                    Scope {
+                        schema: join.right.schema(),
+                        sources: &right,
+                    },
+                    Scope {
+                        schema: &join.schema,
+                        sources: &sources,
+                    },
+                );
+                let mut pairs: Vec<(&Expr, &Expr, &Scope<'_>, &Scope<'_>)> = Vec::new();
                 for (l, r) in &join.on {
-                    pairs.push(self.join_pair(l, r)?);
+                    pairs.push((l, r, &left_scope, &right_scope));
                 }
                 if let Some(filter) = &join.filter {
                     for conjunct in conjuncts(filter) {
@@ -235,7 +295,7 @@ impl Checker<'_> {
                         if b.op != Operator::Eq {
                             return Err(join_rule());
                         }
-                        pairs.push(self.join_pair(&b.left, &b.right)?);
+                        pairs.push((&b.left, &b.right, &joined, &joined));
                     }
                 }
                 if pairs.is_empty() {
@@ -244,51 +304,61 @@ impl Checker<'_> {
                         "cross joins are not allowed; join with ON on identifier columns",
                     ));
                 }
-                for (l, r) in &pairs {
-                    let (lk, rk) = (self.identifier_kind(l)?, self.identifier_kind(r)?);
+                for (l, r, ls, rs) in pairs {
+                    let (l, r) = (self.join_key(l, ls)?, self.join_key(r, rs)?);
+                    let (lk, rk) = (self.identifier_kind(&l)?, self.identifier_kind(&r)?);
                     if lk != rk {
                         return Err(deny(
                             "query.join",
                             format!(
                                 "{} ({lk}) and {} ({rk}) are identifiers of different kinds",
-                                l.name, r.name
+                                l.column, r.column
                             ),
                         ));
                     }
-                    if self.dataset_of(l)? == self.dataset_of(r)? {
+                    if l.dataset == r.dataset {
                         return Err(deny("query.join", "a dataset is joined with itself"));
                     }
                 }
-                Ok(())
+                Ok(sources)
             }
             LogicalPlan::TableScan(_) | LogicalPlan::SubqueryAlias(_) => self.scan(plan),
             other => Err(node_refusal(other, "in a join")),
         }
     }
 
-    fn join_pair(&self, l: &Expr, r: &Expr) -> Result<(Column, Column), Violation> {
-        match (strip_cast(l), strip_cast(r)) {
-            (Expr::Column(a), Expr::Column(b)) => Ok((a.clone(), b.clone())),
+    /// One side of a join condition: a column, under casts that cannot fail.
+    fn join_key(&self, e: &Expr, scope: &Scope<'_>) -> Result<Source, Violation> {
+        match e {
+            Expr::Column(c) => self.resolve(c, scope).cloned(),
+            Expr::Cast(c) => {
+                total_cast(&c.expr, c.field.data_type(), scope)?;
+                self.join_key(&c.expr, scope)
+            }
+            Expr::TryCast(c) => {
+                total_cast(&c.expr, c.field.data_type(), scope)?;
+                self.join_key(&c.expr, scope)
+            }
             _ => Err(join_rule()),
         }
     }
 
-    fn identifier_kind(&self, c: &Column) -> Result<String, Violation> {
-        match self.role(c)? {
+    fn identifier_kind(&self, s: &Source) -> Result<String, Violation> {
+        match self.role_of(s)? {
             ColumnRole::Identifier { kind } => Ok(kind.clone()),
             other => Err(deny(
                 "query.join",
                 format!(
                     "{} is a {} column; joins use identifier columns only",
-                    c.name,
+                    s.column,
                     other.name()
                 ),
             )),
         }
     }
 
-    /// A table scan, possibly under an alias.
-    fn scan(&mut self, plan: &LogicalPlan) -> Result<(), Violation> {
+    /// A table scan, possibly under an alias: every field's source.
+    fn scan(&mut self, plan: &LogicalPlan) -> Result<Sources, Violation> {
         let (alias, inner) = match plan {
             LogicalPlan::SubqueryAlias(a) => (Some(a.alias.table().to_string()), a.input.as_ref()),
             other => (None, other),
@@ -296,6 +366,9 @@ impl Checker<'_> {
         let LogicalPlan::TableScan(scan) = inner else {
             return Err(node_refusal(plan, "in a join"));
         };
+        if !scan.filters.is_empty() || scan.fetch.is_some() {
+            return Err(node_refusal(plan, "in a join"));
+        }
         let table = scan.table_name.table().to_string();
         if self.policy.dataset(&table).is_none() {
             return Err(deny(
@@ -309,12 +382,30 @@ impl Checker<'_> {
                 format!("{table} appears twice; a dataset is joined with itself"),
             ));
         }
-        self.tables.insert(table.clone(), table.clone());
-        if let Some(alias) = alias {
-            self.tables.insert(alias, table.clone());
+        let qualifier = alias.unwrap_or_else(|| table.clone());
+        if self.qualifiers.contains(&qualifier) {
+            return Err(deny(
+                "query.alias",
+                format!("{qualifier} names two inputs; give each dataset its own alias"),
+            ));
         }
-        self.scans.push(table);
-        Ok(())
+        self.qualifiers.push(qualifier);
+        self.scans.push(table.clone());
+        let sources = scan
+            .projected_schema
+            .fields()
+            .iter()
+            .map(|f| {
+                (f.name() != PERSON_COLUMN).then(|| Source {
+                    dataset: table.clone(),
+                    column: f.name().clone(),
+                })
+            })
+            .collect::<Vec<_>>();
+        if plan.schema().fields().len() != sources.len() {
+            return Err(node_refusal(plan, "in a join"));
+        }
+        Ok(sources)
     }
 
     /// The scanned datasets must belong to at least two parties.
@@ -335,45 +426,61 @@ impl Checker<'_> {
         Ok(())
     }
 
-    fn dataset_of(&self, c: &Column) -> Result<String, Violation> {
-        if let Some(q) = &c.relation {
-            return self
-                .tables
-                .get(q.table())
-                .cloned()
-                .ok_or_else(|| unknown_column(&c.name));
-        }
-        let mut found = self.scans.iter().filter(|d| {
-            self.policy
-                .dataset(d)
-                .is_some_and(|ds| ds.column(&c.name).is_some())
-        });
-        match (found.next(), found.next()) {
-            (Some(d), None) => Ok(d.clone()),
-            _ => Err(unknown_column(&c.name)),
-        }
+    /// The dataset column a reference reads, found as the engine finds it:
+    /// by its position in the input schema. A reference that more than one
+    /// field answers to is refused.
+    fn resolve<'s>(&self, c: &Column, scope: &Scope<'s>) -> Result<&'s Source, Violation> {
+        let mut matches = scope
+            .schema
+            .iter()
+            .enumerate()
+            .filter(|(_, (q, f))| {
+                f.name() == &c.name
+                    && match (&c.relation, q) {
+                        (Some(want), Some(have)) => want.resolved_eq(have),
+                        (Some(_), None) => false,
+                        (None, _) => true,
+                    }
+            })
+            .map(|(i, _)| i);
+        let (Some(i), None) = (matches.next(), matches.next()) else {
+            return Err(unknown_column(&c.name));
+        };
+        scope
+            .sources
+            .get(i)
+            .and_then(Option::as_ref)
+            .ok_or_else(|| unknown_column(&c.name))
     }
 
-    fn role(&self, c: &Column) -> Result<&ColumnRole, Violation> {
-        let dataset = self.dataset_of(c)?;
+    fn role_of(&self, s: &Source) -> Result<&ColumnRole, Violation> {
         let column = self
             .policy
-            .dataset(&dataset)
-            .and_then(|d| d.column(&c.name))
-            .ok_or_else(|| unknown_column(&c.name))?;
+            .dataset(&s.dataset)
+            .and_then(|d| d.column(&s.column))
+            .ok_or_else(|| unknown_column(&s.column))?;
         if matches!(column.role(), ColumnRole::Sensitive) {
             return Err(deny(
                 "column.sensitive",
-                format!("{} is a sensitive attribute, barred from analysis", c.name),
+                format!(
+                    "{} is a sensitive attribute, barred from analysis",
+                    s.column
+                ),
             ));
         }
         Ok(column.role())
     }
 
-    /// WHERE: dimension columns, literals, comparisons and logic.
-    fn filter_expr(&self, e: &Expr) -> Result<(), Violation> {
+    fn role(&self, c: &Column, scope: &Scope<'_>) -> Result<&ColumnRole, Violation> {
+        let source = self.resolve(c, scope)?;
+        self.role_of(source)
+    }
+
+    /// WHERE: dimension columns, literals, comparisons and logic, casts
+    /// that cannot fail.
+    fn filter_expr(&self, e: &Expr, scope: &Scope<'_>) -> Result<(), Violation> {
         match e {
-            Expr::Column(c) => match self.role(c)? {
+            Expr::Column(c) => match self.role(c, scope)? {
                 ColumnRole::Dimension { .. } => Ok(()),
                 other => Err(deny(
                     "query.filter",
@@ -386,29 +493,39 @@ impl Checker<'_> {
             },
             Expr::Literal(..) => Ok(()),
             Expr::BinaryExpr(b) if is_comparison_or_logic(b.op) => {
-                self.filter_expr(&b.left)?;
-                self.filter_expr(&b.right)
+                self.filter_expr(&b.left, scope)?;
+                self.filter_expr(&b.right, scope)
             }
-            Expr::Not(x) | Expr::IsNull(x) | Expr::IsNotNull(x) => self.filter_expr(x),
-            Expr::Cast(c) => self.filter_expr(&c.expr),
-            Expr::TryCast(c) => self.filter_expr(&c.expr),
+            Expr::BinaryExpr(_) => Err(deny(
+                "query.expression",
+                "arithmetic is not allowed in WHERE: it runs on rows before the minimum group size",
+            )),
+            Expr::Not(x) | Expr::IsNull(x) | Expr::IsNotNull(x) => self.filter_expr(x, scope),
+            Expr::Cast(c) => {
+                total_cast(&c.expr, c.field.data_type(), scope)?;
+                self.filter_expr(&c.expr, scope)
+            }
+            Expr::TryCast(c) => {
+                total_cast(&c.expr, c.field.data_type(), scope)?;
+                self.filter_expr(&c.expr, scope)
+            }
             Expr::InList(l) => {
-                self.filter_expr(&l.expr)?;
-                l.list.iter().try_for_each(|x| self.filter_expr(x))
+                self.filter_expr(&l.expr, scope)?;
+                l.list.iter().try_for_each(|x| self.filter_expr(x, scope))
             }
             Expr::Between(b) => {
-                self.filter_expr(&b.expr)?;
-                self.filter_expr(&b.low)?;
-                self.filter_expr(&b.high)
+                self.filter_expr(&b.expr, scope)?;
+                self.filter_expr(&b.low, scope)?;
+                self.filter_expr(&b.high, scope)
             }
             other => Err(expression_refusal(other, "in WHERE")),
         }
     }
 
     /// GROUP BY: plain dimension columns.
-    fn group_expr(&self, e: &Expr) -> Result<(), Violation> {
+    fn group_expr(&self, e: &Expr, scope: &Scope<'_>) -> Result<(), Violation> {
         match e {
-            Expr::Column(c) => match self.role(c)? {
+            Expr::Column(c) => match self.role(c, scope)? {
                 ColumnRole::Dimension { .. } => Ok(()),
                 other => Err(deny(
                     "query.group_by",
@@ -429,8 +546,9 @@ impl Checker<'_> {
         }
     }
 
-    /// One aggregate: an allowed function over a plain column of the right role.
-    fn aggregate_expr(&self, e: &Expr) -> Result<AggregateUse, Violation> {
+    /// One aggregate: an allowed function over a plain column of the right
+    /// role, under casts that cannot fail.
+    fn aggregate_expr(&self, e: &Expr, scope: &Scope<'_>) -> Result<AggregateUse, Violation> {
         let e = match e {
             Expr::Alias(a) => a.expr.as_ref(),
             other => other,
@@ -467,7 +585,7 @@ impl Checker<'_> {
             [] => Ok(counted),
             [Expr::Literal(..)] if kind == Aggregate::Count => Ok(counted),
             [arg] => {
-                let Expr::Column(c) = strip_cast(arg) else {
+                let Expr::Column(c) = total_casts(arg, scope)? else {
                     return Err(match expression_refusal(arg, "inside an aggregate") {
                         v if v.rule == "query.functions" => v,
                         _ => deny(
@@ -478,7 +596,7 @@ impl Checker<'_> {
                         ),
                     });
                 };
-                let role = self.role(c)?;
+                let role = self.role(c, scope)?;
                 let used = AggregateUse {
                     kind,
                     role: Some(role.clone()),
@@ -516,25 +634,119 @@ impl Checker<'_> {
             format!("{name} is not allowed in agreement {}", self.policy.id()),
         )
     }
+}
 
-    /// Above the aggregate: its output columns, literals, arithmetic,
-    /// comparisons.
-    fn output_expr(&self, e: &Expr) -> Result<(), Violation> {
-        match e {
-            Expr::Column(_) | Expr::Literal(..) => Ok(()),
-            Expr::Alias(a) => self.output_expr(&a.expr),
-            Expr::BinaryExpr(b) => {
-                self.output_expr(&b.left)?;
-                self.output_expr(&b.right)
-            }
-            Expr::Not(x) | Expr::IsNull(x) | Expr::IsNotNull(x) | Expr::Negative(x) => {
-                self.output_expr(x)
-            }
-            Expr::Cast(c) => self.output_expr(&c.expr),
-            Expr::TryCast(c) => self.output_expr(&c.expr),
-            Expr::AggregateFunction(_) => self.aggregate_expr(e).map(|_| ()),
-            other => Err(expression_refusal(other, "in the output")),
+/// Above the aggregate: expressions over the released table's columns.
+/// They never see an unreleased row, so arithmetic that can fail is
+/// allowed here (its failure depends on released values only).
+fn output_expr(e: &Expr) -> Result<(), Violation> {
+    match e {
+        Expr::Column(_) | Expr::Literal(..) => Ok(()),
+        Expr::Alias(a) => output_expr(&a.expr),
+        Expr::BinaryExpr(b) => {
+            output_expr(&b.left)?;
+            output_expr(&b.right)
         }
+        Expr::Not(x) | Expr::IsNull(x) | Expr::IsNotNull(x) | Expr::Negative(x) => output_expr(x),
+        Expr::Cast(c) => output_expr(&c.expr),
+        Expr::TryCast(c) => output_expr(&c.expr),
+        other => Err(expression_refusal(other, "in the output")),
+    }
+}
+
+/// `e` under any casts, each checked to be total.
+fn total_casts<'e>(e: &'e Expr, scope: &Scope<'_>) -> Result<&'e Expr, Violation> {
+    match e {
+        Expr::Cast(c) => {
+            total_cast(&c.expr, c.field.data_type(), scope)?;
+            total_casts(&c.expr, scope)
+        }
+        Expr::TryCast(c) => {
+            total_cast(&c.expr, c.field.data_type(), scope)?;
+            total_casts(&c.expr, scope)
+        }
+        other => Ok(other),
+    }
+}
+
+/// Refuses a cast of `inner` to `to` that could fail, or lose what makes
+/// values differ, on some value: beneath the aggregate it would run on
+/// rows no one may see, and its failure would tell about them. A cast of a
+/// literal is tried now, so its failure depends on the query text alone.
+fn total_cast(inner: &Expr, to: &DataType, scope: &Scope<'_>) -> Result<(), Violation> {
+    if let Some(value) = constant(inner) {
+        return match value.and_then(|v| v.cast_to(to).ok()) {
+            Some(_) => Ok(()),
+            None => Err(deny(
+                "query.cast",
+                format!("a literal in the query cannot be converted to {to}"),
+            )),
+        };
+    }
+    let from = inner
+        .get_type(scope.schema)
+        .map_err(|_| unknown_column("an expression"))?;
+    if cast_is_total(&from, to) {
+        Ok(())
+    } else {
+        Err(deny(
+            "query.cast",
+            format!(
+                "a conversion from {from} to {to} can fail or narrow on a value, and would run on rows before the minimum group size; compare a column with literals of its own type"
+            ),
+        ))
+    }
+}
+
+/// The value of a literal under casts, or None if `e` reads a column.
+/// `Some(None)` when a cast of the literal fails.
+fn constant(e: &Expr) -> Option<Option<ScalarValue>> {
+    match e {
+        Expr::Literal(v, _) => Some(Some(v.clone())),
+        Expr::Cast(c) => {
+            constant(&c.expr).map(|v| v.and_then(|v| v.cast_to(c.field.data_type()).ok()))
+        }
+        Expr::TryCast(c) => constant(&c.expr).map(|v| {
+            v.map(|v| {
+                v.cast_to(c.field.data_type())
+                    .unwrap_or_else(|_| ScalarValue::Null)
+            })
+        }),
+        _ => None,
+    }
+}
+
+/// Conversions that succeed on every value and keep distinct values
+/// distinct or, for integers to floating point, merely round them. Everything
+/// else (narrowing, parsing text, binary to text, float to integer) is
+/// refused beneath the aggregate.
+pub(crate) fn cast_is_total(from: &DataType, to: &DataType) -> bool {
+    use DataType::*;
+    if from == to {
+        return true;
+    }
+    let integer = |t: &DataType| {
+        matches!(
+            t,
+            Int8 | Int16 | Int32 | Int64 | UInt8 | UInt16 | UInt32 | UInt64
+        )
+    };
+    match (from, to) {
+        (Null, _) => true,
+        (Dictionary(_, values), to) => cast_is_total(values, to),
+        (f, Float64) if integer(f) || matches!(f, Float16 | Float32) => true,
+        (Float16, Float32) => true,
+        (Int8, Int16 | Int32 | Int64)
+        | (Int16, Int32 | Int64)
+        | (Int32, Int64)
+        | (UInt8, UInt16 | UInt32 | UInt64 | Int16 | Int32 | Int64)
+        | (UInt16, UInt32 | UInt64 | Int32 | Int64)
+        | (UInt32, UInt64 | Int64) => true,
+        (Utf8, LargeUtf8 | Utf8View) => true,
+        (FixedSizeBinary(_), Binary | LargeBinary | BinaryView)
+        | (Binary, LargeBinary | BinaryView) => true,
+        (f, Utf8 | LargeUtf8 | Utf8View) => integer(f) || matches!(f, Boolean),
+        _ => false,
     }
 }
 
@@ -550,14 +762,6 @@ fn unknown_column(name: &str) -> Violation {
         policy: false,
         rule: "sql.columns",
         detail: format!("{name} is not a column of the datasets in this query"),
-    }
-}
-
-fn strip_cast(e: &Expr) -> &Expr {
-    match e {
-        Expr::Cast(c) => strip_cast(&c.expr),
-        Expr::TryCast(c) => strip_cast(&c.expr),
-        other => other,
     }
 }
 

@@ -3,16 +3,19 @@
 //! 1. Plan the analyst's SQL in a session that knows only the agreement's
 //!    datasets and the aggregates the product allows (no DataFusion
 //!    defaults: no min, max, array_agg, string_agg, generate_series, ...).
-//! 2. Check the unoptimised plan by allow-list ([`check`]).
-//! 3. Rewrite: the aggregation also counts the distinct matched people
-//!    behind each group, and a filter drops groups under the agreement's
-//!    minimum, counting what it drops.
-//! 4. Execute. Engine errors become fixed texts; their details stay in the
-//!    server log.
+//! 2. Analyse it (types coerced, so every implicit cast is in the plan) and
+//!    check it by allow-list ([`check`]), before any data is read.
+//! 3. Execute in two stages ([`release`]): the private stage computes the
+//!    aggregation and keeps only groups of at least the agreement's minimum
+//!    of distinct matched people (under differential privacy: bounding,
+//!    noise and a noisy threshold, [`private`]); that is the released
+//!    table. The analyst's HAVING, ORDER BY, LIMIT and arithmetic then run
+//!    over the released table alone.
+//! 4. Engine errors become fixed texts; their details stay in the server log.
 
 mod check;
 pub mod private;
-mod rewrite;
+mod release;
 
 use std::sync::Arc;
 
@@ -39,10 +42,6 @@ pub const PERSON_COLUMN: &str = "__person";
 pub struct QueryOutcome {
     pub schema: SchemaRef,
     pub batches: Vec<RecordBatch>,
-    /// Output groups dropped for standing for too few people.
-    /// Output groups dropped for standing for too few people. Always 0
-    /// under differential privacy, where that number is not released.
-    pub suppressed: u64,
     pub checked: Checked,
     /// The noise applied, under differential privacy.
     pub privacy: Option<crate::privacy::Report>,
@@ -57,13 +56,36 @@ impl QueryOutcome {
 /// Why a query gave no result.
 #[derive(Debug, thiserror::Error)]
 pub enum QueryError {
+    /// Refused before any data was read.
     #[error("{0}")]
     Refused(Violation),
-    /// The engine failed on an accepted plan. The detail names the kind of
-    /// failure only: engine messages can quote data values, which must not
-    /// reach a log either.
+    /// The engine failed beneath the release boundary on an accepted plan:
+    /// our bug, since only total expressions run there. The detail names
+    /// the kind of failure only: engine messages can quote data values,
+    /// which must not reach a log either.
     #[error("the query could not be executed")]
     Engine(String),
+    /// An expression above the release boundary failed (a division by zero
+    /// in HAVING, say). It ran over released rows only.
+    #[error("{}", output_violation())]
+    Output,
+}
+
+impl QueryError {
+    /// Whether the query failed before reading any data: under
+    /// differential privacy only such failures are refunded.
+    pub fn before_data(&self) -> bool {
+        matches!(self, QueryError::Refused(_))
+    }
+}
+
+/// The refusal an analyst sees when an expression over released rows fails.
+pub fn output_violation() -> Violation {
+    Violation {
+        policy: false,
+        rule: "query.output",
+        detail: "an expression over the released aggregates failed on their values (a division by zero or an overflow, for example)".into(),
+    }
 }
 
 /// One dataset's rows, with the person number of every row.
@@ -198,10 +220,15 @@ pub async fn plan_and_check(
 > {
     only_a_select(sql).map_err(QueryError::Refused)?;
     let ctx = session(tables).map_err(|e| QueryError::Engine(engine_failure(&e)))?;
-    let plan = ctx
-        .state()
+    let state = ctx.state();
+    let plan = state
         .create_logical_plan(sql)
         .await
+        .and_then(|plan| {
+            state
+                .analyzer()
+                .execute_and_check(plan, state.config_options(), |_, _| {})
+        })
         .map_err(|e| QueryError::Refused(planning_refusal(&e, policy)))?;
     let checked = check(&plan, policy).map_err(QueryError::Refused)?;
     Ok((ctx, plan, checked))
@@ -245,32 +272,20 @@ pub async fn execute(
     checked: Checked,
     one_row_per_person: bool,
 ) -> Result<QueryOutcome, QueryError> {
-    let counter = Arc::new(std::sync::atomic::AtomicU64::new(0));
     let counting = if one_row_per_person {
-        rewrite::PeopleCount::Rows
+        release::PeopleCount::Rows
     } else {
-        rewrite::PeopleCount::Distinct
+        release::PeopleCount::Distinct
     };
-    let plan = rewrite::enforce_min_group_size(
-        plan,
-        policy.query().min_group_size(),
-        Arc::clone(&counter),
-        counting,
-    )
-    .map_err(|e| QueryError::Engine(engine_failure(&e)))?;
-    let df = ctx
-        .execute_logical_plan(plan)
-        .await
-        .map_err(|e| QueryError::Engine(engine_failure(&e)))?;
-    let schema: SchemaRef = Arc::new(df.schema().as_arrow().clone());
-    let batches = df
-        .collect()
-        .await
-        .map_err(|e| QueryError::Engine(engine_failure(&e)))?;
+    let agg = release::find_aggregate(&plan)
+        .cloned()
+        .ok_or_else(|| QueryError::Engine("no aggregation in a checked plan".into()))?;
+    let released =
+        release::threshold_stage(&ctx, &agg, policy.query().min_group_size(), counting).await?;
+    let (schema, batches) = release::public_stage(&ctx, plan, &agg, released).await?;
     Ok(QueryOutcome {
         schema,
         batches,
-        suppressed: counter.load(std::sync::atomic::Ordering::SeqCst),
         checked,
         privacy: None,
     })

@@ -7,8 +7,9 @@
 //! 3. DataFusion:    Limit? Sort? Projection Filter(HAVING)?  [released noisy groups]
 //! ```
 //!
-//! The analyst's HAVING, ORDER BY and LIMIT run on the released noisy
-//! values only: the aggregate node is replaced by a table holding them.
+//! Steps 1 and 2 are the private stage; their output is the released
+//! table, and the analyst's HAVING, ORDER BY and LIMIT run on it alone
+//! ([`super::release`]).
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -17,22 +18,18 @@ use arrow::array::{Array, ArrayRef, Float64Array, Int64Array, UInt32Array};
 use arrow::datatypes::{DataType, Field, Schema};
 use arrow::record_batch::RecordBatch;
 use arrow::row::{RowConverter, Rows, SortField};
-use datafusion::catalog::default_table_source::provider_as_source;
-use datafusion::common::tree_node::{Transformed, TreeNode};
-use datafusion::common::{Column, TableReference};
-use datafusion::datasource::MemTable;
+
 use datafusion::error::DataFusionError;
 use datafusion::functions_aggregate::expr_fn::{count, sum};
 use datafusion::logical_expr::{Aggregate, Expr, LogicalPlan, LogicalPlanBuilder, cast, lit};
 use datafusion::prelude::SessionContext;
 
 use super::check::{AggregateUse, deny};
-use super::{Checked, QueryError, QueryOutcome, Violation, engine_failure};
+use super::release::{find_aggregate, person_column, private_failure, public_stage};
+use super::{Checked, QueryError, QueryOutcome, Violation};
 use crate::policy::{Aggregate as Kind, ColumnRole, Policy, ValueType};
 use crate::privacy::mechanism::{Contributions, Released, Value};
 use crate::privacy::{Bounds, Measure, NoiseSource, Plan, Settings};
-
-const NOISY_TABLE: &str = "__cleanroom_noisy";
 
 /// The privacy measure of each aggregate, or the rule that refuses it.
 pub fn measures(checked: &Checked) -> Result<Vec<Measure>, Violation> {
@@ -86,15 +83,8 @@ pub fn plan(policy: &Policy, checked: &Checked, epsilon: f64) -> Result<Plan, Vi
     Plan::new(settings, &measures(checked)?).map_err(|e| deny(e.rule, e.detail))
 }
 
-fn find_aggregate(plan: &LogicalPlan) -> Option<&Aggregate> {
-    match plan {
-        LogicalPlan::Aggregate(a) => Some(a),
-        other => other.inputs().first().and_then(|p| find_aggregate(p)),
-    }
-}
-
 fn engine(e: DataFusionError) -> QueryError {
-    QueryError::Engine(engine_failure(&e))
+    private_failure(e)
 }
 
 fn internal(what: &str) -> QueryError {
@@ -114,9 +104,10 @@ pub async fn execute(
     let agg = find_aggregate(&plan)
         .cloned()
         .ok_or_else(|| internal("no aggregation"))?;
+    // Every failure from here on comes after data was read.
 
     // 1. Partial aggregates per group and person.
-    let person = Expr::Column(super::rewrite::person_column(&agg.input).map_err(engine)?);
+    let person = Expr::Column(person_column(&agg.input).map_err(engine)?);
     let mut group = agg.group_expr.clone();
     let groups_width = group.len();
     group.push(person);
@@ -255,7 +246,7 @@ pub async fn execute(
     }
     let bounded = noise_plan
         .bound(&c, representatives.len(), &mut rng)
-        .map_err(|e| QueryError::Refused(deny(e.rule, e.detail)))?;
+        .map_err(|e| internal(e.rule))?;
     let released = noise_plan.release(&bounded, &mut rng);
 
     // 3. The released groups replace the aggregation in the analyst's plan.
@@ -267,31 +258,6 @@ pub async fn execute(
         &released,
         &measures,
     )?;
-    let provider = MemTable::try_new(noisy.schema(), vec![vec![noisy]]).map_err(engine)?;
-    let projection: Vec<Expr> = agg
-        .schema
-        .iter()
-        .enumerate()
-        .map(|(j, (q, f))| {
-            Expr::Column(Column::new(
-                Some(TableReference::bare(NOISY_TABLE)),
-                format!("__dp_{j}"),
-            ))
-            .alias_qualified(q.cloned(), f.name())
-        })
-        .collect();
-    let replacement =
-        LogicalPlanBuilder::scan(NOISY_TABLE, provider_as_source(Arc::new(provider)), None)
-            .and_then(|b| b.project(projection))
-            .and_then(LogicalPlanBuilder::build)
-            .map_err(engine)?;
-    let rest = plan
-        .transform_up(|node| match node {
-            LogicalPlan::Aggregate(_) => Ok(Transformed::yes(replacement.clone())),
-            other => Ok(Transformed::yes(other.recompute_schema()?)),
-        })
-        .map_err(engine)?
-        .data;
     let mut report = noise_plan.report();
     for (c, f) in report
         .columns
@@ -300,15 +266,10 @@ pub async fn execute(
     {
         c.aggregate = f.name().clone();
     }
-    let df = ctx.execute_logical_plan(rest).await.map_err(engine)?;
-    let schema = Arc::new(df.schema().as_arrow().clone());
-    let batches = df.collect().await.map_err(engine)?;
+    let (schema, batches) = public_stage(&ctx, plan, &agg, vec![noisy]).await?;
     Ok(QueryOutcome {
         schema,
         batches,
-        // Not reported: how many groups the threshold held back is itself
-        // not private.
-        suppressed: 0,
         checked,
         privacy: Some(report),
     })

@@ -20,7 +20,8 @@ pub(super) struct Charged {
     pub(super) next_refresh: String,
 }
 
-/// The epsilon a request asks for, or the agreement's per-query maximum.
+/// The epsilon a request spends: what it asks for (or the agreement's
+/// per-query maximum), rounded up to whole millionths as it is charged.
 pub(super) fn epsilon_for(privacy: &Privacy, requested: Option<f64>) -> Result<f64, ServiceError> {
     let max = privacy.epsilon_per_query_max();
     let epsilon = requested.unwrap_or(max);
@@ -32,7 +33,7 @@ pub(super) fn epsilon_for(privacy: &Privacy, requested: Option<f64>) -> Result<f
             ),
         });
     }
-    Ok(epsilon)
+    Ok(crate::privacy::charged_epsilon(epsilon, max))
 }
 
 /// Refuses an epsilon for an agreement without differential privacy.

@@ -13,7 +13,7 @@ use crate::error::ServiceError;
 use crate::policy::{AgreementState, Policy, Right};
 use crate::proto;
 use crate::proto::upload_request::Part;
-use crate::upload::{Validator, decode_batches};
+use crate::upload::{Rejection, RejectionKind, Validator, decode_batches};
 
 /// Implements `cleanroom.v1.Datasets`.
 #[derive(Debug, Clone)]
@@ -285,15 +285,33 @@ impl DatasetsService {
                             format!("message {} is not an Arrow IPC stream", messages + 1),
                         )
                     })?;
-                    let mut rows = 0u64;
+                    if batches.is_empty() {
+                        return Err(ServiceError::UploadRejected(Rejection {
+                            kind: RejectionKind::Invalid,
+                            rule: "upload.batch",
+                            column: None,
+                            detail: format!(
+                                "message {} holds no record batch; nothing was stored",
+                                messages + 1
+                            ),
+                        }));
+                    }
                     for (i, batch) in batches.iter().enumerate() {
                         let len = if i == 0 { bytes.len() } else { 0 };
                         validator
                             .check(batch, len)
                             .map_err(ServiceError::UploadRejected)?;
-                        rows += batch.num_rows() as u64;
+                        // What is stored is what was validated, encoded
+                        // again by the server: the upload schema exactly,
+                        // without the sender's metadata or extra buffers.
+                        let clean = validator.restate(batch).map_err(|e| {
+                            ServiceError::Internal(format!("re-encoding a batch: {e}"))
+                        })?;
+                        let ipc = crate::upload::encode_batch(&clean).map_err(|e| {
+                            ServiceError::Internal(format!("re-encoding a batch: {e}"))
+                        })?;
+                        staged.append(&ipc, clean.num_rows() as u64)?;
                     }
-                    staged.append(&bytes, rows)?;
                     messages += 1;
                 }
                 Some(Part::Commit(commit)) => {
@@ -308,6 +326,21 @@ impl DatasetsService {
                                 messages
                             ),
                         ));
+                    }
+                    if validator.rows() == 0 {
+                        return Err(ServiceError::UploadRejected(Rejection {
+                            kind: RejectionKind::Invalid,
+                            rule: "upload.empty",
+                            column: None,
+                            detail: "an upload holds at least one row; nothing was stored".into(),
+                        }));
+                    }
+                    if staged.rows() != validator.rows() {
+                        return Err(ServiceError::Internal(format!(
+                            "staged {} rows but validated {}",
+                            staged.rows(),
+                            validator.rows()
+                        )));
                     }
                     let upload_id = header.upload_id.clone();
                     let hash = policy.hash().to_hex();

@@ -92,11 +92,90 @@ impl QueriesService {
         QueriesService { state }
     }
 
+    /// The answer, and the budget charge it keeps: under differential
+    /// privacy a query is charged once its data has been read, whether it
+    /// then succeeds or fails.
     async fn answer(
         &self,
         org: &str,
         request: &proto::QueryRequest,
-    ) -> Result<Answer, ServiceError> {
+    ) -> (Result<Answer, ServiceError>, Option<Charged>) {
+        let planned = match self.plan(org, request).await {
+            Ok(p) => p,
+            Err(e) => return (Err(e), None),
+        };
+        let Planned {
+            policy,
+            ctx,
+            plan,
+            checked,
+            one_row_per_person,
+        } = planned;
+        let Some(privacy) = policy.privacy() else {
+            let run = crate::query::execute(&policy, ctx, plan, checked, one_row_per_person)
+                .await
+                .map(|outcome| Answer {
+                    policy: Arc::clone(&policy),
+                    outcome,
+                })
+                .map_err(query_error);
+            return (run, None);
+        };
+        let epsilon = match epsilon_for(privacy, request.epsilon) {
+            Ok(e) => e,
+            Err(e) => return (Err(e), None),
+        };
+        let noise_plan = match crate::query::private::plan(&policy, &checked, epsilon) {
+            Ok(p) => p,
+            Err(v) => return (Err(ServiceError::QueryRefused(v)), None),
+        };
+        let rng = match NoiseSource::from_os() {
+            Ok(rng) => rng,
+            Err(_) => {
+                let e = ServiceError::Internal("the system random source failed".into());
+                return (Err(e), None);
+            }
+        };
+        let charged = match self
+            .state
+            .charge_budget(org, &policy, privacy, epsilon)
+            .await
+        {
+            Ok(c) => c,
+            Err(e) => return (Err(e), None),
+        };
+        let run = crate::query::private::execute(
+            ctx,
+            plan,
+            checked,
+            &noise_plan,
+            one_row_per_person,
+            rng,
+        )
+        .await;
+        match run {
+            Ok(outcome) => (
+                Ok(Answer {
+                    policy: Arc::clone(&policy),
+                    outcome,
+                }),
+                Some(charged),
+            ),
+            Err(e) if e.before_data() => {
+                self.state.refund_budget(&charged.charge.query).await;
+                (Err(query_error(e)), None)
+            }
+            Err(e) => (Err(query_error(e)), Some(charged)),
+        }
+    }
+
+    /// Everything before any data is read: rights, the SQL's size, the
+    /// check, and that every dataset it reads has an upload.
+    async fn plan(
+        &self,
+        org: &str,
+        request: &proto::QueryRequest,
+    ) -> Result<Planned, ServiceError> {
         let policy = agreement_in_force(&self.state, org, &request.agreement_id)?;
         for right in [Right::Query, Right::ReceiveResults] {
             if !policy.allows(org, right) {
@@ -116,6 +195,9 @@ impl QueriesService {
                 rule: "must be at most 64 KiB".into(),
             });
         }
+        if policy.privacy().is_none() {
+            no_epsilon(&policy, request.epsilon)?;
+        }
         let (state, p) = (self.state.clone(), Arc::clone(&policy));
         let (present, tables) =
             tokio::task::spawn_blocking(move || state.query_tables().tables(&state, &p))
@@ -129,88 +211,38 @@ impl QueriesService {
                 return Err(ServiceError::NoData(name.clone()));
             }
         }
-        let single = crate::query::one_row_per_person(&tables, &checked);
-        if let Some(privacy) = policy.privacy() {
-            return self
-                .answer_privately(org, request, &policy, privacy, (ctx, plan, checked), single)
-                .await;
-        }
-        no_epsilon(&policy, request.epsilon)?;
-        let outcome = crate::query::execute(&policy, ctx, plan, checked, single)
-            .await
-            .map_err(query_error)?;
-        Ok(Answer {
+        let one_row_per_person = crate::query::one_row_per_person(&tables, &checked);
+        Ok(Planned {
             policy,
-            outcome,
-            charge: None,
+            ctx,
+            plan,
+            checked,
+            one_row_per_person,
         })
-    }
-
-    /// Plans the noise, charges the budget, runs; refunds if the run fails.
-    async fn answer_privately(
-        &self,
-        org: &str,
-        request: &proto::QueryRequest,
-        policy: &Arc<Policy>,
-        privacy: &crate::policy::Privacy,
-        (ctx, plan, checked): Planned,
-        one_row_per_person: bool,
-    ) -> Result<Answer, ServiceError> {
-        let epsilon = epsilon_for(privacy, request.epsilon)?;
-        let noise_plan = crate::query::private::plan(policy, &checked, epsilon)
-            .map_err(ServiceError::QueryRefused)?;
-        let charged = self
-            .state
-            .charge_budget(org, policy, privacy, epsilon)
-            .await?;
-        let run = match NoiseSource::from_os() {
-            Ok(rng) => crate::query::private::execute(
-                ctx,
-                plan,
-                checked,
-                &noise_plan,
-                one_row_per_person,
-                rng,
-            )
-            .await
-            .map_err(query_error),
-            Err(_) => Err(ServiceError::Internal(
-                "the system random source failed".into(),
-            )),
-        };
-        match run {
-            Ok(outcome) => Ok(Answer {
-                policy: Arc::clone(policy),
-                outcome,
-                charge: Some(charged),
-            }),
-            Err(e) => {
-                self.state.refund_budget(&charged.charge.query).await;
-                Err(e)
-            }
-        }
     }
 }
 
-/// A checked query, ready to run.
-type Planned = (
-    datafusion::prelude::SessionContext,
-    datafusion::logical_expr::LogicalPlan,
-    crate::query::Checked,
-);
+/// A checked query, ready to run; nothing read yet.
+struct Planned {
+    policy: Arc<Policy>,
+    ctx: datafusion::prelude::SessionContext,
+    plan: datafusion::logical_expr::LogicalPlan,
+    checked: crate::query::Checked,
+    one_row_per_person: bool,
+}
 
-/// A query's answer, and its budget charge under differential privacy.
+/// A query's answer and the policy it ran under.
 #[derive(Debug)]
 struct Answer {
     policy: Arc<Policy>,
     outcome: QueryOutcome,
-    charge: Option<Charged>,
 }
 
 fn query_error(e: QueryError) -> ServiceError {
     match e {
         QueryError::Refused(v) => ServiceError::QueryRefused(v),
         QueryError::Engine(detail) => ServiceError::Internal(format!("query engine: {detail}")),
+        QueryError::Output => ServiceError::QueryRefused(crate::query::output_violation()),
     }
 }
 
@@ -229,12 +261,16 @@ impl proto::queries_server::Queries for QueriesService {
         let sql_hash = blake3::hash(request.get_ref().sql.as_bytes())
             .to_hex()
             .to_string();
-        let outcome = self.answer(&org, request.get_ref()).await;
+        let (outcome, charge) = self.answer(&org, request.get_ref()).await;
         let event = Event {
             org,
             agreement: request.get_ref().agreement_id.clone(),
             action: "query",
             sql_hash: Some(sql_hash.clone()),
+            // A charge stays with the query whether it answered or failed
+            // after reading data; the audit log records it either way.
+            epsilon: charge.as_ref().map(|c| c.epsilon),
+            query_id: charge.as_ref().map(|c| c.charge.query.clone()),
             ..Event::default()
         };
         let audited = self.state.audit_outcome(event, &outcome, |a, e| {
@@ -242,21 +278,10 @@ impl proto::queries_server::Queries for QueriesService {
             e.policy_hash = a.policy.hash().to_hex();
             e.subject = Some(a.outcome.checked.datasets.join(" x "));
             e.rows = Some(a.outcome.rows());
-            if let Some(c) = &a.charge {
-                e.epsilon = Some(c.epsilon);
-                e.query_id = Some(c.charge.query.clone());
-            } else {
-                e.suppressed = Some(a.outcome.suppressed);
-            }
         });
-        let charged = outcome.as_ref().ok().and_then(|a| a.charge.as_ref());
-        self.state.finish_charge(charged, &audited).await;
+        self.state.finish_charge(charge.as_ref(), &audited).await;
         audited?;
-        let Answer {
-            policy,
-            outcome,
-            charge,
-        } = outcome?;
+        let Answer { policy, outcome } = outcome?;
 
         let privacy = match (&outcome.privacy, &charge) {
             (Some(r), Some(c)) => Some(privacy_report(r, c)),
@@ -283,7 +308,6 @@ impl proto::queries_server::Queries for QueriesService {
         }
         messages.push(Part::Summary(proto::QuerySummary {
             rows: outcome.rows(),
-            suppressed: outcome.suppressed,
             sql_hash,
         }));
         let (tx, rx) = tokio::sync::mpsc::channel(messages.len().max(1));

@@ -144,6 +144,19 @@ impl Validator {
         self.rows
     }
 
+    /// A checked batch rebuilt from its values under the exact upload
+    /// schema: the sender's schema and field metadata are dropped, and so
+    /// is anything its buffers held beyond the values (bytes under null
+    /// slots, padding, unused buffer space).
+    pub fn restate(&self, batch: &RecordBatch) -> Result<RecordBatch, arrow::error::ArrowError> {
+        let columns = batch
+            .columns()
+            .iter()
+            .map(|c| rebuild(c.as_ref()))
+            .collect::<Result<Vec<_>, _>>()?;
+        RecordBatch::try_new(std::sync::Arc::clone(&self.schema), columns)
+    }
+
     /// Checks one batch that arrived as `encoded_len` bytes of Arrow IPC.
     pub fn check(&mut self, batch: &RecordBatch, encoded_len: usize) -> Result<(), Rejection> {
         self.bytes += encoded_len as u64;
@@ -302,6 +315,40 @@ impl Validator {
         }
         Ok(())
     }
+}
+
+/// A fresh array holding the values of `col` and nothing else.
+fn rebuild(col: &dyn Array) -> Result<arrow::array::ArrayRef, arrow::error::ArrowError> {
+    use std::sync::Arc;
+    Ok(match col.data_type() {
+        DataType::Utf8 => Arc::new(col.as_string::<i32>().iter().collect::<StringArray>()),
+        DataType::Int64 => Arc::new(
+            col.as_primitive::<Int64Type>()
+                .iter()
+                .collect::<Int64Array>(),
+        ),
+        DataType::Float64 => Arc::new(
+            col.as_primitive::<Float64Type>()
+                .iter()
+                .collect::<Float64Array>(),
+        ),
+        DataType::FixedSizeBinary(width) => {
+            let values = col.as_fixed_size_binary();
+            let mut out = arrow::array::FixedSizeBinaryBuilder::with_capacity(values.len(), *width);
+            for v in values.iter() {
+                match v {
+                    Some(v) => out.append_value(v)?,
+                    None => out.append_null(),
+                }
+            }
+            Arc::new(out.finish())
+        }
+        other => {
+            return Err(arrow::error::ArrowError::InvalidArgumentError(format!(
+                "no column of type {other} is stored"
+            )));
+        }
+    })
 }
 
 fn type_name(t: &DataType) -> String {

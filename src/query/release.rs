@@ -1,0 +1,199 @@
+//! The release boundary: a query runs in two stages, and only the first
+//! touches the parties' rows.
+//!
+//! ```text
+//! analyst's plan:  [Limit] [Sort] Projection [Filter: HAVING]  Aggregate(G; aggs)  rows
+//!
+//! private stage:   Aggregate(G; aggs, people)  rows               total expressions only
+//!                  -> groups of at least min_group_size people    (thresholds), or
+//!                  -> bounding, noise, noisy threshold            (privacy::Plan)
+//!                  = the released table
+//! public stage:    [Limit] [Sort] Projection [Filter: HAVING]  scan(released table)
+//! ```
+//!
+//! The aggregate node of the analyst's plan is replaced by a scan of the
+//! released table, so HAVING, ORDER BY, LIMIT and arithmetic over
+//! aggregates never see a group that was not released: not its values,
+//! not its failures. A failure of the private stage is our bug (the checker
+//! admits only total expressions there); a failure of the public stage
+//! depends on released values alone.
+
+use std::sync::Arc;
+
+use arrow::datatypes::{Field, Schema, SchemaRef};
+use arrow::record_batch::RecordBatch;
+use datafusion::catalog::default_table_source::provider_as_source;
+use datafusion::common::tree_node::{Transformed, TreeNode};
+use datafusion::common::{Column, TableReference};
+use datafusion::datasource::MemTable;
+use datafusion::error::{DataFusionError, Result};
+use datafusion::functions_aggregate::count::count_udaf;
+use datafusion::logical_expr::expr::AggregateFunction;
+use datafusion::logical_expr::{Aggregate, Expr, Filter, LogicalPlan, LogicalPlanBuilder, lit};
+use datafusion::prelude::SessionContext;
+
+use super::{PERSON_COLUMN, QueryError, engine_failure};
+
+const PEOPLE: &str = "__people";
+const RELEASED_TABLE: &str = "__cleanroom_released";
+
+/// How the people behind a group are counted.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum PeopleCount {
+    /// `COUNT(DISTINCT person)`: always right.
+    Distinct,
+    /// `COUNT(*)`: equal to the distinct count, and far cheaper, when every
+    /// joined table holds at most one row per person. Rows joined on equal
+    /// fingerprints belong to one person, so each person then yields at
+    /// most one joined row.
+    Rows,
+}
+
+/// The analyst's aggregation: the one node the checker admits between the
+/// public and the private stage.
+pub(super) fn find_aggregate(plan: &LogicalPlan) -> Option<&Aggregate> {
+    match plan {
+        LogicalPlan::Aggregate(a) => Some(a),
+        other => other.inputs().first().and_then(|p| find_aggregate(p)),
+    }
+}
+
+/// The person column of the first table under the aggregation.
+pub(super) fn person_column(input: &LogicalPlan) -> Result<Column> {
+    input
+        .schema()
+        .iter()
+        .find(|(_, f)| f.name() == PERSON_COLUMN)
+        .map(|(q, _)| Column::new(q.cloned(), PERSON_COLUMN))
+        .ok_or_else(|| DataFusionError::Internal("no person column under the aggregate".into()))
+}
+
+/// A failure beneath the boundary: our bug, reported by kind only.
+pub(super) fn private_failure(e: DataFusionError) -> QueryError {
+    QueryError::Engine(engine_failure(&e))
+}
+
+/// The private stage under thresholds only: the aggregation with the
+/// people behind each group, keeping the groups of at least `min` people.
+/// How many were dropped is not counted: it is not released.
+///
+/// ```text
+/// Projection: G, aggs
+///   Filter: __people >= min
+///     Aggregate: groupBy=[G], aggr=[aggs, count(DISTINCT person) AS __people]
+/// ```
+pub(super) async fn threshold_stage(
+    ctx: &SessionContext,
+    agg: &Aggregate,
+    min: u32,
+    counting: PeopleCount,
+) -> Result<Vec<RecordBatch>, QueryError> {
+    let plan = threshold_plan(agg, min, counting).map_err(private_failure)?;
+    ctx.execute_logical_plan(plan)
+        .await
+        .map_err(private_failure)?
+        .collect()
+        .await
+        .map_err(private_failure)
+}
+
+fn threshold_plan(agg: &Aggregate, min: u32, counting: PeopleCount) -> Result<LogicalPlan> {
+    let (args, distinct) = match counting {
+        PeopleCount::Distinct => (vec![Expr::Column(person_column(&agg.input)?)], true),
+        PeopleCount::Rows => (vec![lit(1i64)], false),
+    };
+    let people = Expr::AggregateFunction(AggregateFunction::new_udf(
+        count_udaf(),
+        args,
+        distinct,
+        None,
+        vec![],
+        None,
+    ))
+    .alias(PEOPLE);
+    let mut aggr = agg.aggr_expr.clone();
+    aggr.push(people);
+    let counted = Aggregate::try_new(Arc::clone(&agg.input), agg.group_expr.clone(), aggr)?;
+    let output: Vec<Expr> = counted
+        .schema
+        .iter()
+        .take(agg.schema.fields().len())
+        .map(|(q, f)| Expr::Column(Column::new(q.cloned(), f.name())))
+        .collect();
+    let filter = Filter::try_new(
+        Expr::Column(Column::from_name(PEOPLE)).gt_eq(lit(i64::from(min))),
+        Arc::new(LogicalPlan::Aggregate(counted)),
+    )?;
+    LogicalPlanBuilder::from(LogicalPlan::Filter(filter))
+        .project(output)?
+        .build()
+}
+
+/// The public stage: the analyst's plan with its aggregation replaced by a
+/// scan of `released`, whose columns are the aggregation's, in its order
+/// and of its types.
+pub(super) async fn public_stage(
+    ctx: &SessionContext,
+    plan: LogicalPlan,
+    agg: &Aggregate,
+    released: Vec<RecordBatch>,
+) -> Result<(SchemaRef, Vec<RecordBatch>), QueryError> {
+    let rest = above_released(plan, agg, released).map_err(private_failure)?;
+    let df = ctx
+        .execute_logical_plan(rest)
+        .await
+        .map_err(public_failure)?;
+    let schema: SchemaRef = Arc::new(df.schema().as_arrow().clone());
+    let batches = df.collect().await.map_err(public_failure)?;
+    Ok((schema, batches))
+}
+
+/// A failure above the boundary: it depends on released values only
+/// (a division by zero in HAVING, say), so the analyst may learn of it.
+fn public_failure(e: DataFusionError) -> QueryError {
+    tracing::info!(kind = %engine_failure(&e), "an expression over released rows failed");
+    QueryError::Output
+}
+
+fn above_released(
+    plan: LogicalPlan,
+    agg: &Aggregate,
+    released: Vec<RecordBatch>,
+) -> Result<LogicalPlan> {
+    // Positional names: the aggregation's own names may repeat or clash.
+    let schema: SchemaRef = Arc::new(Schema::new(
+        agg.schema
+            .fields()
+            .iter()
+            .enumerate()
+            .map(|(j, f)| Field::new(format!("__released_{j}"), f.data_type().clone(), true))
+            .collect::<Vec<_>>(),
+    ));
+    let batches = released
+        .into_iter()
+        .map(|b| RecordBatch::try_new(Arc::clone(&schema), b.columns().to_vec()))
+        .collect::<std::result::Result<Vec<_>, _>>()?;
+    let provider = MemTable::try_new(Arc::clone(&schema), vec![batches])?;
+    let projection: Vec<Expr> = agg
+        .schema
+        .iter()
+        .enumerate()
+        .map(|(j, (q, f))| {
+            Expr::Column(Column::new(
+                Some(TableReference::bare(RELEASED_TABLE)),
+                format!("__released_{j}"),
+            ))
+            .alias_qualified(q.cloned(), f.name())
+        })
+        .collect();
+    let replacement =
+        LogicalPlanBuilder::scan(RELEASED_TABLE, provider_as_source(Arc::new(provider)), None)?
+            .project(projection)?
+            .build()?;
+    Ok(plan
+        .transform_up(|node| match node {
+            LogicalPlan::Aggregate(_) => Ok(Transformed::yes(replacement.clone())),
+            other => Ok(Transformed::yes(other.recompute_schema()?)),
+        })?
+        .data)
+}
