@@ -9,15 +9,14 @@ use std::sync::Arc;
 use arrow::array::{FixedSizeBinaryBuilder, Float64Array, StringArray};
 use arrow::datatypes::{DataType, Field, Schema};
 use arrow::record_batch::RecordBatch;
-use cleanroom::client::Client;
 use cleanroom::clock::ManualClock;
 use cleanroom::identity::{Fingerprinter, country, email, phone};
 use cleanroom::prepare::{UploadError, upload};
-use cleanroom::proto;
-use cleanroom::proto::datasets_client::DatasetsClient;
-use cleanroom::proto::upload_request::Part;
 use cleanroom::storage::Store;
-use common::{Setup, TestServer, secret, synth, upload_options, with_cells};
+use common::{
+    Setup, TestServer, batch_msg, commit, header, raw_upload, refused_batch, secret, synth,
+    upload_options, with_cells,
+};
 use tonic::Code;
 
 fn all_files(dir: &Path) -> Vec<std::path::PathBuf> {
@@ -171,57 +170,6 @@ async fn both_parties_upload_and_nothing_identifying_is_stored_in_the_clear() {
             !disk.windows(len).any(|w| phone_texts.contains(w)),
             "a phone number is stored in the clear"
         );
-    }
-}
-
-/// Sends raw upload messages, bypassing the partner-side preparation.
-async fn raw_upload(
-    client: &Client,
-    messages: Vec<proto::UploadRequest>,
-) -> Result<proto::UploadResponse, tonic::Status> {
-    DatasetsClient::new(client.channel())
-        .upload(tokio_stream::iter(messages))
-        .await
-        .map(tonic::Response::into_inner)
-}
-
-/// Uploads one batch that the server must refuse; its status.
-async fn refused_batch(
-    client: &Client,
-    hash: &str,
-    dataset: &str,
-    id: &str,
-    batch: &RecordBatch,
-) -> tonic::Status {
-    let rows = batch.num_rows() as u64;
-    raw_upload(
-        client,
-        vec![header(hash, dataset, id), batch_msg(batch), commit(rows, 1)],
-    )
-    .await
-    .unwrap_err()
-}
-
-fn header(client_hash: &str, dataset: &str, id: &str) -> proto::UploadRequest {
-    proto::UploadRequest {
-        part: Some(Part::Header(proto::UploadHeader {
-            agreement_id: "retail-media-demo".into(),
-            dataset: dataset.into(),
-            upload_id: id.into(),
-            policy_hash: client_hash.into(),
-        })),
-    }
-}
-
-fn batch_msg(batch: &RecordBatch) -> proto::UploadRequest {
-    proto::UploadRequest {
-        part: Some(Part::Batch(cleanroom::upload::encode_batch(batch).unwrap())),
-    }
-}
-
-fn commit(rows: u64, batches: u64) -> proto::UploadRequest {
-    proto::UploadRequest {
-        part: Some(Part::Commit(proto::UploadCommit { rows, batches })),
     }
 }
 

@@ -6,8 +6,14 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
+pub mod people;
+
+use arrow::record_batch::RecordBatch;
 use cleanroom::client::{Client, ClientConfig};
 use cleanroom::clock::{Clock, SystemClock};
+use cleanroom::proto;
+use cleanroom::proto::datasets_client::DatasetsClient;
+use cleanroom::proto::upload_request::Part;
 use cleanroom::server::{ServerError, ServerOptions};
 use tokio::sync::oneshot;
 use tokio::task::JoinHandle;
@@ -303,4 +309,55 @@ pub fn with_cells(
         lines[row] = cells.join(",");
     }
     lines.join("\n") + "\n"
+}
+
+/// Sends raw upload messages, bypassing the partner-side preparation.
+pub async fn raw_upload(
+    client: &Client,
+    messages: Vec<proto::UploadRequest>,
+) -> Result<proto::UploadResponse, tonic::Status> {
+    DatasetsClient::new(client.channel())
+        .upload(tokio_stream::iter(messages))
+        .await
+        .map(tonic::Response::into_inner)
+}
+
+/// Uploads one batch that the server must refuse; its status.
+pub async fn refused_batch(
+    client: &Client,
+    hash: &str,
+    dataset: &str,
+    id: &str,
+    batch: &RecordBatch,
+) -> tonic::Status {
+    let rows = batch.num_rows() as u64;
+    raw_upload(
+        client,
+        vec![header(hash, dataset, id), batch_msg(batch), commit(rows, 1)],
+    )
+    .await
+    .unwrap_err()
+}
+
+pub fn header(client_hash: &str, dataset: &str, id: &str) -> proto::UploadRequest {
+    proto::UploadRequest {
+        part: Some(Part::Header(proto::UploadHeader {
+            agreement_id: "retail-media-demo".into(),
+            dataset: dataset.into(),
+            upload_id: id.into(),
+            policy_hash: client_hash.into(),
+        })),
+    }
+}
+
+pub fn batch_msg(batch: &RecordBatch) -> proto::UploadRequest {
+    proto::UploadRequest {
+        part: Some(Part::Batch(cleanroom::upload::encode_batch(batch).unwrap())),
+    }
+}
+
+pub fn commit(rows: u64, batches: u64) -> proto::UploadRequest {
+    proto::UploadRequest {
+        part: Some(Part::Commit(proto::UploadCommit { rows, batches })),
+    }
 }

@@ -1,0 +1,122 @@
+//! Demo-agreement rows for people the test knows: every attribute is given,
+//! fingerprints are BLAKE3 of the person's number and identity kind, so a
+//! test can compute every answer on its own.
+
+use std::sync::Arc;
+
+use arrow::array::{FixedSizeBinaryBuilder, Float64Array, Int64Array, StringArray};
+use arrow::record_batch::RecordBatch;
+use cleanroom::policy::Policy;
+use cleanroom::query::{TableData, agreement_tables};
+use cleanroom::upload::upload_schema;
+
+/// One row of one party's dataset, about person `id`.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Row {
+    pub id: u64,
+    /// Whether the row carries the person's phone fingerprint too.
+    pub phone: bool,
+    pub region: Option<&'static str>,
+    pub age_band: Option<&'static str>,
+    pub segment: Option<&'static str>,
+    pub ltv: Option<f64>,
+    pub exposures: Option<i64>,
+    pub spend: Option<f64>,
+}
+
+impl Row {
+    pub fn new(id: u64) -> Self {
+        Row {
+            id,
+            phone: false,
+            region: Some("north"),
+            age_band: Some("25-34"),
+            segment: Some("sports"),
+            ltv: Some(100.0),
+            exposures: Some(1),
+            spend: Some(10.0),
+        }
+    }
+}
+
+/// The fingerprint of person `id` for identity kind 0 (email) or 1 (phone).
+pub fn fingerprint(id: u64, kind: u8) -> [u8; 32] {
+    let mut input = [0u8; 9];
+    input[..8].copy_from_slice(&id.to_le_bytes());
+    input[8] = kind;
+    *blake3::hash(&input).as_bytes()
+}
+
+fn identifiers(rows: &[Row]) -> (Arc<dyn arrow::array::Array>, Arc<dyn arrow::array::Array>) {
+    let mut email = FixedSizeBinaryBuilder::new(32);
+    let mut phone = FixedSizeBinaryBuilder::new(32);
+    for r in rows {
+        email.append_value(fingerprint(r.id, 0)).unwrap();
+        if r.phone {
+            phone.append_value(fingerprint(r.id, 1)).unwrap();
+        } else {
+            phone.append_null();
+        }
+    }
+    (Arc::new(email.finish()), Arc::new(phone.finish()))
+}
+
+/// acme's `customers` rows, in the upload schema.
+pub fn customers(policy: &Policy, rows: &[Row]) -> RecordBatch {
+    let (email, phone) = identifiers(rows);
+    RecordBatch::try_new(
+        upload_schema(policy.dataset("customers").unwrap()),
+        vec![
+            email,
+            phone,
+            Arc::new(rows.iter().map(|r| r.age_band).collect::<StringArray>()),
+            Arc::new(rows.iter().map(|r| r.region).collect::<StringArray>()),
+            Arc::new(rows.iter().map(|r| r.ltv).collect::<Float64Array>()),
+        ],
+    )
+    .unwrap()
+}
+
+/// globex's `audience` rows, in the upload schema.
+pub fn audience(policy: &Policy, rows: &[Row]) -> RecordBatch {
+    let (email, phone) = identifiers(rows);
+    RecordBatch::try_new(
+        upload_schema(policy.dataset("audience").unwrap()),
+        vec![
+            email,
+            phone,
+            Arc::new(rows.iter().map(|r| r.segment).collect::<StringArray>()),
+            Arc::new(rows.iter().map(|r| r.exposures).collect::<Int64Array>()),
+            Arc::new(rows.iter().map(|r| r.spend).collect::<Float64Array>()),
+        ],
+    )
+    .unwrap()
+}
+
+/// Both demo datasets as query tables, people matched as the server does.
+pub fn tables(policy: &Policy, customer_rows: &[Row], audience_rows: &[Row]) -> Vec<TableData> {
+    agreement_tables(
+        policy,
+        vec![
+            vec![customers(policy, customer_rows)],
+            vec![audience(policy, audience_rows)],
+        ],
+    )
+}
+
+/// The demo agreement with its `[privacy]` section replaced (None: removed,
+/// thresholds only) and its minimum group size set.
+pub fn demo_policy(privacy: Option<&str>, min_group_size: u32) -> Policy {
+    let path = super::policies_dir().join("retail-media-demo.toml");
+    let text = std::fs::read_to_string(&path).unwrap();
+    let (head, _) = text.split_once("[privacy]").unwrap();
+    let head = head.replace(
+        "min_group_size = 50",
+        &format!("min_group_size = {min_group_size}"),
+    );
+    let text = match privacy {
+        None => head,
+        Some(section) => format!("{head}[privacy]\n{section}\n"),
+    };
+    cleanroom::policy::parse_policy(&text, &path).unwrap()
+}
