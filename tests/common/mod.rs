@@ -6,6 +6,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
+pub mod differential;
 pub mod people;
 
 use arrow::record_batch::RecordBatch;

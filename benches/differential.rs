@@ -1,0 +1,58 @@
+//! The differential query suite at scale: thousands of random queries over
+//! several generated data sets, each answer compared with the independent
+//! reference computation of tests/common/differential.rs.
+//!
+//! ```text
+//! cargo bench --bench differential                          # 10 seeds x 500 queries
+//! cargo bench --bench differential -- --seeds 40 --queries 250 --min 5
+//! ```
+
+mod common;
+#[path = "../tests/common/mod.rs"]
+mod suite_support;
+
+use std::time::Instant;
+
+use common::arg;
+use suite_support::differential::{Tally, suite};
+use suite_support::people::demo_policy;
+
+#[tokio::main]
+async fn main() {
+    let seeds = arg("--seeds", 10);
+    let queries = arg("--queries", 500);
+    let min = u32::try_from(arg("--min", 10)).expect("--min fits in 32 bits");
+    let policy = demo_policy(None, min);
+    let started = Instant::now();
+    let mut total = Tally::default();
+    for seed in 0..seeds {
+        match suite(&policy, 1_000 + seed, queries).await {
+            Ok(t) => {
+                total.queries += t.queries;
+                total.accepted += t.accepted;
+                total.refused += t.refused;
+                total.output_errors += t.output_errors;
+                total.rows_compared += t.rows_compared;
+                total.groups_held_back += t.groups_held_back;
+            }
+            Err(failure) => {
+                eprintln!("FAILED: {failure}");
+                std::process::exit(1);
+            }
+        }
+    }
+    println!(
+        "differential suite, min_group_size {min}: {} queries over {seeds} data sets in {:.1} s",
+        total.queries,
+        started.elapsed().as_secs_f64()
+    );
+    println!(
+        "  accepted {} (each run on two data sets), refused {} (refusal identical on both), \
+         failed above the boundary as the reference predicted {}",
+        total.accepted, total.refused, total.output_errors
+    );
+    println!(
+        "  released rows compared with the reference: {}; finest groups held back by the minimum: {}",
+        total.rows_compared, total.groups_held_back
+    );
+}

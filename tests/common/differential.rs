@@ -1,0 +1,629 @@
+//! Differential testing of the governed query path: random queries over
+//! random demo data with known people, each run through the product and
+//! through an independent reference computation written here in plain Rust
+//! (nested loops over the rows, SQL's three-valued logic, no DataFusion).
+//!
+//! For every query the product accepts, its answer must equal the
+//! reference with groups of fewer than `min_group_size` people removed,
+//! evaluated before HAVING, ORDER BY and LIMIT; an error is allowed only
+//! where the reference says an expression over a *released* group fails.
+//! For every query, refusal or not (and its text) must be the same on two
+//! unrelated data sets: a refusal depends on the query alone.
+
+use std::collections::{BTreeMap, BTreeSet};
+
+use arrow::array::{Array, AsArray};
+use arrow::datatypes::{DataType, Float64Type};
+use arrow::record_batch::RecordBatch;
+use cleanroom::policy::Policy;
+use cleanroom::query::{QueryError, TableData, run};
+use rand::rngs::StdRng;
+use rand::{Rng, SeedableRng};
+
+use super::people::{Row, tables};
+
+const REGIONS: [&str; 4] = ["north", "south", "east", "west"];
+const AGES: [&str; 6] = ["18-24", "25-34", "35-44", "45-54", "55-64", "65+"];
+const SEGMENTS: [&str; 6] = ["sports", "travel", "home", "tech", "fashion", "food"];
+
+/// One generated data set: both parties' rows, and the tables built from them.
+pub struct Data {
+    pub customers: Vec<Row>,
+    pub audience: Vec<Row>,
+    pub tables: Vec<TableData>,
+}
+
+/// Skewed picks, so that some groups are large and some fall under the
+/// minimum.
+fn skewed<'a>(rng: &mut StdRng, values: &[&'a str]) -> Option<&'a str> {
+    if rng.random_bool(0.03) {
+        return None;
+    }
+    let mut i = 0;
+    while i + 1 < values.len() && rng.random_bool(0.45) {
+        i += 1;
+    }
+    Some(values[i])
+}
+
+/// A value, or NULL 3% of the time.
+fn maybe<T>(rng: &mut StdRng, v: impl FnOnce(&mut StdRng) -> T) -> Option<T> {
+    let value = v(rng);
+    (!rng.random_bool(0.03)).then_some(value)
+}
+
+pub fn data(policy: &Policy, seed: u64, people: u64) -> Data {
+    let mut rng = StdRng::seed_from_u64(seed);
+    let mut customers = Vec::new();
+    let mut audience = Vec::new();
+    for id in 0..people {
+        let phone = rng.random_bool(0.6);
+        if rng.random_bool(0.8) {
+            let region = skewed(&mut rng, &REGIONS);
+            let age_band = skewed(&mut rng, &AGES);
+            // Some customers have two rows.
+            let copies = if rng.random_bool(0.1) { 2 } else { 1 };
+            for _ in 0..copies {
+                customers.push(Row {
+                    id,
+                    phone,
+                    region,
+                    age_band,
+                    segment: None,
+                    ltv: maybe(&mut rng, |r| f64::from(r.random_range(0..500_000u32)) / 100.0),
+                    exposures: None,
+                    spend: None,
+                });
+            }
+        }
+        if rng.random_bool(0.7) {
+            audience.push(Row {
+                id,
+                phone,
+                region: None,
+                age_band: None,
+                segment: skewed(&mut rng, &SEGMENTS),
+                ltv: None,
+                exposures: maybe(&mut rng, |r| r.random_range(0..=100i64)),
+                spend: maybe(&mut rng, |r| f64::from(r.random_range(0..4_000u32)) / 2.0),
+            });
+        }
+    }
+    let tables = tables(policy, &customers, &audience);
+    Data {
+        customers,
+        audience,
+        tables,
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq)]
+enum Dim {
+    Region,
+    Age,
+    Segment,
+}
+
+impl Dim {
+    fn sql(self) -> &'static str {
+        match self {
+            Dim::Region => "c.region",
+            Dim::Age => "c.age_band",
+            Dim::Segment => "a.interest_segment",
+        }
+    }
+    fn values(self) -> &'static [&'static str] {
+        match self {
+            Dim::Region => &REGIONS,
+            Dim::Age => &AGES,
+            Dim::Segment => &SEGMENTS,
+        }
+    }
+    fn of(self, c: &Row, a: &Row) -> Option<&'static str> {
+        match self {
+            Dim::Region => c.region,
+            Dim::Age => c.age_band,
+            Dim::Segment => a.segment,
+        }
+    }
+}
+
+#[derive(Debug, Clone)]
+enum Pred {
+    Eq(Dim, &'static str),
+    Ne(Dim, &'static str),
+    In(Dim, Vec<&'static str>),
+    Between(Dim, &'static str, &'static str),
+    IsNull(Dim),
+    Not(Box<Pred>),
+    And(Box<Pred>, Box<Pred>),
+    Or(Box<Pred>, Box<Pred>),
+}
+
+impl Pred {
+    fn sql(&self) -> String {
+        match self {
+            Pred::Eq(d, v) => format!("{} = '{v}'", d.sql()),
+            Pred::Ne(d, v) => format!("{} <> '{v}'", d.sql()),
+            Pred::In(d, vs) => format!(
+                "{} IN ({})",
+                d.sql(),
+                vs.iter()
+                    .map(|v| format!("'{v}'"))
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            ),
+            Pred::Between(d, lo, hi) => format!("{} BETWEEN '{lo}' AND '{hi}'", d.sql()),
+            Pred::IsNull(d) => format!("{} IS NULL", d.sql()),
+            Pred::Not(p) => format!("NOT ({})", p.sql()),
+            Pred::And(a, b) => format!("({}) AND ({})", a.sql(), b.sql()),
+            Pred::Or(a, b) => format!("({}) OR ({})", a.sql(), b.sql()),
+        }
+    }
+
+    /// SQL's three-valued logic: None is unknown.
+    fn eval(&self, c: &Row, a: &Row) -> Option<bool> {
+        match self {
+            Pred::Eq(d, v) => d.of(c, a).map(|x| x == *v),
+            Pred::Ne(d, v) => d.of(c, a).map(|x| x != *v),
+            Pred::In(d, vs) => d.of(c, a).map(|x| vs.contains(&x)),
+            Pred::Between(d, lo, hi) => d.of(c, a).map(|x| *lo <= x && x <= *hi),
+            Pred::IsNull(d) => Some(d.of(c, a).is_none()),
+            Pred::Not(p) => p.eval(c, a).map(|b| !b),
+            Pred::And(p, q) => match (p.eval(c, a), q.eval(c, a)) {
+                (Some(false), _) | (_, Some(false)) => Some(false),
+                (Some(true), Some(true)) => Some(true),
+                _ => None,
+            },
+            Pred::Or(p, q) => match (p.eval(c, a), q.eval(c, a)) {
+                (Some(true), _) | (_, Some(true)) => Some(true),
+                (Some(false), Some(false)) => Some(false),
+                _ => None,
+            },
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq)]
+enum Metric {
+    Ltv,
+    Exposures,
+    Spend,
+}
+
+impl Metric {
+    fn sql(self) -> &'static str {
+        match self {
+            Metric::Ltv => "c.lifetime_value",
+            Metric::Exposures => "a.ad_exposures",
+            Metric::Spend => "a.spend",
+        }
+    }
+    fn of(self, c: &Row, a: &Row) -> Option<f64> {
+        match self {
+            Metric::Ltv => c.ltv,
+            Metric::Exposures => a.exposures.map(|v| v as f64),
+            Metric::Spend => a.spend,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq)]
+enum Agg {
+    CountStar,
+    People,
+    Count(Metric),
+    Sum(Metric),
+    Avg(Metric),
+}
+
+impl Agg {
+    fn sql(self) -> String {
+        match self {
+            Agg::CountStar => "COUNT(*)".into(),
+            Agg::People => "COUNT(DISTINCT c.email)".into(),
+            Agg::Count(m) => format!("COUNT({})", m.sql()),
+            Agg::Sum(m) => format!("SUM({})", m.sql()),
+            Agg::Avg(m) => format!("AVG({})", m.sql()),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq)]
+enum Join {
+    Email,
+    Phone,
+    Both,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq)]
+enum Having {
+    CountAtLeast(i64),
+    /// `1 / (COUNT(*) - k) >= 0`: fails where a released group has k rows.
+    DivideBy(i64),
+    SumAbove(Metric, f64),
+}
+
+/// A generated query: either one of the product's shapes, or a construct
+/// the checker must refuse with `rule`.
+#[derive(Debug, Clone)]
+pub struct Query {
+    join: Join,
+    filter: Option<Pred>,
+    group: Vec<Dim>,
+    aggs: Vec<Agg>,
+    having: Option<Having>,
+    limit: Option<usize>,
+    refused: Option<(&'static str, String)>,
+}
+
+fn pred(rng: &mut StdRng, depth: u32) -> Pred {
+    let dims = [Dim::Region, Dim::Age, Dim::Segment];
+    let d = dims[rng.random_range(0..3)];
+    let v = |rng: &mut StdRng| d.values()[rng.random_range(0..d.values().len())];
+    match rng.random_range(0..if depth == 0 { 5 } else { 8 }) {
+        0 => Pred::Eq(d, v(rng)),
+        1 => Pred::Ne(d, v(rng)),
+        2 => Pred::In(d, (0..rng.random_range(1..4)).map(|_| v(rng)).collect()),
+        3 => {
+            let (x, y) = (v(rng), v(rng));
+            Pred::Between(d, x.min(y), x.max(y))
+        }
+        4 => Pred::IsNull(d),
+        5 => Pred::Not(Box::new(pred(rng, depth - 1))),
+        6 => Pred::And(Box::new(pred(rng, depth - 1)), Box::new(pred(rng, depth - 1))),
+        _ => Pred::Or(Box::new(pred(rng, depth - 1)), Box::new(pred(rng, depth - 1))),
+    }
+}
+
+/// Constructs the checker must refuse, whatever the data: (rule, SQL).
+const REFUSED: [(&str, &str); 14] = [
+    ("query.cast", "SELECT SUM(CAST(c.lifetime_value AS TINYINT)) FROM customers c JOIN audience a ON c.email = a.email"),
+    ("query.cast", "SELECT c.region, SUM(CAST(a.spend AS INT)) FROM customers c JOIN audience a ON c.email = a.email GROUP BY c.region"),
+    ("query.cast", "SELECT COUNT(*) FROM customers c JOIN audience a ON c.email = a.email WHERE c.region = 3"),
+    ("query.cast", "SELECT COUNT(*) FROM customers c JOIN audience a ON c.email = a.email WHERE CAST(a.interest_segment AS BIGINT) > 2"),
+    ("query.cast", "SELECT COUNT(*) FROM customers c JOIN audience a ON CAST(c.phone AS VARCHAR) = CAST(a.phone AS VARCHAR)"),
+    ("query.cast", "SELECT AVG(TRY_CAST(a.ad_exposures AS TINYINT)) FROM customers c JOIN audience a ON c.email = a.email"),
+    ("query.expression", "SELECT COUNT(*) FROM customers c JOIN audience a ON c.email = a.email WHERE c.region = 'north' AND 7 / 0 = 1"),
+    ("query.expression", "SELECT COUNT(*) FROM customers c JOIN audience a ON c.email = a.email WHERE (2 << 65) > 1"),
+    ("query.aggregate_argument", "SELECT SUM(a.ad_exposures * 9223372036854775807) FROM customers c JOIN audience a ON c.email = a.email"),
+    ("query.aggregate_argument", "SELECT SUM(a.spend / 0) FROM customers c JOIN audience a ON c.email = a.email"),
+    ("query.filter", "SELECT COUNT(*) FROM customers c JOIN audience a ON c.email = a.email WHERE a.spend > 100"),
+    ("query.group_by", "SELECT a.ad_exposures, COUNT(*) FROM customers c JOIN audience a ON c.email = a.email GROUP BY a.ad_exposures"),
+    ("query.join", "SELECT COUNT(*) FROM customers c LEFT JOIN audience a ON c.email = a.email"),
+    ("query.aggregate", "SELECT c.lifetime_value FROM customers c JOIN audience a ON c.email = a.email"),
+];
+
+pub fn query(rng: &mut StdRng) -> Query {
+    let mut q = Query {
+        join: [Join::Email, Join::Email, Join::Phone, Join::Both][rng.random_range(0..4)],
+        filter: rng.random_bool(0.5).then(|| pred(rng, 2)),
+        group: Vec::new(),
+        aggs: Vec::new(),
+        having: None,
+        limit: None,
+        refused: None,
+    };
+    if rng.random_bool(0.12) {
+        let (rule, sql) = REFUSED[rng.random_range(0..REFUSED.len())];
+        q.refused = Some((rule, sql.to_string()));
+        return q;
+    }
+    for d in [Dim::Region, Dim::Age, Dim::Segment] {
+        if rng.random_bool(0.4) {
+            q.group.push(d);
+        }
+    }
+    let metrics = [Metric::Ltv, Metric::Exposures, Metric::Spend];
+    for _ in 0..rng.random_range(1..4) {
+        let m = metrics[rng.random_range(0..3)];
+        let agg = match rng.random_range(0..5) {
+            0 => Agg::CountStar,
+            1 => Agg::People,
+            2 => Agg::Count(m),
+            3 => Agg::Sum(m),
+            _ => Agg::Avg(m),
+        };
+        // The SQL planner wants distinct names in the SELECT list.
+        if !q.aggs.contains(&agg) {
+            q.aggs.push(agg);
+        }
+    }
+    q.having = match rng.random_range(0..6) {
+        0 => Some(Having::CountAtLeast(rng.random_range(1..40))),
+        1 => Some(Having::DivideBy(rng.random_range(1..12))),
+        2 => Some(Having::SumAbove(
+            metrics[rng.random_range(0..3)],
+            f64::from(rng.random_range(0..50_000u32)),
+        )),
+        _ => None,
+    };
+    // With a LIMIT the engine may stop before it reaches the group a
+    // division fails on; the reference does not model that.
+    if rng.random_bool(0.3) && !matches!(q.having, Some(Having::DivideBy(_))) {
+        q.limit = Some(rng.random_range(0..4));
+    }
+    q
+}
+
+impl Query {
+    pub fn sql(&self) -> String {
+        if let Some((_, sql)) = &self.refused {
+            return sql.clone();
+        }
+        let mut select: Vec<String> = self.group.iter().map(|d| d.sql().to_string()).collect();
+        select.extend(self.aggs.iter().map(|a| a.sql()));
+        let on = match self.join {
+            Join::Email => "c.email = a.email",
+            Join::Phone => "c.phone = a.phone",
+            Join::Both => "c.email = a.email AND c.phone = a.phone",
+        };
+        let mut sql = format!(
+            "SELECT {} FROM customers c JOIN audience a ON {on}",
+            select.join(", ")
+        );
+        if let Some(p) = &self.filter {
+            sql += &format!(" WHERE {}", p.sql());
+        }
+        if !self.group.is_empty() {
+            let g: Vec<&str> = self.group.iter().map(|d| d.sql()).collect();
+            sql += &format!(" GROUP BY {}", g.join(", "));
+        }
+        match self.having {
+            Some(Having::CountAtLeast(k)) => sql += &format!(" HAVING COUNT(*) >= {k}"),
+            Some(Having::DivideBy(k)) => sql += &format!(" HAVING 1 / (COUNT(*) - {k}) >= 0"),
+            Some(Having::SumAbove(m, v)) => sql += &format!(" HAVING SUM({}) > {v:.1}", m.sql()),
+            None => {}
+        }
+        if let Some(n) = self.limit {
+            if !self.group.is_empty() {
+                let g: Vec<String> = self
+                    .group
+                    .iter()
+                    .map(|d| format!("{} NULLS FIRST", d.sql()))
+                    .collect();
+                sql += &format!(" ORDER BY {}", g.join(", "));
+            }
+            sql += &format!(" LIMIT {n}");
+        }
+        sql
+    }
+}
+
+/// One output row: group values, then aggregate values (None is NULL).
+type OutRow = (Vec<Option<String>>, Vec<Option<f64>>);
+
+/// What the reference expects: rows, or an error above the boundary.
+#[derive(Debug)]
+enum Expected {
+    Rows(Vec<OutRow>),
+    OutputError,
+}
+
+#[derive(Default)]
+struct Group {
+    rows: i64,
+    people: BTreeSet<u64>,
+    emails: BTreeSet<u64>,
+    values: Vec<Vec<f64>>,
+    /// Values of the metric HAVING sums, if any.
+    having: Vec<f64>,
+}
+
+fn reference(q: &Query, d: &Data, min: u32) -> Expected {
+    let mut groups: BTreeMap<Vec<Option<&str>>, Group> = BTreeMap::new();
+    if q.group.is_empty() {
+        groups.insert(Vec::new(), Group::default());
+    }
+    for c in &d.customers {
+        for a in &d.audience {
+            let joined = match q.join {
+                Join::Email => c.id == a.id,
+                Join::Phone => c.phone && a.phone && c.id == a.id,
+                Join::Both => c.id == a.id && c.phone && a.phone,
+            };
+            if !joined || q.filter.as_ref().is_some_and(|p| p.eval(c, a) != Some(true)) {
+                continue;
+            }
+            let key: Vec<Option<&str>> = q.group.iter().map(|g| g.of(c, a)).collect();
+            let g = groups.entry(key).or_default();
+            g.rows += 1;
+            g.people.insert(c.id);
+            g.emails.insert(c.id);
+            if g.values.is_empty() {
+                g.values = vec![Vec::new(); q.aggs.len()];
+            }
+            for (i, agg) in q.aggs.iter().enumerate() {
+                let m = match agg {
+                    Agg::Count(m) | Agg::Sum(m) | Agg::Avg(m) => m.of(c, a),
+                    _ => None,
+                };
+                if let Some(v) = m {
+                    g.values[i].push(v);
+                }
+            }
+            if let Some(Having::SumAbove(m, _)) = q.having
+                && let Some(v) = m.of(c, a)
+            {
+                g.having.push(v);
+            }
+        }
+    }
+    let mut out = Vec::new();
+    for (key, g) in &groups {
+        // The release boundary: only groups of enough people go on.
+        if (g.people.len() as u64) < u64::from(min) {
+            continue;
+        }
+        let values: Vec<Option<f64>> = q
+            .aggs
+            .iter()
+            .enumerate()
+            .map(|(i, agg)| {
+                let vs = g.values.get(i).cloned().unwrap_or_default();
+                match agg {
+                    Agg::CountStar => Some(g.rows as f64),
+                    Agg::People => Some(g.emails.len() as f64),
+                    Agg::Count(_) => Some(vs.len() as f64),
+                    Agg::Sum(_) => (!vs.is_empty()).then(|| vs.iter().sum()),
+                    Agg::Avg(_) => (!vs.is_empty()).then(|| vs.iter().sum::<f64>() / vs.len() as f64),
+                }
+            })
+            .collect();
+        let keep = match q.having {
+            None => true,
+            Some(Having::CountAtLeast(k)) => g.rows >= k,
+            Some(Having::DivideBy(k)) => {
+                if g.rows == k {
+                    return Expected::OutputError;
+                }
+                1 / (g.rows - k) >= 0
+            }
+            Some(Having::SumAbove(_, v)) => !g.having.is_empty() && g.having.iter().sum::<f64>() > v,
+        };
+        if keep {
+            out.push((key.iter().map(|k| k.map(String::from)).collect(), values));
+        }
+    }
+    // BTreeMap order is the ORDER BY of the group columns, NULLS FIRST.
+    if let Some(n) = q.limit {
+        out.truncate(n);
+    }
+    Expected::Rows(out)
+}
+
+fn product_rows(batches: &[RecordBatch], groups: usize) -> Vec<OutRow> {
+    let mut out = Vec::new();
+    for b in batches {
+        let strings: Vec<_> = (0..groups)
+            .map(|i| arrow::compute::cast(b.column(i), &DataType::Utf8).unwrap())
+            .collect();
+        let numbers: Vec<_> = (groups..b.num_columns())
+            .map(|i| arrow::compute::cast(b.column(i), &DataType::Float64).unwrap())
+            .collect();
+        for r in 0..b.num_rows() {
+            let key = strings
+                .iter()
+                .map(|s| (!s.is_null(r)).then(|| s.as_string::<i32>().value(r).to_string()))
+                .collect();
+            let values = numbers
+                .iter()
+                .map(|n| (!n.is_null(r)).then(|| n.as_primitive::<Float64Type>().value(r)))
+                .collect();
+            out.push((key, values));
+        }
+    }
+    out
+}
+
+fn close(a: &OutRow, b: &OutRow) -> bool {
+    a.0 == b.0
+        && a.1.len() == b.1.len()
+        && a.1.iter().zip(&b.1).all(|(x, y)| match (x, y) {
+            (Some(x), Some(y)) => (x - y).abs() <= 1e-6 * x.abs().max(y.abs()).max(1.0),
+            (None, None) => true,
+            _ => false,
+        })
+}
+
+/// Counts of what a run of the suite saw.
+#[derive(Debug, Default, Clone, Copy)]
+pub struct Tally {
+    pub queries: u64,
+    pub accepted: u64,
+    pub refused: u64,
+    pub output_errors: u64,
+    pub rows_compared: u64,
+    pub groups_held_back: u64,
+}
+
+/// Runs `n` random queries from `seed`; the first failure as text.
+pub async fn suite(policy: &Policy, seed: u64, n: u64) -> Result<Tally, String> {
+    let min = policy.query().min_group_size();
+    let first = data(policy, seed, 400);
+    let second = data(policy, seed ^ 0x9e37_79b9_7f4a_7c15, 400);
+    let mut rng = StdRng::seed_from_u64(seed.wrapping_add(1));
+    let mut tally = Tally::default();
+    for i in 0..n {
+        let q = query(&mut rng);
+        let sql = q.sql();
+        let fail = |what: String| format!("seed {seed}, query {i}: {sql}\n{what}");
+        tally.queries += 1;
+        let mut refusals = Vec::new();
+        for d in [&first, &second] {
+            let outcome = run(policy, &d.tables, &sql).await;
+            let refusal = match &outcome {
+                Err(QueryError::Refused(v)) => Some(v.to_string()),
+                _ => None,
+            };
+            refusals.push(refusal.clone());
+            if let Some((rule, _)) = &q.refused {
+                match &outcome {
+                    Err(QueryError::Refused(v)) if v.rule == *rule => {}
+                    other => {
+                        return Err(fail(format!(
+                            "expected rule {rule}, got {:?}",
+                            other.as_ref().map(|o| o.rows())
+                        )));
+                    }
+                }
+                continue;
+            }
+            let expected = reference(&q, d, min);
+            match (&outcome, &expected) {
+                (Err(QueryError::Output), Expected::OutputError) => tally.output_errors += 1,
+                (Ok(o), Expected::Rows(rows)) => {
+                    let got = product_rows(&o.batches, q.group.len());
+                    let mut got_sorted = got.clone();
+                    got_sorted.sort_by(|a, b| a.0.cmp(&b.0));
+                    let mut want = rows.clone();
+                    want.sort_by(|a, b| a.0.cmp(&b.0));
+                    if got_sorted.len() != want.len()
+                        || !got_sorted.iter().zip(&want).all(|(a, b)| close(a, b))
+                    {
+                        return Err(fail(format!("product {got:?}\nreference {rows:?}")));
+                    }
+                    tally.rows_compared += got.len() as u64;
+                }
+                (other, expected) => {
+                    return Err(fail(format!(
+                        "product {:?}, reference {expected:?}",
+                        other.as_ref().map(|o| o.rows()).map_err(|e| e.to_string())
+                    )));
+                }
+            }
+        }
+        if refusals[0] != refusals[1] {
+            return Err(fail(format!(
+                "refusal depends on the data: {:?} vs {:?}",
+                refusals[0], refusals[1]
+            )));
+        }
+        match (&q.refused, &refusals[0]) {
+            (Some(_), _) | (None, Some(_)) => tally.refused += 1,
+            (None, None) => tally.accepted += 1,
+        }
+        if refusals[0].is_some() && q.refused.is_none() {
+            return Err(fail(format!("refused: {:?}", refusals[0])));
+        }
+    }
+    tally.groups_held_back = held_back(policy, &first);
+    Ok(tally)
+}
+
+/// Groups of the finest grouping that the minimum holds back in `d`: the
+/// suite's data must have some, or it tests nothing.
+fn held_back(policy: &Policy, d: &Data) -> u64 {
+    let mut people: BTreeMap<(Option<&str>, Option<&str>, Option<&str>), BTreeSet<u64>> =
+        BTreeMap::new();
+    for c in &d.customers {
+        for a in d.audience.iter().filter(|a| a.id == c.id) {
+            people
+                .entry((c.region, c.age_band, a.segment))
+                .or_default()
+                .insert(c.id);
+        }
+    }
+    let min = policy.query().min_group_size() as usize;
+    people.values().filter(|p| p.len() < min).count() as u64
+}

@@ -1,0 +1,28 @@
+//! Differential testing of governed queries against an independent
+//! reference computation (tests/common/differential.rs). A failure prints
+//! its seed and query; `cargo bench --bench differential` runs thousands.
+
+mod common;
+
+use common::differential::suite;
+use common::people::demo_policy;
+
+#[tokio::test]
+async fn random_queries_equal_the_reference_without_small_groups() {
+    let policy = demo_policy(None, 10);
+    let seed = std::env::var("CLEANROOM_DIFF_SEED")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(20_261_125);
+    let tally = match suite(&policy, seed, 300).await {
+        Ok(t) => t,
+        Err(failure) => panic!("{failure}\n(rerun with CLEANROOM_DIFF_SEED={seed})"),
+    };
+    eprintln!("differential: {tally:?}");
+    assert_eq!(tally.queries, 300);
+    assert!(tally.accepted > 150, "{tally:?}");
+    assert!(tally.refused > 10, "{tally:?}");
+    assert!(tally.output_errors > 0, "{tally:?}");
+    assert!(tally.rows_compared > 300, "{tally:?}");
+    assert!(tally.groups_held_back > 10, "{tally:?}");
+}
