@@ -10,7 +10,7 @@
 //! caller without a certificate get. Then both partners fingerprint
 //! synthetic customer files on "their" side and upload them (one upload is
 //! refused), the overlap is counted, acme's analyst runs governed aggregate
-//! queries (two refused, with their rules), and the audit log is shown.
+//! queries (three refused, with their rules), and the audit log is shown.
 //! Everything lives in a temporary folder.
 
 use std::time::Duration;
@@ -230,6 +230,13 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     }
     let max = "SELECT c.region, MAX(c.lifetime_value) FROM customers c JOIN audience a ON c.email = a.email GROUP BY c.region";
     match acme.query("retail-media-demo", max).await {
+        Err(e) => println!("   refused: {e}"),
+        Ok(_) => return Err("expected PERMISSION_DENIED".into()),
+    }
+    // An error probe: a cast that fails on large values would say whether
+    // some hidden row holds one. Refused before any data is read, free.
+    let probe = "SELECT COUNT(*), SUM(CAST(c.lifetime_value AS TINYINT)) FROM customers c JOIN audience a ON c.email = a.email WHERE c.region = 'north'";
+    match acme.query("retail-media-demo", probe).await {
         Err(e) => println!("   refused: {e}"),
         Ok(_) => return Err("expected PERMISSION_DENIED".into()),
     }

@@ -70,7 +70,9 @@ pub fn data(policy: &Policy, seed: u64, people: u64) -> Data {
                     region,
                     age_band,
                     segment: None,
-                    ltv: maybe(&mut rng, |r| f64::from(r.random_range(0..500_000u32)) / 100.0),
+                    ltv: maybe(&mut rng, |r| {
+                        f64::from(r.random_range(0..500_000u32)) / 100.0
+                    }),
                     exposures: None,
                     spend: None,
                 });
@@ -271,27 +273,75 @@ fn pred(rng: &mut StdRng, depth: u32) -> Pred {
         }
         4 => Pred::IsNull(d),
         5 => Pred::Not(Box::new(pred(rng, depth - 1))),
-        6 => Pred::And(Box::new(pred(rng, depth - 1)), Box::new(pred(rng, depth - 1))),
-        _ => Pred::Or(Box::new(pred(rng, depth - 1)), Box::new(pred(rng, depth - 1))),
+        6 => Pred::And(
+            Box::new(pred(rng, depth - 1)),
+            Box::new(pred(rng, depth - 1)),
+        ),
+        _ => Pred::Or(
+            Box::new(pred(rng, depth - 1)),
+            Box::new(pred(rng, depth - 1)),
+        ),
     }
 }
 
 /// Constructs the checker must refuse, whatever the data: (rule, SQL).
 const REFUSED: [(&str, &str); 14] = [
-    ("query.cast", "SELECT SUM(CAST(c.lifetime_value AS TINYINT)) FROM customers c JOIN audience a ON c.email = a.email"),
-    ("query.cast", "SELECT c.region, SUM(CAST(a.spend AS INT)) FROM customers c JOIN audience a ON c.email = a.email GROUP BY c.region"),
-    ("query.cast", "SELECT COUNT(*) FROM customers c JOIN audience a ON c.email = a.email WHERE c.region = 3"),
-    ("query.cast", "SELECT COUNT(*) FROM customers c JOIN audience a ON c.email = a.email WHERE CAST(a.interest_segment AS BIGINT) > 2"),
-    ("query.cast", "SELECT COUNT(*) FROM customers c JOIN audience a ON CAST(c.phone AS VARCHAR) = CAST(a.phone AS VARCHAR)"),
-    ("query.cast", "SELECT AVG(TRY_CAST(a.ad_exposures AS TINYINT)) FROM customers c JOIN audience a ON c.email = a.email"),
-    ("query.expression", "SELECT COUNT(*) FROM customers c JOIN audience a ON c.email = a.email WHERE c.region = 'north' AND 7 / 0 = 1"),
-    ("query.expression", "SELECT COUNT(*) FROM customers c JOIN audience a ON c.email = a.email WHERE (2 << 65) > 1"),
-    ("query.aggregate_argument", "SELECT SUM(a.ad_exposures * 9223372036854775807) FROM customers c JOIN audience a ON c.email = a.email"),
-    ("query.aggregate_argument", "SELECT SUM(a.spend / 0) FROM customers c JOIN audience a ON c.email = a.email"),
-    ("query.filter", "SELECT COUNT(*) FROM customers c JOIN audience a ON c.email = a.email WHERE a.spend > 100"),
-    ("query.group_by", "SELECT a.ad_exposures, COUNT(*) FROM customers c JOIN audience a ON c.email = a.email GROUP BY a.ad_exposures"),
-    ("query.join", "SELECT COUNT(*) FROM customers c LEFT JOIN audience a ON c.email = a.email"),
-    ("query.aggregate", "SELECT c.lifetime_value FROM customers c JOIN audience a ON c.email = a.email"),
+    (
+        "query.cast",
+        "SELECT SUM(CAST(c.lifetime_value AS TINYINT)) FROM customers c JOIN audience a ON c.email = a.email",
+    ),
+    (
+        "query.cast",
+        "SELECT c.region, SUM(CAST(a.spend AS INT)) FROM customers c JOIN audience a ON c.email = a.email GROUP BY c.region",
+    ),
+    (
+        "query.cast",
+        "SELECT COUNT(*) FROM customers c JOIN audience a ON c.email = a.email WHERE c.region = 3",
+    ),
+    (
+        "query.cast",
+        "SELECT COUNT(*) FROM customers c JOIN audience a ON c.email = a.email WHERE CAST(a.interest_segment AS BIGINT) > 2",
+    ),
+    (
+        "query.cast",
+        "SELECT COUNT(*) FROM customers c JOIN audience a ON CAST(c.phone AS VARCHAR) = CAST(a.phone AS VARCHAR)",
+    ),
+    (
+        "query.cast",
+        "SELECT AVG(TRY_CAST(a.ad_exposures AS TINYINT)) FROM customers c JOIN audience a ON c.email = a.email",
+    ),
+    (
+        "query.expression",
+        "SELECT COUNT(*) FROM customers c JOIN audience a ON c.email = a.email WHERE c.region = 'north' AND 7 / 0 = 1",
+    ),
+    (
+        "query.expression",
+        "SELECT COUNT(*) FROM customers c JOIN audience a ON c.email = a.email WHERE (2 << 65) > 1",
+    ),
+    (
+        "query.aggregate_argument",
+        "SELECT SUM(a.ad_exposures * 9223372036854775807) FROM customers c JOIN audience a ON c.email = a.email",
+    ),
+    (
+        "query.aggregate_argument",
+        "SELECT SUM(a.spend / 0) FROM customers c JOIN audience a ON c.email = a.email",
+    ),
+    (
+        "query.filter",
+        "SELECT COUNT(*) FROM customers c JOIN audience a ON c.email = a.email WHERE a.spend > 100",
+    ),
+    (
+        "query.group_by",
+        "SELECT a.ad_exposures, COUNT(*) FROM customers c JOIN audience a ON c.email = a.email GROUP BY a.ad_exposures",
+    ),
+    (
+        "query.join",
+        "SELECT COUNT(*) FROM customers c LEFT JOIN audience a ON c.email = a.email",
+    ),
+    (
+        "query.aggregate",
+        "SELECT c.lifetime_value FROM customers c JOIN audience a ON c.email = a.email",
+    ),
 ];
 
 pub fn query(rng: &mut StdRng) -> Query {
@@ -422,7 +472,11 @@ fn reference(q: &Query, d: &Data, min: u32) -> Expected {
                 Join::Phone => c.phone && a.phone && c.id == a.id,
                 Join::Both => c.id == a.id && c.phone && a.phone,
             };
-            if !joined || q.filter.as_ref().is_some_and(|p| p.eval(c, a) != Some(true)) {
+            if !joined
+                || q.filter
+                    .as_ref()
+                    .is_some_and(|p| p.eval(c, a) != Some(true))
+            {
                 continue;
             }
             let key: Vec<Option<&str>> = q.group.iter().map(|g| g.of(c, a)).collect();
@@ -466,7 +520,9 @@ fn reference(q: &Query, d: &Data, min: u32) -> Expected {
                     Agg::People => Some(g.emails.len() as f64),
                     Agg::Count(_) => Some(vs.len() as f64),
                     Agg::Sum(_) => (!vs.is_empty()).then(|| vs.iter().sum()),
-                    Agg::Avg(_) => (!vs.is_empty()).then(|| vs.iter().sum::<f64>() / vs.len() as f64),
+                    Agg::Avg(_) => {
+                        (!vs.is_empty()).then(|| vs.iter().sum::<f64>() / vs.len() as f64)
+                    }
                 }
             })
             .collect();
@@ -479,7 +535,9 @@ fn reference(q: &Query, d: &Data, min: u32) -> Expected {
                 }
                 1 / (g.rows - k) >= 0
             }
-            Some(Having::SumAbove(_, v)) => !g.having.is_empty() && g.having.iter().sum::<f64>() > v,
+            Some(Having::SumAbove(_, v)) => {
+                !g.having.is_empty() && g.having.iter().sum::<f64>() > v
+            }
         };
         if keep {
             out.push((key.iter().map(|k| k.map(String::from)).collect(), values));
