@@ -669,11 +669,17 @@ pub async fn suite(policy: &Policy, seed: u64, n: u64) -> Result<Tally, String> 
     Ok(tally)
 }
 
+/// A group of the finest grouping: region, age band, segment.
+type FinestKey = (
+    Option<&'static str>,
+    Option<&'static str>,
+    Option<&'static str>,
+);
+
 /// Groups of the finest grouping that the minimum holds back in `d`: the
 /// suite's data must have some, or it tests nothing.
 fn held_back(policy: &Policy, d: &Data) -> u64 {
-    let mut people: BTreeMap<(Option<&str>, Option<&str>, Option<&str>), BTreeSet<u64>> =
-        BTreeMap::new();
+    let mut people: BTreeMap<FinestKey, BTreeSet<u64>> = BTreeMap::new();
     for c in &d.customers {
         for a in d.audience.iter().filter(|a| a.id == c.id) {
             people
