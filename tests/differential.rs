@@ -4,7 +4,7 @@
 
 mod common;
 
-use common::differential::suite;
+use common::differential::{suite, suite_private};
 use common::people::demo_policy;
 
 #[tokio::test]
@@ -25,4 +25,22 @@ async fn random_queries_equal_the_reference_without_small_groups() {
     assert!(tally.output_errors > 0, "{tally:?}");
     assert!(tally.rows_compared > 300, "{tally:?}");
     assert!(tally.groups_held_back > 10, "{tally:?}");
+}
+
+#[tokio::test]
+async fn random_private_queries_release_only_groups_of_enough_people() {
+    let policy = demo_policy(
+        Some(
+            "epsilon_total = 1e9\nepsilon_per_query_max = 1.0\ndelta = 1e-5\nmax_groups_per_person = 2",
+        ),
+        10,
+    );
+    let seed = 7_261_125;
+    let tally = match suite_private(&policy, seed, 150).await {
+        Ok(t) => t,
+        Err(failure) => panic!("{failure}"),
+    };
+    eprintln!("differential, private: {tally:?}");
+    assert!(tally.accepted > 100, "{tally:?}");
+    assert!(tally.rows_compared > 50, "{tally:?}");
 }

@@ -460,8 +460,9 @@ struct Group {
     having: Vec<f64>,
 }
 
-fn reference(q: &Query, d: &Data, min: u32) -> Expected {
-    let mut groups: BTreeMap<Vec<Option<&str>>, Group> = BTreeMap::new();
+/// The groups of `q` over `d`, before any minimum.
+fn groups(q: &Query, d: &Data) -> BTreeMap<Vec<Option<&'static str>>, Group> {
+    let mut groups: BTreeMap<Vec<Option<&'static str>>, Group> = BTreeMap::new();
     if q.group.is_empty() {
         groups.insert(Vec::new(), Group::default());
     }
@@ -503,6 +504,11 @@ fn reference(q: &Query, d: &Data, min: u32) -> Expected {
             }
         }
     }
+    groups
+}
+
+fn reference(q: &Query, d: &Data, min: u32) -> Expected {
+    let groups = groups(q, d);
     let mut out = Vec::new();
     for (key, g) in &groups {
         // The release boundary: only groups of enough people go on.
@@ -675,6 +681,67 @@ type FinestKey = (
     Option<&'static str>,
     Option<&'static str>,
 );
+
+/// Under differential privacy: runs `n` random queries from `seed` and
+/// checks that every released row is a group of at least the minimum of
+/// people in the exact data (values are noisy, so they are not compared),
+/// and that refusals do not depend on the data.
+pub async fn suite_private(policy: &Policy, seed: u64, n: u64) -> Result<Tally, String> {
+    let min = policy.query().min_group_size() as usize;
+    let first = data(policy, seed, 400);
+    let second = data(policy, seed ^ 0x5851_f42d_4c95_7f2d, 400);
+    let mut rng = StdRng::seed_from_u64(seed.wrapping_add(2));
+    let mut tally = Tally::default();
+    for i in 0..n {
+        let q = query(&mut rng);
+        let sql = q.sql();
+        let fail = |what: String| format!("seed {seed}, query {i}: {sql}\n{what}");
+        tally.queries += 1;
+        let mut refusals = Vec::new();
+        for d in [&first, &second] {
+            let outcome = run(policy, &d.tables, &sql).await;
+            refusals.push(match &outcome {
+                Err(QueryError::Refused(v)) => Some(v.to_string()),
+                _ => None,
+            });
+            match &outcome {
+                Ok(o) => {
+                    let exact = groups(&q, d);
+                    for (key, _) in product_rows(&o.batches, q.group.len()) {
+                        let people = exact
+                            .iter()
+                            .find(|(k, _)| {
+                                k.iter().map(|v| v.map(String::from)).collect::<Vec<_>>() == key
+                            })
+                            .map_or(0, |(_, g)| g.people.len());
+                        if people < min {
+                            return Err(fail(format!(
+                                "released group {key:?} stands for {people} people"
+                            )));
+                        }
+                        tally.rows_compared += 1;
+                    }
+                }
+                Err(QueryError::Output) => tally.output_errors += 1,
+                Err(QueryError::Refused(_)) => {}
+                Err(e @ QueryError::Engine(_)) => return Err(fail(format!("engine: {e}"))),
+            }
+        }
+        if refusals[0] != refusals[1] {
+            return Err(fail(format!(
+                "refusal depends on the data: {:?} vs {:?}",
+                refusals[0], refusals[1]
+            )));
+        }
+        if refusals[0].is_some() {
+            tally.refused += 1;
+        } else {
+            tally.accepted += 1;
+        }
+    }
+    tally.groups_held_back = held_back(policy, &first);
+    Ok(tally)
+}
 
 /// Groups of the finest grouping that the minimum holds back in `d`: the
 /// suite's data must have some, or it tests nothing.
