@@ -27,14 +27,7 @@ async fn main() {
     let mut total = Tally::default();
     for seed in 0..seeds {
         match suite(&policy, 1_000 + seed, queries).await {
-            Ok(t) => {
-                total.queries += t.queries;
-                total.accepted += t.accepted;
-                total.refused += t.refused;
-                total.output_errors += t.output_errors;
-                total.rows_compared += t.rows_compared;
-                total.groups_held_back += t.groups_held_back;
-            }
+            Ok(t) => total.add(&t),
             Err(failure) => {
                 eprintln!("FAILED: {failure}");
                 std::process::exit(1);
@@ -68,12 +61,7 @@ async fn main() {
     let mut total = Tally::default();
     for seed in 0..seeds {
         match suite_private(&private, 5_000 + seed, queries / 2).await {
-            Ok(t) => {
-                total.queries += t.queries;
-                total.accepted += t.accepted;
-                total.refused += t.refused;
-                total.rows_compared += t.rows_compared;
-            }
+            Ok(t) => total.add(&t),
             Err(failure) => {
                 eprintln!("FAILED (private): {failure}");
                 std::process::exit(1);

@@ -588,28 +588,39 @@ pub async fn serve(
 /// The server's own work between calls: re-reading the policy folder when
 /// it changes, and deleting data retention and expiry no longer allow.
 fn spawn_background(state: &AppState, options: &ServerOptions) -> Background {
+    let (stop, stopped) = tokio::sync::watch::channel(false);
     let maintenance = {
         let state = state.clone();
         let every = options.maintenance_interval;
+        let mut stopped = stopped.clone();
         tokio::spawn(async move {
             loop {
+                // Run to the end even when asked to stop: the blocking work
+                // holds the store, which must be free once `serve` returns.
                 let s = state.clone();
                 match tokio::task::spawn_blocking(move || s.run_maintenance()).await {
                     Ok(Ok(())) => {}
                     Ok(Err(e)) => tracing::error!(error = %e, "retention and expiry"),
                     Err(e) => tracing::error!(error = %e, "retention and expiry"),
                 }
-                tokio::time::sleep(every).await;
+                tokio::select! {
+                    _ = tokio::time::sleep(every) => {}
+                    _ = stopped.changed() => break,
+                }
             }
         })
     };
     let state = state.clone();
     let dir = options.policies_dir.clone();
     let poll = options.policy_poll;
+    let mut stopped = stopped;
     let reload = tokio::spawn(async move {
         let mut last = crate::policy::reload::folder_digest(&dir);
         loop {
-            tokio::time::sleep(poll).await;
+            tokio::select! {
+                _ = tokio::time::sleep(poll) => {}
+                _ = stopped.changed() => break,
+            }
             let digest = crate::policy::reload::folder_digest(&dir);
             if digest != last {
                 last = digest;
@@ -621,6 +632,7 @@ fn spawn_background(state: &AppState, options: &ServerOptions) -> Background {
         }
     });
     Background {
+        stop,
         tasks: vec![maintenance, reload],
     }
 }
@@ -628,16 +640,16 @@ fn spawn_background(state: &AppState, options: &ServerOptions) -> Background {
 /// Background tasks, stopped with the server.
 #[derive(Debug)]
 struct Background {
+    stop: tokio::sync::watch::Sender<bool>,
     tasks: Vec<tokio::task::JoinHandle<()>>,
 }
 
 impl Background {
-    /// Stops the tasks and waits until they are gone, so nothing holds the
-    /// data directory once `serve` returns.
+    /// Stops the tasks between two runs and waits until they are gone, so
+    /// nothing holds the data directory once `serve` returns. (Aborting
+    /// would not do: a blocking run goes on after its task is aborted.)
     async fn stop(self) {
-        for t in &self.tasks {
-            t.abort();
-        }
+        let _ = self.stop.send(true);
         for t in self.tasks {
             let _ = t.await;
         }

@@ -16,7 +16,7 @@ use arrow::array::{Array, AsArray};
 use arrow::datatypes::{DataType, Float64Type};
 use arrow::record_batch::RecordBatch;
 use cleanroom::policy::Policy;
-use cleanroom::query::{QueryError, TableData, run};
+use cleanroom::query::{QueryError, QueryOutcome, TableData, run};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 
@@ -601,96 +601,29 @@ pub struct Tally {
     pub groups_held_back: u64,
 }
 
-/// Runs `n` random queries from `seed`; the first failure as text.
-pub async fn suite(policy: &Policy, seed: u64, n: u64) -> Result<Tally, String> {
-    let min = policy.query().min_group_size();
+impl Tally {
+    /// Adds another run's counts.
+    pub fn add(&mut self, other: &Tally) {
+        self.queries += other.queries;
+        self.accepted += other.accepted;
+        self.refused += other.refused;
+        self.output_errors += other.output_errors;
+        self.rows_compared += other.rows_compared;
+        self.groups_held_back += other.groups_held_back;
+    }
+}
+
+/// What one suite checks of one outcome on one data set.
+type Check =
+    fn(&Query, &Data, &Result<QueryOutcome, QueryError>, &Policy, &mut Tally) -> Result<(), String>;
+
+/// Runs `n` random queries from `seed` on two unrelated data sets, checks
+/// each outcome with `check` and that refusals are the same on both; the
+/// first failure as text, with its seed and query.
+async fn drive(policy: &Policy, seed: u64, n: u64, check: Check) -> Result<Tally, String> {
     let first = data(policy, seed, 400);
     let second = data(policy, seed ^ 0x9e37_79b9_7f4a_7c15, 400);
     let mut rng = StdRng::seed_from_u64(seed.wrapping_add(1));
-    let mut tally = Tally::default();
-    for i in 0..n {
-        let q = query(&mut rng);
-        let sql = q.sql();
-        let fail = |what: String| format!("seed {seed}, query {i}: {sql}\n{what}");
-        tally.queries += 1;
-        let mut refusals = Vec::new();
-        for d in [&first, &second] {
-            let outcome = run(policy, &d.tables, &sql).await;
-            let refusal = match &outcome {
-                Err(QueryError::Refused(v)) => Some(v.to_string()),
-                _ => None,
-            };
-            refusals.push(refusal.clone());
-            if let Some((rule, _)) = &q.refused {
-                match &outcome {
-                    Err(QueryError::Refused(v)) if v.rule == *rule => {}
-                    other => {
-                        return Err(fail(format!(
-                            "expected rule {rule}, got {:?}",
-                            other.as_ref().map(|o| o.rows())
-                        )));
-                    }
-                }
-                continue;
-            }
-            let expected = reference(&q, d, min);
-            match (&outcome, &expected) {
-                (Err(QueryError::Output), Expected::OutputError) => tally.output_errors += 1,
-                (Ok(o), Expected::Rows(rows)) => {
-                    let got = product_rows(&o.batches, q.group.len());
-                    let mut got_sorted = got.clone();
-                    got_sorted.sort_by(|a, b| a.0.cmp(&b.0));
-                    let mut want = rows.clone();
-                    want.sort_by(|a, b| a.0.cmp(&b.0));
-                    if got_sorted.len() != want.len()
-                        || !got_sorted.iter().zip(&want).all(|(a, b)| close(a, b))
-                    {
-                        return Err(fail(format!("product {got:?}\nreference {rows:?}")));
-                    }
-                    tally.rows_compared += got.len() as u64;
-                }
-                (other, expected) => {
-                    return Err(fail(format!(
-                        "product {:?}, reference {expected:?}",
-                        other.as_ref().map(|o| o.rows()).map_err(|e| e.to_string())
-                    )));
-                }
-            }
-        }
-        if refusals[0] != refusals[1] {
-            return Err(fail(format!(
-                "refusal depends on the data: {:?} vs {:?}",
-                refusals[0], refusals[1]
-            )));
-        }
-        match (&q.refused, &refusals[0]) {
-            (Some(_), _) | (None, Some(_)) => tally.refused += 1,
-            (None, None) => tally.accepted += 1,
-        }
-        if refusals[0].is_some() && q.refused.is_none() {
-            return Err(fail(format!("refused: {:?}", refusals[0])));
-        }
-    }
-    tally.groups_held_back = held_back(policy, &first);
-    Ok(tally)
-}
-
-/// A group of the finest grouping: region, age band, segment.
-type FinestKey = (
-    Option<&'static str>,
-    Option<&'static str>,
-    Option<&'static str>,
-);
-
-/// Under differential privacy: runs `n` random queries from `seed` and
-/// checks that every released row is a group of at least the minimum of
-/// people in the exact data (values are noisy, so they are not compared),
-/// and that refusals do not depend on the data.
-pub async fn suite_private(policy: &Policy, seed: u64, n: u64) -> Result<Tally, String> {
-    let min = policy.query().min_group_size() as usize;
-    let first = data(policy, seed, 400);
-    let second = data(policy, seed ^ 0x5851_f42d_4c95_7f2d, 400);
-    let mut rng = StdRng::seed_from_u64(seed.wrapping_add(2));
     let mut tally = Tally::default();
     for i in 0..n {
         let q = query(&mut rng);
@@ -704,28 +637,7 @@ pub async fn suite_private(policy: &Policy, seed: u64, n: u64) -> Result<Tally, 
                 Err(QueryError::Refused(v)) => Some(v.to_string()),
                 _ => None,
             });
-            match &outcome {
-                Ok(o) => {
-                    let exact = groups(&q, d);
-                    for (key, _) in product_rows(&o.batches, q.group.len()) {
-                        let people = exact
-                            .iter()
-                            .find(|(k, _)| {
-                                k.iter().map(|v| v.map(String::from)).collect::<Vec<_>>() == key
-                            })
-                            .map_or(0, |(_, g)| g.people.len());
-                        if people < min {
-                            return Err(fail(format!(
-                                "released group {key:?} stands for {people} people"
-                            )));
-                        }
-                        tally.rows_compared += 1;
-                    }
-                }
-                Err(QueryError::Output) => tally.output_errors += 1,
-                Err(QueryError::Refused(_)) => {}
-                Err(e @ QueryError::Engine(_)) => return Err(fail(format!("engine: {e}"))),
-            }
+            check(&q, d, &outcome, policy, &mut tally).map_err(fail)?;
         }
         if refusals[0] != refusals[1] {
             return Err(fail(format!(
@@ -742,6 +654,101 @@ pub async fn suite_private(policy: &Policy, seed: u64, n: u64) -> Result<Tally, 
     tally.groups_held_back = held_back(policy, &first);
     Ok(tally)
 }
+
+/// Thresholds only: every accepted answer equals the reference with small
+/// groups removed; errors only where the reference predicts them; the
+/// refused constructs by their rule, and nothing else refused.
+pub async fn suite(policy: &Policy, seed: u64, n: u64) -> Result<Tally, String> {
+    drive(policy, seed, n, check_exact).await
+}
+
+fn check_exact(
+    q: &Query,
+    d: &Data,
+    outcome: &Result<QueryOutcome, QueryError>,
+    policy: &Policy,
+    tally: &mut Tally,
+) -> Result<(), String> {
+    if let Some((rule, _)) = &q.refused {
+        return match outcome {
+            Err(QueryError::Refused(v)) if v.rule == *rule => Ok(()),
+            other => Err(format!(
+                "expected rule {rule}, got {:?}",
+                other.as_ref().map(|o| o.rows()).map_err(|e| e.to_string())
+            )),
+        };
+    }
+    match (outcome, reference(q, d, policy.query().min_group_size())) {
+        (Err(QueryError::Output), Expected::OutputError) => {
+            tally.output_errors += 1;
+            Ok(())
+        }
+        (Ok(o), Expected::Rows(rows)) => {
+            let got = product_rows(&o.batches, q.group.len());
+            let mut got_sorted = got.clone();
+            got_sorted.sort_by(|a, b| a.0.cmp(&b.0));
+            let mut want = rows.clone();
+            want.sort_by(|a, b| a.0.cmp(&b.0));
+            if got_sorted.len() != want.len()
+                || !got_sorted.iter().zip(&want).all(|(a, b)| close(a, b))
+            {
+                return Err(format!("product {got:?}\nreference {rows:?}"));
+            }
+            tally.rows_compared += got.len() as u64;
+            Ok(())
+        }
+        (other, expected) => Err(format!(
+            "product {:?}, reference {expected:?}",
+            other.as_ref().map(|o| o.rows()).map_err(|e| e.to_string())
+        )),
+    }
+}
+
+/// Under differential privacy: every released row is a group of at least
+/// the minimum of people in the exact data (values are noisy, so they are
+/// not compared), and refusals do not depend on the data.
+pub async fn suite_private(policy: &Policy, seed: u64, n: u64) -> Result<Tally, String> {
+    drive(policy, seed, n, check_private).await
+}
+
+fn check_private(
+    q: &Query,
+    d: &Data,
+    outcome: &Result<QueryOutcome, QueryError>,
+    policy: &Policy,
+    tally: &mut Tally,
+) -> Result<(), String> {
+    let min = policy.query().min_group_size() as usize;
+    match outcome {
+        Ok(o) => {
+            let exact = groups(q, d);
+            for (key, _) in product_rows(&o.batches, q.group.len()) {
+                let people = exact
+                    .iter()
+                    .find(|(k, _)| k.iter().map(|v| v.map(String::from)).collect::<Vec<_>>() == key)
+                    .map_or(0, |(_, g)| g.people.len());
+                if people < min {
+                    return Err(format!("released group {key:?} stands for {people} people"));
+                }
+                tally.rows_compared += 1;
+            }
+            Ok(())
+        }
+        Err(QueryError::Output) => {
+            tally.output_errors += 1;
+            Ok(())
+        }
+        Err(QueryError::Refused(_)) => Ok(()),
+        Err(e @ QueryError::Engine(_)) => Err(format!("engine: {e}")),
+    }
+}
+
+/// A group of the finest grouping: region, age band, segment.
+type FinestKey = (
+    Option<&'static str>,
+    Option<&'static str>,
+    Option<&'static str>,
+);
 
 /// Groups of the finest grouping that the minimum holds back in `d`: the
 /// suite's data must have some, or it tests nothing.
