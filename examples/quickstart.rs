@@ -221,7 +221,9 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         println!("   {line}");
     }
 
-    step("13. A query that would describe individuals is refused, with the rule it broke");
+    step(
+        "13. Queries that would describe or probe individuals are refused, with the rule they broke",
+    );
     let sneaky =
         "SELECT c.email, c.lifetime_value FROM customers c JOIN audience a ON c.email = a.email";
     match acme.query("retail-media-demo", sneaky).await {

@@ -692,7 +692,7 @@ fn total_cast(inner: &Expr, to: &DataType, scope: &Scope<'_>) -> Result<(), Viol
         Err(deny(
             "query.cast",
             format!(
-                "a conversion from {from} to {to} can fail or narrow on a value, and would run on rows before the minimum group size; compare a column with literals of its own type"
+                "a conversion from {from} to {to} can fail or narrow on a value, and beneath the aggregate it would run on rows no one may see; use the column's own type"
             ),
         ))
     }
