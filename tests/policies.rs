@@ -394,3 +394,30 @@ fn policy_check_command_exits_non_zero_and_lists_problems() {
     assert!(ok.status.success());
     assert!(String::from_utf8_lossy(&ok.stdout).starts_with("ok retail-media-demo:"));
 }
+
+#[test]
+fn deeply_nested_or_huge_policy_files_are_refused_not_fatal() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("deep.toml");
+    for text in [
+        format!("x = {}1{}", "[".repeat(100_000), "]".repeat(100_000)),
+        format!("x = {}", "{ a = ".repeat(100_000)),
+        format!("{}\n", "[a.".repeat(50_000)),
+        "x = \"".to_string() + &"a".repeat(5_000_000),
+    ] {
+        // Run where a stack overflow would abort the test process too.
+        let (text, path) = (text.clone(), path.clone());
+        let result = std::thread::Builder::new()
+            .stack_size(2 << 20)
+            .spawn(move || {
+                parse_policy(&text, &path)
+                    .map(|_| ())
+                    .map_err(|e| e.to_string())
+            })
+            .unwrap()
+            .join()
+            .unwrap();
+        let err = result.unwrap_err();
+        assert!(err.len() < 4_096, "{}", err.len());
+    }
+}

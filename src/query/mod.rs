@@ -14,6 +14,7 @@
 //! 4. Engine errors become fixed texts; their details stay in the server log.
 
 mod check;
+mod limits;
 pub mod private;
 mod release;
 
@@ -30,6 +31,7 @@ use datafusion::functions_aggregate::{average::avg_udaf, count::count_udaf, sum:
 use datafusion::prelude::{SessionConfig, SessionContext};
 
 pub use check::{AggregateUse, Checked, Violation, check};
+pub use limits::{MAX_DEPTH, MAX_TOKENS};
 
 use crate::policy::{ColumnRole, Dataset, Policy};
 
@@ -218,20 +220,51 @@ pub async fn plan_and_check(
     ),
     QueryError,
 > {
-    only_a_select(sql).map_err(QueryError::Refused)?;
+    limits::check_size(sql).map_err(QueryError::Refused)?;
     let ctx = session(tables).map_err(|e| QueryError::Engine(engine_failure(&e)))?;
-    let state = ctx.state();
-    let plan = state
-        .create_logical_plan(sql)
-        .await
-        .and_then(|plan| {
-            state
-                .analyzer()
-                .execute_and_check(plan, state.config_options(), |_, _| {})
-        })
-        .map_err(|e| QueryError::Refused(planning_refusal(&e, policy)))?;
-    let checked = check(&plan, policy).map_err(QueryError::Refused)?;
+    let (state, policy, sql) = (ctx.state(), policy.clone(), sql.to_string());
+    let (plan, checked) = on_planning_thread(move || {
+        only_a_select(&sql).map_err(QueryError::Refused)?;
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .build()
+            .map_err(|_| QueryError::Engine("planning runtime".into()))?;
+        let plan = runtime
+            .block_on(state.create_logical_plan(&sql))
+            .and_then(|plan| {
+                state
+                    .analyzer()
+                    .execute_and_check(plan, state.config_options(), |_, _| {})
+            })
+            .map_err(|e| QueryError::Refused(planning_refusal(&e, &policy)))?;
+        let checked = check(&plan, &policy).map_err(QueryError::Refused)?;
+        Ok((plan, checked))
+    })
+    .await?;
     Ok((ctx, plan, checked))
+}
+
+/// Stack of the thread that parses, plans and checks a query: far more
+/// than the limits of [`limits`] let a query need.
+const PLANNING_STACK: usize = 64 << 20;
+
+/// Runs `work` on a thread of its own with a large stack, so that no input
+/// within the limits can exhaust a runtime worker's stack; a panic there
+/// is reported as our fault, and the server goes on.
+async fn on_planning_thread<T: Send + 'static>(
+    work: impl FnOnce() -> Result<T, QueryError> + Send + 'static,
+) -> Result<T, QueryError> {
+    let (tx, rx) = tokio::sync::oneshot::channel();
+    std::thread::Builder::new()
+        .name("cleanroom-planner".into())
+        .stack_size(PLANNING_STACK)
+        .spawn(move || {
+            let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(work))
+                .unwrap_or_else(|_| Err(QueryError::Engine("planning panicked".into())));
+            let _ = tx.send(result);
+        })
+        .map_err(|_| QueryError::Engine("no planning thread".into()))?;
+    rx.await
+        .unwrap_or_else(|_| Err(QueryError::Engine("planning thread ended".into())))
 }
 
 /// Runs a governed query: under the minimum group size, and with
