@@ -131,7 +131,17 @@ pub fn verify(dir: &Path) -> Result<Verified, AuditError> {
     }
 }
 
-fn read_chain(dir: &Path, mut each: impl FnMut(&Entry)) -> Result<(Verified, u64), AuditError> {
+fn read_chain(dir: &Path, each: impl FnMut(&Entry)) -> Result<(Verified, u64), AuditError> {
+    read_chain_upto(dir, u64::MAX, each)
+}
+
+/// As [`read_chain`], stopping after entry `last`: entries appended while
+/// it reads are left alone, so it needs no lock.
+fn read_chain_upto(
+    dir: &Path,
+    last: u64,
+    mut each: impl FnMut(&Entry),
+) -> Result<(Verified, u64), AuditError> {
     let path = dir.join(LOG_FILE);
     let mut prev = GENESIS;
     let mut entries = 0u64;
@@ -150,6 +160,9 @@ fn read_chain(dir: &Path, mut each: impl FnMut(&Entry)) -> Result<(Verified, u64
     };
     let mut bytes = 0u64;
     for (i, line) in BufReader::new(file).lines().enumerate() {
+        if entries >= last {
+            break;
+        }
         let line = line.map_err(io(&path))?;
         bytes += line.len() as u64 + 1;
         let line_no = i as u64 + 1;
@@ -326,10 +339,22 @@ impl AuditLog {
 
     /// Entries about one agreement, oldest first.
     pub fn entries_for(&self, agreement: &str) -> Result<Vec<Entry>, AuditError> {
-        let _guard = self.state.lock().unwrap_or_else(|e| e.into_inner());
+        self.page_for(agreement, 0, usize::MAX)
+    }
+
+    /// At most `limit` entries about one agreement with a sequence number
+    /// above `after`, oldest first. Reads the entries written before the
+    /// call without holding the append lock, so appends go on meanwhile.
+    pub fn page_for(
+        &self,
+        agreement: &str,
+        after: u64,
+        limit: usize,
+    ) -> Result<Vec<Entry>, AuditError> {
+        let last = self.state.lock().unwrap_or_else(|e| e.into_inner()).seq;
         let mut out = Vec::new();
-        read_chain(&self.dir, |e| {
-            if e.agreement == agreement {
+        read_chain_upto(&self.dir, last, |e| {
+            if e.seq > after && e.agreement == agreement && out.len() < limit {
                 out.push(e.clone());
             }
         })?;

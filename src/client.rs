@@ -204,17 +204,38 @@ impl Client {
 
 impl Client {
     /// Audit entries of an agreement the caller is a party to.
+    /// Every audit entry of an agreement, following the pages.
     pub async fn audit_entries(
         &mut self,
         agreement_id: &str,
     ) -> Result<Vec<proto::AuditEntry>, ClientError> {
+        let mut entries = Vec::new();
+        let mut page_token = String::new();
+        loop {
+            let page = self.audit_page(agreement_id, 0, &page_token).await?;
+            entries.extend(page.entries);
+            if page.next_page_token.is_empty() {
+                return Ok(entries);
+            }
+            page_token = page.next_page_token;
+        }
+    }
+
+    /// One page of an agreement's audit entries.
+    pub async fn audit_page(
+        &mut self,
+        agreement_id: &str,
+        page_size: u32,
+        page_token: &str,
+    ) -> Result<proto::ListAuditEntriesResponse, ClientError> {
         Ok(AuditClient::new(self.channel.clone())
             .list_entries(proto::ListAuditEntriesRequest {
                 agreement_id: agreement_id.to_string(),
+                page_size,
+                page_token: page_token.to_string(),
             })
             .await?
-            .into_inner()
-            .entries)
+            .into_inner())
     }
 }
 

@@ -53,3 +53,84 @@ async fn a_deep_query_is_refused_and_the_server_answers_the_next() {
     }
     server.stop().await.unwrap();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn outsiders_cannot_grow_an_agreements_audit_log() {
+    use cleanroom::proto;
+    let server = TestServer::start().await;
+    let mut acme = server.client("acme").await;
+    let before = acme.audit_entries("retail-media-demo").await.unwrap();
+    let log = server
+        .data_dir
+        .path()
+        .join("data")
+        .join(cleanroom::audit::LOG_FILE);
+    let size = |p: &std::path::Path| std::fs::metadata(p).map(|m| m.len()).unwrap_or(0);
+    let bytes_before = size(&log);
+
+    // initech is party to nothing; it names the agreement with huge fields.
+    let initech = server.client("initech").await;
+    let huge = "d".repeat(3 << 20);
+    for _ in 0..2 {
+        let err = common::raw_upload(
+            &initech,
+            vec![common::header("x", &huge, "id-1"), common::commit(0, 0)],
+        )
+        .await
+        .unwrap_err();
+        assert_eq!(err.code(), Code::NotFound, "{}", err.message());
+        let err = proto::datasets_client::DatasetsClient::new(initech.channel())
+            .erase(proto::EraseRequest {
+                agreement_id: "retail-media-demo".into(),
+                dataset: huge.clone(),
+                ..Default::default()
+            })
+            .await
+            .unwrap_err();
+        assert_eq!(err.code(), Code::NotFound);
+    }
+    // A huge agreement id is refused by length, without echoing it.
+    let err = proto::datasets_client::DatasetsClient::new(initech.channel())
+        .erase(proto::EraseRequest {
+            agreement_id: huge.clone(),
+            ..Default::default()
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::InvalidArgument);
+    assert!(err.message().len() < 200, "{}", err.message().len());
+
+    // A party's own huge dataset name is refused by length and not kept.
+    let err = common::raw_upload(
+        &server.client("acme").await,
+        vec![common::header("x", &huge, "id-2"), common::commit(0, 0)],
+    )
+    .await
+    .unwrap_err();
+    assert_eq!(err.code(), Code::InvalidArgument);
+
+    let after = acme.audit_entries("retail-media-demo").await.unwrap();
+    assert_eq!(after.len(), before.len() + 1, "only acme's own refusal");
+    assert!(
+        size(&log) - bytes_before < 2_000,
+        "{}",
+        size(&log) - bytes_before
+    );
+    assert_eq!(after.last().unwrap().subject, None);
+
+    // Pages: at most the page size, and the client follows them.
+    for _ in 0..5 {
+        let _ = acme.query("retail-media-demo", "SELEC 1").await;
+    }
+    let page = acme.audit_page("retail-media-demo", 2, "").await.unwrap();
+    assert_eq!(page.entries.len(), 2);
+    assert!(!page.next_page_token.is_empty());
+    let all = acme.audit_entries("retail-media-demo").await.unwrap();
+    assert_eq!(all.len(), after.len() + 5);
+    let err = acme
+        .audit_page("retail-media-demo", 5_000, "")
+        .await
+        .unwrap_err();
+    assert_eq!(err.status().unwrap().code(), Code::InvalidArgument);
+    server.stop().await.unwrap();
+}

@@ -53,7 +53,7 @@ impl proto::agreements_server::Agreements for AgreementsService {
         Ok(Response::new(proto::ListAgreementsResponse { agreements }))
     }
 
-    #[tracing::instrument(skip_all, fields(agreement = %request.get_ref().agreement_id))]
+    #[tracing::instrument(skip_all, fields(agreement = %super::short(&request.get_ref().agreement_id)))]
     async fn get_agreement(
         &self,
         request: Request<proto::GetAgreementRequest>,

@@ -7,6 +7,9 @@ use super::auth::caller;
 use crate::error::ServiceError;
 use crate::proto;
 
+/// Most entries in one page.
+pub(super) const MAX_PAGE: usize = 1_000;
+
 /// Implements `cleanroom.v1.Audit`.
 #[derive(Debug, Clone)]
 pub struct AuditService {
@@ -21,7 +24,7 @@ impl AuditService {
 
 #[tonic::async_trait]
 impl proto::audit_server::Audit for AuditService {
-    #[tracing::instrument(skip_all, fields(agreement = %request.get_ref().agreement_id))]
+    #[tracing::instrument(skip_all, fields(agreement = %super::short(&request.get_ref().agreement_id)))]
     async fn list_entries(
         &self,
         request: Request<proto::ListAuditEntriesRequest>,
@@ -30,12 +33,34 @@ impl proto::audit_server::Audit for AuditService {
         let policy = self
             .state
             .agreement_for(&org, &request.get_ref().agreement_id)?;
+        let size = match request.get_ref().page_size {
+            0 => MAX_PAGE,
+            n if n as usize <= MAX_PAGE => n as usize,
+            _ => {
+                return Err(ServiceError::InvalidArgument {
+                    field: "page_size",
+                    rule: format!("at most {MAX_PAGE}"),
+                }
+                .into());
+            }
+        };
+        let after: u64 = match request.get_ref().page_token.as_str() {
+            "" => 0,
+            token => token.parse().map_err(|_| ServiceError::InvalidArgument {
+                field: "page_token",
+                rule: "must be a next_page_token this service returned".into(),
+            })?,
+        };
         let log = self.state.audit_log().clone();
         let id = policy.id().to_string();
-        let entries = tokio::task::spawn_blocking(move || log.entries_for(&id))
+        let entries = tokio::task::spawn_blocking(move || log.page_for(&id, after, size))
             .await
             .map_err(|e| ServiceError::Internal(format!("audit read task: {e}")))?
             .map_err(ServiceError::from)?;
+        let next_page_token = match entries.last() {
+            Some(e) if entries.len() == size => e.seq.to_string(),
+            _ => String::new(),
+        };
         let entries = entries
             .into_iter()
             .map(|e| proto::AuditEntry {
@@ -57,6 +82,9 @@ impl proto::audit_server::Audit for AuditService {
                 hash: e.hash,
             })
             .collect();
-        Ok(Response::new(proto::ListAuditEntriesResponse { entries }))
+        Ok(Response::new(proto::ListAuditEntriesResponse {
+            entries,
+            next_page_token,
+        }))
     }
 }

@@ -64,6 +64,7 @@ impl DatasetsService {
         request: &proto::EraseRequest,
     ) -> Result<proto::EraseResponse, ServiceError> {
         let policy = agreement_in_force(&self.state, org, &request.agreement_id)?;
+        super::bounded_name("dataset", &request.dataset)?;
         let Some(dataset) = policy.dataset(&request.dataset) else {
             return Err(bad(
                 "dataset",
@@ -228,6 +229,7 @@ impl DatasetsService {
         mut stream: Streaming<proto::UploadRequest>,
     ) -> Result<proto::UploadResponse, ServiceError> {
         let policy = agreement_in_force(&self.state, &org, &header.agreement_id)?;
+        super::bounded_name("dataset", &header.dataset)?;
         let Some(dataset) = policy.dataset(&header.dataset) else {
             return Err(bad(
                 "dataset",
@@ -407,7 +409,7 @@ impl proto::datasets_server::Datasets for DatasetsService {
         Ok(Response::new(outcome?))
     }
 
-    #[tracing::instrument(skip_all, fields(agreement = %request.get_ref().agreement_id))]
+    #[tracing::instrument(skip_all, fields(agreement = %super::short(&request.get_ref().agreement_id)))]
     async fn erase(
         &self,
         request: Request<proto::EraseRequest>,
@@ -432,7 +434,7 @@ impl proto::datasets_server::Datasets for DatasetsService {
         Ok(Response::new(outcome?))
     }
 
-    #[tracing::instrument(skip_all, fields(agreement = %request.get_ref().agreement_id))]
+    #[tracing::instrument(skip_all, fields(agreement = %super::short(&request.get_ref().agreement_id)))]
     async fn list_datasets(
         &self,
         request: Request<proto::ListDatasetsRequest>,

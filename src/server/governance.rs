@@ -223,7 +223,7 @@ impl GovernanceService {
 
 #[tonic::async_trait]
 impl proto::governance_server::Governance for GovernanceService {
-    #[tracing::instrument(skip_all, fields(agreement = %request.get_ref().agreement_id))]
+    #[tracing::instrument(skip_all, fields(agreement = %super::short(&request.get_ref().agreement_id)))]
     async fn access_report(
         &self,
         request: Request<proto::AccessReportRequest>,

@@ -45,6 +45,12 @@ fn pick_datasets<'p>(
         }
         policy.datasets().iter().collect()
     } else {
+        if names.len() > 2 {
+            return Err(bad("name exactly two different datasets".into()));
+        }
+        for n in names {
+            super::bounded_name("datasets", n)?;
+        }
         names
             .iter()
             .map(|n| {
@@ -205,7 +211,7 @@ impl MatchingService {
 
 #[tonic::async_trait]
 impl proto::matching_server::Matching for MatchingService {
-    #[tracing::instrument(skip_all, fields(agreement = %request.get_ref().agreement_id))]
+    #[tracing::instrument(skip_all, fields(agreement = %super::short(&request.get_ref().agreement_id)))]
     async fn overlap(
         &self,
         request: Request<proto::OverlapRequest>,

@@ -24,6 +24,7 @@ use tonic_health::ServingStatus;
 
 use crate::audit::{AuditError, AuditLog, Event};
 use crate::clock::Clock;
+use crate::error::ServiceError;
 use crate::policy::{PolicyError, PolicySet};
 use crate::proto::agreements_server::AgreementsServer;
 use crate::proto::audit_server::AuditServer;
@@ -308,21 +309,34 @@ impl AppState {
         outcome: &Result<T, crate::error::ServiceError>,
         details: impl FnOnce(&T, &mut Event),
     ) -> Result<(), crate::error::ServiceError> {
-        event.policy_hash = self.policy_hash(&event.agreement);
+        let policies = self.policies();
+        let Some(policy) = policies
+            .get(&event.agreement)
+            .filter(|p| p.party(&event.org).is_some())
+        else {
+            // Not the agreement's business: an outsider must not be able
+            // to grow a log the parties read. The operator sees it.
+            tracing::info!(
+                org = %event.org,
+                agreement = %short(&event.agreement),
+                action = event.action,
+                rule = %outcome.as_ref().err().map(ServiceError::rule).unwrap_or_default(),
+                "refused a caller who is not party to the agreement"
+            );
+            return Ok(());
+        };
+        event.policy_hash = policy.hash().to_hex();
         event.accepted = outcome.is_ok();
         match outcome {
             Ok(value) => details(value, &mut event),
-            Err(e) => event.rule = Some(e.rule()),
+            Err(e) => {
+                event.rule = Some(e.rule());
+                // A refused request's subject is kept only if it names a
+                // dataset of the agreement, never as the caller typed it.
+                event.subject = event.subject.filter(|s| policy.dataset(s).is_some());
+            }
         }
         self.audit(event)
-    }
-
-    /// The hash of the policy now in force for `id`, or empty if none.
-    pub(crate) fn policy_hash(&self, id: &str) -> String {
-        self.policies()
-            .get(id)
-            .map(|p| p.hash().to_hex())
-            .unwrap_or_default()
     }
 
     pub fn store(&self) -> &Store {
@@ -349,11 +363,35 @@ impl AppState {
         org: &str,
         id: &str,
     ) -> Result<Arc<crate::policy::Policy>, crate::error::ServiceError> {
+        bounded_name("agreement_id", id)?;
         self.policies()
             .get(id)
             .filter(|p| p.party(org).is_some())
             .map(Arc::clone)
             .ok_or_else(|| crate::error::ServiceError::AgreementNotFound(id.to_string()))
+    }
+}
+
+/// Longest agreement id, dataset name or other name a request may carry.
+pub const MAX_NAME: usize = 128;
+
+/// Refuses a name longer than [`MAX_NAME`], before anything is looked up,
+/// logged or written; the refusal does not repeat it.
+pub(crate) fn bounded_name(field: &'static str, value: &str) -> Result<(), ServiceError> {
+    if value.len() > MAX_NAME {
+        return Err(ServiceError::InvalidArgument {
+            field,
+            rule: format!("must be at most {MAX_NAME} bytes"),
+        });
+    }
+    Ok(())
+}
+
+/// A caller's text as logs may carry it: at most 64 characters.
+pub(crate) fn short(text: &str) -> &str {
+    match text.char_indices().nth(64) {
+        Some((end, _)) => &text[..end],
+        None => text,
     }
 }
 

@@ -252,7 +252,7 @@ type QueryStream = ReceiverStream<Result<proto::QueryResponse, Status>>;
 impl proto::queries_server::Queries for QueriesService {
     type QueryStream = QueryStream;
 
-    #[tracing::instrument(skip_all, fields(agreement = %request.get_ref().agreement_id))]
+    #[tracing::instrument(skip_all, fields(agreement = %super::short(&request.get_ref().agreement_id)))]
     async fn query(
         &self,
         request: Request<proto::QueryRequest>,
@@ -317,7 +317,7 @@ impl proto::queries_server::Queries for QueriesService {
         Ok(Response::new(ReceiverStream::new(rx)))
     }
 
-    #[tracing::instrument(skip_all, fields(agreement = %request.get_ref().agreement_id))]
+    #[tracing::instrument(skip_all, fields(agreement = %super::short(&request.get_ref().agreement_id)))]
     async fn budget(
         &self,
         request: Request<proto::BudgetRequest>,

@@ -12,6 +12,11 @@ use arrow::record_batch::RecordBatch;
 use super::upload_schema;
 use crate::policy::{ColumnRole, Dataset, Domain};
 
+/// Most columns an upload's schema may have before it is refused unread.
+const MAX_COLUMNS: usize = 256;
+/// Longest column name an upload's schema may carry.
+const MAX_COLUMN_NAME: usize = 128;
+
 /// Size limits of one upload.
 #[derive(Debug, Clone, Copy)]
 pub struct Limits {
@@ -264,6 +269,29 @@ impl Validator {
     fn check_schema(&self, batch: &RecordBatch) -> Result<(), Rejection> {
         let got = batch.schema();
         let expected = &self.schema;
+        // Before any name is repeated in a message: bounded names, and not
+        // more columns than the policy could declare.
+        if got.fields().len() > MAX_COLUMNS
+            || got
+                .fields()
+                .iter()
+                .any(|f| f.name().len() > MAX_COLUMN_NAME)
+        {
+            return Err(Rejection {
+                kind: RejectionKind::Invalid,
+                rule: "upload.schema",
+                column: None,
+                detail: format!(
+                    "at most {MAX_COLUMNS} columns with names of at most {MAX_COLUMN_NAME} bytes; columns must be exactly [{}]",
+                    self.schema
+                        .fields()
+                        .iter()
+                        .map(|f| f.name().as_str())
+                        .collect::<Vec<_>>()
+                        .join(", ")
+                ),
+            });
+        }
         if let Some(barred) = got
             .fields()
             .iter()
