@@ -56,6 +56,10 @@ pub enum ServiceError {
         /// "at 2026-12-01T00:00:00Z", or "never".
         next_refresh: String,
     },
+    /// RESOURCE_EXHAUSTED: a limit of the server's (time, memory, queries
+    /// at once); `rule` names it.
+    #[error("rule {rule}: {detail}")]
+    LimitExceeded { rule: &'static str, detail: String },
     /// INTERNAL: our own fault; the detail is logged, never returned.
     #[error("internal error")]
     Internal(String),
@@ -77,6 +81,7 @@ impl ServiceError {
             ServiceError::UploadRejected(r) => r.rule.into(),
             ServiceError::QueryRefused(v) => v.rule.into(),
             ServiceError::BudgetExhausted { .. } => "privacy.budget".into(),
+            ServiceError::LimitExceeded { rule, .. } => (*rule).into(),
             ServiceError::Internal(_) => "internal".into(),
         }
     }
@@ -112,7 +117,9 @@ impl From<ServiceError> for Status {
             },
             ServiceError::QueryRefused(v) if v.policy => Code::PermissionDenied,
             ServiceError::QueryRefused(_) => Code::InvalidArgument,
-            ServiceError::BudgetExhausted { .. } => Code::ResourceExhausted,
+            ServiceError::BudgetExhausted { .. } | ServiceError::LimitExceeded { .. } => {
+                Code::ResourceExhausted
+            }
             ServiceError::Internal(detail) => {
                 tracing::warn!(%detail, "internal error");
                 Code::Internal
@@ -182,6 +189,14 @@ mod tests {
                 },
                 Code::ResourceExhausted,
                 "rule privacy.budget: agreement \"a\": this query needs epsilon 1 but 0.5 of 10 remains in window 2026-11; the budget refreshes at 2026-12-01T00:00:00Z",
+            ),
+            (
+                ServiceError::LimitExceeded {
+                    rule: "query.timeout",
+                    detail: "the query ran longer than 1 s (query_timeout_seconds)".into(),
+                },
+                Code::ResourceExhausted,
+                "rule query.timeout: the query ran longer than 1 s (query_timeout_seconds)",
             ),
             (
                 ServiceError::Internal("disk full at /secret/path".into()),

@@ -216,6 +216,7 @@ async fn query_policy_cases() {
             ),
             Err(QueryError::Engine(e)) => ("engine error".to_string(), Some(e.clone())),
             Err(QueryError::Output) => ("output error".to_string(), None),
+            Err(QueryError::Limit { rule, .. }) => ("limit".to_string(), Some(rule.to_string())),
         };
         let expected = (case.decision.clone(), case.rule.clone());
         if got != expected {

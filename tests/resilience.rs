@@ -3,7 +3,10 @@
 
 mod common;
 
-use common::{TestServer, upload_demo};
+use std::time::Duration;
+
+use cleanroom::query::QueryLimits;
+use common::{Setup, TestServer, upload_demo};
 use tonic::Code;
 
 const BASE: &str =
@@ -132,5 +135,145 @@ async fn outsiders_cannot_grow_an_agreements_audit_log() {
         .await
         .unwrap_err();
     assert_eq!(err.status().unwrap().code(), Code::InvalidArgument);
+    server.stop().await.unwrap();
+}
+
+/// A policies folder with the demo agreement; `privacy` replaces its
+/// `[privacy]` section (None: thresholds only).
+fn demo_policies(privacy: Option<&str>) -> tempfile::TempDir {
+    let dir = tempfile::tempdir().unwrap();
+    let text =
+        std::fs::read_to_string(common::policies_dir().join("retail-media-demo.toml")).unwrap();
+    let (head, _) = text.split_once("[privacy]").unwrap();
+    let text = match privacy {
+        None => head.to_string(),
+        Some(p) => format!("{head}[privacy]\n{p}\n"),
+    };
+    std::fs::write(dir.path().join("retail-media-demo.toml"), text).unwrap();
+    dir
+}
+
+async fn loaded_server(
+    privacy: Option<&str>,
+    query_limits: QueryLimits,
+) -> (TestServer, tempfile::TempDir) {
+    let dir = demo_policies(privacy);
+    let server = TestServer::start_with(Setup {
+        policies: dir.path().to_path_buf(),
+        query_limits,
+        ..Setup::default()
+    })
+    .await;
+    let (data, _) = common::synth(4_000, 0.5);
+    upload_demo(&server, "acme", data.path()).await;
+    upload_demo(&server, "globex", data.path()).await;
+    (server, dir)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_query_past_its_memory_is_refused_and_charged_when_private() {
+    let limits = QueryLimits {
+        memory_bytes: 32 << 10,
+        ..QueryLimits::default()
+    };
+    for privacy in [
+        None,
+        Some("epsilon_total = 10.0\nepsilon_per_query_max = 1.0\ndelta = 1e-7"),
+    ] {
+        let (server, _dir) = loaded_server(privacy, limits).await;
+        let mut acme = server.client("acme").await;
+        let err = acme
+            .query("retail-media-demo", &format!("{BASE} GROUP BY c.region"))
+            .await
+            .unwrap_err();
+        let status = err.status().unwrap();
+        assert_eq!(status.code(), Code::ResourceExhausted, "{status:?}");
+        assert!(
+            status.message().starts_with("rule query.memory:"),
+            "{}",
+            status.message()
+        );
+        if privacy.is_some() {
+            let b = acme.budget("retail-media-demo").await.unwrap();
+            assert_eq!(b.epsilon_spent, 1.0, "the data was read: charged");
+        }
+        server.stop().await.unwrap();
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_query_past_its_time_is_refused() {
+    let limits = QueryLimits {
+        timeout: Duration::from_millis(1),
+        ..QueryLimits::default()
+    };
+    let (server, _dir) = loaded_server(None, limits).await;
+    let mut acme = server.client("acme").await;
+    let err = acme
+        .query("retail-media-demo", &format!("{BASE} GROUP BY c.region"))
+        .await
+        .unwrap_err();
+    let status = err.status().unwrap();
+    assert_eq!(status.code(), Code::ResourceExhausted, "{status:?}");
+    assert!(
+        status.message().starts_with("rule query.timeout:"),
+        "{}",
+        status.message()
+    );
+    server.stop().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_fingerprint_repeated_past_the_cap_is_refused_at_upload() {
+    let dir = demo_policies(None);
+    let server = TestServer::start_with(Setup {
+        policies: dir.path().to_path_buf(),
+        limits: cleanroom::upload::Limits {
+            max_rows_per_identifier: 5,
+            ..cleanroom::upload::Limits::default()
+        },
+        ..Setup::default()
+    })
+    .await;
+    let policy = common::people::demo_policy(None, 50);
+    let hash = server
+        .client("acme")
+        .await
+        .get_agreement("retail-media-demo")
+        .await
+        .unwrap()
+        .summary
+        .unwrap()
+        .policy_hash;
+    let acme = server.client("acme").await;
+    let rows = |copies: usize| -> Vec<common::people::Row> {
+        let mut rows: Vec<_> = (0..100).map(common::people::Row::new).collect();
+        rows.extend(std::iter::repeat_n(common::people::Row::new(7), copies));
+        rows
+    };
+    for (copies, accepted) in [(4, true), (5, false)] {
+        let batch = common::people::customers(&policy, &rows(copies));
+        let result = common::raw_upload(
+            &acme,
+            vec![
+                common::header(&hash, "customers", &format!("u{copies}")),
+                common::batch_msg(&batch),
+                common::commit(batch.num_rows() as u64, 1),
+            ],
+        )
+        .await;
+        match (result, accepted) {
+            (Ok(_), true) => {}
+            (Err(e), false) => {
+                assert_eq!(e.code(), Code::InvalidArgument);
+                assert!(
+                    e.message().contains("rule identifier.repeats"),
+                    "{}",
+                    e.message()
+                );
+            }
+            (other, _) => panic!("{copies} copies: {other:?}"),
+        }
+    }
     server.stop().await.unwrap();
 }

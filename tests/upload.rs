@@ -223,6 +223,7 @@ async fn refused_uploads_name_the_rule_and_keep_the_previous_version() {
         limits: cleanroom::upload::Limits {
             max_rows: 2_500,
             max_bytes: 64 << 20,
+            ..cleanroom::upload::Limits::default()
         },
         ..Setup::default()
     })

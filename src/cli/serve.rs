@@ -11,6 +11,7 @@ use clap::{Args, ValueEnum};
 use serde::Deserialize;
 
 use crate::clock::SystemClock;
+use crate::query::QueryLimits;
 use crate::server::{ServerOptions, TlsFiles};
 use crate::upload::Limits;
 
@@ -66,6 +67,11 @@ struct ConfigFile {
     master_key: Option<PathBuf>,
     max_upload_rows: Option<u64>,
     max_upload_bytes: Option<u64>,
+    max_rows_per_identifier: Option<u32>,
+    query_timeout_seconds: Option<f64>,
+    max_query_memory_bytes: Option<usize>,
+    max_concurrent_queries: Option<usize>,
+    max_concurrent_queries_per_org: Option<usize>,
     log_format: Option<LogFormat>,
     shutdown_grace_seconds: Option<f64>,
     drain_timeout_seconds: Option<f64>,
@@ -93,6 +99,45 @@ fn seconds(field: &str, value: f64) -> anyhow::Result<Duration> {
         .map_err(|_| anyhow::anyhow!("{field}: must be a non-negative number of seconds"))
 }
 
+fn at_least_one<T: PartialOrd + From<u8>>(
+    field: &str,
+    value: Option<T>,
+    default: T,
+) -> anyhow::Result<T> {
+    match value {
+        Some(v) if v < T::from(1) => Err(anyhow::anyhow!("{field}: must be at least 1")),
+        Some(v) => Ok(v),
+        None => Ok(default),
+    }
+}
+
+fn query_limits(file: &ConfigFile) -> anyhow::Result<QueryLimits> {
+    let default = QueryLimits::default();
+    let timeout = match file.query_timeout_seconds {
+        Some(s) if s > 0.0 => seconds("query_timeout_seconds", s)?,
+        Some(_) => anyhow::bail!("query_timeout_seconds: must be more than 0"),
+        None => default.timeout,
+    };
+    Ok(QueryLimits {
+        timeout,
+        memory_bytes: at_least_one(
+            "max_query_memory_bytes",
+            file.max_query_memory_bytes,
+            default.memory_bytes,
+        )?,
+        max_concurrent: at_least_one(
+            "max_concurrent_queries",
+            file.max_concurrent_queries,
+            default.max_concurrent,
+        )?,
+        max_concurrent_per_org: at_least_one(
+            "max_concurrent_queries_per_org",
+            file.max_concurrent_queries_per_org,
+            default.max_concurrent_per_org,
+        )?,
+    })
+}
+
 /// Resolved settings: flag, else config file, else default.
 #[derive(Debug)]
 struct Settings {
@@ -106,6 +151,7 @@ fn settings(args: ServeArgs) -> anyhow::Result<Settings> {
         Some(path) => read_config(path)?,
         None => ConfigFile::default(),
     };
+    let query_limits = query_limits(&file)?;
     let data_dir = args
         .data_dir
         .or(file.data_dir)
@@ -147,7 +193,13 @@ fn settings(args: ServeArgs) -> anyhow::Result<Settings> {
             limits: Limits {
                 max_rows: file.max_upload_rows.unwrap_or(Limits::default().max_rows),
                 max_bytes: file.max_upload_bytes.unwrap_or(Limits::default().max_bytes),
+                max_rows_per_identifier: at_least_one(
+                    "max_rows_per_identifier",
+                    file.max_rows_per_identifier,
+                    Limits::default().max_rows_per_identifier,
+                )?,
             },
+            query_limits,
             shutdown_grace: seconds("shutdown_grace_seconds", grace)?,
             drain_timeout: seconds("drain_timeout_seconds", drain)?,
             clock: Arc::new(SystemClock),

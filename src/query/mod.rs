@@ -71,6 +71,9 @@ pub enum QueryError {
     /// in HAVING, say). It ran over released rows only.
     #[error("{}", output_violation())]
     Output,
+    /// The query passed a limit of the server's while it ran.
+    #[error("rule {rule}: {detail}")]
+    Limit { rule: &'static str, detail: String },
 }
 
 impl QueryError {
@@ -184,14 +187,52 @@ fn table_batches(t: &TableData) -> Result<(SchemaRef, Vec<RecordBatch>), DataFus
     Ok((schema, out))
 }
 
+/// Limits on the work of one query.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct QueryLimits {
+    /// Wall-clock time from planning to the last released row.
+    pub timeout: std::time::Duration,
+    /// Memory the engine's operators may hold (hash tables of joins and
+    /// aggregations, sorts); the datasets themselves are shared and not
+    /// counted.
+    pub memory_bytes: usize,
+    /// Queries running at once, in all.
+    pub max_concurrent: usize,
+    /// Queries running at once for one organisation.
+    pub max_concurrent_per_org: usize,
+}
+
+impl Default for QueryLimits {
+    fn default() -> Self {
+        QueryLimits {
+            timeout: std::time::Duration::from_secs(300),
+            memory_bytes: 4 << 30,
+            max_concurrent: 8,
+            max_concurrent_per_org: 4,
+        }
+    }
+}
+
 /// A session with only the agreement's tables and the allowed aggregates.
 /// Public for benchmarks that compare governed and plain execution.
 pub fn session(tables: &[TableData]) -> Result<SessionContext, DataFusionError> {
+    session_with(tables, QueryLimits::default().memory_bytes)
+}
+
+/// As [`session`], with the engine's memory limited to `memory_bytes`.
+pub fn session_with(
+    tables: &[TableData],
+    memory_bytes: usize,
+) -> Result<SessionContext, DataFusionError> {
     let config = SessionConfig::new()
         .with_information_schema(false)
         .with_target_partitions(2);
+    let runtime = datafusion::execution::runtime_env::RuntimeEnvBuilder::new()
+        .with_memory_limit(memory_bytes, 1.0)
+        .build_arc()?;
     let state = SessionStateBuilder::new()
         .with_config(config)
+        .with_runtime_env(runtime)
         .with_aggregate_functions(vec![count_udaf(), sum_udaf(), avg_udaf()])
         // Plans COUNT(*) as a count of a literal.
         .with_expr_planners(vec![Arc::new(AggregateFunctionPlanner)])
@@ -207,21 +248,32 @@ pub fn session(tables: &[TableData]) -> Result<SessionContext, DataFusionError> 
     Ok(ctx)
 }
 
+/// A query planned and checked, ready to run.
+pub type Planned = (
+    SessionContext,
+    datafusion::logical_expr::LogicalPlan,
+    Checked,
+);
+
 /// Plans and checks `sql` without running it.
 pub async fn plan_and_check(
     policy: &Policy,
     tables: &[TableData],
     sql: &str,
-) -> Result<
-    (
-        SessionContext,
-        datafusion::logical_expr::LogicalPlan,
-        Checked,
-    ),
-    QueryError,
-> {
+) -> Result<Planned, QueryError> {
+    plan_and_check_with(policy, tables, sql, &QueryLimits::default()).await
+}
+
+/// As [`plan_and_check`], the session under `limits`.
+pub async fn plan_and_check_with(
+    policy: &Policy,
+    tables: &[TableData],
+    sql: &str,
+    limits: &QueryLimits,
+) -> Result<Planned, QueryError> {
     limits::check_size(sql).map_err(QueryError::Refused)?;
-    let ctx = session(tables).map_err(|e| QueryError::Engine(engine_failure(&e)))?;
+    let ctx = session_with(tables, limits.memory_bytes)
+        .map_err(|e| QueryError::Engine(engine_failure(&e)))?;
     let (state, policy, sql) = (ctx.state(), policy.clone(), sql.to_string());
     let (plan, checked) = on_planning_thread(move || {
         only_a_select(&sql).map_err(QueryError::Refused)?;

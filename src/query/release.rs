@@ -68,9 +68,20 @@ pub(super) fn person_column(input: &LogicalPlan) -> Result<Column> {
         .ok_or_else(|| DataFusionError::Internal("no person column under the aggregate".into()))
 }
 
-/// A failure beneath the boundary: our bug, reported by kind only.
+/// A failure beneath the boundary: past the memory limit, or our bug,
+/// reported by kind only.
 pub(super) fn private_failure(e: DataFusionError) -> QueryError {
-    QueryError::Engine(engine_failure(&e))
+    memory_limit(&e).unwrap_or_else(|| QueryError::Engine(engine_failure(&e)))
+}
+
+/// The engine ran out of the memory a query may use.
+fn memory_limit(e: &DataFusionError) -> Option<QueryError> {
+    matches!(e.find_root(), DataFusionError::ResourcesExhausted(_)).then(|| QueryError::Limit {
+        rule: "query.memory",
+        detail:
+            "the query needed more memory than the server allows one query (max_query_memory_bytes)"
+                .into(),
+    })
 }
 
 /// The private stage under thresholds only: the aggregation with the
@@ -151,6 +162,9 @@ pub(super) async fn public_stage(
 /// A failure above the boundary: it depends on released values only
 /// (a division by zero in HAVING, say), so the analyst may learn of it.
 fn public_failure(e: DataFusionError) -> QueryError {
+    if let Some(limit) = memory_limit(&e) {
+        return limit;
+    }
     tracing::info!(kind = %engine_failure(&e), "an expression over released rows failed");
     QueryError::Output
 }

@@ -93,6 +93,8 @@ pub struct AppState {
     clock: Arc<dyn Clock>,
     store: Store,
     limits: Limits,
+    query_limits: crate::query::QueryLimits,
+    query_gate: Arc<queries::QueryGate>,
     audit: AuditLog,
     query_tables: queries::TableCache,
     reload: Arc<std::sync::Mutex<ReloadStatus>>,
@@ -124,10 +126,19 @@ impl AppState {
             clock,
             store,
             limits,
+            query_limits: crate::query::QueryLimits::default(),
+            query_gate: Arc::new(queries::QueryGate::new(crate::query::QueryLimits::default())),
             audit,
             query_tables: queries::TableCache::default(),
             reload: Arc::default(),
         }
+    }
+
+    /// The same state with these query limits.
+    pub fn with_query_limits(mut self, limits: crate::query::QueryLimits) -> Self {
+        self.query_limits = limits;
+        self.query_gate = Arc::new(queries::QueryGate::new(limits));
+        self
     }
 
     /// Deletes what retention and expiry no longer allow: every version
@@ -283,6 +294,14 @@ impl AppState {
         status.last_errors = messages;
     }
 
+    pub(crate) fn query_limits(&self) -> crate::query::QueryLimits {
+        self.query_limits
+    }
+
+    pub(crate) fn query_gate(&self) -> &queries::QueryGate {
+        &self.query_gate
+    }
+
     pub(crate) fn query_tables(&self) -> &queries::TableCache {
         &self.query_tables
     }
@@ -408,6 +427,8 @@ pub struct ServerOptions {
     pub master_key: Option<PathBuf>,
     /// Size limits of one upload.
     pub limits: Limits,
+    /// Limits on the work of queries.
+    pub query_limits: crate::query::QueryLimits,
     /// How long health reports NOT_SERVING before the server stops taking
     /// new calls, so load balancers can move traffic away.
     pub shutdown_grace: Duration,
@@ -430,6 +451,7 @@ impl ServerOptions {
             data_dir: data_dir.to_path_buf(),
             master_key: None,
             limits: Limits::default(),
+            query_limits: crate::query::QueryLimits::default(),
             shutdown_grace: Duration::from_secs(2),
             drain_timeout: Duration::from_secs(30),
             clock: Arc::new(crate::clock::SystemClock),
@@ -558,7 +580,8 @@ pub async fn serve(
         store,
         options.limits,
         audit,
-    );
+    )
+    .with_query_limits(options.query_limits);
 
     let background = spawn_background(&state, &options);
 

@@ -16,7 +16,7 @@ use crate::policy::{Policy, Right};
 use crate::privacy::NoiseSource;
 use crate::proto;
 use crate::proto::query_response::Part;
-use crate::query::{QueryError, QueryOutcome, TableData, agreement_tables};
+use crate::query::{QueryError, QueryLimits, QueryOutcome, TableData, agreement_tables};
 
 /// One agreement's tables and the versions (and policy) they were built from.
 #[derive(Debug)]
@@ -100,9 +100,17 @@ impl QueriesService {
         org: &str,
         request: &proto::QueryRequest,
     ) -> (Result<Answer, ServiceError>, Option<Charged>) {
-        let planned = match self.plan(org, request).await {
+        let limits = self.state.query_limits();
+        let deadline = tokio::time::Instant::now() + limits.timeout;
+        // Queries at once: refused before anything is read, so never charged.
+        let _permits = match self.state.query_gate().enter(org) {
             Ok(p) => p,
             Err(e) => return (Err(e), None),
+        };
+        let planned = match tokio::time::timeout_at(deadline, self.plan(org, request)).await {
+            Ok(Ok(p)) => p,
+            Ok(Err(e)) => return (Err(e), None),
+            Err(_) => return (Err(timed_out(&limits)), None),
         };
         let Planned {
             policy,
@@ -112,8 +120,15 @@ impl QueriesService {
             one_row_per_person,
         } = planned;
         let Some(privacy) = policy.privacy() else {
-            let run = crate::query::execute(&policy, ctx, plan, checked, one_row_per_person)
+            let run = crate::query::execute(&policy, ctx, plan, checked, one_row_per_person);
+            let run = tokio::time::timeout_at(deadline, run)
                 .await
+                .unwrap_or_else(|_| {
+                    Err(QueryError::Limit {
+                        rule: "query.timeout",
+                        detail: timed_out(&limits).to_string(),
+                    })
+                })
                 .map(|outcome| Answer {
                     policy: Arc::clone(&policy),
                     outcome,
@@ -151,8 +166,16 @@ impl QueriesService {
             &noise_plan,
             one_row_per_person,
             rng,
-        )
-        .await;
+        );
+        // Past the deadline the data has been read: the charge stays.
+        let run = tokio::time::timeout_at(deadline, run)
+            .await
+            .unwrap_or_else(|_| {
+                Err(QueryError::Limit {
+                    rule: "query.timeout",
+                    detail: timed_out(&limits).to_string(),
+                })
+            });
         match run {
             Ok(outcome) => (
                 Ok(Answer {
@@ -203,9 +226,11 @@ impl QueriesService {
             tokio::task::spawn_blocking(move || state.query_tables().tables(&state, &p))
                 .await
                 .map_err(|e| ServiceError::Internal(format!("loading tables: {e}")))??;
-        let (ctx, plan, checked) = crate::query::plan_and_check(&policy, &tables, &request.sql)
-            .await
-            .map_err(query_error)?;
+        let limits = self.state.query_limits();
+        let (ctx, plan, checked) =
+            crate::query::plan_and_check_with(&policy, &tables, &request.sql, &limits)
+                .await
+                .map_err(query_error)?;
         for name in &checked.datasets {
             if !present.iter().flatten().any(|p| p == name) {
                 return Err(ServiceError::NoData(name.clone()));
@@ -218,6 +243,77 @@ impl QueriesService {
             plan,
             checked,
             one_row_per_person,
+        })
+    }
+}
+
+/// The refusal of a query past its time.
+fn timed_out(limits: &QueryLimits) -> ServiceError {
+    ServiceError::LimitExceeded {
+        rule: "query.timeout",
+        detail: format!(
+            "the query ran longer than {} s (query_timeout_seconds)",
+            limits.timeout.as_secs_f64()
+        ),
+    }
+}
+
+/// How many queries run at once, in all and per organisation.
+#[derive(Debug)]
+pub(crate) struct QueryGate {
+    total: Arc<tokio::sync::Semaphore>,
+    per_org: Mutex<HashMap<String, Arc<tokio::sync::Semaphore>>>,
+    limits: QueryLimits,
+}
+
+/// A query's places in the gate, given back when it ends.
+#[derive(Debug)]
+pub(crate) struct Permits {
+    _total: tokio::sync::OwnedSemaphorePermit,
+    _org: tokio::sync::OwnedSemaphorePermit,
+}
+
+impl QueryGate {
+    pub(crate) fn new(limits: QueryLimits) -> Self {
+        QueryGate {
+            total: Arc::new(tokio::sync::Semaphore::new(limits.max_concurrent)),
+            per_org: Mutex::new(HashMap::new()),
+            limits,
+        }
+    }
+
+    /// A place for one more query of `org`, or the limit it would pass.
+    pub(crate) fn enter(&self, org: &str) -> Result<Permits, ServiceError> {
+        let full = |detail: String| ServiceError::LimitExceeded {
+            rule: "query.concurrency",
+            detail,
+        };
+        let org_gate = Arc::clone(
+            self.per_org
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .entry(org.to_string())
+                .or_insert_with(|| {
+                    Arc::new(tokio::sync::Semaphore::new(
+                        self.limits.max_concurrent_per_org,
+                    ))
+                }),
+        );
+        let org_permit = org_gate.try_acquire_owned().map_err(|_| {
+            full(format!(
+                "{org} already runs {} queries, the most one organisation may run at once (max_concurrent_queries_per_org); try again when one ends",
+                self.limits.max_concurrent_per_org
+            ))
+        })?;
+        let total = Arc::clone(&self.total).try_acquire_owned().map_err(|_| {
+            full(format!(
+                "the server already runs {} queries, the most it runs at once (max_concurrent_queries); try again shortly",
+                self.limits.max_concurrent
+            ))
+        })?;
+        Ok(Permits {
+            _total: total,
+            _org: org_permit,
         })
     }
 }
@@ -243,6 +339,7 @@ fn query_error(e: QueryError) -> ServiceError {
         QueryError::Refused(v) => ServiceError::QueryRefused(v),
         QueryError::Engine(detail) => ServiceError::Internal(format!("query engine: {detail}")),
         QueryError::Output => ServiceError::QueryRefused(crate::query::output_violation()),
+        QueryError::Limit { rule, detail } => ServiceError::LimitExceeded { rule, detail },
     }
 }
 
@@ -334,5 +431,28 @@ impl proto::queries_server::Queries for QueriesService {
         .map_err(|e| ServiceError::Internal(format!("reading the budget: {e}")))?
         .map_err(ServiceError::from)?;
         Ok(Response::new(view))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_gate_holds_queries_per_organisation_and_in_all() {
+        let gate = QueryGate::new(QueryLimits {
+            max_concurrent: 3,
+            max_concurrent_per_org: 2,
+            ..QueryLimits::default()
+        });
+        let a1 = gate.enter("acme").unwrap();
+        let _a2 = gate.enter("acme").unwrap();
+        let err = gate.enter("acme").unwrap_err();
+        assert_eq!(err.rule(), "query.concurrency");
+        let _g1 = gate.enter("globex").unwrap();
+        let err = gate.enter("globex").unwrap_err();
+        assert!(err.to_string().contains("max_concurrent_queries"), "{err}");
+        drop(a1);
+        let _a3 = gate.enter("acme").unwrap();
     }
 }

@@ -23,6 +23,11 @@ pub struct Limits {
     pub max_rows: u64,
     /// Arrow IPC bytes received.
     pub max_bytes: u64,
+    /// Rows one fingerprint may appear in, per identifier column. This
+    /// caps every join: joined on an identifier, each row meets at most
+    /// this many rows of the other side, so a join's output is at most
+    /// this many times its larger input.
+    pub max_rows_per_identifier: u32,
 }
 
 impl Default for Limits {
@@ -30,7 +35,62 @@ impl Default for Limits {
         Limits {
             max_rows: 100_000_000,
             max_bytes: 16 << 30,
+            max_rows_per_identifier: 1_000,
         }
+    }
+}
+
+/// Counts of fingerprints in an upload, in fixed memory (16 MiB): a
+/// count-min sketch, which never counts a value short, so a fingerprint past
+/// the cap is always caught. It may count long when unrelated values share
+/// every counter; with 4 rows of 2^21 counters that needs a load of
+/// hundreds of rows per counter before a cap of 1,000 is passed by
+/// accident. The hashing is seeded per upload.
+#[derive(Debug)]
+struct RepeatCounter {
+    counters: Vec<u16>,
+    seeds: [u64; DEPTH],
+}
+
+const DEPTH: usize = 4;
+const WIDTH_BITS: u32 = 21;
+
+impl RepeatCounter {
+    fn new() -> Self {
+        let mut seed_bytes = [0u8; 8 * DEPTH];
+        // Without the system's randomness the seeds are fixed: counts stay
+        // exact as ever, only crafted collisions get easier, and they can
+        // only refuse the crafter's own upload.
+        let _ = ring::rand::SecureRandom::fill(&ring::rand::SystemRandom::new(), &mut seed_bytes);
+        let mut seeds = [0u64; DEPTH];
+        for (i, s) in seeds.iter_mut().enumerate() {
+            let mut b = [0u8; 8];
+            b.copy_from_slice(&seed_bytes[i * 8..i * 8 + 8]);
+            *s = u64::from_le_bytes(b) | 1;
+        }
+        RepeatCounter {
+            counters: vec![0; DEPTH << WIDTH_BITS],
+            seeds,
+        }
+    }
+
+    /// Counts one more row of `value` in identifier column `column`; the
+    /// estimate of its rows so far.
+    fn add(&mut self, column: usize, value: &[u8]) -> u16 {
+        let mut word = [0u8; 8];
+        for (i, b) in value.iter().enumerate() {
+            word[i % 8] ^= b.rotate_left((i / 8) as u32);
+        }
+        let key = u64::from_le_bytes(word) ^ (column as u64).wrapping_mul(0x9e37_79b9_7f4a_7c15);
+        let mut estimate = u16::MAX;
+        for (d, seed) in self.seeds.iter().enumerate() {
+            let h = (key ^ seed).wrapping_mul(0xff51_afd7_ed55_8ccd);
+            let slot = (d << WIDTH_BITS) | (h >> (64 - WIDTH_BITS)) as usize;
+            let c = &mut self.counters[slot];
+            *c = c.saturating_add(1);
+            estimate = estimate.min(*c);
+        }
+        estimate
     }
 }
 
@@ -85,6 +145,7 @@ pub struct Validator {
     sensitive: Vec<String>,
     checks: Vec<(String, Check)>,
     limits: Limits,
+    repeats: RepeatCounter,
     rows: u64,
     bytes: u64,
 }
@@ -140,6 +201,7 @@ impl Validator {
                 .collect(),
             checks,
             limits,
+            repeats: RepeatCounter::new(),
             rows: 0,
             bytes: 0,
         }
@@ -190,13 +252,25 @@ impl Validator {
                 Check::Identifier => {
                     let fps: &FixedSizeBinaryArray = col.as_fixed_size_binary();
                     let mut plaintext = 0u64;
+                    let cap = self.limits.max_rows_per_identifier;
+                    let mut repeated = false;
                     for (row, v) in fps.iter().enumerate() {
                         if let Some(v) = v {
                             no_identifier[row] = false;
                             if looks_like_text(v) {
                                 plaintext += 1;
                             }
+                            repeated |= u32::from(self.repeats.add(i, v)) > cap;
                         }
+                    }
+                    if repeated {
+                        return Err(invalid(
+                            "identifier.repeats",
+                            name,
+                            format!(
+                                "a fingerprint appears in more than {cap} rows (max_rows_per_identifier); joins on it would multiply rows"
+                            ),
+                        ));
                     }
                     if plaintext > 0 {
                         return Err(invalid(

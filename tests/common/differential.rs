@@ -739,7 +739,7 @@ fn check_private(
             Ok(())
         }
         Err(QueryError::Refused(_)) => Ok(()),
-        Err(e @ QueryError::Engine(_)) => Err(format!("engine: {e}")),
+        Err(e @ (QueryError::Engine(_) | QueryError::Limit { .. })) => Err(format!("failed: {e}")),
     }
 }
 

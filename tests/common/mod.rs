@@ -58,6 +58,7 @@ pub struct Setup {
     pub clock: Arc<dyn Clock>,
     pub shutdown_grace: Duration,
     pub limits: cleanroom::upload::Limits,
+    pub query_limits: cleanroom::query::QueryLimits,
     pub policy_poll: Duration,
     pub maintenance_interval: Duration,
 }
@@ -69,6 +70,7 @@ impl Default for Setup {
             clock: Arc::new(SystemClock),
             shutdown_grace: Duration::from_millis(50),
             limits: cleanroom::upload::Limits::default(),
+            query_limits: cleanroom::query::QueryLimits::default(),
             policy_poll: Duration::from_millis(100),
             maintenance_interval: Duration::from_millis(100),
         }
@@ -105,6 +107,7 @@ impl TestServer {
         let addr = listener.local_addr().unwrap();
         let options = ServerOptions {
             limits: setup.limits,
+            query_limits: setup.query_limits,
             shutdown_grace: setup.shutdown_grace,
             drain_timeout: Duration::from_secs(10),
             clock: setup.clock,
