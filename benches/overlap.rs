@@ -3,6 +3,7 @@
 //! ```text
 //! cargo bench --bench overlap                      # 1M x 1M rows
 //! cargo bench --bench overlap -- --rows 10000000   # 10M x 10M
+//! cargo bench --bench overlap -- --shared-prefix 1 # every email shares 8 bytes
 //! ```
 //!
 //! Each side has an email fingerprint on every row and a phone fingerprint
@@ -21,8 +22,10 @@ use arrow::datatypes::{DataType, Field, Schema};
 use arrow::record_batch::RecordBatch;
 use cleanroom::psi::{Side, match_people};
 
-/// Batches of 65,536 rows for people `ids`.
-fn side(ids: impl Iterator<Item = u64>) -> Vec<RecordBatch> {
+/// Batches of 65,536 rows for people `ids`; with `shared_prefix`, every
+/// email fingerprint starts with the same 8 bytes (a partner flooding the
+/// matcher's index).
+fn side(ids: impl Iterator<Item = u64>, shared_prefix: bool) -> Vec<RecordBatch> {
     let schema = Arc::new(Schema::new(vec![
         Field::new("email", DataType::FixedSizeBinary(32), true),
         Field::new("phone", DataType::FixedSizeBinary(32), true),
@@ -41,7 +44,11 @@ fn side(ids: impl Iterator<Item = u64>) -> Vec<RecordBatch> {
         );
     };
     for id in ids {
-        email.append_value(fingerprint(id, 0)).expect("32 bytes");
+        let mut fp = fingerprint(id, 0);
+        if shared_prefix {
+            fp[..8].copy_from_slice(b"flooding");
+        }
+        email.append_value(fp).expect("32 bytes");
         if id % 10 < 7 {
             phone.append_value(fingerprint(id, 1)).expect("32 bytes");
         } else {
@@ -62,13 +69,14 @@ fn main() {
     let rows = arg("--rows", 1_000_000);
     let shared = rows * 3 / 10;
     let t = Instant::now();
-    let a = side(0..rows);
-    let b = side((0..shared).chain(rows..2 * rows - shared));
+    let flood = arg("--shared-prefix", 0) == 1;
+    let a = side(0..rows, flood);
+    let b = side((0..shared).chain(rows..2 * rows - shared), flood);
     println!(
         "generated {rows} x {rows} rows in {:.1} s",
         t.elapsed().as_secs_f64()
     );
-    let ids: &[(usize, &str)] = &[(0, "email"), (1, "phone")];
+    let ids: &[(&str, &str)] = &[("email", "email"), ("phone", "phone")];
     for run in 1..=3 {
         let t = Instant::now();
         let m = match_people(

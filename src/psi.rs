@@ -8,19 +8,20 @@
 //! both datasets. Plain functions over Arrow batches: no network, no store.
 
 use std::collections::HashMap;
-use std::hash::{Hash, Hasher};
-
-use crate::identity::PrefixHash;
+use std::hash::{BuildHasher, Hasher};
 
 use arrow::array::{Array, FixedSizeBinaryArray};
 use arrow::record_batch::RecordBatch;
 
 /// One dataset's rows and which of its columns carry which identity kind.
+/// Columns are found by name in each batch's own schema, so a policy that
+/// lists them in another order, or a batch without one, matches alike; a
+/// column that is not 32-byte fingerprints is ignored.
 #[derive(Debug, Clone, Copy)]
 pub struct Side<'a> {
     pub batches: &'a [RecordBatch],
-    /// (column index, identity kind)
-    pub identifiers: &'a [(usize, &'a str)],
+    /// (column name, identity kind)
+    pub identifiers: &'a [(&'a str, &'a str)],
 }
 
 impl Side<'_> {
@@ -41,20 +42,72 @@ pub struct Matching {
     pub person_of_row: Vec<u32>,
 }
 
-/// Fingerprints are uniformly random, so their first 8 bytes are already a
-/// good hash.
-#[derive(Clone, Copy, PartialEq, Eq)]
-struct Fp([u8; 32]);
+/// Hashing seeded afresh for every matching. Fingerprints are uniformly
+/// random only if the partner computed them honestly: one that uploads
+/// crafted values sharing bits could otherwise pile them into one bucket
+/// and make matching quadratic. A folded 64x64->128-bit multiply by a
+/// secret odd key mixes every input bit into the result.
+#[derive(Debug, Clone, Copy)]
+struct Seeded {
+    k0: u64,
+    k1: u64,
+}
 
-impl Hash for Fp {
-    fn hash<H: Hasher>(&self, state: &mut H) {
-        state.write_u64(u64::from_le_bytes(
-            self.0[..8].try_into().expect("32-byte fingerprint"),
-        ));
+impl Seeded {
+    fn random() -> Self {
+        // std's RandomState is seeded from the operating system.
+        let r = std::collections::hash_map::RandomState::new();
+        let k0 = r.hash_one(0x5eed_u64);
+        let k1 = r.hash_one(0x5eed_u64 + 1) | 1;
+        Seeded { k0, k1 }
     }
 }
 
-type FpMap = HashMap<Fp, u32, PrefixHash>;
+impl BuildHasher for Seeded {
+    type Hasher = SeededHasher;
+    fn build_hasher(&self) -> SeededHasher {
+        SeededHasher {
+            keys: *self,
+            state: self.k0,
+        }
+    }
+}
+
+#[derive(Debug)]
+struct SeededHasher {
+    keys: Seeded,
+    state: u64,
+}
+
+fn fold_multiply(a: u64, b: u64) -> u64 {
+    let p = u128::from(a) * u128::from(b);
+    (p as u64) ^ ((p >> 64) as u64)
+}
+
+impl Hasher for SeededHasher {
+    fn finish(&self) -> u64 {
+        self.state
+    }
+    fn write(&mut self, bytes: &[u8]) {
+        for chunk in bytes.chunks(8) {
+            let mut word = [0u8; 8];
+            word[..chunk.len()].copy_from_slice(chunk);
+            self.write_u64(u64::from_le_bytes(word));
+        }
+    }
+    fn write_u64(&mut self, n: u64) {
+        self.state = fold_multiply(self.state ^ n ^ self.keys.k0, self.keys.k1);
+    }
+}
+
+type FpMap = HashMap<[u8; 32], u32, Seeded>;
+
+/// The first 8 bytes of a fingerprint.
+fn prefix(value: &[u8]) -> u64 {
+    let mut word = [0u8; 8];
+    word.copy_from_slice(&value[..8]);
+    u64::from_le_bytes(word)
+}
 
 /// Union-find over row numbers, with path halving and union by size.
 struct People {
@@ -105,20 +158,28 @@ fn links_of_kind(sides: &[Side<'_>], kind: &str, capacity: usize) -> Vec<(u32, u
     let mut offset = 0u32;
     for side in sides {
         for batch in side.batches {
-            for &(column, _) in side.identifiers.iter().filter(|(_, k)| *k == kind) {
+            for &(name, _) in side.identifiers.iter().filter(|(_, k)| *k == kind) {
                 let fps = batch
-                    .column(column)
-                    .as_any()
-                    .downcast_ref::<FixedSizeBinaryArray>()
-                    .expect("identifier columns are fixed-size binary");
-                columns.push((offset, fps));
+                    .schema()
+                    .index_of(name)
+                    .ok()
+                    .and_then(|i| {
+                        batch
+                            .column(i)
+                            .as_any()
+                            .downcast_ref::<FixedSizeBinaryArray>()
+                    })
+                    .filter(|f| f.value_length() == 32);
+                if let Some(fps) = fps {
+                    columns.push((offset, fps));
+                }
             }
             offset += batch.num_rows() as u32;
         }
     }
-    let mut first: HashMap<u64, u64, PrefixHash> =
-        HashMap::with_capacity_and_hasher(capacity, Default::default());
-    let mut exact = FpMap::default();
+    let seeded = Seeded::random();
+    let mut first: HashMap<u64, u64, Seeded> = HashMap::with_capacity_and_hasher(capacity, seeded);
+    let mut exact = FpMap::with_hasher(seeded);
     let mut links = Vec::new();
     for (entry, (offset, fps)) in columns.iter().enumerate() {
         for row in 0..fps.len() {
@@ -126,7 +187,7 @@ fn links_of_kind(sides: &[Side<'_>], kind: &str, capacity: usize) -> Vec<(u32, u
                 continue;
             }
             let value = fps.value(row);
-            let prefix = u64::from_le_bytes(value[..8].try_into().expect("32-byte fingerprint"));
+            let prefix = prefix(value);
             let global = offset + row as u32;
             let here = ((entry as u64) << 32) | u64::from(global);
             match first.entry(prefix) {
@@ -140,7 +201,8 @@ fn links_of_kind(sides: &[Side<'_>], kind: &str, capacity: usize) -> Vec<(u32, u
                     if seen_fps.value((seen_global - seen_offset) as usize) == value {
                         links.push((global, seen_global));
                     } else {
-                        let fp = Fp(value.try_into().expect("32-byte fingerprint"));
+                        let mut fp = [0u8; 32];
+                        fp.copy_from_slice(value);
                         match exact.entry(fp) {
                             std::collections::hash_map::Entry::Occupied(x) => {
                                 links.push((global, *x.get()));
@@ -176,7 +238,9 @@ pub fn people(sides: &[Side<'_>]) -> Vec<u32> {
             .collect();
         handles
             .into_iter()
-            .map(|h| h.join().expect("a matching thread panicked"))
+            // A thread that panicked left its links out; matching goes on
+            // with the others rather than taking the server down.
+            .map(|h| h.join().unwrap_or_default())
             .collect()
     });
     let mut uf = People::new(total);
@@ -243,7 +307,7 @@ mod tests {
         .unwrap()
     }
 
-    const BOTH: &[(usize, &str)] = &[(0, "email"), (1, "phone")];
+    const BOTH: &[(&str, &str)] = &[("email", "email"), ("phone", "phone")];
 
     #[test]
     fn email_or_phone_counts_a_person_once() {
@@ -314,7 +378,7 @@ mod tests {
         // Same first 8 bytes everywhere; full values 1, 2 and 3.
         let a = [mk(&[1, 2])];
         let b = [mk(&[2, 3, 3])];
-        let ids: &[(usize, &str)] = &[(0, "email")];
+        let ids: &[(&str, &str)] = &[("email", "email")];
         let m = match_people(
             Side {
                 batches: &a,

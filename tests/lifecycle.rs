@@ -525,13 +525,47 @@ async fn access_reports_and_the_admin_view_match_what_happened() {
     write_policy(policies.path(), &with_admin);
     let kept = server.stop_keeping_data().await;
     let data = kept.path().join("data");
-    let out = std::process::Command::new(env!("CARGO_BIN_EXE_cleanroom"))
-        .args(["admin", "status", "--data-dir"])
-        .arg(&data)
-        .arg("--policies")
-        .arg(policies.path())
-        .output()
-        .unwrap();
+    // The master key kept apart from the data, as an operator would.
+    let key = kept.path().join("operator-master.key");
+    std::fs::rename(data.join("master.key"), &key).unwrap();
+    let listing = |dir: &std::path::Path| {
+        let mut names: Vec<_> = std::fs::read_dir(dir)
+            .unwrap()
+            .map(|e| e.unwrap().file_name())
+            .collect();
+        names.sort();
+        names
+    };
+    let before = listing(&data);
+    let status = |key: Option<&std::path::Path>| {
+        let mut cmd = std::process::Command::new(env!("CARGO_BIN_EXE_cleanroom"));
+        cmd.args(["admin", "status", "--data-dir"])
+            .arg(&data)
+            .arg("--policies")
+            .arg(policies.path());
+        if let Some(k) = key {
+            cmd.arg("--master-key").arg(k);
+        }
+        cmd.output().unwrap()
+    };
+    let refused = status(None);
+    assert!(!refused.status.success());
+    assert!(
+        String::from_utf8_lossy(&refused.stderr).contains("--master-key"),
+        "{}",
+        String::from_utf8_lossy(&refused.stderr)
+    );
+    assert_eq!(
+        listing(&data),
+        before,
+        "a read-only command creates nothing"
+    );
+    let out = status(Some(&key));
+    assert_eq!(
+        listing(&data),
+        before,
+        "a read-only command creates nothing"
+    );
     let printed = String::from_utf8_lossy(&out.stdout);
     assert!(
         out.status.success(),

@@ -135,7 +135,7 @@ fn tables_of(customers_ids: Vec<u64>, shared: u64) -> Vec<TableData> {
     )
     .unwrap();
     let (c, a) = (vec![customers], vec![audience]);
-    let ids: &[(usize, &str)] = &[(0, "email"), (1, "phone")];
+    let ids: &[(&str, &str)] = &[("email", "email"), ("phone", "phone")];
     let m = match_people(
         Side {
             batches: &c,

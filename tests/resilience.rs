@@ -277,3 +277,117 @@ async fn a_fingerprint_repeated_past_the_cap_is_refused_at_upload() {
     }
     server.stop().await.unwrap();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn erase_and_upload_of_one_dataset_never_lose_each_others_work() {
+    use cleanroom::proto;
+    use common::people::{Row, customers, demo_policy, fingerprint};
+    let dir = demo_policies(None);
+    let server = TestServer::start_with(Setup {
+        policies: dir.path().to_path_buf(),
+        ..Setup::default()
+    })
+    .await;
+    let policy = demo_policy(None, 50);
+    let acme = server.client("acme").await;
+    let hash = server
+        .client("acme")
+        .await
+        .get_agreement("retail-media-demo")
+        .await
+        .unwrap()
+        .summary
+        .unwrap()
+        .policy_hash;
+    let upload = |rows: Vec<Row>, id: String| {
+        let (client, hash, policy) = (acme.clone(), hash.clone(), policy.clone());
+        async move {
+            let batch = customers(&policy, &rows);
+            common::raw_upload(
+                &client,
+                vec![
+                    common::header(&hash, "customers", &id),
+                    common::batch_msg(&batch),
+                    common::commit(batch.num_rows() as u64, 1),
+                ],
+            )
+            .await
+        }
+    };
+    upload((0..100).map(Row::new).collect(), "base".into())
+        .await
+        .unwrap();
+    for i in 0..30u64 {
+        let rows: Vec<Row> = (0..100).chain(200..201 + i).map(Row::new).collect();
+        let n = rows.len() as u64;
+        let erase = {
+            let (client, hash) = (acme.clone(), hash.clone());
+            async move {
+                proto::datasets_client::DatasetsClient::new(client.channel())
+                    .erase(proto::EraseRequest {
+                        agreement_id: "retail-media-demo".into(),
+                        dataset: "customers".into(),
+                        policy_hash: hash,
+                        sets: vec![proto::FingerprintSet {
+                            kind: "email".into(),
+                            fingerprints: fingerprint(5, 0).to_vec(),
+                        }],
+                    })
+                    .await
+            }
+        };
+        let (uploaded, erased) = tokio::join!(upload(rows, format!("u{i}")), erase);
+        uploaded.unwrap();
+        erased.unwrap();
+        let current = server
+            .client("acme")
+            .await
+            .list_datasets("retail-media-demo")
+            .await
+            .unwrap()[0]
+            .rows;
+        assert!(
+            current == n || current == n - 1,
+            "round {i}: {current} rows, expected the upload's {n} (erased after it: {})",
+            n - 1
+        );
+    }
+    server.stop().await.unwrap();
+}
+
+#[tokio::test]
+async fn a_policy_listing_identifier_columns_in_another_order_matches_alike() {
+    use common::people::{Row, audience, customers, demo_policy};
+    let policy = demo_policy(None, 5);
+    // Stored under the shipped order (email, phone) ...
+    let rows: Vec<Row> = (0..40)
+        .map(|i| Row {
+            phone: i % 2 == 0,
+            ..Row::new(i)
+        })
+        .collect();
+    let stored = vec![
+        vec![customers(&policy, &rows)],
+        vec![audience(&policy, &rows[..30])],
+    ];
+    // ... read under a policy edited to list phone first.
+    let path = common::policies_dir().join("retail-media-demo.toml");
+    let text = std::fs::read_to_string(&path).unwrap();
+    let (head, _) = text.split_once("[privacy]").unwrap();
+    let email = "[[dataset.column]]\nname = \"email\"\nrole = \"identifier\"\nkind = \"email\"\n\n";
+    let phone = "[[dataset.column]]\nname = \"phone\"\nrole = \"identifier\"\nkind = \"phone\"\n\n";
+    let swapped = head
+        .replace("min_group_size = 50", "min_group_size = 5")
+        .replace(&format!("{email}{phone}"), &format!("{phone}{email}"));
+    assert_ne!(swapped, head);
+    let reordered = cleanroom::policy::parse_policy(&swapped, &path).unwrap();
+    let sql = "SELECT c.region, COUNT(*) AS n FROM customers c JOIN audience a ON c.phone = a.phone GROUP BY c.region";
+    let shipped = cleanroom::query::agreement_tables(&policy, stored.clone());
+    let edited = cleanroom::query::agreement_tables(&reordered, stored);
+    let a = cleanroom::query::run(&policy, &shipped, sql).await.unwrap();
+    let b = cleanroom::query::run(&reordered, &edited, sql)
+        .await
+        .unwrap();
+    assert_eq!(a.batches, b.batches);
+    assert_eq!(a.rows(), 1);
+}

@@ -124,6 +124,10 @@ pub(super) enum AdminCommand {
         /// Policy folder, with --data-dir.
         #[arg(long, default_value = "policies")]
         policies: PathBuf,
+        /// The server's master key file, with --data-dir, if it is not
+        /// DATA_DIR/master.key. Nothing is created or changed.
+        #[arg(long)]
+        master_key: Option<PathBuf>,
     },
 }
 
@@ -132,9 +136,10 @@ pub(super) fn admin(cmd: AdminCommand) -> anyhow::Result<ExitCode> {
         connect,
         data_dir,
         policies,
+        master_key,
     } = cmd;
     let status = match data_dir {
-        Some(dir) => local_status(&dir, &policies)?,
+        Some(dir) => local_status(&dir, &policies, master_key.as_deref())?,
         None => {
             let rt = super::runtime()?;
             let mut client = connect.connect(&rt)?;
@@ -149,6 +154,7 @@ pub(super) fn admin(cmd: AdminCommand) -> anyhow::Result<ExitCode> {
 fn local_status(
     data_dir: &std::path::Path,
     policies: &std::path::Path,
+    master_key: Option<&std::path::Path>,
 ) -> anyhow::Result<proto::AdminStatusResponse> {
     let (set, errors) = match crate::policy::load_dir(policies) {
         Ok(set) => (set, Vec::new()),
@@ -166,9 +172,9 @@ fn local_status(
             data_dir.display()
         );
     }
-    let store = crate::storage::Store::open(data_dir, None).with_context(|| {
+    let store = crate::storage::Store::open_existing(data_dir, master_key).with_context(|| {
         format!(
-            "opening {} (is the server still running? stop it, or ask it with cleanroom admin status and an admin certificate)",
+            "opening {} (is the server still running? stop it, or ask it with cleanroom admin status and an admin certificate; a master key kept elsewhere is given with --master-key)",
             data_dir.display()
         )
     })?;

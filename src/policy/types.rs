@@ -267,12 +267,11 @@ impl Dataset {
     pub fn column(&self, name: &str) -> Option<&Column> {
         self.columns.iter().find(|c| c.name == name)
     }
-    /// Identifier columns as (position among the uploaded columns, identity kind).
-    pub fn identifier_columns(&self) -> Vec<(usize, &str)> {
+    /// Identifier columns as (column name, identity kind).
+    pub fn identifier_columns(&self) -> Vec<(&str, &str)> {
         self.uploaded_columns()
-            .enumerate()
-            .filter_map(|(i, c)| match &c.role {
-                ColumnRole::Identifier { kind } => Some((i, kind.as_str())),
+            .filter_map(|c| match &c.role {
+                ColumnRole::Identifier { kind } => Some((c.name.as_str(), kind.as_str())),
                 _ => None,
             })
             .collect()

@@ -33,7 +33,7 @@ use datafusion::prelude::{SessionConfig, SessionContext};
 pub use check::{AggregateUse, Checked, Violation, check};
 pub use limits::{MAX_DEPTH, MAX_TOKENS};
 
-use crate::policy::{ColumnRole, Dataset, Policy};
+use crate::policy::{Dataset, Policy};
 
 /// The hidden column holding each row's person number; never visible to
 /// analysts (the checker refuses any column the policy does not declare).
@@ -122,7 +122,7 @@ impl TableData {
 /// Every dataset of an agreement as a query table, people numbered across
 /// all of them. `batches` holds each dataset's stored rows (empty if none).
 pub fn agreement_tables(policy: &Policy, batches: Vec<Vec<RecordBatch>>) -> Vec<TableData> {
-    let identifiers: Vec<Vec<(usize, &str)>> = policy
+    let identifiers: Vec<Vec<(&str, &str)>> = policy
         .datasets()
         .iter()
         .map(Dataset::identifier_columns)
@@ -167,15 +167,18 @@ fn table_batches(t: &TableData) -> Result<(SchemaRef, Vec<RecordBatch>), DataFus
     let mut offset = 0usize;
     for batch in &t.batches {
         let n = batch.num_rows();
-        let mut uploaded = batch.columns().iter();
+        let stored = batch.schema();
         let mut columns: Vec<ArrayRef> = Vec::with_capacity(schema.fields().len());
         for c in t.dataset.columns() {
-            match c.role() {
-                ColumnRole::Sensitive => columns.push(Arc::new(NullArray::new(n))),
-                _ => columns.push(Arc::clone(uploaded.next().ok_or_else(|| {
-                    DataFusionError::Internal("stored batch lacks a column".into())
-                })?)),
-            }
+            // By name and type in the stored schema: a policy edited since
+            // the version was stored may list columns in another order or
+            // declare one it does not hold, which then reads as NULL.
+            let column =
+                crate::upload::column_type(c.role()).map(|dt| match stored.index_of(c.name()) {
+                    Ok(i) if batch.column(i).data_type() == &dt => Arc::clone(batch.column(i)),
+                    _ => arrow::array::new_null_array(&dt, n),
+                });
+            columns.push(column.unwrap_or_else(|| Arc::new(NullArray::new(n))));
         }
         let persons = t.person_of_row.get(offset..offset + n).ok_or_else(|| {
             DataFusionError::Internal("person numbers do not cover the rows".into())

@@ -85,8 +85,9 @@ impl DatasetsService {
         }
         // Fingerprints per identifier column of the dataset.
         let columns = dataset.identifier_columns();
-        let mut wanted: Vec<(usize, HashSet<[u8; 32]>)> = Vec::new();
+        let mut wanted: Vec<(String, HashSet<[u8; 32]>)> = Vec::new();
         for set in &request.sets {
+            super::bounded_name("sets.kind", &set.kind)?;
             if !columns.iter().any(|(_, kind)| *kind == set.kind) {
                 return Err(bad(
                     "sets.kind",
@@ -108,9 +109,9 @@ impl DatasetsService {
                 .chunks_exact(32)
                 .map(|c| <[u8; 32]>::try_from(c).unwrap_or([0; 32]))
                 .collect();
-            for (index, kind) in &columns {
+            for (name, kind) in &columns {
                 if *kind == set.kind {
-                    wanted.push((*index, fps.clone()));
+                    wanted.push((name.to_string(), fps.clone()));
                 }
             }
         }
@@ -132,9 +133,11 @@ fn erase_rows(
     policy: &Policy,
     dataset: &str,
     org: &str,
-    wanted: &[(usize, HashSet<[u8; 32]>)],
+    wanted: &[(String, HashSet<[u8; 32]>)],
 ) -> Result<proto::EraseResponse, ServiceError> {
     use arrow::array::{Array, BooleanArray, FixedSizeBinaryArray};
+    let lock = state.dataset_lock(policy.id(), dataset);
+    let _serialised = lock.lock().unwrap_or_else(|e| e.into_inner());
     let store = state.store();
     let Some(current) = store.current(policy.id(), dataset)? else {
         return Err(ServiceError::NoData(dataset.to_string()));
@@ -144,14 +147,17 @@ fn erase_rows(
     let (mut removed, mut kept) = (0u64, 0u64);
     for batch in &batches {
         let mut keep = vec![true; batch.num_rows()];
-        for (index, fps) in wanted {
-            let column = batch
-                .column(*index)
-                .as_any()
-                .downcast_ref::<FixedSizeBinaryArray>()
-                .ok_or_else(|| {
-                    ServiceError::Internal("a stored identifier column is not binary".into())
-                })?;
+        for (name, fps) in wanted {
+            // By name in the stored schema: the policy may list its columns
+            // in another order than the version was stored in.
+            let Some(column) = batch.schema().index_of(name).ok().and_then(|i| {
+                batch
+                    .column(i)
+                    .as_any()
+                    .downcast_ref::<FixedSizeBinaryArray>()
+            }) else {
+                continue;
+            };
             for (row, k) in keep.iter_mut().enumerate() {
                 if *k
                     && column.is_valid(row)
@@ -349,7 +355,9 @@ impl DatasetsService {
                     let now = self.state.clock().now().unix_timestamp();
                     let store = store.clone();
                     let org = org.clone();
+                    let lock = self.state.dataset_lock(policy.id(), dataset.name());
                     let info = tokio::task::spawn_blocking(move || {
+                        let _serialised = lock.lock().unwrap_or_else(|e| e.into_inner());
                         store.commit(staged, &upload_id, &org, &hash, now)
                     })
                     .await

@@ -98,6 +98,10 @@ pub struct AppState {
     audit: AuditLog,
     query_tables: queries::TableCache,
     reload: Arc<std::sync::Mutex<ReloadStatus>>,
+    /// One lock per dataset, held while a version is committed and for a
+    /// whole erasure, so neither loses the other's version.
+    dataset_locks:
+        Arc<std::sync::Mutex<std::collections::HashMap<String, Arc<std::sync::Mutex<()>>>>>,
 }
 
 /// How the last re-reads of the policy folder went, for admins.
@@ -131,6 +135,7 @@ impl AppState {
             audit,
             query_tables: queries::TableCache::default(),
             reload: Arc::default(),
+            dataset_locks: Arc::default(),
         }
     }
 
@@ -292,6 +297,18 @@ impl AppState {
         }
         status.last_at = Some(now);
         status.last_errors = messages;
+    }
+
+    /// The lock of one dataset's versions; blocking, for blocking threads.
+    pub(crate) fn dataset_lock(&self, agreement: &str, dataset: &str) -> Arc<std::sync::Mutex<()>> {
+        let key = format!("{agreement}/{dataset}");
+        Arc::clone(
+            self.dataset_locks
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .entry(key)
+                .or_default(),
+        )
     }
 
     pub(crate) fn query_limits(&self) -> crate::query::QueryLimits {

@@ -164,6 +164,34 @@ impl Store {
         Ok(store)
     }
 
+    /// Opens an existing store to read it, for commands on a stopped
+    /// server's data directory: creates nothing (no folder, no master key,
+    /// no tables) and cleans nothing up.
+    pub fn open_existing(root: &Path, master_key: Option<&Path>) -> Result<Self, StorageError> {
+        let db_path = root.join("meta.redb");
+        if !db_path.exists() {
+            return Err(StorageError::Db(format!(
+                "{}: not a cleanroom data directory (no meta.redb)",
+                root.display()
+            )));
+        }
+        let key_path = master_key
+            .map(Path::to_path_buf)
+            .unwrap_or_else(|| root.join("master.key"));
+        let master = load_or_create_master(&key_path, false)?;
+        let db = Database::open(&db_path)?;
+        let store = Store {
+            inner: Arc::new(Inner {
+                root: root.to_path_buf(),
+                db,
+                master,
+                keys_lock: std::sync::Mutex::new(()),
+            }),
+        };
+        store.check_master_key()?;
+        Ok(store)
+    }
+
     pub fn root(&self) -> &Path {
         &self.inner.root
     }
