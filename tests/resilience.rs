@@ -391,3 +391,40 @@ async fn a_policy_listing_identifier_columns_in_another_order_matches_alike() {
     assert_eq!(a.batches, b.batches);
     assert_eq!(a.rows(), 1);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn malformed_upload_messages_are_refused() {
+    use cleanroom::proto;
+    let server = TestServer::start().await;
+    let acme = server.client("acme").await;
+    let hash = server
+        .client("acme")
+        .await
+        .get_agreement("retail-media-demo")
+        .await
+        .unwrap()
+        .summary
+        .unwrap()
+        .policy_hash;
+    let mut huge_length = vec![0xFF, 0xFF, 0xFF, 0xFF, 0xF0, 0xFF, 0xFF, 0x7F];
+    huge_length.extend_from_slice(&[0u8; 64]);
+    for bytes in [huge_length, vec![1, 2, 3], Vec::new()] {
+        let err = common::raw_upload(
+            &acme,
+            vec![
+                common::header(&hash, "customers", "bad"),
+                proto::UploadRequest {
+                    part: Some(proto::upload_request::Part::Batch(bytes)),
+                },
+                common::commit(1, 1),
+            ],
+        )
+        .await
+        .unwrap_err();
+        assert_eq!(err.code(), Code::InvalidArgument, "{}", err.message());
+    }
+    // The server still takes a good upload.
+    let (data, _) = common::synth(500, 0.5);
+    upload_demo(&server, "acme", data.path()).await;
+    server.stop().await.unwrap();
+}

@@ -79,9 +79,73 @@ pub fn encode_messages(batch: &RecordBatch, max_bytes: usize) -> Result<Vec<Vec<
     Ok(out)
 }
 
-/// The batches of one Arrow IPC stream.
+/// The batches of one Arrow IPC stream. The bytes come from a caller:
+/// Arrow's reader asserts on some malformed lengths instead of returning an
+/// error, so a panic while decoding is caught and reported as an error.
 pub fn decode_batches(bytes: &[u8]) -> Result<Vec<RecordBatch>, ArrowError> {
-    StreamReader::try_new(bytes, None)?.collect()
+    check_framing(bytes)?;
+    std::panic::catch_unwind(|| StreamReader::try_new(bytes, None)?.collect()).unwrap_or_else(
+        |_| {
+            Err(ArrowError::ParseError(
+                "malformed Arrow IPC stream".to_string(),
+            ))
+        },
+    )
+}
+
+/// Walks the messages of an IPC stream and checks that every declared
+/// length (metadata and body) lies within `bytes`, before Arrow's reader
+/// allocates buffers of those lengths: a few mutated bytes could otherwise
+/// make it allocate gigabytes for a kilobyte message.
+fn check_framing(bytes: &[u8]) -> Result<(), ArrowError> {
+    let bad = |what: &str| ArrowError::ParseError(format!("malformed Arrow IPC stream: {what}"));
+    let word = |at: usize| -> Option<u32> {
+        let b = bytes.get(at..at + 4)?;
+        Some(u32::from_le_bytes([b[0], b[1], b[2], b[3]]))
+    };
+    let mut pos = 0usize;
+    while pos < bytes.len() {
+        let mut len = word(pos).ok_or_else(|| bad("truncated length"))?;
+        pos += 4;
+        if len == 0xFFFF_FFFF {
+            len = word(pos).ok_or_else(|| bad("truncated length"))?;
+            pos += 4;
+        }
+        if len == 0 {
+            return Ok(());
+        }
+        let len = len as usize;
+        let meta = bytes
+            .get(pos..pos.saturating_add(len))
+            .ok_or_else(|| bad("metadata past the end"))?;
+        let message = arrow::ipc::root_as_message(meta).map_err(|_| bad("metadata"))?;
+        let body = usize::try_from(message.bodyLength()).map_err(|_| bad("body length"))?;
+        if let Some(batch) = message.header_as_record_batch() {
+            let fits = |offset: i64, length: i64| {
+                usize::try_from(offset)
+                    .ok()
+                    .zip(usize::try_from(length).ok())
+                    .and_then(|(o, l)| o.checked_add(l))
+                    .is_some_and(|end| end <= body)
+            };
+            if batch.length() < 0
+                || batch
+                    .buffers()
+                    .is_some_and(|b| b.iter().any(|b| !fits(b.offset(), b.length())))
+                || batch
+                    .nodes()
+                    .is_some_and(|n| n.iter().any(|n| n.length() < 0 || n.null_count() < 0))
+            {
+                return Err(bad("a buffer or array length"));
+            }
+        }
+        pos = pos
+            .checked_add(len)
+            .and_then(|p| p.checked_add(body))
+            .filter(|end| *end <= bytes.len())
+            .ok_or_else(|| bad("body past the end"))?;
+    }
+    Ok(())
 }
 
 #[cfg(test)]
