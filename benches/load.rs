@@ -165,7 +165,7 @@ async fn main() {
         t.await.unwrap();
     }
     let wall = started.elapsed().as_secs_f64();
-    let s = stats.lock().unwrap();
+    let s = std::mem::take(&mut *stats.lock().unwrap());
     let total: usize = s.latencies.values().map(Vec::len).sum();
     println!(
         "load: {clients} clients (acme, globex, initech in turn), {seconds} s, {people} rows per dataset, debug or release as built"
