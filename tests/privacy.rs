@@ -35,6 +35,12 @@ async fn server_with_data(privacy: &str, clock: ManualClock) -> (TestServer, tem
     let server = TestServer::start_with(Setup {
         policies: policies.path().to_path_buf(),
         clock: Arc::new(clock),
+        // The budget, not the query gate, is what these tests race.
+        query_limits: cleanroom::query::QueryLimits {
+            max_concurrent: 64,
+            max_concurrent_per_org: 64,
+            ..cleanroom::query::QueryLimits::default()
+        },
         ..Setup::default()
     })
     .await;
