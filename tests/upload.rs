@@ -220,6 +220,9 @@ async fn refused_uploads_name_the_rule_and_keep_the_previous_version() {
     let clock = ManualClock::new(time::OffsetDateTime::now_utc());
     let server = TestServer::start_with(Setup {
         clock: Arc::new(clock.clone()),
+        // The clock visits a date past expiry below; retention must not
+        // run then, or it deletes what the test checks is kept.
+        maintenance_interval: std::time::Duration::from_secs(3600),
         limits: cleanroom::upload::Limits {
             max_rows: 2_500,
             max_bytes: 64 << 20,

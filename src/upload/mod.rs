@@ -120,6 +120,9 @@ fn check_framing(bytes: &[u8]) -> Result<(), ArrowError> {
             .ok_or_else(|| bad("metadata past the end"))?;
         let message = arrow::ipc::root_as_message(meta).map_err(|_| bad("metadata"))?;
         let body = usize::try_from(message.bodyLength()).map_err(|_| bad("body length"))?;
+        if let Some(schema) = message.header_as_schema() {
+            check_schema_message(schema).map_err(|what| bad(what))?;
+        }
         if let Some(batch) = message.header_as_record_batch() {
             let fits = |offset: i64, length: i64| {
                 usize::try_from(offset)
@@ -144,6 +147,28 @@ fn check_framing(bytes: &[u8]) -> Result<(), ArrowError> {
             .and_then(|p| p.checked_add(body))
             .filter(|end| *end <= bytes.len())
             .ok_or_else(|| bad("body past the end"))?;
+    }
+    Ok(())
+}
+
+/// Upload schemas hold flat columns of the four types datasets are made
+/// of; anything else is refused before Arrow converts the schema (its
+/// converter panics on some malformed ones).
+fn check_schema_message(schema: arrow::ipc::Schema<'_>) -> Result<(), &'static str> {
+    use arrow::ipc::Type;
+    let fields = schema.fields().ok_or("a schema without fields")?;
+    for field in fields {
+        let flat = field.children().is_none_or(|c| c.is_empty()) && field.dictionary().is_none();
+        let known = match field.type_type() {
+            Type::Utf8 => field.type_as_utf_8().is_some(),
+            Type::Int => field.type_as_int().is_some(),
+            Type::FloatingPoint => field.type_as_floating_point().is_some(),
+            Type::FixedSizeBinary => field.type_as_fixed_size_binary().is_some(),
+            _ => false,
+        };
+        if !flat || !known {
+            return Err("a column type no dataset has");
+        }
     }
     Ok(())
 }
