@@ -121,7 +121,7 @@ fn check_framing(bytes: &[u8]) -> Result<(), ArrowError> {
         let message = arrow::ipc::root_as_message(meta).map_err(|_| bad("metadata"))?;
         let body = usize::try_from(message.bodyLength()).map_err(|_| bad("body length"))?;
         if let Some(schema) = message.header_as_schema() {
-            check_schema_message(schema).map_err(|what| bad(what))?;
+            check_schema_message(schema).map_err(&bad)?;
         }
         if let Some(batch) = message.header_as_record_batch() {
             let fits = |offset: i64, length: i64| {
