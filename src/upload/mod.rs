@@ -104,6 +104,7 @@ fn check_framing(bytes: &[u8]) -> Result<(), ArrowError> {
         Some(u32::from_le_bytes([b[0], b[1], b[2], b[3]]))
     };
     let mut pos = 0usize;
+    let mut layouts: Option<Vec<Layout>> = None;
     while pos < bytes.len() {
         let mut len = word(pos).ok_or_else(|| bad("truncated length"))?;
         pos += 4;
@@ -121,9 +122,13 @@ fn check_framing(bytes: &[u8]) -> Result<(), ArrowError> {
         let message = arrow::ipc::root_as_message(meta).map_err(|_| bad("metadata"))?;
         let body = usize::try_from(message.bodyLength()).map_err(|_| bad("body length"))?;
         if let Some(schema) = message.header_as_schema() {
-            check_schema_message(schema).map_err(&bad)?;
+            layouts = Some(check_schema_message(schema).map_err(&bad)?);
         }
         if let Some(batch) = message.header_as_record_batch() {
+            let layouts = layouts
+                .as_deref()
+                .ok_or_else(|| bad("a batch before its schema"))?;
+            check_batch_sizes(batch, layouts).map_err(&bad)?;
             let fits = |offset: i64, length: i64| {
                 usize::try_from(offset)
                     .ok()
@@ -151,24 +156,97 @@ fn check_framing(bytes: &[u8]) -> Result<(), ArrowError> {
     Ok(())
 }
 
+/// How one flat column is laid out in a record batch's buffers.
+#[derive(Debug, Clone, Copy)]
+enum Layout {
+    /// Validity, then values of this many bytes each.
+    Fixed(usize),
+    /// Validity, 32-bit offsets, then the bytes of the strings.
+    Utf8,
+}
+
 /// Upload schemas hold flat columns of the four types datasets are made
 /// of; anything else is refused before Arrow converts the schema (its
 /// converter panics on some malformed ones).
-fn check_schema_message(schema: arrow::ipc::Schema<'_>) -> Result<(), &'static str> {
-    use arrow::ipc::Type;
+fn check_schema_message(schema: arrow::ipc::Schema<'_>) -> Result<Vec<Layout>, &'static str> {
+    use arrow::ipc::{Precision, Type};
     let fields = schema.fields().ok_or("a schema without fields")?;
+    let mut layouts = Vec::with_capacity(fields.len());
     for field in fields {
-        let flat = field.children().is_none_or(|c| c.is_empty()) && field.dictionary().is_none();
-        let known = match field.type_type() {
-            Type::Utf8 => field.type_as_utf_8().is_some(),
-            Type::Int => field.type_as_int().is_some(),
-            Type::FloatingPoint => field.type_as_floating_point().is_some(),
-            Type::FixedSizeBinary => field.type_as_fixed_size_binary().is_some(),
-            _ => false,
-        };
-        if !flat || !known {
+        if field.children().is_some_and(|c| !c.is_empty()) || field.dictionary().is_some() {
             return Err("a column type no dataset has");
         }
+        let width = match field.type_type() {
+            Type::Utf8 if field.type_as_utf_8().is_some() => None,
+            Type::Int => field.type_as_int().map(|t| t.bitWidth() as usize / 8),
+            Type::FloatingPoint => field.type_as_floating_point().map(|t| match t.precision() {
+                Precision::HALF => 2,
+                Precision::SINGLE => 4,
+                _ => 8,
+            }),
+            Type::FixedSizeBinary => field
+                .type_as_fixed_size_binary()
+                .map(|t| t.byteWidth().max(0) as usize),
+            _ => return Err("a column type no dataset has"),
+        };
+        layouts.push(match (field.type_type(), width) {
+            (Type::Utf8, _) => Layout::Utf8,
+            (_, Some(w)) if (1..=64).contains(&w) => Layout::Fixed(w),
+            _ => return Err("a column type no dataset has"),
+        });
+    }
+    Ok(layouts)
+}
+
+/// Every column's buffers are large enough for the rows the batch declares:
+/// Arrow builds arrays from them before it validates, and asserts on some
+/// that are too short.
+fn check_batch_sizes(
+    batch: arrow::ipc::RecordBatch<'_>,
+    layouts: &[Layout],
+) -> Result<(), &'static str> {
+    if batch.compression().is_some() {
+        return Err("compressed batches are not accepted");
+    }
+    let rows = usize::try_from(batch.length()).map_err(|_| "a negative row count")?;
+    let nodes = batch.nodes().ok_or("a batch without columns")?;
+    let buffers = batch.buffers().ok_or("a batch without buffers")?;
+    let expected: usize = layouts
+        .iter()
+        .map(|l| match l {
+            Layout::Fixed(_) => 2,
+            Layout::Utf8 => 3,
+        })
+        .sum();
+    if nodes.len() != layouts.len() || buffers.len() != expected {
+        return Err("columns that do not match the schema");
+    }
+    let mut b = 0;
+    for (node, layout) in nodes.iter().zip(layouts) {
+        let buffer = |i: usize| usize::try_from(buffers.get(i).length()).unwrap_or(0);
+        if usize::try_from(node.length()).ok() != Some(rows) || node.null_count() < 0 {
+            return Err("a column whose length is not the batch's");
+        }
+        let validity = buffer(b);
+        if (node.null_count() > 0 || validity > 0) && validity < rows.div_ceil(8) {
+            return Err("a validity buffer too short for its rows");
+        }
+        let enough = match layout {
+            Layout::Fixed(width) => rows.checked_mul(*width).is_some_and(|n| buffer(b + 1) >= n),
+            Layout::Utf8 => {
+                rows == 0
+                    || (rows + 1)
+                        .checked_mul(4)
+                        .is_some_and(|n| buffer(b + 1) >= n)
+            }
+        };
+        if !enough {
+            return Err("a value buffer too short for its rows");
+        }
+        b += match layout {
+            Layout::Fixed(_) => 2,
+            Layout::Utf8 => 3,
+        };
     }
     Ok(())
 }
