@@ -178,12 +178,20 @@ fn check_schema_message(schema: arrow::ipc::Schema<'_>) -> Result<Vec<Layout>, &
         }
         let width = match field.type_type() {
             Type::Utf8 if field.type_as_utf_8().is_some() => None,
-            Type::Int => field.type_as_int().map(|t| t.bitWidth() as usize / 8),
-            Type::FloatingPoint => field.type_as_floating_point().map(|t| match t.precision() {
-                Precision::HALF => 2,
-                Precision::SINGLE => 4,
-                _ => 8,
-            }),
+            Type::Int => field
+                .type_as_int()
+                .filter(|t| matches!(t.bitWidth(), 8 | 16 | 32 | 64))
+                .map(|t| t.bitWidth() as usize / 8),
+            Type::FloatingPoint => {
+                field
+                    .type_as_floating_point()
+                    .and_then(|t| match t.precision() {
+                        Precision::HALF => Some(2),
+                        Precision::SINGLE => Some(4),
+                        Precision::DOUBLE => Some(8),
+                        _ => None,
+                    })
+            }
             Type::FixedSizeBinary => field
                 .type_as_fixed_size_binary()
                 .map(|t| t.byteWidth().max(0) as usize),
