@@ -122,7 +122,12 @@ fn check_framing(bytes: &[u8]) -> Result<(), ArrowError> {
         let message = arrow::ipc::root_as_message(meta).map_err(|_| bad("metadata"))?;
         let body = usize::try_from(message.bodyLength()).map_err(|_| bad("body length"))?;
         if let Some(schema) = message.header_as_schema() {
+            if layouts.is_some() {
+                return Err(bad("a second schema"));
+            }
             layouts = Some(check_schema_message(schema).map_err(&bad)?);
+        } else if message.header_as_record_batch().is_none() {
+            return Err(bad("a message that is neither a schema nor a record batch"));
         }
         if let Some(batch) = message.header_as_record_batch() {
             let layouts = layouts
@@ -229,6 +234,11 @@ fn check_batch_sizes(
     if nodes.len() != layouts.len() || buffers.len() != expected {
         return Err("columns that do not match the schema");
     }
+    // The format aligns every buffer to 8 bytes; Arrow asserts on typed
+    // views of misaligned or ragged ones.
+    if buffers.iter().any(|b| b.offset() % 8 != 0) {
+        return Err("a buffer off the 8-byte alignment");
+    }
     let mut b = 0;
     for (node, layout) in nodes.iter().zip(layouts) {
         let buffer = |i: usize| usize::try_from(buffers.get(i).length()).unwrap_or(0);
@@ -239,13 +249,14 @@ fn check_batch_sizes(
         if (node.null_count() > 0 || validity > 0) && validity < rows.div_ceil(8) {
             return Err("a validity buffer too short for its rows");
         }
+        let values = buffer(b + 1);
         let enough = match layout {
-            Layout::Fixed(width) => rows.checked_mul(*width).is_some_and(|n| buffer(b + 1) >= n),
+            Layout::Fixed(width) => {
+                values % width == 0 && rows.checked_mul(*width).is_some_and(|n| values >= n)
+            }
             Layout::Utf8 => {
-                rows == 0
-                    || (rows + 1)
-                        .checked_mul(4)
-                        .is_some_and(|n| buffer(b + 1) >= n)
+                values % 4 == 0
+                    && (rows == 0 || (rows + 1).checked_mul(4).is_some_and(|n| values >= n))
             }
         };
         if !enough {
