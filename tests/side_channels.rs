@@ -114,39 +114,12 @@ async fn having_never_sees_a_suppressed_group() {
     assert!(err.to_string().starts_with("rule query.output:"), "{err}");
 }
 
-/// A policies folder holding the demo agreement with `privacy` (None:
-/// thresholds only).
-fn policies(privacy: Option<&str>) -> tempfile::TempDir {
-    let dir = tempfile::tempdir().unwrap();
-    let text =
-        std::fs::read_to_string(common::policies_dir().join("retail-media-demo.toml")).unwrap();
-    let (head, _) = text.split_once("[privacy]").unwrap();
-    let text = match privacy {
-        None => head.to_string(),
-        Some(p) => format!("{head}[privacy]\n{p}\n"),
-    };
-    std::fs::write(dir.path().join("retail-media-demo.toml"), text).unwrap();
-    dir
-}
-
-async fn policy_hash(server: &TestServer) -> String {
-    server
-        .client("acme")
-        .await
-        .get_agreement("retail-media-demo")
-        .await
-        .unwrap()
-        .summary
-        .unwrap()
-        .policy_hash
-}
-
 async fn upload_rows(server: &TestServer, org: &str, batch: &RecordBatch, id: &str) {
     let (dataset, client) = match org {
         "acme" => ("customers", server.client("acme").await),
         _ => ("audience", server.client("globex").await),
     };
-    let hash = policy_hash(server).await;
+    let hash = common::policy_hash(server).await;
     raw_upload(
         &client,
         vec![
@@ -179,7 +152,7 @@ async fn acme_sees(server: &TestServer, sql: &str) -> String {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_one_person_upload_learns_nothing_from_what_was_held_back() {
-    let dir = policies(None);
+    let dir = common::demo_policies(None);
     let sql = "SELECT a.interest_segment, COUNT(*) AS n FROM customers c JOIN audience a ON c.email = a.email GROUP BY a.interest_segment";
     let mut seen = Vec::new();
     // globex uploads padding plus one person in the food segment, or not.
@@ -214,7 +187,7 @@ async fn a_one_person_upload_learns_nothing_from_what_was_held_back() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn failing_probes_are_charged_and_epsilon_is_charged_rounded_up() {
-    let dir = policies(Some(
+    let dir = common::demo_policies(Some(
         "epsilon_total = 10.0\nepsilon_per_query_max = 1.0\ndelta = 1e-7",
     ));
     let server = TestServer::start_with(Setup {
@@ -284,14 +257,14 @@ async fn failing_probes_are_charged_and_epsilon_is_charged_rounded_up() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn stored_data_is_what_was_validated() {
-    let dir = policies(None);
+    let dir = common::demo_policies(None);
     let mut server = TestServer::start_with(Setup {
         policies: dir.path().to_path_buf(),
         ..Setup::default()
     })
     .await;
     let policy = demo_policy(None, 50);
-    let hash = policy_hash(&server).await;
+    let hash = common::policy_hash(&server).await;
     let acme = server.client("acme").await;
     let secret_text = "jane.doe@example.com";
 

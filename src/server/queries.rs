@@ -121,14 +121,8 @@ impl QueriesService {
         } = planned;
         let Some(privacy) = policy.privacy() else {
             let run = crate::query::execute(&policy, ctx, plan, checked, one_row_per_person);
-            let run = tokio::time::timeout_at(deadline, run)
+            let run = by_deadline(deadline, &limits, run)
                 .await
-                .unwrap_or_else(|_| {
-                    Err(QueryError::Limit {
-                        rule: "query.timeout",
-                        detail: timed_out(&limits).to_string(),
-                    })
-                })
                 .map(|outcome| Answer {
                     policy: Arc::clone(&policy),
                     outcome,
@@ -168,14 +162,7 @@ impl QueriesService {
             rng,
         );
         // Past the deadline the data has been read: the charge stays.
-        let run = tokio::time::timeout_at(deadline, run)
-            .await
-            .unwrap_or_else(|_| {
-                Err(QueryError::Limit {
-                    rule: "query.timeout",
-                    detail: timed_out(&limits).to_string(),
-                })
-            });
+        let run = by_deadline(deadline, &limits, run).await;
         match run {
             Ok(outcome) => (
                 Ok(Answer {
@@ -249,13 +236,31 @@ impl QueriesService {
 
 /// The refusal of a query past its time.
 fn timed_out(limits: &QueryLimits) -> ServiceError {
-    ServiceError::LimitExceeded {
+    match past_time(limits) {
+        QueryError::Limit { rule, detail } => ServiceError::LimitExceeded { rule, detail },
+        other => query_error(other),
+    }
+}
+
+fn past_time(limits: &QueryLimits) -> QueryError {
+    QueryError::Limit {
         rule: "query.timeout",
         detail: format!(
             "the query ran longer than {} s (query_timeout_seconds)",
             limits.timeout.as_secs_f64()
         ),
     }
+}
+
+/// Runs `work` until `deadline`, then gives it up as past its time.
+async fn by_deadline<T>(
+    deadline: tokio::time::Instant,
+    limits: &QueryLimits,
+    work: impl std::future::Future<Output = Result<T, QueryError>>,
+) -> Result<T, QueryError> {
+    tokio::time::timeout_at(deadline, work)
+        .await
+        .unwrap_or_else(|_| Err(past_time(limits)))
 }
 
 /// How many queries run at once, in all and per organisation.

@@ -365,3 +365,30 @@ pub fn commit(rows: u64, batches: u64) -> proto::UploadRequest {
         part: Some(Part::Commit(proto::UploadCommit { rows, batches })),
     }
 }
+
+/// A policies folder holding the demo agreement with `privacy` as its
+/// `[privacy]` section (None: thresholds only).
+pub fn demo_policies(privacy: Option<&str>) -> tempfile::TempDir {
+    let dir = tempfile::tempdir().unwrap();
+    let text = std::fs::read_to_string(policies_dir().join("retail-media-demo.toml")).unwrap();
+    let (head, _) = text.split_once("[privacy]").unwrap();
+    let text = match privacy {
+        None => head.to_string(),
+        Some(p) => format!("{head}[privacy]\n{p}\n"),
+    };
+    std::fs::write(dir.path().join("retail-media-demo.toml"), text).unwrap();
+    dir
+}
+
+/// The demo agreement's policy hash, as acme's client reads it.
+pub async fn policy_hash(server: &TestServer) -> String {
+    server
+        .client("acme")
+        .await
+        .get_agreement("retail-media-demo")
+        .await
+        .unwrap()
+        .summary
+        .unwrap()
+        .policy_hash
+}
