@@ -58,15 +58,7 @@ async fn main() {
     })
     .await;
     let policy = demo_policy(None, 50);
-    let hash = server
-        .client("acme")
-        .await
-        .get_agreement(ID)
-        .await
-        .unwrap()
-        .summary
-        .unwrap()
-        .policy_hash;
+    let hash = support::policy_hash(&server).await;
     let rows = |offset: u64| -> Vec<Row> {
         (offset..offset + people)
             .map(|id| Row {

@@ -264,13 +264,7 @@ async fn every_rpc_for_every_caller_in_every_state() {
     common::upload_demo(&server, "globex", data.path()).await;
     let mut acme = server.client("acme").await;
     let mut globex = server.client("globex").await;
-    let hash = acme
-        .get_agreement(ID)
-        .await
-        .unwrap()
-        .summary
-        .unwrap()
-        .policy_hash;
+    let hash = common::policy_hash(&server).await;
     let anonymous = Client::connect(&server.config(None)).await.unwrap();
     let callers = [
         (Caller::WithRight, server.client("acme").await),
@@ -285,11 +279,11 @@ async fn every_rpc_for_every_caller_in_every_state() {
             State::InForce => {}
             State::Suspended => {
                 std::fs::remove_file(&file).unwrap();
-                wait_for_state(&acme, proto::AgreementState::Suspended).await;
+                assert!(common::reaches_state(&acme, proto::AgreementState::Suspended).await);
             }
             State::Expired => {
                 std::fs::write(&file, policy_text()).unwrap();
-                wait_for_state(&acme, proto::AgreementState::Active).await;
+                assert!(common::reaches_state(&acme, proto::AgreementState::Active).await);
                 clock.set(datetime!(2028-01-02 12:00 UTC));
             }
         }
@@ -329,15 +323,4 @@ async fn every_rpc_for_every_caller_in_every_state() {
     assert!(failures.is_empty(), "{}", failures.join("\n"));
     assert_eq!(cells, 12 * 4 * 3);
     server.stop().await.unwrap();
-}
-
-async fn wait_for_state(client: &Client, state: proto::AgreementState) {
-    for _ in 0..100 {
-        let mut c = client.clone();
-        if c.list_agreements().await.unwrap().first().map(|a| a.state) == Some(state as i32) {
-            return;
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-    panic!("the agreement did not become {state:?}");
 }

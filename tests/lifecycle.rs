@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 
 use cleanroom::client::Client;
 use cleanroom::proto;
-use common::{Setup, TestServer, upload_demo};
+use common::{Setup, TestServer, eventually, reaches_state, upload_demo};
 use tonic::Code;
 
 const ID: &str = "retail-media-demo";
@@ -43,31 +43,6 @@ async fn min_group_size(client: &mut Client) -> u32 {
         .query
         .unwrap()
         .min_group_size
-}
-
-/// Polls `check` for up to 5 seconds.
-async fn eventually<F, Fut>(mut check: F) -> bool
-where
-    F: FnMut() -> Fut,
-    Fut: std::future::Future<Output = bool>,
-{
-    let start = Instant::now();
-    while start.elapsed() < Duration::from_secs(5) {
-        if check().await {
-            return true;
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-    false
-}
-
-/// Whether the caller's only agreement reaches `state` within 5 seconds.
-async fn reaches_state(client: &Client, state: proto::AgreementState) -> bool {
-    eventually(|| {
-        let mut c = client.clone();
-        async move { c.list_agreements().await.unwrap()[0].state == state as i32 }
-    })
-    .await
 }
 
 const SQL: &str = "SELECT c.region, COUNT(*) AS n FROM customers c JOIN audience a ON c.email = a.email GROUP BY c.region";

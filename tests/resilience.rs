@@ -138,6 +138,18 @@ async fn outsiders_cannot_grow_an_agreements_audit_log() {
     server.stop().await.unwrap();
 }
 
+/// The demo's by-region query is refused with `code` and a text that
+/// starts with `prefix`.
+async fn assert_refused(acme: &mut cleanroom::client::Client, code: Code, prefix: &str) {
+    let err = acme
+        .query("retail-media-demo", &format!("{BASE} GROUP BY c.region"))
+        .await
+        .unwrap_err();
+    let status = err.status().unwrap();
+    assert_eq!(status.code(), code, "{status:?}");
+    assert!(status.message().starts_with(prefix), "{}", status.message());
+}
+
 async fn loaded_server(
     privacy: Option<&str>,
     query_limits: QueryLimits,
@@ -167,17 +179,7 @@ async fn a_query_past_its_memory_is_refused_and_charged_when_private() {
     ] {
         let (server, _dir) = loaded_server(privacy, limits).await;
         let mut acme = server.client("acme").await;
-        let err = acme
-            .query("retail-media-demo", &format!("{BASE} GROUP BY c.region"))
-            .await
-            .unwrap_err();
-        let status = err.status().unwrap();
-        assert_eq!(status.code(), Code::ResourceExhausted, "{status:?}");
-        assert!(
-            status.message().starts_with("rule query.memory:"),
-            "{}",
-            status.message()
-        );
+        assert_refused(&mut acme, Code::ResourceExhausted, "rule query.memory:").await;
         if privacy.is_some() {
             let b = acme.budget("retail-media-demo").await.unwrap();
             assert_eq!(b.epsilon_spent, 1.0, "the data was read: charged");
@@ -194,19 +196,12 @@ async fn a_query_past_its_time_is_refused() {
     };
     let (server, _dir) = loaded_server(None, limits).await;
     let mut acme = server.client("acme").await;
-    let err = acme
-        .query("retail-media-demo", &format!("{BASE} GROUP BY c.region"))
-        .await
-        .unwrap_err();
-    let status = err.status().unwrap();
-    assert_eq!(status.code(), Code::ResourceExhausted, "{status:?}");
-    assert!(
-        status
-            .message()
-            .starts_with("rule query.timeout: the query ran longer than"),
-        "{}",
-        status.message()
-    );
+    assert_refused(
+        &mut acme,
+        Code::ResourceExhausted,
+        "rule query.timeout: the query ran longer than",
+    )
+    .await;
     server.stop().await.unwrap();
 }
 

@@ -19,7 +19,6 @@ use arrow::datatypes::{DataType, Field, Schema};
 use arrow::record_batch::RecordBatch;
 use arrow::row::{RowConverter, Rows, SortField};
 
-use datafusion::error::DataFusionError;
 use datafusion::functions_aggregate::expr_fn::{count, sum};
 use datafusion::logical_expr::{Aggregate, Expr, LogicalPlan, LogicalPlanBuilder, cast, lit};
 use datafusion::prelude::SessionContext;
@@ -83,10 +82,6 @@ pub fn plan(policy: &Policy, checked: &Checked, epsilon: f64) -> Result<Plan, Vi
     Plan::new(settings, &measures(checked)?).map_err(|e| deny(e.rule, e.detail))
 }
 
-fn engine(e: DataFusionError) -> QueryError {
-    private_failure(e)
-}
-
 fn internal(what: &str) -> QueryError {
     QueryError::Engine(format!("private aggregation: {what}"))
 }
@@ -107,7 +102,7 @@ pub async fn execute(
     // Every failure from here on comes after data was read.
 
     // 1. Partial aggregates per group and person.
-    let person = Expr::Column(person_column(&agg.input).map_err(engine)?);
+    let person = Expr::Column(person_column(&agg.input).map_err(private_failure)?);
     let mut group = agg.group_expr.clone();
     let groups_width = group.len();
     group.push(person);
@@ -158,19 +153,19 @@ pub async fn execute(
         LogicalPlanBuilder::from(Arc::clone(&agg.input))
             .project(group)
             .and_then(LogicalPlanBuilder::build)
-            .map_err(engine)?
+            .map_err(private_failure)?
     } else {
         LogicalPlan::Aggregate(
-            Aggregate::try_new(Arc::clone(&agg.input), group, partials).map_err(engine)?,
+            Aggregate::try_new(Arc::clone(&agg.input), group, partials).map_err(private_failure)?,
         )
     };
     let batches = ctx
         .execute_logical_plan(partial)
         .await
-        .map_err(engine)?
+        .map_err(private_failure)?
         .collect()
         .await
-        .map_err(engine)?;
+        .map_err(private_failure)?;
 
     // 2. Group numbers, contributions, then the mechanism.
     let group_fields: Vec<SortField> = agg
@@ -181,7 +176,7 @@ pub async fn execute(
         .map(|f| SortField::new(f.data_type().clone()))
         .collect();
     let converter = if groups_width > 0 {
-        Some(RowConverter::new(group_fields).map_err(|e| engine(e.into()))?)
+        Some(RowConverter::new(group_fields).map_err(|e| private_failure(e.into()))?)
     } else {
         None
     };
@@ -190,7 +185,7 @@ pub async fn execute(
         for b in &batches {
             keys.push(
                 conv.convert_columns(&b.columns()[..groups_width])
-                    .map_err(|e| engine(e.into()))?,
+                    .map_err(|e| private_failure(e.into()))?,
             );
         }
     }
@@ -314,7 +309,10 @@ fn released_batch(
             let (b, r) = representatives[g.group as usize];
             keys[b].row(r)
         });
-        columns.extend(conv.convert_rows(rows).map_err(|e| engine(e.into()))?);
+        columns.extend(
+            conv.convert_rows(rows)
+                .map_err(|e| private_failure(e.into()))?,
+        );
     }
     let width = columns.len();
     for (i, _) in measures.iter().enumerate() {
@@ -332,7 +330,7 @@ fn released_batch(
             }))),
         };
         let target = schema.field(width + i).data_type();
-        columns.push(arrow::compute::cast(&array, target).map_err(|e| engine(e.into()))?);
+        columns.push(arrow::compute::cast(&array, target).map_err(|e| private_failure(e.into()))?);
     }
-    RecordBatch::try_new(schema, columns).map_err(|e| engine(e.into()))
+    RecordBatch::try_new(schema, columns).map_err(|e| private_failure(e.into()))
 }

@@ -135,9 +135,7 @@ impl Store {
     /// from `master_key`, or from `root/master.key`, created on first start.
     pub fn open(root: &Path, master_key: Option<&Path>) -> Result<Self, StorageError> {
         create_private_dir(root)?;
-        let key_path = master_key
-            .map(Path::to_path_buf)
-            .unwrap_or_else(|| root.join("master.key"));
+        let key_path = Store::master_key_path(root, master_key);
         let master = load_or_create_master(&key_path, master_key.is_none())?;
         let db_path = root.join("meta.redb");
         let db = Database::create(&db_path)?;
@@ -151,6 +149,13 @@ impl Store {
             tx.open_table(ledger::PENDING)?;
         }
         tx.commit()?;
+        let store = Store::checked(root, db, master)?;
+        store.recover()?;
+        Ok(store)
+    }
+
+    /// A store over `db`, once `master` is shown to open its data keys.
+    fn checked(root: &Path, db: Database, master: Key) -> Result<Self, StorageError> {
         let store = Store {
             inner: Arc::new(Inner {
                 root: root.to_path_buf(),
@@ -160,8 +165,14 @@ impl Store {
             }),
         };
         store.check_master_key()?;
-        store.recover()?;
         Ok(store)
+    }
+
+    /// The master key file: the one given, or `ROOT/master.key`.
+    fn master_key_path(root: &Path, master_key: Option<&Path>) -> PathBuf {
+        master_key
+            .map(Path::to_path_buf)
+            .unwrap_or_else(|| root.join("master.key"))
     }
 
     /// Opens an existing store to read it, for commands on a stopped
@@ -175,21 +186,8 @@ impl Store {
                 root.display()
             )));
         }
-        let key_path = master_key
-            .map(Path::to_path_buf)
-            .unwrap_or_else(|| root.join("master.key"));
-        let master = load_or_create_master(&key_path, false)?;
-        let db = Database::open(&db_path)?;
-        let store = Store {
-            inner: Arc::new(Inner {
-                root: root.to_path_buf(),
-                db,
-                master,
-                keys_lock: std::sync::Mutex::new(()),
-            }),
-        };
-        store.check_master_key()?;
-        Ok(store)
+        let master = load_or_create_master(&Store::master_key_path(root, master_key), false)?;
+        Store::checked(root, Database::open(&db_path)?, master)
     }
 
     pub fn root(&self) -> &Path {

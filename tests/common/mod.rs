@@ -392,3 +392,28 @@ pub async fn policy_hash(server: &TestServer) -> String {
         .unwrap()
         .policy_hash
 }
+
+/// Polls `check` for up to 5 seconds.
+pub async fn eventually<F, Fut>(mut check: F) -> bool
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    let start = std::time::Instant::now();
+    while start.elapsed() < Duration::from_secs(5) {
+        if check().await {
+            return true;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    false
+}
+
+/// Whether the caller's only agreement reaches `state` within 5 seconds.
+pub async fn reaches_state(client: &Client, state: proto::AgreementState) -> bool {
+    eventually(|| {
+        let mut c = client.clone();
+        async move { c.list_agreements().await.unwrap()[0].state == state as i32 }
+    })
+    .await
+}
