@@ -51,6 +51,12 @@ pub struct Entry {
     /// The query's id in the budget ledger.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub query_id: Option<String>,
+    /// The approved template a query ran, if any.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub template: Option<String>,
+    /// BLAKE3 of the template's bound parameter values.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub params_hash: Option<String>,
     /// Hex hash of the previous entry (zeros for the first).
     pub prev: String,
     /// Hex hash of this entry.
@@ -72,6 +78,8 @@ pub struct Event {
     pub suppressed: Option<u64>,
     pub epsilon: Option<f64>,
     pub query_id: Option<String>,
+    pub template: Option<String>,
+    pub params_hash: Option<String>,
     /// A query a crash interrupted after its budget was charged.
     pub interrupted: bool,
 }
@@ -309,6 +317,8 @@ impl AuditLog {
             suppressed: event.suppressed,
             epsilon: event.epsilon,
             query_id: event.query_id,
+            template: event.template,
+            params_hash: event.params_hash,
             prev: hex::encode(state.head),
             hash: String::new(),
         };

@@ -298,13 +298,41 @@ impl Client {
         sql: &str,
         epsilon: Option<f64>,
     ) -> Result<QueryAnswer, ClientError> {
+        self.send_query(proto::QueryRequest {
+            agreement_id: agreement_id.to_string(),
+            sql: sql.to_string(),
+            epsilon,
+            ..Default::default()
+        })
+        .await
+    }
+
+    /// Runs one of the agreement's approved templates with `params`
+    /// (name to value, as text), spending `epsilon` under privacy.
+    pub async fn run_template(
+        &mut self,
+        agreement_id: &str,
+        template: &str,
+        params: &std::collections::BTreeMap<String, String>,
+        epsilon: Option<f64>,
+    ) -> Result<QueryAnswer, ClientError> {
+        self.send_query(proto::QueryRequest {
+            agreement_id: agreement_id.to_string(),
+            template: template.to_string(),
+            params: params.clone().into_iter().collect(),
+            epsilon,
+            ..Default::default()
+        })
+        .await
+    }
+
+    async fn send_query(
+        &mut self,
+        request: proto::QueryRequest,
+    ) -> Result<QueryAnswer, ClientError> {
         use proto::query_response::Part;
         let mut stream = QueriesClient::new(self.channel.clone())
-            .query(proto::QueryRequest {
-                agreement_id: agreement_id.to_string(),
-                sql: sql.to_string(),
-                epsilon,
-            })
+            .query(request)
             .await?
             .into_inner();
         let (mut header, mut summary, mut batches) = (None, None, Vec::new());

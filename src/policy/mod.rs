@@ -8,12 +8,15 @@
 mod load;
 mod raw;
 pub mod reload;
+mod template;
 mod types;
 mod validate;
 
 pub use load::{PolicyError, PolicySet, Problem, load_dir, load_paths, parse_policy};
 pub use types::{
-    Aggregate, AgreementState, Column, ColumnRole, Dataset, Domain, IdentityKind, Party, Policy,
-    PolicyHash, Privacy, Profile, QueryRules, Refresh, Right, Salt, ValueType,
+    Aggregate, AgreementState, Column, ColumnPair, ColumnRole, Dataset, Domain, IdentityKind,
+    Party, Policy, PolicyHash, Privacy, Profile, QueryMode, QueryRules, Refresh, Right, Salt,
+    ValueType,
 };
-pub use validate::is_slug;
+pub use template::{Bound, Param, ParamError, ParamKind, Template};
+pub use validate::{FIRST_YEAR, LAST_YEAR, epoch_days, is_slug};

@@ -17,6 +17,8 @@ pub(crate) struct RawPolicy {
     pub(crate) dataset: Vec<RawDataset>,
     pub(crate) query: RawQuery,
     pub(crate) privacy: Option<RawPrivacy>,
+    #[serde(default)]
+    pub(crate) template: Vec<RawTemplate>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -64,8 +66,10 @@ pub(crate) struct RawColumn {
     pub(crate) value_type: Option<String>,
     pub(crate) values: Option<Vec<String>>,
     pub(crate) max_cardinality: Option<i64>,
-    pub(crate) min: Option<f64>,
-    pub(crate) max: Option<f64>,
+    /// A number, or a date or date-time for temporal metrics.
+    pub(crate) min: Option<toml::Value>,
+    pub(crate) max: Option<toml::Value>,
+    pub(crate) compare: Option<bool>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -73,6 +77,32 @@ pub(crate) struct RawColumn {
 pub(crate) struct RawQuery {
     pub(crate) aggregates: Vec<String>,
     pub(crate) min_group_size: i64,
+    #[serde(default)]
+    pub(crate) column_pairs: Vec<Vec<String>>,
+    pub(crate) mode: Option<String>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct RawTemplate {
+    pub(crate) name: String,
+    pub(crate) description: String,
+    pub(crate) sql: String,
+    pub(crate) parties: Vec<String>,
+    #[serde(default)]
+    pub(crate) param: Vec<RawParam>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct RawParam {
+    pub(crate) name: String,
+    #[serde(rename = "type")]
+    pub(crate) param_type: String,
+    pub(crate) column: Option<String>,
+    pub(crate) min: Option<toml::Value>,
+    pub(crate) max: Option<toml::Value>,
+    pub(crate) max_items: Option<i64>,
 }
 
 #[derive(Debug, Deserialize)]

@@ -20,6 +20,7 @@ pub struct Policy {
     pub(super) datasets: Vec<Dataset>,
     pub(super) query: QueryRules,
     pub(super) privacy: Option<Privacy>,
+    pub(super) templates: Vec<super::Template>,
     pub(super) hash: PolicyHash,
 }
 
@@ -61,6 +62,13 @@ impl Policy {
     }
     pub fn privacy(&self) -> Option<&Privacy> {
         self.privacy.as_ref()
+    }
+    /// Approved query templates, in file order.
+    pub fn templates(&self) -> &[super::Template] {
+        &self.templates
+    }
+    pub fn template(&self, name: &str) -> Option<&super::Template> {
+        self.templates.iter().find(|t| t.name() == name)
     }
     /// BLAKE3 of the policy file's bytes.
     pub fn hash(&self) -> &PolicyHash {
@@ -310,11 +318,15 @@ pub enum ColumnRole {
         value_type: ValueType,
         domain: Domain,
     },
-    /// A numeric attribute, only inside aggregates, within inclusive bounds.
+    /// A numeric, date or timestamp attribute within inclusive bounds:
+    /// inside aggregates, and (when `compare` holds, or under differential
+    /// privacy) in filters and derived dimensions. Dates are bounded in
+    /// days and timestamps in microseconds since 1970-01-01.
     Metric {
         value_type: ValueType,
         min: f64,
         max: f64,
+        compare: bool,
     },
     /// Barred from upload and from analysis.
     Sensitive,
@@ -336,6 +348,10 @@ pub enum ValueType {
     String,
     Integer,
     Float,
+    /// A calendar day (Arrow Date32).
+    Date,
+    /// An instant in UTC, to the microsecond (Arrow Timestamp(µs)).
+    Timestamp,
 }
 
 impl ValueType {
@@ -344,7 +360,14 @@ impl ValueType {
             ValueType::String => "string",
             ValueType::Integer => "integer",
             ValueType::Float => "float",
+            ValueType::Date => "date",
+            ValueType::Timestamp => "timestamp",
         }
+    }
+
+    /// Dates and timestamps: compared and truncated, never summed.
+    pub fn is_temporal(self) -> bool {
+        matches!(self, ValueType::Date | ValueType::Timestamp)
     }
 }
 
@@ -393,9 +416,58 @@ impl Aggregate {
 pub struct QueryRules {
     pub(super) aggregates: BTreeSet<Aggregate>,
     pub(super) min_group_size: u32,
+    pub(super) column_pairs: Vec<ColumnPair>,
+    pub(super) mode: QueryMode,
+}
+
+/// Two columns (`dataset.column`) an expression may combine: compared with
+/// each other, or one offset against the other.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ColumnPair {
+    pub(super) a: (String, String),
+    pub(super) b: (String, String),
+}
+
+impl ColumnPair {
+    pub fn columns(&self) -> [(&str, &str); 2] {
+        [
+            (self.a.0.as_str(), self.a.1.as_str()),
+            (self.b.0.as_str(), self.b.1.as_str()),
+        ]
+    }
+    /// Whether this pair joins the two columns, in either order.
+    pub fn joins(&self, x: (&str, &str), y: (&str, &str)) -> bool {
+        let [a, b] = self.columns();
+        (a == x && b == y) || (a == y && b == x)
+    }
+}
+
+/// Which queries an agreement admits.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum QueryMode {
+    /// Any SQL the checker accepts, and templates.
+    Any,
+    /// Only the agreement's approved templates.
+    Templates,
+}
+
+impl QueryMode {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            QueryMode::Any => "any",
+            QueryMode::Templates => "templates",
+        }
+    }
 }
 
 impl QueryRules {
+    /// Column pairs expressions may combine.
+    pub fn column_pairs(&self) -> &[ColumnPair] {
+        &self.column_pairs
+    }
+    pub fn mode(&self) -> QueryMode {
+        self.mode
+    }
     pub fn aggregates(&self) -> &BTreeSet<Aggregate> {
         &self.aggregates
     }

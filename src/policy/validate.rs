@@ -7,10 +7,11 @@ use std::collections::{BTreeMap, BTreeSet};
 use time::{Date, Month};
 
 use super::Problem;
-use super::raw::{RawColumn, RawDataset, RawIdentity, RawPolicy, RawPrivacy};
+use super::raw::{RawColumn, RawDataset, RawIdentity, RawParam, RawPolicy, RawPrivacy};
+use super::template::{Param, ParamKind, Template, placeholders};
 use super::types::{
-    Aggregate, Column, ColumnRole, Dataset, Domain, IdentityKind, Party, Policy, PolicyHash,
-    Privacy, Profile, QueryRules, Refresh, Right, Salt, ValueType,
+    Aggregate, Column, ColumnPair, ColumnRole, Dataset, Domain, IdentityKind, Party, Policy,
+    PolicyHash, Privacy, Profile, QueryMode, QueryRules, Refresh, Right, Salt, ValueType,
 };
 use crate::identity::country_calling_code;
 
@@ -21,6 +22,16 @@ const MAX_RETENTION_DAYS: i64 = 3_650;
 const MAX_MIN_GROUP_SIZE: i64 = 1_000_000;
 const MAX_GROUPS_PER_PERSON: i64 = 1_000;
 const MAX_ROWS_PER_PERSON: i64 = 1_000;
+/// Dates and timestamps lie in these years, so that every date function
+/// and interval the checker admits stays within what the engine represents.
+pub const FIRST_YEAR: i32 = 1900;
+pub const LAST_YEAR: i32 = 2200;
+const MAX_TEMPLATE_ITEMS: i64 = 1_000;
+
+/// Days from 1970-01-01 to `d`.
+pub fn epoch_days(d: Date) -> i64 {
+    (d - Date::from_calendar_date(1970, Month::January, 1).expect("valid date")).whole_days()
+}
 
 #[derive(Debug, Default)]
 struct Problems(Vec<Problem>);
@@ -144,8 +155,15 @@ pub(super) fn validate(
     let identities = validate_identities(&raw.identity, &mut p);
     let parties = validate_parties(&raw, &mut p);
     let datasets = validate_datasets(&raw.dataset, &parties, &identities, &mut p);
-    let query = validate_query(&raw, &mut p);
+    let query = validate_query(&raw, &datasets, &mut p);
     let privacy = raw.privacy.as_ref().map(|r| validate_privacy(r, &mut p));
+    let templates = validate_templates(&raw, &datasets, &parties, &mut p);
+    if query.as_ref().is_some_and(|q| q.mode == QueryMode::Templates) && templates.is_empty() {
+        p.push(
+            "query.mode",
+            "\"templates\" admits only templates, but the policy declares none",
+        );
+    }
 
     if !p.0.is_empty() {
         return Err(p.0);
@@ -166,6 +184,7 @@ pub(super) fn validate(
         datasets,
         query,
         privacy: privacy.flatten(),
+        templates,
         hash,
     })
 }
@@ -429,6 +448,7 @@ fn validate_column(
             );
             forbid(rc.min.is_some(), "min", "identifier", p);
             forbid(rc.max.is_some(), "max", "identifier", p);
+            forbid(rc.compare.is_some(), "compare", "identifier", p);
             match &rc.kind {
                 None => {
                     p.push(
@@ -451,6 +471,7 @@ fn validate_column(
             forbid(rc.kind.is_some(), "kind", "dimension", p);
             forbid(rc.min.is_some(), "min", "dimension", p);
             forbid(rc.max.is_some(), "max", "dimension", p);
+            forbid(rc.compare.is_some(), "compare", "dimension", p);
             let value_type = match rc.value_type.as_deref().unwrap_or("string") {
                 "string" => ValueType::String,
                 "integer" => ValueType::Integer,
@@ -494,21 +515,27 @@ fn validate_column(
             let value_type = match rc.value_type.as_deref().unwrap_or("float") {
                 "integer" => ValueType::Integer,
                 "float" => ValueType::Float,
+                "date" => ValueType::Date,
+                "timestamp" => ValueType::Timestamp,
                 other => {
                     p.push(
                         format!("{field}.type"),
-                        format!("{other:?} is not a metric type (known: integer, float)"),
+                        format!(
+                            "{other:?} is not a metric type (known: integer, float, date, timestamp)"
+                        ),
                     );
                     return None;
                 }
             };
-            let (Some(min), Some(max)) = (rc.min, rc.max) else {
+            let (Some(min), Some(max)) = (&rc.min, &rc.max) else {
                 p.push(
                     field,
                     "a metric column needs both `min` and `max` bounds (they bound each person's contribution)",
                 );
                 return None;
             };
+            let min = bound_of(&format!("{field}.min"), min, value_type, p)?;
+            let max = bound_of(&format!("{field}.max"), max, value_type, p)?;
             if !min.is_finite() || !max.is_finite() || min >= max {
                 p.push(
                     format!("{field}.max"),
@@ -520,6 +547,7 @@ fn validate_column(
                 value_type,
                 min,
                 max,
+                compare: rc.compare.unwrap_or(false),
             })
         }
         "sensitive" => {
@@ -534,6 +562,7 @@ fn validate_column(
             );
             forbid(rc.min.is_some(), "min", "sensitive", p);
             forbid(rc.max.is_some(), "max", "sensitive", p);
+            forbid(rc.compare.is_some(), "compare", "sensitive", p);
             Some(ColumnRole::Sensitive)
         }
         other => {
@@ -543,6 +572,62 @@ fn validate_column(
                     "{other:?} is not a known role (known: identifier, dimension, metric, sensitive)"
                 ),
             );
+            None
+        }
+    }
+}
+
+/// A metric bound as stored: the number itself, days since 1970-01-01 for
+/// a date, microseconds since 1970-01-01 UTC for a timestamp.
+fn bound_of(field: &str, v: &toml::Value, t: ValueType, p: &mut Problems) -> Option<f64> {
+    match (t, v) {
+        (ValueType::Integer, toml::Value::Integer(n)) => Some(*n as f64),
+        (ValueType::Float, toml::Value::Integer(n)) => Some(*n as f64),
+        (ValueType::Float, toml::Value::Float(x)) => Some(*x),
+        (ValueType::Date | ValueType::Timestamp, toml::Value::Datetime(dt)) => {
+            let Some(d) = dt.date else {
+                p.push(field, "must be a date like 2026-01-31 (or a date-time)");
+                return None;
+            };
+            if t == ValueType::Date && (dt.time.is_some() || dt.offset.is_some()) {
+                p.push(field, "a date column's bound is a date, without a time");
+                return None;
+            }
+            let date = Month::try_from(d.month)
+                .ok()
+                .and_then(|m| Date::from_calendar_date(i32::from(d.year), m, d.day).ok());
+            let Some(date) = date.filter(|d| (FIRST_YEAR..=LAST_YEAR).contains(&d.year())) else {
+                p.push(
+                    field,
+                    format!("must be a valid date in the years {FIRST_YEAR} to {LAST_YEAR}"),
+                );
+                return None;
+            };
+            let days = epoch_days(date);
+            if t == ValueType::Date {
+                return Some(days as f64);
+            }
+            let (h, m, s, ns) = dt.time.map_or((0, 0, 0, 0), |t| {
+                (
+                    i64::from(t.hour),
+                    i64::from(t.minute),
+                    i64::from(t.second),
+                    i64::from(t.nanosecond),
+                )
+            });
+            let offset_minutes = match dt.offset {
+                Some(toml::value::Offset::Custom { minutes }) => i64::from(minutes),
+                _ => 0,
+            };
+            let seconds = days * 86_400 + h * 3_600 + m * 60 + s - offset_minutes * 60;
+            Some((seconds * 1_000_000 + ns / 1_000) as f64)
+        }
+        (ValueType::Integer | ValueType::Float, _) => {
+            p.push(field, "must be a number");
+            None
+        }
+        _ => {
+            p.push(field, "must be a date like 2026-01-31 (or a date-time)");
             None
         }
     }
@@ -579,8 +664,59 @@ fn validate_values(
     (p.0.len() == before).then_some(())
 }
 
-fn validate_query(raw: &RawPolicy, p: &mut Problems) -> Option<QueryRules> {
+fn validate_query(raw: &RawPolicy, datasets: &[Dataset], p: &mut Problems) -> Option<QueryRules> {
     let q = &raw.query;
+    let mut column_pairs = Vec::new();
+    for (i, pair) in q.column_pairs.iter().enumerate() {
+        let field = format!("query.column_pairs[{i}]");
+        let [a, b] = pair.as_slice() else {
+            p.push(field, "a pair names exactly two columns, as \"dataset.column\"");
+            continue;
+        };
+        let resolve = |name: &str, p: &mut Problems| -> Option<(String, String)> {
+            let found = name.split_once('.').and_then(|(d, c)| {
+                let column = datasets.iter().find(|x| x.name == d)?.column(c)?;
+                Some((d.to_string(), c.to_string(), column.role.clone()))
+            });
+            match found {
+                Some((d, c, ColumnRole::Dimension { .. } | ColumnRole::Metric { .. })) => {
+                    Some((d, c))
+                }
+                Some(_) => {
+                    p.push(
+                        &field,
+                        format!("{name:?} is not a dimension or metric column; identifiers and sensitive columns are never compared"),
+                    );
+                    None
+                }
+                None => {
+                    p.push(
+                        &field,
+                        format!("{name:?} is not a declared column (write \"dataset.column\")"),
+                    );
+                    None
+                }
+            }
+        };
+        if let (Some(a), Some(b)) = (resolve(a, p), resolve(b, p)) {
+            if a == b {
+                p.push(field, "names one column twice");
+            } else {
+                column_pairs.push(ColumnPair { a, b });
+            }
+        }
+    }
+    let mode = match q.mode.as_deref().unwrap_or("any") {
+        "any" => QueryMode::Any,
+        "templates" => QueryMode::Templates,
+        other => {
+            p.push(
+                "query.mode",
+                format!("{other:?} is not a query mode (known: any, templates)"),
+            );
+            QueryMode::Any
+        }
+    };
     let mut aggregates = BTreeSet::new();
     for (i, name) in q.aggregates.iter().enumerate() {
         match Aggregate::parse(name) {
@@ -616,7 +752,216 @@ fn validate_query(raw: &RawPolicy, p: &mut Problems) -> Option<QueryRules> {
     Some(QueryRules {
         aggregates,
         min_group_size: u32::try_from(q.min_group_size).ok()?,
+        column_pairs,
+        mode,
     })
+}
+
+fn validate_templates(
+    raw: &RawPolicy,
+    datasets: &[Dataset],
+    parties: &[Party],
+    p: &mut Problems,
+) -> Vec<Template> {
+    let mut templates: Vec<Template> = Vec::new();
+    for (i, rt) in raw.template.iter().enumerate() {
+        let field = format!("template[{i}]");
+        let before = p.0.len();
+        if !is_sql_name(&rt.name) {
+            p.push(format!("{field}.name"), SQL_NAME_RULE);
+        } else if templates.iter().any(|t| t.name == rt.name) {
+            p.push(
+                format!("{field}.name"),
+                format!("{:?} is declared twice; template names are unique", rt.name),
+            );
+        }
+        if rt.description.trim().is_empty() {
+            p.push(
+                format!("{field}.description"),
+                "must say what the template answers",
+            );
+        }
+        if rt.parties.is_empty() {
+            p.push(
+                format!("{field}.parties"),
+                "must name at least one party that may run it",
+            );
+        }
+        for (j, org) in rt.parties.iter().enumerate() {
+            match parties.iter().find(|q| &q.org == org) {
+                Some(q) if q.has(Right::Query) => {}
+                Some(_) => p.push(
+                    format!("{field}.parties[{j}]"),
+                    format!("{org:?} lacks the \"query\" right"),
+                ),
+                None => p.push(
+                    format!("{field}.parties[{j}]"),
+                    format!("{org:?} is not a declared party"),
+                ),
+            }
+        }
+        let mut params: Vec<Param> = Vec::new();
+        for (j, rp) in rt.param.iter().enumerate() {
+            let pfield = format!("{field}.param[{j}]");
+            if !is_sql_name(&rp.name) {
+                p.push(format!("{pfield}.name"), SQL_NAME_RULE);
+                continue;
+            }
+            if params.iter().any(|x| x.name == rp.name) {
+                p.push(
+                    format!("{pfield}.name"),
+                    format!("{:?} is declared twice", rp.name),
+                );
+                continue;
+            }
+            if let Some(kind) = validate_param(rp, &pfield, datasets, p) {
+                params.push(Param {
+                    name: rp.name.clone(),
+                    kind,
+                });
+            }
+        }
+        let used = placeholders(&rt.sql);
+        for name in &used {
+            if !rt.param.iter().any(|x| &x.name == name) {
+                p.push(
+                    format!("{field}.sql"),
+                    format!(":{name} is not a declared parameter"),
+                );
+            }
+        }
+        for rp in &rt.param {
+            if !used.contains(&rp.name) {
+                p.push(
+                    format!("{field}.param"),
+                    format!("{:?} is declared but the SQL never uses it", rp.name),
+                );
+            }
+        }
+        if p.0.len() == before {
+            templates.push(Template {
+                name: rt.name.clone(),
+                description: rt.description.trim().to_string(),
+                sql: rt.sql.clone(),
+                params,
+                parties: rt.parties.clone(),
+            });
+        }
+    }
+    templates
+}
+
+fn validate_param(
+    rp: &RawParam,
+    field: &str,
+    datasets: &[Dataset],
+    p: &mut Problems,
+) -> Option<ParamKind> {
+    let integer_of = |v: &Option<toml::Value>, key: &str, p: &mut Problems| match v {
+        Some(toml::Value::Integer(n)) => Some(*n),
+        _ => {
+            p.push(format!("{field}.{key}"), "must be an integer");
+            None
+        }
+    };
+    let date_of_value = |v: &Option<toml::Value>, key: &str, p: &mut Problems| match v {
+        Some(toml::Value::Datetime(dt)) => date_of(&format!("{field}.{key}"), dt, p),
+        _ => {
+            p.push(format!("{field}.{key}"), "must be a date like 2026-01-31");
+            None
+        }
+    };
+    let forbid = |present: bool, key: &str, p: &mut Problems| {
+        if present {
+            p.push(
+                format!("{field}.{key}"),
+                format!("does not apply to a {:?} parameter", rp.param_type),
+            );
+        }
+    };
+    match rp.param_type.as_str() {
+        "value" | "values" => {
+            forbid(rp.min.is_some(), "min", p);
+            forbid(rp.max.is_some(), "max", p);
+            if rp.param_type == "value" {
+                forbid(rp.max_items.is_some(), "max_items", p);
+            }
+            let Some(name) = &rp.column else {
+                p.push(
+                    format!("{field}.column"),
+                    "names the dimension (\"dataset.column\") whose values it takes",
+                );
+                return None;
+            };
+            let role = name.split_once('.').and_then(|(d, c)| {
+                Some(datasets.iter().find(|x| x.name == d)?.column(c)?.role.clone())
+            });
+            let Some(ColumnRole::Dimension {
+                value_type,
+                domain: Domain::Values(values),
+            }) = role
+            else {
+                p.push(
+                    format!("{field}.column"),
+                    format!("{name:?} is not a dimension column with declared `values`"),
+                );
+                return None;
+            };
+            let integer = value_type == ValueType::Integer;
+            if rp.param_type == "value" {
+                return Some(ParamKind::Value {
+                    column: name.clone(),
+                    values,
+                    integer,
+                });
+            }
+            let max_items = rp.max_items.unwrap_or(values.len() as i64);
+            if !(1..=MAX_TEMPLATE_ITEMS).contains(&max_items) {
+                p.push(
+                    format!("{field}.max_items"),
+                    format!("must be between 1 and {MAX_TEMPLATE_ITEMS}"),
+                );
+                return None;
+            }
+            Some(ParamKind::Values {
+                column: name.clone(),
+                values,
+                integer,
+                max_items: max_items as usize,
+            })
+        }
+        "integer" => {
+            forbid(rp.column.is_some(), "column", p);
+            forbid(rp.max_items.is_some(), "max_items", p);
+            let (min, max) = (integer_of(&rp.min, "min", p)?, integer_of(&rp.max, "max", p)?);
+            if min > max {
+                p.push(format!("{field}.max"), "must not be less than min");
+                return None;
+            }
+            Some(ParamKind::Integer { min, max })
+        }
+        "date" => {
+            forbid(rp.column.is_some(), "column", p);
+            forbid(rp.max_items.is_some(), "max_items", p);
+            let min = date_of_value(&rp.min, "min", p)?;
+            let max = date_of_value(&rp.max, "max", p)?;
+            if min > max || min.year() < FIRST_YEAR || max.year() > LAST_YEAR {
+                p.push(
+                    format!("{field}.max"),
+                    format!("min <= max, both in the years {FIRST_YEAR} to {LAST_YEAR}"),
+                );
+                return None;
+            }
+            Some(ParamKind::Date { min, max })
+        }
+        other => {
+            p.push(
+                format!("{field}.type"),
+                format!("{other:?} is not a parameter type (known: value, values, integer, date)"),
+            );
+            None
+        }
+    }
 }
 
 fn validate_privacy(r: &RawPrivacy, p: &mut Problems) -> Option<Privacy> {

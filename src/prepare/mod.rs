@@ -11,11 +11,12 @@ use std::path::PathBuf;
 use std::sync::Arc;
 
 use arrow::array::{
-    Array, ArrayRef, BooleanArray, FixedSizeBinaryBuilder, Float64Builder, Int64Builder,
-    StringArray, StringBuilder,
+    Array, ArrayRef, BooleanArray, Date32Builder, FixedSizeBinaryBuilder, Float64Builder,
+    Int64Builder, StringArray, StringBuilder, TimestampMicrosecondBuilder,
 };
 use arrow::compute::filter_record_batch;
-use arrow::datatypes::{DataType, Field, Schema, SchemaRef};
+use arrow::compute::kernels::cast_utils::{self, Parser};
+use arrow::datatypes::{DataType, Date32Type, Field, Schema, SchemaRef, TimeUnit};
 use arrow::record_batch::RecordBatch;
 
 use crate::identity::{Fingerprinter, Invalid, Normaliser, Secret};
@@ -50,6 +51,8 @@ enum Kind {
     Text,
     Integer,
     Float,
+    Date,
+    Timestamp,
 }
 
 #[derive(Debug, Clone)]
@@ -208,6 +211,11 @@ impl Plan {
                     proto::ValueType::String => (Kind::Text, DataType::Utf8),
                     proto::ValueType::Integer => (Kind::Integer, DataType::Int64),
                     proto::ValueType::Float => (Kind::Float, DataType::Float64),
+                    proto::ValueType::Date => (Kind::Date, DataType::Date32),
+                    proto::ValueType::Timestamp => (
+                        Kind::Timestamp,
+                        DataType::Timestamp(TimeUnit::Microsecond, None),
+                    ),
                     proto::ValueType::Unspecified => {
                         return Err(PrepareError::Plan(format!(
                             "column {:?} has no value type; upgrade cleanroom",
@@ -360,6 +368,34 @@ impl Preparer {
                     }
                     Arc::new(b.finish())
                 }
+                Kind::Date => {
+                    let mut b = Date32Builder::with_capacity(n);
+                    for (row, v) in input.iter().enumerate() {
+                        let cell = parse_with(v, "is not a date (YYYY-MM-DD)", Date32Type::parse, || {
+                            (chunk.first_row + row as u64, col.name.clone())
+                        })?;
+                        b.append_option(cell);
+                    }
+                    Arc::new(b.finish())
+                }
+                Kind::Timestamp => {
+                    let mut b = TimestampMicrosecondBuilder::with_capacity(n);
+                    let micros = |t: &str| {
+                        cast_utils::string_to_timestamp_nanos(t)
+                            .ok()
+                            .map(|ns| ns.div_euclid(1_000))
+                    };
+                    for (row, v) in input.iter().enumerate() {
+                        let cell = parse_with(
+                            v,
+                            "is not a timestamp (RFC 3339, or YYYY-MM-DD HH:MM:SS in UTC)",
+                            micros,
+                            || (chunk.first_row + row as u64, col.name.clone()),
+                        )?;
+                        b.append_option(cell);
+                    }
+                    Arc::new(b.finish())
+                }
                 Kind::Float => {
                     let mut b = Float64Builder::with_capacity(n);
                     for (row, v) in input.iter().enumerate() {
@@ -416,9 +452,20 @@ fn parse_cell<T: std::str::FromStr>(
     rule: &'static str,
     place: impl Fn() -> (u64, String),
 ) -> Result<Option<T>, PrepareError> {
+    parse_with(cell, rule, |t| t.parse().ok(), place)
+}
+
+/// A cell read by `parse`: empty is missing; anything unparseable stops
+/// the upload with its row and column (never its content).
+fn parse_with<T>(
+    cell: Option<&str>,
+    rule: &'static str,
+    parse: impl Fn(&str) -> Option<T>,
+    place: impl Fn() -> (u64, String),
+) -> Result<Option<T>, PrepareError> {
     match cell.map(str::trim).filter(|t| !t.is_empty()) {
         None => Ok(None),
-        Some(t) => t.parse().map(Some).map_err(|_| {
+        Some(t) => parse(t).map(Some).ok_or_else(|| {
             let (row, column) = place();
             PrepareError::Value { row, column, rule }
         }),

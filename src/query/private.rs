@@ -41,7 +41,8 @@ fn measure(used: &AggregateUse) -> Result<Measure, Violation> {
             value_type,
             min,
             max,
-        }) => Ok(Bounds {
+            ..
+        }) if !value_type.is_temporal() => Ok(Bounds {
             lo: *min,
             hi: *max,
             integer: *value_type == ValueType::Integer,

@@ -124,6 +124,8 @@ fn value_type(t: ValueType) -> i32 {
         ValueType::String => proto::ValueType::String,
         ValueType::Integer => proto::ValueType::Integer,
         ValueType::Float => proto::ValueType::Float,
+        ValueType::Date => proto::ValueType::Date,
+        ValueType::Timestamp => proto::ValueType::Timestamp,
     };
     t as i32
 }
@@ -153,11 +155,13 @@ fn column(c: &Column) -> proto::Column {
             value_type: t,
             min,
             max,
+            compare,
         } => {
             out.role = proto::ColumnRole::Metric as i32;
             out.value_type = value_type(*t);
             out.min = Some(*min);
             out.max = Some(*max);
+            out.compare = *compare;
         }
         ColumnRole::Sensitive => out.role = proto::ColumnRole::Sensitive as i32,
     }
@@ -225,6 +229,19 @@ pub(crate) fn agreement_view(policy: &Policy, org: &str, now: AgreementState) ->
                 .map(|a| a.as_str().to_string())
                 .collect(),
             min_group_size: policy.query().min_group_size(),
+            column_pairs: policy
+                .query()
+                .column_pairs()
+                .iter()
+                .map(|p| {
+                    let [a, b] = p.columns();
+                    proto::ColumnPair {
+                        a: format!("{}.{}", a.0, a.1),
+                        b: format!("{}.{}", b.0, b.1),
+                    }
+                })
+                .collect(),
+            mode: policy.query().mode().as_str().to_string(),
         }),
         privacy: policy.privacy().map(|p| proto::Privacy {
             epsilon_total: p.epsilon_total(),
@@ -234,5 +251,24 @@ pub(crate) fn agreement_view(policy: &Policy, org: &str, now: AgreementState) ->
             max_groups_per_person: p.max_groups_per_person(),
             max_rows_per_person: p.max_rows_per_person(),
         }),
+        templates: policy
+            .templates()
+            .iter()
+            .filter(|t| may_query && t.runnable_by(org))
+            .map(|t| proto::Template {
+                name: t.name().to_string(),
+                description: t.description().to_string(),
+                sql: t.sql().to_string(),
+                params: t
+                    .params()
+                    .iter()
+                    .map(|p| proto::TemplateParam {
+                        name: p.name().to_string(),
+                        r#type: p.kind().type_name().to_string(),
+                        domain: p.kind().domain(),
+                    })
+                    .collect(),
+            })
+            .collect(),
     }
 }

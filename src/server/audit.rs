@@ -78,6 +78,8 @@ impl proto::audit_server::Audit for AuditService {
                 suppressed: e.suppressed,
                 epsilon: e.epsilon,
                 query_id: e.query_id,
+                template: e.template,
+                params_hash: e.params_hash,
                 prev: e.prev,
                 hash: e.hash,
             })

@@ -12,7 +12,7 @@ use super::budget::{Charged, epsilon_for, no_epsilon, privacy_report};
 use super::datasets::agreement_in_force;
 use crate::audit::Event;
 use crate::error::ServiceError;
-use crate::policy::{Policy, Right};
+use crate::policy::{Policy, QueryMode, Right};
 use crate::privacy::NoiseSource;
 use crate::proto;
 use crate::proto::query_response::Part;
@@ -99,6 +99,7 @@ impl QueriesService {
         &self,
         org: &str,
         request: &proto::QueryRequest,
+        sql: &str,
     ) -> (Result<Answer, ServiceError>, Option<Charged>) {
         let limits = self.state.query_limits();
         let deadline = tokio::time::Instant::now() + limits.timeout;
@@ -107,7 +108,7 @@ impl QueriesService {
             Ok(p) => p,
             Err(e) => return (Err(e), None),
         };
-        let planned = match tokio::time::timeout_at(deadline, self.plan(org, request)).await {
+        let planned = match tokio::time::timeout_at(deadline, self.plan(org, request, sql)).await {
             Ok(Ok(p)) => p,
             Ok(Err(e)) => return (Err(e), None),
             Err(_) => return (Err(timed_out(&limits)), None),
@@ -185,6 +186,7 @@ impl QueriesService {
         &self,
         org: &str,
         request: &proto::QueryRequest,
+        sql: &str,
     ) -> Result<Planned, ServiceError> {
         let policy = agreement_in_force(&self.state, org, &request.agreement_id)?;
         for right in [Right::Query, Right::ReceiveResults] {
@@ -199,7 +201,7 @@ impl QueriesService {
                 });
             }
         }
-        if request.sql.len() > 64 * 1024 {
+        if sql.len() > 64 * 1024 {
             return Err(ServiceError::InvalidArgument {
                 field: "sql",
                 rule: "must be at most 64 KiB".into(),
@@ -215,7 +217,7 @@ impl QueriesService {
                 .map_err(|e| ServiceError::Internal(format!("loading tables: {e}")))??;
         let limits = self.state.query_limits();
         let (ctx, plan, checked) =
-            crate::query::plan_and_check_with(&policy, &tables, &request.sql, &limits)
+            crate::query::plan_and_check_with(&policy, &tables, sql, &limits)
                 .await
                 .map_err(query_error)?;
         for name in &checked.datasets {
@@ -232,6 +234,84 @@ impl QueriesService {
             one_row_per_person,
         })
     }
+}
+
+/// The SQL a request runs: its own, or an approved template's with its
+/// parameters bound.
+#[derive(Debug)]
+struct Resolved {
+    sql: String,
+    template: Option<String>,
+    params_hash: Option<String>,
+}
+
+/// Longest parameter value, in bytes.
+const MAX_PARAM_VALUE: usize = 4096;
+
+fn resolve(state: &AppState, org: &str, request: &proto::QueryRequest) -> Result<Resolved, ServiceError> {
+    let policy = agreement_in_force(state, org, &request.agreement_id)?;
+    if request.template.is_empty() {
+        if policy.query().mode() == QueryMode::Templates {
+            return Err(ServiceError::PermissionDenied {
+                rule: "query.mode",
+                detail: format!(
+                    "agreement {} answers its approved templates only (`cleanroom templates` lists them)",
+                    policy.id()
+                ),
+            });
+        }
+        if !request.params.is_empty() {
+            return Err(ServiceError::InvalidArgument {
+                field: "params",
+                rule: "apply to templates only".into(),
+            });
+        }
+        return Ok(Resolved {
+            sql: request.sql.clone(),
+            template: None,
+            params_hash: None,
+        });
+    }
+    super::bounded_name("template", &request.template)?;
+    if !request.sql.is_empty() {
+        return Err(ServiceError::InvalidArgument {
+            field: "sql",
+            rule: "must be empty when a template is named".into(),
+        });
+    }
+    let mut given = std::collections::BTreeMap::new();
+    for (name, value) in &request.params {
+        super::bounded_name("params", name)?;
+        if value.len() > MAX_PARAM_VALUE {
+            return Err(ServiceError::InvalidArgument {
+                field: "params",
+                rule: format!("a value must be at most {MAX_PARAM_VALUE} bytes"),
+            });
+        }
+        given.insert(name.clone(), value.clone());
+    }
+    let template = policy
+        .template(&request.template)
+        .filter(|t| t.runnable_by(org))
+        .ok_or_else(|| ServiceError::PermissionDenied {
+            rule: "template.unknown",
+            detail: format!(
+                "agreement {} has no template of that name that {org} may run",
+                policy.id()
+            ),
+        })?;
+    let bound = template.bind(&given).map_err(|e| {
+        ServiceError::QueryRefused(crate::query::Violation {
+            policy: false,
+            rule: e.rule,
+            detail: format!("parameter {}: {}", e.param, e.detail),
+        })
+    })?;
+    Ok(Resolved {
+        sql: bound.sql,
+        template: Some(template.name().to_string()),
+        params_hash: Some(bound.params_hash),
+    })
 }
 
 /// The refusal of a query past its time.
@@ -360,15 +440,26 @@ impl proto::queries_server::Queries for QueriesService {
         request: Request<proto::QueryRequest>,
     ) -> Result<Response<Self::QueryStream>, Status> {
         let org = caller(&request)?;
-        let sql_hash = blake3::hash(request.get_ref().sql.as_bytes())
-            .to_hex()
-            .to_string();
-        let (outcome, charge) = self.answer(&org, request.get_ref()).await;
+        let (resolved, (outcome, charge)) = match resolve(&self.state, &org, request.get_ref()) {
+            Ok(r) => {
+                let answered = self.answer(&org, request.get_ref(), &r.sql).await;
+                (Some(r), answered)
+            }
+            Err(e) => (None, (Err(e), None)),
+        };
+        let sql = resolved.as_ref().map_or("", |r| r.sql.as_str());
+        let sql_hash = blake3::hash(sql.as_bytes()).to_hex().to_string();
+        let (template, params_hash) = match &resolved {
+            Some(r) => (r.template.clone(), r.params_hash.clone()),
+            None => (None, None),
+        };
         let event = Event {
             org,
             agreement: request.get_ref().agreement_id.clone(),
             action: "query",
-            sql_hash: Some(sql_hash.clone()),
+            sql_hash: resolved.is_some().then(|| sql_hash.clone()),
+            template: template.clone(),
+            params_hash: params_hash.clone(),
             // A charge stays with the query whether it answered or failed
             // after reading data; the audit log records it either way.
             epsilon: charge.as_ref().map(|c| c.epsilon),
@@ -411,6 +502,8 @@ impl proto::queries_server::Queries for QueriesService {
         messages.push(Part::Summary(proto::QuerySummary {
             rows: outcome.rows(),
             sql_hash,
+            template: template.unwrap_or_default(),
+            params_hash: params_hash.unwrap_or_default(),
         }));
         let (tx, rx) = tokio::sync::mpsc::channel(messages.len().max(1));
         for part in messages {

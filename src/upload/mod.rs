@@ -6,7 +6,7 @@ mod validate;
 
 use std::sync::Arc;
 
-use arrow::datatypes::{DataType, Field, Schema, SchemaRef};
+use arrow::datatypes::{DataType, Field, Schema, SchemaRef, TimeUnit};
 use arrow::error::ArrowError;
 use arrow::ipc::reader::StreamReader;
 use arrow::ipc::writer::StreamWriter;
@@ -32,6 +32,8 @@ pub fn column_type(role: &ColumnRole) -> Option<DataType> {
                 ValueType::String => DataType::Utf8,
                 ValueType::Integer => DataType::Int64,
                 ValueType::Float => DataType::Float64,
+                ValueType::Date => DataType::Date32,
+                ValueType::Timestamp => DataType::Timestamp(TimeUnit::Microsecond, None),
             })
         }
         ColumnRole::Sensitive => None,
@@ -170,8 +172,7 @@ enum Layout {
     Utf8,
 }
 
-/// Upload schemas hold flat columns of the four types datasets are made
-/// of; anything else is refused before Arrow converts the schema (its
+/// Upload schemas hold flat columns of the types datasets are made of; anything else is refused before Arrow converts the schema (its
 /// converter panics on some malformed ones).
 fn check_schema_message(schema: arrow::ipc::Schema<'_>) -> Result<Vec<Layout>, &'static str> {
     use arrow::ipc::{Precision, Type};
@@ -200,6 +201,11 @@ fn check_schema_message(schema: arrow::ipc::Schema<'_>) -> Result<Vec<Layout>, &
             Type::FixedSizeBinary => field
                 .type_as_fixed_size_binary()
                 .map(|t| t.byteWidth().max(0) as usize),
+            Type::Date => field
+                .type_as_date()
+                .filter(|t| t.unit() == arrow::ipc::DateUnit::DAY)
+                .map(|_| 4),
+            Type::Timestamp => field.type_as_timestamp().map(|_| 8),
             _ => return Err("a column type no dataset has"),
         };
         layouts.push(match (field.type_type(), width) {

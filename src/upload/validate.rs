@@ -6,7 +6,9 @@ use std::collections::HashSet;
 use std::fmt;
 
 use arrow::array::{Array, AsArray, FixedSizeBinaryArray, Float64Array, Int64Array, StringArray};
-use arrow::datatypes::{DataType, Float64Type, Int64Type, SchemaRef};
+use arrow::datatypes::{
+    DataType, Date32Type, Float64Type, Int64Type, SchemaRef, TimeUnit, TimestampMicrosecondType,
+};
 use arrow::record_batch::RecordBatch;
 
 use super::upload_schema;
@@ -434,6 +436,16 @@ fn rebuild(col: &dyn Array) -> Result<arrow::array::ArrayRef, arrow::error::Arro
                 .iter()
                 .collect::<Float64Array>(),
         ),
+        DataType::Date32 => Arc::new(
+            col.as_primitive::<Date32Type>()
+                .iter()
+                .collect::<arrow::array::Date32Array>(),
+        ),
+        DataType::Timestamp(TimeUnit::Microsecond, None) => Arc::new(
+            col.as_primitive::<TimestampMicrosecondType>()
+                .iter()
+                .collect::<arrow::array::TimestampMicrosecondArray>(),
+        ),
         DataType::FixedSizeBinary(width) => {
             let values = col.as_fixed_size_binary();
             let mut out = arrow::array::FixedSizeBinaryBuilder::with_capacity(values.len(), *width);
@@ -459,6 +471,10 @@ fn type_name(t: &DataType) -> String {
         DataType::Utf8 => "a string".to_string(),
         DataType::Int64 => "a 64-bit integer".to_string(),
         DataType::Float64 => "a 64-bit float".to_string(),
+        DataType::Date32 => "a date (days)".to_string(),
+        DataType::Timestamp(TimeUnit::Microsecond, None) => {
+            "a timestamp (microseconds, no time zone)".to_string()
+        }
         other => format!("{other}"),
     }
 }
@@ -499,7 +515,17 @@ fn count_metric(col: &dyn Array, min: f64, max: f64) -> u64 {
             let a: &Int64Array = col.as_primitive::<Int64Type>();
             a.iter().flatten().filter(|v| outside(*v as f64)).count() as u64
         }
-        _ => 0,
+        DataType::Date32 => {
+            let a = col.as_primitive::<Date32Type>();
+            a.iter().flatten().filter(|v| outside(f64::from(*v))).count() as u64
+        }
+        DataType::Timestamp(TimeUnit::Microsecond, None) => {
+            let a = col.as_primitive::<TimestampMicrosecondType>();
+            a.iter().flatten().filter(|v| outside(*v as f64)).count() as u64
+        }
+        // The schema check admits no other metric type; count every value
+        // as outside rather than pass one unchecked.
+        _ => (col.len() - col.null_count()) as u64,
     }
 }
 
