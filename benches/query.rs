@@ -129,12 +129,12 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     let (mut groups, mut private_groups) = (0, 0);
     for _ in 0..5 {
         let t = Instant::now();
-        let outcome = cleanroom::query::run(&thresholds, &tables, SQL).await?;
+        let outcome = cleanroom::query::run(&thresholds, "acme", &tables, SQL).await?;
         governed.push(t.elapsed());
         groups = outcome.rows();
 
         let t = Instant::now();
-        let outcome = cleanroom::query::run(&policy, &tables, SQL).await?;
+        let outcome = cleanroom::query::run(&policy, "acme", &tables, SQL).await?;
         private.push(t.elapsed());
         private_groups = outcome.rows();
 

@@ -3,10 +3,19 @@
 //! true overlap. The demo, the tests and the benchmarks share it.
 //!
 //! `acme-customers.csv`: customer_id, email, phone, age_band, region,
-//! lifetime_value, signup_date. `globex-audience.csv`: user_id, email, phone,
-//! interest_segment, ad_exposures, spend, health_interest. Columns the
-//! agreement does not name (ids, dates, the sensitive attribute) are there
-//! on purpose: the upload must leave them behind.
+//! lifetime_value, purchases, last_purchase, lead_score, signup_date.
+//! `globex-audience.csv`: user_id, email, phone, interest_segment,
+//! ad_exposures, first_exposure, spend, health_interest. Columns the
+//! agreement does not name (ids, the signup date, the sensitive attribute)
+//! are there on purpose: the upload must leave them behind.
+//!
+//! The data is exported on [`AS_OF`]. About 60% of globex's audience saw
+//! ads (a first exposure in the half year before); shared customers who
+//! saw them are worth about 25% more to acme and buy more often, and half
+//! of them made their last purchase within 14 days of their first
+//! exposure, so the cookbook's lift and attribution questions have
+//! answers. `truth-people.csv` pairs each acme customer that the upload
+//! keeps with its globex user (if any), for checking results against.
 
 use std::fs::File;
 use std::io::{BufWriter, Write};
@@ -21,6 +30,11 @@ use serde::Serialize;
 pub const DEMO_AGREEMENT: &str = "retail-media-demo";
 pub const ACME_FILE: &str = "acme-customers.csv";
 pub const GLOBEX_FILE: &str = "globex-audience.csv";
+/// customer_id,user_id: every acme customer the upload keeps, with the
+/// globex user who is the same person (empty if none).
+pub const PEOPLE_FILE: &str = "truth-people.csv";
+/// The day both exports were taken.
+pub const AS_OF: &str = "2026-06-30";
 
 #[derive(Debug, Clone)]
 pub struct SynthOptions {
@@ -132,7 +146,31 @@ fn messy_phone(p: &Person, rng: &mut ChaCha8Rng) -> String {
     }
 }
 
-/// Writes both partners' files into `options.out` and `truth.json`.
+/// What globex knows of one person: exposures and the day of the first.
+#[derive(Debug, Clone, Copy)]
+struct Exposure {
+    count: u32,
+    /// Days before [`AS_OF`] of the first exposure (0 to 180).
+    first_days_ago: u32,
+}
+
+/// Ad exposure of person `id`, the same in both files.
+fn exposure(id: u64, seed: u64) -> Option<Exposure> {
+    let mut rng = ChaCha8Rng::seed_from_u64(seed ^ id.wrapping_mul(0x9e37_79b9_7f4a_7c15));
+    rng.random_bool(0.6).then(|| Exposure {
+        count: rng.random_range(1..=100),
+        first_days_ago: rng.random_range(0..=180),
+    })
+}
+
+/// `AS_OF` minus `days`, as YYYY-MM-DD.
+fn day_before_as_of(days: u32) -> String {
+    let as_of = time::Date::from_calendar_date(2026, time::Month::June, 30).expect("valid date");
+    crate::policy::format_date(as_of - time::Duration::days(i64::from(days)))
+}
+
+/// Writes both partners' files into `options.out`, `truth.json` and
+/// [`PEOPLE_FILE`].
 pub fn generate(options: &SynthOptions) -> std::io::Result<SynthTruth> {
     std::fs::create_dir_all(&options.out)?;
     let rows = options.rows;
@@ -142,7 +180,7 @@ pub fn generate(options: &SynthOptions) -> std::io::Result<SynthTruth> {
     let mut acme = Writer::create(&options.out.join(ACME_FILE))?;
     writeln!(
         acme.out,
-        "customer_id,email,phone,age_band,region,lifetime_value,signup_date"
+        "customer_id,email,phone,age_band,region,lifetime_value,purchases,last_purchase,lead_score,signup_date"
     )?;
     let mut truth = SynthTruth {
         acme_rows: rows,
@@ -153,18 +191,34 @@ pub fn generate(options: &SynthOptions) -> std::io::Result<SynthTruth> {
         acme_invalid_identifiers: 0,
         globex_invalid_identifiers: 0,
     };
+    let mut kept = vec![false; rows as usize];
     for id in 0..rows {
         let p = person(id);
         let is_shared = id < shared;
         let (email, phone, invalid, orphan) = identifiers(&p, is_shared, &mut rng);
         truth.acme_invalid_identifiers += invalid;
         truth.acme_rows_without_valid_identifier += orphan;
-        let value: f64 = (rng.random::<f64>().powi(3) * 5000.0 * 100.0).round() / 100.0;
+        kept[id as usize] = orphan == 0;
+        let seen = if is_shared {
+            exposure(id, options.seed)
+        } else {
+            None
+        };
+        let lift = if seen.is_some() { 1.25 } else { 1.0 };
+        let value: f64 =
+            (rng.random::<f64>().powi(3) * 4000.0 * lift * 100.0).round() / 100.0;
+        let purchases = rng.random_range(0..=4) + u32::from(seen.is_some() && rng.random_bool(0.5));
+        let last_days_ago = match seen {
+            Some(e) if rng.random_bool(0.5) => e.first_days_ago.saturating_sub(rng.random_range(0..=14)),
+            _ => rng.random_range(0..=364),
+        };
         writeln!(
             acme.out,
-            "C{id:09},{email},{phone},{},{},{value:.2},2024-{:02}-{:02}",
+            "C{id:09},{email},{phone},{},{},{value:.2},{purchases},{},{},2024-{:02}-{:02}",
             AGE_BANDS[rng.random_range(0..AGE_BANDS.len())],
             REGIONS[rng.random_range(0..REGIONS.len())],
+            day_before_as_of(last_days_ago),
+            rng.random_range(0..=100),
             rng.random_range(1..=12),
             rng.random_range(1..=28),
         )?;
@@ -177,23 +231,40 @@ pub fn generate(options: &SynthOptions) -> std::io::Result<SynthTruth> {
     let mut globex = Writer::create(&options.out.join(GLOBEX_FILE))?;
     writeln!(
         globex.out,
-        "user_id,email,phone,interest_segment,ad_exposures,spend,health_interest"
+        "user_id,email,phone,interest_segment,ad_exposures,first_exposure,spend,health_interest"
     )?;
+    let mut user_of = vec![None; shared as usize];
     for (n, id) in ids.into_iter().enumerate() {
         let p = person(id);
         let (email, phone, invalid, orphan) = identifiers(&p, id < shared, &mut rng);
         truth.globex_invalid_identifiers += invalid;
         truth.globex_rows_without_valid_identifier += orphan;
-        let exposures = rng.random_range(0..=100);
+        if id < shared {
+            user_of[id as usize] = Some(n);
+        }
+        let seen = exposure(id, options.seed);
         let spend: f64 = (rng.random::<f64>().powi(2) * 2000.0 * 100.0).round() / 100.0;
         writeln!(
             globex.out,
-            "U{n:09},{email},{phone},{},{exposures},{spend:.2},{}",
+            "U{n:09},{email},{phone},{},{},{},{spend:.2},{}",
             SEGMENTS[rng.random_range(0..SEGMENTS.len())],
+            seen.map_or(0, |e| e.count),
+            seen.map(|e| day_before_as_of(e.first_days_ago))
+                .unwrap_or_default(),
             if rng.random_bool(0.1) { "yes" } else { "no" },
         )?;
     }
     globex.finish()?;
+
+    let mut people = Writer::create(&options.out.join(PEOPLE_FILE))?;
+    writeln!(people.out, "customer_id,user_id")?;
+    for id in (0..rows).filter(|id| kept[*id as usize]) {
+        match user_of.get(id as usize).copied().flatten() {
+            Some(n) => writeln!(people.out, "C{id:09},U{n:09}")?,
+            None => writeln!(people.out, "C{id:09},")?,
+        }
+    }
+    people.finish()?;
 
     let json = serde_json::to_string_pretty(&truth).map_err(std::io::Error::other)?;
     std::fs::write(options.out.join("truth.json"), json + "\n")?;

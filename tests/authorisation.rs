@@ -166,6 +166,7 @@ async fn call(rpc: &str, client: &Client, hash: &str, policy: &cleanroom::policy
                     sql: "SELECT COUNT(*) FROM customers c JOIN audience a ON c.email = a.email"
                         .into(),
                     epsilon: Some(0.01),
+                    ..Default::default()
                 })
                 .await;
             match r {

@@ -5,14 +5,21 @@ use std::collections::{BTreeMap, HashMap};
 use std::path::Path;
 use std::sync::Arc;
 
-use arrow::array::{AsArray, FixedSizeBinaryBuilder, Float64Array, Int64Array, StringArray};
+use arrow::array::{
+    AsArray, Date32Array, FixedSizeBinaryBuilder, Float64Array, Int64Array, StringArray,
+};
 use arrow::datatypes::{Float64Type, Int64Type};
 use arrow::record_batch::RecordBatch;
 use cleanroom::policy::Policy;
 use cleanroom::psi::{Side, match_people};
-use cleanroom::query::{QueryError, TableData, run};
+use cleanroom::query::{QueryError, QueryOutcome, TableData};
 use cleanroom::upload::upload_schema;
 use serde::Deserialize;
+
+/// A governed query asked by acme, the demo's querying party.
+async fn run(policy: &Policy, tables: &[TableData], sql: &str) -> Result<QueryOutcome, QueryError> {
+    cleanroom::query::run(policy, "acme", tables, sql).await
+}
 
 fn demo() -> Policy {
     with_privacy(None)
@@ -113,6 +120,15 @@ fn tables_of(customers_ids: Vec<u64>, shared: u64) -> Vec<TableData> {
             Arc::new(Float64Array::from_iter_values(
                 customers_ids.iter().map(|p| ltv(*p)),
             )),
+            Arc::new(Int64Array::from_iter_values(
+                customers_ids.iter().map(|p| (p % 5) as i64),
+            )),
+            Arc::new(Date32Array::from_iter_values(
+                customers_ids.iter().map(|p| 20_000 + (p % 300) as i32),
+            )),
+            Arc::new(Int64Array::from_iter_values(
+                customers_ids.iter().map(|p| (p * 3 % 101) as i64),
+            )),
         ],
     )
     .unwrap();
@@ -127,6 +143,9 @@ fn tables_of(customers_ids: Vec<u64>, shared: u64) -> Vec<TableData> {
             )),
             Arc::new(Int64Array::from_iter_values(
                 audience_ids.iter().map(|p| (p % 20) as i64),
+            )),
+            Arc::new(Date32Array::from_iter_values(
+                audience_ids.iter().map(|p| 20_000 + (p % 200) as i32),
             )),
             Arc::new(Float64Array::from_iter_values(
                 audience_ids.iter().map(|p| spend(*p)),
@@ -173,8 +192,9 @@ struct Case {
     sql: String,
     decision: String,
     rule: Option<String>,
-    /// The agreement the case runs under: the demo unless it names the
-    /// test agreement in tests/policies/.
+    /// The agreement the case runs under: the demo as shipped (with
+    /// differential privacy) unless it says "thresholds" (the demo without
+    /// its privacy section) or names a test agreement in tests/policies/.
     policy: Option<String>,
 }
 
@@ -201,10 +221,12 @@ async fn query_policy_cases() {
     let policy = private_demo();
     let data = tables(2_000, 800);
     let (coalition, coalition_data) = coalition();
+    let thresholds = demo();
     let mut failures = Vec::new();
     for case in &cases.case {
         let outcome = match case.policy.as_deref() {
             None => run(&policy, &data, &case.sql).await,
+            Some("thresholds") => run(&thresholds, &data, &case.sql).await,
             Some("retail-coalition-demo") => run(&coalition, &coalition_data, &case.sql).await,
             Some(other) => panic!("{}: unknown policy {other}", case.name),
         };

@@ -165,7 +165,7 @@ fn demo_tables() -> &'static (cleanroom::policy::Policy, Vec<TableData>) {
 /// failure) and never an engine failure beneath the release boundary.
 fn query_outcome(sql: &str) -> Result<(), String> {
     let (policy, tables) = demo_tables();
-    match runtime().block_on(cleanroom::query::run(policy, tables, sql)) {
+    match runtime().block_on(cleanroom::query::run(policy, "acme", tables, sql)) {
         Ok(_) | Err(QueryError::Refused(_) | QueryError::Output | QueryError::Limit { .. }) => {
             Ok(())
         }

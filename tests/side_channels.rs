@@ -11,11 +11,16 @@ use std::sync::Arc;
 use arrow::array::{Array, AsArray, Float64Array};
 use arrow::datatypes::{Float64Type, Schema};
 use arrow::record_batch::RecordBatch;
-use cleanroom::query::{QueryError, QueryOutcome, run};
+use cleanroom::query::{QueryError, QueryOutcome, TableData};
 use cleanroom::storage::Store;
 use common::people::{Row, audience, customers, demo_policy, tables};
 use common::{Setup, TestServer, batch_msg, commit, header, raw_upload};
 use tonic::Code;
+
+/// A governed query asked by acme, the demo's querying party.
+async fn run(policy: &cleanroom::policy::Policy, tables: &[TableData], sql: &str) -> Result<QueryOutcome, QueryError> {
+    cleanroom::query::run(policy, "acme", tables, sql).await
+}
 
 /// What an analyst observes of a library-level run: the rows, or the kind
 /// and text of the refusal.

@@ -28,7 +28,7 @@ fuzz_target!(|data: &[u8]| {
         return;
     };
     let (rt, policy, tables) = setup();
-    if let Err(QueryError::Engine(e)) = rt.block_on(cleanroom::query::run(policy, tables, sql)) {
+    if let Err(QueryError::Engine(e)) = rt.block_on(cleanroom::query::run(policy, "acme", tables, sql)) {
         panic!("engine failure: {e}");
     }
 });

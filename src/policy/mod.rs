@@ -18,5 +18,5 @@ pub use types::{
     Party, Policy, PolicyHash, Privacy, Profile, QueryMode, QueryRules, Refresh, Right, Salt,
     ValueType,
 };
-pub use template::{Bound, Param, ParamError, ParamKind, Template};
+pub use template::{Bound, Param, ParamError, ParamKind, Template, format_date};
 pub use validate::{FIRST_YEAR, LAST_YEAR, epoch_days, is_slug};

@@ -269,7 +269,8 @@ impl ParamKind {
     }
 }
 
-pub(crate) fn format_date(d: Date) -> String {
+/// A date as YYYY-MM-DD.
+pub fn format_date(d: Date) -> String {
     d.format(DATE_FORMAT).unwrap_or_default()
 }
 

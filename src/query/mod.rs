@@ -237,8 +237,20 @@ pub fn session_with(
         .with_config(config)
         .with_runtime_env(runtime)
         .with_aggregate_functions(vec![count_udaf(), sum_udaf(), avg_udaf()])
-        // Plans COUNT(*) as a count of a literal.
-        .with_expr_planners(vec![Arc::new(AggregateFunctionPlanner)])
+        // The scalar functions derived dimensions may use; the checker
+        // admits each only with arguments on which it cannot fail.
+        .with_scalar_functions(vec![
+            datafusion::functions::math::floor(),
+            datafusion::functions::math::ceil(),
+            datafusion::functions::core::coalesce(),
+            datafusion::functions::datetime::date_trunc(),
+            datafusion::functions::datetime::date_part(),
+        ])
+        // COUNT(*) as a count of a literal; EXTRACT as date_part.
+        .with_expr_planners(vec![
+            Arc::new(AggregateFunctionPlanner),
+            Arc::new(datafusion::functions::datetime::planner::DatetimeFunctionPlanner),
+        ])
         .build();
     let ctx = SessionContext::new_with_state(state);
     for t in tables {
@@ -258,18 +270,20 @@ pub type Planned = (
     Checked,
 );
 
-/// Plans and checks `sql` without running it.
+/// Plans and checks `sql`, asked by `org`, without running it.
 pub async fn plan_and_check(
     policy: &Policy,
+    org: &str,
     tables: &[TableData],
     sql: &str,
 ) -> Result<Planned, QueryError> {
-    plan_and_check_with(policy, tables, sql, &QueryLimits::default()).await
+    plan_and_check_with(policy, org, tables, sql, &QueryLimits::default()).await
 }
 
 /// As [`plan_and_check`], the session under `limits`.
 pub async fn plan_and_check_with(
     policy: &Policy,
+    org: &str,
     tables: &[TableData],
     sql: &str,
     limits: &QueryLimits,
@@ -277,7 +291,7 @@ pub async fn plan_and_check_with(
     limits::check_size(sql).map_err(QueryError::Refused)?;
     let ctx = session_with(tables, limits.memory_bytes)
         .map_err(|e| QueryError::Engine(engine_failure(&e)))?;
-    let (state, policy, sql) = (ctx.state(), policy.clone(), sql.to_string());
+    let (state, policy, sql, org) = (ctx.state(), policy.clone(), sql.to_string(), org.to_string());
     let (plan, checked) = on_planning_thread(move || {
         only_a_select(&sql).map_err(QueryError::Refused)?;
         let runtime = tokio::runtime::Builder::new_current_thread()
@@ -291,7 +305,7 @@ pub async fn plan_and_check_with(
                     .execute_and_check(plan, state.config_options(), |_, _| {})
             })
             .map_err(|e| QueryError::Refused(planning_refusal(&e, &policy)))?;
-        let checked = check(&plan, &policy).map_err(QueryError::Refused)?;
+        let checked = check(&plan, &policy, &org).map_err(QueryError::Refused)?;
         Ok((plan, checked))
     })
     .await?;
@@ -328,10 +342,11 @@ async fn on_planning_thread<T: Send + 'static>(
 /// that around [`private::execute`].
 pub async fn run(
     policy: &Policy,
+    org: &str,
     tables: &[TableData],
     sql: &str,
 ) -> Result<QueryOutcome, QueryError> {
-    let (ctx, plan, checked) = plan_and_check(policy, tables, sql).await?;
+    let (ctx, plan, checked) = plan_and_check(policy, org, tables, sql).await?;
     if let Some(privacy) = policy.privacy() {
         let noise_plan = private::plan(policy, &checked, privacy.epsilon_per_query_max())
             .map_err(QueryError::Refused)?;
@@ -434,6 +449,9 @@ pub(crate) fn engine_failure(e: &DataFusionError) -> String {
     format!("DataFusion {kind} error")
 }
 
+/// The scalar functions a session registers (see [`session_with`]).
+const SCALAR_FUNCTIONS: [&str; 5] = ["floor", "ceil", "coalesce", "date_trunc", "date_part"];
+
 /// A planning failure as a fixed text naming the rule. DataFusion's own
 /// message is never returned: it can quote the query or values.
 fn planning_refusal(e: &DataFusionError, policy: &Policy) -> Violation {
@@ -482,6 +500,15 @@ fn planning_refusal(e: &DataFusionError, policy: &Policy) -> Violation {
             Some(name) => check::deny("query.functions", format!("function {name} is not allowed")),
             None => check::deny("query.functions", "a function in the query is not allowed"),
         },
+        _ if SCALAR_FUNCTIONS
+            .iter()
+            .any(|f| message.contains(&format!("{f}("))) =>
+        {
+            check::deny(
+                "query.functions",
+                "a function was given arguments of types it does not accept (date functions take a date or timestamp, floor and ceil a number)",
+            )
+        }
         _ if message.contains("coercion")
             || message.contains("argument types")
             || message.contains("does not support") =>

@@ -217,7 +217,7 @@ impl QueriesService {
                 .map_err(|e| ServiceError::Internal(format!("loading tables: {e}")))??;
         let limits = self.state.query_limits();
         let (ctx, plan, checked) =
-            crate::query::plan_and_check_with(&policy, &tables, sql, &limits)
+            crate::query::plan_and_check_with(&policy, org, &tables, sql, &limits)
                 .await
                 .map_err(query_error)?;
         for name in &checked.datasets {

@@ -20,7 +20,7 @@ use cleanroom::query::{QueryError, QueryOutcome, TableData, run};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 
-use super::people::{Row, tables};
+use super::people::{self, Row, tables};
 
 const REGIONS: [&str; 4] = ["north", "south", "east", "west"];
 const AGES: [&str; 6] = ["18-24", "25-34", "35-44", "45-54", "55-64", "65+"];
@@ -75,6 +75,10 @@ pub fn data(policy: &Policy, seed: u64, people: u64) -> Data {
                     }),
                     exposures: None,
                     spend: None,
+                    purchases: maybe(&mut rng, |r| r.random_range(0..=20i64)),
+                    last_purchase: maybe(&mut rng, |r| people::MARCH_2026 - r.random_range(0..365)),
+                    lead_score: maybe(&mut rng, |r| r.random_range(0..=100i64)),
+                    first_exposure: None,
                 });
             }
         }
@@ -88,6 +92,10 @@ pub fn data(policy: &Policy, seed: u64, people: u64) -> Data {
                 ltv: None,
                 exposures: maybe(&mut rng, |r| r.random_range(0..=100i64)),
                 spend: maybe(&mut rng, |r| f64::from(r.random_range(0..4_000u32)) / 2.0),
+                purchases: None,
+                last_purchase: None,
+                lead_score: None,
+                first_exposure: maybe(&mut rng, |r| people::MARCH_2026 - r.random_range(0..180)),
             });
         }
     }
@@ -632,7 +640,7 @@ async fn drive(policy: &Policy, seed: u64, n: u64, check: Check) -> Result<Tally
         tally.queries += 1;
         let mut refusals = Vec::new();
         for d in [&first, &second] {
-            let outcome = run(policy, &d.tables, &sql).await;
+            let outcome = run(policy, "acme", &d.tables, &sql).await;
             refusals.push(match &outcome {
                 Err(QueryError::Refused(v)) => Some(v.to_string()),
                 _ => None,

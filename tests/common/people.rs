@@ -4,7 +4,7 @@
 
 use std::sync::Arc;
 
-use arrow::array::{FixedSizeBinaryBuilder, Float64Array, Int64Array, StringArray};
+use arrow::array::{Date32Array, FixedSizeBinaryBuilder, Float64Array, Int64Array, StringArray};
 use arrow::record_batch::RecordBatch;
 use cleanroom::policy::Policy;
 use cleanroom::query::{TableData, agreement_tables};
@@ -22,7 +22,16 @@ pub struct Row {
     pub ltv: Option<f64>,
     pub exposures: Option<i64>,
     pub spend: Option<f64>,
+    pub purchases: Option<i64>,
+    /// Days since 1970-01-01.
+    pub last_purchase: Option<i32>,
+    pub lead_score: Option<i64>,
+    /// Days since 1970-01-01.
+    pub first_exposure: Option<i32>,
 }
+
+/// 2026-03-01, days since 1970-01-01.
+pub const MARCH_2026: i32 = 20_513;
 
 impl Row {
     pub fn new(id: u64) -> Self {
@@ -35,6 +44,10 @@ impl Row {
             ltv: Some(100.0),
             exposures: Some(1),
             spend: Some(10.0),
+            purchases: Some(1),
+            last_purchase: Some(MARCH_2026),
+            lead_score: Some(50),
+            first_exposure: Some(MARCH_2026 - 7),
         }
     }
 }
@@ -72,6 +85,9 @@ pub fn customers(policy: &Policy, rows: &[Row]) -> RecordBatch {
             Arc::new(rows.iter().map(|r| r.age_band).collect::<StringArray>()),
             Arc::new(rows.iter().map(|r| r.region).collect::<StringArray>()),
             Arc::new(rows.iter().map(|r| r.ltv).collect::<Float64Array>()),
+            Arc::new(rows.iter().map(|r| r.purchases).collect::<Int64Array>()),
+            Arc::new(rows.iter().map(|r| r.last_purchase).collect::<Date32Array>()),
+            Arc::new(rows.iter().map(|r| r.lead_score).collect::<Int64Array>()),
         ],
     )
     .unwrap()
@@ -87,6 +103,7 @@ pub fn audience(policy: &Policy, rows: &[Row]) -> RecordBatch {
             phone,
             Arc::new(rows.iter().map(|r| r.segment).collect::<StringArray>()),
             Arc::new(rows.iter().map(|r| r.exposures).collect::<Int64Array>()),
+            Arc::new(rows.iter().map(|r| r.first_exposure).collect::<Date32Array>()),
             Arc::new(rows.iter().map(|r| r.spend).collect::<Float64Array>()),
         ],
     )

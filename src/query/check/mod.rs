@@ -6,25 +6,31 @@
 //!
 //! ```text
 //! [Limit] [Sort] Projection [Filter: HAVING]     above the release boundary
-//! Aggregate                                      exactly one
-//! [Filter: WHERE on dimensions]
-//! Join (inner, equi on identifiers of one kind)  across parties' datasets
+//! Aggregate(derived dimensions; aggregates)      exactly one
+//! [Filter: WHERE over derived dimensions]
+//! Join (inner, or left preserving the caller's   across parties' datasets
+//!       own datasets; equi on identifiers of one kind)
 //!   [SubqueryAlias] TableScan ...
 //! ```
 //!
 //! Everything from the aggregate down runs on the parties' rows before the
-//! minimum group size, so it is built of total expressions only: no cast
-//! that can fail or narrow, no arithmetic, no function that can raise.
-//! Whatever is above the aggregate runs over the released table only
-//! ([`super::release`]).
+//! minimum group size, so it is built of total expressions only ([`row`]):
+//! no cast that can fail or narrow, no division by anything but a non-zero
+//! literal, no function that can raise, dates kept within the years every
+//! date function represents. Whatever is above the aggregate runs over the
+//! released table only ([`super::release`]).
 //!
 //! Every column reference is resolved as the engine resolves it, by its
 //! position in the input schema, to the dataset and column it reads; never
 //! through names an alias could shadow.
 
-use arrow::datatypes::DataType;
+use arrow::datatypes::{DataType, TimeUnit};
 use datafusion::common::{Column, DFSchema, JoinType, ScalarValue};
 use datafusion::logical_expr::{Expr, ExprSchemable, LogicalPlan, Operator};
+
+mod row;
+
+use row::Place;
 
 use super::PERSON_COLUMN;
 use crate::policy::{Aggregate, ColumnRole, Policy};
@@ -89,6 +95,8 @@ struct Scope<'s> {
 
 struct Checker<'a> {
     policy: &'a Policy,
+    /// The organisation asking: a LEFT JOIN may preserve its datasets only.
+    org: &'a str,
     /// Datasets scanned, in plan order.
     scans: Vec<String>,
     /// The name each scanned input goes by in the query (alias or table).
@@ -96,12 +104,13 @@ struct Checker<'a> {
     aggregates: Vec<AggregateUse>,
 }
 
-/// Checks `plan` against the agreement. The plan comes from the SQL planner
-/// and DataFusion's analyzer (types coerced, so every implicit cast is
-/// visible), not optimised.
-pub fn check(plan: &LogicalPlan, policy: &Policy) -> Result<Checked, Violation> {
+/// Checks `plan`, asked by `org`, against the agreement. The plan comes
+/// from the SQL planner and DataFusion's analyzer (types coerced, so every
+/// implicit cast is visible), not optimised.
+pub fn check(plan: &LogicalPlan, policy: &Policy, org: &str) -> Result<Checked, Violation> {
     let mut c = Checker {
         policy,
+        org,
         scans: Vec::new(),
         qualifiers: Vec::new(),
         aggregates: Vec::new(),
@@ -217,7 +226,7 @@ impl Checker<'_> {
                     sources: &sources,
                 };
                 for g in &agg.group_expr {
-                    self.group_expr(g, &scope)?;
+                    self.row_expr(g, &scope, Place::GroupBy)?;
                 }
                 for a in &agg.aggr_expr {
                     let used = self.aggregate_expr(a, &scope)?;
@@ -238,7 +247,7 @@ impl Checker<'_> {
                     schema: f.input.schema(),
                     sources: &sources,
                 };
-                self.filter_expr(&f.predicate, &scope)?;
+                self.row_expr(&f.predicate, &scope, Place::Where)?;
                 Ok(sources)
             }
             LogicalPlan::Join(_) => self.join_tree(plan),
@@ -256,13 +265,27 @@ impl Checker<'_> {
     fn join_tree(&mut self, plan: &LogicalPlan) -> Result<Sources, Violation> {
         match plan {
             LogicalPlan::Join(join) => {
+                let first = self.scans.len();
                 let left = self.join_tree(&join.left)?;
+                let preserved = self.scans[first..].to_vec();
                 let right = self.join_tree(&join.right)?;
-                if join.join_type != JoinType::Inner {
-                    return Err(deny(
-                        "query.join",
-                        format!("{} joins are not allowed; only inner joins", join.join_type),
-                    ));
+                match join.join_type {
+                    JoinType::Inner => {}
+                    JoinType::Left => self.preserves_own(&preserved)?,
+                    JoinType::Right => {
+                        return Err(deny(
+                            "query.join",
+                            "RIGHT joins are not allowed; write a LEFT JOIN with your own dataset first",
+                        ));
+                    }
+                    other => {
+                        return Err(deny(
+                            "query.join",
+                            format!(
+                                "{other} joins are not allowed; only inner joins and LEFT joins that keep your own rows"
+                            ),
+                        ));
+                    }
                 }
                 let mut sources = left.clone();
                 sources.extend(right.iter().cloned());
@@ -325,6 +348,24 @@ impl Checker<'_> {
             LogicalPlan::TableScan(_) | LogicalPlan::SubqueryAlias(_) => self.scan(plan),
             other => Err(node_refusal(other, "in a join")),
         }
+    }
+
+    /// A LEFT JOIN keeps every row of its left side: only the caller's own
+    /// datasets may be kept so, never another party's unmatched rows.
+    fn preserves_own(&self, preserved: &[String]) -> Result<(), Violation> {
+        for name in preserved {
+            let owner = self.policy.dataset(name).map(|d| d.owner());
+            if owner != Some(self.org) {
+                return Err(deny(
+                    "query.join",
+                    format!(
+                        "a LEFT JOIN keeps the unmatched rows of its left side, and {name} is not a dataset of {}; put your own dataset first",
+                        self.org
+                    ),
+                ));
+            }
+        }
+        Ok(())
     }
 
     /// One side of a join condition: a column, under casts that cannot fail.
@@ -476,74 +517,21 @@ impl Checker<'_> {
         self.role_of(source)
     }
 
-    /// WHERE: dimension columns, literals, comparisons and logic, casts
-    /// that cannot fail.
-    fn filter_expr(&self, e: &Expr, scope: &Scope<'_>) -> Result<(), Violation> {
-        match e {
-            Expr::Column(c) => match self.role(c, scope)? {
-                ColumnRole::Dimension { .. } => Ok(()),
-                other => Err(deny(
-                    "query.filter",
-                    format!(
-                        "{} is a {} column; filters use dimension columns only",
-                        c.name,
-                        other.name()
-                    ),
-                )),
-            },
-            Expr::Literal(..) => Ok(()),
-            Expr::BinaryExpr(b) if is_comparison_or_logic(b.op) => {
-                self.filter_expr(&b.left, scope)?;
-                self.filter_expr(&b.right, scope)
-            }
-            Expr::BinaryExpr(_) => Err(deny(
-                "query.expression",
-                "arithmetic is not allowed in WHERE: it runs on rows before the minimum group size",
-            )),
-            Expr::Not(x) | Expr::IsNull(x) | Expr::IsNotNull(x) => self.filter_expr(x, scope),
-            Expr::Cast(c) => {
-                total_cast(&c.expr, c.field.data_type(), scope)?;
-                self.filter_expr(&c.expr, scope)
-            }
-            Expr::TryCast(c) => {
-                total_cast(&c.expr, c.field.data_type(), scope)?;
-                self.filter_expr(&c.expr, scope)
-            }
-            Expr::InList(l) => {
-                self.filter_expr(&l.expr, scope)?;
-                l.list.iter().try_for_each(|x| self.filter_expr(x, scope))
-            }
-            Expr::Between(b) => {
-                self.filter_expr(&b.expr, scope)?;
-                self.filter_expr(&b.low, scope)?;
-                self.filter_expr(&b.high, scope)
-            }
-            other => Err(expression_refusal(other, "in WHERE")),
+    /// WHERE and GROUP BY: a derived dimension, built of total expressions
+    /// ([`row`]) over dimensions and comparable metrics, never identifiers.
+    /// Returns the columns it reads.
+    fn row_expr(
+        &self,
+        e: &Expr,
+        scope: &Scope<'_>,
+        place: Place,
+    ) -> Result<Vec<Source>, Violation> {
+        row::RowCheck {
+            checker: self,
+            scope,
+            place,
         }
-    }
-
-    /// GROUP BY: plain dimension columns.
-    fn group_expr(&self, e: &Expr, scope: &Scope<'_>) -> Result<(), Violation> {
-        match e {
-            Expr::Column(c) => match self.role(c, scope)? {
-                ColumnRole::Dimension { .. } => Ok(()),
-                other => Err(deny(
-                    "query.group_by",
-                    format!(
-                        "{} is a {} column; GROUP BY uses dimension columns only",
-                        c.name,
-                        other.name()
-                    ),
-                )),
-            },
-            other => Err(match expression_refusal(other, "in GROUP BY") {
-                v if v.rule == "query.functions" => v,
-                _ => deny(
-                    "query.group_by",
-                    "GROUP BY lists dimension columns only, not expressions",
-                ),
-            }),
-        }
+        .expr(e)
     }
 
     /// One aggregate: an allowed function over a plain column of the right
@@ -584,6 +572,14 @@ impl Checker<'_> {
         match p.args.as_slice() {
             [] => Ok(counted),
             [Expr::Literal(..)] if kind == Aggregate::Count => Ok(counted),
+            [arg] if matches!(total_casts(arg, scope)?, Expr::Case(_)) => {
+                let case = total_casts(arg, scope)?;
+                self.row_expr(case, scope, Place::Aggregate)?;
+                Ok(AggregateUse {
+                    kind,
+                    role: Some(row::case_bounds(case)?),
+                })
+            }
             [arg] => {
                 let Expr::Column(c) = total_casts(arg, scope)? else {
                     return Err(match expression_refusal(arg, "inside an aggregate") {
@@ -602,6 +598,18 @@ impl Checker<'_> {
                     role: Some(role.clone()),
                 };
                 match (kind, role) {
+                    (Aggregate::Sum | Aggregate::Avg, ColumnRole::Metric { value_type, .. })
+                        if value_type.is_temporal() =>
+                    {
+                        Err(deny(
+                            "query.aggregate_argument",
+                            format!(
+                                "{name} does not apply to {} {}; group by DATE_TRUNC of it, or count",
+                                value_type.as_str(),
+                                c.name
+                            ),
+                        ))
+                    }
                     (Aggregate::Sum | Aggregate::Avg, ColumnRole::Metric { .. }) => Ok(used),
                     (Aggregate::Sum | Aggregate::Avg, other) => Err(deny(
                         "query.aggregate_argument",
@@ -743,6 +751,12 @@ pub(crate) fn cast_is_total(from: &DataType, to: &DataType) -> bool {
         | (UInt16, UInt32 | UInt64 | Int32 | Int64)
         | (UInt32, UInt64 | Int64) => true,
         (Utf8, LargeUtf8 | Utf8View) => true,
+        // Stored dates and timestamps lie in the years 1900 to 2200 under
+        // every policy (checked at upload), which every timestamp unit
+        // down to nanoseconds represents.
+        (Date32, Timestamp(..)) | (Timestamp(TimeUnit::Microsecond, _), Timestamp(..) | Date32) => {
+            true
+        }
         (FixedSizeBinary(_), Binary | LargeBinary | BinaryView)
         | (Binary, LargeBinary | BinaryView) => true,
         (f, Utf8 | LargeUtf8 | Utf8View) => integer(f) || matches!(f, Boolean),
@@ -774,20 +788,6 @@ fn conjuncts(e: &Expr) -> Vec<&Expr> {
         }
         other => vec![other],
     }
-}
-
-fn is_comparison_or_logic(op: Operator) -> bool {
-    matches!(
-        op,
-        Operator::Eq
-            | Operator::NotEq
-            | Operator::Lt
-            | Operator::LtEq
-            | Operator::Gt
-            | Operator::GtEq
-            | Operator::And
-            | Operator::Or
-    )
 }
 
 fn expression_refusal(e: &Expr, place: &str) -> Violation {
@@ -884,7 +884,7 @@ min_group_size = 5
     async fn checked(policy: &Policy, sql: &str) -> Result<Checked, Violation> {
         let tables =
             crate::query::agreement_tables(policy, vec![Vec::new(); policy.datasets().len()]);
-        crate::query::plan_and_check(policy, &tables, sql)
+        crate::query::plan_and_check(policy, "acme", &tables, sql)
             .await
             .map(|(_, _, c)| c)
             .map_err(|e| match e {
@@ -929,7 +929,7 @@ min_group_size = 5
             .unwrap()
             .build()
             .unwrap();
-        assert_eq!(check(&plan, &policy).unwrap_err().rule, "query.alias");
+        assert_eq!(check(&plan, &policy, "acme").unwrap_err().rule, "query.alias");
     }
 
     #[test]
