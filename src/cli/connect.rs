@@ -305,7 +305,94 @@ pub(super) fn query(args: QueryArgs) -> anyhow::Result<ExitCode> {
     let mut client = args.connect.connect(&rt)?;
     let answer =
         rt.block_on(client.query_with_epsilon(&args.agreement, &args.sql, args.epsilon))?;
-    print!("{}", render_answer(&answer, args.format)?);
+    print_answer(&answer, args.format)
+}
+
+#[derive(Debug, Args)]
+pub(super) struct TemplatesArgs {
+    #[command(flatten)]
+    connect: ConnectArgs,
+    /// Agreement id.
+    #[arg(long)]
+    agreement: String,
+}
+
+/// Lists the approved templates the caller may run, with their parameters.
+pub(super) fn templates(args: TemplatesArgs) -> anyhow::Result<ExitCode> {
+    let rt = super::runtime()?;
+    let mut client = args.connect.connect(&rt)?;
+    let a = rt.block_on(client.get_agreement(&args.agreement))?;
+    print!("{}", render_templates(&a));
+    Ok(ExitCode::SUCCESS)
+}
+
+/// The templates of an agreement as the caller sees them.
+pub fn render_templates(a: &crate::proto::Agreement) -> String {
+    use std::fmt::Write;
+    let mut out = String::new();
+    if a.templates.is_empty() {
+        out.push_str("no template you may run in this agreement\n");
+    }
+    for t in &a.templates {
+        let _ = writeln!(out, "{}\n    {}", t.name, t.description);
+        for p in &t.params {
+            let _ = writeln!(out, "    --param {}=...   {} ({})", p.name, p.domain, p.r#type);
+        }
+    }
+    out
+}
+
+#[derive(Debug, Args)]
+pub(super) struct RunArgs {
+    #[command(flatten)]
+    connect: ConnectArgs,
+    /// Agreement id.
+    #[arg(long)]
+    agreement: String,
+    /// The template's name (`cleanroom templates` lists them).
+    template: String,
+    /// A parameter value, NAME=VALUE; repeat for each parameter.
+    #[arg(long = "param", value_name = "NAME=VALUE")]
+    params: Vec<String>,
+    /// Output format.
+    #[arg(long, value_enum, default_value = "table")]
+    format: OutputFormat,
+    /// Privacy budget to spend (agreements with differential privacy).
+    #[arg(long)]
+    epsilon: Option<f64>,
+}
+
+/// Runs one approved template.
+pub(super) fn run_template(args: RunArgs) -> anyhow::Result<ExitCode> {
+    let mut params = std::collections::BTreeMap::new();
+    for pair in &args.params {
+        let (name, value) = pair
+            .split_once('=')
+            .ok_or_else(|| anyhow::anyhow!("--param: expected NAME=VALUE"))?;
+        if params.insert(name.trim().to_string(), value.to_string()).is_some() {
+            anyhow::bail!("--param {}: given twice", name.trim());
+        }
+    }
+    let rt = super::runtime()?;
+    let mut client = args.connect.connect(&rt)?;
+    let answer = rt.block_on(client.run_template(
+        &args.agreement,
+        &args.template,
+        &params,
+        args.epsilon,
+    ))?;
+    print_answer(&answer, args.format)
+}
+
+fn print_answer(answer: &crate::client::QueryAnswer, format: OutputFormat) -> anyhow::Result<ExitCode> {
+    print!("{}", render_answer(answer, format)?);
+    if !answer.summary.template.is_empty() {
+        eprintln!(
+            "template {} (parameter values hash {})",
+            answer.summary.template,
+            &answer.summary.params_hash[..12.min(answer.summary.params_hash.len())]
+        );
+    }
     if let Some(p) = &answer.header.privacy {
         eprint!("{}", render_privacy(p));
     } else {

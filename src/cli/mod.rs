@@ -13,7 +13,7 @@ use clap::{Parser, Subcommand};
 
 pub use connect::{
     ConnectArgs, OutputFormat, render_agreement, render_answer, render_budget, render_overlap,
-    render_privacy,
+    render_privacy, render_templates,
 };
 pub use governance::{render_report, render_status};
 
@@ -50,6 +50,10 @@ enum Command {
     Overlap(connect::OverlapArgs),
     /// Run governed aggregate SQL.
     Query(connect::QueryArgs),
+    /// List the approved query templates you may run in an agreement.
+    Templates(connect::TemplatesArgs),
+    /// Run an approved query template with its parameters.
+    Run(connect::RunArgs),
     /// Show your privacy budget in an agreement: spent, remaining, next refresh.
     Budget(connect::BudgetArgs),
     /// What the service holds of your data in an agreement, who used the
@@ -83,6 +87,8 @@ pub fn main() -> ExitCode {
         Command::Audit(cmd) => audit::run(cmd),
         Command::Overlap(args) => connect::overlap(args),
         Command::Query(args) => connect::query(args),
+        Command::Templates(args) => connect::templates(args),
+        Command::Run(args) => connect::run_template(args),
         Command::Budget(args) => connect::budget(args),
         Command::Report(args) => governance::report(args),
         Command::Admin(cmd) => governance::admin(cmd),

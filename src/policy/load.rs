@@ -66,10 +66,19 @@ pub fn parse_policy(text: &str, path: &Path) -> Result<Policy, PolicyError> {
         PolicyError::single(path, field, inner.message().to_string())
     })?;
     let stem = path.file_stem().and_then(|s| s.to_str());
-    validate(raw, stem, hash).map_err(|problems| PolicyError {
+    let policy = validate(raw, stem, hash).map_err(|problems| PolicyError {
         file: path.to_path_buf(),
         problems,
-    })
+    })?;
+    let problems = crate::query::template_problems(&policy);
+    if problems.is_empty() {
+        Ok(policy)
+    } else {
+        Err(PolicyError {
+            file: path.to_path_buf(),
+            problems,
+        })
+    }
 }
 
 /// A TOML syntax error, located by line and column. The message is toml's

@@ -394,6 +394,58 @@ pub async fn execute(
     })
 }
 
+/// Problems with a policy's templates: each is bound to sample values (its
+/// parameters' first values, or the low ends of their ranges) and planned
+/// and checked as its first party would ask it. A template the checker
+/// refuses would refuse every analyst, so the policy is refused instead.
+pub fn template_problems(policy: &Policy) -> Vec<crate::policy::Problem> {
+    if policy.templates().is_empty() {
+        return Vec::new();
+    }
+    let policy = policy.clone();
+    // Its own thread and runtime: policies are also loaded from within the
+    // server's runtime.
+    let worker = std::thread::spawn(move || {
+        let problem = |i: usize, rule: String| crate::policy::Problem {
+            field: format!("template[{i}].sql"),
+            rule,
+        };
+        let Ok(runtime) = tokio::runtime::Builder::new_current_thread().build() else {
+            return vec![problem(0, "the templates could not be checked".into())];
+        };
+        let tables = agreement_tables(&policy, vec![Vec::new(); policy.datasets().len()]);
+        let mut problems = Vec::new();
+        for (i, t) in policy.templates().iter().enumerate() {
+            let bound = match t.bind(&t.sample_params()) {
+                Ok(b) => b,
+                Err(e) => {
+                    problems.push(problem(i, e.to_string()));
+                    continue;
+                }
+            };
+            let org = t.parties().first().map(String::as_str).unwrap_or_default();
+            match runtime.block_on(plan_and_check(&policy, org, &tables, &bound.sql)) {
+                Ok(_) => {}
+                Err(QueryError::Refused(v)) => problems.push(problem(
+                    i,
+                    format!("with sample parameter values the query is refused: {v}"),
+                )),
+                Err(e) => problems.push(problem(
+                    i,
+                    format!("with sample parameter values the query fails: {e}"),
+                )),
+            }
+        }
+        problems
+    });
+    worker.join().unwrap_or_else(|_| {
+        vec![crate::policy::Problem {
+            field: "template".into(),
+            rule: "checking the templates failed".into(),
+        }]
+    })
+}
+
 /// Exactly one statement, and a query (SELECT), before anything is planned.
 fn only_a_select(sql: &str) -> Result<(), Violation> {
     use datafusion::sql::parser::{DFParser, Statement};

@@ -112,6 +112,14 @@ enum Dim {
     Region,
     Age,
     Segment,
+    /// `floor(c.lifetime_value / 1000)`: a bucket of a comparable metric.
+    ValueBucket,
+    /// `CASE WHEN a.ad_exposures > 0 THEN 'exposed' ELSE 'unexposed' END`.
+    Exposed,
+    /// `date_part('month', c.last_purchase)`.
+    PurchaseMonth,
+    /// `COALESCE(a.interest_segment, 'none')`: the unmatched side named.
+    SegmentOrNone,
 }
 
 impl Dim {
@@ -120,22 +128,62 @@ impl Dim {
             Dim::Region => "c.region",
             Dim::Age => "c.age_band",
             Dim::Segment => "a.interest_segment",
+            Dim::ValueBucket => "floor(c.lifetime_value / 1000)",
+            Dim::Exposed => {
+                "CASE WHEN a.ad_exposures > 0 THEN 'exposed' ELSE 'unexposed' END"
+            }
+            Dim::PurchaseMonth => "date_part('month', c.last_purchase)",
+            Dim::SegmentOrNone => "COALESCE(a.interest_segment, 'none')",
         }
+    }
+    /// Whether the product sorts it as text, as the reference does.
+    fn sorts_as_text(self) -> bool {
+        !matches!(self, Dim::ValueBucket | Dim::PurchaseMonth)
     }
     fn values(self) -> &'static [&'static str] {
         match self {
             Dim::Region => &REGIONS,
             Dim::Age => &AGES,
-            Dim::Segment => &SEGMENTS,
+            _ => &SEGMENTS,
         }
     }
-    fn of(self, c: &Row, a: &Row) -> Option<&'static str> {
+    fn of(self, c: &Row, a: &Row) -> Option<String> {
         match self {
-            Dim::Region => c.region,
-            Dim::Age => c.age_band,
-            Dim::Segment => a.segment,
+            Dim::Region => c.region.map(String::from),
+            Dim::Age => c.age_band.map(String::from),
+            Dim::Segment => a.segment.map(String::from),
+            Dim::ValueBucket => c.ltv.map(|v| format!("{:?}", (v / 1000.0).floor())),
+            Dim::Exposed => Some(
+                if a.exposures.is_some_and(|e| e > 0) {
+                    "exposed"
+                } else {
+                    "unexposed"
+                }
+                .to_string(),
+            ),
+            Dim::PurchaseMonth => c.last_purchase.map(|d| civil(d).1.to_string()),
+            Dim::SegmentOrNone => Some(a.segment.unwrap_or("none").to_string()),
         }
     }
+}
+
+/// (year, month, day) of a day count since 1970-01-01, computed apart from
+/// any date library the product uses.
+fn civil(days: i32) -> (i64, u32, u32) {
+    let z = i64::from(days) + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z - era * 146_097;
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let day = (doy - (153 * mp + 2) / 5 + 1) as u32;
+    let month = if mp < 10 { mp + 3 } else { mp - 9 } as u32;
+    (yoe + era * 400 + i64::from(month <= 2), month, day)
+}
+
+fn date_literal(days: i32) -> String {
+    let (y, m, d) = civil(days);
+    format!("DATE '{y:04}-{m:02}-{d:02}'")
 }
 
 #[derive(Debug, Clone)]
@@ -148,6 +196,13 @@ enum Pred {
     Not(Box<Pred>),
     And(Box<Pred>, Box<Pred>),
     Or(Box<Pred>, Box<Pred>),
+    /// `c.lifetime_value > v` (a comparable metric).
+    ValueAbove(f64),
+    /// `c.last_purchase BETWEEN DATE lo AND DATE hi`.
+    PurchasedBetween(i32, i32),
+    /// `c.last_purchase BETWEEN a.first_exposure AND a.first_exposure +
+    /// INTERVAL 'n days'` (a listed column pair).
+    PurchasedWithin(i32),
 }
 
 impl Pred {
@@ -168,6 +223,15 @@ impl Pred {
             Pred::Not(p) => format!("NOT ({})", p.sql()),
             Pred::And(a, b) => format!("({}) AND ({})", a.sql(), b.sql()),
             Pred::Or(a, b) => format!("({}) OR ({})", a.sql(), b.sql()),
+            Pred::ValueAbove(v) => format!("c.lifetime_value > {v:.1}"),
+            Pred::PurchasedBetween(lo, hi) => format!(
+                "c.last_purchase BETWEEN {} AND {}",
+                date_literal(*lo),
+                date_literal(*hi)
+            ),
+            Pred::PurchasedWithin(n) => format!(
+                "c.last_purchase BETWEEN a.first_exposure AND a.first_exposure + INTERVAL '{n} days'"
+            ),
         }
     }
 
@@ -176,8 +240,14 @@ impl Pred {
         match self {
             Pred::Eq(d, v) => d.of(c, a).map(|x| x == *v),
             Pred::Ne(d, v) => d.of(c, a).map(|x| x != *v),
-            Pred::In(d, vs) => d.of(c, a).map(|x| vs.contains(&x)),
-            Pred::Between(d, lo, hi) => d.of(c, a).map(|x| *lo <= x && x <= *hi),
+            Pred::In(d, vs) => d.of(c, a).map(|x| vs.contains(&x.as_str())),
+            Pred::Between(d, lo, hi) => d.of(c, a).map(|x| *lo <= x.as_str() && x.as_str() <= *hi),
+            Pred::ValueAbove(v) => c.ltv.map(|x| x > *v),
+            Pred::PurchasedBetween(lo, hi) => c.last_purchase.map(|d| *lo <= d && d <= *hi),
+            Pred::PurchasedWithin(n) => match (c.last_purchase, a.first_exposure) {
+                (Some(p), Some(f)) => Some(f <= p && p <= f + n),
+                _ => None,
+            },
             Pred::IsNull(d) => Some(d.of(c, a).is_none()),
             Pred::Not(p) => p.eval(c, a).map(|b| !b),
             Pred::And(p, q) => match (p.eval(c, a), q.eval(c, a)) {
@@ -225,6 +295,8 @@ enum Agg {
     Count(Metric),
     Sum(Metric),
     Avg(Metric),
+    /// `AVG(CASE WHEN c.lifetime_value > 2500 THEN 1 ELSE 0 END)`.
+    ShareAbove,
 }
 
 impl Agg {
@@ -235,6 +307,9 @@ impl Agg {
             Agg::Count(m) => format!("COUNT({})", m.sql()),
             Agg::Sum(m) => format!("SUM({})", m.sql()),
             Agg::Avg(m) => format!("AVG({})", m.sql()),
+            Agg::ShareAbove => {
+                "AVG(CASE WHEN c.lifetime_value > 2500 THEN 1 ELSE 0 END)".into()
+            }
         }
     }
 }
@@ -244,6 +319,9 @@ enum Join {
     Email,
     Phone,
     Both,
+    /// `customers c LEFT JOIN audience a ON c.email = a.email`: every
+    /// customer, matched or not.
+    LeftEmail,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -271,7 +349,8 @@ fn pred(rng: &mut StdRng, depth: u32) -> Pred {
     let dims = [Dim::Region, Dim::Age, Dim::Segment];
     let d = dims[rng.random_range(0..3)];
     let v = |rng: &mut StdRng| d.values()[rng.random_range(0..d.values().len())];
-    match rng.random_range(0..if depth == 0 { 5 } else { 8 }) {
+    let day = |rng: &mut StdRng| people::MARCH_2026 - rng.random_range(0..365);
+    match rng.random_range(0..if depth == 0 { 8 } else { 11 }) {
         0 => Pred::Eq(d, v(rng)),
         1 => Pred::Ne(d, v(rng)),
         2 => Pred::In(d, (0..rng.random_range(1..4)).map(|_| v(rng)).collect()),
@@ -280,8 +359,14 @@ fn pred(rng: &mut StdRng, depth: u32) -> Pred {
             Pred::Between(d, x.min(y), x.max(y))
         }
         4 => Pred::IsNull(d),
-        5 => Pred::Not(Box::new(pred(rng, depth - 1))),
-        6 => Pred::And(
+        5 => Pred::ValueAbove(f64::from(rng.random_range(0..5_000u32))),
+        6 => {
+            let (x, y) = (day(rng), day(rng));
+            Pred::PurchasedBetween(x.min(y), x.max(y))
+        }
+        7 => Pred::PurchasedWithin(rng.random_range(0..30)),
+        8 => Pred::Not(Box::new(pred(rng, depth - 1))),
+        9 => Pred::And(
             Box::new(pred(rng, depth - 1)),
             Box::new(pred(rng, depth - 1)),
         ),
@@ -293,7 +378,7 @@ fn pred(rng: &mut StdRng, depth: u32) -> Pred {
 }
 
 /// Constructs the checker must refuse, whatever the data: (rule, SQL).
-const REFUSED: [(&str, &str); 14] = [
+const REFUSED: [(&str, &str); 21] = [
     (
         "query.cast",
         "SELECT SUM(CAST(c.lifetime_value AS TINYINT)) FROM customers c JOIN audience a ON c.email = a.email",
@@ -340,11 +425,39 @@ const REFUSED: [(&str, &str); 14] = [
     ),
     (
         "query.group_by",
-        "SELECT a.ad_exposures, COUNT(*) FROM customers c JOIN audience a ON c.email = a.email GROUP BY a.ad_exposures",
+        "SELECT a.spend, COUNT(*) FROM customers c JOIN audience a ON c.email = a.email GROUP BY a.spend",
     ),
     (
         "query.join",
-        "SELECT COUNT(*) FROM customers c LEFT JOIN audience a ON c.email = a.email",
+        "SELECT COUNT(*) FROM audience a LEFT JOIN customers c ON a.email = c.email",
+    ),
+    (
+        "query.group_by",
+        "SELECT CASE WHEN c.phone IS NULL THEN 'x' ELSE 'y' END, COUNT(*) FROM customers c JOIN audience a ON c.email = a.email GROUP BY 1",
+    ),
+    (
+        "query.filter",
+        "SELECT COUNT(*) FROM customers c JOIN audience a ON c.email = a.email WHERE c.phone = a.phone",
+    ),
+    (
+        "query.expression",
+        "SELECT CASE WHEN c.region = 'north' THEN a.interest_segment ELSE 'x' END, COUNT(*) FROM customers c JOIN audience a ON c.email = a.email GROUP BY 1",
+    ),
+    (
+        "query.compare",
+        "SELECT COUNT(*) FROM customers c JOIN audience a ON c.email = a.email WHERE c.lifetime_value > a.ad_exposures",
+    ),
+    (
+        "query.expression",
+        "SELECT COUNT(*) FROM customers c JOIN audience a ON c.email = a.email WHERE c.last_purchase + INTERVAL '60 years' > a.first_exposure",
+    ),
+    (
+        "query.expression",
+        "SELECT COUNT(*) FROM customers c JOIN audience a ON c.email = a.email WHERE c.lead_score / c.purchases > 1",
+    ),
+    (
+        "query.functions",
+        "SELECT date_trunc('fortnight', c.last_purchase), COUNT(*) FROM customers c JOIN audience a ON c.email = a.email GROUP BY 1",
     ),
     (
         "query.aggregate",
@@ -354,7 +467,8 @@ const REFUSED: [(&str, &str); 14] = [
 
 pub fn query(rng: &mut StdRng) -> Query {
     let mut q = Query {
-        join: [Join::Email, Join::Email, Join::Phone, Join::Both][rng.random_range(0..4)],
+        join: [Join::Email, Join::Email, Join::Phone, Join::Both, Join::LeftEmail]
+            [rng.random_range(0..5)],
         filter: rng.random_bool(0.5).then(|| pred(rng, 2)),
         group: Vec::new(),
         aggs: Vec::new(),
@@ -372,14 +486,25 @@ pub fn query(rng: &mut StdRng) -> Query {
             q.group.push(d);
         }
     }
+    // At most one derived dimension, so groups stay large enough to show.
+    if rng.random_bool(0.4) {
+        let derived = [
+            Dim::ValueBucket,
+            Dim::Exposed,
+            Dim::PurchaseMonth,
+            Dim::SegmentOrNone,
+        ];
+        q.group.push(derived[rng.random_range(0..derived.len())]);
+    }
     let metrics = [Metric::Ltv, Metric::Exposures, Metric::Spend];
     for _ in 0..rng.random_range(1..4) {
         let m = metrics[rng.random_range(0..3)];
-        let agg = match rng.random_range(0..5) {
+        let agg = match rng.random_range(0..6) {
             0 => Agg::CountStar,
             1 => Agg::People,
             2 => Agg::Count(m),
             3 => Agg::Sum(m),
+            4 => Agg::ShareAbove,
             _ => Agg::Avg(m),
         };
         // The SQL planner wants distinct names in the SELECT list.
@@ -398,7 +523,11 @@ pub fn query(rng: &mut StdRng) -> Query {
     };
     // With a LIMIT the engine may stop before it reaches the group a
     // division fails on; the reference does not model that.
-    if rng.random_bool(0.3) && !matches!(q.having, Some(Having::DivideBy(_))) {
+    // Numbers the product sorts as numbers, the reference as text.
+    if rng.random_bool(0.3)
+        && !matches!(q.having, Some(Having::DivideBy(_)))
+        && q.group.iter().all(|d| d.sorts_as_text())
+    {
         q.limit = Some(rng.random_range(0..4));
     }
     q
@@ -411,13 +540,14 @@ impl Query {
         }
         let mut select: Vec<String> = self.group.iter().map(|d| d.sql().to_string()).collect();
         select.extend(self.aggs.iter().map(|a| a.sql()));
-        let on = match self.join {
-            Join::Email => "c.email = a.email",
-            Join::Phone => "c.phone = a.phone",
-            Join::Both => "c.email = a.email AND c.phone = a.phone",
+        let (join, on) = match self.join {
+            Join::Email => ("JOIN", "c.email = a.email"),
+            Join::Phone => ("JOIN", "c.phone = a.phone"),
+            Join::Both => ("JOIN", "c.email = a.email AND c.phone = a.phone"),
+            Join::LeftEmail => ("LEFT JOIN", "c.email = a.email"),
         };
         let mut sql = format!(
-            "SELECT {} FROM customers c JOIN audience a ON {on}",
+            "SELECT {} FROM customers c {join} audience a ON {on}",
             select.join(", ")
         );
         if let Some(p) = &self.filter {
@@ -469,15 +599,32 @@ struct Group {
 }
 
 /// The groups of `q` over `d`, before any minimum.
-fn groups(q: &Query, d: &Data) -> BTreeMap<Vec<Option<&'static str>>, Group> {
-    let mut groups: BTreeMap<Vec<Option<&'static str>>, Group> = BTreeMap::new();
+fn groups(q: &Query, d: &Data) -> BTreeMap<Vec<Option<String>>, Group> {
+    let mut groups: BTreeMap<Vec<Option<String>>, Group> = BTreeMap::new();
     if q.group.is_empty() {
         groups.insert(Vec::new(), Group::default());
     }
+    // The audience side of a customer no audience row matches: all NULL.
+    let unmatched = Row {
+        id: u64::MAX,
+        phone: false,
+        region: None,
+        age_band: None,
+        segment: None,
+        ltv: None,
+        exposures: None,
+        spend: None,
+        purchases: None,
+        last_purchase: None,
+        lead_score: None,
+        first_exposure: None,
+    };
     for c in &d.customers {
-        for a in &d.audience {
+        let matched = d.audience.iter().any(|a| a.id == c.id);
+        let unmatched_row = (q.join == Join::LeftEmail && !matched).then_some(&unmatched);
+        for a in d.audience.iter().chain(unmatched_row) {
             let joined = match q.join {
-                Join::Email => c.id == a.id,
+                Join::Email | Join::LeftEmail => c.id == a.id || std::ptr::eq(a, &unmatched),
                 Join::Phone => c.phone && a.phone && c.id == a.id,
                 Join::Both => c.id == a.id && c.phone && a.phone,
             };
@@ -488,7 +635,7 @@ fn groups(q: &Query, d: &Data) -> BTreeMap<Vec<Option<&'static str>>, Group> {
             {
                 continue;
             }
-            let key: Vec<Option<&str>> = q.group.iter().map(|g| g.of(c, a)).collect();
+            let key: Vec<Option<String>> = q.group.iter().map(|g| g.of(c, a)).collect();
             let g = groups.entry(key).or_default();
             g.rows += 1;
             g.people.insert(c.id);
@@ -499,6 +646,11 @@ fn groups(q: &Query, d: &Data) -> BTreeMap<Vec<Option<&'static str>>, Group> {
             for (i, agg) in q.aggs.iter().enumerate() {
                 let m = match agg {
                     Agg::Count(m) | Agg::Sum(m) | Agg::Avg(m) => m.of(c, a),
+                    Agg::ShareAbove => Some(if c.ltv.is_some_and(|v| v > 2500.0) {
+                        1.0
+                    } else {
+                        0.0
+                    }),
                     _ => None,
                 };
                 if let Some(v) = m {
@@ -533,6 +685,9 @@ fn reference(q: &Query, d: &Data, min: u32) -> Expected {
                     Agg::CountStar => Some(g.rows as f64),
                     Agg::People => Some(g.emails.len() as f64),
                     Agg::Count(_) => Some(vs.len() as f64),
+                    Agg::ShareAbove => {
+                        (!vs.is_empty()).then(|| vs.iter().sum::<f64>() / vs.len() as f64)
+                    }
                     Agg::Sum(_) => (!vs.is_empty()).then(|| vs.iter().sum()),
                     Agg::Avg(_) => {
                         (!vs.is_empty()).then(|| vs.iter().sum::<f64>() / vs.len() as f64)
@@ -554,7 +709,7 @@ fn reference(q: &Query, d: &Data, min: u32) -> Expected {
             }
         };
         if keep {
-            out.push((key.iter().map(|k| k.map(String::from)).collect(), values));
+            out.push((key.clone(), values));
         }
     }
     // BTreeMap order is the ORDER BY of the group columns, NULLS FIRST.
@@ -733,7 +888,7 @@ fn check_private(
             for (key, _) in product_rows(&o.batches, q.group.len()) {
                 let people = exact
                     .iter()
-                    .find(|(k, _)| k.iter().map(|v| v.map(String::from)).collect::<Vec<_>>() == key)
+                    .find(|(k, _)| **k == key)
                     .map_or(0, |(_, g)| g.people.len());
                 if people < min {
                     return Err(format!("released group {key:?} stands for {people} people"));
