@@ -20,7 +20,7 @@ use cleanroom::query::{QueryError, QueryOutcome, TableData, run};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 
-use super::people::{self, Row, tables};
+use super::people::{self, Row, civil, tables};
 
 const REGIONS: [&str; 4] = ["north", "south", "east", "west"];
 const AGES: [&str; 6] = ["18-24", "25-34", "35-44", "45-54", "55-64", "65+"];
@@ -165,20 +165,6 @@ impl Dim {
             Dim::SegmentOrNone => Some(a.segment.unwrap_or("none").to_string()),
         }
     }
-}
-
-/// (year, month, day) of a day count since 1970-01-01, computed apart from
-/// any date library the product uses.
-fn civil(days: i32) -> (i64, u32, u32) {
-    let z = i64::from(days) + 719_468;
-    let era = z.div_euclid(146_097);
-    let doe = z - era * 146_097;
-    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
-    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
-    let mp = (5 * doy + 2) / 153;
-    let day = (doy - (153 * mp + 2) / 5 + 1) as u32;
-    let month = if mp < 10 { mp + 3 } else { mp - 9 } as u32;
-    (yoe + era * 400 + i64::from(month <= 2), month, day)
 }
 
 fn date_literal(days: i32) -> String {
