@@ -417,7 +417,10 @@ async fn access_reports_and_the_admin_view_match_what_happened() {
             "phone (identifier)",
             "age_band (dimension)",
             "region (dimension)",
-            "lifetime_value (metric)"
+            "lifetime_value (metric)",
+            "purchases (metric)",
+            "last_purchase (metric)",
+            "lead_score (metric)"
         ]
     );
     assert_eq!(held.versions.len(), 1);

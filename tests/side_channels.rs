@@ -228,7 +228,7 @@ async fn failing_probes_are_charged_and_epsilon_is_charged_rounded_up() {
     // Refusals before any data is read cost nothing.
     for refused in [
         "SELECT SUM(CAST(c.lifetime_value AS TINYINT)) FROM customers c JOIN audience a ON c.email = a.email",
-        "SELECT c.region, COUNT(*) FROM customers c JOIN audience a ON c.email = a.email WHERE a.spend > 1 GROUP BY c.region",
+        "SELECT c.region, COUNT(*) FROM customers c JOIN audience a ON c.email = a.email WHERE c.phone IS NULL GROUP BY c.region",
     ] {
         let err = acme
             .query_with_epsilon("retail-media-demo", refused, Some(0.1))

@@ -105,7 +105,16 @@ async fn both_parties_upload_and_nothing_identifying_is_stored_in_the_clear() {
         .collect();
     assert_eq!(
         names,
-        ["email", "phone", "age_band", "region", "lifetime_value"]
+        [
+            "email",
+            "phone",
+            "age_band",
+            "region",
+            "lifetime_value",
+            "purchases",
+            "last_purchase",
+            "lead_score"
+        ]
     );
     let audience = store
         .read(
@@ -296,7 +305,7 @@ async fn refused_uploads_name_the_rule_and_keep_the_previous_version() {
     let msg = err.to_string();
     assert!(matches!(err, UploadError::Prepare(_)), "{msg}");
     assert!(
-        msg.contains("line 18: malformed CSV: 8 fields where the header has 7"),
+        msg.contains("line 18: malformed CSV: 11 fields where the header has 10"),
         "{msg}"
     );
     assert!(!msg.contains("surplus"));
@@ -506,6 +515,9 @@ async fn parquet_input_and_column_mapping() {
         Field::new("age_band", DataType::Utf8, true),
         Field::new("region", DataType::Utf8, true),
         Field::new("lifetime_value", DataType::Float64, true),
+        Field::new("purchases", DataType::Int64, true),
+        Field::new("last_purchase", DataType::Date32, true),
+        Field::new("lead_score", DataType::Int64, true),
     ]));
     let batch = RecordBatch::try_new(
         Arc::clone(&schema),
@@ -519,6 +531,9 @@ async fn parquet_input_and_column_mapping() {
             Arc::new(StringArray::from(vec!["25-34", "65+", "18-24"])),
             Arc::new(StringArray::from(vec!["north", "west", "east"])),
             Arc::new(Float64Array::from(vec![10.5, 20.0, 30.0])),
+            Arc::new(arrow::array::Int64Array::from(vec![1, 0, 2])),
+            Arc::new(arrow::array::Date32Array::from(vec![Some(20_513), None, Some(20_000)])),
+            Arc::new(arrow::array::Int64Array::from(vec![10, 90, 55])),
         ],
     )
     .unwrap();
