@@ -187,8 +187,8 @@ struct Analysis {
     reference: fn(&[Customer]) -> Groups,
 }
 
-const VALUE_DISTRIBUTION: &str = "SELECT floor(c.lifetime_value / 1000) * 1000 AS value_from, a.interest_segment, COUNT(*) AS customers FROM customers c JOIN audience a ON c.email = a.email GROUP BY value_from, a.interest_segment";
-const LEAD_SCORES: &str = "SELECT floor(c.lead_score / 20) * 20 AS score_from, a.interest_segment, COUNT(*) AS customers FROM customers c JOIN audience a ON c.email = a.email GROUP BY score_from, a.interest_segment";
+const VALUE_DISTRIBUTION: &str = "SELECT floor(c.lifetime_value / 1000) * 1000 AS value_from, a.interest_segment, COUNT(*) AS customers FROM customers c JOIN audience a ON c.email = a.email GROUP BY value_from, a.interest_segment ORDER BY value_from, a.interest_segment";
+const LEAD_SCORES: &str = "SELECT floor(c.lead_score / 20) * 20 AS score_from, a.interest_segment, COUNT(*) AS customers FROM customers c JOIN audience a ON c.email = a.email GROUP BY score_from, a.interest_segment ORDER BY score_from, a.interest_segment";
 
 fn analyses() -> Vec<Analysis> {
     vec![
@@ -364,6 +364,12 @@ async fn cookbook_answers_equal_the_synthetic_truth_under_thresholds() {
     let mut acme = server.client("acme").await;
     for a in analyses() {
         let answer = ask(&mut acme, &a, None).await;
+        // The answers docs/cookbook.md shows (run with --nocapture).
+        eprintln!(
+            "{}:\n{}",
+            a.name,
+            cleanroom::cli::render_answer(&answer, cleanroom::cli::OutputFormat::Table).unwrap()
+        );
         let got = product_rows(&answer, a.keys);
         let want = (a.reference)(&people).released(50, &a.how);
         assert!(!want.is_empty(), "{}: the truth has no group of 50", a.name);

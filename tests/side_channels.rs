@@ -76,6 +76,44 @@ async fn error_probes_answer_alike_whatever_one_persons_values() {
     }
 }
 
+/// A derived dimension can single one person out (a value range, one day,
+/// the one unmatched customer); the group they form is under the minimum,
+/// so the answer is the same as if they had not been uploaded at all.
+#[tokio::test]
+async fn derived_dimensions_isolating_one_person_release_nothing_of_them() {
+    use common::people::MARCH_2026;
+    let policy = demo_policy(None, 50);
+    let target = Row {
+        ltv: Some(4999.0),
+        lead_score: Some(100),
+        last_purchase: Some(MARCH_2026 - 30),
+        ..Row::new(1000)
+    };
+    let probes = [
+        "SELECT CASE WHEN c.lifetime_value > 4990 THEN 'top' ELSE 'rest' END AS b, COUNT(*), AVG(c.lifetime_value) FROM customers c JOIN audience a ON c.email = a.email GROUP BY b",
+        "SELECT floor(c.lead_score / 10) AS band, COUNT(*) FROM customers c JOIN audience a ON c.email = a.email GROUP BY band",
+        "SELECT COUNT(*), SUM(c.lifetime_value) FROM customers c JOIN audience a ON c.email = a.email WHERE c.last_purchase = DATE '2026-01-30'",
+        "SELECT date_trunc('day', c.last_purchase) AS d, COUNT(*) FROM customers c JOIN audience a ON c.email = a.email GROUP BY d",
+        "SELECT c.region, AVG(CASE WHEN c.lifetime_value > 4990 THEN 1 ELSE 0 END) FROM customers c JOIN audience a ON c.email = a.email WHERE c.last_purchase BETWEEN DATE '2026-01-30' AND DATE '2026-01-30' GROUP BY c.region",
+    ];
+    for probe in probes {
+        let (c, a) = data_with(&[target.clone()]);
+        let present = run(&policy, &tables(&policy, &c, &a), probe).await;
+        let (c, a) = data_with(&[]);
+        let absent = run(&policy, &tables(&policy, &c, &a), probe).await;
+        assert!(present.is_ok(), "{probe}: {}", observed(&present));
+        assert_eq!(observed(&present), observed(&absent), "{probe}");
+    }
+    // The one customer the partner does not know, kept by a LEFT JOIN.
+    let probe = "SELECT COALESCE(a.interest_segment, 'unmatched') AS s, COUNT(*), AVG(c.lifetime_value) FROM customers c LEFT JOIN audience a ON c.email = a.email GROUP BY s";
+    let (mut c, a) = data_with(&[]);
+    let absent = run(&policy, &tables(&policy, &c, &a), probe).await;
+    c.push(target.clone());
+    let present = run(&policy, &tables(&policy, &c, &a), probe).await;
+    assert_eq!(observed(&present), observed(&absent), "{probe}");
+    assert!(!observed(&present).contains("unmatched"));
+}
+
 #[tokio::test]
 async fn having_never_sees_a_suppressed_group() {
     let policy = demo_policy(None, 50);
