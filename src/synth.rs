@@ -205,11 +205,12 @@ pub fn generate(options: &SynthOptions) -> std::io::Result<SynthTruth> {
             None
         };
         let lift = if seen.is_some() { 1.25 } else { 1.0 };
-        let value: f64 =
-            (rng.random::<f64>().powi(3) * 4000.0 * lift * 100.0).round() / 100.0;
+        let value: f64 = (rng.random::<f64>().powi(3) * 4000.0 * lift * 100.0).round() / 100.0;
         let purchases = rng.random_range(0..=4) + u32::from(seen.is_some() && rng.random_bool(0.5));
         let last_days_ago = match seen {
-            Some(e) if rng.random_bool(0.5) => e.first_days_ago.saturating_sub(rng.random_range(0..=14)),
+            Some(e) if rng.random_bool(0.5) => {
+                e.first_days_ago.saturating_sub(rng.random_range(0..=14))
+            }
             _ => rng.random_range(0..=364),
         };
         writeln!(

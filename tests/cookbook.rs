@@ -30,7 +30,7 @@ fn product_rows(answer: &QueryAnswer, keys: usize) -> Rows {
                     DataType::Timestamp(..) => {
                         arrow::compute::cast(col, &DataType::Date32).unwrap()
                     }
-                    _ => col.clone(),
+                    _ => std::sync::Arc::clone(col),
                 };
                 arrow::compute::cast(&col, &DataType::Utf8).unwrap()
             })
@@ -116,11 +116,10 @@ fn truth(dir: &Path) -> Vec<Customer> {
             )
         })
         .collect();
-    let customers: BTreeMap<String, BTreeMap<String, String>> =
-        read(cleanroom::synth::ACME_FILE)
-            .into_iter()
-            .map(|c| (c["customer_id"].clone(), c))
-            .collect();
+    let customers: BTreeMap<String, BTreeMap<String, String>> = read(cleanroom::synth::ACME_FILE)
+        .into_iter()
+        .map(|c| (c["customer_id"].clone(), c))
+        .collect();
     read(cleanroom::synth::PEOPLE_FILE)
         .into_iter()
         .map(|p| {
@@ -399,7 +398,10 @@ async fn cookbook_answers_equal_the_synthetic_truth_under_thresholds() {
     for region in ["north", "south", "east", "west"] {
         let exposed = lift[&vec![region.to_string(), "exposed".to_string()]][1];
         let unexposed = lift[&vec![region.to_string(), "unexposed".to_string()]][1];
-        assert!(exposed > unexposed * 1.1, "{region}: {exposed} vs {unexposed}");
+        assert!(
+            exposed > unexposed * 1.1,
+            "{region}: {exposed} vs {unexposed}"
+        );
     }
 }
 
@@ -441,7 +443,12 @@ async fn cookbook_answers_lie_within_their_reported_intervals_under_privacy() {
         assert!(released_somewhere, "{}: nothing released", a.name);
     }
     let share = inside as f64 / cells as f64;
-    eprintln!("privacy: {inside} of {cells} released values within their 95% interval ({share:.3})");
+    eprintln!(
+        "privacy: {inside} of {cells} released values within their 95% interval ({share:.3})"
+    );
     assert!(cells > 100, "{cells} values");
-    assert!(share >= 0.9, "{inside} of {cells} within the reported interval");
+    assert!(
+        share >= 0.9,
+        "{inside} of {cells} within the reported interval"
+    );
 }

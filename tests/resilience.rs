@@ -350,7 +350,9 @@ async fn a_policy_listing_identifier_columns_in_another_order_matches_alike() {
     let sql = "SELECT c.region, COUNT(*) AS n FROM customers c JOIN audience a ON c.phone = a.phone GROUP BY c.region";
     let shipped = cleanroom::query::agreement_tables(&policy, stored.clone());
     let edited = cleanroom::query::agreement_tables(&reordered, stored);
-    let a = cleanroom::query::run(&policy, "acme", &shipped, sql).await.unwrap();
+    let a = cleanroom::query::run(&policy, "acme", &shipped, sql)
+        .await
+        .unwrap();
     let b = cleanroom::query::run(&reordered, "acme", &edited, sql)
         .await
         .unwrap();

@@ -18,7 +18,11 @@ use common::{Setup, TestServer, batch_msg, commit, header, raw_upload};
 use tonic::Code;
 
 /// A governed query asked by acme, the demo's querying party.
-async fn run(policy: &cleanroom::policy::Policy, tables: &[TableData], sql: &str) -> Result<QueryOutcome, QueryError> {
+async fn run(
+    policy: &cleanroom::policy::Policy,
+    tables: &[TableData],
+    sql: &str,
+) -> Result<QueryOutcome, QueryError> {
     cleanroom::query::run(policy, "acme", tables, sql).await
 }
 
@@ -97,7 +101,7 @@ async fn derived_dimensions_isolating_one_person_release_nothing_of_them() {
         "SELECT c.region, AVG(CASE WHEN c.lifetime_value > 4990 THEN 1 ELSE 0 END) FROM customers c JOIN audience a ON c.email = a.email WHERE c.last_purchase BETWEEN DATE '2026-01-30' AND DATE '2026-01-30' GROUP BY c.region",
     ];
     for probe in probes {
-        let (c, a) = data_with(&[target.clone()]);
+        let (c, a) = data_with(std::slice::from_ref(&target));
         let present = run(&policy, &tables(&policy, &c, &a), probe).await;
         let (c, a) = data_with(&[]);
         let absent = run(&policy, &tables(&policy, &c, &a), probe).await;

@@ -63,26 +63,47 @@ async fn templates_are_listed_run_and_audited() {
         ]
     );
     let listing = cleanroom::cli::render_templates(&view);
-    assert!(listing.contains("--param min_exposures=...   an integer from 1 to 100"), "{listing}");
-    assert!(listing.contains("--param as_of=...   a date (YYYY-MM-DD) from 2026-01-01 to 2027-12-31"), "{listing}");
+    assert!(
+        listing.contains("--param min_exposures=...   an integer from 1 to 100"),
+        "{listing}"
+    );
+    assert!(
+        listing.contains("--param as_of=...   a date (YYYY-MM-DD) from 2026-01-01 to 2027-12-31"),
+        "{listing}"
+    );
     let mut globex = server.client("globex").await;
     let theirs = globex.get_agreement("retail-media-demo").await.unwrap();
     assert!(theirs.templates.is_empty(), "globex may run none");
 
     // Runs, and says which template with which values.
     let a = acme
-        .run_template("retail-media-demo", "churn_risk", &params(&[("as_of", "2026-06-30")]), None)
+        .run_template(
+            "retail-media-demo",
+            "churn_risk",
+            &params(&[("as_of", "2026-06-30")]),
+            None,
+        )
         .await
         .unwrap();
     assert!(a.batches.iter().map(|b| b.num_rows()).sum::<usize>() > 0);
     assert_eq!(a.summary.template, "churn_risk");
     let again = acme
-        .run_template("retail-media-demo", "churn_risk", &params(&[("as_of", " 2026-06-30 ")]), None)
+        .run_template(
+            "retail-media-demo",
+            "churn_risk",
+            &params(&[("as_of", " 2026-06-30 ")]),
+            None,
+        )
         .await
         .unwrap();
     assert_eq!(again.summary.params_hash, a.summary.params_hash);
     let other = acme
-        .run_template("retail-media-demo", "churn_risk", &params(&[("as_of", "2026-05-31")]), None)
+        .run_template(
+            "retail-media-demo",
+            "churn_risk",
+            &params(&[("as_of", "2026-05-31")]),
+            None,
+        )
         .await
         .unwrap();
     assert_ne!(other.summary.params_hash, a.summary.params_hash);
@@ -93,11 +114,31 @@ async fn templates_are_listed_run_and_audited() {
         ("churn_risk", vec![("as_of", "2025-12-31")], "as_of"),
         ("churn_risk", vec![("as_of", "yesterday'; DROP")], "as_of"),
         ("churn_risk", vec![], "as_of"),
-        ("churn_risk", vec![("as_of", "2026-06-30"), ("extra", "1")], "extra"),
-        ("lift_by_region", vec![("min_exposures", "0")], "min_exposures"),
-        ("lift_by_region", vec![("min_exposures", "1 OR 1=1")], "min_exposures"),
-        ("overlap_by_segment", vec![("regions", "north,mars")], "regions"),
-        ("overlap_by_segment", vec![("regions", "north,north")], "regions"),
+        (
+            "churn_risk",
+            vec![("as_of", "2026-06-30"), ("extra", "1")],
+            "extra",
+        ),
+        (
+            "lift_by_region",
+            vec![("min_exposures", "0")],
+            "min_exposures",
+        ),
+        (
+            "lift_by_region",
+            vec![("min_exposures", "1 OR 1=1")],
+            "min_exposures",
+        ),
+        (
+            "overlap_by_segment",
+            vec![("regions", "north,mars")],
+            "regions",
+        ),
+        (
+            "overlap_by_segment",
+            vec![("regions", "north,north")],
+            "regions",
+        ),
     ] {
         let e = acme
             .run_template("retail-media-demo", name, &params(&given), None)
@@ -139,8 +180,14 @@ async fn templates_are_listed_run_and_audited() {
         .filter(|e| e.template.as_deref() == Some("churn_risk") && e.decision == "accepted")
         .collect();
     assert_eq!(ran.len(), 3);
-    assert_eq!(ran[0].params_hash.as_deref(), Some(a.summary.params_hash.as_str()));
-    assert_eq!(ran[0].sql_hash.as_deref(), Some(a.summary.sql_hash.as_str()));
+    assert_eq!(
+        ran[0].params_hash.as_deref(),
+        Some(a.summary.params_hash.as_str())
+    );
+    assert_eq!(
+        ran[0].sql_hash.as_deref(),
+        Some(a.summary.sql_hash.as_str())
+    );
     let refused = entries
         .iter()
         .filter(|e| e.action == "query" && e.decision == "rejected")
@@ -151,7 +198,11 @@ async fn templates_are_listed_run_and_audited() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_templates_only_agreement_refuses_other_sql() {
     let policies = policies_with(|t| {
-        t.replacen("min_group_size = 50\n", "min_group_size = 50\nmode = \"templates\"\n", 1)
+        t.replacen(
+            "min_group_size = 50\n",
+            "min_group_size = 50\nmode = \"templates\"\n",
+            1,
+        )
     });
     let (server, _data) = started(&policies).await;
     let mut acme = server.client("acme").await;

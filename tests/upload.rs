@@ -532,7 +532,11 @@ async fn parquet_input_and_column_mapping() {
             Arc::new(StringArray::from(vec!["north", "west", "east"])),
             Arc::new(Float64Array::from(vec![10.5, 20.0, 30.0])),
             Arc::new(arrow::array::Int64Array::from(vec![1, 0, 2])),
-            Arc::new(arrow::array::Date32Array::from(vec![Some(20_513), None, Some(20_000)])),
+            Arc::new(arrow::array::Date32Array::from(vec![
+                Some(20_513),
+                None,
+                Some(20_000),
+            ])),
             Arc::new(arrow::array::Int64Array::from(vec![10, 90, 55])),
         ],
     )

@@ -336,7 +336,11 @@ pub fn render_templates(a: &crate::proto::Agreement) -> String {
     for t in &a.templates {
         let _ = writeln!(out, "{}\n    {}", t.name, t.description);
         for p in &t.params {
-            let _ = writeln!(out, "    --param {}=...   {} ({})", p.name, p.domain, p.r#type);
+            let _ = writeln!(
+                out,
+                "    --param {}=...   {} ({})",
+                p.name, p.domain, p.r#type
+            );
         }
     }
     out
@@ -369,22 +373,24 @@ pub(super) fn run_template(args: RunArgs) -> anyhow::Result<ExitCode> {
         let (name, value) = pair
             .split_once('=')
             .ok_or_else(|| anyhow::anyhow!("--param: expected NAME=VALUE"))?;
-        if params.insert(name.trim().to_string(), value.to_string()).is_some() {
+        if params
+            .insert(name.trim().to_string(), value.to_string())
+            .is_some()
+        {
             anyhow::bail!("--param {}: given twice", name.trim());
         }
     }
     let rt = super::runtime()?;
     let mut client = args.connect.connect(&rt)?;
-    let answer = rt.block_on(client.run_template(
-        &args.agreement,
-        &args.template,
-        &params,
-        args.epsilon,
-    ))?;
+    let answer =
+        rt.block_on(client.run_template(&args.agreement, &args.template, &params, args.epsilon))?;
     print_answer(&answer, args.format)
 }
 
-fn print_answer(answer: &crate::client::QueryAnswer, format: OutputFormat) -> anyhow::Result<ExitCode> {
+fn print_answer(
+    answer: &crate::client::QueryAnswer,
+    format: OutputFormat,
+) -> anyhow::Result<ExitCode> {
     print!("{}", render_answer(answer, format)?);
     if !answer.summary.template.is_empty() {
         eprintln!(

@@ -13,10 +13,10 @@ mod types;
 mod validate;
 
 pub use load::{PolicyError, PolicySet, Problem, load_dir, load_paths, parse_policy};
+pub use template::{Bound, Param, ParamError, ParamKind, Template, format_date};
 pub use types::{
     Aggregate, AgreementState, Column, ColumnPair, ColumnRole, Dataset, Domain, IdentityKind,
     Party, Policy, PolicyHash, Privacy, Profile, QueryMode, QueryRules, Refresh, Right, Salt,
     ValueType,
 };
-pub use template::{Bound, Param, ParamError, ParamKind, Template, format_date};
 pub use validate::{FIRST_YEAR, LAST_YEAR, epoch_days, is_slug};

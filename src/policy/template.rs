@@ -49,7 +49,10 @@ impl Template {
     /// parameter names to the text an analyst typed; every parameter must
     /// be given, and nothing else.
     pub fn bind(&self, given: &BTreeMap<String, String>) -> Result<Bound, ParamError> {
-        if let Some(extra) = given.keys().find(|k| !self.params.iter().any(|p| &p.name == *k)) {
+        if let Some(extra) = given
+            .keys()
+            .find(|k| !self.params.iter().any(|p| &p.name == *k))
+        {
             return Err(ParamError {
                 param: bounded(extra),
                 rule: "template.param",
@@ -362,7 +365,10 @@ mod tests {
         let bound = substitute(sql, |n| Some(format!("<{n}>"))).unwrap();
         assert!(bound.contains("a = <region>"), "{bound}");
         assert!(bound.contains("IN (<list>)"), "{bound}");
-        assert!(bound.contains("':not'") && bound.contains("x::BIGINT"), "{bound}");
+        assert!(
+            bound.contains("':not'") && bound.contains("x::BIGINT"),
+            "{bound}"
+        );
         assert!(substitute(sql, |_| None).is_none());
     }
 

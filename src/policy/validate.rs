@@ -158,7 +158,11 @@ pub(super) fn validate(
     let query = validate_query(&raw, &datasets, &mut p);
     let privacy = raw.privacy.as_ref().map(|r| validate_privacy(r, &mut p));
     let templates = validate_templates(&raw, &datasets, &parties, &mut p);
-    if query.as_ref().is_some_and(|q| q.mode == QueryMode::Templates) && templates.is_empty() {
+    if query
+        .as_ref()
+        .is_some_and(|q| q.mode == QueryMode::Templates)
+        && templates.is_empty()
+    {
         p.push(
             "query.mode",
             "\"templates\" admits only templates, but the policy declares none",
@@ -670,7 +674,10 @@ fn validate_query(raw: &RawPolicy, datasets: &[Dataset], p: &mut Problems) -> Op
     for (i, pair) in q.column_pairs.iter().enumerate() {
         let field = format!("query.column_pairs[{i}]");
         let [a, b] = pair.as_slice() else {
-            p.push(field, "a pair names exactly two columns, as \"dataset.column\"");
+            p.push(
+                field,
+                "a pair names exactly two columns, as \"dataset.column\"",
+            );
             continue;
         };
         let resolve = |name: &str, p: &mut Problems| -> Option<(String, String)> {
@@ -894,7 +901,14 @@ fn validate_param(
                 return None;
             };
             let role = name.split_once('.').and_then(|(d, c)| {
-                Some(datasets.iter().find(|x| x.name == d)?.column(c)?.role.clone())
+                Some(
+                    datasets
+                        .iter()
+                        .find(|x| x.name == d)?
+                        .column(c)?
+                        .role
+                        .clone(),
+                )
             });
             let Some(ColumnRole::Dimension {
                 value_type,
@@ -933,7 +947,10 @@ fn validate_param(
         "integer" => {
             forbid(rp.column.is_some(), "column", p);
             forbid(rp.max_items.is_some(), "max_items", p);
-            let (min, max) = (integer_of(&rp.min, "min", p)?, integer_of(&rp.max, "max", p)?);
+            let (min, max) = (
+                integer_of(&rp.min, "min", p)?,
+                integer_of(&rp.max, "max", p)?,
+            );
             if min > max {
                 p.push(format!("{field}.max"), "must not be less than min");
                 return None;

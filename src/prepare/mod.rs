@@ -371,9 +371,10 @@ impl Preparer {
                 Kind::Date => {
                     let mut b = Date32Builder::with_capacity(n);
                     for (row, v) in input.iter().enumerate() {
-                        let cell = parse_with(v, "is not a date (YYYY-MM-DD)", Date32Type::parse, || {
-                            (chunk.first_row + row as u64, col.name.clone())
-                        })?;
+                        let cell =
+                            parse_with(v, "is not a date (YYYY-MM-DD)", Date32Type::parse, || {
+                                (chunk.first_row + row as u64, col.name.clone())
+                            })?;
                         b.append_option(cell);
                     }
                     Arc::new(b.finish())

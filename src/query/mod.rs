@@ -291,7 +291,12 @@ pub async fn plan_and_check_with(
     limits::check_size(sql).map_err(QueryError::Refused)?;
     let ctx = session_with(tables, limits.memory_bytes)
         .map_err(|e| QueryError::Engine(engine_failure(&e)))?;
-    let (state, policy, sql, org) = (ctx.state(), policy.clone(), sql.to_string(), org.to_string());
+    let (state, policy, sql, org) = (
+        ctx.state(),
+        policy.clone(),
+        sql.to_string(),
+        org.to_string(),
+    );
     let (plan, checked) = on_planning_thread(move || {
         only_a_select(&sql).map_err(QueryError::Refused)?;
         let runtime = tokio::runtime::Builder::new_current_thread()

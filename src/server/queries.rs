@@ -248,7 +248,11 @@ struct Resolved {
 /// Longest parameter value, in bytes.
 const MAX_PARAM_VALUE: usize = 4096;
 
-fn resolve(state: &AppState, org: &str, request: &proto::QueryRequest) -> Result<Resolved, ServiceError> {
+fn resolve(
+    state: &AppState,
+    org: &str,
+    request: &proto::QueryRequest,
+) -> Result<Resolved, ServiceError> {
     let policy = agreement_in_force(state, org, &request.agreement_id)?;
     if request.template.is_empty() {
         if policy.query().mode() == QueryMode::Templates {

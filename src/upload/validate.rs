@@ -517,7 +517,10 @@ fn count_metric(col: &dyn Array, min: f64, max: f64) -> u64 {
         }
         DataType::Date32 => {
             let a = col.as_primitive::<Date32Type>();
-            a.iter().flatten().filter(|v| outside(f64::from(*v))).count() as u64
+            a.iter()
+                .flatten()
+                .filter(|v| outside(f64::from(*v)))
+                .count() as u64
         }
         DataType::Timestamp(TimeUnit::Microsecond, None) => {
             let a = col.as_primitive::<TimestampMicrosecondType>();
@@ -532,6 +535,106 @@ fn count_metric(col: &dyn Array, min: f64, max: f64) -> u64 {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A dataset with a date and a timestamp metric, as a policy declares them.
+    fn temporal_dataset() -> Dataset {
+        let text = r#"
+[agreement]
+id = "dates"
+purpose = "test"
+expires = 2099-12-31
+retention_days = 30
+salt = "00112233445566778899aabbccddeeff00112233445566778899aabbccddeeff"
+
+[identity.email]
+profile = "email"
+
+[[party]]
+org = "acme"
+rights = ["upload", "query", "receive_results"]
+
+[[party]]
+org = "globex"
+rights = ["upload"]
+
+[[dataset]]
+name = "visits"
+owner = "acme"
+
+[[dataset.column]]
+name = "email"
+role = "identifier"
+kind = "email"
+
+[[dataset.column]]
+name = "day"
+role = "metric"
+type = "date"
+min = 2026-01-01
+max = 2026-12-31
+
+[[dataset.column]]
+name = "at"
+role = "metric"
+type = "timestamp"
+min = 2026-01-01T00:00:00Z
+max = 2026-01-01T12:00:00+02:00
+
+[[dataset]]
+name = "other"
+owner = "globex"
+
+[[dataset.column]]
+name = "email"
+role = "identifier"
+kind = "email"
+
+[query]
+aggregates = ["count"]
+min_group_size = 5
+"#;
+        let policy = crate::policy::parse_policy(text, std::path::Path::new("dates.toml")).unwrap();
+        policy.dataset("visits").unwrap().clone()
+    }
+
+    #[test]
+    fn dates_and_timestamps_are_checked_against_their_bounds() {
+        use arrow::array::{Date32Array, FixedSizeBinaryArray, TimestampMicrosecondArray};
+        let dataset = temporal_dataset();
+        let batch = |day: i32, at: i64| {
+            RecordBatch::try_new(
+                upload_schema(&dataset),
+                vec![
+                    std::sync::Arc::new(
+                        FixedSizeBinaryArray::try_from_iter([[7u8; 32]].into_iter()).unwrap(),
+                    ),
+                    std::sync::Arc::new(Date32Array::from(vec![day])),
+                    std::sync::Arc::new(TimestampMicrosecondArray::from(vec![at])),
+                ],
+            )
+            .unwrap()
+        };
+        // 2026-01-01 is day 20454; the upper bound is 10:00 UTC.
+        let (first, last) = (20_454, 20_454 + 364);
+        let start = 20_454i64 * 86_400_000_000;
+        let ten = start + 10 * 3_600_000_000;
+        for (day, at, ok) in [
+            (first, start, true),
+            (last, ten, true),
+            (first - 1, start, false),
+            (last + 1, start, false),
+            (first, start - 1, false),
+            (first, ten + 1, false),
+        ] {
+            let mut v = Validator::new(&dataset, Limits::default());
+            let got = v.check(&batch(day, at), 0);
+            assert_eq!(got.is_ok(), ok, "{day} {at}: {got:?}");
+            if let Err(r) = got {
+                assert_eq!(r.rule, "metric.bounds");
+                assert!(!r.detail.contains(&day.to_string()), "{}", r.detail);
+            }
+        }
+    }
 
     #[test]
     fn identifier_heuristics() {

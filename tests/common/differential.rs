@@ -129,9 +129,7 @@ impl Dim {
             Dim::Age => "c.age_band",
             Dim::Segment => "a.interest_segment",
             Dim::ValueBucket => "floor(c.lifetime_value / 1000)",
-            Dim::Exposed => {
-                "CASE WHEN a.ad_exposures > 0 THEN 'exposed' ELSE 'unexposed' END"
-            }
+            Dim::Exposed => "CASE WHEN a.ad_exposures > 0 THEN 'exposed' ELSE 'unexposed' END",
             Dim::PurchaseMonth => "date_part('month', c.last_purchase)",
             Dim::SegmentOrNone => "COALESCE(a.interest_segment, 'none')",
         }
@@ -293,9 +291,7 @@ impl Agg {
             Agg::Count(m) => format!("COUNT({})", m.sql()),
             Agg::Sum(m) => format!("SUM({})", m.sql()),
             Agg::Avg(m) => format!("AVG({})", m.sql()),
-            Agg::ShareAbove => {
-                "AVG(CASE WHEN c.lifetime_value > 2500 THEN 1 ELSE 0 END)".into()
-            }
+            Agg::ShareAbove => "AVG(CASE WHEN c.lifetime_value > 2500 THEN 1 ELSE 0 END)".into(),
         }
     }
 }
@@ -453,8 +449,13 @@ const REFUSED: [(&str, &str); 21] = [
 
 pub fn query(rng: &mut StdRng) -> Query {
     let mut q = Query {
-        join: [Join::Email, Join::Email, Join::Phone, Join::Both, Join::LeftEmail]
-            [rng.random_range(0..5)],
+        join: [
+            Join::Email,
+            Join::Email,
+            Join::Phone,
+            Join::Both,
+            Join::LeftEmail,
+        ][rng.random_range(0..5)],
         filter: rng.random_bool(0.5).then(|| pred(rng, 2)),
         group: Vec::new(),
         aggs: Vec::new(),

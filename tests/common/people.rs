@@ -86,7 +86,11 @@ pub fn customers(policy: &Policy, rows: &[Row]) -> RecordBatch {
             Arc::new(rows.iter().map(|r| r.region).collect::<StringArray>()),
             Arc::new(rows.iter().map(|r| r.ltv).collect::<Float64Array>()),
             Arc::new(rows.iter().map(|r| r.purchases).collect::<Int64Array>()),
-            Arc::new(rows.iter().map(|r| r.last_purchase).collect::<Date32Array>()),
+            Arc::new(
+                rows.iter()
+                    .map(|r| r.last_purchase)
+                    .collect::<Date32Array>(),
+            ),
             Arc::new(rows.iter().map(|r| r.lead_score).collect::<Int64Array>()),
         ],
     )
@@ -103,7 +107,11 @@ pub fn audience(policy: &Policy, rows: &[Row]) -> RecordBatch {
             phone,
             Arc::new(rows.iter().map(|r| r.segment).collect::<StringArray>()),
             Arc::new(rows.iter().map(|r| r.exposures).collect::<Int64Array>()),
-            Arc::new(rows.iter().map(|r| r.first_exposure).collect::<Date32Array>()),
+            Arc::new(
+                rows.iter()
+                    .map(|r| r.first_exposure)
+                    .collect::<Date32Array>(),
+            ),
             Arc::new(rows.iter().map(|r| r.spend).collect::<Float64Array>()),
         ],
     )

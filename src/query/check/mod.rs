@@ -929,7 +929,10 @@ min_group_size = 5
             .unwrap()
             .build()
             .unwrap();
-        assert_eq!(check(&plan, &policy, "acme").unwrap_err().rule, "query.alias");
+        assert_eq!(
+            check(&plan, &policy, "acme").unwrap_err().rule,
+            "query.alias"
+        );
     }
 
     #[test]

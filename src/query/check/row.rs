@@ -28,7 +28,9 @@ use arrow::datatypes::DataType;
 use datafusion::common::ScalarValue;
 use datafusion::logical_expr::{Expr, ExprSchemable, Operator};
 
-use super::{Checker, Scope, Source, constant, deny, expression_refusal, total_cast, unknown_column};
+use super::{
+    Checker, Scope, Source, constant, deny, expression_refusal, total_cast, unknown_column,
+};
 use crate::policy::{ColumnRole, ValueType};
 use crate::query::Violation;
 
@@ -59,9 +61,7 @@ impl Place {
 }
 
 /// Units `DATE_TRUNC` may take.
-const TRUNC_UNITS: &[&str] = &[
-    "year", "quarter", "month", "week", "day", "hour", "minute",
-];
+const TRUNC_UNITS: &[&str] = &["year", "quarter", "month", "week", "day", "hour", "minute"];
 /// Parts `DATE_PART` and `EXTRACT` may take.
 const DATE_PARTS: &[&str] = &[
     "year", "quarter", "month", "week", "day", "dow", "doy", "hour", "minute",
@@ -110,11 +110,7 @@ impl RowCheck<'_, '_, '_> {
                 }
                 _ => Err(deny(
                     "query.expression",
-                    format!(
-                        "operator {} is not allowed in {}",
-                        b.op,
-                        self.place.name()
-                    ),
+                    format!("operator {} is not allowed in {}", b.op, self.place.name()),
                 )),
             },
             Expr::Not(x)
@@ -201,7 +197,10 @@ impl RowCheck<'_, '_, '_> {
                     )),
                 }
             }
-            other => Err(expression_refusal(other, &format!("in {}", self.place.name()))),
+            other => Err(expression_refusal(
+                other,
+                &format!("in {}", self.place.name()),
+            )),
         }
     }
 
@@ -475,7 +474,9 @@ fn bounded_interval(e: &Expr) -> Result<(), Violation> {
     };
     let days = match constant(e).flatten().ok_or_else(refuse)? {
         ScalarValue::IntervalMonthDayNano(Some(v)) => {
-            i64::from(v.months).abs() * 31 + i64::from(v.days).abs() + (v.nanoseconds / 86_400_000_000_000).abs()
+            i64::from(v.months).abs() * 31
+                + i64::from(v.days).abs()
+                + (v.nanoseconds / 86_400_000_000_000).abs()
         }
         ScalarValue::IntervalDayTime(Some(v)) => {
             i64::from(v.days).abs() + i64::from(v.milliseconds / 86_400_000).abs()
