@@ -197,6 +197,9 @@ fn customers_batch(fps: &[[u8; 32]], region: &str, value: f64) -> RecordBatch {
         Field::new("age_band", DataType::Utf8, true),
         Field::new("region", DataType::Utf8, true),
         Field::new("lifetime_value", DataType::Float64, true),
+        Field::new("purchases", DataType::Int64, true),
+        Field::new("last_purchase", DataType::Date32, true),
+        Field::new("lead_score", DataType::Int64, true),
     ]);
     RecordBatch::try_new(
         Arc::new(schema),
@@ -206,6 +209,9 @@ fn customers_batch(fps: &[[u8; 32]], region: &str, value: f64) -> RecordBatch {
             Arc::new(StringArray::from(vec!["25-34"; n])),
             Arc::new(StringArray::from(vec![region; n])),
             Arc::new(Float64Array::from(vec![value; n])),
+            Arc::new(arrow::array::Int64Array::from(vec![1i64; n])),
+            Arc::new(arrow::array::Date32Array::from(vec![20_513; n])),
+            Arc::new(arrow::array::Int64Array::from(vec![50i64; n])),
         ],
     )
     .unwrap()
@@ -292,6 +298,30 @@ async fn refused_uploads_name_the_rule_and_keep_the_previous_version() {
         "{msg}"
     );
     assert!(!msg.contains("98765"), "echoed a value: {msg}");
+
+    // A date before the policy's bound: refused by the server, by rule.
+    let path = variant("early.csv", &|t| with_cells(t, 1..=2, 7, "2019-12-31"));
+    let err = upload(&acme, &secret, &upload_options("customers", &path))
+        .await
+        .unwrap_err();
+    let (code, msg) = status_of(&err);
+    assert_eq!(code, Code::InvalidArgument);
+    assert!(
+        msg.contains("column \"last_purchase\": rule metric.bounds: 2 row(s) outside"),
+        "{msg}"
+    );
+    // Not a date at all: stopped on the partner's machine, with its place.
+    let path = variant("baddate.csv", &|t| with_cells(t, 4..=4, 7, "2026-13-45"));
+    let err = upload(&acme, &secret, &upload_options("customers", &path))
+        .await
+        .unwrap_err();
+    let msg = err.to_string();
+    assert!(matches!(err, UploadError::Prepare(_)), "{msg}");
+    assert!(
+        msg.contains("last_purchase") && msg.contains("is not a date"),
+        "{msg}"
+    );
+    assert!(!msg.contains("2026-13-45"), "{msg}");
 
     // Malformed CSV: reported with its line, client side; nothing sent is kept.
     let path = variant("broken.csv", &|t| {
@@ -389,6 +419,7 @@ async fn refused_uploads_name_the_rule_and_keep_the_previous_version() {
             Arc::new(phone.finish()),
             Arc::new(StringArray::from(vec!["sports"; 2])),
             Arc::new(arrow::array::Int64Array::from(vec![1i64; 2])),
+            Arc::new(arrow::array::Date32Array::from(vec![20_513; 2])),
             Arc::new(Float64Array::from(vec![1.0; 2])),
             Arc::new(StringArray::from(vec!["diabetes"; 2])),
         ],

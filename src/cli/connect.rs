@@ -150,12 +150,34 @@ fn column_line(c: &proto::Column) -> String {
             c.name,
             c.max_cardinality.unwrap_or_default()
         ),
-        proto::ColumnRole::Metric => format!(
-            "{}: metric in [{}, {}]",
-            c.name,
-            c.min.unwrap_or_default(),
-            c.max.unwrap_or_default()
-        ),
+        proto::ColumnRole::Metric => {
+            let bound = |x: Option<f64>| {
+                let x = x.unwrap_or_default();
+                match proto::ValueType::try_from(c.value_type) {
+                    // Julian day 2,440,588 is 1970-01-01.
+                    Ok(proto::ValueType::Date) => time::Date::from_julian_day(2_440_588 + x as i32)
+                        .map(crate::policy::format_date)
+                        .unwrap_or_else(|_| x.to_string()),
+                    Ok(proto::ValueType::Timestamp) => {
+                        time::OffsetDateTime::from_unix_timestamp_nanos(x as i128 * 1_000)
+                            .ok()
+                            .and_then(|t| {
+                                t.format(&time::format_description::well_known::Rfc3339)
+                                    .ok()
+                            })
+                            .unwrap_or_else(|| x.to_string())
+                    }
+                    _ => x.to_string(),
+                }
+            };
+            format!(
+                "{}: metric in [{}, {}]{}",
+                c.name,
+                bound(c.min),
+                bound(c.max),
+                if c.compare { ", comparable" } else { "" }
+            )
+        }
         proto::ColumnRole::Sensitive => format!("{}: sensitive (never uploaded)", c.name),
         proto::ColumnRole::Unspecified => format!("{}: unknown role", c.name),
     }

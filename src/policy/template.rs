@@ -79,9 +79,9 @@ impl Template {
         })
     }
 
-    /// Values that satisfy every parameter: its first declared value, or
-    /// the low end of its range. The policy check plans the template with
-    /// them.
+    /// Values that satisfy every parameter: its first declared value (as
+    /// many values as a list may take), or the low end of its range. The
+    /// policy check plans the template with them.
     pub fn sample_params(&self) -> BTreeMap<String, String> {
         self.params
             .iter()
@@ -202,9 +202,17 @@ impl ParamKind {
 
     fn sample(&self) -> String {
         match self {
-            ParamKind::Value { values, .. } | ParamKind::Values { values, .. } => {
-                values.first().cloned().unwrap_or_default()
-            }
+            ParamKind::Value { values, .. } => values.first().cloned().unwrap_or_default(),
+            // As many items as it may take, so a template that uses a list
+            // where one value fits is caught.
+            ParamKind::Values {
+                values, max_items, ..
+            } => values
+                .iter()
+                .take(*max_items)
+                .cloned()
+                .collect::<Vec<_>>()
+                .join(","),
             ParamKind::Integer { min, .. } => min.to_string(),
             ParamKind::Date { min, .. } => format_date(*min),
         }

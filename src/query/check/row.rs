@@ -66,8 +66,10 @@ const TRUNC_UNITS: &[&str] = &["year", "quarter", "month", "week", "day", "hour"
 const DATE_PARTS: &[&str] = &[
     "year", "quarter", "month", "week", "day", "dow", "doy", "hour", "minute",
 ];
-/// The longest interval a date may be moved by.
-const MAX_INTERVAL_DAYS: i64 = 50 * 366;
+/// The longest interval a date may be moved by: 50 years, counted as 600
+/// months of 31 days (18,600 days). From 1900 and 2200 that stays within
+/// 1849 and 2251.
+const MAX_INTERVAL_DAYS: i64 = 600 * 31;
 
 pub(super) struct RowCheck<'c, 'a, 's> {
     pub(super) checker: &'c Checker<'a>,
