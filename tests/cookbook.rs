@@ -189,6 +189,20 @@ struct Analysis {
 const VALUE_DISTRIBUTION: &str = "SELECT floor(c.lifetime_value / 1000) * 1000 AS value_from, a.interest_segment, COUNT(*) AS customers FROM customers c JOIN audience a ON c.email = a.email GROUP BY value_from, a.interest_segment ORDER BY value_from, a.interest_segment";
 const LEAD_SCORES: &str = "SELECT floor(c.lead_score / 20) * 20 AS score_from, a.interest_segment, COUNT(*) AS customers FROM customers c JOIN audience a ON c.email = a.email GROUP BY score_from, a.interest_segment ORDER BY score_from, a.interest_segment";
 
+/// Matched customers counted by (bucket, segment).
+fn matched_by_bucket(cs: &[Customer], bucket: fn(&Customer) -> f64) -> Groups {
+    let mut g = Groups::default();
+    for c in cs {
+        if let Some(u) = &c.user {
+            g.add(
+                vec![format!("{:?}", bucket(c)), u.segment.clone()],
+                vec![1.0],
+            );
+        }
+    }
+    g
+}
+
 fn analyses() -> Vec<Analysis> {
     vec![
         Analysis {
@@ -234,16 +248,7 @@ fn analyses() -> Vec<Analysis> {
             sql: VALUE_DISTRIBUTION,
             keys: 2,
             how: vec!["count"],
-            reference: |cs| {
-                let mut g = Groups::default();
-                for c in cs {
-                    if let Some(u) = &c.user {
-                        let from = (c.value / 1000.0).floor() * 1000.0;
-                        g.add(vec![format!("{from:?}"), u.segment.clone()], vec![1.0]);
-                    }
-                }
-                g
-            },
+            reference: |cs| matched_by_bucket(cs, |c| (c.value / 1000.0).floor() * 1000.0),
         },
         Analysis {
             name: "churn risk by segment",
@@ -269,16 +274,7 @@ fn analyses() -> Vec<Analysis> {
             sql: LEAD_SCORES,
             keys: 2,
             how: vec!["count"],
-            reference: |cs| {
-                let mut g = Groups::default();
-                for c in cs {
-                    if let Some(u) = &c.user {
-                        let from = (c.lead_score / 20 * 20) as f64;
-                        g.add(vec![format!("{from:?}"), u.segment.clone()], vec![1.0]);
-                    }
-                }
-                g
-            },
+            reference: |cs| matched_by_bucket(cs, |c| (c.lead_score / 20 * 20) as f64),
         },
         Analysis {
             name: "attribution by week",

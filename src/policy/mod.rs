@@ -20,3 +20,33 @@ pub use types::{
     ValueType,
 };
 pub use validate::{FIRST_YEAR, LAST_YEAR, epoch_days, is_slug};
+
+/// A policy for unit tests: an agreement, the email identity kind, acme
+/// (who may query) and globex, then `datasets_and_rules` (datasets,
+/// `[query]`).
+#[cfg(test)]
+pub(crate) fn unit_policy(datasets_and_rules: &str) -> Policy {
+    let head = r#"[agreement]
+id = "unit"
+purpose = "test"
+expires = 2099-12-31
+retention_days = 30
+salt = "00112233445566778899aabbccddeeff00112233445566778899aabbccddeeff"
+
+[identity.email]
+profile = "email"
+
+[[party]]
+org = "acme"
+rights = ["upload", "query", "receive_results"]
+
+[[party]]
+org = "globex"
+rights = ["upload"]
+"#;
+    parse_policy(
+        &format!("{head}\n{datasets_and_rules}"),
+        std::path::Path::new("unit.toml"),
+    )
+    .expect("a valid unit-test policy")
+}

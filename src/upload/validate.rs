@@ -538,25 +538,8 @@ mod tests {
 
     /// A dataset with a date and a timestamp metric, as a policy declares them.
     fn temporal_dataset() -> Dataset {
-        let text = r#"
-[agreement]
-id = "dates"
-purpose = "test"
-expires = 2099-12-31
-retention_days = 30
-salt = "00112233445566778899aabbccddeeff00112233445566778899aabbccddeeff"
-
-[identity.email]
-profile = "email"
-
-[[party]]
-org = "acme"
-rights = ["upload", "query", "receive_results"]
-
-[[party]]
-org = "globex"
-rights = ["upload"]
-
+        let policy = crate::policy::unit_policy(
+            r#"
 [[dataset]]
 name = "visits"
 owner = "acme"
@@ -592,8 +575,8 @@ kind = "email"
 [query]
 aggregates = ["count"]
 min_group_size = 5
-"#;
-        let policy = crate::policy::parse_policy(text, std::path::Path::new("dates.toml")).unwrap();
+"#,
+        );
         policy.dataset("visits").unwrap().clone()
     }
 

@@ -825,25 +825,8 @@ mod tests {
     /// Two datasets of two parties whose columns share no name, so the
     /// engine itself would let one alias name both.
     fn disjoint() -> Policy {
-        let text = r#"
-[agreement]
-id = "disjoint"
-purpose = "test"
-expires = 2099-12-31
-retention_days = 30
-salt = "00112233445566778899aabbccddeeff00112233445566778899aabbccddeeff"
-
-[identity.email]
-profile = "email"
-
-[[party]]
-org = "acme"
-rights = ["upload", "query", "receive_results"]
-
-[[party]]
-org = "globex"
-rights = ["upload"]
-
+        crate::policy::unit_policy(
+            r#"
 [[dataset]]
 name = "left_set"
 owner = "acme"
@@ -877,8 +860,8 @@ max = 10
 [query]
 aggregates = ["count", "sum"]
 min_group_size = 5
-"#;
-        crate::policy::parse_policy(text, std::path::Path::new("disjoint.toml")).unwrap()
+"#,
+        )
     }
 
     async fn checked(policy: &Policy, sql: &str) -> Result<Checked, Violation> {
