@@ -279,7 +279,8 @@ async fn refused_uploads_name_the_rule_and_keep_the_previous_version() {
     let region = |t: &str| t.replacen(",north,", ",central,", 1);
     let value = |t: &str| with_cells(t, 1..=3, 5, "98765.43");
     let date = |t: &str| with_cells(t, 1..=2, 7, "2019-12-31");
-    let refusals: [(&str, &dyn Fn(&str) -> String, &str, &str); 3] = [
+    type Edit<'e> = &'e dyn Fn(&str) -> String;
+    let refusals: [(&str, Edit<'_>, &str, &str); 3] = [
         (
             "region.csv",
             &region,
