@@ -184,6 +184,40 @@ async fn whoami_agreements_synth_upload_and_datasets_from_the_command_line() {
     assert!(!out.status.success());
     assert!(text(&out).contains("NOT_FOUND"), "{}", text(&out));
 
+    // Approved templates: listed with their parameters; a value outside a
+    // parameter's domain is refused naming the parameter and rule.
+    let out = cleanroom(&["templates", "--agreement", "retail-media-demo"], &env);
+    assert!(out.status.success(), "{}", text(&out));
+    let printed = text(&out);
+    assert!(printed.contains("lift_by_region"), "{printed}");
+    assert!(
+        printed.contains("--param as_of=...   a date (YYYY-MM-DD) from 2026-01-01 to 2027-12-31"),
+        "{printed}"
+    );
+    let run = |param: &str| {
+        cleanroom(
+            &[
+                "run",
+                "--agreement",
+                "retail-media-demo",
+                "churn_risk",
+                "--param",
+                param,
+            ],
+            &env,
+        )
+    };
+    let out = run("as_of=2031-01-01");
+    assert!(!out.status.success());
+    assert!(
+        text(&out).contains("rule template.param: parameter as_of: must be a date"),
+        "{}",
+        text(&out)
+    );
+    let out = run("as_of");
+    assert!(!out.status.success());
+    assert!(text(&out).contains("expected NAME=VALUE"), "{}", text(&out));
+
     // A bad mapping names the flag.
     let mut mapped: Vec<&str> = upload_args.to_vec();
     mapped.extend(["--map", "email"]);
