@@ -47,8 +47,12 @@ async fn date_functions_answer_at_the_ends_of_the_admitted_years() {
             "SELECT date_part('doy', a.first_exposure + INTERVAL '600 months') AS d, COUNT(*) {from} GROUP BY d"
         ),
         format!("SELECT EXTRACT(DOW FROM c.last_purchase) AS d, COUNT(*) {from} GROUP BY d"),
-        format!("SELECT date_part('hour', c.last_purchase) AS h, date_part('minute', c.last_purchase) AS m, date_part('week', c.last_purchase) AS w, date_part('quarter', c.last_purchase) AS q, COUNT(*) {from} GROUP BY h, m, w, q"),
-        format!("SELECT date_trunc('quarter', c.last_purchase) AS q, date_trunc('hour', a.first_exposure) AS h, COUNT(*) {from} GROUP BY q, h"),
+        format!(
+            "SELECT date_part('hour', c.last_purchase) AS h, date_part('minute', c.last_purchase) AS m, date_part('week', c.last_purchase) AS w, date_part('quarter', c.last_purchase) AS q, COUNT(*) {from} GROUP BY h, m, w, q"
+        ),
+        format!(
+            "SELECT date_trunc('quarter', c.last_purchase) AS q, date_trunc('hour', a.first_exposure) AS h, COUNT(*) {from} GROUP BY q, h"
+        ),
         format!(
             "SELECT COUNT(*) {from} WHERE c.last_purchase BETWEEN a.first_exposure - INTERVAL '50 years' AND a.first_exposure + INTERVAL '50 years'"
         ),
