@@ -42,5 +42,7 @@ async fn random_private_queries_release_only_groups_of_enough_people() {
     };
     eprintln!("differential, private: {tally:?}");
     assert!(tally.accepted > 100, "{tally:?}");
-    assert!(tally.rows_compared > 50, "{tally:?}");
+    // Noise decides how many groups pass the threshold: about 50 here,
+    // and rarely fewer than 35.
+    assert!(tally.rows_compared > 25, "{tally:?}");
 }
