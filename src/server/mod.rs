@@ -7,6 +7,7 @@ mod audit;
 mod auth;
 mod budget;
 mod datasets;
+pub mod flight;
 pub mod governance;
 mod matching;
 mod queries;
@@ -641,7 +642,12 @@ pub async fn serve(
         .add_service(MatchingServer::new(MatchingService::new(state.clone())))
         .add_service(QueriesServer::new(QueriesService::new(state.clone())))
         .add_service(GovernanceServer::new(GovernanceService::new(state.clone())))
-        .add_service(AuditServer::new(AuditService::new(state)));
+        .add_service(AuditServer::new(AuditService::new(state.clone())))
+        .add_service(
+            arrow_flight::flight_service_server::FlightServiceServer::new(
+                flight::FlightSqlEndpoint::new(state),
+            ),
+        );
 
     let (drained_tx, drained_rx) = tokio::sync::oneshot::channel::<()>();
     let server = router.serve_with_incoming_shutdown(incoming, async move {

@@ -180,6 +180,113 @@ impl QueriesService {
         }
     }
 
+    /// Runs one governed query of `org` and audits it: the `Query` RPC and
+    /// Flight SQL both come here, so both answer and refuse alike.
+    pub(crate) async fn governed(
+        &self,
+        org: &str,
+        request: &proto::QueryRequest,
+    ) -> Result<Governed, ServiceError> {
+        let (resolved, (outcome, charge)) = match resolve(&self.state, org, request) {
+            Ok(r) => {
+                let answered = self.answer(org, request, &r.sql).await;
+                (Some(r), answered)
+            }
+            Err(e) => (None, (Err(e), None)),
+        };
+        let sql = resolved.as_ref().map_or("", |r| r.sql.as_str());
+        let sql_hash = blake3::hash(sql.as_bytes()).to_hex().to_string();
+        let (template, params_hash) = match &resolved {
+            Some(r) => (r.template.clone(), r.params_hash.clone()),
+            None => (None, None),
+        };
+        let event = Event {
+            org: org.to_string(),
+            agreement: request.agreement_id.clone(),
+            action: "query",
+            sql_hash: resolved.is_some().then(|| sql_hash.clone()),
+            template: template.clone(),
+            params_hash: params_hash.clone(),
+            // A charge stays with the query whether it answered or failed
+            // after reading data; the audit log records it either way.
+            epsilon: charge.as_ref().map(|c| c.epsilon),
+            query_id: charge.as_ref().map(|c| c.charge.query.clone()),
+            ..Event::default()
+        };
+        let audited = self.state.audit_outcome(event, &outcome, |a, e| {
+            // The policy the query ran under, even if a reload replaced it since.
+            e.policy_hash = a.policy.hash().to_hex();
+            e.subject = Some(a.outcome.checked.datasets.join(" x "));
+            e.rows = Some(a.outcome.rows());
+        });
+        self.state.finish_charge(charge.as_ref(), &audited).await;
+        audited?;
+        let Answer { policy, outcome } = outcome?;
+        let privacy = match (&outcome.privacy, &charge) {
+            (Some(r), Some(c)) => Some(privacy_report(r, c)),
+            _ => None,
+        };
+        Ok(Governed {
+            policy,
+            outcome,
+            privacy,
+            sql_hash,
+            template,
+            params_hash,
+        })
+    }
+
+    /// Checks a query of `org` without reading any row: the schema its
+    /// answer will have, and under privacy the noise it will carry. A
+    /// refusal is audited as the `Query` RPC audits it; an accepted check
+    /// is not (the run that follows is).
+    pub(crate) async fn dry_run(
+        &self,
+        org: &str,
+        request: &proto::QueryRequest,
+    ) -> Result<DryRun, ServiceError> {
+        let mut event = Event {
+            org: org.to_string(),
+            agreement: request.agreement_id.clone(),
+            action: "query",
+            ..Event::default()
+        };
+        let resolved = match resolve(&self.state, org, request) {
+            Ok(r) => r,
+            Err(e) => {
+                let refused: Result<DryRun, ServiceError> = Err(e);
+                self.state.audit_outcome(event, &refused, |_, _| {})?;
+                return refused;
+            }
+        };
+        let checked = async {
+            let planned = self.plan(org, request, &resolved.sql).await?;
+            let noise = match planned.policy.privacy() {
+                Some(privacy) => {
+                    let epsilon = epsilon_for(privacy, request.epsilon)?;
+                    let plan =
+                        crate::query::private::plan(&planned.policy, &planned.checked, epsilon)
+                            .map_err(ServiceError::QueryRefused)?;
+                    Some(plan.report())
+                }
+                None => None,
+            };
+            Ok::<_, ServiceError>(DryRun {
+                schema: Arc::new(planned.plan.schema().as_arrow().clone()),
+                policy: planned.policy,
+                noise,
+            })
+        }
+        .await;
+        if checked.is_err() {
+            event.sql_hash = Some(blake3::hash(resolved.sql.as_bytes()).to_hex().to_string());
+            event.template = resolved.template;
+            event.params_hash = resolved.params_hash;
+            self.state.audit_outcome(event, &checked, |_, _| {})?;
+        }
+        checked
+    }
+
     /// Everything before any data is read: rights, the SQL's size, the
     /// check, and that every dataset it reads has an upload.
     async fn plan(
@@ -416,6 +523,25 @@ struct Planned {
     one_row_per_person: bool,
 }
 
+/// A governed query answered and audited.
+#[derive(Debug)]
+pub(crate) struct Governed {
+    pub(crate) policy: Arc<Policy>,
+    pub(crate) outcome: QueryOutcome,
+    pub(crate) privacy: Option<proto::PrivacyReport>,
+    pub(crate) sql_hash: String,
+    pub(crate) template: Option<String>,
+    pub(crate) params_hash: Option<String>,
+}
+
+/// What a check says of a query before it runs.
+#[derive(Debug)]
+pub(crate) struct DryRun {
+    pub(crate) policy: Arc<Policy>,
+    pub(crate) schema: arrow::datatypes::SchemaRef,
+    pub(crate) noise: Option<crate::privacy::Report>,
+}
+
 /// A query's answer and the policy it ran under.
 #[derive(Debug)]
 struct Answer {
@@ -444,46 +570,14 @@ impl proto::queries_server::Queries for QueriesService {
         request: Request<proto::QueryRequest>,
     ) -> Result<Response<Self::QueryStream>, Status> {
         let org = caller(&request)?;
-        let (resolved, (outcome, charge)) = match resolve(&self.state, &org, request.get_ref()) {
-            Ok(r) => {
-                let answered = self.answer(&org, request.get_ref(), &r.sql).await;
-                (Some(r), answered)
-            }
-            Err(e) => (None, (Err(e), None)),
-        };
-        let sql = resolved.as_ref().map_or("", |r| r.sql.as_str());
-        let sql_hash = blake3::hash(sql.as_bytes()).to_hex().to_string();
-        let (template, params_hash) = match &resolved {
-            Some(r) => (r.template.clone(), r.params_hash.clone()),
-            None => (None, None),
-        };
-        let event = Event {
-            org,
-            agreement: request.get_ref().agreement_id.clone(),
-            action: "query",
-            sql_hash: resolved.is_some().then(|| sql_hash.clone()),
-            template: template.clone(),
-            params_hash: params_hash.clone(),
-            // A charge stays with the query whether it answered or failed
-            // after reading data; the audit log records it either way.
-            epsilon: charge.as_ref().map(|c| c.epsilon),
-            query_id: charge.as_ref().map(|c| c.charge.query.clone()),
-            ..Event::default()
-        };
-        let audited = self.state.audit_outcome(event, &outcome, |a, e| {
-            // The policy the query ran under, even if a reload replaced it since.
-            e.policy_hash = a.policy.hash().to_hex();
-            e.subject = Some(a.outcome.checked.datasets.join(" x "));
-            e.rows = Some(a.outcome.rows());
-        });
-        self.state.finish_charge(charge.as_ref(), &audited).await;
-        audited?;
-        let Answer { policy, outcome } = outcome?;
-
-        let privacy = match (&outcome.privacy, &charge) {
-            (Some(r), Some(c)) => Some(privacy_report(r, c)),
-            _ => None,
-        };
+        let Governed {
+            policy,
+            outcome,
+            privacy,
+            sql_hash,
+            template,
+            params_hash,
+        } = self.governed(&org, request.get_ref()).await?;
         let mut messages = vec![Part::Header(proto::QueryHeader {
             policy_hash: policy.hash().to_hex(),
             min_group_size: policy.query().min_group_size(),

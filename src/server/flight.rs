@@ -1,0 +1,601 @@
+//! Arrow Flight SQL, for the analysts' own tools (ADBC and JDBC drivers,
+//! pandas, polars, DuckDB, BI tools), on the server's port with the same
+//! mutual TLS and organisation identity as every other service.
+//!
+//! - A statement runs exactly as the `Query` RPC runs it
+//!   ([`QueriesService::governed`]): the same checker, release boundary,
+//!   minimum group size, privacy charge, audit entry, error codes and texts.
+//!   `GetFlightInfo` checks it without reading any row (a refusal is
+//!   audited there); `DoGet` runs it, charges and audits it.
+//! - The agreement is chosen by the call header `x-cleanroom-agreement`
+//!   (with one agreement the caller may query, it may be left out), the
+//!   privacy budget to spend by `x-cleanroom-epsilon`.
+//! - Metadata describes only what the caller may see: a catalog per
+//!   agreement it may query, one schema (`public`), a table per dataset it
+//!   may see with its declared columns, each tagged with its role.
+//! - Everything else (updates, ingestion, Substrait plans, transactions,
+//!   prepared statements) is refused with a text that says so.
+
+use std::pin::Pin;
+use std::sync::Arc;
+
+use arrow::datatypes::{Field, Schema, SchemaRef};
+use arrow::record_batch::RecordBatch;
+use arrow_flight::encode::FlightDataEncoderBuilder;
+use arrow_flight::sql::metadata::{
+    GetCatalogsBuilder, GetDbSchemasBuilder, GetTablesBuilder, SqlInfoData, SqlInfoDataBuilder,
+};
+use arrow_flight::sql::server::{FlightSqlService, PeekableFlightDataStream};
+use arrow_flight::sql::{
+    ActionBeginSavepointRequest, ActionBeginSavepointResult, ActionBeginTransactionRequest,
+    ActionBeginTransactionResult, ActionClosePreparedStatementRequest,
+    ActionCreatePreparedStatementRequest, ActionCreatePreparedStatementResult,
+    ActionEndSavepointRequest, ActionEndTransactionRequest, Any, CommandGetCatalogs,
+    CommandGetDbSchemas, CommandGetSqlInfo, CommandGetTableTypes, CommandGetTables,
+    CommandPreparedStatementQuery, CommandPreparedStatementUpdate, CommandStatementIngest,
+    CommandStatementQuery, CommandStatementSubstraitPlan, CommandStatementUpdate, ProstMessageExt,
+    SqlInfo, TicketStatementQuery,
+};
+use arrow_flight::{FlightDescriptor, FlightEndpoint, FlightInfo, Ticket};
+use futures::{Stream, StreamExt};
+use prost::Message;
+use tonic::metadata::MetadataMap;
+use tonic::{Request, Response, Status};
+
+use super::AppState;
+use super::auth::caller;
+use super::queries::QueriesService;
+use crate::error::ServiceError;
+use crate::policy::{ColumnRole, Policy, Right};
+use crate::proto;
+
+/// The call header that names the agreement a statement runs under.
+pub const AGREEMENT_HEADER: &str = "x-cleanroom-agreement";
+/// The call header with the privacy budget a statement may spend.
+pub const EPSILON_HEADER: &str = "x-cleanroom-epsilon";
+/// The one database schema of every catalog.
+pub const SCHEMA_NAME: &str = "public";
+/// Schema metadata: the noise an answer carries, as JSON (privacy only).
+pub const PRIVACY_METADATA: &str = "cleanroom.privacy";
+
+type FlightStream = Pin<Box<dyn Stream<Item = Result<arrow_flight::FlightData, Status>> + Send>>;
+
+/// Implements Flight SQL over the server's state.
+#[derive(Clone)]
+pub struct FlightSqlEndpoint {
+    state: AppState,
+    queries: QueriesService,
+    info: Arc<SqlInfoData>,
+}
+
+impl std::fmt::Debug for FlightSqlEndpoint {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("FlightSqlEndpoint")
+    }
+}
+
+impl FlightSqlEndpoint {
+    pub fn new(state: AppState) -> Self {
+        let mut info = SqlInfoDataBuilder::new();
+        info.append(SqlInfo::FlightSqlServerName, "cleanroom");
+        info.append(SqlInfo::FlightSqlServerVersion, env!("CARGO_PKG_VERSION"));
+        info.append(SqlInfo::FlightSqlServerArrowVersion, "59");
+        info.append(SqlInfo::FlightSqlServerReadOnly, true);
+        info.append(SqlInfo::FlightSqlServerSql, true);
+        info.append(SqlInfo::FlightSqlServerSubstrait, false);
+        info.append(SqlInfo::FlightSqlServerTransaction, 0i32);
+        info.append(SqlInfo::FlightSqlServerCancel, false);
+        let info = info.build().expect("fixed server information builds");
+        FlightSqlEndpoint {
+            queries: QueriesService::new(state.clone()),
+            state,
+            info: Arc::new(info),
+        }
+    }
+
+    /// The agreement a call concerns: its header, or the one agreement the
+    /// caller may query.
+    fn agreement_of(&self, org: &str, headers: &MetadataMap) -> Result<String, ServiceError> {
+        if let Some(value) = headers.get(AGREEMENT_HEADER) {
+            let id = value.to_str().map_err(|_| ServiceError::InvalidArgument {
+                field: "x-cleanroom-agreement",
+                rule: "must be text".into(),
+            })?;
+            super::bounded_name("x-cleanroom-agreement", id)?;
+            return Ok(id.to_string());
+        }
+        let policies = self.state.policies();
+        let mut queryable = policies
+            .for_org(org)
+            .filter(|p| p.allows(org, Right::Query))
+            .map(|p| p.id().to_string());
+        match (queryable.next(), queryable.next()) {
+            (Some(only), None) => Ok(only),
+            _ => Err(ServiceError::InvalidArgument {
+                field: "x-cleanroom-agreement",
+                rule: "name the agreement with the call header x-cleanroom-agreement (ADBC: adbc.flight.sql.rpc.call_header.x-cleanroom-agreement)".into(),
+            }),
+        }
+    }
+
+    fn epsilon_of(headers: &MetadataMap) -> Result<Option<f64>, ServiceError> {
+        headers
+            .get(EPSILON_HEADER)
+            .map(|v| {
+                v.to_str()
+                    .ok()
+                    .and_then(|t| t.trim().parse::<f64>().ok())
+                    .ok_or_else(|| ServiceError::InvalidArgument {
+                        field: "x-cleanroom-epsilon",
+                        rule: "must be a number".into(),
+                    })
+            })
+            .transpose()
+    }
+
+    /// Agreements `org` may query, for the catalog listings.
+    fn catalogs(&self, org: &str) -> Vec<Arc<Policy>> {
+        self.state
+            .policies()
+            .for_org(org)
+            .filter(|p| p.allows(org, Right::Query))
+            .cloned()
+            .collect()
+    }
+}
+
+/// Every field nullable, no metadata: the released table's shape, the same
+/// in the flight's description and in its stream.
+fn released_schema(schema: &Schema) -> Schema {
+    Schema::new(
+        schema
+            .fields()
+            .iter()
+            .map(|f| Field::new(f.name(), f.data_type().clone(), true))
+            .collect::<Vec<_>>(),
+    )
+}
+
+/// The noise an answer carries, as schema metadata.
+fn privacy_json(noise: &crate::privacy::Report) -> String {
+    serde_json::json!({
+        "mechanism": noise.mechanism,
+        "epsilon": noise.epsilon,
+        "delta": noise.delta,
+        "threshold": noise.threshold,
+        "threshold_scale": noise.threshold_scale,
+        "max_groups_per_person": noise.max_groups_per_person,
+        "max_rows_per_person": noise.max_rows_per_person,
+        "columns": noise.columns.iter().map(|c| serde_json::json!({
+            "epsilon": c.epsilon,
+            "scale": c.scale,
+            "count_scale": c.count_scale,
+            "half_width_95": c.half_width_95,
+        })).collect::<Vec<_>>(),
+    })
+    .to_string()
+}
+
+fn with_metadata(schema: Schema, policy: &Policy, noise: Option<String>) -> Schema {
+    let mut metadata = std::collections::HashMap::from([
+        ("cleanroom.agreement".to_string(), policy.id().to_string()),
+        (
+            "cleanroom.min_group_size".to_string(),
+            policy.query().min_group_size().to_string(),
+        ),
+    ]);
+    if let Some(noise) = noise {
+        metadata.insert(PRIVACY_METADATA.to_string(), noise);
+    }
+    schema.with_metadata(metadata)
+}
+
+fn flight_info(schema: &Schema, ticket: Vec<u8>) -> Result<FlightInfo, Status> {
+    FlightInfo::new()
+        .try_with_schema(schema)
+        .map_err(|_| Status::internal("describing the result failed"))
+        .map(|info| {
+            info.with_endpoint(FlightEndpoint::new().with_ticket(Ticket::new(ticket)))
+                .with_ordered(true)
+        })
+}
+
+fn stream_of(schema: SchemaRef, batches: Vec<RecordBatch>) -> Response<FlightStream> {
+    let stream = FlightDataEncoderBuilder::new()
+        .with_schema(schema)
+        .build(futures::stream::iter(batches.into_iter().map(Ok)))
+        .map(|r| r.map_err(|_| Status::internal("encoding the result failed")));
+    Response::new(Box::pin(stream))
+}
+
+/// `%` and `_` patterns of Flight SQL's metadata filters.
+fn like(pattern: Option<&str>, text: &str) -> bool {
+    fn matches(p: &[char], t: &[char]) -> bool {
+        match (p.first(), t.first()) {
+            (None, None) => true,
+            (Some('%'), _) => matches(&p[1..], t) || (!t.is_empty() && matches(p, &t[1..])),
+            (Some('_'), Some(_)) => matches(&p[1..], &t[1..]),
+            (Some(a), Some(b)) if a == b => matches(&p[1..], &t[1..]),
+            _ => false,
+        }
+    }
+    let Some(pattern) = pattern else {
+        return true;
+    };
+    let (p, t): (Vec<char>, Vec<char>) = (pattern.chars().collect(), text.chars().collect());
+    matches(&p, &t)
+}
+
+/// A dataset's table as the caller sees it: its declared columns, each
+/// tagged with its role; sensitive ones left out.
+fn table_schema(dataset: &crate::policy::Dataset) -> Schema {
+    let fields: Vec<Field> = dataset
+        .uploaded_columns()
+        .filter_map(|c| {
+            let t = crate::upload::column_type(c.role())?;
+            let role = match c.role() {
+                ColumnRole::Identifier { kind } => format!("identifier ({kind}): joins only"),
+                other => other.name().to_string(),
+            };
+            Some(
+                Field::new(c.name(), t, true)
+                    .with_metadata([("cleanroom.role".to_string(), role)].into_iter().collect()),
+            )
+        })
+        .collect();
+    Schema::new(fields)
+}
+
+fn refused(what: &str) -> Status {
+    Status::unimplemented(format!(
+        "{what} is not supported: this clean room answers governed aggregate SELECT statements only"
+    ))
+}
+
+#[tonic::async_trait]
+impl FlightSqlService for FlightSqlEndpoint {
+    type FlightService = FlightSqlEndpoint;
+
+    async fn get_flight_info_statement(
+        &self,
+        query: CommandStatementQuery,
+        request: Request<FlightDescriptor>,
+    ) -> Result<Response<FlightInfo>, Status> {
+        let org = caller(&request)?;
+        let agreement_id = self.agreement_of(&org, request.metadata())?;
+        let epsilon = Self::epsilon_of(request.metadata())?;
+        let query_request = proto::QueryRequest {
+            agreement_id,
+            sql: query.query,
+            epsilon,
+            ..Default::default()
+        };
+        let checked = self.queries.dry_run(&org, &query_request).await?;
+        let schema = with_metadata(
+            released_schema(&checked.schema),
+            &checked.policy,
+            checked.noise.as_ref().map(privacy_json),
+        );
+        let ticket = TicketStatementQuery {
+            statement_handle: query_request.encode_to_vec().into(),
+        };
+        Ok(Response::new(flight_info(
+            &schema,
+            ticket.as_any().encode_to_vec(),
+        )?))
+    }
+
+    async fn do_get_statement(
+        &self,
+        ticket: TicketStatementQuery,
+        request: Request<Ticket>,
+    ) -> Result<Response<FlightStream>, Status> {
+        let org = caller(&request)?;
+        let query_request = proto::QueryRequest::decode(ticket.statement_handle.as_ref())
+            .map_err(|_| Status::invalid_argument("the ticket is not one this server issued"))?;
+        let governed = self.queries.governed(&org, &query_request).await?;
+        let noise = governed.outcome.privacy.as_ref().map(privacy_json);
+        let schema = Arc::new(with_metadata(
+            released_schema(&governed.outcome.schema),
+            &governed.policy,
+            noise,
+        ));
+        let batches = governed
+            .outcome
+            .batches
+            .iter()
+            .map(|b| RecordBatch::try_new(Arc::clone(&schema), b.columns().to_vec()))
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(|_| Status::internal("encoding the result failed"))?;
+        Ok(stream_of(schema, batches))
+    }
+
+    async fn get_flight_info_catalogs(
+        &self,
+        query: CommandGetCatalogs,
+        request: Request<FlightDescriptor>,
+    ) -> Result<Response<FlightInfo>, Status> {
+        caller(&request)?;
+        let schema = query.into_builder().schema();
+        Ok(Response::new(flight_info(
+            &schema,
+            query.as_any().encode_to_vec(),
+        )?))
+    }
+
+    async fn do_get_catalogs(
+        &self,
+        query: CommandGetCatalogs,
+        request: Request<Ticket>,
+    ) -> Result<Response<FlightStream>, Status> {
+        let org = caller(&request)?;
+        let mut builder: GetCatalogsBuilder = query.into_builder();
+        for p in self.catalogs(&org) {
+            builder.append(p.id());
+        }
+        let schema = builder.schema();
+        let batch = builder
+            .build()
+            .map_err(|_| Status::internal("listing catalogs failed"))?;
+        Ok(stream_of(schema, vec![batch]))
+    }
+
+    async fn get_flight_info_schemas(
+        &self,
+        query: CommandGetDbSchemas,
+        request: Request<FlightDescriptor>,
+    ) -> Result<Response<FlightInfo>, Status> {
+        caller(&request)?;
+        let schema = query.clone().into_builder().schema();
+        Ok(Response::new(flight_info(
+            &schema,
+            query.as_any().encode_to_vec(),
+        )?))
+    }
+
+    async fn do_get_schemas(
+        &self,
+        query: CommandGetDbSchemas,
+        request: Request<Ticket>,
+    ) -> Result<Response<FlightStream>, Status> {
+        let org = caller(&request)?;
+        let mut builder: GetDbSchemasBuilder = query.into_builder();
+        for p in self.catalogs(&org) {
+            builder.append(p.id(), SCHEMA_NAME);
+        }
+        let schema = builder.schema();
+        let batch = builder
+            .build()
+            .map_err(|_| Status::internal("listing schemas failed"))?;
+        Ok(stream_of(schema, vec![batch]))
+    }
+
+    async fn get_flight_info_tables(
+        &self,
+        query: CommandGetTables,
+        request: Request<FlightDescriptor>,
+    ) -> Result<Response<FlightInfo>, Status> {
+        caller(&request)?;
+        let schema = query.clone().into_builder().schema();
+        Ok(Response::new(flight_info(
+            &schema,
+            query.as_any().encode_to_vec(),
+        )?))
+    }
+
+    async fn do_get_tables(
+        &self,
+        query: CommandGetTables,
+        request: Request<Ticket>,
+    ) -> Result<Response<FlightStream>, Status> {
+        let org = caller(&request)?;
+        let schema_pattern = query.db_schema_filter_pattern.clone();
+        let table_pattern = query.table_name_filter_pattern.clone();
+        let catalog = query.catalog.clone();
+        let types = query.table_types.clone();
+        let mut builder: GetTablesBuilder = query.into_builder();
+        let listed = like(schema_pattern.as_deref(), SCHEMA_NAME)
+            && (types.is_empty() || types.iter().any(|t| t == "TABLE"));
+        for p in self.catalogs(&org) {
+            if !listed || catalog.as_deref().is_some_and(|c| c != p.id()) {
+                continue;
+            }
+            for d in p.datasets() {
+                if like(table_pattern.as_deref(), d.name()) {
+                    builder
+                        .append(p.id(), SCHEMA_NAME, d.name(), "TABLE", &table_schema(d))
+                        .map_err(|_| Status::internal("listing tables failed"))?;
+                }
+            }
+        }
+        let schema = builder.schema();
+        let batch = builder
+            .build()
+            .map_err(|_| Status::internal("listing tables failed"))?;
+        Ok(stream_of(schema, vec![batch]))
+    }
+
+    async fn get_flight_info_table_types(
+        &self,
+        query: CommandGetTableTypes,
+        request: Request<FlightDescriptor>,
+    ) -> Result<Response<FlightInfo>, Status> {
+        caller(&request)?;
+        let schema = query.into_builder().schema();
+        Ok(Response::new(flight_info(
+            &schema,
+            query.as_any().encode_to_vec(),
+        )?))
+    }
+
+    async fn do_get_table_types(
+        &self,
+        query: CommandGetTableTypes,
+        request: Request<Ticket>,
+    ) -> Result<Response<FlightStream>, Status> {
+        caller(&request)?;
+        let mut builder = query.into_builder();
+        builder.append("TABLE");
+        let schema = builder.schema();
+        let batch = builder
+            .build()
+            .map_err(|_| Status::internal("listing table types failed"))?;
+        Ok(stream_of(schema, vec![batch]))
+    }
+
+    async fn get_flight_info_sql_info(
+        &self,
+        query: CommandGetSqlInfo,
+        request: Request<FlightDescriptor>,
+    ) -> Result<Response<FlightInfo>, Status> {
+        caller(&request)?;
+        let schema = query.clone().into_builder(&self.info).schema();
+        Ok(Response::new(flight_info(
+            &schema,
+            query.as_any().encode_to_vec(),
+        )?))
+    }
+
+    async fn do_get_sql_info(
+        &self,
+        query: CommandGetSqlInfo,
+        request: Request<Ticket>,
+    ) -> Result<Response<FlightStream>, Status> {
+        caller(&request)?;
+        let builder = query.into_builder(&self.info);
+        let schema = builder.schema();
+        let batch = builder
+            .build()
+            .map_err(|_| Status::internal("describing the server failed"))?;
+        Ok(stream_of(schema, vec![batch]))
+    }
+
+    async fn get_flight_info_substrait_plan(
+        &self,
+        _query: CommandStatementSubstraitPlan,
+        request: Request<FlightDescriptor>,
+    ) -> Result<Response<FlightInfo>, Status> {
+        caller(&request)?;
+        Err(refused("a Substrait plan"))
+    }
+
+    async fn get_flight_info_prepared_statement(
+        &self,
+        _query: CommandPreparedStatementQuery,
+        request: Request<FlightDescriptor>,
+    ) -> Result<Response<FlightInfo>, Status> {
+        caller(&request)?;
+        Err(refused("a prepared statement"))
+    }
+
+    async fn do_put_statement_update(
+        &self,
+        _ticket: CommandStatementUpdate,
+        request: Request<PeekableFlightDataStream>,
+    ) -> Result<i64, Status> {
+        caller(&request)?;
+        Err(Status::permission_denied(
+            "rule query.statement: data modification is not allowed; partners upload with `cleanroom upload`",
+        ))
+    }
+
+    async fn do_put_statement_ingest(
+        &self,
+        _ticket: CommandStatementIngest,
+        request: Request<PeekableFlightDataStream>,
+    ) -> Result<i64, Status> {
+        caller(&request)?;
+        Err(Status::permission_denied(
+            "rule query.statement: ingestion is not allowed; partners upload with `cleanroom upload`",
+        ))
+    }
+
+    async fn do_put_prepared_statement_update(
+        &self,
+        _query: CommandPreparedStatementUpdate,
+        request: Request<PeekableFlightDataStream>,
+    ) -> Result<i64, Status> {
+        caller(&request)?;
+        Err(refused("a prepared update"))
+    }
+
+    async fn do_action_create_prepared_statement(
+        &self,
+        _query: ActionCreatePreparedStatementRequest,
+        request: Request<arrow_flight::Action>,
+    ) -> Result<ActionCreatePreparedStatementResult, Status> {
+        caller(&request)?;
+        Err(refused("a prepared statement"))
+    }
+
+    async fn do_action_close_prepared_statement(
+        &self,
+        _query: ActionClosePreparedStatementRequest,
+        request: Request<arrow_flight::Action>,
+    ) -> Result<(), Status> {
+        caller(&request)?;
+        Err(refused("a prepared statement"))
+    }
+
+    async fn do_action_begin_transaction(
+        &self,
+        _query: ActionBeginTransactionRequest,
+        request: Request<arrow_flight::Action>,
+    ) -> Result<ActionBeginTransactionResult, Status> {
+        caller(&request)?;
+        Err(refused("a transaction"))
+    }
+
+    async fn do_action_end_transaction(
+        &self,
+        _query: ActionEndTransactionRequest,
+        request: Request<arrow_flight::Action>,
+    ) -> Result<(), Status> {
+        caller(&request)?;
+        Err(refused("a transaction"))
+    }
+
+    async fn do_action_begin_savepoint(
+        &self,
+        _query: ActionBeginSavepointRequest,
+        request: Request<arrow_flight::Action>,
+    ) -> Result<ActionBeginSavepointResult, Status> {
+        caller(&request)?;
+        Err(refused("a savepoint"))
+    }
+
+    async fn do_action_end_savepoint(
+        &self,
+        _query: ActionEndSavepointRequest,
+        request: Request<arrow_flight::Action>,
+    ) -> Result<(), Status> {
+        caller(&request)?;
+        Err(refused("a savepoint"))
+    }
+
+    async fn do_get_fallback(
+        &self,
+        request: Request<Ticket>,
+        _message: Any,
+    ) -> Result<Response<FlightStream>, Status> {
+        caller(&request)?;
+        Err(refused("this request"))
+    }
+
+    async fn register_sql_info(&self, _id: i32, _result: &SqlInfo) {}
+}
+
+#[cfg(test)]
+mod tests {
+    use super::like;
+
+    #[test]
+    fn filter_patterns() {
+        assert!(like(None, "customers"));
+        assert!(like(Some("%"), "customers"));
+        assert!(like(Some("cust%"), "customers"));
+        assert!(like(Some("_ustomers"), "customers"));
+        assert!(!like(Some("audience"), "customers"));
+        assert!(!like(Some("cust_"), "customers"));
+    }
+}
