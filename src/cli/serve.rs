@@ -54,6 +54,10 @@ pub(super) struct ServeArgs {
     /// Seconds health reports NOT_SERVING before draining [default: 2].
     #[arg(long)]
     shutdown_grace: Option<f64>,
+    /// Serve Prometheus metrics on this address, plain HTTP at /metrics
+    /// [default: off]; keep it on a private interface.
+    #[arg(long)]
+    metrics_listen: Option<SocketAddr>,
 }
 
 /// The config file; every key is optional.
@@ -77,6 +81,7 @@ struct ConfigFile {
     drain_timeout_seconds: Option<f64>,
     policy_poll_seconds: Option<f64>,
     maintenance_interval_seconds: Option<f64>,
+    metrics_listen: Option<SocketAddr>,
 }
 
 /// Certificates from an existing CA, file by file.
@@ -211,6 +216,7 @@ fn settings(args: ServeArgs) -> anyhow::Result<Settings> {
                 "maintenance_interval_seconds",
                 file.maintenance_interval_seconds.unwrap_or(60.0),
             )?,
+            metrics_listen: args.metrics_listen.or(file.metrics_listen),
         },
     })
 }

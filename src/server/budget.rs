@@ -132,7 +132,10 @@ impl AppState {
     ) {
         if let Some(c) = charged {
             match audited {
-                Ok(()) => self.settle_budget(&c.charge.query).await,
+                Ok(()) => {
+                    self.metrics().spent(&c.charge.agreement, c.epsilon);
+                    self.settle_budget(&c.charge.query).await
+                }
                 Err(_) => self.refund_budget(&c.charge.query).await,
             }
         }

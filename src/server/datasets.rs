@@ -370,6 +370,7 @@ impl DatasetsService {
                         bytes = info.bytes,
                         "upload committed"
                     );
+                    self.state.metrics().uploaded(info.rows, info.bytes);
                     return Ok(proto::UploadResponse {
                         already_committed: info.upload_id != header.upload_id,
                         version: info.version,

@@ -10,6 +10,7 @@ mod datasets;
 pub mod flight;
 pub mod governance;
 mod matching;
+pub mod metrics;
 mod queries;
 
 use std::future::Future;
@@ -103,6 +104,7 @@ pub struct AppState {
     /// whole erasure, so neither loses the other's version.
     dataset_locks:
         Arc<std::sync::Mutex<std::collections::HashMap<String, Arc<std::sync::Mutex<()>>>>>,
+    metrics: Arc<metrics::Metrics>,
 }
 
 /// How the last re-reads of the policy folder went, for admins.
@@ -137,7 +139,13 @@ impl AppState {
             query_tables: queries::TableCache::default(),
             reload: Arc::default(),
             dataset_locks: Arc::default(),
+            metrics: Arc::default(),
         }
+    }
+
+    /// The server's Prometheus metrics.
+    pub(crate) fn metrics(&self) -> &Arc<metrics::Metrics> {
+        &self.metrics
     }
 
     /// The same state with these query limits.
@@ -457,6 +465,8 @@ pub struct ServerOptions {
     pub policy_poll: Duration,
     /// How often retention and expiry deletion runs.
     pub maintenance_interval: Duration,
+    /// Where Prometheus metrics are served, if anywhere.
+    pub metrics_listen: Option<SocketAddr>,
 }
 
 impl ServerOptions {
@@ -475,6 +485,7 @@ impl ServerOptions {
             clock: Arc::new(crate::clock::SystemClock),
             policy_poll: Duration::from_secs(2),
             maintenance_interval: Duration::from_secs(60),
+            metrics_listen: None,
         }
     }
 }
@@ -602,6 +613,23 @@ pub async fn serve(
     .with_query_limits(options.query_limits);
 
     let background = spawn_background(&state, &options);
+    let (metrics_stop, metrics_stopped) = tokio::sync::oneshot::channel::<()>();
+    if let Some(addr) = options.metrics_listen {
+        let listener = TcpListener::bind(addr)
+            .await
+            .map_err(|source| ServerError::Io {
+                path: PathBuf::from(format!("(metrics listener {addr})")),
+                source,
+            })?;
+        tracing::info!(addr = %addr, "serving metrics at /metrics");
+        tokio::spawn(metrics::serve_metrics(
+            listener,
+            state.clone(),
+            async move {
+                let _ = metrics_stopped.await;
+            },
+        ));
+    }
 
     let (health_reporter, health_service) = tonic_health::server::health_reporter();
     set_health(&health_reporter, ServingStatus::Serving).await;
@@ -635,6 +663,7 @@ pub async fn serve(
     let incoming = TcpIncoming::from(listener).with_nodelay(Some(true));
     let router = Server::builder()
         .tls_config(tls)?
+        .layer(metrics::CallsLayer(Arc::clone(state.metrics())))
         .add_service(health_service)
         .add_service(reflection)
         .add_service(AgreementsServer::new(AgreementsService::new(state.clone())))
@@ -665,6 +694,7 @@ pub async fn serve(
         Err(_) => tracing::warn!("in-flight calls did not finish in time; stopping anyway"),
     }
     background.stop().await;
+    let _ = metrics_stop.send(());
     tracing::info!("stopped");
     Ok(())
 }

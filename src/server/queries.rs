@@ -108,6 +108,7 @@ impl QueriesService {
             Ok(p) => p,
             Err(e) => return (Err(e), None),
         };
+        let _running = self.state.metrics().query_running();
         let planned = match tokio::time::timeout_at(deadline, self.plan(org, request, sql)).await {
             Ok(Ok(p)) => p,
             Ok(Err(e)) => return (Err(e), None),
@@ -221,6 +222,9 @@ impl QueriesService {
         });
         self.state.finish_charge(charge.as_ref(), &audited).await;
         audited?;
+        if let Err(e) = &outcome {
+            self.state.metrics().refused(e.rule());
+        }
         let Answer { policy, outcome } = outcome?;
         let privacy = match (&outcome.privacy, &charge) {
             (Some(r), Some(c)) => Some(privacy_report(r, c)),
@@ -254,6 +258,7 @@ impl QueriesService {
         let resolved = match resolve(&self.state, org, request) {
             Ok(r) => r,
             Err(e) => {
+                self.state.metrics().refused(e.rule());
                 let refused: Result<DryRun, ServiceError> = Err(e);
                 self.state.audit_outcome(event, &refused, |_, _| {})?;
                 return refused;
@@ -278,7 +283,8 @@ impl QueriesService {
             })
         }
         .await;
-        if checked.is_err() {
+        if let Err(e) = &checked {
+            self.state.metrics().refused(e.rule());
             event.sql_hash = Some(blake3::hash(resolved.sql.as_bytes()).to_hex().to_string());
             event.template = resolved.template;
             event.params_hash = resolved.params_hash;

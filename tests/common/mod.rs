@@ -61,6 +61,7 @@ pub struct Setup {
     pub query_limits: cleanroom::query::QueryLimits,
     pub policy_poll: Duration,
     pub maintenance_interval: Duration,
+    pub metrics_listen: Option<std::net::SocketAddr>,
 }
 
 impl Default for Setup {
@@ -73,6 +74,7 @@ impl Default for Setup {
             query_limits: cleanroom::query::QueryLimits::default(),
             policy_poll: Duration::from_millis(100),
             maintenance_interval: Duration::from_millis(100),
+            metrics_listen: None,
         }
     }
 }
@@ -113,6 +115,7 @@ impl TestServer {
             clock: setup.clock,
             policy_poll: setup.policy_poll,
             maintenance_interval: setup.maintenance_interval,
+            metrics_listen: setup.metrics_listen,
             ..ServerOptions::new(pki.path(), &setup.policies, &data_dir.path().join("data"))
         };
         let (tx, rx) = oneshot::channel::<()>();

@@ -1,0 +1,155 @@
+//! The Prometheus endpoint: scraped over plain HTTP on its own address, its
+//! series move as calls are made, and no label carries SQL, a value or a
+//! caller's text.
+
+mod common;
+
+use std::io::{Read, Write};
+
+use common::{Setup, TestServer, demo_policies, synth, upload_demo};
+
+/// GET /metrics, the body. The endpoint may take a moment to come up with
+/// the server.
+fn scrape(addr: std::net::SocketAddr) -> String {
+    let mut tries = 0;
+    let mut stream = loop {
+        match std::net::TcpStream::connect(addr) {
+            Ok(s) => break s,
+            Err(_) if tries < 100 => {
+                tries += 1;
+                std::thread::sleep(std::time::Duration::from_millis(50));
+            }
+            Err(e) => panic!("no metrics endpoint at {addr}: {e}"),
+        }
+    };
+    write!(
+        stream,
+        "GET /metrics HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n"
+    )
+    .unwrap();
+    let mut response = String::new();
+    stream.read_to_string(&mut response).unwrap();
+    assert!(response.starts_with("HTTP/1.1 200"), "{response}");
+    response
+        .split_once("\r\n\r\n")
+        .map(|(_, body)| body.to_string())
+        .unwrap()
+}
+
+/// The value of the series `name` (with its labels, as exposed), or 0.
+fn value(text: &str, series: &str) -> f64 {
+    text.lines()
+        .find_map(|l| l.strip_prefix(series)?.strip_prefix(' '))
+        .map_or(0.0, |v| v.trim().parse().unwrap())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn metrics_move_as_calls_are_made() {
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap();
+    let privacy = "epsilon_total = 10.0\nepsilon_per_query_max = 1.0\ndelta = 1e-7\nmax_groups_per_person = 1";
+    let policies = demo_policies(Some(privacy));
+    let server = TestServer::start_with(Setup {
+        policies: policies.path().to_path_buf(),
+        metrics_listen: Some(port),
+        ..Setup::default()
+    })
+    .await;
+    let before = tokio::task::spawn_blocking(move || scrape(port))
+        .await
+        .unwrap();
+    assert_eq!(value(&before, "cleanroom_upload_rows_total"), 0.0);
+    assert_eq!(value(&before, "cleanroom_queries_in_flight"), 0.0);
+
+    let (data, truth) = synth(2_000, 0.5);
+    upload_demo(&server, "acme", data.path()).await;
+    upload_demo(&server, "globex", data.path()).await;
+    let mut acme = server.client("acme").await;
+    let sql = "SELECT c.region, COUNT(*) FROM customers c JOIN audience a ON c.email = a.email GROUP BY c.region";
+    acme.query_with_epsilon("retail-media-demo", sql, Some(0.5))
+        .await
+        .unwrap();
+    let secret_looking = "SELECT c.email FROM customers c WHERE c.region = 'jane@example.com'";
+    acme.query("retail-media-demo", secret_looking)
+        .await
+        .unwrap_err();
+    acme.query("no-such-agreement", sql).await.unwrap_err();
+
+    let after = tokio::task::spawn_blocking(move || scrape(port))
+        .await
+        .unwrap();
+    let uploaded = truth.acme_rows + truth.globex_rows
+        - truth.acme_rows_without_valid_identifier
+        - truth.globex_rows_without_valid_identifier;
+    assert_eq!(
+        value(&after, "cleanroom_upload_rows_total"),
+        uploaded as f64
+    );
+    assert!(value(&after, "cleanroom_upload_bytes_total") > 0.0);
+    assert_eq!(
+        value(
+            &after,
+            r#"cleanroom_rpc_calls_total{service="cleanroom.v1.Queries",method="Query",code="OK"}"#
+        ),
+        1.0
+    );
+    assert_eq!(
+        value(
+            &after,
+            r#"cleanroom_rpc_calls_total{service="cleanroom.v1.Queries",method="Query",code="PERMISSION_DENIED"}"#
+        ),
+        1.0,
+        "{after}"
+    );
+    assert_eq!(
+        value(
+            &after,
+            r#"cleanroom_rpc_calls_total{service="cleanroom.v1.Queries",method="Query",code="NOT_FOUND"}"#
+        ),
+        1.0
+    );
+    assert_eq!(
+        value(
+            &after,
+            r#"cleanroom_rpc_calls_total{service="cleanroom.v1.Datasets",method="Upload",code="OK"}"#
+        ),
+        2.0
+    );
+    assert_eq!(
+        value(
+            &after,
+            r#"cleanroom_operation_duration_seconds_count{operation="query"}"#
+        ),
+        3.0
+    );
+    assert_eq!(
+        value(
+            &after,
+            r#"cleanroom_operation_duration_seconds_count{operation="upload"}"#
+        ),
+        2.0
+    );
+    assert_eq!(
+        value(
+            &after,
+            r#"cleanroom_epsilon_spent_total{agreement="retail-media-demo"}"#
+        ),
+        0.5
+    );
+    assert_eq!(
+        value(
+            &after,
+            r#"cleanroom_queries_refused_total{rule="query.aggregate"}"#
+        ),
+        1.0,
+        "{after}"
+    );
+    assert_eq!(value(&after, "cleanroom_queries_in_flight"), 0.0);
+    assert!(value(&after, "cleanroom_store_bytes") > 0.0);
+    assert_eq!(value(&after, "cleanroom_policy_reload_failures"), 0.0);
+    for leak in ["jane", "SELECT", "email", "no-such-agreement"] {
+        assert!(!after.contains(leak), "{leak} in the metrics:\n{after}");
+    }
+}
