@@ -87,7 +87,10 @@ impl RowCheck<'_, '_, '_> {
                 self.readable(source)?;
                 Ok(vec![source.clone()])
             }
-            Expr::Literal(..) => Ok(Vec::new()),
+            Expr::Literal(..) => {
+                temporal_literal_in_range(e)?;
+                Ok(Vec::new())
+            }
             Expr::BinaryExpr(b) => match b.op {
                 Operator::And | Operator::Or => {
                     let mut reads = self.expr(&b.left)?;
@@ -135,10 +138,12 @@ impl RowCheck<'_, '_, '_> {
             }
             Expr::Cast(c) => {
                 total_cast(&c.expr, c.field.data_type(), self.scope)?;
+                temporal_literal_in_range(e)?;
                 self.expr(&c.expr)
             }
             Expr::TryCast(c) => {
                 total_cast(&c.expr, c.field.data_type(), self.scope)?;
+                temporal_literal_in_range(e)?;
                 self.expr(&c.expr)
             }
             Expr::InList(l) => {
@@ -456,13 +461,50 @@ fn is_temporal(t: &DataType) -> bool {
     matches!(t, DataType::Date32 | DataType::Timestamp(..))
 }
 
-/// Whether `e` (under casts) already moves a date by an interval.
+/// Whether `e` already moves a date by an interval anywhere inside it
+/// (under casts, `DATE_TRUNC`, `COALESCE`, ...): two moves could take a
+/// date past what the engine represents.
 fn moves_a_date(e: &Expr) -> bool {
-    match e {
-        Expr::Cast(c) => moves_a_date(&c.expr),
-        Expr::TryCast(c) => moves_a_date(&c.expr),
-        Expr::BinaryExpr(_) => true,
-        _ => false,
+    use datafusion::common::tree_node::TreeNode;
+    e.exists(|x| {
+        Ok(matches!(x, Expr::BinaryExpr(b) if matches!(b.op, Operator::Plus | Operator::Minus)))
+    })
+    .unwrap_or(true)
+}
+
+/// A date or timestamp literal outside the years every policy admits would
+/// reach past the engine's range through the functions above.
+fn temporal_literal_in_range(e: &Expr) -> Result<(), Violation> {
+    let Some(Some(value)) = constant(e) else {
+        return Ok(());
+    };
+    let days = match value {
+        ScalarValue::Date32(Some(d)) => Some(i64::from(d)),
+        ScalarValue::Date64(Some(ms)) => Some(ms.div_euclid(86_400_000)),
+        ScalarValue::TimestampSecond(Some(t), _) => Some(t.div_euclid(86_400)),
+        ScalarValue::TimestampMillisecond(Some(t), _) => Some(t.div_euclid(86_400_000)),
+        ScalarValue::TimestampMicrosecond(Some(t), _) => Some(t.div_euclid(86_400_000_000)),
+        ScalarValue::TimestampNanosecond(Some(t), _) => Some(t.div_euclid(86_400_000_000_000)),
+        _ => None,
+    };
+    let first = crate::policy::epoch_days(
+        time::Date::from_calendar_date(crate::policy::FIRST_YEAR, time::Month::January, 1)
+            .expect("a valid date"),
+    );
+    let last = crate::policy::epoch_days(
+        time::Date::from_calendar_date(crate::policy::LAST_YEAR, time::Month::December, 31)
+            .expect("a valid date"),
+    );
+    match days {
+        Some(d) if !(first..=last).contains(&d) => Err(deny(
+            "query.expression",
+            format!(
+                "date and timestamp literals lie in the years {} to {}",
+                crate::policy::FIRST_YEAR,
+                crate::policy::LAST_YEAR
+            ),
+        )),
+        _ => Ok(()),
     }
 }
 
