@@ -171,15 +171,20 @@ pub(super) fn read_version(
         let len = u32::from_le_bytes(rest[..4].try_into().expect("4 bytes")) as usize;
         let sealed = rest.get(4..4 + len).ok_or_else(damaged)?;
         rest = &rest[4 + len..];
-        let last_aad = chunk_aad(agreement, dataset, version, index, true);
-        if let Ok(plain) = key.open(sealed, &last_aad) {
-            if !plain.is_empty() || !rest.is_empty() {
-                return Err(damaged());
-            }
-            return Ok(batches);
-        }
-        let aad = chunk_aad(agreement, dataset, version, index, false);
+        // The end marker is the file's final chunk: each chunk is opened
+        // once, under the associated data its place in the file calls for.
+        // A file cut after any other chunk fails here (its last chunk was
+        // not sealed as the end), as does one with bytes after the end.
+        let last = rest.is_empty();
+        let aad = chunk_aad(agreement, dataset, version, index, last);
         let plain = key.open(sealed, &aad).map_err(|_| damaged())?;
+        if last {
+            return if plain.is_empty() {
+                Ok(batches)
+            } else {
+                Err(damaged())
+            };
+        }
         let reader = StreamReader::try_new(plain.as_slice(), None)
             .map_err(|e| StorageError::Arrow(format!("{}: {e}", path.display())))?;
         for batch in reader {

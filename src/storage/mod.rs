@@ -583,6 +583,15 @@ mod tests {
         assert!(matches!(store.read(&v), Err(StorageError::Damaged { .. })));
         std::fs::write(&path, &original[..original.len() - 40]).unwrap();
         assert!(matches!(store.read(&v), Err(StorageError::Damaged { .. })));
+        // Cut exactly after a whole data chunk: the end marker (4-byte
+        // length, 12-byte nonce, 16-byte tag) is missing.
+        std::fs::write(&path, &original[..original.len() - 32]).unwrap();
+        assert!(matches!(store.read(&v), Err(StorageError::Damaged { .. })));
+        // Anything after the end marker, even a copy of it.
+        let mut longer = original.clone();
+        longer.extend_from_slice(&original[original.len() - 32..]);
+        std::fs::write(&path, &longer).unwrap();
+        assert!(matches!(store.read(&v), Err(StorageError::Damaged { .. })));
         std::fs::write(&path, &original).unwrap();
         assert_eq!(store.read(&v).unwrap()[0].num_rows(), 5);
     }
