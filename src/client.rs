@@ -82,7 +82,8 @@ impl ClientError {
     }
 }
 
-fn code_name(code: tonic::Code) -> &'static str {
+/// A gRPC code's canonical name, as status texts and metrics spell it.
+pub(crate) fn code_name(code: tonic::Code) -> &'static str {
     use tonic::Code::*;
     match code {
         Ok => "OK",

@@ -49,6 +49,22 @@ fn python() -> PathBuf {
     py
 }
 
+/// A server under the demo agreement (`privacy` replacing its section)
+/// with both partners' synthetic uploads; the folders live as long as the
+/// returned guard.
+async fn server_with_data(privacy: Option<&str>) -> (TestServer, [tempfile::TempDir; 2]) {
+    let policies = demo_policies(privacy);
+    let server = TestServer::start_with(Setup {
+        policies: policies.path().to_path_buf(),
+        ..Setup::default()
+    })
+    .await;
+    let (data, _) = synth(4_000, 0.5);
+    upload_demo(&server, "acme", data.path()).await;
+    upload_demo(&server, "globex", data.path()).await;
+    (server, [policies, data])
+}
+
 /// The answer of the `Query` RPC as (region, customers, avg_value) rows.
 fn rpc_rows(answer: &cleanroom::client::QueryAnswer) -> Vec<(String, f64, f64)> {
     let mut rows = Vec::new();
@@ -70,15 +86,7 @@ fn rpc_rows(answer: &cleanroom::client::QueryAnswer) -> Vec<(String, f64, f64)> 
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn python_adbc_runs_governed_queries_over_flight_sql() {
-    let policies = demo_policies(None);
-    let server = TestServer::start_with(Setup {
-        policies: policies.path().to_path_buf(),
-        ..Setup::default()
-    })
-    .await;
-    let (data, _) = synth(4_000, 0.5);
-    upload_demo(&server, "acme", data.path()).await;
-    upload_demo(&server, "globex", data.path()).await;
+    let (server, _folders) = server_with_data(None).await;
     let mut acme = server.client("acme").await;
     let rpc = rpc_rows(&acme.query("retail-media-demo", SQL).await.unwrap());
     assert_eq!(rpc.len(), 4);
@@ -192,15 +200,7 @@ async fn flight_sql_charges_the_budget_and_refuses_what_is_not_a_query() {
     use futures::TryStreamExt;
 
     let privacy = "epsilon_total = 10.0\nepsilon_per_query_max = 1.0\ndelta = 1e-7\nmax_groups_per_person = 1";
-    let policies = demo_policies(Some(privacy));
-    let server = TestServer::start_with(Setup {
-        policies: policies.path().to_path_buf(),
-        ..Setup::default()
-    })
-    .await;
-    let (data, _) = synth(4_000, 0.5);
-    upload_demo(&server, "acme", data.path()).await;
-    upload_demo(&server, "globex", data.path()).await;
+    let (server, _folders) = server_with_data(Some(privacy)).await;
     let mut acme = server.client("acme").await;
 
     let mut flight = FlightSqlServiceClient::new(acme.channel());

@@ -252,6 +252,37 @@ fn refused(what: &str) -> Status {
     ))
 }
 
+/// Refuses a request of an authenticated caller: unauthenticated callers
+/// learn nothing more than that.
+fn refuse<T, R>(request: &Request<R>, refusal: Status) -> Result<T, Status> {
+    caller(request)?;
+    Err(refusal)
+}
+
+/// The flight of a metadata command: its result's schema, and the command
+/// itself as the ticket.
+fn describe<R>(
+    request: &Request<R>,
+    schema: &Schema,
+    command: impl ProstMessageExt,
+) -> Result<Response<FlightInfo>, Status> {
+    caller(request)?;
+    Ok(Response::new(flight_info(
+        schema,
+        command.as_any().encode_to_vec(),
+    )?))
+}
+
+/// A metadata listing as a stream, or a fixed text if it could not be built.
+fn listing<E>(
+    schema: SchemaRef,
+    batch: Result<RecordBatch, E>,
+    what: &str,
+) -> Result<Response<FlightStream>, Status> {
+    let batch = batch.map_err(|_| Status::internal(format!("listing {what} failed")))?;
+    Ok(stream_of(schema, vec![batch]))
+}
+
 #[tonic::async_trait]
 impl FlightSqlService for FlightSqlEndpoint {
     type FlightService = FlightSqlEndpoint;
@@ -315,12 +346,7 @@ impl FlightSqlService for FlightSqlEndpoint {
         query: CommandGetCatalogs,
         request: Request<FlightDescriptor>,
     ) -> Result<Response<FlightInfo>, Status> {
-        caller(&request)?;
-        let schema = query.into_builder().schema();
-        Ok(Response::new(flight_info(
-            &schema,
-            query.as_any().encode_to_vec(),
-        )?))
+        describe(&request, &query.into_builder().schema(), query)
     }
 
     async fn do_get_catalogs(
@@ -333,11 +359,7 @@ impl FlightSqlService for FlightSqlEndpoint {
         for p in self.catalogs(&org) {
             builder.append(p.id());
         }
-        let schema = builder.schema();
-        let batch = builder
-            .build()
-            .map_err(|_| Status::internal("listing catalogs failed"))?;
-        Ok(stream_of(schema, vec![batch]))
+        listing(builder.schema(), builder.build(), "catalogs")
     }
 
     async fn get_flight_info_schemas(
@@ -345,12 +367,7 @@ impl FlightSqlService for FlightSqlEndpoint {
         query: CommandGetDbSchemas,
         request: Request<FlightDescriptor>,
     ) -> Result<Response<FlightInfo>, Status> {
-        caller(&request)?;
-        let schema = query.clone().into_builder().schema();
-        Ok(Response::new(flight_info(
-            &schema,
-            query.as_any().encode_to_vec(),
-        )?))
+        describe(&request, &query.clone().into_builder().schema(), query)
     }
 
     async fn do_get_schemas(
@@ -363,11 +380,7 @@ impl FlightSqlService for FlightSqlEndpoint {
         for p in self.catalogs(&org) {
             builder.append(p.id(), SCHEMA_NAME);
         }
-        let schema = builder.schema();
-        let batch = builder
-            .build()
-            .map_err(|_| Status::internal("listing schemas failed"))?;
-        Ok(stream_of(schema, vec![batch]))
+        listing(builder.schema(), builder.build(), "schemas")
     }
 
     async fn get_flight_info_tables(
@@ -375,12 +388,7 @@ impl FlightSqlService for FlightSqlEndpoint {
         query: CommandGetTables,
         request: Request<FlightDescriptor>,
     ) -> Result<Response<FlightInfo>, Status> {
-        caller(&request)?;
-        let schema = query.clone().into_builder().schema();
-        Ok(Response::new(flight_info(
-            &schema,
-            query.as_any().encode_to_vec(),
-        )?))
+        describe(&request, &query.clone().into_builder().schema(), query)
     }
 
     async fn do_get_tables(
@@ -408,11 +416,7 @@ impl FlightSqlService for FlightSqlEndpoint {
                 }
             }
         }
-        let schema = builder.schema();
-        let batch = builder
-            .build()
-            .map_err(|_| Status::internal("listing tables failed"))?;
-        Ok(stream_of(schema, vec![batch]))
+        listing(builder.schema(), builder.build(), "tables")
     }
 
     async fn get_flight_info_table_types(
@@ -420,12 +424,7 @@ impl FlightSqlService for FlightSqlEndpoint {
         query: CommandGetTableTypes,
         request: Request<FlightDescriptor>,
     ) -> Result<Response<FlightInfo>, Status> {
-        caller(&request)?;
-        let schema = query.into_builder().schema();
-        Ok(Response::new(flight_info(
-            &schema,
-            query.as_any().encode_to_vec(),
-        )?))
+        describe(&request, &query.into_builder().schema(), query)
     }
 
     async fn do_get_table_types(
@@ -436,11 +435,7 @@ impl FlightSqlService for FlightSqlEndpoint {
         caller(&request)?;
         let mut builder = query.into_builder();
         builder.append("TABLE");
-        let schema = builder.schema();
-        let batch = builder
-            .build()
-            .map_err(|_| Status::internal("listing table types failed"))?;
-        Ok(stream_of(schema, vec![batch]))
+        listing(builder.schema(), builder.build(), "table types")
     }
 
     async fn get_flight_info_sql_info(
@@ -448,12 +443,8 @@ impl FlightSqlService for FlightSqlEndpoint {
         query: CommandGetSqlInfo,
         request: Request<FlightDescriptor>,
     ) -> Result<Response<FlightInfo>, Status> {
-        caller(&request)?;
         let schema = query.clone().into_builder(&self.info).schema();
-        Ok(Response::new(flight_info(
-            &schema,
-            query.as_any().encode_to_vec(),
-        )?))
+        describe(&request, &schema, query)
     }
 
     async fn do_get_sql_info(
@@ -463,11 +454,7 @@ impl FlightSqlService for FlightSqlEndpoint {
     ) -> Result<Response<FlightStream>, Status> {
         caller(&request)?;
         let builder = query.into_builder(&self.info);
-        let schema = builder.schema();
-        let batch = builder
-            .build()
-            .map_err(|_| Status::internal("describing the server failed"))?;
-        Ok(stream_of(schema, vec![batch]))
+        listing(builder.schema(), builder.build(), "server information")
     }
 
     async fn get_flight_info_substrait_plan(
@@ -475,8 +462,7 @@ impl FlightSqlService for FlightSqlEndpoint {
         _query: CommandStatementSubstraitPlan,
         request: Request<FlightDescriptor>,
     ) -> Result<Response<FlightInfo>, Status> {
-        caller(&request)?;
-        Err(refused("a Substrait plan"))
+        refuse(&request, refused("a Substrait plan"))
     }
 
     async fn get_flight_info_prepared_statement(
@@ -484,8 +470,7 @@ impl FlightSqlService for FlightSqlEndpoint {
         _query: CommandPreparedStatementQuery,
         request: Request<FlightDescriptor>,
     ) -> Result<Response<FlightInfo>, Status> {
-        caller(&request)?;
-        Err(refused("a prepared statement"))
+        refuse(&request, refused("a prepared statement"))
     }
 
     async fn do_put_statement_update(
@@ -493,10 +478,12 @@ impl FlightSqlService for FlightSqlEndpoint {
         _ticket: CommandStatementUpdate,
         request: Request<PeekableFlightDataStream>,
     ) -> Result<i64, Status> {
-        caller(&request)?;
-        Err(Status::permission_denied(
-            "rule query.statement: data modification is not allowed; partners upload with `cleanroom upload`",
-        ))
+        refuse(
+            &request,
+            Status::permission_denied(
+                "rule query.statement: data modification is not allowed; partners upload with `cleanroom upload`",
+            ),
+        )
     }
 
     async fn do_put_statement_ingest(
@@ -504,10 +491,12 @@ impl FlightSqlService for FlightSqlEndpoint {
         _ticket: CommandStatementIngest,
         request: Request<PeekableFlightDataStream>,
     ) -> Result<i64, Status> {
-        caller(&request)?;
-        Err(Status::permission_denied(
-            "rule query.statement: ingestion is not allowed; partners upload with `cleanroom upload`",
-        ))
+        refuse(
+            &request,
+            Status::permission_denied(
+                "rule query.statement: ingestion is not allowed; partners upload with `cleanroom upload`",
+            ),
+        )
     }
 
     async fn do_put_prepared_statement_update(
@@ -515,8 +504,7 @@ impl FlightSqlService for FlightSqlEndpoint {
         _query: CommandPreparedStatementUpdate,
         request: Request<PeekableFlightDataStream>,
     ) -> Result<i64, Status> {
-        caller(&request)?;
-        Err(refused("a prepared update"))
+        refuse(&request, refused("a prepared update"))
     }
 
     async fn do_action_create_prepared_statement(
@@ -524,8 +512,7 @@ impl FlightSqlService for FlightSqlEndpoint {
         _query: ActionCreatePreparedStatementRequest,
         request: Request<arrow_flight::Action>,
     ) -> Result<ActionCreatePreparedStatementResult, Status> {
-        caller(&request)?;
-        Err(refused("a prepared statement"))
+        refuse(&request, refused("a prepared statement"))
     }
 
     async fn do_action_close_prepared_statement(
@@ -533,8 +520,7 @@ impl FlightSqlService for FlightSqlEndpoint {
         _query: ActionClosePreparedStatementRequest,
         request: Request<arrow_flight::Action>,
     ) -> Result<(), Status> {
-        caller(&request)?;
-        Err(refused("a prepared statement"))
+        refuse(&request, refused("a prepared statement"))
     }
 
     async fn do_action_begin_transaction(
@@ -542,8 +528,7 @@ impl FlightSqlService for FlightSqlEndpoint {
         _query: ActionBeginTransactionRequest,
         request: Request<arrow_flight::Action>,
     ) -> Result<ActionBeginTransactionResult, Status> {
-        caller(&request)?;
-        Err(refused("a transaction"))
+        refuse(&request, refused("a transaction"))
     }
 
     async fn do_action_end_transaction(
@@ -551,8 +536,7 @@ impl FlightSqlService for FlightSqlEndpoint {
         _query: ActionEndTransactionRequest,
         request: Request<arrow_flight::Action>,
     ) -> Result<(), Status> {
-        caller(&request)?;
-        Err(refused("a transaction"))
+        refuse(&request, refused("a transaction"))
     }
 
     async fn do_action_begin_savepoint(
@@ -560,8 +544,7 @@ impl FlightSqlService for FlightSqlEndpoint {
         _query: ActionBeginSavepointRequest,
         request: Request<arrow_flight::Action>,
     ) -> Result<ActionBeginSavepointResult, Status> {
-        caller(&request)?;
-        Err(refused("a savepoint"))
+        refuse(&request, refused("a savepoint"))
     }
 
     async fn do_action_end_savepoint(
@@ -569,8 +552,7 @@ impl FlightSqlService for FlightSqlEndpoint {
         _query: ActionEndSavepointRequest,
         request: Request<arrow_flight::Action>,
     ) -> Result<(), Status> {
-        caller(&request)?;
-        Err(refused("a savepoint"))
+        refuse(&request, refused("a savepoint"))
     }
 
     async fn do_get_fallback(
@@ -578,8 +560,7 @@ impl FlightSqlService for FlightSqlEndpoint {
         request: Request<Ticket>,
         _message: Any,
     ) -> Result<Response<FlightStream>, Status> {
-        caller(&request)?;
-        Err(refused("this request"))
+        refuse(&request, refused("this request"))
     }
 
     async fn register_sql_info(&self, _id: i32, _result: &SqlInfo) {}

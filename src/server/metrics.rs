@@ -184,7 +184,7 @@ impl Metrics {
             .get_or_create(&CallLabels {
                 service,
                 method,
-                code: code_name(code),
+                code: crate::client::code_name(code),
             })
             .inc();
         let operation = match (service, method) {
@@ -255,29 +255,6 @@ fn known_method(path: &str) -> (&'static str, &'static str) {
         .find(|(s, _)| *s == service)
         .and_then(|(s, methods)| methods.iter().find(|m| **m == method).map(|m| (*s, *m)))
         .unwrap_or(("unknown", "unknown"))
-}
-
-fn code_name(code: tonic::Code) -> &'static str {
-    use tonic::Code::*;
-    match code {
-        Ok => "OK",
-        Cancelled => "CANCELLED",
-        Unknown => "UNKNOWN",
-        InvalidArgument => "INVALID_ARGUMENT",
-        DeadlineExceeded => "DEADLINE_EXCEEDED",
-        NotFound => "NOT_FOUND",
-        AlreadyExists => "ALREADY_EXISTS",
-        PermissionDenied => "PERMISSION_DENIED",
-        ResourceExhausted => "RESOURCE_EXHAUSTED",
-        FailedPrecondition => "FAILED_PRECONDITION",
-        Aborted => "ABORTED",
-        OutOfRange => "OUT_OF_RANGE",
-        Unimplemented => "UNIMPLEMENTED",
-        Internal => "INTERNAL",
-        Unavailable => "UNAVAILABLE",
-        DataLoss => "DATA_LOSS",
-        Unauthenticated => "UNAUTHENTICATED",
-    }
 }
 
 fn dir_size(dir: &Path) -> u64 {
