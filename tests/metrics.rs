@@ -153,3 +153,73 @@ async fn metrics_move_as_calls_are_made() {
         assert!(!after.contains(leak), "{leak} in the metrics:\n{after}");
     }
 }
+
+/// Decrypted tables leave memory as soon as what they hold is stale: after
+/// an erasure (the withdrawn people's rows must not stay in memory), after
+/// a new version, and after a policy reload.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn erasures_and_new_versions_drop_tables_from_memory_at_once() {
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap();
+    let policies = demo_policies(None);
+    let server = TestServer::start_with(Setup {
+        policies: policies.path().to_path_buf(),
+        metrics_listen: Some(port),
+        ..Setup::default()
+    })
+    .await;
+    let cached = || async move {
+        let text = tokio::task::spawn_blocking(move || scrape(port))
+            .await
+            .unwrap();
+        value(&text, "cleanroom_cached_agreements")
+    };
+    let (data, _) = synth(2_000, 0.5);
+    upload_demo(&server, "acme", data.path()).await;
+    upload_demo(&server, "globex", data.path()).await;
+    let mut acme = server.client("acme").await;
+    let sql = "SELECT COUNT(*) FROM customers c JOIN audience a ON c.email = a.email";
+    assert_eq!(cached().await, 0.0);
+    acme.query("retail-media-demo", sql).await.unwrap();
+    assert_eq!(cached().await, 1.0);
+
+    // Ten customers withdraw.
+    let text = std::fs::read_to_string(data.path().join(cleanroom::synth::ACME_FILE)).unwrap();
+    let withdrawn = data.path().join("withdrawn.csv");
+    std::fs::write(
+        &withdrawn,
+        text.lines().take(11).collect::<Vec<_>>().join("\n") + "\n",
+    )
+    .unwrap();
+    let options = cleanroom::prepare::EraseOptions {
+        agreement: "retail-media-demo".into(),
+        dataset: "customers".into(),
+        input: withdrawn,
+        format: None,
+        csv: cleanroom::prepare::CsvOptions::default(),
+        mapping: Default::default(),
+    };
+    cleanroom::prepare::erase(&acme, &common::secret(), &options)
+        .await
+        .unwrap();
+    assert_eq!(cached().await, 0.0, "the erased rows stayed in memory");
+
+    acme.query("retail-media-demo", sql).await.unwrap();
+    assert_eq!(cached().await, 1.0);
+    upload_demo(&server, "globex", data.path()).await;
+    assert_eq!(cached().await, 0.0, "a new version left stale tables");
+
+    acme.query("retail-media-demo", sql).await.unwrap();
+    assert_eq!(cached().await, 1.0);
+    let file = policies.path().join("retail-media-demo.toml");
+    let edited = std::fs::read_to_string(&file)
+        .unwrap()
+        .replace("min_group_size = 50", "min_group_size = 60");
+    std::fs::write(&file, edited).unwrap();
+    assert!(
+        common::eventually(|| async { cached().await == 0.0 }).await,
+        "a policy reload left tables of the old policy"
+    );
+}

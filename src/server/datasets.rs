@@ -204,6 +204,7 @@ fn erase_rows(
         .filter(|v| v.version != info.version)
         .collect();
     store.delete_versions(&older)?;
+    state.query_tables().forget(policy.id());
     Ok(proto::EraseResponse {
         rows_removed: removed,
         rows_kept: kept,
@@ -371,6 +372,7 @@ impl DatasetsService {
                         "upload committed"
                     );
                     self.state.metrics().uploaded(info.rows, info.bytes);
+                    self.state.query_tables().forget(policy.id());
                     return Ok(proto::UploadResponse {
                         already_committed: info.upload_id != header.upload_id,
                         version: info.version,

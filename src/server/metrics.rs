@@ -95,6 +95,7 @@ pub struct Metrics {
     in_flight: Gauge,
     reload_failures: Gauge,
     store_bytes: Gauge,
+    cached_agreements: Gauge,
 }
 
 impl std::fmt::Debug for Metrics {
@@ -162,8 +163,15 @@ impl Default for Metrics {
             "Bytes in the data directory",
             store_bytes.clone(),
         );
+        let cached_agreements = Gauge::default();
+        registry.register(
+            "cached_agreements",
+            "Agreements whose decrypted, matched tables are held in memory",
+            cached_agreements.clone(),
+        );
         Metrics {
             registry,
+            cached_agreements,
             calls,
             latency,
             upload_rows,
@@ -225,7 +233,9 @@ impl Metrics {
     }
 
     /// The text exposition, after reading the values kept elsewhere.
-    pub(crate) fn render(&self, reload_failures: u64, data_dir: &Path) -> String {
+    pub(crate) fn render(&self, reload_failures: u64, data_dir: &Path, cached: usize) -> String {
+        self.cached_agreements
+            .set(i64::try_from(cached).unwrap_or(i64::MAX));
         self.reload_failures
             .set(i64::try_from(reload_failures).unwrap_or(i64::MAX));
         self.store_bytes
@@ -344,9 +354,11 @@ pub(crate) async fn serve_metrics(
             let state = state.clone();
             async move {
                 let text = tokio::task::spawn_blocking(move || {
-                    state
-                        .metrics()
-                        .render(state.reload_status().failures, state.store().root())
+                    state.metrics().render(
+                        state.reload_status().failures,
+                        state.store().root(),
+                        state.query_tables().len(),
+                    )
                 })
                 .await
                 .unwrap_or_default();
@@ -387,7 +399,7 @@ mod tests {
             Duration::from_millis(3),
         );
         m.record_call("/evil/jane@example.com", tonic::Code::Ok, Duration::ZERO);
-        let text = m.render(0, Path::new("/nonexistent"));
+        let text = m.render(0, Path::new("/nonexistent"), 0);
         assert!(text.contains(
             r#"cleanroom_rpc_calls_total{service="cleanroom.v1.Queries",method="Query",code="PERMISSION_DENIED"} 1"#
         ), "{text}");

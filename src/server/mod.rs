@@ -178,6 +178,7 @@ impl AppState {
                     continue;
                 }
                 self.store.delete_versions(&doomed)?;
+                self.query_tables.forget(id);
                 let why = if expired {
                     "the agreement expired".to_string()
                 } else {
@@ -299,6 +300,7 @@ impl AppState {
             }
         }
         *self.policies.write().unwrap_or_else(|e| e.into_inner()) = Arc::new(outcome.set);
+        self.query_tables.clear();
         let mut status = self.reload.lock().unwrap_or_else(|e| e.into_inner());
         status.reloads += 1;
         if !outcome.errors.is_empty() {

@@ -70,14 +70,43 @@ impl TableCache {
             });
         }
         let tables = Arc::new(agreement_tables(policy, batches));
-        self.inner.lock().unwrap_or_else(|e| e.into_inner()).insert(
-            policy.id().to_string(),
-            Cached {
-                key,
-                tables: Arc::clone(&tables),
-            },
-        );
+        // Kept only if still current: an erasure or a new version committed
+        // while these were loading has already dropped its agreement's
+        // entry, and these rows must not come back into memory with it.
+        let mut still_current = true;
+        for (d, v) in policy.datasets().iter().zip(&versions) {
+            let now = store.current(policy.id(), d.name())?;
+            still_current &= now.map(|n| n.version) == v.as_ref().map(|v| v.version.clone());
+        }
+        if still_current {
+            self.inner.lock().unwrap_or_else(|e| e.into_inner()).insert(
+                policy.id().to_string(),
+                Cached {
+                    key,
+                    tables: Arc::clone(&tables),
+                },
+            );
+        }
         Ok((present, tables))
+    }
+
+    /// Drops an agreement's tables from memory at once: after an erasure,
+    /// a retention run or a new version, what they hold is stale.
+    pub(crate) fn forget(&self, agreement: &str) {
+        self.inner
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .remove(agreement);
+    }
+
+    /// Drops every agreement's tables (after a policy reload).
+    pub(crate) fn clear(&self) {
+        self.inner.lock().unwrap_or_else(|e| e.into_inner()).clear();
+    }
+
+    /// Agreements whose tables are in memory.
+    pub(crate) fn len(&self) -> usize {
+        self.inner.lock().unwrap_or_else(|e| e.into_inner()).len()
     }
 }
 
