@@ -19,7 +19,7 @@ pub use types::{
     Party, Policy, PolicyHash, Privacy, Profile, QueryMode, QueryRules, Refresh, Right, Salt,
     ValueType,
 };
-pub use validate::{FIRST_YEAR, LAST_YEAR, epoch_days, is_slug};
+pub use validate::{FIRST_YEAR, LAST_YEAR, admitted_days, epoch_days, is_slug};
 
 /// A policy for unit tests: an agreement, the email identity kind, acme
 /// (who may query) and globex, then `datasets_and_rules` (datasets,

@@ -33,6 +33,13 @@ pub fn epoch_days(d: Date) -> i64 {
     (d - Date::from_calendar_date(1970, Month::January, 1).expect("valid date")).whole_days()
 }
 
+/// The days (since 1970-01-01) dates and timestamps may take: the years
+/// [`FIRST_YEAR`] to [`LAST_YEAR`].
+pub fn admitted_days() -> std::ops::RangeInclusive<i64> {
+    let day = |y, m, d| epoch_days(Date::from_calendar_date(y, m, d).expect("valid date"));
+    day(FIRST_YEAR, Month::January, 1)..=day(LAST_YEAR, Month::December, 31)
+}
+
 #[derive(Debug, Default)]
 struct Problems(Vec<Problem>);
 
@@ -600,7 +607,7 @@ fn bound_of(field: &str, v: &toml::Value, t: ValueType, p: &mut Problems) -> Opt
             let date = Month::try_from(d.month)
                 .ok()
                 .and_then(|m| Date::from_calendar_date(i32::from(d.year), m, d.day).ok());
-            let Some(date) = date.filter(|d| (FIRST_YEAR..=LAST_YEAR).contains(&d.year())) else {
+            let Some(date) = date.filter(|d| admitted_days().contains(&epoch_days(*d))) else {
                 p.push(
                     field,
                     format!("must be a valid date in the years {FIRST_YEAR} to {LAST_YEAR}"),

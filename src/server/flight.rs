@@ -104,13 +104,8 @@ impl FlightSqlEndpoint {
             super::bounded_name("x-cleanroom-agreement", id)?;
             return Ok(id.to_string());
         }
-        let policies = self.state.policies();
-        let mut queryable = policies
-            .for_org(org)
-            .filter(|p| p.allows(org, Right::Query))
-            .map(|p| p.id().to_string());
-        match (queryable.next(), queryable.next()) {
-            (Some(only), None) => Ok(only),
+        match self.catalogs(org).as_slice() {
+            [only] => Ok(only.id().to_string()),
             _ => Err(ServiceError::InvalidArgument {
                 field: "x-cleanroom-agreement",
                 rule: "name the agreement with the call header x-cleanroom-agreement (ADBC: adbc.flight.sql.rpc.call_header.x-cleanroom-agreement)".into(),

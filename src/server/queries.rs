@@ -128,7 +128,7 @@ impl QueriesService {
         &self,
         org: &str,
         request: &proto::QueryRequest,
-        sql: &str,
+        resolved: &Resolved,
     ) -> (Result<Answer, ServiceError>, Option<Charged>) {
         let limits = self.state.query_limits();
         let deadline = tokio::time::Instant::now() + limits.timeout;
@@ -138,11 +138,12 @@ impl QueriesService {
             Err(e) => return (Err(e), None),
         };
         let _running = self.state.metrics().query_running();
-        let planned = match tokio::time::timeout_at(deadline, self.plan(org, request, sql)).await {
-            Ok(Ok(p)) => p,
-            Ok(Err(e)) => return (Err(e), None),
-            Err(_) => return (Err(timed_out(&limits)), None),
-        };
+        let planned =
+            match tokio::time::timeout_at(deadline, self.plan(org, request, resolved)).await {
+                Ok(Ok(p)) => p,
+                Ok(Err(e)) => return (Err(e), None),
+                Err(_) => return (Err(timed_out(&limits)), None),
+            };
         let Planned {
             policy,
             ctx,
@@ -219,30 +220,19 @@ impl QueriesService {
     ) -> Result<Governed, ServiceError> {
         let (resolved, (outcome, charge)) = match resolve(&self.state, org, request) {
             Ok(r) => {
-                let answered = self.answer(org, request, &r.sql).await;
+                let answered = self.answer(org, request, &r).await;
                 (Some(r), answered)
             }
             Err(e) => (None, (Err(e), None)),
         };
-        let sql = resolved.as_ref().map_or("", |r| r.sql.as_str());
-        let sql_hash = blake3::hash(sql.as_bytes()).to_hex().to_string();
-        let (template, params_hash) = match &resolved {
-            Some(r) => (r.template.clone(), r.params_hash.clone()),
-            None => (None, None),
-        };
         let event = Event {
-            org: org.to_string(),
-            agreement: request.agreement_id.clone(),
-            action: "query",
-            sql_hash: resolved.is_some().then(|| sql_hash.clone()),
-            template: template.clone(),
-            params_hash: params_hash.clone(),
             // A charge stays with the query whether it answered or failed
             // after reading data; the audit log records it either way.
             epsilon: charge.as_ref().map(|c| c.epsilon),
             query_id: charge.as_ref().map(|c| c.charge.query.clone()),
-            ..Event::default()
+            ..query_event(org, request, resolved.as_ref())
         };
+        let sql_hash = event.sql_hash.clone().unwrap_or_default();
         let audited = self.state.audit_outcome(event, &outcome, |a, e| {
             // The policy the query ran under, even if a reload replaced it since.
             e.policy_hash = a.policy.hash().to_hex();
@@ -259,6 +249,9 @@ impl QueriesService {
             (Some(r), Some(c)) => Some(privacy_report(r, c)),
             _ => None,
         };
+        let (template, params_hash) = resolved
+            .map(|r| (r.template, r.params_hash))
+            .unwrap_or_default();
         Ok(Governed {
             policy,
             outcome,
@@ -278,48 +271,43 @@ impl QueriesService {
         org: &str,
         request: &proto::QueryRequest,
     ) -> Result<DryRun, ServiceError> {
-        let mut event = Event {
-            org: org.to_string(),
-            agreement: request.agreement_id.clone(),
-            action: "query",
-            ..Event::default()
-        };
-        let resolved = match resolve(&self.state, org, request) {
-            Ok(r) => r,
-            Err(e) => {
-                self.state.metrics().refused(e.rule());
-                let refused: Result<DryRun, ServiceError> = Err(e);
-                self.state.audit_outcome(event, &refused, |_, _| {})?;
-                return refused;
+        let (resolved, checked) = match resolve(&self.state, org, request) {
+            Ok(r) => {
+                let checked = self.describe(org, request, &r).await;
+                (Some(r), checked)
             }
+            Err(e) => (None, Err(e)),
         };
-        let checked = async {
-            let planned = self.plan(org, request, &resolved.sql).await?;
-            let noise = match planned.policy.privacy() {
-                Some(privacy) => {
-                    let epsilon = epsilon_for(privacy, request.epsilon)?;
-                    let plan =
-                        crate::query::private::plan(&planned.policy, &planned.checked, epsilon)
-                            .map_err(ServiceError::QueryRefused)?;
-                    Some(plan.report())
-                }
-                None => None,
-            };
-            Ok::<_, ServiceError>(DryRun {
-                schema: Arc::new(planned.plan.schema().as_arrow().clone()),
-                policy: planned.policy,
-                noise,
-            })
-        }
-        .await;
         if let Err(e) = &checked {
             self.state.metrics().refused(e.rule());
-            event.sql_hash = Some(blake3::hash(resolved.sql.as_bytes()).to_hex().to_string());
-            event.template = resolved.template;
-            event.params_hash = resolved.params_hash;
+            let event = query_event(org, request, resolved.as_ref());
             self.state.audit_outcome(event, &checked, |_, _| {})?;
         }
         checked
+    }
+
+    /// The schema and noise of a resolved query, planned and checked.
+    async fn describe(
+        &self,
+        org: &str,
+        request: &proto::QueryRequest,
+        resolved: &Resolved,
+    ) -> Result<DryRun, ServiceError> {
+        let planned = self.plan(org, request, resolved).await?;
+        let noise = match planned.policy.privacy() {
+            Some(privacy) => {
+                let epsilon = epsilon_for(privacy, request.epsilon)?;
+                let plan = crate::query::private::plan(&planned.policy, &planned.checked, epsilon)
+                    .map_err(ServiceError::QueryRefused)?;
+                Some(plan.report())
+            }
+            None => None,
+        };
+        Ok(DryRun {
+            schema: Arc::new(planned.plan.schema().as_arrow().clone()),
+            policy: planned.policy,
+            noise,
+        })
     }
 
     /// Everything before any data is read: rights, the SQL's size, the
@@ -328,9 +316,9 @@ impl QueriesService {
         &self,
         org: &str,
         request: &proto::QueryRequest,
-        sql: &str,
+        resolved: &Resolved,
     ) -> Result<Planned, ServiceError> {
-        let policy = agreement_in_force(&self.state, org, &request.agreement_id)?;
+        let (policy, sql) = (Arc::clone(&resolved.policy), resolved.sql.as_str());
         for right in [Right::Query, Right::ReceiveResults] {
             if !policy.allows(org, right) {
                 return Err(ServiceError::PermissionDenied {
@@ -382,9 +370,25 @@ impl QueriesService {
 /// parameters bound.
 #[derive(Debug)]
 struct Resolved {
+    /// The agreement as it stood when the request was resolved; the query
+    /// is planned under this same policy.
+    policy: Arc<Policy>,
     sql: String,
     template: Option<String>,
     params_hash: Option<String>,
+}
+
+/// The audit event of a query request: what was resolved of it, if anything.
+fn query_event(org: &str, request: &proto::QueryRequest, resolved: Option<&Resolved>) -> Event {
+    Event {
+        org: org.to_string(),
+        agreement: request.agreement_id.clone(),
+        action: "query",
+        sql_hash: resolved.map(|r| blake3::hash(r.sql.as_bytes()).to_hex().to_string()),
+        template: resolved.and_then(|r| r.template.clone()),
+        params_hash: resolved.and_then(|r| r.params_hash.clone()),
+        ..Event::default()
+    }
 }
 
 /// Longest parameter value, in bytes.
@@ -413,6 +417,7 @@ fn resolve(
             });
         }
         return Ok(Resolved {
+            policy,
             sql: request.sql.clone(),
             template: None,
             params_hash: None,
@@ -454,6 +459,7 @@ fn resolve(
         })
     })?;
     Ok(Resolved {
+        policy: Arc::clone(&policy),
         sql: bound.sql,
         template: Some(template.name().to_string()),
         params_hash: Some(bound.params_hash),

@@ -487,16 +487,8 @@ fn temporal_literal_in_range(e: &Expr) -> Result<(), Violation> {
         ScalarValue::TimestampNanosecond(Some(t), _) => Some(t.div_euclid(86_400_000_000_000)),
         _ => None,
     };
-    let first = crate::policy::epoch_days(
-        time::Date::from_calendar_date(crate::policy::FIRST_YEAR, time::Month::January, 1)
-            .expect("a valid date"),
-    );
-    let last = crate::policy::epoch_days(
-        time::Date::from_calendar_date(crate::policy::LAST_YEAR, time::Month::December, 31)
-            .expect("a valid date"),
-    );
     match days {
-        Some(d) if !(first..=last).contains(&d) => Err(deny(
+        Some(d) if !crate::policy::admitted_days().contains(&d) => Err(deny(
             "query.expression",
             format!(
                 "date and timestamp literals lie in the years {} to {}",
