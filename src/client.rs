@@ -204,7 +204,6 @@ impl Client {
 }
 
 impl Client {
-    /// Audit entries of an agreement the caller is a party to.
     /// Every audit entry of an agreement, following the pages.
     pub async fn audit_entries(
         &mut self,

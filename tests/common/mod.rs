@@ -420,3 +420,27 @@ pub async fn reaches_state(client: &Client, state: proto::AgreementState) -> boo
     })
     .await
 }
+
+/// Whether any audit field that could carry a data value holds `value`:
+/// the counts, or a whole run of digits in a text field. Times, sequence
+/// numbers and hex hashes are data-independent and may contain the digits
+/// by chance, so they are left out.
+pub fn audit_holds(entries: &[proto::AuditEntry], value: u64) -> bool {
+    let digits = value.to_string();
+    entries.iter().any(|e| {
+        let texts = [
+            Some(&e.organisation),
+            Some(&e.action),
+            Some(&e.decision),
+            e.rule.as_ref(),
+            e.subject.as_ref(),
+            e.template.as_ref(),
+        ];
+        e.rows == Some(value)
+            || e.suppressed == Some(value)
+            || texts
+                .into_iter()
+                .flatten()
+                .any(|t| t.split(|c: char| !c.is_ascii_digit()).any(|w| w == digits))
+    })
+}
