@@ -93,7 +93,7 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     let plan = Plan::new(
         &agreement,
         "customers",
-        &secret,
+        (&secret).into(),
         reader.header(),
         &Default::default(),
     )?;

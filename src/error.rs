@@ -31,6 +31,16 @@ pub enum ServiceError {
     /// FAILED_PRECONDITION: a dataset the request needs has no upload yet.
     #[error("dataset {0:?} has no upload yet")]
     NoData(String),
+    /// FAILED_PRECONDITION: under matching = "ecdh", the partner has not yet
+    /// blinded the dataset's current version.
+    #[error(
+        "rule dataset.blinding: dataset {dataset:?} waits for {partner}'s blinding of its points ({partner} runs `cleanroom match`)"
+    )]
+    NotBlinded { dataset: String, partner: String },
+    /// FAILED_PRECONDITION: a blinding step cannot go on as asked; `rule`
+    /// names why.
+    #[error("rule {rule}: {detail}")]
+    Blinding { rule: &'static str, detail: String },
     /// FAILED_PRECONDITION: the client prepared data under another policy version.
     #[error(
         "rule policy.hash: the policy of agreement {0:?} changed since your client read it; fetch it again"
@@ -78,6 +88,8 @@ impl ServiceError {
             ServiceError::NotInForce { .. } => "agreement.dates".into(),
             ServiceError::PolicyChanged(_) => "policy.hash".into(),
             ServiceError::NoData(_) => "dataset.uploaded".into(),
+            ServiceError::NotBlinded { .. } => "dataset.blinding".into(),
+            ServiceError::Blinding { rule, .. } => (*rule).into(),
             ServiceError::UploadRejected(r) => r.rule.into(),
             ServiceError::QueryRefused(v) => v.rule.into(),
             ServiceError::BudgetExhausted { .. } => "privacy.budget".into(),
@@ -110,7 +122,9 @@ impl From<ServiceError> for Status {
             ServiceError::PermissionDenied { .. } => Code::PermissionDenied,
             ServiceError::NotInForce { .. }
             | ServiceError::PolicyChanged(_)
-            | ServiceError::NoData(_) => Code::FailedPrecondition,
+            | ServiceError::NoData(_)
+            | ServiceError::NotBlinded { .. }
+            | ServiceError::Blinding { .. } => Code::FailedPrecondition,
             ServiceError::UploadRejected(r) => match r.kind {
                 crate::upload::RejectionKind::Invalid => Code::InvalidArgument,
                 crate::upload::RejectionKind::TooLarge => Code::ResourceExhausted,

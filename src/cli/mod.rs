@@ -4,6 +4,7 @@ mod audit;
 mod connect;
 mod governance;
 mod local;
+mod matching;
 mod serve;
 mod upload;
 
@@ -37,6 +38,13 @@ enum Command {
     /// Create the shared secret partners fingerprint with.
     #[command(subcommand)]
     Secret(upload::SecretCommand),
+    /// Create your own blinding key, for agreements that match without a
+    /// shared secret (matching = "ecdh").
+    #[command(subcommand)]
+    Key(matching::KeyCommand),
+    /// Blind your partner's relayed points with your key (matching =
+    /// "ecdh"), and see what your own datasets wait for.
+    Match(matching::MatchArgs),
     /// Fingerprint a file on this machine and upload what the agreement allows.
     Upload(upload::UploadArgs),
     /// Show what the server holds of your datasets.
@@ -80,6 +88,8 @@ pub fn main() -> ExitCode {
         Command::Policy(cmd) => local::policy(cmd),
         Command::Certs(cmd) => local::certs(cmd),
         Command::Secret(cmd) => upload::secret(cmd),
+        Command::Key(cmd) => matching::key(cmd),
+        Command::Match(args) => matching::run(args),
         Command::Upload(args) => upload::run_upload(args),
         Command::Erase(args) => upload::run_erase(args),
         Command::Datasets(args) => upload::datasets(args),

@@ -1,4 +1,5 @@
-//! `cleanroom secret new`, `cleanroom upload`, `cleanroom datasets`.
+//! `cleanroom secret new`, `cleanroom upload`, `cleanroom datasets`,
+//! `cleanroom erase`.
 
 use std::collections::BTreeMap;
 use std::path::PathBuf;
@@ -8,8 +9,8 @@ use anyhow::Context;
 use clap::{Args, Subcommand};
 
 use super::ConnectArgs;
-use crate::identity::Secret;
-use crate::prepare::{CsvOptions, InputFormat, UploadOptions, upload};
+use crate::identity::{BlindingKey, Secret};
+use crate::prepare::{CsvOptions, InputFormat, Keys, UploadOptions, upload};
 
 #[derive(Debug, Subcommand)]
 pub(super) enum SecretCommand {
@@ -44,16 +45,37 @@ pub(super) fn secret(cmd: SecretCommand) -> anyhow::Result<ExitCode> {
     Ok(ExitCode::SUCCESS)
 }
 
-/// Reads the shared secret from `--secret-file`, or `CLEANROOM_SECRET` (hex).
-fn load_secret(file: Option<&PathBuf>) -> anyhow::Result<Secret> {
-    if let Some(path) = file {
-        return Ok(Secret::from_file(path)?);
+/// What makes this party's identifiers comparable: the shared secret, or
+/// its own blinding key.
+pub(super) enum OwnKeys {
+    Shared(Secret),
+    Blinding(BlindingKey),
+}
+
+impl OwnKeys {
+    fn keys(&self) -> Keys<'_> {
+        match self {
+            OwnKeys::Shared(s) => Keys::Shared(s),
+            OwnKeys::Blinding(k) => Keys::Blinding(k),
+        }
     }
-    match std::env::var("CLEANROOM_SECRET") {
-        Ok(hex) => Ok(Secret::from_hex(&hex, "CLEANROOM_SECRET")?),
-        Err(_) => anyhow::bail!(
-            "no shared secret: pass --secret-file FILE or set CLEANROOM_SECRET (secrets are never taken on the command line)"
+}
+
+/// Reads the blinding key from `--key-file`, or else the shared secret from
+/// `--secret-file` or `CLEANROOM_SECRET` (hex).
+fn load_keys(secret_file: Option<&PathBuf>, key_file: Option<&PathBuf>) -> anyhow::Result<OwnKeys> {
+    match (secret_file, key_file) {
+        (Some(_), Some(_)) => anyhow::bail!(
+            "give --secret-file (matching = \"keyed\") or --key-file (matching = \"ecdh\"), not both"
         ),
+        (None, Some(path)) => Ok(OwnKeys::Blinding(BlindingKey::from_file(path)?)),
+        (Some(path), None) => Ok(OwnKeys::Shared(Secret::from_file(path)?)),
+        (None, None) => match std::env::var("CLEANROOM_SECRET") {
+            Ok(hex) => Ok(OwnKeys::Shared(Secret::from_hex(&hex, "CLEANROOM_SECRET")?)),
+            Err(_) => anyhow::bail!(
+                "no key: pass --secret-file FILE or set CLEANROOM_SECRET (matching = \"keyed\"), or pass --key-file FILE (matching = \"ecdh\"); keys are never taken on the command line"
+            ),
+        },
     }
 }
 
@@ -107,9 +129,14 @@ pub(super) struct UploadArgs {
 /// How a partner file is read and fingerprinted, for upload and erase.
 #[derive(Debug, Args)]
 pub(super) struct ReadingArgs {
-    /// File holding the shared secret (hex), or set CLEANROOM_SECRET.
+    /// File holding the shared secret (hex), or set CLEANROOM_SECRET
+    /// (agreements with matching = "keyed").
     #[arg(long, env = "CLEANROOM_SECRET_FILE")]
     secret_file: Option<PathBuf>,
+    /// File holding your own blinding key, from `cleanroom key new`
+    /// (agreements with matching = "ecdh").
+    #[arg(long, env = "CLEANROOM_KEY_FILE")]
+    key_file: Option<PathBuf>,
     /// Input format [default: from the file name].
     #[arg(long, value_enum)]
     format: Option<InputFormat>,
@@ -126,7 +153,7 @@ pub(super) struct ReadingArgs {
 
 /// The resolved reading options.
 struct Reading {
-    secret: Secret,
+    keys: OwnKeys,
     format: Option<InputFormat>,
     csv: CsvOptions,
     mapping: BTreeMap<String, String>,
@@ -135,7 +162,7 @@ struct Reading {
 impl ReadingArgs {
     fn resolve(&self) -> anyhow::Result<Reading> {
         Ok(Reading {
-            secret: load_secret(self.secret_file.as_ref())?,
+            keys: load_keys(self.secret_file.as_ref(), self.key_file.as_ref())?,
             format: self.format,
             csv: CsvOptions {
                 delimiter: single_byte("--delimiter", &self.delimiter)?,
@@ -148,7 +175,7 @@ impl ReadingArgs {
 
 pub(super) fn run_upload(args: UploadArgs) -> anyhow::Result<ExitCode> {
     let Reading {
-        secret,
+        keys,
         format,
         csv,
         mapping,
@@ -165,7 +192,7 @@ pub(super) fn run_upload(args: UploadArgs) -> anyhow::Result<ExitCode> {
     };
     let rt = super::runtime()?;
     let client = args.connect.connect(&rt)?;
-    let report = rt.block_on(upload(&client, &secret, &options))?;
+    let report = rt.block_on(upload(&client, keys.keys(), &options))?;
     let s = &report.stats;
     let secs = report.elapsed.as_secs_f64();
     if !report.dropped.is_empty() {
@@ -210,6 +237,16 @@ pub(super) fn run_upload(args: UploadArgs) -> anyhow::Result<ExitCode> {
         secs,
         s.rows_read as f64 / secs.max(1e-9)
     );
+    if let OwnKeys::Blinding(key) = &keys {
+        // Do this party's share of the matching now: blind what the
+        // partner has uploaded, and say what this upload waits for.
+        let report = rt.block_on(crate::prepare::match_pending(
+            &client,
+            key,
+            &options.agreement,
+        ))?;
+        super::matching::print_report(&report);
+    }
     Ok(ExitCode::SUCCESS)
 }
 
@@ -234,8 +271,14 @@ pub(super) fn datasets(args: DatasetsArgs) -> anyhow::Result<ExitCode> {
             .map(|t| t.to_string())
             .unwrap_or_default();
         println!(
-            "{}: {} rows, version {} (upload {}), committed {}, {} version(s) kept",
-            d.dataset, d.rows, d.version, d.upload_id, when, d.versions
+            "{}: {} rows, version {} (upload {}), committed {}, {} version(s) kept, {}",
+            d.dataset,
+            d.rows,
+            d.version,
+            d.upload_id,
+            when,
+            d.versions,
+            super::matching::state_text(&d)
         );
     }
     Ok(ExitCode::SUCCESS)
@@ -261,7 +304,7 @@ pub(super) struct EraseArgs {
 
 pub(super) fn run_erase(args: EraseArgs) -> anyhow::Result<ExitCode> {
     let Reading {
-        secret,
+        keys,
         format,
         csv,
         mapping,
@@ -276,7 +319,7 @@ pub(super) fn run_erase(args: EraseArgs) -> anyhow::Result<ExitCode> {
     };
     let rt = super::runtime()?;
     let client = args.connect.connect(&rt)?;
-    let report = rt.block_on(crate::prepare::erase(&client, &secret, &options))?;
+    let report = rt.block_on(crate::prepare::erase(&client, keys.keys(), &options))?;
     println!(
         "sent {} fingerprint(s) ({} invalid value(s) left out); removed {} row(s) from {}/{}, {} remain; {} older version(s) deleted",
         report.fingerprints,

@@ -1,10 +1,12 @@
-//! Identifiers: normalisation profiles, keyed fingerprints, and the countries
-//! the phone profile knows.
+//! Identifiers: normalisation profiles, keyed fingerprints, blinded points,
+//! and the countries the phone profile knows.
 
+pub mod blinding;
 mod countries;
 mod fingerprint;
 mod normalise;
 
+pub use blinding::{BlindingKey, KeyError};
 pub use countries::{Country, country, country_calling_code};
 pub use fingerprint::{
     CONTEXT, Fingerprinter, MIN_SECRET_BYTES, PrefixHash, PrefixHasher, Secret, SecretError,

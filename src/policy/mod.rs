@@ -16,8 +16,8 @@ pub use load::{PolicyError, PolicySet, Problem, load_dir, load_paths, parse_poli
 pub use template::{Bound, Param, ParamError, ParamKind, Template, format_date};
 pub use types::{
     Aggregate, AgreementState, Column, ColumnPair, ColumnRole, Dataset, Domain, IdentityKind,
-    Party, Policy, PolicyHash, Privacy, Profile, QueryMode, QueryRules, Refresh, Right, Salt,
-    ValueType,
+    Matching, Party, Policy, PolicyHash, Privacy, Profile, QueryMode, QueryRules, Refresh, Right,
+    Salt, ValueType,
 };
 pub use validate::{FIRST_YEAR, LAST_YEAR, admitted_days, epoch_days, is_slug};
 

@@ -30,6 +30,7 @@ pub(crate) struct RawAgreement {
     pub(crate) expires: toml::value::Datetime,
     pub(crate) retention_days: i64,
     pub(crate) salt: String,
+    pub(crate) matching: Option<String>,
 }
 
 #[derive(Debug, Deserialize)]

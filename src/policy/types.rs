@@ -15,6 +15,7 @@ pub struct Policy {
     pub(super) expires_on: Date,
     pub(super) retention_days: u32,
     pub(super) salt: Salt,
+    pub(super) matching: Matching,
     pub(super) identities: BTreeMap<String, IdentityKind>,
     pub(super) parties: Vec<Party>,
     pub(super) datasets: Vec<Dataset>,
@@ -46,6 +47,10 @@ impl Policy {
     }
     pub fn salt(&self) -> &Salt {
         &self.salt
+    }
+    /// How the parties' identifiers are made comparable.
+    pub fn matching(&self) -> Matching {
+        self.matching
     }
     /// Identity kinds by name, each with its normalisation profile.
     pub fn identities(&self) -> &BTreeMap<String, IdentityKind> {
@@ -439,6 +444,25 @@ impl ColumnPair {
     pub fn joins(&self, x: (&str, &str), y: (&str, &str)) -> bool {
         let [a, b] = self.columns();
         (a == x && b == y) || (a == y && b == x)
+    }
+}
+
+/// How an agreement's parties make their identifiers comparable.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Matching {
+    /// Keyed fingerprints under a secret the partners share.
+    Keyed,
+    /// Points blinded by each party's own secret scalar and then by its
+    /// partner's (`docs/matching.md`); no shared secret.
+    Ecdh,
+}
+
+impl Matching {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Matching::Keyed => "keyed",
+            Matching::Ecdh => "ecdh",
+        }
     }
 }
 

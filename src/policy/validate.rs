@@ -10,8 +10,8 @@ use super::Problem;
 use super::raw::{RawColumn, RawDataset, RawIdentity, RawParam, RawPolicy, RawPrivacy};
 use super::template::{Param, ParamKind, Template, placeholders};
 use super::types::{
-    Aggregate, Column, ColumnPair, ColumnRole, Dataset, Domain, IdentityKind, Party, Policy,
-    PolicyHash, Privacy, Profile, QueryMode, QueryRules, Refresh, Right, Salt, ValueType,
+    Aggregate, Column, ColumnPair, ColumnRole, Dataset, Domain, IdentityKind, Matching, Party,
+    Policy, PolicyHash, Privacy, Profile, QueryMode, QueryRules, Refresh, Right, Salt, ValueType,
 };
 use crate::identity::country_calling_code;
 
@@ -161,6 +161,22 @@ pub(super) fn validate(
 
     let identities = validate_identities(&raw.identity, &mut p);
     let parties = validate_parties(&raw, &mut p);
+    let matching = match a.matching.as_deref() {
+        None | Some("keyed") => Matching::Keyed,
+        Some("ecdh") => {
+            if raw.party.len() != 2 {
+                p.push(
+                    "agreement.matching",
+                    "\"ecdh\" needs exactly two parties: each blinds the other's identifiers",
+                );
+            }
+            Matching::Ecdh
+        }
+        Some(_) => {
+            p.push("agreement.matching", "must be \"keyed\" or \"ecdh\"");
+            Matching::Keyed
+        }
+    };
     let datasets = validate_datasets(&raw.dataset, &parties, &identities, &mut p);
     let query = validate_query(&raw, &datasets, &mut p);
     let privacy = raw.privacy.as_ref().map(|r| validate_privacy(r, &mut p));
@@ -190,6 +206,7 @@ pub(super) fn validate(
         expires_on,
         retention_days: u32::try_from(a.retention_days).unwrap_or(u32::MAX),
         salt,
+        matching,
         identities,
         parties,
         datasets,

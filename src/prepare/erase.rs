@@ -8,7 +8,6 @@ use arrow::array::{Array, FixedSizeBinaryArray};
 
 use super::{CsvOptions, InputFormat, Plan, PrepareError, Preparer, UploadError};
 use crate::client::{Client, ClientError};
-use crate::identity::Secret;
 use crate::proto;
 use crate::proto::datasets_client::DatasetsClient;
 
@@ -45,7 +44,7 @@ pub struct EraseReport {
 /// remove the rows carrying them from the caller's dataset.
 pub async fn erase(
     client: &Client,
-    secret: &Secret,
+    keys: impl Into<super::Keys<'_>>,
     options: &EraseOptions,
 ) -> Result<EraseReport, UploadError> {
     let (agreement, policy_hash, mut reader) = super::send::open_input(
@@ -59,7 +58,7 @@ pub async fn erase(
     let plan = Plan::identifiers(
         &agreement,
         &options.dataset,
-        secret,
+        keys.into(),
         reader.header(),
         &options.mapping,
     )?;

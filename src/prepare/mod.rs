@@ -2,6 +2,7 @@
 //! columns the agreement names, normalise and fingerprint identifiers on
 //! this machine, and turn rows into the Arrow batches the server expects.
 
+mod blind;
 mod erase;
 mod input;
 mod send;
@@ -19,10 +20,12 @@ use arrow::compute::kernels::cast_utils::{self, Parser};
 use arrow::datatypes::{DataType, Date32Type, Field, Schema, SchemaRef, TimeUnit};
 use arrow::record_batch::RecordBatch;
 
+use crate::identity::blinding::{BlindingKey, blind_values};
 use crate::identity::{Fingerprinter, Invalid, Normaliser, Secret};
 use crate::policy::Profile;
 use crate::proto;
 
+pub use blind::{BlindingDone, Job, MatchReport, complete_job, fetch_work, match_pending};
 pub use erase::{EraseOptions, EraseReport, erase};
 pub use input::{Chunk, CsvOptions, InputFormat, InputReader};
 pub use send::{UploadError, UploadOptions, UploadReport, upload};
@@ -42,11 +45,43 @@ pub enum PrepareError {
     },
 }
 
+/// What makes a party's identifiers comparable, as its agreement's
+/// `matching` calls for: the partners' shared secret (`keyed`), or the
+/// party's own blinding key (`ecdh`).
+#[derive(Debug, Clone, Copy)]
+pub enum Keys<'a> {
+    Shared(&'a Secret),
+    Blinding(&'a BlindingKey),
+}
+
+impl<'a> From<&'a Secret> for Keys<'a> {
+    fn from(secret: &'a Secret) -> Self {
+        Keys::Shared(secret)
+    }
+}
+
+impl<'a> From<&'a BlindingKey> for Keys<'a> {
+    fn from(key: &'a BlindingKey) -> Self {
+        Keys::Blinding(key)
+    }
+}
+
+/// How one identifier column's normalised values become 32 bytes.
+#[derive(Debug, Clone)]
+enum Keying {
+    Fingerprint(Fingerprinter),
+    Blind {
+        key: BlindingKey,
+        salt: [u8; 32],
+        kind: String,
+    },
+}
+
 #[derive(Debug, Clone)]
 enum Kind {
     Identifier {
         normaliser: Normaliser,
-        fingerprinter: Fingerprinter,
+        keying: Keying,
     },
     Text,
     Integer,
@@ -96,11 +131,11 @@ impl Plan {
     pub fn new(
         agreement: &proto::Agreement,
         dataset: &str,
-        secret: &Secret,
+        keys: Keys<'_>,
         header: &[String],
         mapping: &BTreeMap<String, String>,
     ) -> Result<Self, PrepareError> {
-        Self::build(agreement, dataset, secret, header, mapping, false)
+        Self::build(agreement, dataset, keys, header, mapping, false)
     }
 
     /// Plans fingerprinting only the identifier columns the input has (at
@@ -108,11 +143,11 @@ impl Plan {
     pub fn identifiers(
         agreement: &proto::Agreement,
         dataset: &str,
-        secret: &Secret,
+        keys: Keys<'_>,
         header: &[String],
         mapping: &BTreeMap<String, String>,
     ) -> Result<Self, PrepareError> {
-        let plan = Self::build(agreement, dataset, secret, header, mapping, true)?;
+        let plan = Self::build(agreement, dataset, keys, header, mapping, true)?;
         if plan.columns.is_empty() {
             return Err(PrepareError::Plan(format!(
                 "the input has none of dataset {dataset:?}'s identifier columns (input columns: {}); map one with --map POLICY_COLUMN=INPUT_COLUMN",
@@ -131,11 +166,25 @@ impl Plan {
     fn build(
         agreement: &proto::Agreement,
         dataset: &str,
-        secret: &Secret,
+        keys: Keys<'_>,
         header: &[String],
         mapping: &BTreeMap<String, String>,
         identifiers_only: bool,
     ) -> Result<Self, PrepareError> {
+        let ecdh = agreement.matching == proto::MatchingMode::Ecdh as i32;
+        match (ecdh, keys) {
+            (true, Keys::Shared(_)) => {
+                return Err(PrepareError::Plan(
+                    "this agreement matches without a shared secret (matching = \"ecdh\"): give your own blinding key with --key-file (`cleanroom key new` makes one)".into(),
+                ));
+            }
+            (false, Keys::Blinding(_)) => {
+                return Err(PrepareError::Plan(
+                    "this agreement matches keyed fingerprints (matching = \"keyed\"): give the partners' shared secret with --secret-file".into(),
+                ));
+            }
+            _ => {}
+        }
         let d = agreement
             .datasets
             .iter()
@@ -202,7 +251,16 @@ impl Plan {
                                     kind.name, kind.default_country
                                 ))
                             })?,
-                            fingerprinter: Fingerprinter::new(secret, &salt, &kind.name),
+                            keying: match keys {
+                                Keys::Shared(secret) => {
+                                    Keying::Fingerprint(Fingerprinter::new(secret, &salt, &kind.name))
+                                }
+                                Keys::Blinding(key) => Keying::Blind {
+                                    key: key.clone(),
+                                    salt,
+                                    kind: kind.name.clone(),
+                                },
+                            },
                         },
                         DataType::FixedSizeBinary(crate::upload::FINGERPRINT_LEN),
                     )
@@ -316,12 +374,9 @@ impl Preparer {
                 .iter()
                 .zip(&chunk.columns)
                 .map(|(col, input)| match &col.kind {
-                    Kind::Identifier {
-                        normaliser,
-                        fingerprinter,
-                    } => Some(
-                        scope.spawn(move || fingerprint_column(input, normaliser, fingerprinter)),
-                    ),
+                    Kind::Identifier { normaliser, keying } => {
+                        Some(scope.spawn(move || fingerprint_column(input, normaliser, keying)))
+                    }
                     _ => None,
                 })
                 .collect();
@@ -473,26 +528,50 @@ fn parse_with<T>(
     }
 }
 
-/// Fingerprints one identifier column; invalid values become nulls and are
-/// counted, empty ones are simply missing.
+/// Fingerprints (or blinds) one identifier column; invalid values become
+/// nulls and are counted, empty ones are simply missing.
 fn fingerprint_column(
     input: &StringArray,
     normaliser: &Normaliser,
-    fingerprinter: &Fingerprinter,
+    keying: &Keying,
 ) -> (ArrayRef, u64) {
-    let mut b = FixedSizeBinaryBuilder::with_capacity(input.len(), crate::upload::FINGERPRINT_LEN);
     let mut invalid = 0u64;
     let mut buf = String::with_capacity(64);
-    for v in input.iter() {
-        match v.map(|raw| normaliser.normalise_into(raw, &mut buf)) {
-            Some(Ok(())) => {
-                b.append_value(fingerprinter.fingerprint(&buf))
-                    .expect("fingerprints are 32 bytes");
+    let mut b = FixedSizeBinaryBuilder::with_capacity(input.len(), crate::upload::FINGERPRINT_LEN);
+    let mut normalise = |v: Option<&str>, buf: &mut String| match v
+        .map(|raw| normaliser.normalise_into(raw, buf))
+    {
+        Some(Ok(())) => true,
+        Some(Err(Invalid::Empty)) | None => false,
+        Some(Err(_)) => {
+            invalid += 1;
+            false
+        }
+    };
+    match keying {
+        Keying::Fingerprint(f) => {
+            for v in input.iter() {
+                if normalise(v, &mut buf) {
+                    b.append_value(f.fingerprint(&buf))
+                        .expect("fingerprints are 32 bytes");
+                } else {
+                    b.append_null();
+                }
             }
-            Some(Err(Invalid::Empty)) | None => b.append_null(),
-            Some(Err(_)) => {
-                invalid += 1;
-                b.append_null();
+        }
+        Keying::Blind { key, salt, kind } => {
+            // Points are computed in parallel batches, then put in place.
+            let mut values: Vec<Option<String>> = Vec::with_capacity(input.len());
+            for v in input.iter() {
+                values.push(normalise(v, &mut buf).then(|| buf.clone()));
+            }
+            let present: Vec<&str> = values.iter().flatten().map(String::as_str).collect();
+            let mut points = blind_values(key, salt, kind, &present).into_iter();
+            for v in &values {
+                match v.as_ref().and_then(|_| points.next()) {
+                    Some(p) => b.append_value(p).expect("points are 32 bytes"),
+                    None => b.append_null(),
+                }
             }
         }
     }

@@ -11,7 +11,6 @@ use super::{
     Chunk, CsvOptions, InputFormat, InputReader, Plan, PrepareError, PrepareStats, Preparer,
 };
 use crate::client::{Client, ClientError};
-use crate::identity::Secret;
 use crate::proto;
 use crate::proto::datasets_client::DatasetsClient;
 use crate::proto::upload_request::Part;
@@ -197,7 +196,7 @@ pub(super) async fn open_input(
 
 pub async fn upload(
     client: &Client,
-    secret: &Secret,
+    keys: impl Into<super::Keys<'_>>,
     options: &UploadOptions,
 ) -> Result<UploadReport, UploadError> {
     let started = Instant::now();
@@ -212,7 +211,7 @@ pub async fn upload(
     let plan = Plan::new(
         &agreement,
         &options.dataset,
-        secret,
+        keys.into(),
         reader.header(),
         &options.mapping,
     )?;

@@ -190,6 +190,10 @@ pub(crate) fn agreement_view(policy: &Policy, org: &str, now: AgreementState) ->
         summary: Some(summary(policy, org, now)),
         retention_days: policy.retention_days(),
         salt: policy.salt().to_hex(),
+        matching: match policy.matching() {
+            crate::policy::Matching::Keyed => proto::MatchingMode::Keyed,
+            crate::policy::Matching::Ecdh => proto::MatchingMode::Ecdh,
+        } as i32,
         parties: policy
             .parties()
             .iter()

@@ -203,6 +203,9 @@ fn erase_rows(
         .into_iter()
         .filter(|v| v.version != info.version)
         .collect();
+    // Under ecdh the new version keeps the partner's blinding of the points
+    // it still holds: nothing of the erased rows, and no wait for the partner.
+    super::blinding::carry_over(store, policy, &current, &info, &kept_batches)?;
     store.delete_versions(&older)?;
     state.query_tables().forget(policy.id());
     Ok(proto::EraseResponse {
@@ -463,6 +466,13 @@ impl proto::datasets_server::Datasets for DatasetsService {
                 .current(policy.id(), d.name())
                 .map_err(ServiceError::from)?;
             if let Some(v) = current {
+                let matchable = super::blinding::is_matchable(self.state.store(), &policy, &v)?;
+                let (state, waiting_for) = if matchable {
+                    (proto::DatasetState::Matched, String::new())
+                } else {
+                    let partner = super::blinding::partner_of(&policy, &org).unwrap_or_default();
+                    (proto::DatasetState::Waiting, partner.to_string())
+                };
                 datasets.push(proto::DatasetVersion {
                     dataset: v.dataset,
                     version: v.version,
@@ -471,6 +481,8 @@ impl proto::datasets_server::Datasets for DatasetsService {
                     committed_at: v.committed_at,
                     policy_hash: v.policy_hash,
                     versions: u32::try_from(versions.len()).unwrap_or(u32::MAX),
+                    state: state as i32,
+                    waiting_for,
                 });
             }
         }

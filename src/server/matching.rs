@@ -6,6 +6,7 @@ use tonic::{Request, Response, Status};
 
 use super::AppState;
 use super::auth::caller;
+use super::blinding::{WorkStream, is_matchable, not_blinded, read_matchable};
 use super::budget::{Charged, epsilon_for, no_epsilon, privacy_report};
 use super::datasets::agreement_in_force;
 use crate::audit::Event;
@@ -24,6 +25,10 @@ pub struct MatchingService {
 impl MatchingService {
     pub fn new(state: AppState) -> Self {
         MatchingService { state }
+    }
+
+    pub(crate) fn state(&self) -> &AppState {
+        &self.state
     }
 }
 
@@ -112,11 +117,13 @@ impl MatchingService {
         };
         let mut versions = Vec::new();
         for d in [a, b] {
-            let v = self
-                .state
-                .store()
+            let store = self.state.store();
+            let v = store
                 .current(policy.id(), d.name())?
                 .ok_or_else(|| ServiceError::NoData(d.name().to_string()))?;
+            if !is_matchable(store, &policy, &v)? {
+                return Err(not_blinded(&policy, d.name()));
+            }
             versions.push(v);
         }
         let charged = match (&private, policy.privacy()) {
@@ -168,9 +175,12 @@ impl MatchingService {
             .map(|(_, k)| k.to_string())
             .collect();
         let (store, da, db) = (store.clone(), a.clone(), b.clone());
+        let p = Arc::clone(policy);
         let overlap = tokio::task::spawn_blocking(move || -> Result<u64, ServiceError> {
-            let batches_a = store.read(&versions[0])?;
-            let batches_b = store.read(&versions[1])?;
+            let read = |v: &crate::storage::VersionInfo| {
+                read_matchable(&store, &p, v)?.ok_or_else(|| not_blinded(&p, &v.dataset))
+            };
+            let (batches_a, batches_b) = (read(&versions[0])?, read(&versions[1])?);
             let (ids_a, ids_b) = (da.identifier_columns(), db.identifier_columns());
             let m = match_people(
                 Side {
@@ -211,6 +221,24 @@ impl MatchingService {
 
 #[tonic::async_trait]
 impl proto::matching_server::Matching for MatchingService {
+    type BlindingWorkStream = WorkStream;
+
+    #[tracing::instrument(skip_all, fields(agreement = %super::short(&request.get_ref().agreement_id)))]
+    async fn blinding_work(
+        &self,
+        request: Request<proto::BlindingWorkRequest>,
+    ) -> Result<Response<WorkStream>, Status> {
+        self.blinding_work_of(request).await
+    }
+
+    #[tracing::instrument(skip_all)]
+    async fn submit_blinding(
+        &self,
+        request: Request<tonic::Streaming<proto::BlindingSubmission>>,
+    ) -> Result<Response<proto::SubmitBlindingResponse>, Status> {
+        self.submit_blinding_of(request).await
+    }
+
     #[tracing::instrument(skip_all, fields(agreement = %super::short(&request.get_ref().agreement_id)))]
     async fn overlap(
         &self,

@@ -5,6 +5,7 @@
 mod agreements;
 mod audit;
 mod auth;
+mod blinding;
 mod budget;
 mod datasets;
 pub mod flight;
@@ -99,6 +100,7 @@ pub struct AppState {
     query_gate: Arc<queries::QueryGate>,
     audit: AuditLog,
     query_tables: queries::TableCache,
+    blinding_jobs: blinding::Jobs,
     reload: Arc<std::sync::Mutex<ReloadStatus>>,
     /// One lock per dataset, held while a version is committed and for a
     /// whole erasure, so neither loses the other's version.
@@ -137,6 +139,7 @@ impl AppState {
             query_gate: Arc::new(queries::QueryGate::new(crate::query::QueryLimits::default())),
             audit,
             query_tables: queries::TableCache::default(),
+            blinding_jobs: blinding::Jobs::default(),
             reload: Arc::default(),
             dataset_locks: Arc::default(),
             metrics: Arc::default(),
@@ -328,6 +331,10 @@ impl AppState {
 
     pub(crate) fn query_gate(&self) -> &queries::QueryGate {
         &self.query_gate
+    }
+
+    pub(crate) fn blinding_jobs(&self) -> &blinding::Jobs {
+        &self.blinding_jobs
     }
 
     pub(crate) fn query_tables(&self) -> &queries::TableCache {

@@ -44,6 +44,15 @@ impl TableCache {
         for d in policy.datasets() {
             versions.push(store.current(policy.id(), d.name())?);
         }
+        // Under matching = "ecdh" a version the partner has not blinded yet
+        // cannot be matched: it is left out, as if not uploaded.
+        for v in versions.iter_mut() {
+            if let Some(info) = v
+                && !super::blinding::is_matchable(store, policy, info)?
+            {
+                *v = None;
+            }
+        }
         let key: Vec<String> = versions
             .iter()
             .map(|v| v.as_ref().map(|v| v.version.clone()).unwrap_or_default())
@@ -65,7 +74,7 @@ impl TableCache {
         let mut batches = Vec::new();
         for v in &versions {
             batches.push(match v {
-                Some(v) => store.read(v)?,
+                Some(v) => super::blinding::read_matchable(store, policy, v)?.unwrap_or_default(),
                 None => Vec::new(),
             });
         }
@@ -352,7 +361,12 @@ impl QueriesService {
                 .map_err(query_error)?;
         for name in &checked.datasets {
             if !present.iter().flatten().any(|p| p == name) {
-                return Err(ServiceError::NoData(name.clone()));
+                let uploaded = self.state.store().current(policy.id(), name)?.is_some();
+                return Err(if uploaded {
+                    super::blinding::not_blinded(&policy, name)
+                } else {
+                    ServiceError::NoData(name.clone())
+                });
             }
         }
         let one_row_per_person = crate::query::one_row_per_person(&tables, &checked);

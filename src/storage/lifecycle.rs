@@ -19,8 +19,10 @@ impl Store {
             let mut table = tx.open_table(VERSIONS)?;
             let mut current = tx.open_table(CURRENT)?;
             let mut uploads = tx.open_table(UPLOADS)?;
+            let mut blindings = tx.open_table(super::blinding::BLINDINGS)?;
             for v in versions {
                 table.remove(key_name(&[&v.agreement, &v.dataset, &v.version]).as_str())?;
+                blindings.remove(key_name(&[&v.agreement, &v.dataset, &v.version]).as_str())?;
                 let pointer = key_name(&[&v.agreement, &v.dataset]);
                 let is_current = current
                     .get(pointer.as_str())?

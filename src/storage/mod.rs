@@ -3,7 +3,8 @@
 //!
 //! ```text
 //! DATA_DIR/master.key                      hex AES-256 key, mode 0600 (or a file given to serve)
-//! DATA_DIR/meta.redb                       metadata: wrapped data keys, versions, uploads, current pointers
+//! DATA_DIR/meta.redb                       metadata: wrapped data keys, versions, uploads, current pointers,
+//!                                          sealed doubly blinded points (matching = "ecdh")
 //! DATA_DIR/datasets/AGREEMENT/DATASET/V.cds  one encrypted file per committed version
 //! DATA_DIR/staging/                        uploads in progress; cleared at start
 //! ```
@@ -12,6 +13,7 @@
 //! the fsync and rename of its file; a crash before that leaves an orphan
 //! file, deleted at the next start, and the previous version current.
 
+mod blinding;
 mod crypto;
 mod file;
 mod ledger;
@@ -25,6 +27,7 @@ use arrow::record_batch::RecordBatch;
 use redb::{Database, ReadableTable, TableDefinition};
 use serde::{Deserialize, Serialize};
 
+pub use blinding::Blinding;
 use crypto::{KEY_LEN, Key};
 pub use file::StagedVersion;
 pub use ledger::{Charge, Spent};
@@ -147,6 +150,7 @@ impl Store {
             tx.open_table(CURRENT)?;
             tx.open_table(ledger::BUDGET)?;
             tx.open_table(ledger::PENDING)?;
+            tx.open_table(blinding::BLINDINGS)?;
         }
         tx.commit()?;
         let store = Store::checked(root, db, master)?;

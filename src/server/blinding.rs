@@ -1,0 +1,438 @@
+//! Matching without a shared secret (`matching = "ecdh"`, `docs/matching.md`).
+//!
+//! A version arrives holding its owner's singly blinded points. The server
+//! relays the distinct ones, shuffled afresh, to the partner
+//! (`BlindingWork`), which multiplies each by its own scalar and sends them
+//! back in the same order (`SubmitBlinding`). The server undoes the shuffle
+//! it kept and seals the pairs beside the version. From then on matching,
+//! overlaps and queries read the version with each identifier replaced by
+//! its doubly blinded point, exactly as they read fingerprints.
+
+use std::collections::HashMap;
+use std::pin::Pin;
+use std::sync::{Arc, Mutex};
+
+use arrow::array::{Array, ArrayRef, FixedSizeBinaryArray, FixedSizeBinaryBuilder};
+use arrow::record_batch::RecordBatch;
+use futures::Stream;
+use rand::SeedableRng;
+use rand::seq::SliceRandom;
+use tonic::{Request, Response, Status, Streaming};
+
+use super::AppState;
+use super::datasets::agreement_in_force;
+use crate::audit::Event;
+use crate::error::ServiceError;
+use crate::identity::blinding::{POINT_LEN, POINTS_PER_MESSAGE};
+use crate::policy::{Matching, Policy};
+use crate::proto;
+use crate::storage::{Blinding, Store, VersionInfo};
+
+type Point = [u8; POINT_LEN];
+
+/// A version relayed to the partner for blinding, and the shuffle it went
+/// out in. Kept in memory only: a restart makes the partner fetch again.
+#[derive(Debug)]
+struct Job {
+    agreement: String,
+    /// The party asked to blind.
+    partner: String,
+    version: VersionInfo,
+    /// The version's distinct singly blinded points, sorted.
+    singles: Vec<Point>,
+    /// Position i of the relayed order holds `singles[order[i]]`.
+    order: Vec<u32>,
+}
+
+/// Blinding jobs handed out and not yet returned.
+#[derive(Debug, Default, Clone)]
+pub(crate) struct Jobs {
+    inner: Arc<Mutex<HashMap<String, Job>>>,
+}
+
+impl Jobs {
+    /// Hands out `job`; one handed out earlier for the same dataset is
+    /// withdrawn, so only the latest shuffle of a version is answerable.
+    fn insert(&self, id: String, job: Job) {
+        let mut jobs = self.inner.lock().unwrap_or_else(|e| e.into_inner());
+        jobs.retain(|_, j| {
+            !(j.agreement == job.agreement && j.version.dataset == job.version.dataset)
+        });
+        jobs.insert(id, job);
+    }
+
+    /// Takes the job `id` if `org` was given it in `agreement`.
+    fn take(&self, id: &str, agreement: &str, org: &str) -> Option<Job> {
+        let mut jobs = self.inner.lock().unwrap_or_else(|e| e.into_inner());
+        let theirs = jobs
+            .get(id)
+            .is_some_and(|j| j.agreement == agreement && j.partner == org);
+        if theirs { jobs.remove(id) } else { None }
+    }
+}
+
+/// The party of a two-party agreement that is not `org`.
+pub(crate) fn partner_of<'p>(policy: &'p Policy, org: &str) -> Option<&'p str> {
+    policy.parties().iter().map(|p| p.org()).find(|o| *o != org)
+}
+
+/// A version as matching and queries see it. Under `ecdh` every identifier
+/// becomes its doubly blinded point; None while the partner has not yet
+/// blinded this version.
+pub(crate) fn read_matchable(
+    store: &Store,
+    policy: &Policy,
+    info: &VersionInfo,
+) -> Result<Option<Vec<RecordBatch>>, ServiceError> {
+    if policy.matching() == Matching::Keyed {
+        return Ok(Some(store.read(info)?));
+    }
+    let Some(blinding) = store.blinding(info)? else {
+        return Ok(None);
+    };
+    let batches = store.read(info)?;
+    let identifiers: Vec<&str> = policy
+        .dataset(&info.dataset)
+        .map(|d| d.identifier_columns().into_iter().map(|(c, _)| c).collect())
+        .unwrap_or_default();
+    let mut out = Vec::with_capacity(batches.len());
+    for batch in batches {
+        let mut columns: Vec<ArrayRef> = batch.columns().to_vec();
+        for (i, field) in batch.schema().fields().iter().enumerate() {
+            if !identifiers.contains(&field.name().as_str()) {
+                continue;
+            }
+            let Some(singles) = batch
+                .column(i)
+                .as_any()
+                .downcast_ref::<FixedSizeBinaryArray>()
+            else {
+                continue;
+            };
+            let mut doubles =
+                FixedSizeBinaryBuilder::with_capacity(singles.len(), POINT_LEN as i32);
+            for row in 0..singles.len() {
+                if singles.is_null(row) {
+                    doubles.append_null();
+                    continue;
+                }
+                let double = <&Point>::try_from(singles.value(row))
+                    .ok()
+                    .and_then(|s| blinding.double_of(s))
+                    .ok_or_else(|| {
+                        ServiceError::Internal(format!(
+                            "a point of {} {} has no blinding",
+                            info.dataset, info.version
+                        ))
+                    })?;
+                doubles
+                    .append_value(double)
+                    .map_err(|e| ServiceError::Internal(format!("building points: {e}")))?;
+            }
+            columns[i] = Arc::new(doubles.finish());
+        }
+        out.push(
+            RecordBatch::try_new(batch.schema(), columns)
+                .map_err(|e| ServiceError::Internal(format!("substituting points: {e}")))?,
+        );
+    }
+    Ok(Some(out))
+}
+
+/// Why a dataset with a current version cannot be matched yet.
+pub(crate) fn not_blinded(policy: &Policy, dataset: &str) -> ServiceError {
+    let owner = policy
+        .dataset(dataset)
+        .map(|d| d.owner())
+        .unwrap_or_default();
+    let partner = partner_of(policy, owner).unwrap_or_default();
+    ServiceError::NotBlinded {
+        dataset: dataset.to_string(),
+        partner: partner.to_string(),
+    }
+}
+
+/// Whether the dataset's current version is matchable: keyed, or blinded by
+/// the partner.
+pub(crate) fn is_matchable(
+    store: &Store,
+    policy: &Policy,
+    info: &VersionInfo,
+) -> Result<bool, ServiceError> {
+    Ok(policy.matching() == Matching::Keyed || store.has_blinding(info)?)
+}
+
+/// The distinct identifier points of a version, sorted.
+fn singles_of(batches: &[RecordBatch], identifiers: &[&str]) -> Vec<Point> {
+    let mut points = Vec::new();
+    for batch in batches {
+        for name in identifiers {
+            let Some(col) = batch
+                .column_by_name(name)
+                .and_then(|c| c.as_any().downcast_ref::<FixedSizeBinaryArray>())
+            else {
+                continue;
+            };
+            points.extend(
+                col.iter()
+                    .flatten()
+                    .filter_map(|v| <Point>::try_from(v).ok()),
+            );
+        }
+    }
+    points.sort_unstable();
+    points.dedup();
+    points
+}
+
+/// After an erasure: the new version keeps the blinding of the points it
+/// still carries, and nothing of the erased rows.
+pub(crate) fn carry_over(
+    store: &Store,
+    policy: &Policy,
+    from: &VersionInfo,
+    to: &VersionInfo,
+    kept: &[RecordBatch],
+) -> Result<(), ServiceError> {
+    if policy.matching() == Matching::Keyed {
+        return Ok(());
+    }
+    let Some(mut blinding) = store.blinding(from)? else {
+        return Ok(());
+    };
+    let identifiers: Vec<&str> = policy
+        .dataset(&to.dataset)
+        .map(|d| d.identifier_columns().into_iter().map(|(c, _)| c).collect())
+        .unwrap_or_default();
+    let singles = singles_of(kept, &identifiers);
+    blinding.retain(|s| singles.binary_search(s).is_ok());
+    store.put_blinding(to, &blinding)?;
+    Ok(())
+}
+
+fn random_id() -> Result<String, ServiceError> {
+    let mut id = [0u8; 16];
+    ring::rand::SecureRandom::fill(&ring::rand::SystemRandom::new(), &mut id)
+        .map_err(|_| ServiceError::Internal("the system random source failed".into()))?;
+    Ok(hex::encode(id))
+}
+
+fn shuffled(n: usize) -> Result<Vec<u32>, ServiceError> {
+    let mut seed = [0u8; 32];
+    ring::rand::SecureRandom::fill(&ring::rand::SystemRandom::new(), &mut seed)
+        .map_err(|_| ServiceError::Internal("the system random source failed".into()))?;
+    let mut rng = rand_chacha::ChaCha20Rng::from_seed(seed);
+    let mut order: Vec<u32> = (0..n as u32).collect();
+    order.shuffle(&mut rng);
+    Ok(order)
+}
+
+fn require_ecdh(policy: &Policy) -> Result<(), ServiceError> {
+    if policy.matching() != Matching::Ecdh {
+        return Err(ServiceError::PermissionDenied {
+            rule: "agreement.matching",
+            detail: format!(
+                "agreement {} matches keyed fingerprints; there is nothing to blind",
+                policy.id()
+            ),
+        });
+    }
+    Ok(())
+}
+
+/// The partner's versions `org` has still to blind, each made a job.
+fn issue_jobs(
+    state: &AppState,
+    policy: &Policy,
+    org: &str,
+) -> Result<Vec<proto::BlindingChunk>, ServiceError> {
+    let store = state.store();
+    let mut messages = Vec::new();
+    for d in policy.datasets().iter().filter(|d| d.owner() != org) {
+        let Some(version) = store.current(policy.id(), d.name())? else {
+            continue;
+        };
+        if store.has_blinding(&version)? {
+            continue;
+        }
+        let identifiers: Vec<&str> = d.identifier_columns().into_iter().map(|(c, _)| c).collect();
+        let singles = singles_of(&store.read(&version)?, &identifiers);
+        let order = shuffled(singles.len())?;
+        let id = random_id()?;
+        let header = proto::BlindingJob {
+            job_id: id.clone(),
+            dataset: d.name().to_string(),
+            owner: d.owner().to_string(),
+            points: singles.len() as u64,
+        };
+        let relayed: Vec<u8> = order.iter().flat_map(|&i| singles[i as usize]).collect();
+        let mut chunks = relayed.chunks(POINTS_PER_MESSAGE * POINT_LEN);
+        messages.push(proto::BlindingChunk {
+            job: Some(header),
+            points: chunks.next().unwrap_or_default().to_vec(),
+        });
+        messages.extend(chunks.map(|c| proto::BlindingChunk {
+            job: None,
+            points: c.to_vec(),
+        }));
+        state.blinding_jobs().insert(
+            id,
+            Job {
+                agreement: policy.id().to_string(),
+                partner: org.to_string(),
+                version,
+                singles,
+                order,
+            },
+        );
+    }
+    Ok(messages)
+}
+
+/// Checks a returned job and seals its pairs beside the version, if that
+/// version is still current.
+fn complete(
+    state: &AppState,
+    job: Job,
+    returned: Vec<u8>,
+) -> Result<proto::SubmitBlindingResponse, ServiceError> {
+    let n = job.singles.len();
+    if returned.len() != n * POINT_LEN {
+        return Err(ServiceError::InvalidArgument {
+            field: "points",
+            rule: format!(
+                "the job holds {n} points; {} bytes is not {n} 32-byte points",
+                returned.len()
+            ),
+        });
+    }
+    let mut doubles: Vec<Point> = vec![[0; POINT_LEN]; n];
+    for (i, chunk) in returned.chunks_exact(POINT_LEN).enumerate() {
+        doubles[job.order[i] as usize] = chunk.try_into().expect("32-byte chunks");
+    }
+    // Distinct points stay distinct under any scalar: a party that
+    // collapses them would merge people who are not the same.
+    let mut sorted = doubles.clone();
+    sorted.sort_unstable();
+    if sorted.windows(2).any(|w| w[0] == w[1]) {
+        return Err(ServiceError::InvalidArgument {
+            field: "points",
+            rule: "distinct points must stay distinct once blinded".into(),
+        });
+    }
+    let info = &job.version;
+    let lock = state.dataset_lock(&info.agreement, &info.dataset);
+    let _serialised = lock.lock().unwrap_or_else(|e| e.into_inner());
+    let store = state.store();
+    let current = store.current(&info.agreement, &info.dataset)?;
+    if current.as_ref().map(|c| &c.version) != Some(&info.version) {
+        return Err(ServiceError::Blinding {
+            rule: "blinding.job",
+            detail: format!(
+                "dataset {:?} has a newer version since this job was issued; run `cleanroom match` again",
+                info.dataset
+            ),
+        });
+    }
+    let pairs = job.singles.into_iter().zip(doubles).collect();
+    store.put_blinding(info, &Blinding::new(pairs))?;
+    state.query_tables().forget(&info.agreement);
+    Ok(proto::SubmitBlindingResponse {
+        dataset: info.dataset.clone(),
+        version: info.version.clone(),
+        points: n as u64,
+    })
+}
+
+pub(crate) type WorkStream =
+    Pin<Box<dyn Stream<Item = Result<proto::BlindingChunk, Status>> + Send + 'static>>;
+
+impl super::matching::MatchingService {
+    pub(crate) async fn blinding_work_of(
+        &self,
+        request: Request<proto::BlindingWorkRequest>,
+    ) -> Result<Response<WorkStream>, Status> {
+        let org = super::auth::caller(&request)?;
+        let state = self.state().clone();
+        let policy = agreement_in_force(&state, &org, &request.get_ref().agreement_id)?;
+        require_ecdh(&policy)?;
+        let messages = tokio::task::spawn_blocking(move || issue_jobs(&state, &policy, &org))
+            .await
+            .map_err(|e| ServiceError::Internal(format!("issuing blinding jobs: {e}")))??;
+        let stream = tokio_stream::iter(messages.into_iter().map(Ok));
+        Ok(Response::new(Box::pin(stream)))
+    }
+
+    pub(crate) async fn submit_blinding_of(
+        &self,
+        request: Request<Streaming<proto::BlindingSubmission>>,
+    ) -> Result<Response<proto::SubmitBlindingResponse>, Status> {
+        let org = super::auth::caller(&request)?;
+        let mut stream = request.into_inner();
+        let first = match stream.message().await {
+            Ok(Some(m)) => m,
+            _ => {
+                return Err(ServiceError::InvalidArgument {
+                    field: "job_id",
+                    rule: "the first message must name the agreement and the job".into(),
+                }
+                .into());
+            }
+        };
+        let agreement = first.agreement_id.clone();
+        let outcome = self.receive(&org, first, &mut stream).await;
+        let event = Event {
+            org,
+            agreement,
+            action: "blinding",
+            ..Event::default()
+        };
+        self.state().audit_outcome(event, &outcome, |r, e| {
+            e.subject = Some(format!("{} {}", r.dataset, r.version));
+            e.rows = Some(r.points);
+        })?;
+        Ok(Response::new(outcome?))
+    }
+
+    async fn receive(
+        &self,
+        org: &str,
+        first: proto::BlindingSubmission,
+        stream: &mut Streaming<proto::BlindingSubmission>,
+    ) -> Result<proto::SubmitBlindingResponse, ServiceError> {
+        let state = self.state().clone();
+        let policy = agreement_in_force(&state, org, &first.agreement_id)?;
+        require_ecdh(&policy)?;
+        let job = state
+            .blinding_jobs()
+            .take(&first.job_id, policy.id(), org)
+            .ok_or_else(|| ServiceError::InvalidArgument {
+                field: "job_id",
+                rule: "is not a blinding job handed to you in this agreement (jobs last until answered, a newer fetch or a restart)".into(),
+            })?;
+        let expected = job.singles.len() * POINT_LEN;
+        let mut returned = first.points;
+        loop {
+            if returned.len() > expected {
+                return Err(ServiceError::InvalidArgument {
+                    field: "points",
+                    rule: format!("the job holds {} points; more came back", job.singles.len()),
+                });
+            }
+            match stream.message().await {
+                Ok(Some(m)) => returned.extend_from_slice(&m.points),
+                Ok(None) => break,
+                Err(status) => {
+                    tracing::info!(code = ?status.code(), "a blinding stream broke");
+                    return Err(ServiceError::InvalidArgument {
+                        field: "points",
+                        rule: "the stream broke before its end; nothing was stored".into(),
+                    });
+                }
+            }
+        }
+        tokio::task::spawn_blocking(move || complete(&state, job, returned))
+            .await
+            .map_err(|e| ServiceError::Internal(format!("storing a blinding: {e}")))?
+    }
+}

@@ -1,0 +1,163 @@
+//! Doubly blinded points of a version (`matching = "ecdh"`): for each
+//! distinct singly blinded point the version's rows carry, the point both
+//! parties have blinded. Sealed under the agreement's data key in the
+//! metadata store, beside the version they belong to, and deleted with it.
+
+use redb::TableDefinition;
+
+use super::{StorageError, Store, VersionInfo, key_name};
+
+/// "agreement/dataset/version" -> sealed pairs.
+pub(super) const BLINDINGS: TableDefinition<&str, &[u8]> = TableDefinition::new("blindings");
+
+const POINT: usize = 32;
+
+/// A version's pairs (singly blinded, doubly blinded), sorted by the first.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Blinding {
+    pairs: Vec<([u8; POINT], [u8; POINT])>,
+}
+
+impl Blinding {
+    /// From pairs in any order; a repeated single point keeps one pair.
+    pub fn new(mut pairs: Vec<([u8; POINT], [u8; POINT])>) -> Self {
+        pairs.sort_unstable_by(|a, b| a.0.cmp(&b.0));
+        pairs.dedup_by(|a, b| a.0 == b.0);
+        Blinding { pairs }
+    }
+
+    /// The doubly blinded point of a singly blinded one.
+    pub fn double_of(&self, single: &[u8; POINT]) -> Option<&[u8; POINT]> {
+        self.pairs
+            .binary_search_by(|(s, _)| s.cmp(single))
+            .ok()
+            .map(|i| &self.pairs[i].1)
+    }
+
+    /// Only the pairs whose single point `keep` admits.
+    pub fn retain(&mut self, mut keep: impl FnMut(&[u8; POINT]) -> bool) {
+        self.pairs.retain(|(s, _)| keep(s));
+    }
+
+    pub fn len(&self) -> usize {
+        self.pairs.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.pairs.is_empty()
+    }
+
+    fn to_bytes(&self) -> Vec<u8> {
+        let mut out = Vec::with_capacity(self.pairs.len() * 2 * POINT);
+        for (s, d) in &self.pairs {
+            out.extend_from_slice(s);
+            out.extend_from_slice(d);
+        }
+        out
+    }
+
+    fn from_bytes(bytes: &[u8]) -> Option<Self> {
+        if bytes.len() % (2 * POINT) != 0 {
+            return None;
+        }
+        let pairs = bytes
+            .chunks_exact(2 * POINT)
+            .map(|c| {
+                let (s, d) = c.split_at(POINT);
+                (
+                    s.try_into().expect("32 bytes"),
+                    d.try_into().expect("32 bytes"),
+                )
+            })
+            .collect();
+        Some(Blinding { pairs })
+    }
+}
+
+fn aad(key: &str) -> Vec<u8> {
+    format!("cleanroom blinding v1/{key}").into_bytes()
+}
+
+impl Store {
+    /// Records a version's doubly blinded points, replacing any before.
+    pub fn put_blinding(
+        &self,
+        info: &VersionInfo,
+        blinding: &Blinding,
+    ) -> Result<(), StorageError> {
+        let key = key_name(&[&info.agreement, &info.dataset, &info.version]);
+        let sealed = self
+            .data_key(&info.agreement)?
+            .seal(&blinding.to_bytes(), &aad(&key))?;
+        let tx = self.inner.db.begin_write()?;
+        tx.open_table(BLINDINGS)?
+            .insert(key.as_str(), sealed.as_slice())?;
+        tx.commit()?;
+        Ok(())
+    }
+
+    /// A version's doubly blinded points, if its partner has blinded them.
+    pub fn blinding(&self, info: &VersionInfo) -> Result<Option<Blinding>, StorageError> {
+        let key = key_name(&[&info.agreement, &info.dataset, &info.version]);
+        let Some(sealed) = self.sealed_blinding(&key)? else {
+            return Ok(None);
+        };
+        let plain = self
+            .data_key(&info.agreement)?
+            .open(&sealed, &aad(&key))
+            .map_err(|_| StorageError::Db(format!("the blinding of {key} did not open")))?;
+        Blinding::from_bytes(&plain)
+            .map(Some)
+            .ok_or_else(|| StorageError::Db(format!("the blinding of {key} is damaged")))
+    }
+
+    /// Whether a version's points have been blinded by its partner.
+    pub fn has_blinding(&self, info: &VersionInfo) -> Result<bool, StorageError> {
+        let key = key_name(&[&info.agreement, &info.dataset, &info.version]);
+        Ok(self.sealed_blinding(&key)?.is_some())
+    }
+
+    /// The sealed bytes under `key`. A data directory opened read-only from
+    /// before blindings existed has no table: nothing is blinded there.
+    fn sealed_blinding(&self, key: &str) -> Result<Option<Vec<u8>>, StorageError> {
+        let tx = self.inner.db.begin_read()?;
+        let table = match tx.open_table(BLINDINGS) {
+            Ok(t) => t,
+            Err(redb::TableError::TableDoesNotExist(_)) => return Ok(None),
+            Err(e) => return Err(e.into()),
+        };
+        Ok(table.get(key)?.map(|v| v.value().to_vec()))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::super::tests::put;
+    use super::*;
+
+    #[test]
+    fn blindings_are_sealed_looked_up_and_deleted_with_their_version() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path(), None).unwrap();
+        let v = put(&store, "u1", 3);
+        assert!(store.blinding(&v).unwrap().is_none());
+        let b = Blinding::new(vec![
+            ([2; 32], [20; 32]),
+            ([1; 32], [10; 32]),
+            ([2; 32], [20; 32]),
+        ]);
+        assert_eq!(b.len(), 2);
+        store.put_blinding(&v, &b).unwrap();
+        let back = store.blinding(&v).unwrap().unwrap();
+        assert_eq!(back, b);
+        assert_eq!(back.double_of(&[1; 32]), Some(&[10; 32]));
+        assert_eq!(back.double_of(&[3; 32]), None);
+        let db = std::fs::read(dir.path().join("meta.redb")).unwrap();
+        assert!(
+            !db.windows(32).any(|w| w == [10; 32] || w == [20; 32]),
+            "doubly blinded points are sealed at rest"
+        );
+        store.delete_versions(std::slice::from_ref(&v)).unwrap();
+        assert!(!store.has_blinding(&v).unwrap());
+    }
+}
