@@ -21,7 +21,7 @@ pub struct Blinding {
 impl Blinding {
     /// From pairs in any order; a repeated single point keeps one pair.
     pub fn new(mut pairs: Vec<([u8; POINT], [u8; POINT])>) -> Self {
-        pairs.sort_unstable_by(|a, b| a.0.cmp(&b.0));
+        pairs.sort_unstable_by_key(|p| p.0);
         pairs.dedup_by(|a, b| a.0 == b.0);
         Blinding { pairs }
     }
@@ -57,7 +57,7 @@ impl Blinding {
     }
 
     fn from_bytes(bytes: &[u8]) -> Option<Self> {
-        if bytes.len() % (2 * POINT) != 0 {
+        if !bytes.len().is_multiple_of(2 * POINT) {
             return None;
         }
         let pairs = bytes
