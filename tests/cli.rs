@@ -17,6 +17,7 @@ fn cleanroom(args: &[&str], env: &[(&str, &std::ffi::OsStr)]) -> Output {
         "CLEANROOM_KEY",
         "CLEANROOM_SECRET",
         "CLEANROOM_SECRET_FILE",
+        "CLEANROOM_KEY_FILE",
     ] {
         cmd.env_remove(var);
     }
@@ -121,7 +122,11 @@ async fn whoami_agreements_synth_upload_and_datasets_from_the_command_line() {
     // No secret: a clear refusal before anything is read or sent.
     let out = cleanroom(&upload_args, &env);
     assert!(!out.status.success());
-    assert!(text(&out).contains("no shared secret"), "{}", text(&out));
+    assert!(
+        text(&out).contains("no key: pass --secret-file"),
+        "{}",
+        text(&out)
+    );
 
     // The secret from the environment.
     let secret_hex = "3c".repeat(32);
@@ -225,6 +230,183 @@ async fn whoami_agreements_synth_upload_and_datasets_from_the_command_line() {
     assert!(!out.status.success());
     assert!(
         text(&out).contains("expected POLICY_COLUMN=INPUT_COLUMN"),
+        "{}",
+        text(&out)
+    );
+    drop(server);
+}
+
+/// `matching = "ecdh"` from the command line: each party makes its own key,
+/// uploads with it, does its partner's blinding, and sees the state.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn each_party_keeps_its_own_key_and_matches_from_the_command_line() {
+    let pki = Pki::new();
+    let data = tempfile::tempdir().unwrap();
+    let policies = common::both_matching_modes();
+    let server = RealServer::spawn_with(&pki, &data.path().join("data"), "0.1", policies.path());
+    let url = format!("https://{}", server.addr);
+    let ca = pki.path().join("ca.pem");
+    let work = tempfile::tempdir().unwrap();
+    let files: Vec<_> = ["acme", "globex"]
+        .iter()
+        .map(|org| {
+            (
+                pki.path().join(format!("{org}.pem")),
+                pki.path().join(format!("{org}-key.pem")),
+                work.path().join(format!("{org}.key")),
+            )
+        })
+        .collect();
+    let env_of = |i: usize| -> Vec<(&str, &std::ffi::OsStr)> {
+        vec![
+            ("CLEANROOM_SERVER", url.as_ref()),
+            ("CLEANROOM_CA", ca.as_os_str()),
+            ("CLEANROOM_CERT", files[i].0.as_os_str()),
+            ("CLEANROOM_KEY", files[i].1.as_os_str()),
+        ]
+    };
+    for (_, _, key) in &files {
+        let out = cleanroom(&["key", "new", "--out", key.to_str().unwrap()], &[]);
+        assert!(out.status.success(), "{}", text(&out));
+        let hex = std::fs::read_to_string(key).unwrap();
+        assert_eq!(
+            std::fs::metadata(key).unwrap().permissions().mode() & 0o777,
+            0o600
+        );
+        assert!(!text(&out).contains(hex.trim()), "the key is never printed");
+        let again = cleanroom(&["key", "new", "--out", key.to_str().unwrap()], &[]);
+        assert!(!again.status.success());
+        assert_eq!(std::fs::read_to_string(key).unwrap(), hex);
+    }
+    let synth = work.path().join("synth");
+    let out = cleanroom(
+        &[
+            "synth",
+            "--rows",
+            "1000",
+            "--overlap",
+            "0.3",
+            "--out",
+            synth.to_str().unwrap(),
+        ],
+        &[],
+    );
+    assert!(out.status.success(), "{}", text(&out));
+    let upload = |i: usize, dataset: &str, file: &str, key: &std::path::Path| {
+        let input = synth.join(file);
+        cleanroom(
+            &[
+                "upload",
+                "--agreement",
+                common::ECDH,
+                "--dataset",
+                dataset,
+                "--input",
+                input.to_str().unwrap(),
+                "--no-progress",
+                "--key-file",
+                key.to_str().unwrap(),
+            ],
+            &env_of(i),
+        )
+    };
+
+    // The other party's key file is no shared secret: the wrong flag is
+    // refused before anything is sent.
+    let secret = work.path().join("shared.secret");
+    std::fs::write(&secret, "3c".repeat(32)).unwrap();
+    let input = synth.join("acme-customers.csv");
+    let out = cleanroom(
+        &[
+            "upload",
+            "--agreement",
+            common::ECDH,
+            "--dataset",
+            "customers",
+            "--input",
+            input.to_str().unwrap(),
+            "--no-progress",
+            "--secret-file",
+            secret.to_str().unwrap(),
+        ],
+        &env_of(0),
+    );
+    assert!(!out.status.success());
+    assert!(text(&out).contains("--key-file"), "{}", text(&out));
+
+    let out = upload(0, "customers", "acme-customers.csv", &files[0].2);
+    assert!(out.status.success(), "{}", text(&out));
+    let printed = text(&out);
+    assert!(
+        printed.contains("nothing of your partner's is waiting"),
+        "{printed}"
+    );
+    assert!(
+        printed.contains("your dataset customers: uploaded, waiting for globex's blinding"),
+        "{printed}"
+    );
+    let out = cleanroom(&["datasets", "--agreement", common::ECDH], &env_of(0));
+    assert!(
+        text(&out).contains("waiting for globex's blinding"),
+        "{}",
+        text(&out)
+    );
+    let out = cleanroom(&["overlap", "--agreement", common::ECDH], &env_of(0));
+    assert!(!out.status.success());
+    assert!(text(&out).contains("dataset.blinding"), "{}", text(&out));
+
+    // globex's upload does its share at once: it blinds acme's points.
+    let out = upload(1, "audience", "globex-audience.csv", &files[1].2);
+    assert!(out.status.success(), "{}", text(&out));
+    let printed = text(&out);
+    assert!(
+        printed.contains("point(s) of acme's dataset customers (version v"),
+        "{printed}"
+    );
+    assert!(
+        printed.contains("your dataset audience: uploaded, waiting for acme's blinding"),
+        "{printed}"
+    );
+
+    // acme's `match` finishes it; a file that is no key is refused.
+    let matching = |key: &std::path::Path| {
+        cleanroom(
+            &[
+                "match",
+                "--agreement",
+                common::ECDH,
+                "--key-file",
+                key.to_str().unwrap(),
+            ],
+            &env_of(0),
+        )
+    };
+    let out = matching(&secret);
+    assert!(!out.status.success());
+    assert!(
+        text(&out).contains("a blinding key is 64 hex digits"),
+        "{}",
+        text(&out)
+    );
+    assert!(!text(&out).contains(&"3c".repeat(32)));
+    let out = matching(&files[0].2);
+    assert!(out.status.success(), "{}", text(&out));
+    let printed = text(&out);
+    assert!(
+        printed.contains("point(s) of globex's dataset audience (version v"),
+        "{printed}"
+    );
+    assert!(
+        printed.contains("your dataset customers: matched"),
+        "{printed}"
+    );
+    let out = cleanroom(&["datasets", "--agreement", common::ECDH], &env_of(1));
+    assert!(text(&out).contains("audience: "), "{}", text(&out));
+    assert!(text(&out).ends_with("matched\n"), "{}", text(&out));
+    let out = cleanroom(&["overlap", "--agreement", common::ECDH], &env_of(0));
+    assert!(out.status.success(), "{}", text(&out));
+    assert!(
+        text(&out).starts_with("300 people are in both customers and audience"),
         "{}",
         text(&out)
     );

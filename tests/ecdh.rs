@@ -17,27 +17,11 @@ use cleanroom::prepare::{
 };
 use cleanroom::proto;
 use cleanroom::proto::matching_client::MatchingClient;
-use common::{Setup, TestServer, policies_dir, secret, synth};
+use common::{Setup, TestServer, secret, synth};
 use prost::Message;
 use tonic::Code;
 
-const KEYED: &str = "retail-media-demo";
-const ECDH: &str = "retail-media-ecdh";
-
-/// The demo agreement (thresholds only) twice: as shipped, and as an
-/// `ecdh` agreement under another id.
-fn both_modes() -> tempfile::TempDir {
-    let dir = tempfile::tempdir().unwrap();
-    let text = std::fs::read_to_string(policies_dir().join("retail-media-demo.toml")).unwrap();
-    let (head, _) = text.split_once("[privacy]").unwrap();
-    std::fs::write(dir.path().join(format!("{KEYED}.toml")), head).unwrap();
-    let ecdh = head
-        .replace(&format!("id = \"{KEYED}\""), &format!("id = \"{ECDH}\""))
-        .replacen("\nsalt = ", "\nmatching = \"ecdh\"\nsalt = ", 1);
-    assert!(ecdh.contains("matching = \"ecdh\""));
-    std::fs::write(dir.path().join(format!("{ECDH}.toml")), ecdh).unwrap();
-    dir
-}
+use common::{ECDH, KEYED};
 
 fn setup(policies: &Path) -> Setup {
     Setup {
@@ -138,7 +122,7 @@ const BY_REGION: &str = "SELECT c.region, COUNT(DISTINCT c.email) AS people, AVG
 
 #[tokio::test]
 async fn two_parties_match_without_a_shared_secret_as_the_keyed_mode_does() {
-    let policies = both_modes();
+    let policies = common::both_matching_modes();
     let server = TestServer::start_with(setup(policies.path())).await;
     let (dir, truth) = synth(3_000, 0.4);
     let (acme_key, globex_key) = (BlindingKey::generate(), BlindingKey::generate());
@@ -387,7 +371,7 @@ fn walk(dir: &Path) -> Vec<std::path::PathBuf> {
 
 #[tokio::test]
 async fn a_blinding_that_breaks_the_protocol_stores_nothing() {
-    let policies = both_modes();
+    let policies = common::both_matching_modes();
     let server = TestServer::start_with(setup(policies.path())).await;
     let (dir, _) = synth(300, 0.5);
     let (acme_key, globex_key) = (BlindingKey::generate(), BlindingKey::generate());

@@ -249,6 +249,52 @@ mod tests {
         assert_ne!(by_a, by_b);
     }
 
+    /// `tests/vectors/ecdh.toml` comes from a second implementation
+    /// (`docs/vectors/ecdh_vectors.py`, pure Python from RFC 9496); each
+    /// step of the product's own path must give the same bytes.
+    #[test]
+    fn vectors_from_the_python_implementation() {
+        let text = include_str!("../../tests/vectors/ecdh.toml");
+        let vectors: toml::Table = toml::from_str(text).unwrap();
+        let hex32 = |v: &toml::Value| -> [u8; 32] {
+            hex::decode(v.as_str().unwrap())
+                .unwrap()
+                .try_into()
+                .unwrap()
+        };
+        let salt = hex32(&vectors["salt"]);
+        let a = BlindingKey::from_hex(vectors["a"].as_str().unwrap(), "a").unwrap();
+        let b = BlindingKey::from_hex(vectors["b"].as_str().unwrap(), "b").unwrap();
+        let maps = vectors["one_way_map"].as_array().unwrap();
+        assert_eq!(maps.len(), 7);
+        for m in maps {
+            let wide: [u8; 64] = hex::decode(m["wide"].as_str().unwrap())
+                .unwrap()
+                .try_into()
+                .unwrap();
+            let point = RistrettoPoint::from_uniform_bytes(&wide).compress();
+            assert_eq!(point.to_bytes(), hex32(&m["point"]));
+        }
+        let identifiers = vectors["identifier"].as_array().unwrap();
+        assert_eq!(identifiers.len(), 5);
+        for v in identifiers {
+            let (kind, value) = (v["kind"].as_str().unwrap(), v["value"].as_str().unwrap());
+            assert_eq!(
+                hex::encode(wide_hash(&salt, kind, value)),
+                v["wide"].as_str().unwrap()
+            );
+            let point = hash_to_point(&salt, kind, value).compress().to_bytes();
+            assert_eq!(point, hex32(&v["point"]), "{kind}");
+            let by_a = blind_values(&a, &salt, kind, &[value])[0];
+            let by_b = blind_values(&b, &salt, kind, &[value])[0];
+            assert_eq!(by_a, hex32(&v["blinded_a"]));
+            assert_eq!(by_b, hex32(&v["blinded_b"]));
+            let double = hex32(&v["double"]);
+            assert_eq!(reblind(&b, &[by_a]).unwrap()[0], double);
+            assert_eq!(reblind(&a, &[by_b]).unwrap()[0], double);
+        }
+    }
+
     #[test]
     fn malformed_and_identity_points_are_refused_by_index() {
         let a = key(3);

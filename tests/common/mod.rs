@@ -206,6 +206,10 @@ pub struct RealServer {
 
 impl RealServer {
     pub fn spawn(pki: &Pki, data_dir: &Path, grace_seconds: &str) -> Self {
+        Self::spawn_with(pki, data_dir, grace_seconds, &policies_dir())
+    }
+
+    pub fn spawn_with(pki: &Pki, data_dir: &Path, grace_seconds: &str, policies: &Path) -> Self {
         use std::io::{BufRead, BufReader};
         let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_cleanroom"))
             .args([
@@ -220,7 +224,7 @@ impl RealServer {
             .arg("--data-dir")
             .arg(data_dir)
             .arg("--policies")
-            .arg(policies_dir())
+            .arg(policies)
             .arg("--certs-dir")
             .arg(pki.path())
             .stderr(std::process::Stdio::piped())
@@ -443,4 +447,22 @@ pub fn audit_holds(entries: &[proto::AuditEntry], value: u64) -> bool {
                 .flatten()
                 .any(|t| t.split(|c: char| !c.is_ascii_digit()).any(|w| w == digits))
     })
+}
+
+pub const KEYED: &str = "retail-media-demo";
+pub const ECDH: &str = "retail-media-ecdh";
+
+/// The demo agreement (thresholds only) twice: as shipped, and as an
+/// `ecdh` agreement under another id.
+pub fn both_matching_modes() -> tempfile::TempDir {
+    let dir = tempfile::tempdir().unwrap();
+    let text = std::fs::read_to_string(policies_dir().join("retail-media-demo.toml")).unwrap();
+    let (head, _) = text.split_once("[privacy]").unwrap();
+    std::fs::write(dir.path().join(format!("{KEYED}.toml")), head).unwrap();
+    let ecdh = head
+        .replace(&format!("id = \"{KEYED}\""), &format!("id = \"{ECDH}\""))
+        .replacen("\nsalt = ", "\nmatching = \"ecdh\"\nsalt = ", 1);
+    assert!(ecdh.contains("matching = \"ecdh\""));
+    std::fs::write(dir.path().join(format!("{ECDH}.toml")), ecdh).unwrap();
+    dir
 }
