@@ -127,6 +127,7 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
                     dataset: "customers".into(),
                     upload_id: "bench-ingest".into(),
                     policy_hash: hash,
+                    key_id: Vec::new(),
                 })),
             })
             .await;

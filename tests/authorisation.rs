@@ -132,6 +132,7 @@ async fn call(rpc: &str, client: &Client, hash: &str, policy: &cleanroom::policy
                     agreement_id: agreement(),
                     dataset: "customers".into(),
                     policy_hash: hash.to_string(),
+                    key_id: Vec::new(),
                     sets: vec![proto::FingerprintSet {
                         kind: "email".into(),
                         fingerprints: fingerprint(999_999, 0).to_vec(),

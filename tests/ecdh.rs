@@ -172,7 +172,7 @@ async fn two_parties_match_without_a_shared_secret_as_the_keyed_mode_does() {
     let singles: Vec<[u8; 32]> = globex_singles.iter().copied().collect();
     let globex_doubles: HashSet<[u8; 32]> =
         reblind(&acme_key, &singles).unwrap().into_iter().collect();
-    let jobs = fetch_work(&globex, ECDH).await.unwrap();
+    let jobs = fetch_work(&globex, &globex_key, ECDH).await.unwrap();
     assert_eq!(jobs.len(), 1);
     assert_eq!(jobs[0].header.dataset, "customers");
     let received = points_of(&jobs[0].points);
@@ -189,7 +189,7 @@ async fn two_parties_match_without_a_shared_secret_as_the_keyed_mode_does() {
     sorted.sort_unstable();
     assert_ne!(received, sorted, "the relayed order is shuffled");
     // A second fetch shuffles afresh and withdraws the first job.
-    let again = fetch_work(&globex, ECDH).await.unwrap();
+    let again = fetch_work(&globex, &globex_key, ECDH).await.unwrap();
     assert_ne!(again[0].points, jobs[0].points);
     let stale = complete_job(&globex, &globex_key, ECDH, jobs[0].clone())
         .await
@@ -217,7 +217,7 @@ async fn two_parties_match_without_a_shared_secret_as_the_keyed_mode_does() {
     .unwrap()
     .into_iter()
     .collect();
-    let jobs = fetch_work(&acme, ECDH).await.unwrap();
+    let jobs = fetch_work(&acme, &acme_key, ECDH).await.unwrap();
     let received = points_of(&jobs[0].points);
     assert_eq!(
         received.iter().copied().collect::<HashSet<_>>(),
@@ -237,10 +237,15 @@ async fn two_parties_match_without_a_shared_secret_as_the_keyed_mode_does() {
             .all(|d| d.state() == proto::DatasetState::Matched)
     );
     assert!(
-        fetch_work(&acme, ECDH).await.unwrap().is_empty(),
+        fetch_work(&acme, &acme_key, ECDH).await.unwrap().is_empty(),
         "nothing is left to do"
     );
-    assert!(fetch_work(&globex, ECDH).await.unwrap().is_empty());
+    assert!(
+        fetch_work(&globex, &globex_key, ECDH)
+            .await
+            .unwrap()
+            .is_empty()
+    );
 
     // Same overlap as the synthetic truth and the keyed mode; same answer.
     assert_eq!(overlap(&mut acme, ECDH).await, truth.overlap);
@@ -330,6 +335,7 @@ async fn two_parties_match_without_a_shared_secret_as_the_keyed_mode_does() {
     forbidden.extend(globex_doubles.iter().copied());
     for key in [&acme_key, &globex_key] {
         forbidden.insert(hex::decode(key.to_hex()).unwrap().try_into().unwrap());
+        forbidden.insert(key.key_id());
     }
     let kinds = ["email", "phone"];
     for email in text.lines().skip(1).filter_map(|l| l.split(',').nth(1)) {
@@ -395,7 +401,10 @@ async fn a_blinding_that_breaks_the_protocol_stores_nothing() {
                 .map(|r| r.into_inner())
         }
     };
-    let job = fetch_work(&globex, ECDH).await.unwrap().remove(0);
+    let job = fetch_work(&globex, &globex_key, ECDH)
+        .await
+        .unwrap()
+        .remove(0);
     let n = job.header.points as usize;
     let good: Vec<u8> = reblind(&globex_key, &points_of(&job.points))
         .unwrap()
@@ -407,7 +416,10 @@ async fn a_blinding_that_breaks_the_protocol_stores_nothing() {
         [good.clone(), vec![7; 32]].concat(),
         good[..32].repeat(n),
     ] {
-        let job = fetch_work(&globex, ECDH).await.unwrap().remove(0);
+        let job = fetch_work(&globex, &globex_key, ECDH)
+            .await
+            .unwrap()
+            .remove(0);
         let err = submit(&job.header.job_id, bad, ECDH).await.unwrap_err();
         assert_eq!(err.code(), Code::InvalidArgument, "{err}");
         assert!(err.message().starts_with("points:"), "{}", err.message());
@@ -417,7 +429,10 @@ async fn a_blinding_that_breaks_the_protocol_stores_nothing() {
         );
     }
     // Someone else's job, or a job in another agreement.
-    let job = fetch_work(&globex, ECDH).await.unwrap().remove(0);
+    let job = fetch_work(&globex, &globex_key, ECDH)
+        .await
+        .unwrap()
+        .remove(0);
     let err = MatchingClient::new(acme.channel())
         .submit_blinding(futures::stream::iter(vec![proto::BlindingSubmission {
             agreement_id: ECDH.into(),
@@ -445,6 +460,7 @@ async fn a_blinding_that_breaks_the_protocol_stores_nothing() {
     let err = MatchingClient::new(globex.channel())
         .blinding_work(proto::BlindingWorkRequest {
             agreement_id: KEYED.into(),
+            key_id: globex_key.key_id().to_vec(),
         })
         .await
         .unwrap_err();
@@ -470,5 +486,109 @@ async fn a_blinding_that_breaks_the_protocol_stores_nothing() {
         state_of(&mut acme_c, ECDH).await.0,
         proto::DatasetState::Matched
     );
+    server.stop().await.unwrap();
+}
+
+/// A party that changes keys: the server notices from the key ids, refuses
+/// work and erasures under a key that did not make the current upload, and
+/// asks the partner to blind again, so answers never mix two keys.
+#[tokio::test]
+async fn a_changed_key_is_noticed_and_the_partner_blinds_again() {
+    let policies = common::both_matching_modes();
+    let server = TestServer::start_with(setup(policies.path())).await;
+    let (dir, truth) = synth(1_000, 0.3);
+    let (old_key, new_key, globex_key) = (
+        BlindingKey::generate(),
+        BlindingKey::generate(),
+        BlindingKey::generate(),
+    );
+    let mut acme = server.client("acme").await;
+    let mut globex = server.client("globex").await;
+
+    // The key id is required under ecdh and refused under keyed.
+    let hash = |agreement: &str| {
+        let mut c = acme.clone();
+        let agreement = agreement.to_string();
+        async move {
+            c.get_agreement(&agreement)
+                .await
+                .unwrap()
+                .summary
+                .unwrap()
+                .policy_hash
+        }
+    };
+    for (agreement, key_id) in [
+        (ECDH, vec![]),
+        (ECDH, vec![1; 32]),
+        (KEYED, old_key.key_id().to_vec()),
+    ] {
+        let mut header = common::header(&hash(agreement).await, "customers", "raw-1");
+        if let Some(proto::upload_request::Part::Header(h)) = &mut header.part {
+            h.agreement_id = agreement.into();
+            h.key_id = key_id;
+        }
+        let err = common::raw_upload(&acme, vec![header]).await.unwrap_err();
+        assert_eq!(err.code(), Code::InvalidArgument, "{err}");
+        assert!(err.message().contains("key_id"), "{}", err.message());
+    }
+
+    upload(&acme, &old_key, &options(ECDH, "acme", dir.path()))
+        .await
+        .unwrap();
+    upload(&globex, &globex_key, &options(ECDH, "globex", dir.path()))
+        .await
+        .unwrap();
+    match_pending(&globex, &globex_key, ECDH).await.unwrap();
+    match_pending(&acme, &old_key, ECDH).await.unwrap();
+    assert_eq!(overlap(&mut acme, ECDH).await, truth.overlap);
+
+    // Work or an erasure under a key that did not make acme's data.
+    let err = match_pending(&acme, &new_key, ECDH).await.unwrap_err();
+    assert!(err.to_string().contains("blinding.key"), "{err}");
+    let erase_options = EraseOptions {
+        agreement: ECDH.into(),
+        dataset: "customers".into(),
+        input: dir.path().join(cleanroom::synth::ACME_FILE),
+        format: None,
+        csv: CsvOptions::default(),
+        mapping: Default::default(),
+    };
+    let err = erase(&acme, &new_key, &erase_options).await.unwrap_err();
+    assert!(err.to_string().contains("blinding.key"), "{err}");
+    assert_eq!(
+        overlap(&mut acme, ECDH).await,
+        truth.overlap,
+        "nothing was erased"
+    );
+
+    // acme uploads again under its new key: both datasets wait, since
+    // globex's points were blinded with the old one.
+    upload(&acme, &new_key, &options(ECDH, "acme", dir.path()))
+        .await
+        .unwrap();
+    assert_eq!(
+        state_of(&mut acme, ECDH).await,
+        (proto::DatasetState::Waiting, "globex".to_string())
+    );
+    assert_eq!(
+        state_of(&mut globex, ECDH).await,
+        (proto::DatasetState::Waiting, "acme".to_string())
+    );
+    let err = acme.overlap(ECDH, &[]).await.unwrap_err();
+    assert!(err.to_string().contains("dataset.blinding"), "{err}");
+    assert!(match_pending(&acme, &old_key, ECDH).await.is_err());
+
+    // One round each and the answers are right again.
+    let by_globex = match_pending(&globex, &globex_key, ECDH).await.unwrap();
+    assert_eq!(by_globex.done.len(), 1);
+    let by_acme = match_pending(&acme, &new_key, ECDH).await.unwrap();
+    assert_eq!(by_acme.done.len(), 1);
+    assert_eq!(by_acme.done[0].dataset, "audience");
+    assert_eq!(
+        state_of(&mut globex, ECDH).await.0,
+        proto::DatasetState::Matched
+    );
+    assert_eq!(overlap(&mut acme, ECDH).await, truth.overlap);
     server.stop().await.unwrap();
 }

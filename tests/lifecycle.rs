@@ -341,6 +341,7 @@ async fn erasure_removes_exactly_those_people_and_survives_a_restart() {
         agreement_id: ID.into(),
         dataset: "customers".into(),
         policy_hash: hash.clone(),
+        key_id: Vec::new(),
         sets: vec![proto::FingerprintSet {
             kind: kind.into(),
             fingerprints,

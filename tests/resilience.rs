@@ -294,6 +294,7 @@ async fn erase_and_upload_of_one_dataset_never_lose_each_others_work() {
                         agreement_id: "retail-media-demo".into(),
                         dataset: "customers".into(),
                         policy_hash: hash,
+                        key_id: Vec::new(),
                         sets: vec![proto::FingerprintSet {
                             kind: "email".into(),
                             fingerprints: fingerprint(5, 0).to_vec(),

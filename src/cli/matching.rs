@@ -21,8 +21,9 @@ pub(super) enum KeyCommand {
         /// File to create.
         #[arg(long)]
         out: PathBuf,
-        /// Replace an existing file (every upload made with the old key
-        /// must then be made again).
+        /// Replace an existing file. Upload again with the new key; the
+        /// server sees the change and your partner runs `cleanroom match`
+        /// once more.
         #[arg(long)]
         force: bool,
     },

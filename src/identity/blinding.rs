@@ -122,6 +122,13 @@ impl BlindingKey {
         hex::encode(self.0.as_bytes())
     }
 
+    /// The key's public id: the compressed `a*B` for the group's generator
+    /// `B`. It tells the server which key made a party's points (so a
+    /// changed key is noticed) and reveals nothing usable of `a`.
+    pub fn key_id(&self) -> [u8; POINT_LEN] {
+        RistrettoPoint::mul_base(&self.0).compress().to_bytes()
+    }
+
     /// This party's scalar times `point`, for tests and vectors.
     pub fn mul(&self, point: &RistrettoPoint) -> RistrettoPoint {
         self.0 * point

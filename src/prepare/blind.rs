@@ -40,13 +40,19 @@ fn malformed(detail: String) -> UploadError {
     UploadError::Server(ClientError::Status(tonic::Status::internal(detail)))
 }
 
-/// Every job the server has for the caller in `agreement`, received whole.
+/// Every job the server has for the caller in `agreement` and its `key`
+/// (only the key id, a public point, is sent), received whole.
 /// These are the only points a party ever receives, and they are its
 /// partner's.
-pub async fn fetch_work(client: &Client, agreement: &str) -> Result<Vec<Job>, UploadError> {
+pub async fn fetch_work(
+    client: &Client,
+    key: &BlindingKey,
+    agreement: &str,
+) -> Result<Vec<Job>, UploadError> {
     let mut stream = MatchingClient::new(client.channel())
         .blinding_work(proto::BlindingWorkRequest {
             agreement_id: agreement.to_string(),
+            key_id: key.key_id().to_vec(),
         })
         .await
         .map_err(ClientError::from)?
@@ -136,7 +142,7 @@ pub async fn match_pending(
     agreement: &str,
 ) -> Result<MatchReport, UploadError> {
     let mut done = Vec::new();
-    for job in fetch_work(client, agreement).await? {
+    for job in fetch_work(client, key, agreement).await? {
         done.push(complete_job(client, key, agreement, job).await?);
     }
     let own = client.clone().list_datasets(agreement).await?;

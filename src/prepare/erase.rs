@@ -55,10 +55,11 @@ pub async fn erase(
         options.csv,
     )
     .await?;
+    let keys = keys.into();
     let plan = Plan::identifiers(
         &agreement,
         &options.dataset,
-        keys.into(),
+        keys,
         reader.header(),
         &options.mapping,
     )?;
@@ -113,6 +114,7 @@ pub async fn erase(
                 agreement_id: options.agreement.clone(),
                 dataset: options.dataset.clone(),
                 policy_hash: policy_hash.clone(),
+                key_id: keys.key_id(),
                 sets: by_kind
                     .into_iter()
                     .map(|(kind, fingerprints)| proto::FingerprintSet {

@@ -54,6 +54,17 @@ pub enum Keys<'a> {
     Blinding(&'a BlindingKey),
 }
 
+impl Keys<'_> {
+    /// What the server is told of the key: under `ecdh` the id of the
+    /// blinding key (a public point), under `keyed` nothing.
+    pub fn key_id(&self) -> Vec<u8> {
+        match self {
+            Keys::Shared(_) => Vec::new(),
+            Keys::Blinding(key) => key.key_id().to_vec(),
+        }
+    }
+}
+
 impl<'a> From<&'a Secret> for Keys<'a> {
     fn from(secret: &'a Secret) -> Self {
         Keys::Shared(secret)

@@ -208,10 +208,11 @@ pub async fn upload(
         options.csv,
     )
     .await?;
+    let keys = keys.into();
     let plan = Plan::new(
         &agreement,
         &options.dataset,
-        keys.into(),
+        keys,
         reader.header(),
         &options.mapping,
     )?;
@@ -224,6 +225,7 @@ pub async fn upload(
             dataset: options.dataset.clone(),
             upload_id: upload_id.clone(),
             policy_hash,
+            key_id: keys.key_id(),
         })),
     };
     tx.send(header)

@@ -26,7 +26,7 @@ use crate::error::ServiceError;
 use crate::identity::blinding::{POINT_LEN, POINTS_PER_MESSAGE};
 use crate::policy::{Matching, Policy};
 use crate::proto;
-use crate::storage::{Blinding, Store, VersionInfo};
+use crate::storage::{Blinding, KeyId, Store, VersionInfo};
 
 type Point = [u8; POINT_LEN];
 
@@ -38,6 +38,8 @@ struct Job {
     /// The party asked to blind.
     partner: String,
     version: VersionInfo,
+    /// The id of the key the partner said it blinds with.
+    blinder: KeyId,
     /// The version's distinct singly blinded points, sorted.
     singles: Vec<Point>,
     /// Position i of the relayed order holds `singles[order[i]]`.
@@ -86,6 +88,9 @@ pub(crate) fn read_matchable(
 ) -> Result<Option<Vec<RecordBatch>>, ServiceError> {
     if policy.matching() == Matching::Keyed {
         return Ok(Some(store.read(info)?));
+    }
+    if !is_matchable(store, policy, info)? {
+        return Ok(None);
     }
     let Some(blinding) = store.blinding(info)? else {
         return Ok(None);
@@ -153,13 +158,85 @@ pub(crate) fn not_blinded(policy: &Policy, dataset: &str) -> ServiceError {
 }
 
 /// Whether the dataset's current version is matchable: keyed, or blinded by
-/// the partner.
+/// the partner with the key the partner's own current data was made with
+/// (a partner that changed keys must blind it again).
 pub(crate) fn is_matchable(
     store: &Store,
     policy: &Policy,
     info: &VersionInfo,
 ) -> Result<bool, ServiceError> {
-    Ok(policy.matching() == Matching::Keyed || store.has_blinding(info)?)
+    if policy.matching() == Matching::Keyed {
+        return Ok(true);
+    }
+    let Some(blinder) = store.blinder_key(info)? else {
+        return Ok(false);
+    };
+    let owner = policy
+        .dataset(&info.dataset)
+        .map(|d| d.owner())
+        .unwrap_or_default();
+    let partner = partner_of(policy, owner).unwrap_or_default();
+    Ok(match own_key(store, policy, partner)? {
+        Some((_, key)) => key == blinder,
+        None => true,
+    })
+}
+
+/// The key id `org`'s current versions in the agreement were made with,
+/// and a dataset that has it; None before its first upload.
+fn own_key(
+    store: &Store,
+    policy: &Policy,
+    org: &str,
+) -> Result<Option<(String, KeyId)>, ServiceError> {
+    for d in policy.datasets().iter().filter(|d| d.owner() == org) {
+        if let Some(v) = store.current(policy.id(), d.name())?
+            && let Some(key) = store.owner_key(&v)?
+        {
+            return Ok(Some((v.dataset, key)));
+        }
+    }
+    Ok(None)
+}
+
+/// The id of a party's blinding key, as sent with an upload, an erasure or
+/// a request for work: required and a valid point under `ecdh`, absent
+/// under `keyed`.
+pub(crate) fn key_id_of(policy: &Policy, bytes: &[u8]) -> Result<Option<KeyId>, ServiceError> {
+    if policy.matching() == Matching::Keyed {
+        if !bytes.is_empty() {
+            return Err(ServiceError::InvalidArgument {
+                field: "key_id",
+                rule: format!(
+                    "agreement {} matches keyed fingerprints; a blinding key id has no place here",
+                    policy.id()
+                ),
+            });
+        }
+        return Ok(None);
+    }
+    let id = KeyId::try_from(bytes)
+        .ok()
+        .filter(|id| crate::identity::blinding::decompress(id).is_some())
+        .ok_or_else(|| ServiceError::InvalidArgument {
+            field: "key_id",
+            rule: format!(
+                "agreement {} matches without a shared secret: send the 32-byte id of your blinding key",
+                policy.id()
+            ),
+        })?;
+    Ok(Some(id))
+}
+
+/// The refusal when points come blinded with another key than the one the
+/// caller's current upload of `dataset` was made with.
+pub(crate) fn other_key(dataset: &str) -> ServiceError {
+    ServiceError::Blinding {
+        rule: "blinding.key",
+        detail: format!(
+            "this is not the blinding key your current upload of dataset {dataset:?} was made with; use that key, or upload again with this one"
+        ),
+    }
 }
 
 /// The distinct identifier points of a version, sorted.
@@ -240,19 +317,26 @@ fn require_ecdh(policy: &Policy) -> Result<(), ServiceError> {
     Ok(())
 }
 
-/// The partner's versions `org` has still to blind, each made a job.
+/// The partner's versions `org` has still to blind with `key`, each made a
+/// job.
 fn issue_jobs(
     state: &AppState,
     policy: &Policy,
     org: &str,
+    key: KeyId,
 ) -> Result<Vec<proto::BlindingChunk>, ServiceError> {
     let store = state.store();
+    if let Some((dataset, own)) = own_key(store, policy, org)?
+        && own != key
+    {
+        return Err(other_key(&dataset));
+    }
     let mut messages = Vec::new();
     for d in policy.datasets().iter().filter(|d| d.owner() != org) {
         let Some(version) = store.current(policy.id(), d.name())? else {
             continue;
         };
-        if store.has_blinding(&version)? {
+        if store.blinder_key(&version)? == Some(key) {
             continue;
         }
         let identifiers: Vec<&str> = d.identifier_columns().into_iter().map(|(c, _)| c).collect();
@@ -281,6 +365,7 @@ fn issue_jobs(
                 agreement: policy.id().to_string(),
                 partner: org.to_string(),
                 version,
+                blinder: key,
                 singles,
                 order,
             },
@@ -335,7 +420,7 @@ fn complete(
         });
     }
     let pairs = job.singles.into_iter().zip(doubles).collect();
-    store.put_blinding(info, &Blinding::new(pairs))?;
+    store.put_blinding(info, &Blinding::new(job.blinder, pairs))?;
     state.query_tables().forget(&info.agreement);
     Ok(proto::SubmitBlindingResponse {
         dataset: info.dataset.clone(),
@@ -356,7 +441,9 @@ impl super::matching::MatchingService {
         let state = self.state().clone();
         let policy = agreement_in_force(&state, &org, &request.get_ref().agreement_id)?;
         require_ecdh(&policy)?;
-        let messages = tokio::task::spawn_blocking(move || issue_jobs(&state, &policy, &org))
+        let key = key_id_of(&policy, &request.get_ref().key_id)?
+            .ok_or_else(|| ServiceError::Internal("no key id under ecdh".into()))?;
+        let messages = tokio::task::spawn_blocking(move || issue_jobs(&state, &policy, &org, key))
             .await
             .map_err(|e| ServiceError::Internal(format!("issuing blinding jobs: {e}")))??;
         let stream = tokio_stream::iter(messages.into_iter().map(Ok));

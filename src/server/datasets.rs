@@ -13,6 +13,7 @@ use crate::error::ServiceError;
 use crate::policy::{AgreementState, Policy, Right};
 use crate::proto;
 use crate::proto::upload_request::Part;
+use crate::storage::KeyId;
 use crate::upload::{Rejection, RejectionKind, Validator, decode_batches};
 
 /// Implements `cleanroom.v1.Datasets`.
@@ -83,6 +84,7 @@ impl DatasetsService {
         if request.policy_hash != policy.hash().to_hex() {
             return Err(ServiceError::PolicyChanged(policy.id().to_string()));
         }
+        let key = super::blinding::key_id_of(&policy, &request.key_id)?;
         // Fingerprints per identifier column of the dataset.
         let columns = dataset.identifier_columns();
         let mut wanted: Vec<(String, HashSet<[u8; 32]>)> = Vec::new();
@@ -120,20 +122,25 @@ impl DatasetsService {
         }
         let (state, policy, org) = (self.state.clone(), Arc::clone(&policy), org.to_string());
         let dataset = dataset.name().to_string();
-        tokio::task::spawn_blocking(move || erase_rows(&state, &policy, &dataset, &org, &wanted))
-            .await
-            .map_err(|e| ServiceError::Internal(format!("erasing: {e}")))?
+        tokio::task::spawn_blocking(move || {
+            erase_rows(&state, &policy, &dataset, &org, &wanted, key.as_ref())
+        })
+        .await
+        .map_err(|e| ServiceError::Internal(format!("erasing: {e}")))?
     }
 }
 
 /// Writes the dataset's current version again without the rows carrying
 /// one of the `wanted` fingerprints, then deletes every older version.
+/// Under `ecdh`, `key` is the id of the key the wanted points were blinded
+/// with; it must be the current version's.
 fn erase_rows(
     state: &AppState,
     policy: &Policy,
     dataset: &str,
     org: &str,
     wanted: &[(String, HashSet<[u8; 32]>)],
+    key: Option<&KeyId>,
 ) -> Result<proto::EraseResponse, ServiceError> {
     use arrow::array::{Array, BooleanArray, FixedSizeBinaryArray};
     let lock = state.dataset_lock(policy.id(), dataset);
@@ -142,6 +149,10 @@ fn erase_rows(
     let Some(current) = store.current(policy.id(), dataset)? else {
         return Err(ServiceError::NoData(dataset.to_string()));
     };
+    let owner_key = store.owner_key(&current)?;
+    if key.is_some() && owner_key.as_ref() != key {
+        return Err(super::blinding::other_key(dataset));
+    }
     let batches = store.read(&current)?;
     let mut kept_batches = Vec::with_capacity(batches.len());
     let (mut removed, mut kept) = (0u64, 0u64);
@@ -197,6 +208,7 @@ fn erase_rows(
         org,
         &policy.hash().to_hex(),
         state.clock().now().unix_timestamp(),
+        owner_key.as_ref(),
     )?;
     let older: Vec<_> = store
         .versions(policy.id(), dataset)?
@@ -261,6 +273,7 @@ impl DatasetsService {
         if header.policy_hash != policy.hash().to_hex() {
             return Err(ServiceError::PolicyChanged(policy.id().to_string()));
         }
+        let owner_key = super::blinding::key_id_of(&policy, &header.key_id)?;
         let store = self.state.store();
         if let Some(done) = store.find_upload(policy.id(), dataset.name(), &header.upload_id)? {
             tracing::info!(version = %done.version, "upload id already committed; nothing stored again");
@@ -362,7 +375,7 @@ impl DatasetsService {
                     let lock = self.state.dataset_lock(policy.id(), dataset.name());
                     let info = tokio::task::spawn_blocking(move || {
                         let _serialised = lock.lock().unwrap_or_else(|e| e.into_inner());
-                        store.commit(staged, &upload_id, &org, &hash, now)
+                        store.commit(staged, &upload_id, &org, &hash, now, owner_key.as_ref())
                     })
                     .await
                     .map_err(|e| ServiceError::Internal(format!("commit task: {e}")))??;

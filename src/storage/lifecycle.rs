@@ -20,9 +20,16 @@ impl Store {
             let mut current = tx.open_table(CURRENT)?;
             let mut uploads = tx.open_table(UPLOADS)?;
             let mut blindings = tx.open_table(super::blinding::BLINDINGS)?;
+            let mut keys = tx.open_table(super::blinding::VERSION_KEYS)?;
             for v in versions {
                 table.remove(key_name(&[&v.agreement, &v.dataset, &v.version]).as_str())?;
                 blindings.remove(key_name(&[&v.agreement, &v.dataset, &v.version]).as_str())?;
+                for role in [
+                    super::blinding::KeyRole::Owner,
+                    super::blinding::KeyRole::Blinder,
+                ] {
+                    keys.remove(super::blinding::key_entry(v, role).as_str())?;
+                }
                 let pointer = key_name(&[&v.agreement, &v.dataset]);
                 let is_current = current
                     .get(pointer.as_str())?

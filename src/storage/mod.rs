@@ -4,7 +4,7 @@
 //! ```text
 //! DATA_DIR/master.key                      hex AES-256 key, mode 0600 (or a file given to serve)
 //! DATA_DIR/meta.redb                       metadata: wrapped data keys, versions, uploads, current pointers,
-//!                                          sealed doubly blinded points (matching = "ecdh")
+//!                                          sealed doubly blinded points and key ids (matching = "ecdh")
 //! DATA_DIR/datasets/AGREEMENT/DATASET/V.cds  one encrypted file per committed version
 //! DATA_DIR/staging/                        uploads in progress; cleared at start
 //! ```
@@ -27,7 +27,7 @@ use arrow::record_batch::RecordBatch;
 use redb::{Database, ReadableTable, TableDefinition};
 use serde::{Deserialize, Serialize};
 
-pub use blinding::Blinding;
+pub use blinding::{Blinding, KeyId};
 use crypto::{KEY_LEN, Key};
 pub use file::StagedVersion;
 pub use ledger::{Charge, Spent};
@@ -151,6 +151,7 @@ impl Store {
             tx.open_table(ledger::BUDGET)?;
             tx.open_table(ledger::PENDING)?;
             tx.open_table(blinding::BLINDINGS)?;
+            tx.open_table(blinding::VERSION_KEYS)?;
         }
         tx.commit()?;
         let store = Store::checked(root, db, master)?;
@@ -411,6 +412,7 @@ impl Store {
         uploaded_by: &str,
         policy_hash: &str,
         committed_at: i64,
+        owner_key: Option<&KeyId>,
     ) -> Result<VersionInfo, StorageError> {
         let (agreement, dataset, version) = (
             staged.agreement().to_string(),
@@ -430,6 +432,9 @@ impl Store {
             committed_at,
             policy_hash: policy_hash.to_string(),
         };
+        let owner_entry = owner_key
+            .map(|id| self.sealed_key_id(&info, blinding::KeyRole::Owner, id))
+            .transpose()?;
         let tx = self.inner.db.begin_write()?;
         let upload_key = key_name(&[&agreement, &dataset, upload_id]);
         let raced = tx.open_table(UPLOADS)?.get(upload_key.as_str())?.is_some();
@@ -454,6 +459,10 @@ impl Store {
             )?;
             let mut current = tx.open_table(CURRENT)?;
             current.insert(key_name(&[&agreement, &dataset]).as_str(), version.as_str())?;
+        }
+        if let Some((entry, sealed)) = &owner_entry {
+            tx.open_table(blinding::VERSION_KEYS)?
+                .insert(entry.as_str(), sealed.as_slice())?;
         }
         tx.commit()?;
         Ok(info)
@@ -542,7 +551,9 @@ mod tests {
         staged
             .append(&crate::upload::encode_batch(&b).unwrap(), n as u64)
             .unwrap();
-        store.commit(staged, upload_id, "acme", "h", 1).unwrap()
+        store
+            .commit(staged, upload_id, "acme", "h", 1, None)
+            .unwrap()
     }
 
     #[test]

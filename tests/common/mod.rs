@@ -357,6 +357,7 @@ pub fn header(client_hash: &str, dataset: &str, id: &str) -> proto::UploadReques
             dataset: dataset.into(),
             upload_id: id.into(),
             policy_hash: client_hash.into(),
+            key_id: Vec::new(),
         })),
     }
 }
