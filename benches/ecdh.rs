@@ -50,7 +50,7 @@ fn policy() -> String {
          [[party]]\norg = \"acme\"\nrights = [\"upload\", \"query\", \"receive_results\", \"see_overlap\"]\n\n\
          [[party]]\norg = \"globex\"\nrights = [\"upload\", \"see_overlap\"]\n\n{}{}\
          [query]\naggregates = [\"count\"]\nmin_group_size = 50\n",
-        "5a".repeat(32),
+        blake3::hash(b"cleanroom psi-bench salt").to_hex(),
         dataset("customers", "acme"),
         dataset("audience", "globex"),
     )
@@ -136,8 +136,15 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         );
         async move { Client::connect(&config).await }
     };
-    let mut acme = connect("acme").await?;
-    let globex = connect("globex").await?;
+    let (mut acme, globex) = match (connect("acme").await, connect("globex").await) {
+        (Ok(a), Ok(g)) => (a, g),
+        (a, g) => {
+            if server.is_finished() {
+                return Err(format!("the server stopped: {:?}", server.await?).into());
+            }
+            return Err(format!("connecting: {:?} {:?}", a.err(), g.err()).into());
+        }
+    };
     let (acme_key, globex_key) = (BlindingKey::generate(), BlindingKey::generate());
 
     println!(
