@@ -223,3 +223,109 @@ async fn erasures_and_new_versions_drop_tables_from_memory_at_once() {
         "a policy reload left tables of the old policy"
     );
 }
+
+/// An overlap is matched once per pair of versions and policy: in the
+/// background after the commit that completes the pair, or at the first
+/// overlap. Later overlaps, and overlaps after a restart, reuse the sealed
+/// count; a new version, an erasure or a policy change match again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn overlaps_are_matched_once_per_pair_of_versions() {
+    let free_port = || {
+        std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+    };
+    let policies = demo_policies(None);
+    let setup = |port| Setup {
+        policies: policies.path().to_path_buf(),
+        metrics_listen: Some(port),
+        ..Setup::default()
+    };
+    let mut port = free_port();
+    let server = TestServer::start_with(setup(port)).await;
+    let matchings = |port| async move {
+        let text = tokio::task::spawn_blocking(move || scrape(port))
+            .await
+            .unwrap();
+        value(&text, "cleanroom_overlap_matchings_total")
+    };
+    let (data, truth) = synth(2_000, 0.3);
+    upload_demo(&server, "acme", data.path()).await;
+    assert_eq!(
+        matchings(port).await,
+        0.0,
+        "one dataset alone is not matched"
+    );
+    upload_demo(&server, "globex", data.path()).await;
+    assert!(
+        common::eventually(|| async { matchings(port).await == 1.0 }).await,
+        "the commit that completes the pair is matched in the background"
+    );
+    let mut acme = server.client("acme").await;
+    for _ in 0..3 {
+        let r = acme.overlap("retail-media-demo", &[]).await.unwrap();
+        assert_eq!(r.overlap, Some(truth.overlap));
+    }
+    assert_eq!(
+        matchings(port).await,
+        1.0,
+        "overlaps reuse the recorded count"
+    );
+
+    // After a restart the count is read back, not matched again.
+    port = free_port();
+    let server = server.restart(setup(port)).await;
+    let mut acme = server.client("acme").await;
+    let r = acme.overlap("retail-media-demo", &[]).await.unwrap();
+    assert_eq!(r.overlap, Some(truth.overlap));
+    assert_eq!(matchings(port).await, 0.0, "a restart matched again");
+
+    // An erasure makes a new version: matched again, and the count moves.
+    let text = std::fs::read_to_string(data.path().join(cleanroom::synth::ACME_FILE)).unwrap();
+    let withdrawn = data.path().join("withdrawn.csv");
+    std::fs::write(
+        &withdrawn,
+        text.lines().take(201).collect::<Vec<_>>().join("\n") + "\n",
+    )
+    .unwrap();
+    let options = cleanroom::prepare::EraseOptions {
+        agreement: "retail-media-demo".into(),
+        dataset: "customers".into(),
+        input: withdrawn,
+        format: None,
+        csv: cleanroom::prepare::CsvOptions::default(),
+        mapping: Default::default(),
+    };
+    cleanroom::prepare::erase(&acme, &common::secret(), &options)
+        .await
+        .unwrap();
+    let after_erasure = acme.overlap("retail-media-demo", &[]).await.unwrap();
+    assert!(after_erasure.overlap.unwrap() < truth.overlap);
+    assert_eq!(matchings(port).await, 1.0);
+
+    // A policy change (the same identifiers) is matched again under it.
+    let file = policies.path().join("retail-media-demo.toml");
+    let edited = std::fs::read_to_string(&file)
+        .unwrap()
+        .replace("min_group_size = 50", "min_group_size = 60");
+    std::fs::write(&file, edited).unwrap();
+    let mut acme2 = acme.clone();
+    assert!(
+        common::eventually(|| {
+            let mut c = acme2.clone();
+            async move {
+                c.overlap("retail-media-demo", &[])
+                    .await
+                    .unwrap()
+                    .min_group_size
+                    == 60
+            }
+        })
+        .await
+    );
+    let r = acme2.overlap("retail-media-demo", &[]).await.unwrap();
+    assert_eq!(r.overlap, after_erasure.overlap);
+    assert_eq!(matchings(port).await, 2.0);
+    server.stop().await.unwrap();
+}

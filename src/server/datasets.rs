@@ -220,6 +220,7 @@ fn erase_rows(
     super::blinding::carry_over(store, policy, &current, &info, &kept_batches)?;
     store.delete_versions(&older)?;
     state.query_tables().forget(policy.id());
+    state.match_soon(policy.id());
     Ok(proto::EraseResponse {
         rows_removed: removed,
         rows_kept: kept,
@@ -389,6 +390,7 @@ impl DatasetsService {
                     );
                     self.state.metrics().uploaded(info.rows, info.bytes);
                     self.state.query_tables().forget(policy.id());
+                    self.state.match_soon(policy.id());
                     return Ok(proto::UploadResponse {
                         already_committed: info.upload_id != header.upload_id,
                         version: info.version,

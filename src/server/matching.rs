@@ -15,6 +15,7 @@ use crate::policy::{Dataset, Policy, Right};
 use crate::privacy::{Measure, NoiseSource, Plan, Settings};
 use crate::proto;
 use crate::psi::{Side, match_people};
+use crate::storage::VersionInfo;
 
 /// Implements `cleanroom.v1.Matching`.
 #[derive(Debug, Clone)]
@@ -166,7 +167,6 @@ impl MatchingService {
         versions: Vec<crate::storage::VersionInfo>,
         private: Option<&Plan>,
     ) -> Result<proto::OverlapResponse, ServiceError> {
-        let store = self.state.store();
         let (kinds_b, names) = (b.identifier_columns(), [a.name(), b.name()]);
         let matched_on: Vec<String> = a
             .identifier_columns()
@@ -174,25 +174,10 @@ impl MatchingService {
             .filter(|(_, k)| kinds_b.iter().any(|(_, kb)| kb == k))
             .map(|(_, k)| k.to_string())
             .collect();
-        let (store, da, db) = (store.clone(), a.clone(), b.clone());
+        let (state, da, db) = (self.state.clone(), a.clone(), b.clone());
         let p = Arc::clone(policy);
-        let overlap = tokio::task::spawn_blocking(move || -> Result<u64, ServiceError> {
-            let read = |v: &crate::storage::VersionInfo| {
-                read_matchable(&store, &p, v)?.ok_or_else(|| not_blinded(&p, &v.dataset))
-            };
-            let (batches_a, batches_b) = (read(&versions[0])?, read(&versions[1])?);
-            let (ids_a, ids_b) = (da.identifier_columns(), db.identifier_columns());
-            let m = match_people(
-                Side {
-                    batches: &batches_a,
-                    identifiers: &ids_a,
-                },
-                Side {
-                    batches: &batches_b,
-                    identifiers: &ids_b,
-                },
-            );
-            Ok(m.overlap)
+        let overlap = tokio::task::spawn_blocking(move || {
+            matched_people(&state, &p, [&da, &db], [&versions[0], &versions[1]])
         })
         .await
         .map_err(|e| ServiceError::Internal(format!("matching task: {e}")))??;
@@ -216,6 +201,86 @@ impl MatchingService {
             policy_hash: policy.hash().to_hex(),
             privacy: None,
         })
+    }
+}
+
+/// The exact number of people two datasets' `versions` share: recorded
+/// once per pair of versions and policy, matched only when not yet
+/// recorded (one matching at a time per pair; a second caller waits for
+/// the first's record). Blocking.
+pub(crate) fn matched_people(
+    state: &AppState,
+    policy: &Policy,
+    [a, b]: [&Dataset; 2],
+    versions: [&VersionInfo; 2],
+) -> Result<u64, ServiceError> {
+    let store = state.store();
+    let hash = policy.hash().to_hex();
+    if let Some(people) = store.matched_overlap(versions, &hash)? {
+        return Ok(people);
+    }
+    let mut pair = [a.name(), b.name()];
+    pair.sort_unstable();
+    let lock = state.dataset_lock(policy.id(), &format!("overlap {} {}", pair[0], pair[1]));
+    let _one_at_a_time = lock.lock().unwrap_or_else(|e| e.into_inner());
+    if let Some(people) = store.matched_overlap(versions, &hash)? {
+        return Ok(people);
+    }
+    let read = |v: &VersionInfo| {
+        read_matchable(store, policy, v)?.ok_or_else(|| not_blinded(policy, &v.dataset))
+    };
+    let (batches_a, batches_b) = (read(versions[0])?, read(versions[1])?);
+    let (ids_a, ids_b) = (a.identifier_columns(), b.identifier_columns());
+    let m = match_people(
+        Side {
+            batches: &batches_a,
+            identifiers: &ids_a,
+        },
+        Side {
+            batches: &batches_b,
+            identifiers: &ids_b,
+        },
+    );
+    store.put_matched_overlap(versions, &hash, m.overlap)?;
+    state.metrics().matched();
+    Ok(m.overlap)
+}
+
+/// Matches every pair of the agreement's datasets that share an identity
+/// kind and whose current versions are matchable and not yet matched. For
+/// the background matcher; failures are logged, the next request retries.
+pub(crate) fn match_agreement(state: &AppState, agreement: &str) {
+    let Some(policy) = state.policies().get(agreement).cloned() else {
+        return;
+    };
+    let store = state.store();
+    let datasets = policy.datasets();
+    for (i, a) in datasets.iter().enumerate() {
+        for b in &datasets[i + 1..] {
+            let kinds_b = b.identifier_columns();
+            if !a
+                .identifier_columns()
+                .iter()
+                .any(|(_, k)| kinds_b.iter().any(|(_, kb)| kb == k))
+            {
+                continue;
+            }
+            let run = || -> Result<(), ServiceError> {
+                let (Some(va), Some(vb)) = (
+                    store.current(policy.id(), a.name())?,
+                    store.current(policy.id(), b.name())?,
+                ) else {
+                    return Ok(());
+                };
+                if is_matchable(store, &policy, &va)? && is_matchable(store, &policy, &vb)? {
+                    matched_people(state, &policy, [a, b], [&va, &vb])?;
+                }
+                Ok(())
+            };
+            if let Err(e) = run() {
+                tracing::warn!(error = %e, "background matching failed; the next overlap retries");
+            }
+        }
     }
 }
 

@@ -96,6 +96,7 @@ pub struct Metrics {
     reload_failures: Gauge,
     store_bytes: Gauge,
     cached_agreements: Gauge,
+    matchings: Counter,
 }
 
 impl std::fmt::Debug for Metrics {
@@ -169,9 +170,16 @@ impl Default for Metrics {
             "Agreements whose decrypted, matched tables are held in memory",
             cached_agreements.clone(),
         );
+        let matchings = Counter::default();
+        registry.register(
+            "overlap_matchings",
+            "Pairs of dataset versions matched for an overlap (each pair once; recorded counts are reused, across restarts too)",
+            matchings.clone(),
+        );
         Metrics {
             registry,
             cached_agreements,
+            matchings,
             calls,
             latency,
             upload_rows,
@@ -205,6 +213,11 @@ impl Metrics {
         self.latency
             .get_or_create(&OperationLabels { operation })
             .observe(took.as_secs_f64());
+    }
+
+    /// A pair of versions matched for an overlap.
+    pub(crate) fn matched(&self) {
+        self.matchings.inc();
     }
 
     pub(crate) fn uploaded(&self, rows: u64, bytes: u64) {

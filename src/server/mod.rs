@@ -101,6 +101,9 @@ pub struct AppState {
     audit: AuditLog,
     query_tables: queries::TableCache,
     blinding_jobs: blinding::Jobs,
+    /// Agreements whose overlaps to match ahead of the next request, for
+    /// the background matcher (none attached outside `serve`).
+    match_queue: Arc<std::sync::Mutex<Option<tokio::sync::mpsc::UnboundedSender<String>>>>,
     reload: Arc<std::sync::Mutex<ReloadStatus>>,
     /// One lock per dataset, held while a version is committed and for a
     /// whole erasure, so neither loses the other's version.
@@ -140,6 +143,7 @@ impl AppState {
             audit,
             query_tables: queries::TableCache::default(),
             blinding_jobs: blinding::Jobs::default(),
+            match_queue: Arc::default(),
             reload: Arc::default(),
             dataset_locks: Arc::default(),
             metrics: Arc::default(),
@@ -339,6 +343,19 @@ impl AppState {
 
     pub(crate) fn query_tables(&self) -> &queries::TableCache {
         &self.query_tables
+    }
+
+    /// Asks the background matcher to match the agreement's current
+    /// versions now, after a commit, rather than at the next overlap.
+    pub(crate) fn match_soon(&self, agreement: &str) {
+        if let Some(tx) = self
+            .match_queue
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .as_ref()
+        {
+            let _ = tx.send(agreement.to_string());
+        }
     }
 
     pub fn audit_log(&self) -> &AuditLog {
@@ -623,6 +640,7 @@ pub async fn serve(
 
     let background = spawn_background(&state, &options);
     let (metrics_stop, metrics_stopped) = tokio::sync::oneshot::channel::<()>();
+    let mut metrics_task = None;
     if let Some(addr) = options.metrics_listen {
         let listener = TcpListener::bind(addr)
             .await
@@ -631,13 +649,13 @@ pub async fn serve(
                 source,
             })?;
         tracing::info!(addr = %addr, "serving metrics at /metrics");
-        tokio::spawn(metrics::serve_metrics(
+        metrics_task = Some(tokio::spawn(metrics::serve_metrics(
             listener,
             state.clone(),
             async move {
                 let _ = metrics_stopped.await;
             },
-        ));
+        )));
     }
 
     let (health_reporter, health_service) = tonic_health::server::health_reporter();
@@ -703,7 +721,16 @@ pub async fn serve(
         Err(_) => tracing::warn!("in-flight calls did not finish in time; stopping anyway"),
     }
     background.stop().await;
+    // The endpoint holds the state, and with it the store: wait until it
+    // is gone, so the data directory is free once `serve` returns.
     let _ = metrics_stop.send(());
+    if let Some(task) = metrics_task
+        && tokio::time::timeout(options.drain_timeout, task)
+            .await
+            .is_err()
+    {
+        tracing::warn!("the metrics endpoint did not stop in time");
+    }
     tracing::info!("stopped");
     Ok(())
 }
@@ -733,6 +760,7 @@ fn spawn_background(state: &AppState, options: &ServerOptions) -> Background {
             }
         })
     };
+    let matcher = spawn_matcher(state, stop.subscribe());
     let state = state.clone();
     let dir = options.policies_dir.clone();
     let poll = options.policy_poll;
@@ -756,8 +784,44 @@ fn spawn_background(state: &AppState, options: &ServerOptions) -> Background {
     });
     Background {
         stop,
-        tasks: vec![maintenance, reload],
+        tasks: vec![maintenance, reload, matcher],
     }
+}
+
+/// Matches agreements' current versions in the background as they are
+/// committed, so that an overlap request finds its count recorded. Each run
+/// finishes before the task stops: the store must be free once `serve`
+/// returns.
+fn spawn_matcher(
+    state: &AppState,
+    mut stopped: tokio::sync::watch::Receiver<bool>,
+) -> tokio::task::JoinHandle<()> {
+    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<String>();
+    *state.match_queue.lock().unwrap_or_else(|e| e.into_inner()) = Some(tx);
+    let state = state.clone();
+    tokio::spawn(async move {
+        loop {
+            let first = tokio::select! {
+                got = rx.recv() => match got {
+                    Some(a) => a,
+                    None => break,
+                },
+                _ = stopped.changed() => break,
+            };
+            let mut agreements = std::collections::BTreeSet::from([first]);
+            while let Ok(more) = rx.try_recv() {
+                agreements.insert(more);
+            }
+            for agreement in agreements {
+                let s = state.clone();
+                let run =
+                    tokio::task::spawn_blocking(move || matching::match_agreement(&s, &agreement));
+                if let Err(e) = run.await {
+                    tracing::error!(error = %e, "background matching");
+                }
+            }
+        }
+    })
 }
 
 /// Background tasks, stopped with the server.

@@ -50,6 +50,9 @@ impl Store {
                 }
             }
         }
+        for v in versions {
+            super::overlaps::forget_in(&tx, v)?;
+        }
         tx.commit()?;
         for v in versions {
             let path = self.version_path(&v.agreement, &v.dataset, &v.version);

@@ -4,7 +4,8 @@
 //! ```text
 //! DATA_DIR/master.key                      hex AES-256 key, mode 0600 (or a file given to serve)
 //! DATA_DIR/meta.redb                       metadata: wrapped data keys, versions, uploads, current pointers,
-//!                                          sealed doubly blinded points and key ids (matching = "ecdh")
+//!                                          sealed doubly blinded points and key ids (matching = "ecdh"),
+//!                                          sealed matched overlaps
 //! DATA_DIR/datasets/AGREEMENT/DATASET/V.cds  one encrypted file per committed version
 //! DATA_DIR/staging/                        uploads in progress; cleared at start
 //! ```
@@ -18,6 +19,7 @@ mod crypto;
 mod file;
 mod ledger;
 mod lifecycle;
+mod overlaps;
 
 use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
@@ -31,6 +33,7 @@ pub use blinding::{Blinding, KeyId};
 use crypto::{KEY_LEN, Key};
 pub use file::StagedVersion;
 pub use ledger::{Charge, Spent};
+pub use overlaps::MatchedOverlap;
 
 /// agreement -> data key sealed by the master key.
 const KEYS: TableDefinition<&str, &[u8]> = TableDefinition::new("data_keys");
@@ -152,6 +155,7 @@ impl Store {
             tx.open_table(ledger::PENDING)?;
             tx.open_table(blinding::BLINDINGS)?;
             tx.open_table(blinding::VERSION_KEYS)?;
+            tx.open_table(overlaps::OVERLAPS)?;
         }
         tx.commit()?;
         let store = Store::checked(root, db, master)?;
