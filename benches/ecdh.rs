@@ -217,25 +217,14 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
 /// Runs `benches/python/openmined_psi.py` in its virtual environment,
 /// creating it first if needed; returns the seconds and the overlap found.
 fn openmined(n: u64, shared: u64) -> Result<(f64, u64), String> {
-    let home = std::env::var("HOME").map_err(|_| "HOME is not set".to_string())?;
-    let venv = PathBuf::from(home).join(".cache/cleanroom-bench-psi-venv");
-    let python = venv.join("bin/python");
-    let run = |cmd: &mut Command| -> Result<String, String> {
-        let out = cmd.output().map_err(|e| e.to_string())?;
-        if !out.status.success() {
-            return Err(String::from_utf8_lossy(&out.stderr).into_owned());
-        }
-        Ok(String::from_utf8_lossy(&out.stdout).into_owned())
-    };
-    if !python.exists() {
-        run(Command::new("python3").args(["-m", "venv"]).arg(&venv))?;
-    }
-    run(Command::new(&python).args(["-m", "pip", "install", "-q", "openmined-psi==2.0.6"]))?;
+    let python = common::python_with("cleanroom-bench-psi-venv", &["openmined-psi==2.0.6"])?;
     let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("benches/python/openmined_psi.py");
-    let out = run(Command::new(&python)
-        .arg(script)
-        .arg(n.to_string())
-        .arg(shared.to_string()))?;
+    let out = common::run(
+        Command::new(&python)
+            .arg(script)
+            .arg(n.to_string())
+            .arg(shared.to_string()),
+    )?;
     let report: serde_json::Value =
         serde_json::from_str(out.trim()).map_err(|e| format!("unexpected output: {e}"))?;
     match (report["total_s"].as_f64(), report["overlap"].as_u64()) {

@@ -100,8 +100,6 @@ impl Hasher for SeededHasher {
     }
 }
 
-type FpMap = HashMap<[u8; 32], u32, Seeded>;
-
 /// The first 8 bytes of a fingerprint.
 fn prefix(value: &[u8]) -> u64 {
     let mut word = [0u8; 8];
@@ -145,19 +143,57 @@ impl People {
     }
 }
 
-/// Rows that share a fingerprint of `kind`, as pairs of row numbers
-/// (numbered across all sides in order).
+/// Dense keys of one identifier column of one batch: equal keys for equal
+/// fingerprints of the same identity kind, across every side; a key is a
+/// number below the count of distinct fingerprints of that kind.
+#[derive(Debug, Clone)]
+pub struct ColumnKeys {
+    /// Index of the side in the `sides` given.
+    pub side: usize,
+    /// Index of the batch in that side.
+    pub batch: usize,
+    /// The column's name.
+    pub column: String,
+    /// 4 bytes each (a big-endian number), null where the fingerprint is
+    /// null. Fixed-size binary like the fingerprints, so a query can do
+    /// with keys exactly what it could with fingerprints (join on them)
+    /// and nothing more (no cast to a number or to text is total).
+    pub keys: FixedSizeBinaryArray,
+}
+
+/// One column's keys while kinds are numbered.
+struct RawKeys {
+    side: usize,
+    batch: usize,
+    column: String,
+    keys: Vec<u32>,
+    nulls: Option<arrow::buffer::NullBuffer>,
+}
+
+/// What indexing one identity kind found.
+struct KindIndex {
+    /// Pairs of row numbers (numbered across all sides in order) that share
+    /// a fingerprint of this kind.
+    links: Vec<(u32, u32)>,
+    /// With `want_keys`: dense keys for every column of this kind, from 0.
+    keys: Vec<RawKeys>,
+    /// Distinct fingerprints of this kind (with `want_keys`).
+    distinct: u32,
+}
+
+/// Indexes the fingerprints of `kind`.
 ///
 /// The index is keyed by the fingerprint's first 8 bytes (16-byte entries
 /// instead of 40, so far fewer cache misses); a prefix hit is confirmed on
 /// the full 32 bytes, and the rare different fingerprint sharing a prefix
 /// goes to an exact index.
-fn links_of_kind(sides: &[Side<'_>], kind: &str, capacity: usize) -> Vec<(u32, u32)> {
+fn index_kind(sides: &[Side<'_>], kind: &str, capacity: usize, want_keys: bool) -> KindIndex {
     // Every column of this kind with the global number of its first row.
     let mut columns: Vec<(u32, &FixedSizeBinaryArray)> = Vec::new();
+    let mut places: Vec<(usize, usize, &str)> = Vec::new();
     let mut offset = 0u32;
-    for side in sides {
-        for batch in side.batches {
+    for (side_no, side) in sides.iter().enumerate() {
+        for (batch_no, batch) in side.batches.iter().enumerate() {
             for &(name, _) in side.identifiers.iter().filter(|(_, k)| *k == kind) {
                 let fps = batch
                     .schema()
@@ -172,6 +208,7 @@ fn links_of_kind(sides: &[Side<'_>], kind: &str, capacity: usize) -> Vec<(u32, u
                     .filter(|f| f.value_length() == 32);
                 if let Some(fps) = fps {
                     columns.push((offset, fps));
+                    places.push((side_no, batch_no, name));
                 }
             }
             offset += batch.num_rows() as u32;
@@ -179,8 +216,17 @@ fn links_of_kind(sides: &[Side<'_>], kind: &str, capacity: usize) -> Vec<(u32, u
     }
     let seeded = Seeded::random();
     let mut first: HashMap<u64, u64, Seeded> = HashMap::with_capacity_and_hasher(capacity, seeded);
-    let mut exact = FpMap::with_hasher(seeded);
+    let mut exact: HashMap<[u8; 32], u64, Seeded> = HashMap::with_hasher(seeded);
     let mut links = Vec::new();
+    // Per column, the key of each row (when wanted): a new fingerprint takes
+    // the next number, a seen one the number of its first row.
+    let mut keys: Vec<Vec<u32>> = if want_keys {
+        columns.iter().map(|(_, f)| vec![0; f.len()]).collect()
+    } else {
+        Vec::new()
+    };
+    let mut next_key = 0u32;
+    let position = |here: u64| ((here >> 32) as usize, here as u32);
     for (entry, (offset, fps)) in columns.iter().enumerate() {
         for row in 0..fps.len() {
             if fps.is_null(row) {
@@ -190,39 +236,78 @@ fn links_of_kind(sides: &[Side<'_>], kind: &str, capacity: usize) -> Vec<(u32, u
             let prefix = prefix(value);
             let global = offset + row as u32;
             let here = ((entry as u64) << 32) | u64::from(global);
-            match first.entry(prefix) {
+            // The first row with this fingerprint, if any came before.
+            let earlier = match first.entry(prefix) {
                 std::collections::hash_map::Entry::Vacant(v) => {
                     v.insert(here);
+                    None
                 }
                 std::collections::hash_map::Entry::Occupied(o) => {
                     let seen = *o.get();
-                    let (seen_entry, seen_global) = ((seen >> 32) as usize, seen as u32);
+                    let (seen_entry, seen_global) = position(seen);
                     let (seen_offset, seen_fps) = columns[seen_entry];
                     if seen_fps.value((seen_global - seen_offset) as usize) == value {
-                        links.push((global, seen_global));
+                        Some(seen)
                     } else {
                         let mut fp = [0u8; 32];
                         fp.copy_from_slice(value);
                         match exact.entry(fp) {
-                            std::collections::hash_map::Entry::Occupied(x) => {
-                                links.push((global, *x.get()));
-                            }
+                            std::collections::hash_map::Entry::Occupied(x) => Some(*x.get()),
                             std::collections::hash_map::Entry::Vacant(x) => {
-                                x.insert(global);
+                                x.insert(here);
+                                None
                             }
                         }
                     }
                 }
+            };
+            if let Some(seen) = earlier {
+                links.push((global, position(seen).1));
+            }
+            if want_keys {
+                keys[entry][row] = match earlier {
+                    Some(seen) => {
+                        let (seen_entry, seen_global) = position(seen);
+                        keys[seen_entry][(seen_global - columns[seen_entry].0) as usize]
+                    }
+                    None => {
+                        next_key += 1;
+                        next_key - 1
+                    }
+                };
             }
         }
     }
-    links
+    let keys = keys
+        .into_iter()
+        .zip(&columns)
+        .zip(places)
+        .map(|((k, (_, fps)), (side, batch, column))| RawKeys {
+            side,
+            batch,
+            column: column.to_string(),
+            keys: k,
+            nulls: fps.nulls().cloned(),
+        })
+        .collect();
+    KindIndex {
+        links,
+        keys,
+        distinct: next_key,
+    }
 }
 
 /// The person number of every row of `sides`, in order: rows linked by a
 /// shared fingerprint of one kind have equal numbers. Identity kinds are
 /// indexed side by side, one thread each.
 pub fn people(sides: &[Side<'_>]) -> Vec<u32> {
+    people_and_keys(sides, false).0
+}
+
+/// As [`people`], and with `want_keys` the dense key of every identifier
+/// column: fingerprints are only ever compared for equality, which 4 bytes
+/// per distinct value keep in an eighth of the memory.
+pub fn people_and_keys(sides: &[Side<'_>], want_keys: bool) -> (Vec<u32>, Vec<ColumnKeys>) {
     let total: usize = sides.iter().map(Side::rows).sum();
     assert!(total < u32::MAX as usize, "more rows than a u32 can number");
     let mut kinds: Vec<&str> = sides
@@ -231,23 +316,49 @@ pub fn people(sides: &[Side<'_>]) -> Vec<u32> {
         .collect();
     kinds.sort_unstable();
     kinds.dedup();
-    let links: Vec<Vec<(u32, u32)>> = std::thread::scope(|scope| {
+    let indexes: Vec<Option<KindIndex>> = std::thread::scope(|scope| {
         let handles: Vec<_> = kinds
             .iter()
-            .map(|kind| scope.spawn(|| links_of_kind(sides, kind, total)))
+            .map(|kind| scope.spawn(|| index_kind(sides, kind, total, want_keys)))
             .collect();
-        handles
-            .into_iter()
-            // A thread that panicked left its links out; matching goes on
-            // with the others rather than taking the server down.
-            .map(|h| h.join().unwrap_or_default())
-            .collect()
+        handles.into_iter().map(|h| h.join().ok()).collect()
     });
-    let mut uf = People::new(total);
-    for (a, b) in links.into_iter().flatten() {
-        uf.union(a, b);
+    // A thread that panicked while only counting left its links out, and
+    // matching goes on with the others rather than taking the server down;
+    // keys for queries cannot be left out, so there it stops.
+    if want_keys {
+        assert!(
+            indexes.iter().all(Option::is_some),
+            "indexing an identity kind failed"
+        );
     }
-    (0..total as u32).map(|row| uf.find(row)).collect()
+    let mut uf = People::new(total);
+    let mut keys = Vec::new();
+    // Each kind's keys after the previous kinds': no key of one kind equals
+    // a key of another, as no fingerprint of one equals one of another.
+    let mut offset = 0u32;
+    for index in indexes.into_iter().flatten() {
+        for (a, b) in index.links {
+            uf.union(a, b);
+        }
+        for k in index.keys {
+            let bytes: Vec<u8> = k
+                .keys
+                .iter()
+                .flat_map(|v| (v + offset).to_be_bytes())
+                .collect();
+            keys.push(ColumnKeys {
+                side: k.side,
+                batch: k.batch,
+                column: k.column,
+                keys: FixedSizeBinaryArray::new(4, bytes.into(), k.nulls),
+            });
+        }
+        offset = offset
+            .checked_add(index.distinct)
+            .expect("more distinct identifiers than a u32 can number");
+    }
+    ((0..total as u32).map(|row| uf.find(row)).collect(), keys)
 }
 
 /// Matches two datasets. Rows without any fingerprint are people of their own.
@@ -416,6 +527,74 @@ mod tests {
             prop_assert_eq!(m.people, [a.len() as u64, b.len() as u64]);
             let distinct: HashSet<u32> = m.person_of_row.iter().copied().collect();
             prop_assert_eq!(distinct.len() as u64, (a.len() + b.len()) as u64 - expected);
+        }
+
+        /// Dense keys hold exactly the fingerprints' equalities: equal keys
+        /// where (and only where) the same kind's fingerprints are equal,
+        /// across sides, batches and kinds; null where they are null.
+        #[test]
+        fn dense_keys_keep_exactly_the_equalities(
+            rows in proptest::collection::vec(
+                (proptest::option::of(0u64..30), proptest::option::of(0u64..30)), 1..60),
+            split in 0usize..60,
+            shared_prefix in any::<bool>(),
+        ) {
+            let fp_of = |n: u64, kind: u8| {
+                let mut v = fp(n, kind);
+                if shared_prefix {
+                    // Crafted values that all share the index's 8-byte prefix.
+                    v[..8].copy_from_slice(b"flooding");
+                }
+                v
+            };
+            let make = |rows: &[(Option<u64>, Option<u64>)]| {
+                let mut email = FixedSizeBinaryBuilder::new(32);
+                let mut phone = FixedSizeBinaryBuilder::new(32);
+                for (e, p) in rows {
+                    match e { Some(n) => email.append_value(fp_of(*n, 0)).unwrap(), None => email.append_null() }
+                    match p { Some(n) => phone.append_value(fp_of(*n, 1)).unwrap(), None => phone.append_null() }
+                }
+                let schema = Schema::new(vec![
+                    Field::new("email", DataType::FixedSizeBinary(32), true),
+                    Field::new("phone", DataType::FixedSizeBinary(32), true),
+                ]);
+                RecordBatch::try_new(Arc::new(schema), vec![Arc::new(email.finish()), Arc::new(phone.finish())]).unwrap()
+            };
+            let split = split.min(rows.len());
+            let (first, second) = rows.split_at(split);
+            // The second side in two batches, so batch numbers matter too.
+            let half = second.len() / 2;
+            let a = [make(first)];
+            let b = [make(&second[..half]), make(&second[half..])];
+            let sides = [
+                Side { batches: &a, identifiers: BOTH },
+                Side { batches: &b, identifiers: BOTH },
+            ];
+            let (_, keys) = people_and_keys(&sides, true);
+            // Every (kind, fingerprint number) in row order, with its key.
+            let batches = [(0usize, 0usize, first), (1, 0, &second[..half]), (1, 1, &second[half..])];
+            // ((kind, fingerprint number), key)
+            type Seen = ((u8, Option<u64>), Option<u32>);
+            let mut seen: Vec<Seen> = Vec::new();
+            for (side, batch, rows) in batches {
+                for (kind, column) in [(0u8, "email"), (1, "phone")] {
+                    let k = keys.iter().find(|k| k.side == side && k.batch == batch && k.column == column).unwrap();
+                    prop_assert_eq!(k.keys.len(), rows.len());
+                    for (i, (e, p)) in rows.iter().enumerate() {
+                        let value = if kind == 0 { *e } else { *p };
+                        let key = k.keys.is_valid(i).then(|| u32::from_be_bytes(k.keys.value(i).try_into().unwrap()));
+                        prop_assert_eq!(value.is_some(), key.is_some());
+                        seen.push(((kind, value), key));
+                    }
+                }
+            }
+            for (x, kx) in &seen {
+                for (y, ky) in &seen {
+                    if x.1.is_some() && y.1.is_some() {
+                        prop_assert_eq!(x == y, kx == ky);
+                    }
+                }
+            }
         }
     }
 }

@@ -11,8 +11,7 @@ use arrow::array::{
 use arrow::datatypes::{Float64Type, Int64Type};
 use arrow::record_batch::RecordBatch;
 use cleanroom::policy::Policy;
-use cleanroom::psi::{Side, match_people};
-use cleanroom::query::{QueryError, QueryOutcome, TableData};
+use cleanroom::query::{QueryError, QueryOutcome, TableData, agreement_tables};
 use cleanroom::upload::upload_schema;
 use serde::Deserialize;
 
@@ -153,31 +152,8 @@ fn tables_of(customers_ids: Vec<u64>, shared: u64) -> Vec<TableData> {
         ],
     )
     .unwrap();
-    let (c, a) = (vec![customers], vec![audience]);
-    let ids: &[(&str, &str)] = &[("email", "email"), ("phone", "phone")];
-    let m = match_people(
-        Side {
-            batches: &c,
-            identifiers: ids,
-        },
-        Side {
-            batches: &a,
-            identifiers: ids,
-        },
-    );
-    let split = customers_ids.len();
-    vec![
-        TableData::new(
-            policy.dataset("customers").unwrap().clone(),
-            c,
-            m.person_of_row[..split].to_vec(),
-        ),
-        TableData::new(
-            policy.dataset("audience").unwrap().clone(),
-            a,
-            m.person_of_row[split..].to_vec(),
-        ),
-    ]
+    // As the server builds them: matched, identifiers as dense keys.
+    agreement_tables(&policy, vec![vec![customers], vec![audience]])
 }
 
 #[derive(Debug, Deserialize)]

@@ -19,3 +19,31 @@ pub fn fingerprint(person: u64, kind: u8) -> [u8; 32] {
     input[8] = kind;
     *blake3::hash(&input).as_bytes()
 }
+
+/// The Python of a virtual environment under `~/.cache` holding
+/// `packages` (pinned), created on first use.
+pub fn python_with(venv_name: &str, packages: &[&str]) -> Result<std::path::PathBuf, String> {
+    let home = std::env::var("HOME").map_err(|_| "HOME is not set".to_string())?;
+    let venv = std::path::PathBuf::from(home)
+        .join(".cache")
+        .join(venv_name);
+    let python = venv.join("bin/python");
+    if !python.exists() {
+        run(std::process::Command::new("python3")
+            .args(["-m", "venv"])
+            .arg(&venv))?;
+    }
+    run(std::process::Command::new(&python)
+        .args(["-m", "pip", "install", "-q", "--disable-pip-version-check"])
+        .args(packages))?;
+    Ok(python)
+}
+
+/// Runs a command; its standard output, or its standard error as the error.
+pub fn run(cmd: &mut std::process::Command) -> Result<String, String> {
+    let out = cmd.output().map_err(|e| e.to_string())?;
+    if !out.status.success() {
+        return Err(String::from_utf8_lossy(&out.stderr).into_owned());
+    }
+    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+}

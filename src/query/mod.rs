@@ -18,6 +18,7 @@ mod limits;
 pub mod private;
 mod release;
 
+use std::collections::HashMap;
 use std::sync::Arc;
 
 use arrow::array::{ArrayRef, NullArray, UInt32Array};
@@ -135,12 +136,14 @@ pub fn agreement_tables(policy: &Policy, batches: Vec<Vec<RecordBatch>>) -> Vec<
             identifiers: ids,
         })
         .collect();
-    let persons = crate::psi::people(&sides);
+    let (persons, keys) = crate::psi::people_and_keys(&sides, true);
+    drop(sides);
+    let batches = with_dense_keys(policy, batches, keys);
     let mut offset = 0;
     policy
         .datasets()
         .iter()
-        .zip(batches.clone())
+        .zip(batches)
         .map(|(d, b)| {
             let n: usize = b.iter().map(RecordBatch::num_rows).sum();
             let t = TableData::new(d.clone(), b, persons[offset..offset + n].to_vec());
@@ -150,13 +153,62 @@ pub fn agreement_tables(policy: &Policy, batches: Vec<Vec<RecordBatch>>) -> Vec<
         .collect()
 }
 
+/// The stored batches with every identifier column replaced by its dense
+/// key (a column the matcher could not read becomes all nulls): the same
+/// equalities in 4 bytes per value instead of 32. Nothing a caller sees
+/// changes: identifiers are only ever joined on.
+fn with_dense_keys(
+    policy: &Policy,
+    mut batches: Vec<Vec<RecordBatch>>,
+    keys: Vec<crate::psi::ColumnKeys>,
+) -> Vec<Vec<RecordBatch>> {
+    let mut by_place: HashMap<(usize, usize, String), ArrayRef> = keys
+        .into_iter()
+        .map(|k| ((k.side, k.batch, k.column), Arc::new(k.keys) as ArrayRef))
+        .collect();
+    for ((side, d), side_batches) in policy.datasets().iter().enumerate().zip(&mut batches) {
+        let identifiers: Vec<&str> = d.identifier_columns().into_iter().map(|(c, _)| c).collect();
+        for (batch_no, batch) in side_batches.iter_mut().enumerate() {
+            let schema = batch.schema();
+            let mut fields: Vec<Field> =
+                schema.fields().iter().map(|f| f.as_ref().clone()).collect();
+            let mut columns: Vec<ArrayRef> = batch.columns().to_vec();
+            for (i, field) in schema.fields().iter().enumerate() {
+                if !identifiers.contains(&field.name().as_str()) {
+                    continue;
+                }
+                columns[i] = by_place
+                    .remove(&(side, batch_no, field.name().clone()))
+                    .unwrap_or_else(|| arrow::array::new_null_array(&KEY_TYPE, batch.num_rows()));
+                fields[i] = Field::new(field.name(), KEY_TYPE, true);
+            }
+            if let Ok(rekeyed) = RecordBatch::try_new(Arc::new(Schema::new(fields)), columns) {
+                *batch = rekeyed;
+            }
+        }
+    }
+    batches
+}
+
+/// The type of an identifier's dense key in the query tables.
+const KEY_TYPE: DataType = DataType::FixedSizeBinary(4);
+
+/// A column's type in the query tables: as uploaded, but identifiers as
+/// their dense keys.
+fn query_column_type(role: &crate::policy::ColumnRole) -> Option<DataType> {
+    match role {
+        crate::policy::ColumnRole::Identifier { .. } => Some(KEY_TYPE),
+        other => crate::upload::column_type(other),
+    }
+}
+
 /// The table an analyst sees: the uploaded columns, the sensitive columns as
 /// always-null placeholders (so naming them is refused by rule rather than
 /// as an unknown column), and the hidden person column.
 fn table_batches(t: &TableData) -> Result<(SchemaRef, Vec<RecordBatch>), DataFusionError> {
     let mut fields: Vec<Field> = Vec::new();
     for c in t.dataset.columns() {
-        match crate::upload::column_type(c.role()) {
+        match query_column_type(c.role()) {
             Some(dt) => fields.push(Field::new(c.name(), dt, true)),
             None => fields.push(Field::new(c.name(), DataType::Null, true)),
         }
@@ -173,11 +225,10 @@ fn table_batches(t: &TableData) -> Result<(SchemaRef, Vec<RecordBatch>), DataFus
             // By name and type in the stored schema: a policy edited since
             // the version was stored may list columns in another order or
             // declare one it does not hold, which then reads as NULL.
-            let column =
-                crate::upload::column_type(c.role()).map(|dt| match stored.index_of(c.name()) {
-                    Ok(i) if batch.column(i).data_type() == &dt => Arc::clone(batch.column(i)),
-                    _ => arrow::array::new_null_array(&dt, n),
-                });
+            let column = query_column_type(c.role()).map(|dt| match stored.index_of(c.name()) {
+                Ok(i) if batch.column(i).data_type() == &dt => Arc::clone(batch.column(i)),
+                _ => arrow::array::new_null_array(&dt, n),
+            });
             columns.push(column.unwrap_or_else(|| Arc::new(NullArray::new(n))));
         }
         let persons = t.person_of_row.get(offset..offset + n).ok_or_else(|| {

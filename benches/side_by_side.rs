@@ -1,0 +1,353 @@
+//! The demo shape end to end through the real server, beside DuckDB doing
+//! the same work on the same stored data.
+//!
+//! ```text
+//! cargo bench --bench side_by_side                       # 1M x 1M rows
+//! cargo bench --bench side_by_side -- --rows 10000000    # 10M x 10M
+//! cargo bench --bench side_by_side -- --duckdb 0         # without DuckDB
+//! ```
+//!
+//! Generates both demo partners' files (`cleanroom synth`, 30% shared),
+//! uploads them over loopback mutual TLS to a thresholds-only copy of the
+//! demo agreement and to the demo as shipped (differential privacy), then
+//! times, as a client sees them: the overlap (first call after the commit,
+//! warm, first after a restart) and a governed query (first after the
+//! commit, warm, first after a restart; thresholds and privacy). The
+//! process's resident memory is read from /proc. Then it writes what the
+//! server stores (fingerprints and allowed columns, prepared exactly as the
+//! upload prepares them) to Parquet and has DuckDB (`duckdb==2.0.1` in a
+//! virtual environment under ~/.cache, the same thread count) run the same
+//! overlap and query shapes, and prints each ratio.
+
+mod common;
+
+use common::arg;
+
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use cleanroom::client::{Client, ClientConfig};
+use cleanroom::prepare::{
+    CsvOptions, InputFormat, InputReader, Plan, Preparer, UploadOptions, upload,
+};
+use cleanroom::server::ServerOptions;
+
+const PRIVATE: &str = "retail-media-demo";
+const THRESHOLDS: &str = "retail-media-thresholds";
+const SQL: &str = "SELECT c.region, COUNT(*) AS n, AVG(c.lifetime_value) AS ltv \
+                   FROM customers c JOIN audience a ON c.email = a.email GROUP BY c.region";
+
+struct Running {
+    stop: tokio::sync::oneshot::Sender<()>,
+    task: tokio::task::JoinHandle<Result<(), cleanroom::server::ServerError>>,
+    url: String,
+}
+
+async fn start(
+    certs: &Path,
+    policies: &Path,
+    data: &Path,
+) -> Result<Running, Box<dyn std::error::Error>> {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+    let url = format!("https://{}", listener.local_addr()?);
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let task = tokio::spawn(cleanroom::server::serve(
+        listener,
+        ServerOptions {
+            shutdown_grace: Duration::from_millis(10),
+            ..ServerOptions::new(certs, policies, data)
+        },
+        async {
+            let _ = stopped.await;
+        },
+    ));
+    Ok(Running { stop, task, url })
+}
+
+async fn connect(
+    run: &Running,
+    certs: &Path,
+    org: &str,
+) -> Result<Client, Box<dyn std::error::Error>> {
+    let config = ClientConfig::new(run.url.clone(), certs.join("ca.pem")).with_identity(
+        certs.join(format!("{org}.pem")),
+        certs.join(format!("{org}-key.pem")),
+    );
+    Ok(Client::connect(&config).await?)
+}
+
+/// Resident and peak resident memory of this process, MiB.
+fn memory() -> (f64, f64) {
+    let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
+    let field = |name: &str| {
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix(name))
+            .and_then(|v| v.trim().trim_end_matches(" kB").trim().parse::<f64>().ok())
+            .map_or(0.0, |kb| kb / 1024.0)
+    };
+    (field("VmRSS:"), field("VmHWM:"))
+}
+
+fn median(mut times: Vec<f64>) -> f64 {
+    times.sort_by(f64::total_cmp);
+    times[times.len() / 2]
+}
+
+/// Seconds an overlap takes as the client sees it, and the count shown.
+async fn timed_overlap(
+    client: &Client,
+    agreement: &str,
+) -> Result<(f64, Option<u64>), Box<dyn std::error::Error>> {
+    let mut c = client.clone();
+    let t = Instant::now();
+    let r = c.overlap(agreement, &[]).await?;
+    Ok((t.elapsed().as_secs_f64(), r.overlap))
+}
+
+/// Seconds a governed query takes as the client sees it.
+async fn timed_query(client: &Client, agreement: &str) -> Result<f64, Box<dyn std::error::Error>> {
+    let mut c = client.clone();
+    let t = Instant::now();
+    c.query(agreement, SQL).await?;
+    Ok(t.elapsed().as_secs_f64())
+}
+
+fn options(agreement: &str, dataset: &str, input: &Path) -> UploadOptions {
+    UploadOptions {
+        agreement: agreement.into(),
+        dataset: dataset.into(),
+        input: input.to_path_buf(),
+        format: None,
+        csv: CsvOptions::default(),
+        mapping: Default::default(),
+        upload_id: None,
+        progress: false,
+    }
+}
+
+#[tokio::main(flavor = "multi_thread", worker_threads = 2)]
+async fn main() -> Result<(), Box<dyn std::error::Error>> {
+    let rows = arg("--rows", 1_000_000);
+    let work = tempfile::tempdir()?;
+    let certs = work.path().join("certs");
+    cleanroom::certs::init(&certs, &[], false)?;
+    for org in ["acme", "globex"] {
+        cleanroom::certs::issue_client(&certs, org, false)?;
+    }
+    let policies = work.path().join("policies");
+    std::fs::create_dir_all(&policies)?;
+    let shipped = std::fs::read_to_string(
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("policies/retail-media-demo.toml"),
+    )?;
+    std::fs::write(policies.join(format!("{PRIVATE}.toml")), &shipped)?;
+    let (head, _) = shipped
+        .split_once("[privacy]")
+        .ok_or("the demo has a [privacy] section")?;
+    std::fs::write(
+        policies.join(format!("{THRESHOLDS}.toml")),
+        head.replace(
+            &format!("id = \"{PRIVATE}\""),
+            &format!("id = \"{THRESHOLDS}\""),
+        ),
+    )?;
+
+    let t = Instant::now();
+    let synth = work.path().join("synth");
+    let truth = cleanroom::synth::generate(&cleanroom::synth::SynthOptions {
+        rows,
+        overlap: 0.3,
+        seed: 1,
+        out: synth.clone(),
+    })?;
+    let (acme_file, globex_file) = (
+        synth.join(cleanroom::synth::ACME_FILE),
+        synth.join(cleanroom::synth::GLOBEX_FILE),
+    );
+    println!(
+        "demo shape, {rows} x {rows} rows, {} people in both, 2 cores; generated in {:.1} s",
+        truth.overlap,
+        t.elapsed().as_secs_f64()
+    );
+    let data = work.path().join("data");
+    let server = start(&certs, &policies, &data).await?;
+    let acme = connect(&server, &certs, "acme").await?;
+    let globex = connect(&server, &certs, "globex").await?;
+    let secret = cleanroom::identity::Secret::generate();
+
+    // Uploads, end to end.
+    let t = Instant::now();
+    let report = upload(
+        &acme,
+        &secret,
+        &options(THRESHOLDS, "customers", &acme_file),
+    )
+    .await?;
+    let up = t.elapsed().as_secs_f64();
+    println!(
+        "upload, end to end:           {:>8.2} s  {:>10.0} rows/s ({} rows)",
+        up,
+        report.stats.rows_sent as f64 / up,
+        report.stats.rows_sent
+    );
+    upload(
+        &globex,
+        &secret,
+        &options(THRESHOLDS, "audience", &globex_file),
+    )
+    .await?;
+    let (first_overlap, shown) = timed_overlap(&acme, THRESHOLDS).await?;
+    let overlap = shown.unwrap_or_default();
+    let mut warm = Vec::new();
+    for _ in 0..5 {
+        warm.push(timed_overlap(&acme, THRESHOLDS).await?.0);
+    }
+    let warm_overlap = median(warm);
+    let first_query = timed_query(&acme, THRESHOLDS).await?;
+    let mut warm = Vec::new();
+    for _ in 0..5 {
+        warm.push(timed_query(&acme, THRESHOLDS).await?);
+    }
+    let warm_query = median(warm);
+    let (rss_loaded, _) = memory();
+
+    upload(&acme, &secret, &options(PRIVATE, "customers", &acme_file)).await?;
+    upload(
+        &globex,
+        &secret,
+        &options(PRIVATE, "audience", &globex_file),
+    )
+    .await?;
+    let first_private = timed_query(&acme, PRIVATE).await?;
+    let mut warm = Vec::new();
+    for _ in 0..5 {
+        warm.push(timed_query(&acme, PRIVATE).await?);
+    }
+    let warm_private = median(warm);
+
+    // A restart: what is recorded is read back, the rest loaded again.
+    let _ = server.stop.send(());
+    server.task.await??;
+    drop(acme);
+    drop(globex);
+    let server = start(&certs, &policies, &data).await?;
+    let acme = connect(&server, &certs, "acme").await?;
+    let (restart_overlap, _) = timed_overlap(&acme, THRESHOLDS).await?;
+    let (before_load, _) = memory();
+    let restart_query = timed_query(&acme, THRESHOLDS).await?;
+    let (after_load, peak) = memory();
+
+    println!("overlap {overlap} (truth {}):", truth.overlap);
+    println!("  first call after the commit  {:>8.3} s", first_overlap);
+    println!("  warm (median of 5)           {:>8.3} s", warm_overlap);
+    println!("  first call after a restart   {:>8.3} s", restart_overlap);
+    println!("governed query, thresholds:");
+    println!("  first call after the commit  {:>8.3} s", first_query);
+    println!("  warm (median of 5)           {:>8.3} s", warm_query);
+    println!("  first call after a restart   {:>8.3} s", restart_query);
+    println!("governed query, differential privacy:");
+    println!("  first call after the commit  {:>8.3} s", first_private);
+    println!("  warm (median of 5)           {:>8.3} s", warm_private);
+    println!(
+        "memory: {:.0} MiB resident with the thresholds agreement loaded (first run); after a restart {:.0} MiB before and {:.0} MiB after loading it ({:.0} bytes per stored row); peak {:.0} MiB",
+        rss_loaded,
+        before_load,
+        after_load,
+        (after_load - before_load) * 1048576.0 / (2 * rows) as f64,
+        peak
+    );
+    let _ = server.stop.send(());
+    server.task.await??;
+
+    if arg("--duckdb", 1) == 1 {
+        let agreement = {
+            let run = start(&certs, &policies, &work.path().join("data2")).await?;
+            let mut c = connect(&run, &certs, "acme").await?;
+            let a = c.get_agreement(THRESHOLDS).await?;
+            let _ = run.stop.send(());
+            run.task.await??;
+            a
+        };
+        let customers = prepare_parquet(&agreement, "customers", &acme_file, &secret, work.path())?;
+        let audience = prepare_parquet(&agreement, "audience", &globex_file, &secret, work.path())?;
+        match duckdb(&customers, &audience) {
+            Ok(d) => {
+                let f = |k: &str| d[k].as_f64().unwrap_or(f64::NAN);
+                println!(
+                    "duckdb {} (2 threads, tables in memory, best of 3): overlap {} in {:.3} s, governed {:.3} s, plain {:.3} s",
+                    d["version"].as_str().unwrap_or("?"),
+                    d["overlap"],
+                    f("overlap_s"),
+                    f("governed_s"),
+                    f("plain_s")
+                );
+                println!("ratios (cleanroom / duckdb, under 1 is faster):");
+                println!(
+                    "  overlap warm                 {:>6.3}",
+                    warm_overlap / f("overlap_s")
+                );
+                println!(
+                    "  overlap after a restart      {:>6.3}",
+                    restart_overlap / f("overlap_s")
+                );
+                println!(
+                    "  query warm, thresholds       {:>6.3}",
+                    warm_query / f("governed_s")
+                );
+                println!(
+                    "  query warm, privacy          {:>6.3}",
+                    warm_private / f("governed_s")
+                );
+                println!(
+                    "  query first after commit     {:>6.3} of warm",
+                    first_query / warm_query
+                );
+            }
+            Err(e) => println!("DuckDB not run: {e}"),
+        }
+    }
+    Ok(())
+}
+
+/// What the upload would store for `dataset`, as a Parquet file.
+fn prepare_parquet(
+    agreement: &cleanroom::proto::Agreement,
+    dataset: &str,
+    input: &Path,
+    secret: &cleanroom::identity::Secret,
+    dir: &Path,
+) -> Result<PathBuf, Box<dyn std::error::Error>> {
+    let mut reader = InputReader::open(input, InputFormat::Csv, CsvOptions::default(), 65_536)?;
+    let plan = Plan::new(
+        agreement,
+        dataset,
+        secret.into(),
+        reader.header(),
+        &Default::default(),
+    )?;
+    let indices = plan.input_indices();
+    let schema = std::sync::Arc::clone(plan.schema());
+    let mut preparer = Preparer::new(plan);
+    let path = dir.join(format!("{dataset}.parquet"));
+    let mut writer =
+        parquet::arrow::ArrowWriter::try_new(std::fs::File::create(&path)?, schema, None)?;
+    while let Some(chunk) = reader.next_chunk(65_536, &indices)? {
+        writer.write(&preparer.prepare(&chunk)?)?;
+    }
+    writer.close()?;
+    Ok(path)
+}
+
+fn duckdb(customers: &Path, audience: &Path) -> Result<serde_json::Value, String> {
+    let python = common::python_with("cleanroom-bench-duckdb-venv", &["duckdb==2.0.1"])?;
+    let script =
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("benches/python/duckdb_side_by_side.py");
+    let out = common::run(
+        std::process::Command::new(python)
+            .arg(script)
+            .arg(customers)
+            .arg(audience)
+            .arg("2"),
+    )?;
+    serde_json::from_str(out.trim()).map_err(|e| format!("unexpected output {out}: {e}"))
+}
