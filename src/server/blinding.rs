@@ -100,6 +100,7 @@ pub(crate) fn read_matchable(
         .dataset(&info.dataset)
         .map(|d| d.identifier_columns().into_iter().map(|(c, _)| c).collect())
         .unwrap_or_default();
+    let index = blinding.index();
     let mut out = Vec::with_capacity(batches.len());
     for batch in batches {
         let mut columns: Vec<ArrayRef> = batch.columns().to_vec();
@@ -123,7 +124,7 @@ pub(crate) fn read_matchable(
                 }
                 let double = <&Point>::try_from(singles.value(row))
                     .ok()
-                    .and_then(|s| blinding.double_of(s))
+                    .and_then(|s| index.get(s).copied())
                     .ok_or_else(|| {
                         ServiceError::Internal(format!(
                             "a point of {} {} has no blinding",

@@ -71,6 +71,14 @@ impl Blinding {
             .map(|i| &self.pairs[i].1)
     }
 
+    /// A hash index from single to double point, for looking up a whole
+    /// version's rows (a binary search per row costs several cache misses).
+    /// std's hasher is keyed at random per map, so points a party crafted
+    /// to collide cannot slow it down.
+    pub fn index(&self) -> std::collections::HashMap<&[u8; POINT], &[u8; POINT]> {
+        self.pairs.iter().map(|(s, d)| (s, d)).collect()
+    }
+
     /// Only the pairs whose single point `keep` admits.
     pub fn retain(&mut self, mut keep: impl FnMut(&[u8; POINT]) -> bool) {
         self.pairs.retain(|(s, _)| keep(s));
@@ -246,6 +254,8 @@ mod tests {
         assert_eq!(back, b);
         assert_eq!(back.double_of(&[1; 32]), Some(&[10; 32]));
         assert_eq!(back.double_of(&[3; 32]), None);
+        assert_eq!(back.index().get(&[2; 32]), Some(&&[20; 32]));
+        assert_eq!(back.index().len(), 2);
         assert_eq!(back.blinder(), &[5; 32]);
         assert_eq!(store.blinder_key(&v).unwrap(), Some([5; 32]));
         let db = std::fs::read(dir.path().join("meta.redb")).unwrap();
