@@ -12,8 +12,9 @@
 //! demo agreement and to the demo as shipped (differential privacy), then
 //! times, as a client sees them: the overlap (first call after the commit,
 //! warm, first after a restart) and a governed query (first after the
-//! commit, warm, first after a restart; thresholds and privacy). The
-//! process's resident memory is read from /proc. Then it writes what the
+//! commit, warm, first after a restart; thresholds and privacy). The server
+//! is the real `cleanroom serve` binary in its own process, whose resident
+//! memory is read from /proc. Then it writes what the
 //! server stores (fingerprints and allowed columns, prepared exactly as the
 //! upload prepares them) to Parquet and has DuckDB (`duckdb==2.0.1` in a
 //! virtual environment under ~/.cache, the same thread count) run the same
@@ -30,17 +31,35 @@ use cleanroom::client::{Client, ClientConfig};
 use cleanroom::prepare::{
     CsvOptions, InputFormat, InputReader, Plan, Preparer, UploadOptions, upload,
 };
-use cleanroom::server::ServerOptions;
 
 const PRIVATE: &str = "retail-media-demo";
 const THRESHOLDS: &str = "retail-media-thresholds";
 const SQL: &str = "SELECT c.region, COUNT(*) AS n, AVG(c.lifetime_value) AS ltv \
                    FROM customers c JOIN audience a ON c.email = a.email GROUP BY c.region";
 
+/// The real `cleanroom serve` binary, so its memory is its own.
 struct Running {
-    stop: tokio::sync::oneshot::Sender<()>,
-    task: tokio::task::JoinHandle<Result<(), cleanroom::server::ServerError>>,
+    child: std::process::Child,
     url: String,
+}
+
+impl Running {
+    /// Stops the server gracefully (SIGTERM) and waits for it.
+    fn stop(mut self) -> Result<(), Box<dyn std::error::Error>> {
+        let pid = libc::pid_t::try_from(self.child.id())?;
+        // SAFETY: signalling our own child process by its id.
+        #[allow(unsafe_code)]
+        unsafe {
+            libc::kill(pid, libc::SIGTERM);
+        }
+        self.child.wait()?;
+        Ok(())
+    }
+
+    /// Resident and peak resident memory of the server process, MiB.
+    fn memory(&self) -> (f64, f64) {
+        memory_of(&format!("/proc/{}/status", self.child.id()))
+    }
 }
 
 async fn start(
@@ -48,20 +67,48 @@ async fn start(
     policies: &Path,
     data: &Path,
 ) -> Result<Running, Box<dyn std::error::Error>> {
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
-    let url = format!("https://{}", listener.local_addr()?);
-    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-    let task = tokio::spawn(cleanroom::server::serve(
-        listener,
-        ServerOptions {
-            shutdown_grace: Duration::from_millis(10),
-            ..ServerOptions::new(certs, policies, data)
-        },
-        async {
-            let _ = stopped.await;
-        },
-    ));
-    Ok(Running { stop, task, url })
+    use std::io::{BufRead, BufReader};
+    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_cleanroom"))
+        .args([
+            "serve",
+            "--listen",
+            "127.0.0.1:0",
+            "--log-format",
+            "json",
+            "--shutdown-grace",
+            "0",
+        ])
+        .arg("--data-dir")
+        .arg(data)
+        .arg("--policies")
+        .arg(policies)
+        .arg("--certs-dir")
+        .arg(certs)
+        .stderr(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::null())
+        .spawn()?;
+    let stderr = child.stderr.take().ok_or("no stderr")?;
+    let (tx, rx) = std::sync::mpsc::channel::<String>();
+    std::thread::spawn(move || {
+        let mut lines = BufReader::new(stderr).lines().map_while(Result::ok);
+        for line in lines.by_ref() {
+            if line.contains("\"listening\"") {
+                let _ = tx.send(line);
+                break;
+            }
+        }
+        // Keep reading so the server never blocks on a full pipe.
+        for _ in lines {}
+    });
+    let line = rx
+        .recv_timeout(Duration::from_secs(60))
+        .map_err(|_| "the server did not start")?;
+    let start = line.find("\"addr\":\"").ok_or("no address")? + 8;
+    let end = start + line[start..].find('"').ok_or("no address")?;
+    Ok(Running {
+        url: format!("https://{}", &line[start..end]),
+        child,
+    })
 }
 
 async fn connect(
@@ -76,9 +123,9 @@ async fn connect(
     Ok(Client::connect(&config).await?)
 }
 
-/// Resident and peak resident memory of this process, MiB.
-fn memory() -> (f64, f64) {
-    let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
+/// Resident and peak resident memory from a /proc status file, MiB.
+fn memory_of(status: &str) -> (f64, f64) {
+    let status = std::fs::read_to_string(status).unwrap_or_default();
     let field = |name: &str| {
         status
             .lines()
@@ -209,7 +256,7 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         warm.push(timed_query(&acme, THRESHOLDS).await?);
     }
     let warm_query = median(warm);
-    let (rss_loaded, _) = memory();
+    let (rss_loaded, _) = server.memory();
 
     upload(&acme, &secret, &options(PRIVATE, "customers", &acme_file)).await?;
     upload(
@@ -225,17 +272,18 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     }
     let warm_private = median(warm);
 
+    let (_, peak_both) = server.memory();
+
     // A restart: what is recorded is read back, the rest loaded again.
-    let _ = server.stop.send(());
-    server.task.await??;
     drop(acme);
     drop(globex);
+    server.stop()?;
     let server = start(&certs, &policies, &data).await?;
     let acme = connect(&server, &certs, "acme").await?;
     let (restart_overlap, _) = timed_overlap(&acme, THRESHOLDS).await?;
-    let (before_load, _) = memory();
+    let (before_load, _) = server.memory();
     let restart_query = timed_query(&acme, THRESHOLDS).await?;
-    let (after_load, peak) = memory();
+    let (after_load, peak) = server.memory();
 
     println!("overlap {overlap} (truth {}):", truth.overlap);
     println!("  first call after the commit  {:>8.3} s", first_overlap);
@@ -249,23 +297,23 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     println!("  first call after the commit  {:>8.3} s", first_private);
     println!("  warm (median of 5)           {:>8.3} s", warm_private);
     println!(
-        "memory: {:.0} MiB resident with the thresholds agreement loaded (first run); after a restart {:.0} MiB before and {:.0} MiB after loading it ({:.0} bytes per stored row); peak {:.0} MiB",
+        "server memory: {:.0} MiB resident with the thresholds agreement loaded, peak {:.0} MiB with both agreements; after a restart {:.0} MiB, {:.0} MiB once the thresholds agreement is loaded ({:.0} bytes per stored row), peak {:.0} MiB",
         rss_loaded,
+        peak_both,
         before_load,
         after_load,
         (after_load - before_load) * 1048576.0 / (2 * rows) as f64,
         peak
     );
-    let _ = server.stop.send(());
-    server.task.await??;
+    server.stop()?;
 
     if arg("--duckdb", 1) == 1 {
         let agreement = {
             let run = start(&certs, &policies, &work.path().join("data2")).await?;
             let mut c = connect(&run, &certs, "acme").await?;
             let a = c.get_agreement(THRESHOLDS).await?;
-            let _ = run.stop.send(());
-            run.task.await??;
+            drop(c);
+            run.stop()?;
             a
         };
         let customers = prepare_parquet(&agreement, "customers", &acme_file, &secret, work.path())?;

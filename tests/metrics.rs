@@ -156,7 +156,10 @@ async fn metrics_move_as_calls_are_made() {
 
 /// Decrypted tables leave memory as soon as what they hold is stale: after
 /// an erasure (the withdrawn people's rows must not stay in memory), after
-/// a new version, and after a policy reload.
+/// a new version, and after a policy reload. The server loads an
+/// agreement's tables in the background after a commit, so right after one
+/// either nothing is cached or a new load has happened; a stale entry
+/// would show as one agreement cached with no new load.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn erasures_and_new_versions_drop_tables_from_memory_at_once() {
     let port = std::net::TcpListener::bind("127.0.0.1:0")
@@ -170,20 +173,31 @@ async fn erasures_and_new_versions_drop_tables_from_memory_at_once() {
         ..Setup::default()
     })
     .await;
-    let cached = || async move {
+    // (agreements cached, rows cached, loads so far)
+    let cache = || async move {
         let text = tokio::task::spawn_blocking(move || scrape(port))
             .await
             .unwrap();
-        value(&text, "cleanroom_cached_agreements")
+        (
+            value(&text, "cleanroom_cached_agreements"),
+            value(&text, "cleanroom_cached_rows"),
+            value(&text, "cleanroom_table_loads_total"),
+        )
     };
     let (data, _) = synth(2_000, 0.5);
-    upload_demo(&server, "acme", data.path()).await;
-    upload_demo(&server, "globex", data.path()).await;
+    let a = upload_demo(&server, "acme", data.path()).await;
+    let g = upload_demo(&server, "globex", data.path()).await;
+    let total = (a.response.rows + g.response.rows) as f64;
+    assert!(
+        common::eventually(|| async { cache().await.1 == total }).await,
+        "the commit that completes the agreement loads its tables: {:?}",
+        cache().await
+    );
     let mut acme = server.client("acme").await;
     let sql = "SELECT COUNT(*) FROM customers c JOIN audience a ON c.email = a.email";
-    assert_eq!(cached().await, 0.0);
+    let loads = cache().await.2;
     acme.query("retail-media-demo", sql).await.unwrap();
-    assert_eq!(cached().await, 1.0);
+    assert_eq!(cache().await.2, loads, "the query found the tables loaded");
 
     // Ten customers withdraw.
     let text = std::fs::read_to_string(data.path().join(cleanroom::synth::ACME_FILE)).unwrap();
@@ -201,25 +215,38 @@ async fn erasures_and_new_versions_drop_tables_from_memory_at_once() {
         csv: cleanroom::prepare::CsvOptions::default(),
         mapping: Default::default(),
     };
-    cleanroom::prepare::erase(&acme, &common::secret(), &options)
+    let erased = cleanroom::prepare::erase(&acme, &common::secret(), &options)
         .await
         .unwrap();
-    assert_eq!(cached().await, 0.0, "the erased rows stayed in memory");
+    assert!(erased.rows_removed >= 10);
+    let (cached, rows, now) = cache().await;
+    assert!(
+        cached == 0.0 || (now > loads && rows == total - erased.rows_removed as f64),
+        "the erased rows stayed in memory: {cached} agreement(s), {rows} rows, {now} loads"
+    );
+    let after_erasure = total - erased.rows_removed as f64;
+    assert!(common::eventually(|| async { cache().await.1 == after_erasure }).await);
 
-    acme.query("retail-media-demo", sql).await.unwrap();
-    assert_eq!(cached().await, 1.0);
+    // A new version of globex's dataset.
+    let loads = cache().await.2;
     upload_demo(&server, "globex", data.path()).await;
-    assert_eq!(cached().await, 0.0, "a new version left stale tables");
+    let (cached, _, now) = cache().await;
+    assert!(
+        cached == 0.0 || now > loads,
+        "a new version left stale tables: {cached} agreement(s), {now} loads"
+    );
+    assert!(common::eventually(|| async { cache().await.2 > loads }).await);
 
+    // A policy reload.
     acme.query("retail-media-demo", sql).await.unwrap();
-    assert_eq!(cached().await, 1.0);
+    assert_eq!(cache().await.0, 1.0);
     let file = policies.path().join("retail-media-demo.toml");
     let edited = std::fs::read_to_string(&file)
         .unwrap()
         .replace("min_group_size = 50", "min_group_size = 60");
     std::fs::write(&file, edited).unwrap();
     assert!(
-        common::eventually(|| async { cached().await == 0.0 }).await,
+        common::eventually(|| async { cache().await.0 == 0.0 }).await,
         "a policy reload left tables of the old policy"
     );
 }
@@ -327,5 +354,58 @@ async fn overlaps_are_matched_once_per_pair_of_versions() {
     let r = acme2.overlap("retail-media-demo", &[]).await.unwrap();
     assert_eq!(r.overlap, after_erasure.overlap);
     assert_eq!(matchings(port).await, 2.0);
+    server.stop().await.unwrap();
+}
+
+/// The tables kept between queries stay within their memory budget: with a
+/// budget smaller than one agreement's tables nothing is kept, and every
+/// query loads them afresh and still answers the same.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_table_cache_keeps_within_its_budget() {
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap();
+    let policies = demo_policies(None);
+    let server = TestServer::start_with(Setup {
+        policies: policies.path().to_path_buf(),
+        metrics_listen: Some(port),
+        query_limits: cleanroom::query::QueryLimits {
+            table_cache_bytes: 64 << 10,
+            ..Default::default()
+        },
+        ..Setup::default()
+    })
+    .await;
+    let scrape_now = || async move {
+        let text = tokio::task::spawn_blocking(move || scrape(port))
+            .await
+            .unwrap();
+        (
+            value(&text, "cleanroom_cached_agreements"),
+            value(&text, "cleanroom_table_loads_total"),
+        )
+    };
+    let (data, _) = synth(3_000, 0.5);
+    upload_demo(&server, "acme", data.path()).await;
+    upload_demo(&server, "globex", data.path()).await;
+    let mut acme = server.client("acme").await;
+    let sql = "SELECT c.region, COUNT(*) AS n FROM customers c JOIN audience a ON c.email = a.email GROUP BY c.region ORDER BY c.region";
+    let first = acme.query("retail-media-demo", sql).await.unwrap();
+    let loads = scrape_now().await.1;
+    for _ in 0..3 {
+        let again = acme.query("retail-media-demo", sql).await.unwrap();
+        assert_eq!(
+            arrow::util::pretty::pretty_format_batches(&again.batches)
+                .unwrap()
+                .to_string(),
+            arrow::util::pretty::pretty_format_batches(&first.batches)
+                .unwrap()
+                .to_string()
+        );
+    }
+    let (cached, now) = scrape_now().await;
+    assert_eq!(cached, 0.0, "tables over the budget were kept");
+    assert_eq!(now, loads + 3.0, "each query loaded the tables again");
     server.stop().await.unwrap();
 }

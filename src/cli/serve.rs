@@ -76,6 +76,7 @@ struct ConfigFile {
     max_query_memory_bytes: Option<usize>,
     max_concurrent_queries: Option<usize>,
     max_concurrent_queries_per_org: Option<usize>,
+    table_cache_bytes: Option<u64>,
     log_format: Option<LogFormat>,
     shutdown_grace_seconds: Option<f64>,
     drain_timeout_seconds: Option<f64>,
@@ -140,6 +141,7 @@ fn query_limits(file: &ConfigFile) -> anyhow::Result<QueryLimits> {
             file.max_concurrent_queries_per_org,
             default.max_concurrent_per_org,
         )?,
+        table_cache_bytes: file.table_cache_bytes.unwrap_or(default.table_cache_bytes),
     })
 }
 

@@ -254,6 +254,9 @@ pub struct QueryLimits {
     pub max_concurrent: usize,
     /// Queries running at once for one organisation.
     pub max_concurrent_per_org: usize,
+    /// Memory the decrypted, matched tables kept between queries may hold,
+    /// in all agreements; the least recently used leave first.
+    pub table_cache_bytes: u64,
 }
 
 impl Default for QueryLimits {
@@ -263,6 +266,7 @@ impl Default for QueryLimits {
             memory_bytes: 4 << 30,
             max_concurrent: 8,
             max_concurrent_per_org: 4,
+            table_cache_bytes: 8 << 30,
         }
     }
 }

@@ -247,8 +247,9 @@ pub(crate) fn matched_people(
 }
 
 /// Matches every pair of the agreement's datasets that share an identity
-/// kind and whose current versions are matchable and not yet matched. For
-/// the background matcher; failures are logged, the next request retries.
+/// kind and whose current versions are matchable and not yet matched, and
+/// loads the agreement's query tables. For the background matcher; failures
+/// are logged, the next request retries.
 pub(crate) fn match_agreement(state: &AppState, agreement: &str) {
     let Some(policy) = state.policies().get(agreement).cloned() else {
         return;
@@ -281,6 +282,14 @@ pub(crate) fn match_agreement(state: &AppState, agreement: &str) {
                 tracing::warn!(error = %e, "background matching failed; the next overlap retries");
             }
         }
+    }
+    // The first query then finds the tables decrypted, matched and keyed.
+    let queried = policy
+        .parties()
+        .iter()
+        .any(|p| policy.allows(p.org(), Right::Query));
+    if queried && let Err(e) = state.query_tables().tables(state, &policy) {
+        tracing::warn!(error = %e, "loading query tables in the background failed; the next query retries");
     }
 }
 

@@ -96,6 +96,8 @@ pub struct Metrics {
     reload_failures: Gauge,
     store_bytes: Gauge,
     cached_agreements: Gauge,
+    cached_rows: Gauge,
+    table_loads: Counter,
     matchings: Counter,
 }
 
@@ -170,6 +172,18 @@ impl Default for Metrics {
             "Agreements whose decrypted, matched tables are held in memory",
             cached_agreements.clone(),
         );
+        let cached_rows = Gauge::default();
+        registry.register(
+            "cached_rows",
+            "Rows in the decrypted, matched tables held in memory",
+            cached_rows.clone(),
+        );
+        let table_loads = Counter::default();
+        registry.register(
+            "table_loads",
+            "Agreements' tables decrypted, matched and keyed for queries (once per set of current versions and policy while they fit the cache)",
+            table_loads.clone(),
+        );
         let matchings = Counter::default();
         registry.register(
             "overlap_matchings",
@@ -179,6 +193,8 @@ impl Default for Metrics {
         Metrics {
             registry,
             cached_agreements,
+            cached_rows,
+            table_loads,
             matchings,
             calls,
             latency,
@@ -215,6 +231,11 @@ impl Metrics {
             .observe(took.as_secs_f64());
     }
 
+    /// An agreement's query tables loaded.
+    pub(crate) fn tables_loaded(&self) {
+        self.table_loads.inc();
+    }
+
     /// A pair of versions matched for an overlap.
     pub(crate) fn matched(&self) {
         self.matchings.inc();
@@ -245,10 +266,18 @@ impl Metrics {
         InFlight(Arc::clone(self))
     }
 
-    /// The text exposition, after reading the values kept elsewhere.
-    pub(crate) fn render(&self, reload_failures: u64, data_dir: &Path, cached: usize) -> String {
+    /// The text exposition, after reading the values kept elsewhere;
+    /// `cached` is (agreements, rows) in memory.
+    pub(crate) fn render(
+        &self,
+        reload_failures: u64,
+        data_dir: &Path,
+        cached: (usize, u64),
+    ) -> String {
         self.cached_agreements
-            .set(i64::try_from(cached).unwrap_or(i64::MAX));
+            .set(i64::try_from(cached.0).unwrap_or(i64::MAX));
+        self.cached_rows
+            .set(i64::try_from(cached.1).unwrap_or(i64::MAX));
         self.reload_failures
             .set(i64::try_from(reload_failures).unwrap_or(i64::MAX));
         self.store_bytes
@@ -370,7 +399,7 @@ pub(crate) async fn serve_metrics(
                     state.metrics().render(
                         state.reload_status().failures,
                         state.store().root(),
-                        state.query_tables().len(),
+                        (state.query_tables().len(), state.query_tables().rows()),
                     )
                 })
                 .await
@@ -412,7 +441,7 @@ mod tests {
             Duration::from_millis(3),
         );
         m.record_call("/evil/jane@example.com", tonic::Code::Ok, Duration::ZERO);
-        let text = m.render(0, Path::new("/nonexistent"), 0);
+        let text = m.render(0, Path::new("/nonexistent"), (0, 0));
         assert!(text.contains(
             r#"cleanroom_rpc_calls_total{service="cleanroom.v1.Queries",method="Query",code="PERMISSION_DENIED"} 1"#
         ), "{text}");

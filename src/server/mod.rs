@@ -159,6 +159,7 @@ impl AppState {
     pub fn with_query_limits(mut self, limits: crate::query::QueryLimits) -> Self {
         self.query_limits = limits;
         self.query_gate = Arc::new(queries::QueryGate::new(limits));
+        self.query_tables = queries::TableCache::new(limits.table_cache_bytes);
         self
     }
 

@@ -23,19 +23,52 @@ use crate::query::{QueryError, QueryLimits, QueryOutcome, TableData, agreement_t
 struct Cached {
     key: Vec<String>,
     tables: Arc<Vec<TableData>>,
+    /// Memory the tables hold, for the cache's budget.
+    bytes: u64,
+    /// Whether the versions were still current once loaded.
+    current: bool,
 }
 
 /// The agreement's tables, and for each dataset its name if it has data.
 type Loaded = (Vec<Option<String>>, Arc<Vec<TableData>>);
 
 /// Decrypted and matched tables per agreement, kept while the datasets'
-/// current versions stay the same.
-#[derive(Debug, Default, Clone)]
+/// current versions stay the same, within a memory budget (least recently
+/// used agreements leave first). An agreement is loaded once at a time: a
+/// caller arriving during a load waits for it instead of decrypting the
+/// same data again.
+#[derive(Clone)]
 pub(crate) struct TableCache {
-    inner: Arc<Mutex<HashMap<String, Cached>>>,
+    inner: moka::sync::Cache<String, Arc<Cached>>,
+}
+
+impl std::fmt::Debug for TableCache {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("TableCache")
+            .field("agreements", &self.len())
+            .finish()
+    }
+}
+
+impl Default for TableCache {
+    fn default() -> Self {
+        TableCache::new(QueryLimits::default().table_cache_bytes)
+    }
 }
 
 impl TableCache {
+    /// A cache holding at most `budget` bytes of tables.
+    pub(crate) fn new(budget: u64) -> Self {
+        // Weights in KiB, so one entry can weigh up to 4 TiB.
+        let inner = moka::sync::Cache::builder()
+            .max_capacity((budget / 1024).max(1))
+            .weigher(|_: &String, c: &Arc<Cached>| {
+                u32::try_from(c.bytes / 1024).unwrap_or(u32::MAX).max(1)
+            })
+            .build();
+        TableCache { inner }
+    }
+
     /// The agreement's tables for its current versions, loading and
     /// matching them if they changed. Blocking: call off the async runtime.
     pub(crate) fn tables(&self, state: &AppState, policy: &Policy) -> Result<Loaded, ServiceError> {
@@ -62,60 +95,100 @@ impl TableCache {
             .iter()
             .map(|v| v.as_ref().map(|v| v.dataset.clone()))
             .collect();
-        if let Some(cached) = self
+        match self.inner.get(policy.id()) {
+            Some(cached) if cached.key == key => {
+                return Ok((present, Arc::clone(&cached.tables)));
+            }
+            Some(_) => self.inner.invalidate(policy.id()),
+            None => {}
+        }
+        let load = || -> Result<Arc<Cached>, ServiceError> {
+            let mut batches = Vec::new();
+            for v in &versions {
+                batches.push(match v {
+                    Some(v) => {
+                        super::blinding::read_matchable(store, policy, v)?.unwrap_or_default()
+                    }
+                    None => Vec::new(),
+                });
+            }
+            let tables = agreement_tables(policy, batches);
+            state.metrics().tables_loaded();
+            let bytes = tables
+                .iter()
+                .map(|t| {
+                    t.batches
+                        .iter()
+                        .map(|b| b.get_array_memory_size() as u64)
+                        .sum::<u64>()
+                        + 4 * t.person_of_row.len() as u64
+                })
+                .sum();
+            // An erasure or a new version committed while these were
+            // loading has already dropped the agreement's entry; these rows
+            // must not come back into memory with it.
+            let mut current = true;
+            for (d, v) in policy.datasets().iter().zip(&versions) {
+                let now = store.current(policy.id(), d.name())?;
+                current &= now.map(|n| n.version) == v.as_ref().map(|v| v.version.clone());
+            }
+            Ok(Arc::new(Cached {
+                key: key.clone(),
+                tables: Arc::new(tables),
+                bytes,
+                current,
+            }))
+        };
+        let loaded = self
             .inner
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .get(policy.id())
-            && cached.key == key
-        {
-            return Ok((present, Arc::clone(&cached.tables)));
+            .try_get_with(policy.id().to_string(), load)
+            .map_err(|e| {
+                Arc::try_unwrap(e).unwrap_or_else(|e| ServiceError::Internal(e.to_string()))
+            })?;
+        // Evict now, not at some later call, if the budget is exceeded.
+        self.inner.run_pending_tasks();
+        if !loaded.current || loaded.key != key {
+            // Not kept: stale, or another caller's load of other versions.
+            self.inner.invalidate(policy.id());
+            if loaded.key != key {
+                return Ok((present, Arc::clone(&load()?.tables)));
+            }
         }
-        let mut batches = Vec::new();
-        for v in &versions {
-            batches.push(match v {
-                Some(v) => super::blinding::read_matchable(store, policy, v)?.unwrap_or_default(),
-                None => Vec::new(),
-            });
-        }
-        let tables = Arc::new(agreement_tables(policy, batches));
-        // Kept only if still current: an erasure or a new version committed
-        // while these were loading has already dropped its agreement's
-        // entry, and these rows must not come back into memory with it.
-        let mut still_current = true;
-        for (d, v) in policy.datasets().iter().zip(&versions) {
-            let now = store.current(policy.id(), d.name())?;
-            still_current &= now.map(|n| n.version) == v.as_ref().map(|v| v.version.clone());
-        }
-        if still_current {
-            self.inner.lock().unwrap_or_else(|e| e.into_inner()).insert(
-                policy.id().to_string(),
-                Cached {
-                    key,
-                    tables: Arc::clone(&tables),
-                },
-            );
-        }
-        Ok((present, tables))
+        Ok((present, Arc::clone(&loaded.tables)))
     }
 
     /// Drops an agreement's tables from memory at once: after an erasure,
     /// a retention run or a new version, what they hold is stale.
     pub(crate) fn forget(&self, agreement: &str) {
-        self.inner
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .remove(agreement);
+        self.inner.invalidate(agreement);
+        self.inner.run_pending_tasks();
     }
 
     /// Drops every agreement's tables (after a policy reload).
     pub(crate) fn clear(&self) {
-        self.inner.lock().unwrap_or_else(|e| e.into_inner()).clear();
+        let agreements: Vec<Arc<String>> = self.inner.iter().map(|(k, _)| k).collect();
+        for a in agreements {
+            self.inner.invalidate(a.as_str());
+        }
+        self.inner.run_pending_tasks();
     }
 
     /// Agreements whose tables are in memory.
     pub(crate) fn len(&self) -> usize {
-        self.inner.lock().unwrap_or_else(|e| e.into_inner()).len()
+        self.inner.iter().count()
+    }
+
+    /// Rows of the tables in memory.
+    pub(crate) fn rows(&self) -> u64 {
+        self.inner
+            .iter()
+            .map(|(_, c)| {
+                c.tables
+                    .iter()
+                    .map(|t| t.person_of_row.len() as u64)
+                    .sum::<u64>()
+            })
+            .sum()
     }
 }
 
