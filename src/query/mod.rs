@@ -156,7 +156,9 @@ pub fn agreement_tables(policy: &Policy, batches: Vec<Vec<RecordBatch>>) -> Vec<
 /// The stored batches with every identifier column replaced by its dense
 /// key (a column the matcher could not read becomes all nulls): the same
 /// equalities in 4 bytes per value instead of 32. Nothing a caller sees
-/// changes: identifiers are only ever joined on.
+/// changes: identifiers are only ever joined on. The other columns are
+/// copied into buffers of their own: decoded columns share their message's
+/// buffer, which would otherwise keep every fingerprint in memory.
 fn with_dense_keys(
     policy: &Policy,
     mut batches: Vec<Vec<RecordBatch>>,
@@ -175,6 +177,7 @@ fn with_dense_keys(
             let mut columns: Vec<ArrayRef> = batch.columns().to_vec();
             for (i, field) in schema.fields().iter().enumerate() {
                 if !identifiers.contains(&field.name().as_str()) {
+                    columns[i] = owned(&columns[i]);
                     continue;
                 }
                 columns[i] = by_place
@@ -188,6 +191,17 @@ fn with_dense_keys(
         }
     }
     batches
+}
+
+/// A copy of `array` in freshly allocated buffers (the array itself if it
+/// cannot be copied: still correct, only larger in memory).
+fn owned(array: &ArrayRef) -> ArrayRef {
+    let data = array.to_data();
+    let mut copy = arrow::array::MutableArrayData::new(vec![&data], false, data.len());
+    match copy.try_extend(0, 0, data.len()) {
+        Ok(()) => arrow::array::make_array(copy.freeze()),
+        Err(_) => Arc::clone(array),
+    }
 }
 
 /// The type of an identifier's dense key in the query tables.

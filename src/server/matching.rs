@@ -283,12 +283,26 @@ pub(crate) fn match_agreement(state: &AppState, agreement: &str) {
             }
         }
     }
-    // The first query then finds the tables decrypted, matched and keyed.
+    // The first query then finds the tables decrypted, matched and keyed;
+    // only once every dataset is there to match (until then a query loads
+    // what there is itself).
     let queried = policy
         .parties()
         .iter()
         .any(|p| policy.allows(p.org(), Right::Query));
-    if queried && let Err(e) = state.query_tables().tables(state, &policy) {
+    let complete = || -> Result<bool, ServiceError> {
+        for d in policy.datasets() {
+            match store.current(policy.id(), d.name())? {
+                Some(v) if is_matchable(store, &policy, &v)? => {}
+                _ => return Ok(false),
+            }
+        }
+        Ok(true)
+    };
+    if queried
+        && complete().unwrap_or(false)
+        && let Err(e) = state.query_tables().tables(state, &policy)
+    {
         tracing::warn!(error = %e, "loading query tables in the background failed; the next query retries");
     }
 }
