@@ -30,7 +30,7 @@ use std::time::{Duration, Instant};
 
 use cleanroom::client::{Client, ClientConfig};
 use cleanroom::identity::BlindingKey;
-use cleanroom::prepare::{CsvOptions, UploadOptions, match_pending, upload};
+use cleanroom::prepare::{match_pending, upload};
 use cleanroom::server::ServerOptions;
 
 const AGREEMENT: &str = "psi-bench";
@@ -77,19 +77,6 @@ fn write_sides(dir: &Path, n: u64, shared: u64) -> std::io::Result<(PathBuf, Pat
     }
     g.flush()?;
     Ok((acme, globex))
-}
-
-fn options(dataset: &str, input: &Path) -> UploadOptions {
-    UploadOptions {
-        agreement: AGREEMENT.into(),
-        dataset: dataset.into(),
-        input: input.to_path_buf(),
-        format: None,
-        csv: CsvOptions::default(),
-        mapping: Default::default(),
-        upload_id: None,
-        progress: false,
-    }
 }
 
 fn line(what: &str, d: Duration, items: u64) {
@@ -152,10 +139,20 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     );
     let start = Instant::now();
     let t = Instant::now();
-    let a = upload(&acme, &acme_key, &options("customers", &acme_file)).await?;
+    let a = upload(
+        &acme,
+        &acme_key,
+        &common::upload_options(AGREEMENT, "customers", &acme_file),
+    )
+    .await?;
     let acme_upload = t.elapsed();
     let t = Instant::now();
-    let g = upload(&globex, &globex_key, &options("audience", &globex_file)).await?;
+    let g = upload(
+        &globex,
+        &globex_key,
+        &common::upload_options(AGREEMENT, "audience", &globex_file),
+    )
+    .await?;
     let globex_upload = t.elapsed();
     assert_eq!((a.stats.rows_sent, g.stats.rows_sent), (n, n));
     let t = Instant::now();

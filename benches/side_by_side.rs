@@ -28,9 +28,7 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use cleanroom::client::{Client, ClientConfig};
-use cleanroom::prepare::{
-    CsvOptions, InputFormat, InputReader, Plan, Preparer, UploadOptions, upload,
-};
+use cleanroom::prepare::{CsvOptions, InputFormat, InputReader, Plan, Preparer, upload};
 
 const PRIVATE: &str = "retail-media-demo";
 const THRESHOLDS: &str = "retail-media-thresholds";
@@ -160,19 +158,6 @@ async fn timed_query(client: &Client, agreement: &str) -> Result<f64, Box<dyn st
     Ok(t.elapsed().as_secs_f64())
 }
 
-fn options(agreement: &str, dataset: &str, input: &Path) -> UploadOptions {
-    UploadOptions {
-        agreement: agreement.into(),
-        dataset: dataset.into(),
-        input: input.to_path_buf(),
-        format: None,
-        csv: CsvOptions::default(),
-        mapping: Default::default(),
-        upload_id: None,
-        progress: false,
-    }
-}
-
 #[tokio::main(flavor = "multi_thread", worker_threads = 2)]
 async fn main() -> Result<(), Box<dyn std::error::Error>> {
     let rows = arg("--rows", 1_000_000);
@@ -227,7 +212,7 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     let report = upload(
         &acme,
         &secret,
-        &options(THRESHOLDS, "customers", &acme_file),
+        &common::upload_options(THRESHOLDS, "customers", &acme_file),
     )
     .await?;
     let up = t.elapsed().as_secs_f64();
@@ -240,7 +225,7 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     upload(
         &globex,
         &secret,
-        &options(THRESHOLDS, "audience", &globex_file),
+        &common::upload_options(THRESHOLDS, "audience", &globex_file),
     )
     .await?;
     let (first_overlap, shown) = timed_overlap(&acme, THRESHOLDS).await?;
@@ -258,11 +243,16 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     let warm_query = median(warm);
     let (rss_loaded, _) = server.memory();
 
-    upload(&acme, &secret, &options(PRIVATE, "customers", &acme_file)).await?;
+    upload(
+        &acme,
+        &secret,
+        &common::upload_options(PRIVATE, "customers", &acme_file),
+    )
+    .await?;
     upload(
         &globex,
         &secret,
-        &options(PRIVATE, "audience", &globex_file),
+        &common::upload_options(PRIVATE, "audience", &globex_file),
     )
     .await?;
     let first_private = timed_query(&acme, PRIVATE).await?;

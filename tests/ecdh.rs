@@ -280,20 +280,9 @@ async fn two_parties_match_without_a_shared_secret_as_the_keyed_mode_does() {
     // go, the blinding of the rest carries over, and the answers stay
     // those of the keyed mode after the same erasure.
     let text = std::fs::read_to_string(dir.path().join(cleanroom::synth::ACME_FILE)).unwrap();
-    let gone: String = text.lines().take(301).map(|l| format!("{l}\n")).collect();
-    std::fs::write(dir.path().join("gone.csv"), gone).unwrap();
-    let erase_options = |agreement: &str| EraseOptions {
-        agreement: agreement.into(),
-        dataset: "customers".into(),
-        input: dir.path().join("gone.csv"),
-        format: None,
-        csv: CsvOptions::default(),
-        mapping: Default::default(),
-    };
-    let keyed_erased = erase(&acme, &secret(), &erase_options(KEYED))
-        .await
-        .unwrap();
-    let ecdh_erased = erase(&acme, &acme_key, &erase_options(ECDH)).await.unwrap();
+    let keyed_erased =
+        common::erase_first_customers(&acme, &secret(), KEYED, dir.path(), 300).await;
+    let ecdh_erased = common::erase_first_customers(&acme, &acme_key, ECDH, dir.path(), 300).await;
     assert!(keyed_erased.rows_removed >= 300);
     assert_eq!(ecdh_erased.rows_removed, keyed_erased.rows_removed);
     assert_eq!(

@@ -200,24 +200,14 @@ async fn erasures_and_new_versions_drop_tables_from_memory_at_once() {
     assert_eq!(cache().await.2, loads, "the query found the tables loaded");
 
     // Ten customers withdraw.
-    let text = std::fs::read_to_string(data.path().join(cleanroom::synth::ACME_FILE)).unwrap();
-    let withdrawn = data.path().join("withdrawn.csv");
-    std::fs::write(
-        &withdrawn,
-        text.lines().take(11).collect::<Vec<_>>().join("\n") + "\n",
+    let erased = common::erase_first_customers(
+        &acme,
+        &common::secret(),
+        "retail-media-demo",
+        data.path(),
+        10,
     )
-    .unwrap();
-    let options = cleanroom::prepare::EraseOptions {
-        agreement: "retail-media-demo".into(),
-        dataset: "customers".into(),
-        input: withdrawn,
-        format: None,
-        csv: cleanroom::prepare::CsvOptions::default(),
-        mapping: Default::default(),
-    };
-    let erased = cleanroom::prepare::erase(&acme, &common::secret(), &options)
-        .await
-        .unwrap();
+    .await;
     assert!(erased.rows_removed >= 10);
     let (cached, rows, now) = cache().await;
     assert!(
@@ -309,24 +299,14 @@ async fn overlaps_are_matched_once_per_pair_of_versions() {
     assert_eq!(matchings(port).await, 0.0, "a restart matched again");
 
     // An erasure makes a new version: matched again, and the count moves.
-    let text = std::fs::read_to_string(data.path().join(cleanroom::synth::ACME_FILE)).unwrap();
-    let withdrawn = data.path().join("withdrawn.csv");
-    std::fs::write(
-        &withdrawn,
-        text.lines().take(201).collect::<Vec<_>>().join("\n") + "\n",
+    common::erase_first_customers(
+        &acme,
+        &common::secret(),
+        "retail-media-demo",
+        data.path(),
+        200,
     )
-    .unwrap();
-    let options = cleanroom::prepare::EraseOptions {
-        agreement: "retail-media-demo".into(),
-        dataset: "customers".into(),
-        input: withdrawn,
-        format: None,
-        csv: cleanroom::prepare::CsvOptions::default(),
-        mapping: Default::default(),
-    };
-    cleanroom::prepare::erase(&acme, &common::secret(), &options)
-        .await
-        .unwrap();
+    .await;
     let after_erasure = acme.overlap("retail-media-demo", &[]).await.unwrap();
     assert!(after_erasure.overlap.unwrap() < truth.overlap);
     assert_eq!(matchings(port).await, 1.0);

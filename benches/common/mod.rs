@@ -47,3 +47,21 @@ pub fn run(cmd: &mut std::process::Command) -> Result<String, String> {
     }
     Ok(String::from_utf8_lossy(&out.stdout).into_owned())
 }
+
+/// Upload options for `input` to `agreement`/`dataset`, no progress bar.
+pub fn upload_options(
+    agreement: &str,
+    dataset: &str,
+    input: &std::path::Path,
+) -> cleanroom::prepare::UploadOptions {
+    cleanroom::prepare::UploadOptions {
+        agreement: agreement.into(),
+        dataset: dataset.into(),
+        input: input.to_path_buf(),
+        format: None,
+        csv: cleanroom::prepare::CsvOptions::default(),
+        mapping: Default::default(),
+        upload_id: None,
+        progress: false,
+    }
+}

@@ -467,3 +467,29 @@ pub fn both_matching_modes() -> tempfile::TempDir {
     std::fs::write(dir.path().join(format!("{ECDH}.toml")), ecdh).unwrap();
     dir
 }
+
+/// Erases acme's first `people` customers (the first rows of its synthetic
+/// file) from its dataset in `agreement`, with `keys`.
+pub async fn erase_first_customers(
+    client: &Client,
+    keys: impl Into<cleanroom::prepare::Keys<'_>>,
+    agreement: &str,
+    dir: &Path,
+    people: usize,
+) -> cleanroom::prepare::EraseReport {
+    let text = std::fs::read_to_string(dir.join(cleanroom::synth::ACME_FILE)).unwrap();
+    let withdrawn = dir.join(format!("withdrawn-{people}.csv"));
+    let lines: Vec<&str> = text.lines().take(people + 1).collect();
+    std::fs::write(&withdrawn, lines.join("\n") + "\n").unwrap();
+    let options = cleanroom::prepare::EraseOptions {
+        agreement: agreement.into(),
+        dataset: "customers".into(),
+        input: withdrawn,
+        format: None,
+        csv: cleanroom::prepare::CsvOptions::default(),
+        mapping: Default::default(),
+    };
+    cleanroom::prepare::erase(client, keys, &options)
+        .await
+        .unwrap()
+}
