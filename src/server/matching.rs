@@ -229,7 +229,15 @@ pub(crate) fn matched_people(
     let read = |v: &VersionInfo| {
         read_matchable(store, policy, v)?.ok_or_else(|| not_blinded(policy, &v.dataset))
     };
-    let (batches_a, batches_b) = (read(versions[0])?, read(versions[1])?);
+    // The two versions are decrypted side by side.
+    let (batches_a, batches_b) = std::thread::scope(|scope| {
+        let second = scope.spawn(|| read(versions[1]));
+        let first = read(versions[0]);
+        let second = second
+            .join()
+            .unwrap_or_else(|_| Err(ServiceError::Internal("reading a version failed".into())));
+        Ok::<_, ServiceError>((first?, second?))
+    })?;
     let (ids_a, ids_b) = (a.identifier_columns(), b.identifier_columns());
     let m = match_people(
         Side {

@@ -103,15 +103,27 @@ impl TableCache {
             None => {}
         }
         let load = || -> Result<Arc<Cached>, ServiceError> {
-            let mut batches = Vec::new();
-            for v in &versions {
-                batches.push(match v {
-                    Some(v) => {
-                        super::blinding::read_matchable(store, policy, v)?.unwrap_or_default()
-                    }
-                    None => Vec::new(),
-                });
-            }
+            // Every dataset's version decrypted side by side.
+            let read = |v: &Option<crate::storage::VersionInfo>| match v {
+                Some(v) => {
+                    Ok(super::blinding::read_matchable(store, policy, v)?.unwrap_or_default())
+                }
+                None => Ok(Vec::new()),
+            };
+            let batches = std::thread::scope(|scope| {
+                let reads: Vec<_> = versions
+                    .iter()
+                    .map(|v| scope.spawn(move || read(v)))
+                    .collect();
+                reads
+                    .into_iter()
+                    .map(|r| {
+                        r.join().unwrap_or_else(|_| {
+                            Err(ServiceError::Internal("reading a version failed".into()))
+                        })
+                    })
+                    .collect::<Result<Vec<_>, ServiceError>>()
+            })?;
             let tables = agreement_tables(policy, batches);
             state.metrics().tables_loaded();
             let bytes = tables
