@@ -28,10 +28,8 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use cleanroom::client::{Client, ClientConfig};
 use cleanroom::identity::BlindingKey;
 use cleanroom::prepare::{match_pending, upload};
-use cleanroom::server::ServerOptions;
 
 const AGREEMENT: &str = "psi-bench";
 
@@ -93,41 +91,21 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     let shared = n * 3 / 10;
     let threads = rayon::current_num_threads();
     let work = tempfile::tempdir()?;
-    let certs = work.path().join("certs");
-    cleanroom::certs::init(&certs, &[], false)?;
-    for org in ["acme", "globex"] {
-        cleanroom::certs::issue_client(&certs, org, false)?;
-    }
+    let certs = common::pki(work.path())?;
     let policies = work.path().join("policies");
     std::fs::create_dir_all(&policies)?;
     std::fs::write(policies.join(format!("{AGREEMENT}.toml")), policy())?;
     let (acme_file, globex_file) = write_sides(work.path(), n, shared)?;
 
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
-    let url = format!("https://{}", listener.local_addr()?);
-    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-    let server = tokio::spawn(cleanroom::server::serve(
-        listener,
-        ServerOptions {
-            shutdown_grace: Duration::from_millis(10),
-            ..ServerOptions::new(&certs, &policies, &work.path().join("data"))
-        },
-        async {
-            let _ = stopped.await;
-        },
-    ));
-    let connect = |org: &str| {
-        let config = ClientConfig::new(url.clone(), certs.join("ca.pem")).with_identity(
-            certs.join(format!("{org}.pem")),
-            certs.join(format!("{org}-key.pem")),
-        );
-        async move { Client::connect(&config).await }
-    };
-    let (mut acme, globex) = match (connect("acme").await, connect("globex").await) {
+    let server = common::InProcess::start(&certs, &policies, &work.path().join("data")).await?;
+    let (mut acme, globex) = match (
+        common::connect(&server.url, &certs, "acme").await,
+        common::connect(&server.url, &certs, "globex").await,
+    ) {
         (Ok(a), Ok(g)) => (a, g),
         (a, g) => {
-            if server.is_finished() {
-                return Err(format!("the server stopped: {:?}", server.await?).into());
+            if server.task.is_finished() {
+                return Err(format!("the server stopped: {:?}", server.task.await?).into());
             }
             return Err(format!("connecting: {:?} {:?}", a.err(), g.err()).into());
         }
@@ -224,9 +202,7 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
             Err(e) => println!("OpenMined PSI not run: {e}"),
         }
     }
-    let _ = stop.send(());
-    server.await??;
-    Ok(())
+    server.stop().await
 }
 
 /// Runs `benches/python/openmined_psi.py` in its virtual environment,

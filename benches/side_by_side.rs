@@ -27,7 +27,7 @@ use common::arg;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
-use cleanroom::client::{Client, ClientConfig};
+use cleanroom::client::Client;
 use cleanroom::prepare::{CsvOptions, InputFormat, InputReader, Plan, Preparer, upload};
 
 const PRIVATE: &str = "retail-media-demo";
@@ -109,18 +109,6 @@ async fn start(
     })
 }
 
-async fn connect(
-    run: &Running,
-    certs: &Path,
-    org: &str,
-) -> Result<Client, Box<dyn std::error::Error>> {
-    let config = ClientConfig::new(run.url.clone(), certs.join("ca.pem")).with_identity(
-        certs.join(format!("{org}.pem")),
-        certs.join(format!("{org}-key.pem")),
-    );
-    Ok(Client::connect(&config).await?)
-}
-
 /// Resident and peak resident memory from a /proc status file, MiB.
 fn memory_of(status: &str) -> (f64, f64) {
     let status = std::fs::read_to_string(status).unwrap_or_default();
@@ -162,11 +150,7 @@ async fn timed_query(client: &Client, agreement: &str) -> Result<f64, Box<dyn st
 async fn main() -> Result<(), Box<dyn std::error::Error>> {
     let rows = arg("--rows", 1_000_000);
     let work = tempfile::tempdir()?;
-    let certs = work.path().join("certs");
-    cleanroom::certs::init(&certs, &[], false)?;
-    for org in ["acme", "globex"] {
-        cleanroom::certs::issue_client(&certs, org, false)?;
-    }
+    let certs = common::pki(work.path())?;
     let policies = work.path().join("policies");
     std::fs::create_dir_all(&policies)?;
     let shipped = std::fs::read_to_string(
@@ -203,8 +187,8 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     );
     let data = work.path().join("data");
     let server = start(&certs, &policies, &data).await?;
-    let acme = connect(&server, &certs, "acme").await?;
-    let globex = connect(&server, &certs, "globex").await?;
+    let acme = common::connect(&server.url, &certs, "acme").await?;
+    let globex = common::connect(&server.url, &certs, "globex").await?;
     let secret = cleanroom::identity::Secret::generate();
 
     // Uploads, end to end.
@@ -269,7 +253,7 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     drop(globex);
     server.stop()?;
     let server = start(&certs, &policies, &data).await?;
-    let acme = connect(&server, &certs, "acme").await?;
+    let acme = common::connect(&server.url, &certs, "acme").await?;
     let (restart_overlap, _) = timed_overlap(&acme, THRESHOLDS).await?;
     let (before_load, _) = server.memory();
     let restart_query = timed_query(&acme, THRESHOLDS).await?;
@@ -300,7 +284,7 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     if arg("--duckdb", 1) == 1 {
         let agreement = {
             let run = start(&certs, &policies, &work.path().join("data2")).await?;
-            let mut c = connect(&run, &certs, "acme").await?;
+            let mut c = common::connect(&run.url, &certs, "acme").await?;
             let a = c.get_agreement(THRESHOLDS).await?;
             drop(c);
             run.stop()?;

@@ -17,14 +17,12 @@ use common::arg;
 
 use std::time::{Duration, Instant};
 
-use cleanroom::client::{Client, ClientConfig};
 use cleanroom::prepare::{
     CsvOptions, InputFormat, InputReader, Plan, Preparer, UploadOptions, upload,
 };
 use cleanroom::proto;
 use cleanroom::proto::datasets_client::DatasetsClient;
 use cleanroom::proto::upload_request::Part;
-use cleanroom::server::ServerOptions;
 use cleanroom::upload::{MAX_MESSAGE_BYTES, ROWS_PER_MESSAGE, encode_messages};
 
 fn rate(rows: u64, d: Duration) -> String {
@@ -39,9 +37,7 @@ fn rate(rows: u64, d: Duration) -> String {
 async fn main() -> Result<(), Box<dyn std::error::Error>> {
     let rows = arg("--rows", 1_000_000);
     let work = tempfile::tempdir()?;
-    let certs = work.path().join("certs");
-    cleanroom::certs::init(&certs, &[], false)?;
-    cleanroom::certs::issue_client(&certs, "acme", false)?;
+    let certs = common::pki(work.path())?;
 
     let t = Instant::now();
     let truth = cleanroom::synth::generate(&cleanroom::synth::SynthOptions {
@@ -59,26 +55,13 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         t.elapsed().as_secs_f64()
     );
 
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
-    let url = format!("https://{}", listener.local_addr()?);
-    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-    let server = tokio::spawn(cleanroom::server::serve(
-        listener,
-        ServerOptions {
-            shutdown_grace: Duration::from_millis(10),
-            ..ServerOptions::new(
-                &certs,
-                &std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("policies"),
-                &work.path().join("data"),
-            )
-        },
-        async {
-            let _ = stopped.await;
-        },
-    ));
-    let config = ClientConfig::new(url, certs.join("ca.pem"))
-        .with_identity(certs.join("acme.pem"), certs.join("acme-key.pem"));
-    let mut client = Client::connect(&config).await?;
+    let server = common::InProcess::start(
+        &certs,
+        &std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("policies"),
+        &work.path().join("data"),
+    )
+    .await?;
+    let mut client = common::connect(&server.url, &certs, "acme").await?;
     let agreement = client.get_agreement("retail-media-demo").await?;
     let secret = cleanroom::identity::Secret::generate();
 
@@ -193,7 +176,6 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         "end to end (cleanroom upload)                            {}",
         rate(report.stats.rows_read, total_time)
     );
-    let _ = stop.send(());
-    server.await??;
+    server.stop().await?;
     Ok(())
 }

@@ -65,3 +65,66 @@ pub fn upload_options(
         progress: false,
     }
 }
+
+/// A development CA, server certificate and client certificates for the
+/// demo parties, in `dir/certs`; returns that folder.
+pub fn pki(dir: &std::path::Path) -> Result<std::path::PathBuf, Box<dyn std::error::Error>> {
+    let certs = dir.join("certs");
+    cleanroom::certs::init(&certs, &[], false)?;
+    for org in ["acme", "globex"] {
+        cleanroom::certs::issue_client(&certs, org, false)?;
+    }
+    Ok(certs)
+}
+
+/// A server in this process on 127.0.0.1:0.
+pub struct InProcess {
+    pub url: String,
+    stop: tokio::sync::oneshot::Sender<()>,
+    pub task: tokio::task::JoinHandle<Result<(), cleanroom::server::ServerError>>,
+}
+
+impl InProcess {
+    pub async fn start(
+        certs: &std::path::Path,
+        policies: &std::path::Path,
+        data: &std::path::Path,
+    ) -> Result<Self, Box<dyn std::error::Error>> {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+        let url = format!("https://{}", listener.local_addr()?);
+        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+        let task = tokio::spawn(cleanroom::server::serve(
+            listener,
+            cleanroom::server::ServerOptions {
+                shutdown_grace: std::time::Duration::from_millis(10),
+                ..cleanroom::server::ServerOptions::new(certs, policies, data)
+            },
+            async {
+                let _ = stopped.await;
+            },
+        ));
+        Ok(InProcess { url, stop, task })
+    }
+
+    /// Stops the server and waits until it has.
+    pub async fn stop(self) -> Result<(), Box<dyn std::error::Error>> {
+        let _ = self.stop.send(());
+        self.task.await??;
+        Ok(())
+    }
+}
+
+/// A client of the server at `url` as `org`, with the certificates in
+/// `certs`.
+pub async fn connect(
+    url: &str,
+    certs: &std::path::Path,
+    org: &str,
+) -> Result<cleanroom::client::Client, Box<dyn std::error::Error>> {
+    let config = cleanroom::client::ClientConfig::new(url.to_string(), certs.join("ca.pem"))
+        .with_identity(
+            certs.join(format!("{org}.pem")),
+            certs.join(format!("{org}-key.pem")),
+        );
+    Ok(cleanroom::client::Client::connect(&config).await?)
+}
