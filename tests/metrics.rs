@@ -43,6 +43,42 @@ fn value(text: &str, series: &str) -> f64 {
         .map_or(0.0, |v| v.trim().parse().unwrap())
 }
 
+/// An address on loopback that nothing listens on yet.
+fn free_port() -> std::net::SocketAddr {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+}
+
+/// The values of `names` in one scrape of the endpoint at `port`.
+async fn read_series<const N: usize>(
+    port: std::net::SocketAddr,
+    names: [&'static str; N],
+) -> [f64; N] {
+    let text = tokio::task::spawn_blocking(move || scrape(port))
+        .await
+        .unwrap();
+    names.map(|n| value(&text, n))
+}
+
+/// A server on the demo agreement without privacy, with metrics on a fresh
+/// port, and that port.
+async fn metrics_server(
+    policies: &tempfile::TempDir,
+    limits: cleanroom::query::QueryLimits,
+) -> (TestServer, std::net::SocketAddr) {
+    let port = free_port();
+    let server = TestServer::start_with(Setup {
+        policies: policies.path().to_path_buf(),
+        metrics_listen: Some(port),
+        query_limits: limits,
+        ..Setup::default()
+    })
+    .await;
+    (server, port)
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn metrics_move_as_calls_are_made() {
     let port = std::net::TcpListener::bind("127.0.0.1:0")
@@ -162,26 +198,17 @@ async fn metrics_move_as_calls_are_made() {
 /// would show as one agreement cached with no new load.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn erasures_and_new_versions_drop_tables_from_memory_at_once() {
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap();
     let policies = demo_policies(None);
-    let server = TestServer::start_with(Setup {
-        policies: policies.path().to_path_buf(),
-        metrics_listen: Some(port),
-        ..Setup::default()
-    })
-    .await;
-    // (agreements cached, rows cached, loads so far)
-    let cache = || async move {
-        let text = tokio::task::spawn_blocking(move || scrape(port))
-            .await
-            .unwrap();
-        (
-            value(&text, "cleanroom_cached_agreements"),
-            value(&text, "cleanroom_cached_rows"),
-            value(&text, "cleanroom_table_loads_total"),
+    let (server, port) = metrics_server(&policies, Default::default()).await;
+    // [agreements cached, rows cached, loads so far]
+    let cache = || {
+        read_series(
+            port,
+            [
+                "cleanroom_cached_agreements",
+                "cleanroom_cached_rows",
+                "cleanroom_table_loads_total",
+            ],
         )
     };
     let (data, _) = synth(2_000, 0.5);
@@ -189,15 +216,15 @@ async fn erasures_and_new_versions_drop_tables_from_memory_at_once() {
     let g = upload_demo(&server, "globex", data.path()).await;
     let total = (a.response.rows + g.response.rows) as f64;
     assert!(
-        common::eventually(|| async { cache().await.1 == total }).await,
+        common::eventually(|| async { cache().await[1] == total }).await,
         "the commit that completes the agreement loads its tables: {:?}",
         cache().await
     );
     let mut acme = server.client("acme").await;
     let sql = "SELECT COUNT(*) FROM customers c JOIN audience a ON c.email = a.email";
-    let loads = cache().await.2;
+    let loads = cache().await[2];
     acme.query("retail-media-demo", sql).await.unwrap();
-    assert_eq!(cache().await.2, loads, "the query found the tables loaded");
+    assert_eq!(cache().await[2], loads, "the query found the tables loaded");
 
     // Ten customers withdraw.
     let erased = common::erase_first_customers(
@@ -209,34 +236,34 @@ async fn erasures_and_new_versions_drop_tables_from_memory_at_once() {
     )
     .await;
     assert!(erased.rows_removed >= 10);
-    let (cached, rows, now) = cache().await;
+    let [cached, rows, now] = cache().await;
     assert!(
         cached == 0.0 || (now > loads && rows == total - erased.rows_removed as f64),
         "the erased rows stayed in memory: {cached} agreement(s), {rows} rows, {now} loads"
     );
     let after_erasure = total - erased.rows_removed as f64;
-    assert!(common::eventually(|| async { cache().await.1 == after_erasure }).await);
+    assert!(common::eventually(|| async { cache().await[1] == after_erasure }).await);
 
     // A new version of globex's dataset.
-    let loads = cache().await.2;
+    let loads = cache().await[2];
     upload_demo(&server, "globex", data.path()).await;
-    let (cached, _, now) = cache().await;
+    let [cached, _, now] = cache().await;
     assert!(
         cached == 0.0 || now > loads,
         "a new version left stale tables: {cached} agreement(s), {now} loads"
     );
-    assert!(common::eventually(|| async { cache().await.2 > loads }).await);
+    assert!(common::eventually(|| async { cache().await[2] > loads }).await);
 
     // A policy reload.
     acme.query("retail-media-demo", sql).await.unwrap();
-    assert_eq!(cache().await.0, 1.0);
+    assert_eq!(cache().await[0], 1.0);
     let file = policies.path().join("retail-media-demo.toml");
     let edited = std::fs::read_to_string(&file)
         .unwrap()
         .replace("min_group_size = 50", "min_group_size = 60");
     std::fs::write(&file, edited).unwrap();
     assert!(
-        common::eventually(|| async { cache().await.0 == 0.0 }).await,
+        common::eventually(|| async { cache().await[0] == 0.0 }).await,
         "a policy reload left tables of the old policy"
     );
 }
@@ -247,25 +274,11 @@ async fn erasures_and_new_versions_drop_tables_from_memory_at_once() {
 /// count; a new version, an erasure or a policy change match again.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn overlaps_are_matched_once_per_pair_of_versions() {
-    let free_port = || {
-        std::net::TcpListener::bind("127.0.0.1:0")
-            .unwrap()
-            .local_addr()
-            .unwrap()
-    };
     let policies = demo_policies(None);
-    let setup = |port| Setup {
-        policies: policies.path().to_path_buf(),
-        metrics_listen: Some(port),
-        ..Setup::default()
-    };
-    let mut port = free_port();
-    let server = TestServer::start_with(setup(port)).await;
+    let (server, mut port) = metrics_server(&policies, Default::default()).await;
     let matchings = |port| async move {
-        let text = tokio::task::spawn_blocking(move || scrape(port))
-            .await
-            .unwrap();
-        value(&text, "cleanroom_overlap_matchings_total")
+        let [n] = read_series(port, ["cleanroom_overlap_matchings_total"]).await;
+        n
     };
     let (data, truth) = synth(2_000, 0.3);
     upload_demo(&server, "acme", data.path()).await;
@@ -292,7 +305,13 @@ async fn overlaps_are_matched_once_per_pair_of_versions() {
 
     // After a restart the count is read back, not matched again.
     port = free_port();
-    let server = server.restart(setup(port)).await;
+    let server = server
+        .restart(Setup {
+            policies: policies.path().to_path_buf(),
+            metrics_listen: Some(port),
+            ..Setup::default()
+        })
+        .await;
     let mut acme = server.client("acme").await;
     let r = acme.overlap("retail-media-demo", &[]).await.unwrap();
     assert_eq!(r.overlap, Some(truth.overlap));
@@ -342,28 +361,16 @@ async fn overlaps_are_matched_once_per_pair_of_versions() {
 /// query loads them afresh and still answers the same.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_table_cache_keeps_within_its_budget() {
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap();
     let policies = demo_policies(None);
-    let server = TestServer::start_with(Setup {
-        policies: policies.path().to_path_buf(),
-        metrics_listen: Some(port),
-        query_limits: cleanroom::query::QueryLimits {
-            table_cache_bytes: 64 << 10,
-            ..Default::default()
-        },
-        ..Setup::default()
-    })
-    .await;
-    let scrape_now = || async move {
-        let text = tokio::task::spawn_blocking(move || scrape(port))
-            .await
-            .unwrap();
-        (
-            value(&text, "cleanroom_cached_agreements"),
-            value(&text, "cleanroom_table_loads_total"),
+    let limits = cleanroom::query::QueryLimits {
+        table_cache_bytes: 64 << 10,
+        ..Default::default()
+    };
+    let (server, port) = metrics_server(&policies, limits).await;
+    let scrape_now = || {
+        read_series(
+            port,
+            ["cleanroom_cached_agreements", "cleanroom_table_loads_total"],
         )
     };
     let (data, _) = synth(3_000, 0.5);
@@ -372,7 +379,7 @@ async fn the_table_cache_keeps_within_its_budget() {
     let mut acme = server.client("acme").await;
     let sql = "SELECT c.region, COUNT(*) AS n FROM customers c JOIN audience a ON c.email = a.email GROUP BY c.region ORDER BY c.region";
     let first = acme.query("retail-media-demo", sql).await.unwrap();
-    let loads = scrape_now().await.1;
+    let loads = scrape_now().await[1];
     for _ in 0..3 {
         let again = acme.query("retail-media-demo", sql).await.unwrap();
         assert_eq!(
@@ -384,7 +391,7 @@ async fn the_table_cache_keeps_within_its_budget() {
                 .to_string()
         );
     }
-    let (cached, now) = scrape_now().await;
+    let [cached, now] = scrape_now().await;
     assert_eq!(cached, 0.0, "tables over the budget were kept");
     assert_eq!(now, loads + 3.0, "each query loaded the tables again");
     server.stop().await.unwrap();
