@@ -422,8 +422,7 @@ fn complete(
     }
     let pairs = job.singles.into_iter().zip(doubles).collect();
     store.put_blinding(info, &Blinding::new(job.blinder, pairs))?;
-    state.query_tables().forget(&info.agreement);
-    state.match_soon(&info.agreement);
+    state.versions_changed(&info.agreement);
     Ok(proto::SubmitBlindingResponse {
         dataset: info.dataset.clone(),
         version: info.version.clone(),

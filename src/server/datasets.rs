@@ -219,8 +219,7 @@ fn erase_rows(
     // it still holds: nothing of the erased rows, and no wait for the partner.
     super::blinding::carry_over(store, policy, &current, &info, &kept_batches)?;
     store.delete_versions(&older)?;
-    state.query_tables().forget(policy.id());
-    state.match_soon(policy.id());
+    state.versions_changed(policy.id());
     Ok(proto::EraseResponse {
         rows_removed: removed,
         rows_kept: kept,
@@ -389,8 +388,7 @@ impl DatasetsService {
                         "upload committed"
                     );
                     self.state.metrics().uploaded(info.rows, info.bytes);
-                    self.state.query_tables().forget(policy.id());
-                    self.state.match_soon(policy.id());
+                    self.state.versions_changed(policy.id());
                     return Ok(proto::UploadResponse {
                         already_committed: info.upload_id != header.upload_id,
                         version: info.version,

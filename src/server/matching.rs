@@ -167,13 +167,8 @@ impl MatchingService {
         versions: Vec<crate::storage::VersionInfo>,
         private: Option<&Plan>,
     ) -> Result<proto::OverlapResponse, ServiceError> {
-        let (kinds_b, names) = (b.identifier_columns(), [a.name(), b.name()]);
-        let matched_on: Vec<String> = a
-            .identifier_columns()
-            .into_iter()
-            .filter(|(_, k)| kinds_b.iter().any(|(_, kb)| kb == k))
-            .map(|(_, k)| k.to_string())
-            .collect();
+        let names = [a.name(), b.name()];
+        let matched_on = shared_kinds(a, b);
         let (state, da, db) = (self.state.clone(), a.clone(), b.clone());
         let p = Arc::clone(policy);
         let overlap = tokio::task::spawn_blocking(move || {
@@ -202,6 +197,16 @@ impl MatchingService {
             privacy: None,
         })
     }
+}
+
+/// The identity kinds two datasets are matched on: those both carry.
+fn shared_kinds(a: &Dataset, b: &Dataset) -> Vec<String> {
+    let kinds_b = b.identifier_columns();
+    a.identifier_columns()
+        .into_iter()
+        .filter(|(_, k)| kinds_b.iter().any(|(_, kb)| kb == k))
+        .map(|(_, k)| k.to_string())
+        .collect()
 }
 
 /// The exact number of people two datasets' `versions` share: recorded
@@ -266,12 +271,7 @@ pub(crate) fn match_agreement(state: &AppState, agreement: &str) {
     let datasets = policy.datasets();
     for (i, a) in datasets.iter().enumerate() {
         for b in &datasets[i + 1..] {
-            let kinds_b = b.identifier_columns();
-            if !a
-                .identifier_columns()
-                .iter()
-                .any(|(_, k)| kinds_b.iter().any(|(_, kb)| kb == k))
-            {
+            if shared_kinds(a, b).is_empty() {
                 continue;
             }
             let run = || -> Result<(), ServiceError> {

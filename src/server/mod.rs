@@ -346,9 +346,17 @@ impl AppState {
         &self.query_tables
     }
 
+    /// What follows a change of an agreement's current data (a commit, an
+    /// erasure, a completed blinding): its tables leave memory at once, and
+    /// the background matcher matches and loads the new versions.
+    pub(crate) fn versions_changed(&self, agreement: &str) {
+        self.query_tables.forget(agreement);
+        self.match_soon(agreement);
+    }
+
     /// Asks the background matcher to match the agreement's current
     /// versions now, after a commit, rather than at the next overlap.
-    pub(crate) fn match_soon(&self, agreement: &str) {
+    fn match_soon(&self, agreement: &str) {
         if let Some(tx) = self
             .match_queue
             .lock()

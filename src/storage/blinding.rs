@@ -63,14 +63,6 @@ impl Blinding {
         &self.blinder
     }
 
-    /// The doubly blinded point of a singly blinded one.
-    pub fn double_of(&self, single: &[u8; POINT]) -> Option<&[u8; POINT]> {
-        self.pairs
-            .binary_search_by(|(s, _)| s.cmp(single))
-            .ok()
-            .map(|i| &self.pairs[i].1)
-    }
-
     /// A hash index from single to double point, for looking up a whole
     /// version's rows (a binary search per row costs several cache misses).
     /// std's hasher is keyed at random per map, so points a party crafted
@@ -148,7 +140,7 @@ impl Store {
     /// A version's doubly blinded points, if its partner has blinded them.
     pub fn blinding(&self, info: &VersionInfo) -> Result<Option<Blinding>, StorageError> {
         let key = key_name(&[&info.agreement, &info.dataset, &info.version]);
-        let Some(sealed) = self.sealed_blinding(&key)? else {
+        let Some(plain) = self.open_sealed(BLINDINGS, &info.agreement, &key, &aad(&key))? else {
             return Ok(None);
         };
         let Some(blinder) = self.key_id(info, KeyRole::Blinder)? else {
@@ -156,10 +148,6 @@ impl Store {
                 "the blinding of {key} has no key id"
             )));
         };
-        let plain = self
-            .data_key(&info.agreement)?
-            .open(&sealed, &aad(&key))
-            .map_err(|_| StorageError::Db(format!("the blinding of {key} did not open")))?;
         Blinding::from_bytes(blinder, &plain)
             .map(Some)
             .ok_or_else(|| StorageError::Db(format!("the blinding of {key} is damaged")))
@@ -192,40 +180,14 @@ impl Store {
 
     fn key_id(&self, info: &VersionInfo, role: KeyRole) -> Result<Option<KeyId>, StorageError> {
         let entry = key_entry(info, role);
-        let tx = self.inner.db.begin_read()?;
-        let table = match tx.open_table(VERSION_KEYS) {
-            Ok(t) => t,
-            Err(redb::TableError::TableDoesNotExist(_)) => return Ok(None),
-            Err(e) => return Err(e.into()),
-        };
-        let Some(sealed) = table.get(entry.as_str())?.map(|v| v.value().to_vec()) else {
+        let Some(plain) =
+            self.open_sealed(VERSION_KEYS, &info.agreement, &entry, &key_aad(&entry))?
+        else {
             return Ok(None);
         };
-        let plain = self
-            .data_key(&info.agreement)?
-            .open(&sealed, &key_aad(&entry))
-            .map_err(|_| StorageError::Db(format!("the key id {entry} did not open")))?;
         KeyId::try_from(plain.as_slice())
             .map(Some)
             .map_err(|_| StorageError::Db(format!("the key id {entry} is damaged")))
-    }
-
-    /// Whether a version's points have been blinded by its partner.
-    pub fn has_blinding(&self, info: &VersionInfo) -> Result<bool, StorageError> {
-        let key = key_name(&[&info.agreement, &info.dataset, &info.version]);
-        Ok(self.sealed_blinding(&key)?.is_some())
-    }
-
-    /// The sealed bytes under `key`. A data directory opened read-only from
-    /// before blindings existed has no table: nothing is blinded there.
-    fn sealed_blinding(&self, key: &str) -> Result<Option<Vec<u8>>, StorageError> {
-        let tx = self.inner.db.begin_read()?;
-        let table = match tx.open_table(BLINDINGS) {
-            Ok(t) => t,
-            Err(redb::TableError::TableDoesNotExist(_)) => return Ok(None),
-            Err(e) => return Err(e.into()),
-        };
-        Ok(table.get(key)?.map(|v| v.value().to_vec()))
     }
 }
 
@@ -252,8 +214,8 @@ mod tests {
         store.put_blinding(&v, &b).unwrap();
         let back = store.blinding(&v).unwrap().unwrap();
         assert_eq!(back, b);
-        assert_eq!(back.double_of(&[1; 32]), Some(&[10; 32]));
-        assert_eq!(back.double_of(&[3; 32]), None);
+        assert_eq!(back.index().get(&[1; 32]), Some(&&[10; 32]));
+        assert_eq!(back.index().get(&[3; 32]), None);
         assert_eq!(back.index().get(&[2; 32]), Some(&&[20; 32]));
         assert_eq!(back.index().len(), 2);
         assert_eq!(back.blinder(), &[5; 32]);
@@ -265,7 +227,7 @@ mod tests {
             "doubly blinded points are sealed at rest"
         );
         store.delete_versions(std::slice::from_ref(&v)).unwrap();
-        assert!(!store.has_blinding(&v).unwrap());
+        assert!(store.blinding(&v).unwrap().is_none());
         assert_eq!(store.blinder_key(&v).unwrap(), None);
     }
 }

@@ -472,6 +472,34 @@ impl Store {
         Ok(info)
     }
 
+    /// The value under `key` in `table`, opened with the agreement's data
+    /// key under `aad`; None if absent. A data directory from before the
+    /// table existed reads as holding nothing.
+    pub(super) fn open_sealed(
+        &self,
+        table: TableDefinition<&str, &[u8]>,
+        agreement: &str,
+        key: &str,
+        aad: &[u8],
+    ) -> Result<Option<Vec<u8>>, StorageError> {
+        let sealed = {
+            let tx = self.inner.db.begin_read()?;
+            let table = match tx.open_table(table) {
+                Ok(t) => t,
+                Err(redb::TableError::TableDoesNotExist(_)) => return Ok(None),
+                Err(e) => return Err(e.into()),
+            };
+            match table.get(key)? {
+                Some(v) => v.value().to_vec(),
+                None => return Ok(None),
+            }
+        };
+        self.data_key(agreement)?
+            .open(&sealed, aad)
+            .map(Some)
+            .map_err(|_| StorageError::Db(format!("{key} did not open")))
+    }
+
     /// Decrypts a committed version into record batches.
     pub fn read(&self, info: &VersionInfo) -> Result<Vec<RecordBatch>, StorageError> {
         let key = self.data_key(&info.agreement)?;

@@ -46,22 +46,9 @@ impl Store {
     ) -> Result<Option<u64>, StorageError> {
         let agreement = &versions[0].agreement;
         let (key, swapped) = entry(agreement, [&versions[0].dataset, &versions[1].dataset]);
-        let sealed = {
-            let tx = self.inner.db.begin_read()?;
-            let table = match tx.open_table(OVERLAPS) {
-                Ok(t) => t,
-                Err(redb::TableError::TableDoesNotExist(_)) => return Ok(None),
-                Err(e) => return Err(e.into()),
-            };
-            match table.get(key.as_str())? {
-                Some(v) => v.value().to_vec(),
-                None => return Ok(None),
-            }
+        let Some(plain) = self.open_sealed(OVERLAPS, agreement, &key, &aad(&key))? else {
+            return Ok(None);
         };
-        let plain = self
-            .data_key(agreement)?
-            .open(&sealed, &aad(&key))
-            .map_err(|_| StorageError::Db(format!("the overlap {key} did not open")))?;
         let record: MatchedOverlap = serde_json::from_slice(&plain)?;
         let mut wanted = [versions[0].version.clone(), versions[1].version.clone()];
         if swapped {
