@@ -179,14 +179,29 @@ async fn retention_and_expiry_delete_the_data_and_destroy_the_key() {
     upload_demo(&server, "globex", files.path()).await;
     let mut acme = server.client("acme").await;
     acme.query(ID, SQL).await.unwrap();
-    assert_eq!(dataset_files(&data_dir).len(), 2);
+    // Two versions, and the matched tables stored from them (one file per
+    // dataset), which must go with them.
+    let files_by_kind = |d: &Path| {
+        let files = dataset_files(d);
+        let matched = files
+            .iter()
+            .filter(|f| f.to_string_lossy().ends_with(".matched.cds"))
+            .count();
+        (files.len() - matched, matched)
+    };
+    let stored = eventually(|| {
+        let d = data_dir.clone();
+        async move { files_by_kind(&d) == (2, 2) }
+    })
+    .await;
+    assert!(stored, "{:?}", dataset_files(&data_dir));
 
     // 179 days after the uploads (stamped by the server's clock) the data
     // is still there.
     let uploaded = datetime!(2026-11-20 12:00 UTC);
     clock.set(uploaded + time::Duration::days(179));
     tokio::time::sleep(Duration::from_millis(400)).await;
-    assert_eq!(dataset_files(&data_dir).len(), 2);
+    assert_eq!(dataset_files(&data_dir).len(), 4);
 
     // Past 180 days: both datasets go, the key with them.
     clock.set(uploaded + time::Duration::days(181));

@@ -153,6 +153,73 @@ pub fn agreement_tables(policy: &Policy, batches: Vec<Vec<RecordBatch>>) -> Vec<
         .collect()
 }
 
+/// A table's batches as kept among the matched tables in the store: its
+/// rows with the person number of each as one more, last, column (no
+/// policy column can be named like it: names start with a letter).
+pub fn matched_batches(t: &TableData) -> Result<Vec<RecordBatch>, arrow::error::ArrowError> {
+    let mut offset = 0usize;
+    let mut out = Vec::with_capacity(t.batches.len());
+    for batch in &t.batches {
+        let n = batch.num_rows();
+        let persons = t.person_of_row.get(offset..offset + n).ok_or_else(|| {
+            arrow::error::ArrowError::InvalidArgumentError(
+                "person numbers do not cover the rows".into(),
+            )
+        })?;
+        offset += n;
+        let mut fields: Vec<Field> = batch
+            .schema()
+            .fields()
+            .iter()
+            .map(|f| f.as_ref().clone())
+            .collect();
+        fields.push(Field::new(PERSON_COLUMN, DataType::UInt32, false));
+        let mut columns = batch.columns().to_vec();
+        columns.push(Arc::new(UInt32Array::from(persons.to_vec())));
+        out.push(RecordBatch::try_new(
+            Arc::new(Schema::new(fields)),
+            columns,
+        )?);
+    }
+    Ok(out)
+}
+
+/// The agreement's tables from matched tables read back from the store
+/// (one entry per dataset with rows, as [`matched_batches`] wrote them);
+/// None if any batch does not have that form.
+pub fn tables_from_matched(
+    policy: &Policy,
+    mut stored: Vec<(String, Vec<RecordBatch>)>,
+) -> Option<Vec<TableData>> {
+    let mut tables = Vec::with_capacity(policy.datasets().len());
+    for d in policy.datasets() {
+        let batches = match stored.iter().position(|(name, _)| name == d.name()) {
+            Some(i) => stored.swap_remove(i).1,
+            None => Vec::new(),
+        };
+        let mut rows = Vec::with_capacity(batches.len());
+        let mut person_of_row = Vec::new();
+        for batch in batches {
+            let last = batch.num_columns().checked_sub(1)?;
+            let schema = batch.schema();
+            if schema.field(last).name() != PERSON_COLUMN {
+                return None;
+            }
+            let persons = batch
+                .column(last)
+                .as_any()
+                .downcast_ref::<UInt32Array>()
+                .filter(|p| arrow::array::Array::null_count(*p) == 0)?;
+            person_of_row.extend_from_slice(persons.values());
+            let mut projected = batch;
+            projected.remove_column(last);
+            rows.push(projected);
+        }
+        tables.push(TableData::new(d.clone(), rows, person_of_row));
+    }
+    stored.is_empty().then_some(tables)
+}
+
 /// The stored batches with every identifier column replaced by its dense
 /// key (a column the matcher could not read becomes all nulls): the same
 /// equalities in 4 bytes per value instead of 32. Nothing a caller sees

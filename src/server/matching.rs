@@ -231,6 +231,11 @@ pub(crate) fn matched_people(
     if let Some(people) = store.matched_overlap(versions, &hash)? {
         return Ok(people);
     }
+    if let Some(people) = overlap_from_query_tables(state, policy, versions) {
+        store.put_matched_overlap(versions, &hash, people)?;
+        state.metrics().matched();
+        return Ok(people);
+    }
     let read = |v: &VersionInfo| {
         read_matchable(store, policy, v)?.ok_or_else(|| not_blinded(policy, &v.dataset))
     };
@@ -259,15 +264,38 @@ pub(crate) fn matched_people(
     Ok(m.overlap)
 }
 
-/// Matches every pair of the agreement's datasets that share an identity
-/// kind and whose current versions are matchable and not yet matched, and
-/// loads the agreement's query tables. For the background matcher; failures
-/// are logged, the next request retries.
+/// Matches the agreement's current versions ahead of requests: loads its
+/// query tables (when it is queried and every dataset is there) and stores
+/// them for the next start, and records the overlap of every pair of
+/// datasets that share an identity kind. With two datasets the tables'
+/// matching gives the overlap too, so the versions are matched once. For
+/// the background matcher; failures are logged, the next request retries.
 pub(crate) fn match_agreement(state: &AppState, agreement: &str) {
     let Some(policy) = state.policies().get(agreement).cloned() else {
         return;
     };
     let store = state.store();
+    let complete = || -> Result<bool, ServiceError> {
+        for d in policy.datasets() {
+            match store.current(policy.id(), d.name())? {
+                Some(v) if is_matchable(store, &policy, &v)? => {}
+                _ => return Ok(false),
+            }
+        }
+        Ok(true)
+    };
+    // Until every dataset is there, a query loads what there is itself.
+    let loaded = if is_queried(&policy) && complete().unwrap_or(false) {
+        match state.query_tables().tables(state, &policy) {
+            Ok(loaded) => Some(loaded),
+            Err(e) => {
+                tracing::warn!(error = %e, "loading query tables in the background failed; the next query retries");
+                None
+            }
+        }
+    } else {
+        None
+    };
     let datasets = policy.datasets();
     for (i, a) in datasets.iter().enumerate() {
         for b in &datasets[i + 1..] {
@@ -281,9 +309,10 @@ pub(crate) fn match_agreement(state: &AppState, agreement: &str) {
                 ) else {
                     return Ok(());
                 };
-                if is_matchable(store, &policy, &va)? && is_matchable(store, &policy, &vb)? {
-                    matched_people(state, &policy, [a, b], [&va, &vb])?;
+                if !is_matchable(store, &policy, &va)? || !is_matchable(store, &policy, &vb)? {
+                    return Ok(());
                 }
+                matched_people(state, &policy, [a, b], [&va, &vb])?;
                 Ok(())
             };
             if let Err(e) = run() {
@@ -291,28 +320,96 @@ pub(crate) fn match_agreement(state: &AppState, agreement: &str) {
             }
         }
     }
-    // The first query then finds the tables decrypted, matched and keyed;
-    // only once every dataset is there to match (until then a query loads
-    // what there is itself).
-    let queried = policy
+    if let Some(loaded) = loaded
+        && let Err(e) = save_tables(state, &policy, &loaded)
+    {
+        tracing::warn!(error = %e, "storing matched tables failed; the next start matches again");
+    }
+}
+
+/// Whether any party may query the agreement (and so needs query tables).
+fn is_queried(policy: &Policy) -> bool {
+    policy
         .parties()
         .iter()
-        .any(|p| policy.allows(p.org(), Right::Query));
-    let complete = || -> Result<bool, ServiceError> {
-        for d in policy.datasets() {
-            match store.current(policy.id(), d.name())? {
-                Some(v) if is_matchable(store, &policy, &v)? => {}
-                _ => return Ok(false),
-            }
-        }
-        Ok(true)
-    };
-    if queried
-        && complete().unwrap_or(false)
-        && let Err(e) = state.query_tables().tables(state, &policy)
-    {
-        tracing::warn!(error = %e, "loading query tables in the background failed; the next query retries");
+        .any(|p| policy.allows(p.org(), Right::Query))
+}
+
+/// Under a queried two-dataset agreement, the overlap of `versions` from
+/// its query tables (in memory, in the store, or being loaded by another
+/// caller, whose load this waits for), so that the versions are matched
+/// once for both.
+fn overlap_from_query_tables(
+    state: &AppState,
+    policy: &Policy,
+    versions: [&VersionInfo; 2],
+) -> Option<u64> {
+    if policy.datasets().len() != 2 || !is_queried(policy) {
+        return None;
     }
+    let loaded = state.query_tables().tables(state, policy).ok()?;
+    overlap_in_tables(policy, &loaded, versions)
+}
+
+/// The overlap of a two-dataset agreement's `versions`, from query tables
+/// matched from exactly those versions: the tables number people across
+/// both datasets on every identifier column, as an overlap's matching
+/// does. None for other agreements or other versions.
+fn overlap_in_tables(
+    policy: &Policy,
+    loaded: &super::queries::Loaded,
+    versions: [&VersionInfo; 2],
+) -> Option<u64> {
+    let [first, second] = loaded.tables.as_slice() else {
+        return None;
+    };
+    let same = |held: &Option<VersionInfo>, v: &VersionInfo| {
+        held.as_ref()
+            .is_some_and(|h| h.dataset == v.dataset && h.version == v.version)
+    };
+    if policy.datasets().len() != 2
+        || loaded.versions.len() != 2
+        || !same(&loaded.versions[0], versions[0])
+        || !same(&loaded.versions[1], versions[1])
+    {
+        return None;
+    }
+    let rows = first.person_of_row.len() + second.person_of_row.len();
+    let mut seen = vec![0u8; rows];
+    for (table, bit) in [(first, 1u8), (second, 2u8)] {
+        for p in &table.person_of_row {
+            *seen.get_mut(*p as usize)? |= bit;
+        }
+    }
+    Some(seen.iter().filter(|s| **s == 3).count() as u64)
+}
+
+/// Stores the agreement's loaded tables, unless the store already holds
+/// them.
+fn save_tables(
+    state: &AppState,
+    policy: &Policy,
+    loaded: &super::queries::Loaded,
+) -> Result<(), ServiceError> {
+    let store = state.store();
+    if store.matched_tables_built_from(policy.id())?.as_ref() == Some(&loaded.key) {
+        return Ok(());
+    }
+    let versions: Vec<&VersionInfo> = loaded.versions.iter().flatten().collect();
+    let mut tables = Vec::new();
+    for (table, present) in loaded.tables.iter().zip(&loaded.present) {
+        if present.is_some() {
+            let batches = crate::query::matched_batches(table)
+                .map_err(|e| ServiceError::Internal(e.to_string()))?;
+            tables.push((table.dataset.name(), batches));
+        }
+    }
+    let tables: Vec<(&str, &[arrow::record_batch::RecordBatch])> =
+        tables.iter().map(|(d, b)| (*d, b.as_slice())).collect();
+    if store.put_matched_tables(&loaded.key, &versions, &tables)? {
+        state.metrics().matched_tables_saved();
+    }
+    Ok(())
 }
 
 #[tonic::async_trait]

@@ -98,6 +98,8 @@ pub struct Metrics {
     cached_agreements: Gauge,
     cached_rows: Gauge,
     table_loads: Counter,
+    matched_reads: Counter,
+    matched_saves: Counter,
     matchings: Counter,
 }
 
@@ -184,6 +186,18 @@ impl Default for Metrics {
             "Agreements' tables decrypted, matched and keyed for queries (once per set of current versions and policy while they fit the cache)",
             table_loads.clone(),
         );
+        let matched_reads = Counter::default();
+        registry.register(
+            "matched_table_reads",
+            "Agreements' matched tables read back from the store instead of matching again (after a restart, or when the cache had let them go)",
+            matched_reads.clone(),
+        );
+        let matched_saves = Counter::default();
+        registry.register(
+            "matched_table_saves",
+            "Agreements' matched tables written to the store, once per set of current versions and policy",
+            matched_saves.clone(),
+        );
         let matchings = Counter::default();
         registry.register(
             "overlap_matchings",
@@ -195,6 +209,8 @@ impl Default for Metrics {
             cached_agreements,
             cached_rows,
             table_loads,
+            matched_reads,
+            matched_saves,
             matchings,
             calls,
             latency,
@@ -234,6 +250,16 @@ impl Metrics {
     /// An agreement's query tables loaded.
     pub(crate) fn tables_loaded(&self) {
         self.table_loads.inc();
+    }
+
+    /// An agreement's matched tables read back from the store.
+    pub(crate) fn matched_tables_read(&self) {
+        self.matched_reads.inc();
+    }
+
+    /// An agreement's matched tables written to the store.
+    pub(crate) fn matched_tables_saved(&self) {
+        self.matched_saves.inc();
     }
 
     /// A pair of versions matched for an overlap.

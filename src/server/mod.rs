@@ -356,7 +356,7 @@ impl AppState {
 
     /// Asks the background matcher to match the agreement's current
     /// versions now, after a commit, rather than at the next overlap.
-    fn match_soon(&self, agreement: &str) {
+    pub(crate) fn match_soon(&self, agreement: &str) {
         if let Some(tx) = self
             .match_queue
             .lock()

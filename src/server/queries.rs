@@ -29,8 +29,21 @@ struct Cached {
     current: bool,
 }
 
-/// The agreement's tables, and for each dataset its name if it has data.
-type Loaded = (Vec<Option<String>>, Arc<Vec<TableData>>);
+/// An agreement's query tables and what they were built from.
+#[derive(Debug, Clone)]
+pub(crate) struct Loaded {
+    /// For each of the policy's datasets, its name if it has data.
+    pub(crate) present: Vec<Option<String>>,
+    pub(crate) tables: Arc<Vec<TableData>>,
+    /// The versions (in the policy's dataset order, "" where none) and the
+    /// policy hash.
+    pub(crate) key: Vec<String>,
+    /// The versions the tables hold rows of, in the policy's dataset order.
+    pub(crate) versions: Vec<Option<crate::storage::VersionInfo>>,
+    /// This call matched them from the versions (rather than finding them
+    /// in memory or in the store).
+    pub(crate) matched_now: bool,
+}
 
 /// Decrypted and matched tables per agreement, kept while the datasets'
 /// current versions stay the same, within a memory budget (least recently
@@ -95,37 +108,27 @@ impl TableCache {
             .iter()
             .map(|v| v.as_ref().map(|v| v.dataset.clone()))
             .collect();
+        let matched_now = std::cell::Cell::new(false);
+        let loaded = |tables: &Arc<Vec<TableData>>| Loaded {
+            present: present.clone(),
+            tables: Arc::clone(tables),
+            key: key.clone(),
+            versions: versions.clone(),
+            matched_now: matched_now.get(),
+        };
         match self.inner.get(policy.id()) {
-            Some(cached) if cached.key == key => {
-                return Ok((present, Arc::clone(&cached.tables)));
-            }
+            Some(cached) if cached.key == key => return Ok(loaded(&cached.tables)),
             Some(_) => self.inner.invalidate(policy.id()),
             None => {}
         }
         let load = || -> Result<Arc<Cached>, ServiceError> {
-            // Every dataset's version decrypted side by side.
-            let read = |v: &Option<crate::storage::VersionInfo>| match v {
-                Some(v) => {
-                    Ok(super::blinding::read_matchable(store, policy, v)?.unwrap_or_default())
+            let tables = match self.stored(state, policy, &key) {
+                Some(tables) => tables,
+                None => {
+                    matched_now.set(true);
+                    self.matched(state, policy, &versions)?
                 }
-                None => Ok(Vec::new()),
             };
-            let batches = std::thread::scope(|scope| {
-                let reads: Vec<_> = versions
-                    .iter()
-                    .map(|v| scope.spawn(move || read(v)))
-                    .collect();
-                reads
-                    .into_iter()
-                    .map(|r| {
-                        r.join().unwrap_or_else(|_| {
-                            Err(ServiceError::Internal("reading a version failed".into()))
-                        })
-                    })
-                    .collect::<Result<Vec<_>, ServiceError>>()
-            })?;
-            let tables = agreement_tables(policy, batches);
-            state.metrics().tables_loaded();
             let bytes = tables
                 .iter()
                 .map(|t| {
@@ -151,7 +154,7 @@ impl TableCache {
                 current,
             }))
         };
-        let loaded = self
+        let cached = self
             .inner
             .try_get_with(policy.id().to_string(), load)
             .map_err(|e| {
@@ -159,14 +162,62 @@ impl TableCache {
             })?;
         // Evict now, not at some later call, if the budget is exceeded.
         self.inner.run_pending_tasks();
-        if !loaded.current || loaded.key != key {
+        if !cached.current || cached.key != key {
             // Not kept: stale, or another caller's load of other versions.
             self.inner.invalidate(policy.id());
-            if loaded.key != key {
-                return Ok((present, Arc::clone(&load()?.tables)));
+            if cached.key != key {
+                return Ok(loaded(&load()?.tables));
             }
         }
-        Ok((present, Arc::clone(&loaded.tables)))
+        Ok(loaded(&cached.tables))
+    }
+
+    /// The tables stored by an earlier matching of exactly `key`, if any.
+    fn stored(&self, state: &AppState, policy: &Policy, key: &[String]) -> Option<Vec<TableData>> {
+        let stored = match state.store().matched_tables(policy.id(), key) {
+            Ok(s) => s?,
+            Err(e) => {
+                tracing::warn!(error = %e, "reading matched tables failed; matching again");
+                return None;
+            }
+        };
+        let tables = crate::query::tables_from_matched(policy, stored);
+        match &tables {
+            Some(_) => state.metrics().matched_tables_read(),
+            None => tracing::warn!("stored matched tables have another form; matching again"),
+        }
+        tables
+    }
+
+    /// The tables of `versions`, decrypted (side by side), matched and keyed.
+    fn matched(
+        &self,
+        state: &AppState,
+        policy: &Policy,
+        versions: &[Option<crate::storage::VersionInfo>],
+    ) -> Result<Vec<TableData>, ServiceError> {
+        let store = state.store();
+        let read = |v: &Option<crate::storage::VersionInfo>| match v {
+            Some(v) => Ok(super::blinding::read_matchable(store, policy, v)?.unwrap_or_default()),
+            None => Ok(Vec::new()),
+        };
+        let batches = std::thread::scope(|scope| {
+            let reads: Vec<_> = versions
+                .iter()
+                .map(|v| scope.spawn(move || read(v)))
+                .collect();
+            reads
+                .into_iter()
+                .map(|r| {
+                    r.join().unwrap_or_else(|_| {
+                        Err(ServiceError::Internal("reading a version failed".into()))
+                    })
+                })
+                .collect::<Result<Vec<_>, ServiceError>>()
+        })?;
+        let tables = agreement_tables(policy, batches);
+        state.metrics().tables_loaded();
+        Ok(tables)
     }
 
     /// Drops an agreement's tables from memory at once: after an erasure,
@@ -435,10 +486,14 @@ impl QueriesService {
             no_epsilon(&policy, request.epsilon)?;
         }
         let (state, p) = (self.state.clone(), Arc::clone(&policy));
-        let (present, tables) =
-            tokio::task::spawn_blocking(move || state.query_tables().tables(&state, &p))
-                .await
-                .map_err(|e| ServiceError::Internal(format!("loading tables: {e}")))??;
+        let loaded = tokio::task::spawn_blocking(move || state.query_tables().tables(&state, &p))
+            .await
+            .map_err(|e| ServiceError::Internal(format!("loading tables: {e}")))??;
+        if loaded.matched_now {
+            // The background matcher stores them for the next start.
+            self.state.match_soon(policy.id());
+        }
+        let (present, tables) = (loaded.present, loaded.tables);
         let limits = self.state.query_limits();
         let (ctx, plan, checked) =
             crate::query::plan_and_check_with(&policy, org, &tables, sql, &limits)

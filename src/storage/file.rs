@@ -11,7 +11,7 @@
 //! chunks cannot be reordered, moved between files, or cut off unnoticed.
 
 use std::fs::{File, OpenOptions};
-use std::io::{BufWriter, Read, Write};
+use std::io::{BufReader, BufWriter, Read, Write};
 use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 
@@ -146,7 +146,8 @@ impl Drop for StagedVersion {
     }
 }
 
-/// Reads and decrypts a whole version file.
+/// Reads and decrypts a whole version file, one chunk at a time: the
+/// sealed bytes of one chunk are in memory at once, not the whole file's.
 pub(super) fn read_version(
     path: &Path,
     key: &Key,
@@ -157,27 +158,35 @@ pub(super) fn read_version(
     let damaged = || StorageError::Damaged {
         path: path.to_path_buf(),
     };
-    let mut bytes = Vec::new();
-    File::open(path)
-        .and_then(|mut f| f.read_to_end(&mut bytes))
-        .map_err(io_err(path))?;
-    let mut rest = bytes.strip_prefix(MAGIC.as_slice()).ok_or_else(damaged)?;
+    let file = File::open(path).map_err(io_err(path))?;
+    let size = file.metadata().map_err(io_err(path))?.len();
+    let mut input = BufReader::with_capacity(1 << 20, file);
+    let mut magic = [0u8; MAGIC.len()];
+    input.read_exact(&mut magic).map_err(|_| damaged())?;
+    if &magic != MAGIC {
+        return Err(damaged());
+    }
+    let mut position = MAGIC.len() as u64;
     let mut batches = Vec::new();
     let mut index = 0u64;
+    let mut sealed = Vec::new();
     loop {
-        if rest.len() < 4 {
+        let mut len = [0u8; 4];
+        input.read_exact(&mut len).map_err(|_| damaged())?;
+        let len = u64::from(u32::from_le_bytes(len));
+        position += 4 + len;
+        if position > size {
             return Err(damaged());
         }
-        let len = u32::from_le_bytes(rest[..4].try_into().expect("4 bytes")) as usize;
-        let sealed = rest.get(4..4 + len).ok_or_else(damaged)?;
-        rest = &rest[4 + len..];
+        sealed.resize(len as usize, 0);
+        input.read_exact(&mut sealed).map_err(io_err(path))?;
         // The end marker is the file's final chunk: each chunk is opened
         // once, under the associated data its place in the file calls for.
         // A file cut after any other chunk fails here (its last chunk was
         // not sealed as the end), as does one with bytes after the end.
-        let last = rest.is_empty();
+        let last = position == size;
         let aad = chunk_aad(agreement, dataset, version, index, last);
-        let plain = key.open(sealed, &aad).map_err(|_| damaged())?;
+        let plain = key.open(&sealed, &aad).map_err(|_| damaged())?;
         if last {
             return if plain.is_empty() {
                 Ok(batches)

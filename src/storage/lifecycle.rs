@@ -50,12 +50,17 @@ impl Store {
                 }
             }
         }
+        // Matched tables holding rows of a deleted version go with it.
+        let mut doomed = Vec::new();
         for v in versions {
             super::overlaps::forget_in(&tx, v)?;
+            doomed.extend(super::matched::forget_in(self, &tx, v)?);
         }
         tx.commit()?;
-        for v in versions {
-            let path = self.version_path(&v.agreement, &v.dataset, &v.version);
+        let version_files = versions
+            .iter()
+            .map(|v| self.version_path(&v.agreement, &v.dataset, &v.version));
+        for path in version_files.chain(doomed) {
             match std::fs::remove_file(&path) {
                 Ok(()) => {}
                 Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}

@@ -19,6 +19,7 @@ mod crypto;
 mod file;
 mod ledger;
 mod lifecycle;
+mod matched;
 mod overlaps;
 
 use std::collections::BTreeSet;
@@ -156,6 +157,7 @@ impl Store {
             tx.open_table(blinding::BLINDINGS)?;
             tx.open_table(blinding::VERSION_KEYS)?;
             tx.open_table(overlaps::OVERLAPS)?;
+            tx.open_table(matched::MATCHED)?;
         }
         tx.commit()?;
         let store = Store::checked(root, db, master)?;
@@ -238,7 +240,7 @@ impl Store {
             std::fs::remove_dir_all(&staging).map_err(io_err(&staging))?;
         }
         create_private_dir(&staging)?;
-        let known: BTreeSet<PathBuf> = {
+        let mut known: BTreeSet<PathBuf> = {
             let tx = self.inner.db.begin_read()?;
             let versions = tx.open_table(VERSIONS)?;
             let mut known = BTreeSet::new();
@@ -249,6 +251,7 @@ impl Store {
             }
             known
         };
+        known.extend(self.known_matched_files()?);
         let datasets = self.inner.root.join("datasets");
         let mut removed = 0usize;
         for file in walk_files(&datasets)? {
@@ -260,7 +263,7 @@ impl Store {
         if removed > 0 {
             tracing::warn!(
                 files = removed,
-                "removed uncommitted dataset files left by an interrupted upload"
+                "removed dataset files no record names, left by an interrupted upload or matching"
             );
         }
         Ok(())
