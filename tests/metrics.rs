@@ -367,11 +367,17 @@ async fn the_table_cache_keeps_within_its_budget() {
         ..Default::default()
     };
     let (server, port) = metrics_server(&policies, limits).await;
-    let scrape_now = || {
-        read_series(
+    let scrape_now = || async {
+        let [cached, loads, reads] = read_series(
             port,
-            ["cleanroom_cached_agreements", "cleanroom_table_loads_total"],
+            [
+                "cleanroom_cached_agreements",
+                "cleanroom_table_loads_total",
+                "cleanroom_matched_table_reads_total",
+            ],
         )
+        .await;
+        [cached, loads + reads]
     };
     let (data, _) = synth(3_000, 0.5);
     upload_demo(&server, "acme", data.path()).await;
@@ -393,6 +399,180 @@ async fn the_table_cache_keeps_within_its_budget() {
     }
     let [cached, now] = scrape_now().await;
     assert_eq!(cached, 0.0, "tables over the budget were kept");
-    assert_eq!(now, loads + 3.0, "each query loaded the tables again");
+    assert_eq!(
+        now,
+        loads + 3.0,
+        "each query loaded the tables again (matched, or read from the store)"
+    );
+    server.stop().await.unwrap();
+}
+
+/// The matched tables' files under the data directory.
+fn matched_files(server: &TestServer) -> std::collections::BTreeSet<std::path::PathBuf> {
+    let mut out = std::collections::BTreeSet::new();
+    let mut stack = vec![server.data_dir.path().join("data").join("datasets")];
+    while let Some(dir) = stack.pop() {
+        for e in std::fs::read_dir(&dir).into_iter().flatten().flatten() {
+            let p = e.path();
+            if p.is_dir() {
+                stack.push(p);
+            } else if p.to_string_lossy().ends_with(".matched.cds") {
+                out.insert(p);
+            }
+        }
+    }
+    out
+}
+
+/// The versions of a queried two-dataset agreement are matched once after
+/// the commit that completes them: that one matching gives the overlap and
+/// the query tables, which are stored and read back after a restart
+/// instead of matching again. An erasure removes the stored tables with
+/// the version they hold rows of; a policy change, a damaged file or a
+/// file that went missing match again, with the same answers.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn matched_tables_are_stored_once_and_read_back_after_a_restart() {
+    let policies = demo_policies(None);
+    let (server, mut port) = metrics_server(&policies, Default::default()).await;
+    let series = |port| {
+        read_series(
+            port,
+            [
+                "cleanroom_table_loads_total",
+                "cleanroom_overlap_matchings_total",
+                "cleanroom_matched_table_saves_total",
+                "cleanroom_matched_table_reads_total",
+            ],
+        )
+    };
+    let (data, truth) = synth(3_000, 0.4);
+    upload_demo(&server, "acme", data.path()).await;
+    upload_demo(&server, "globex", data.path()).await;
+    assert!(
+        common::eventually(|| async { series(port).await == [1.0, 1.0, 1.0, 0.0] }).await,
+        "one matching for the overlap and the tables, stored once: {:?}",
+        series(port).await
+    );
+    let stored = matched_files(&server);
+    assert_eq!(stored.len(), 2, "one file per dataset: {stored:?}");
+    let sql = "SELECT c.region, COUNT(*) AS n, SUM(a.ad_exposures) AS exposures, SUM(c.lifetime_value) AS ltv FROM customers c JOIN audience a ON c.email = a.email GROUP BY c.region ORDER BY c.region";
+    let text = |r: &cleanroom::client::QueryAnswer| {
+        arrow::util::pretty::pretty_format_batches(&r.batches)
+            .unwrap()
+            .to_string()
+    };
+    let mut acme = server.client("acme").await;
+    let before = text(&acme.query("retail-media-demo", sql).await.unwrap());
+    let overlap = acme.overlap("retail-media-demo", &[]).await.unwrap();
+    assert_eq!(overlap.overlap, Some(truth.overlap));
+    assert_eq!(series(port).await, [1.0, 1.0, 1.0, 0.0]);
+
+    let restart = |server: TestServer, port| {
+        let policies = policies.path().to_path_buf();
+        async move {
+            server
+                .restart(Setup {
+                    policies,
+                    metrics_listen: Some(port),
+                    ..Setup::default()
+                })
+                .await
+        }
+    };
+    // A restart reads the tables back: the same answers, nothing matched.
+    port = free_port();
+    let server = restart(server, port).await;
+    let mut acme = server.client("acme").await;
+    assert_eq!(
+        text(&acme.query("retail-media-demo", sql).await.unwrap()),
+        before
+    );
+    let again = acme.overlap("retail-media-demo", &[]).await.unwrap();
+    assert_eq!(again.overlap, overlap.overlap);
+    assert_eq!(series(port).await, [0.0, 0.0, 0.0, 1.0]);
+
+    // A damaged file is matched again, with the same answer, and stored
+    // afresh.
+    let victim = stored.iter().next().unwrap().clone();
+    let mut bytes = std::fs::read(&victim).unwrap();
+    let middle = bytes.len() / 2;
+    bytes[middle] ^= 1;
+    std::fs::write(&victim, bytes).unwrap();
+    port = free_port();
+    let server = restart(server, port).await;
+    let mut acme = server.client("acme").await;
+    assert_eq!(
+        text(&acme.query("retail-media-demo", sql).await.unwrap()),
+        before
+    );
+    assert!(
+        common::eventually(|| async { series(port).await == [1.0, 0.0, 1.0, 0.0] }).await,
+        "{:?}",
+        series(port).await
+    );
+    let stored = matched_files(&server);
+    assert!(!stored.contains(&victim), "the damaged file is replaced");
+
+    // An erasure makes a new version and deletes the old one: the tables
+    // holding its rows leave the disk with it.
+    common::erase_first_customers(
+        &acme,
+        &common::secret(),
+        "retail-media-demo",
+        data.path(),
+        300,
+    )
+    .await;
+    assert!(
+        matched_files(&server).is_disjoint(&stored),
+        "tables with erased rows are still on disk"
+    );
+    let erased = text(&acme.query("retail-media-demo", sql).await.unwrap());
+    assert_ne!(erased, before);
+    assert!(
+        common::eventually(|| async { series(port).await[2] == 2.0 }).await,
+        "the new versions' tables are stored"
+    );
+    // Read back after a restart, they answer as the matching did.
+    port = free_port();
+    let server = restart(server, port).await;
+    let mut acme = server.client("acme").await;
+    assert_eq!(
+        text(&acme.query("retail-media-demo", sql).await.unwrap()),
+        erased
+    );
+    assert_eq!(series(port).await, [0.0, 0.0, 0.0, 1.0]);
+
+    // A policy change matches again under the new policy.
+    let file = policies.path().join("retail-media-demo.toml");
+    let edited = std::fs::read_to_string(&file)
+        .unwrap()
+        .replace("min_group_size = 50", "min_group_size = 60");
+    std::fs::write(&file, edited).unwrap();
+    let mut c = acme.clone();
+    assert!(
+        common::eventually(|| {
+            let mut c = c.clone();
+            async move {
+                c.overlap("retail-media-demo", &[])
+                    .await
+                    .unwrap()
+                    .min_group_size
+                    == 60
+            }
+        })
+        .await
+    );
+    c.query("retail-media-demo", sql).await.unwrap();
+    assert!(
+        common::eventually(|| async { series(port).await[..3] == [1.0, 1.0, 1.0] }).await,
+        "{:?}",
+        series(port).await
+    );
+    assert_eq!(
+        matched_files(&server).len(),
+        2,
+        "the old tables are replaced"
+    );
     server.stop().await.unwrap();
 }

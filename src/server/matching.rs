@@ -348,6 +348,10 @@ fn overlap_from_query_tables(
         return None;
     }
     let loaded = state.query_tables().tables(state, policy).ok()?;
+    if loaded.matched_now {
+        // The background matcher stores them for the next start.
+        state.match_soon(policy.id());
+    }
     overlap_in_tables(policy, &loaded, versions)
 }
 

@@ -174,17 +174,24 @@ impl TableCache {
 
     /// The tables stored by an earlier matching of exactly `key`, if any.
     fn stored(&self, state: &AppState, policy: &Policy, key: &[String]) -> Option<Vec<TableData>> {
-        let stored = match state.store().matched_tables(policy.id(), key) {
-            Ok(s) => s?,
+        let store = state.store();
+        let tables = match store.matched_tables(policy.id(), key) {
+            Ok(stored) => crate::query::tables_from_matched(policy, stored?),
             Err(e) => {
-                tracing::warn!(error = %e, "reading matched tables failed; matching again");
-                return None;
+                tracing::warn!(error = %e, "reading matched tables failed");
+                None
             }
         };
-        let tables = crate::query::tables_from_matched(policy, stored);
         match &tables {
             Some(_) => state.metrics().matched_tables_read(),
-            None => tracing::warn!("stored matched tables have another form; matching again"),
+            None => {
+                // Damaged, gone or of another form: matched again, and
+                // stored afresh by the background matcher.
+                tracing::warn!("stored matched tables are not usable; matching again");
+                if let Err(e) = store.drop_matched_tables(policy.id()) {
+                    tracing::warn!(error = %e, "removing unusable matched tables failed");
+                }
+            }
         }
         tables
     }

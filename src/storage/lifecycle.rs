@@ -57,17 +57,12 @@ impl Store {
             doomed.extend(super::matched::forget_in(self, &tx, v)?);
         }
         tx.commit()?;
-        let version_files = versions
-            .iter()
-            .map(|v| self.version_path(&v.agreement, &v.dataset, &v.version));
-        for path in version_files.chain(doomed) {
-            match std::fs::remove_file(&path) {
-                Ok(()) => {}
-                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-                Err(e) => return Err(io_err(&path)(e)),
-            }
-        }
-        Ok(())
+        doomed.extend(
+            versions
+                .iter()
+                .map(|v| self.version_path(&v.agreement, &v.dataset, &v.version)),
+        );
+        super::matched::remove_files(&doomed)
     }
 
     /// Destroys the agreement's data key. Anything of the agreement still

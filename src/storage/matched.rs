@@ -87,15 +87,9 @@ impl Store {
         let mut out = Vec::with_capacity(record.versions.len());
         for (dataset, _) in &record.versions {
             let path = self.matched_path(agreement, dataset, &record.id);
-            match file::read_version(&path, &key, agreement, dataset, &chunk_label(&record.id)) {
-                Ok(batches) => out.push((dataset.clone(), batches)),
-                // Deleted by an erasure since the record was read, or
-                // damaged: the caller matches the versions again instead.
-                Err(e) => {
-                    tracing::warn!(error = %e, "matched tables could not be read; matching again");
-                    return Ok(None);
-                }
-            }
+            let batches =
+                file::read_version(&path, &key, agreement, dataset, &chunk_label(&record.id))?;
+            out.push((dataset.clone(), batches));
         }
         Ok(Some(out))
     }
@@ -119,7 +113,9 @@ impl Store {
         let mut written = Vec::new();
         let mut write = || -> Result<(), StorageError> {
             for (dataset, batches) in tables {
-                let staged = self.staging_dir().join(format!("{agreement}.{dataset}.{id}.matched"));
+                let staged = self
+                    .staging_dir()
+                    .join(format!("{agreement}.{dataset}.{id}.matched"));
                 let mut out = file::StagedVersion::create(
                     staged,
                     self.data_key(agreement)?,
@@ -138,18 +134,8 @@ impl Store {
             }
             Ok(())
         };
-        let remove = |paths: &[PathBuf]| -> Result<(), StorageError> {
-            for p in paths {
-                match std::fs::remove_file(p) {
-                    Ok(()) => {}
-                    Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-                    Err(e) => return Err(io_err(p)(e)),
-                }
-            }
-            Ok(())
-        };
         if let Err(e) = write() {
-            remove(&written)?;
+            remove_files(&written)?;
             return Err(e);
         }
         let record = Record {
@@ -174,7 +160,7 @@ impl Store {
         };
         if !all_there {
             tx.abort()?;
-            remove(&written)?;
+            remove_files(&written)?;
             return Ok(false);
         }
         let previous = {
@@ -187,9 +173,23 @@ impl Store {
         tx.commit()?;
         if let Some(old) = previous {
             let old: Record = serde_json::from_slice(&key.open(&old, &aad(agreement))?)?;
-            remove(&self.record_files(agreement, &old))?;
+            remove_files(&self.record_files(agreement, &old))?;
         }
         Ok(true)
+    }
+
+    /// Removes the agreement's matched tables (a set that could not be read
+    /// back, say), record first.
+    pub fn drop_matched_tables(&self, agreement: &str) -> Result<(), StorageError> {
+        // A record that does not open names no file we could find.
+        let files = match self.matched_record(agreement) {
+            Ok(Some(record)) => self.record_files(agreement, &record),
+            _ => Vec::new(),
+        };
+        let tx = self.inner.db.begin_write()?;
+        tx.open_table(MATCHED)?.remove(agreement)?;
+        tx.commit()?;
+        remove_files(&files)
     }
 
     fn record_files(&self, agreement: &str, record: &Record) -> Vec<PathBuf> {
@@ -252,3 +252,128 @@ pub(super) fn forget_in(
     Ok(store.record_files(agreement, &record))
 }
 
+/// Deletes `paths`; one already gone is not an error.
+pub(super) fn remove_files(paths: &[PathBuf]) -> Result<(), StorageError> {
+    for p in paths {
+        match std::fs::remove_file(p) {
+            Ok(()) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => return Err(io_err(p)(e)),
+        }
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::super::tests::put;
+    use super::*;
+    use arrow::array::Int64Array;
+    use arrow::datatypes::{DataType, Field, Schema};
+    use std::sync::Arc;
+
+    fn rows(n: i64) -> Vec<RecordBatch> {
+        let schema = Arc::new(Schema::new(vec![Field::new("k", DataType::Int64, false)]));
+        vec![
+            RecordBatch::try_new(schema, vec![Arc::new(Int64Array::from_iter_values(0..n))])
+                .unwrap(),
+        ]
+    }
+
+    fn built(v: &VersionInfo) -> Vec<String> {
+        vec![v.version.clone(), "policy".into()]
+    }
+
+    #[test]
+    fn tables_round_trip_only_for_what_they_were_built_from() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path(), None).unwrap();
+        let v1 = put(&store, "u1", 5);
+        assert!(store.matched_tables("a", &built(&v1)).unwrap().is_none());
+        let tables = rows(9);
+        assert!(
+            store
+                .put_matched_tables(&built(&v1), &[&v1], &[("d", &tables)])
+                .unwrap()
+        );
+        let back = store.matched_tables("a", &built(&v1)).unwrap().unwrap();
+        assert_eq!(back, vec![("d".to_string(), tables.clone())]);
+        // Another policy or version: not these tables.
+        let other = vec![v1.version.clone(), "other policy".into()];
+        assert!(store.matched_tables("a", &other).unwrap().is_none());
+        // A newer set replaces the older, files included.
+        let first = store.known_matched_files().unwrap();
+        assert!(
+            store
+                .put_matched_tables(&other, &[&v1], &[("d", &rows(3))])
+                .unwrap()
+        );
+        let second = store.known_matched_files().unwrap();
+        assert_eq!(second.len(), 1);
+        assert!(!first[0].exists() && second[0].exists());
+        // A matched file never opens as a version file, nor the reverse:
+        // its chunks are bound to another label.
+        let key = store.data_key("a").unwrap();
+        assert!(file::read_version(&second[0], &key, "a", "d", &v1.version).is_err());
+        let version_file = store.version_path("a", "d", &v1.version);
+        assert!(file::read_version(&version_file, &key, "a", "d", &chunk_label("x")).is_err());
+    }
+
+    #[test]
+    fn deleting_a_version_deletes_the_tables_holding_its_rows() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path(), None).unwrap();
+        let v1 = put(&store, "u1", 5);
+        let v2 = put(&store, "u2", 6);
+        // Tables of v2 stay when v1 goes; they go with v2.
+        assert!(
+            store
+                .put_matched_tables(&built(&v2), &[&v2], &[("d", &rows(6))])
+                .unwrap()
+        );
+        let files = store.known_matched_files().unwrap();
+        store.delete_versions(std::slice::from_ref(&v1)).unwrap();
+        assert!(store.matched_tables("a", &built(&v2)).unwrap().is_some());
+        store.delete_versions(std::slice::from_ref(&v2)).unwrap();
+        assert!(store.matched_tables("a", &built(&v2)).unwrap().is_none());
+        assert!(store.known_matched_files().unwrap().is_empty());
+        assert!(!files[0].exists());
+        // Tables of a version deleted before they are recorded are not kept.
+        assert!(
+            !store
+                .put_matched_tables(&built(&v2), &[&v2], &[("d", &rows(6))])
+                .unwrap()
+        );
+        assert!(store.known_matched_files().unwrap().is_empty());
+        let left: Vec<_> = super::super::walk_files(&dir.path().join("datasets")).unwrap();
+        assert!(left.is_empty(), "{left:?}");
+    }
+
+    #[test]
+    fn unnamed_or_unusable_files_go() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path(), None).unwrap();
+        let v1 = put(&store, "u1", 5);
+        assert!(
+            store
+                .put_matched_tables(&built(&v1), &[&v1], &[("d", &rows(6))])
+                .unwrap()
+        );
+        let named = store.known_matched_files().unwrap();
+        // A file left by a matching interrupted before its record.
+        let stray = named[0].with_file_name("0123.matched.cds");
+        std::fs::copy(&named[0], &stray).unwrap();
+        drop(store);
+        let store = Store::open(dir.path(), None).unwrap();
+        assert!(!stray.exists() && named[0].exists());
+        // A damaged file is an error, and the set can be dropped.
+        let mut bytes = std::fs::read(&named[0]).unwrap();
+        let last = bytes.len() - 1;
+        bytes[last] ^= 1;
+        std::fs::write(&named[0], bytes).unwrap();
+        assert!(store.matched_tables("a", &built(&v1)).is_err());
+        store.drop_matched_tables("a").unwrap();
+        assert!(!named[0].exists());
+        assert!(store.matched_tables("a", &built(&v1)).unwrap().is_none());
+    }
+}
