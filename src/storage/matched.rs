@@ -18,6 +18,9 @@ use serde::{Deserialize, Serialize};
 
 use super::{StorageError, Store, VERSIONS, VersionInfo, file, io_err, key_name};
 
+/// One dataset's matched table: its name and rows.
+pub type MatchedTable = (String, Vec<RecordBatch>);
+
 /// agreement -> sealed [`Record`].
 pub(super) const MATCHED: TableDefinition<&str, &[u8]> = TableDefinition::new("matched_tables");
 
@@ -76,7 +79,7 @@ impl Store {
         &self,
         agreement: &str,
         built_from: &[String],
-    ) -> Result<Option<Vec<(String, Vec<RecordBatch>)>>, StorageError> {
+    ) -> Result<Option<Vec<MatchedTable>>, StorageError> {
         let Some(record) = self.matched_record(agreement)? else {
             return Ok(None);
         };
@@ -163,13 +166,10 @@ impl Store {
             remove_files(&written)?;
             return Ok(false);
         }
-        let previous = {
-            let mut table = tx.open_table(MATCHED)?;
-            let old = table
-                .insert(agreement, sealed.as_slice())?
-                .map(|v| v.value().to_vec());
-            old
-        };
+        let previous = tx
+            .open_table(MATCHED)?
+            .insert(agreement, sealed.as_slice())?
+            .map(|v| v.value().to_vec());
         tx.commit()?;
         if let Some(old) = previous {
             let old: Record = serde_json::from_slice(&key.open(&old, &aad(agreement))?)?;

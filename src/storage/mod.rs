@@ -34,6 +34,7 @@ pub use blinding::{Blinding, KeyId};
 use crypto::{KEY_LEN, Key};
 pub use file::StagedVersion;
 pub use ledger::{Charge, Spent};
+pub use matched::MatchedTable;
 pub use overlaps::MatchedOverlap;
 
 /// agreement -> data key sealed by the master key.
