@@ -187,7 +187,7 @@ struct KindIndex {
 /// instead of 40, so far fewer cache misses); a prefix hit is confirmed on
 /// the full 32 bytes, and the rare different fingerprint sharing a prefix
 /// goes to an exact index.
-fn index_kind(sides: &[Side<'_>], kind: &str, capacity: usize, want_keys: bool) -> KindIndex {
+fn index_kind(sides: &[Side<'_>], kind: &str, want_keys: bool) -> KindIndex {
     // Every column of this kind with the global number of its first row.
     let mut columns: Vec<(u32, &FixedSizeBinaryArray)> = Vec::new();
     let mut places: Vec<(usize, usize, &str)> = Vec::new();
@@ -215,6 +215,9 @@ fn index_kind(sides: &[Side<'_>], kind: &str, capacity: usize, want_keys: bool) 
         }
     }
     let seeded = Seeded::random();
+    // Room for every value of this kind at once (not every row: a kind on
+    // some rows only would otherwise reserve twice what it needs).
+    let capacity = columns.iter().map(|(_, f)| f.len() - f.null_count()).sum();
     let mut first: HashMap<u64, u64, Seeded> = HashMap::with_capacity_and_hasher(capacity, seeded);
     let mut exact: HashMap<[u8; 32], u64, Seeded> = HashMap::with_hasher(seeded);
     let mut links = Vec::new();
@@ -319,7 +322,7 @@ pub fn people_and_keys(sides: &[Side<'_>], want_keys: bool) -> (Vec<u32>, Vec<Co
     let indexes: Vec<Option<KindIndex>> = std::thread::scope(|scope| {
         let handles: Vec<_> = kinds
             .iter()
-            .map(|kind| scope.spawn(|| index_kind(sides, kind, total, want_keys)))
+            .map(|kind| scope.spawn(|| index_kind(sides, kind, want_keys)))
             .collect();
         handles.into_iter().map(|h| h.join().ok()).collect()
     });

@@ -22,6 +22,7 @@ use std::collections::HashMap;
 use std::sync::Arc;
 
 use arrow::array::{ArrayRef, NullArray, UInt32Array};
+use arrow::buffer::ScalarBuffer;
 use arrow::datatypes::{DataType, Field, Schema, SchemaRef};
 use arrow::record_batch::RecordBatch;
 use datafusion::datasource::MemTable;
@@ -99,14 +100,19 @@ pub fn output_violation() -> Violation {
 pub struct TableData {
     pub dataset: Dataset,
     pub batches: Vec<RecordBatch>,
-    /// One entry per row, across batches in order.
-    pub person_of_row: Vec<u32>,
+    /// One entry per row, across batches in order; shared with the query
+    /// tables' person column, not copied per query.
+    pub person_of_row: ScalarBuffer<u32>,
     /// No person has two rows in this table.
     pub one_row_per_person: bool,
 }
 
 impl TableData {
-    pub fn new(dataset: Dataset, batches: Vec<RecordBatch>, person_of_row: Vec<u32>) -> Self {
+    pub fn new(
+        dataset: Dataset,
+        batches: Vec<RecordBatch>,
+        person_of_row: ScalarBuffer<u32>,
+    ) -> Self {
         let mut seen = vec![false; person_of_row.iter().max().map_or(0, |m| *m as usize + 1)];
         let one_row_per_person = person_of_row
             .iter()
@@ -139,6 +145,7 @@ pub fn agreement_tables(policy: &Policy, batches: Vec<Vec<RecordBatch>>) -> Vec<
     let (persons, keys) = crate::psi::people_and_keys(&sides, true);
     drop(sides);
     let batches = with_dense_keys(policy, batches, keys);
+    let persons = ScalarBuffer::from(persons);
     let mut offset = 0;
     policy
         .datasets()
@@ -146,7 +153,7 @@ pub fn agreement_tables(policy: &Policy, batches: Vec<Vec<RecordBatch>>) -> Vec<
         .zip(batches)
         .map(|(d, b)| {
             let n: usize = b.iter().map(RecordBatch::num_rows).sum();
-            let t = TableData::new(d.clone(), b, persons[offset..offset + n].to_vec());
+            let t = TableData::new(d.clone(), b, persons.slice(offset, n));
             offset += n;
             t
         })
@@ -154,68 +161,66 @@ pub fn agreement_tables(policy: &Policy, batches: Vec<Vec<RecordBatch>>) -> Vec<
 }
 
 /// A table's batches as kept among the matched tables in the store: its
-/// rows with the person number of each as one more, last, column (no
-/// policy column can be named like it: names start with a letter).
+/// rows, then the person number of every row in batches of one column of
+/// their own (so that reading them back keeps no second copy of them).
 pub fn matched_batches(t: &TableData) -> Result<Vec<RecordBatch>, arrow::error::ArrowError> {
+    let schema = person_schema();
+    let mut out = t.batches.clone();
     let mut offset = 0usize;
-    let mut out = Vec::with_capacity(t.batches.len());
     for batch in &t.batches {
         let n = batch.num_rows();
-        let persons = t.person_of_row.get(offset..offset + n).ok_or_else(|| {
-            arrow::error::ArrowError::InvalidArgumentError(
+        if offset + n > t.person_of_row.len() {
+            return Err(arrow::error::ArrowError::InvalidArgumentError(
                 "person numbers do not cover the rows".into(),
-            )
-        })?;
-        offset += n;
-        let mut fields: Vec<Field> = batch
-            .schema()
-            .fields()
-            .iter()
-            .map(|f| f.as_ref().clone())
-            .collect();
-        fields.push(Field::new(PERSON_COLUMN, DataType::UInt32, false));
-        let mut columns = batch.columns().to_vec();
-        columns.push(Arc::new(UInt32Array::from(persons.to_vec())));
+            ));
+        }
+        let persons = UInt32Array::new(t.person_of_row.slice(offset, n), None);
         out.push(RecordBatch::try_new(
-            Arc::new(Schema::new(fields)),
-            columns,
+            Arc::clone(&schema),
+            vec![Arc::new(persons)],
         )?);
+        offset += n;
     }
     Ok(out)
 }
 
+/// The schema of the batches of person numbers among matched tables (no
+/// policy column can be named like it: names start with a letter).
+fn person_schema() -> SchemaRef {
+    Arc::new(Schema::new(vec![Field::new(
+        PERSON_COLUMN,
+        DataType::UInt32,
+        false,
+    )]))
+}
+
 /// The agreement's tables from matched tables read back from the store
 /// (one entry per dataset with rows, as [`matched_batches`] wrote them);
-/// None if any batch does not have that form.
+/// None if any does not have that form.
 pub fn tables_from_matched(
     policy: &Policy,
     mut stored: Vec<(String, Vec<RecordBatch>)>,
 ) -> Option<Vec<TableData>> {
+    let person_schema = person_schema();
     let mut tables = Vec::with_capacity(policy.datasets().len());
     for d in policy.datasets() {
         let batches = match stored.iter().position(|(name, _)| name == d.name()) {
             Some(i) => stored.swap_remove(i).1,
             None => Vec::new(),
         };
-        let mut rows = Vec::with_capacity(batches.len());
-        let mut person_of_row = Vec::new();
-        for batch in batches {
-            let last = batch.num_columns().checked_sub(1)?;
-            let schema = batch.schema();
-            if schema.field(last).name() != PERSON_COLUMN {
-                return None;
-            }
-            let persons = batch
-                .column(last)
-                .as_any()
-                .downcast_ref::<UInt32Array>()
-                .filter(|p| arrow::array::Array::null_count(*p) == 0)?;
-            person_of_row.extend_from_slice(persons.values());
-            let mut projected = batch;
-            projected.remove_column(last);
-            rows.push(projected);
+        let (persons, rows): (Vec<RecordBatch>, Vec<RecordBatch>) = batches
+            .into_iter()
+            .partition(|b| b.schema() == person_schema);
+        let total: usize = rows.iter().map(RecordBatch::num_rows).sum();
+        let mut person_of_row = Vec::with_capacity(total);
+        for batch in &persons {
+            let column = batch.column(0).as_any().downcast_ref::<UInt32Array>()?;
+            person_of_row.extend_from_slice(column.values());
         }
-        tables.push(TableData::new(d.clone(), rows, person_of_row));
+        if person_of_row.len() != total {
+            return None;
+        }
+        tables.push(TableData::new(d.clone(), rows, person_of_row.into()));
     }
     stored.is_empty().then_some(tables)
 }
@@ -312,10 +317,13 @@ fn table_batches(t: &TableData) -> Result<(SchemaRef, Vec<RecordBatch>), DataFus
             });
             columns.push(column.unwrap_or_else(|| Arc::new(NullArray::new(n))));
         }
-        let persons = t.person_of_row.get(offset..offset + n).ok_or_else(|| {
-            DataFusionError::Internal("person numbers do not cover the rows".into())
-        })?;
-        columns.push(Arc::new(UInt32Array::from(persons.to_vec())));
+        if offset + n > t.person_of_row.len() {
+            return Err(DataFusionError::Internal(
+                "person numbers do not cover the rows".into(),
+            ));
+        }
+        let persons = t.person_of_row.slice(offset, n);
+        columns.push(Arc::new(UInt32Array::new(persons, None)));
         offset += n;
         out.push(RecordBatch::try_new(Arc::clone(&schema), columns)?);
     }
