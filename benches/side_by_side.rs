@@ -95,8 +95,16 @@ async fn start(
                 break;
             }
         }
-        // Keep reading so the server never blocks on a full pipe.
-        for _ in lines {}
+        // Keep reading so the server never blocks on a full pipe; show how
+        // long its matchings, reads and writes of tables took.
+        for line in lines {
+            if line.contains(" tables ")
+                && let Some(start) = line.find("\"fields\":{")
+                && let Some(end) = line[start..].find('}')
+            {
+                println!("  server: {}", &line[start + 10..start + end]);
+            }
+        }
     });
     let line = rx
         .recv_timeout(Duration::from_secs(60))

@@ -410,8 +410,14 @@ fn save_tables(
     }
     let tables: Vec<(&str, &[arrow::record_batch::RecordBatch])> =
         tables.iter().map(|(d, b)| (*d, b.as_slice())).collect();
+    let started = std::time::Instant::now();
     if store.put_matched_tables(&loaded.key, &versions, &tables)? {
         state.metrics().matched_tables_saved();
+        tracing::info!(
+            agreement = policy.id(),
+            write_ms = started.elapsed().as_millis() as u64,
+            "matched tables stored"
+        );
     }
     Ok(())
 }

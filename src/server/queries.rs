@@ -175,6 +175,7 @@ impl TableCache {
     /// The tables stored by an earlier matching of exactly `key`, if any.
     fn stored(&self, state: &AppState, policy: &Policy, key: &[String]) -> Option<Vec<TableData>> {
         let store = state.store();
+        let started = std::time::Instant::now();
         let tables = match store.matched_tables(policy.id(), key) {
             Ok(stored) => crate::query::tables_from_matched(policy, stored?),
             Err(e) => {
@@ -183,7 +184,15 @@ impl TableCache {
             }
         };
         match &tables {
-            Some(_) => state.metrics().matched_tables_read(),
+            Some(t) => {
+                state.metrics().matched_tables_read();
+                tracing::info!(
+                    agreement = policy.id(),
+                    rows = t.iter().map(|t| t.person_of_row.len()).sum::<usize>(),
+                    read_ms = started.elapsed().as_millis() as u64,
+                    "query tables read from the store"
+                );
+            }
             None => {
                 // Damaged, gone or of another form: matched again, and
                 // stored afresh by the background matcher.
@@ -204,6 +213,7 @@ impl TableCache {
         versions: &[Option<crate::storage::VersionInfo>],
     ) -> Result<Vec<TableData>, ServiceError> {
         let store = state.store();
+        let started = std::time::Instant::now();
         let read = |v: &Option<crate::storage::VersionInfo>| match v {
             Some(v) => Ok(super::blinding::read_matchable(store, policy, v)?.unwrap_or_default()),
             None => Ok(Vec::new()),
@@ -222,8 +232,16 @@ impl TableCache {
                 })
                 .collect::<Result<Vec<_>, ServiceError>>()
         })?;
+        let decrypted = started.elapsed();
         let tables = agreement_tables(policy, batches);
         state.metrics().tables_loaded();
+        tracing::info!(
+            agreement = policy.id(),
+            rows = tables.iter().map(|t| t.person_of_row.len()).sum::<usize>(),
+            decrypt_ms = decrypted.as_millis() as u64,
+            match_ms = (started.elapsed() - decrypted).as_millis() as u64,
+            "query tables matched"
+        );
         Ok(tables)
     }
 
