@@ -48,13 +48,13 @@ pub struct Matching {
 /// and make matching quadratic. A folded 64x64->128-bit multiply by a
 /// secret odd key mixes every input bit into the result.
 #[derive(Debug, Clone, Copy)]
-struct Seeded {
+pub(crate) struct Seeded {
     k0: u64,
     k1: u64,
 }
 
 impl Seeded {
-    fn random() -> Self {
+    pub(crate) fn random() -> Self {
         // std's RandomState is seeded from the operating system.
         let r = std::collections::hash_map::RandomState::new();
         let k0 = r.hash_one(0x5eed_u64);
@@ -74,7 +74,7 @@ impl BuildHasher for Seeded {
 }
 
 #[derive(Debug)]
-struct SeededHasher {
+pub(crate) struct SeededHasher {
     keys: Seeded,
     state: u64,
 }

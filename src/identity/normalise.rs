@@ -120,13 +120,14 @@ fn email_into(raw: &str, gmail_canonical: bool, out: &mut String) -> Result<(), 
         return Err(Invalid::NotAnEmail);
     }
     if gmail_canonical && (domain == "gmail.com" || domain == "googlemail.com") {
-        let untagged = local.split('+').next().unwrap_or_default();
-        let mut canonical: String = untagged.chars().filter(|c| *c != '.').collect();
-        if canonical.is_empty() {
+        // In place: the local part up to any '+' tag, without dots.
+        let untagged = local.find('+').unwrap_or(local.len());
+        out.truncate(untagged);
+        out.retain(|c| c != '.');
+        if out.is_empty() {
             return Err(Invalid::NotAnEmail);
         }
-        canonical.push_str("@gmail.com");
-        *out = canonical;
+        out.push_str("@gmail.com");
     }
     Ok(())
 }
@@ -163,15 +164,20 @@ fn phone_into(raw: &str, default: &Country, out: &mut String) -> Result<(), Inva
             _ => return Err(Invalid::NotAPhone),
         }
     }
-    let digits = &out[1..];
-    if !plus && let Some(number) = digits.strip_prefix("00") {
-        let number = number.to_string();
-        out.truncate(1);
-        out.push_str(&number);
+    if out.len() > 1 + MAX_DIGITS {
+        return Err(Invalid::NotAPhone);
+    }
+    if !plus && out[1..].starts_with("00") {
+        out.replace_range(1..3, "");
     } else if !plus {
-        let e164 = national(digits, default)?;
+        // The digits copied out (at most MAX_DIGITS), then written back
+        // as E.164: no allocation per number.
+        let mut copy = [0u8; MAX_DIGITS];
+        let n = out.len() - 1;
+        copy[..n].copy_from_slice(&out.as_bytes()[1..]);
+        let digits = std::str::from_utf8(&copy[..n]).map_err(|_| Invalid::NotAPhone)?;
         out.truncate(1);
-        out.push_str(&e164);
+        national(digits, default, out)?;
     }
     let e164 = &out[1..];
     let ok = (MIN_E164_DIGITS..=MAX_E164_DIGITS).contains(&e164.len()) && !e164.starts_with('0');
@@ -181,9 +187,25 @@ fn phone_into(raw: &str, default: &Country, out: &mut String) -> Result<(), Inva
     Ok(())
 }
 
-/// A national number of `c` as E.164 digits (without `+`).
-fn national(digits: &str, c: &Country) -> Result<String, Invalid> {
-    let cc = c.calling_code.to_string();
+/// Digits a phone number may hold before it is refused outright: E.164's
+/// 15 and a trunk or international prefix, with room to spare.
+const MAX_DIGITS: usize = 24;
+
+/// A national number of `c` as E.164 digits (without `+`), appended to `out`.
+fn national(digits: &str, c: &Country, out: &mut String) -> Result<(), Invalid> {
+    // The calling code's decimal digits, written into a small buffer.
+    let mut cc_text = [0u8; 5];
+    let mut start = cc_text.len();
+    let mut code = c.calling_code;
+    loop {
+        start -= 1;
+        cc_text[start] = b'0' + (code % 10) as u8;
+        code /= 10;
+        if code == 0 {
+            break;
+        }
+    }
+    let cc = std::str::from_utf8(&cc_text[start..]).map_err(|_| Invalid::NotAPhone)?;
     if c.calling_code == 1 {
         // North American Numbering Plan: 10 digits, optionally after the
         // trunk prefix 1; area code and exchange never start with 0 or 1.
@@ -196,11 +218,13 @@ fn national(digits: &str, c: &Country) -> Result<String, Invalid> {
         if b[0] < b'2' || b[3] < b'2' {
             return Err(Invalid::NotAPhone);
         }
-        return Ok(format!("1{nsn}"));
+        out.push('1');
+        out.push_str(nsn);
+        return Ok(());
     }
     let nsn = if !c.trunk_prefix.is_empty() && digits.starts_with(c.trunk_prefix) {
         &digits[c.trunk_prefix.len()..]
-    } else if digits.starts_with(&cc) && digits.len() >= cc.len() + MIN_E164_DIGITS {
+    } else if digits.starts_with(cc) && digits.len() >= cc.len() + MIN_E164_DIGITS {
         // Already written with the country code, without `+`.
         &digits[cc.len()..]
     } else {
@@ -209,7 +233,9 @@ fn national(digits: &str, c: &Country) -> Result<String, Invalid> {
     if nsn.len() < MIN_NATIONAL || nsn.starts_with('0') {
         return Err(Invalid::NotAPhone);
     }
-    Ok(format!("{cc}{nsn}"))
+    out.push_str(cc);
+    out.push_str(nsn);
+    Ok(())
 }
 
 #[cfg(test)]

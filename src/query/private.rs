@@ -190,12 +190,18 @@ pub async fn execute(
             );
         }
     }
-    let mut ids: HashMap<&[u8], u32> = HashMap::new();
+    // Group keys come from the data: hashed with a secret seed, so no
+    // upload can make them collide on purpose.
+    let mut ids: HashMap<&[u8], u32, crate::psi::Seeded> =
+        HashMap::with_hasher(crate::psi::Seeded::random());
     let mut representatives: Vec<(usize, usize)> = Vec::new();
+    let n: usize = batches.iter().map(RecordBatch::num_rows).sum();
     let mut c = Contributions {
+        group: Vec::with_capacity(n),
+        person: Vec::with_capacity(n),
+        rows: Vec::with_capacity(n),
         sums: vec![Vec::new(); measures.len()],
         counts: vec![Vec::new(); measures.len()],
-        ..Contributions::default()
     };
     for (bi, b) in batches.iter().enumerate() {
         let persons = b
