@@ -129,16 +129,7 @@ impl TableCache {
                     self.matched(state, policy, &versions)?
                 }
             };
-            let bytes = tables
-                .iter()
-                .map(|t| {
-                    t.batches
-                        .iter()
-                        .map(|b| b.get_array_memory_size() as u64)
-                        .sum::<u64>()
-                        + 4 * t.person_of_row.len() as u64
-                })
-                .sum();
+            let bytes = tables.iter().map(held_bytes).sum();
             // An erasure or a new version committed while these were
             // loading has already dropped the agreement's entry; these rows
             // must not come back into memory with it.
@@ -278,6 +269,24 @@ impl TableCache {
             })
             .sum()
     }
+}
+
+/// The bytes a table's rows take, for the cache's budget: what each
+/// column's values use. (An Arrow array's own memory size counts the whole
+/// allocation it points into, which columns decoded from one stored chunk
+/// share; summed over columns, it would count that chunk once per column.)
+fn held_bytes(t: &TableData) -> u64 {
+    let columns: u64 = t
+        .batches
+        .iter()
+        .flat_map(|b| b.columns())
+        .map(|c| {
+            c.to_data()
+                .get_slice_memory_size()
+                .unwrap_or_else(|_| c.get_array_memory_size()) as u64
+        })
+        .sum();
+    columns + 4 * t.person_of_row.len() as u64
 }
 
 /// Implements `cleanroom.v1.Queries`.
@@ -853,6 +862,105 @@ impl proto::queries_server::Queries for QueriesService {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use arrow::array::{ArrayRef, Float64Array, Int64Array, StringArray};
+    use arrow::datatypes::{DataType, Field, Schema};
+    use arrow::record_batch::RecordBatch;
+
+    /// Tables read back from the store weigh what the tables they were
+    /// stored from weigh: columns decoded from one chunk share its buffer,
+    /// which must not count once per column (a 20M-row agreement once
+    /// weighed 10 GB that way and never stayed in an 8 GiB cache).
+    #[test]
+    fn stored_tables_weigh_what_their_values_take() {
+        let policy = crate::policy::unit_policy(
+            r#"
+[[dataset]]
+name = "visits"
+owner = "acme"
+
+[[dataset.column]]
+name = "email"
+role = "identifier"
+kind = "email"
+
+[[dataset.column]]
+name = "region"
+role = "dimension"
+max_cardinality = 10
+
+[[dataset.column]]
+name = "spend"
+role = "metric"
+type = "float"
+min = 0
+max = 100
+
+[[dataset.column]]
+name = "visits"
+role = "metric"
+type = "integer"
+min = 0
+max = 100
+
+[[dataset]]
+name = "other"
+owner = "globex"
+
+[[dataset.column]]
+name = "email"
+role = "identifier"
+kind = "email"
+
+[query]
+aggregates = ["count"]
+min_group_size = 5
+"#,
+        );
+        let rows = 50_000usize;
+        let schema = Arc::new(Schema::new(vec![
+            Field::new("email", DataType::FixedSizeBinary(4), true),
+            Field::new("region", DataType::Utf8, true),
+            Field::new("spend", DataType::Float64, true),
+            Field::new("visits", DataType::Int64, true),
+        ]));
+        let keys: Vec<[u8; 4]> = (0..rows as u32).map(u32::to_be_bytes).collect();
+        let columns: Vec<ArrayRef> = vec![
+            Arc::new(arrow::array::FixedSizeBinaryArray::try_from_iter(keys.into_iter()).unwrap()),
+            Arc::new(StringArray::from_iter_values(
+                (0..rows).map(|i| ["north", "south"][i % 2]),
+            )),
+            Arc::new(Float64Array::from_iter_values((0..rows).map(|i| i as f64))),
+            Arc::new(Int64Array::from_iter_values((0..rows).map(|i| i as i64))),
+        ];
+        let batch = RecordBatch::try_new(schema, columns).unwrap();
+        let table = TableData::new(
+            policy.datasets()[0].clone(),
+            vec![batch],
+            (0..rows as u32).collect::<Vec<_>>().into(),
+        );
+        // Through the stored form and Arrow IPC, as the store reads it.
+        let decoded: Vec<RecordBatch> = crate::query::matched_batches(&table)
+            .unwrap()
+            .iter()
+            .flat_map(|b| {
+                let ipc = crate::upload::encode_batch(b).unwrap();
+                arrow::ipc::reader::StreamReader::try_new(std::io::Cursor::new(ipc), None)
+                    .unwrap()
+                    .map(Result::unwrap)
+                    .collect::<Vec<_>>()
+            })
+            .collect();
+        let back =
+            crate::query::tables_from_matched(&policy, vec![("visits".to_string(), decoded)])
+                .unwrap();
+        let (before, after) = (held_bytes(&table), held_bytes(&back[0]));
+        // 4 bytes of key, 5 + 4 of region, 8 of spend, 8 of visits, 4 of person.
+        assert!(
+            before >= 33 * rows as u64 && before <= 36 * rows as u64,
+            "{before}"
+        );
+        assert!(after <= before + 1024, "{after} against {before}");
+    }
 
     #[test]
     fn the_gate_holds_queries_per_organisation_and_in_all() {
