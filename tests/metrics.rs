@@ -331,29 +331,34 @@ async fn overlaps_are_matched_once_per_pair_of_versions() {
     assert_eq!(matchings(port).await, 1.0);
 
     // A policy change (the same identifiers) is matched again under it.
+    let mut acme2 = acme.clone();
+    raise_the_minimum(&policies, &acme2).await;
+    let r = acme2.overlap("retail-media-demo", &[]).await.unwrap();
+    assert_eq!(r.overlap, after_erasure.overlap);
+    assert_eq!(matchings(port).await, 2.0);
+    server.stop().await.unwrap();
+}
+
+/// Edits the demo agreement's minimum group size from 50 to 60 and waits
+/// until the server answers under the edited policy.
+async fn raise_the_minimum(policies: &tempfile::TempDir, client: &cleanroom::client::Client) {
     let file = policies.path().join("retail-media-demo.toml");
     let edited = std::fs::read_to_string(&file)
         .unwrap()
         .replace("min_group_size = 50", "min_group_size = 60");
     std::fs::write(&file, edited).unwrap();
-    let mut acme2 = acme.clone();
-    assert!(
-        common::eventually(|| {
-            let mut c = acme2.clone();
-            async move {
-                c.overlap("retail-media-demo", &[])
-                    .await
-                    .unwrap()
-                    .min_group_size
-                    == 60
-            }
-        })
-        .await
-    );
-    let r = acme2.overlap("retail-media-demo", &[]).await.unwrap();
-    assert_eq!(r.overlap, after_erasure.overlap);
-    assert_eq!(matchings(port).await, 2.0);
-    server.stop().await.unwrap();
+    let reloaded = common::eventually(|| {
+        let mut c = client.clone();
+        async move {
+            c.overlap("retail-media-demo", &[])
+                .await
+                .unwrap()
+                .min_group_size
+                == 60
+        }
+    })
+    .await;
+    assert!(reloaded, "the edited policy was not applied");
 }
 
 /// The tables kept between queries stay within their memory budget: with a
@@ -544,26 +549,8 @@ async fn matched_tables_are_stored_once_and_read_back_after_a_restart() {
     assert_eq!(series(port).await, [0.0, 0.0, 0.0, 1.0]);
 
     // A policy change matches again under the new policy.
-    let file = policies.path().join("retail-media-demo.toml");
-    let edited = std::fs::read_to_string(&file)
-        .unwrap()
-        .replace("min_group_size = 50", "min_group_size = 60");
-    std::fs::write(&file, edited).unwrap();
-    let mut c = acme.clone();
-    assert!(
-        common::eventually(|| {
-            let mut c = c.clone();
-            async move {
-                c.overlap("retail-media-demo", &[])
-                    .await
-                    .unwrap()
-                    .min_group_size
-                    == 60
-            }
-        })
-        .await
-    );
-    c.query("retail-media-demo", sql).await.unwrap();
+    raise_the_minimum(&policies, &acme).await;
+    acme.query("retail-media-demo", sql).await.unwrap();
     assert!(
         common::eventually(|| async { series(port).await[..3] == [1.0, 1.0, 1.0] }).await,
         "{:?}",
