@@ -15,7 +15,7 @@ use std::io::{BufReader, BufWriter, Read, Write};
 use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 
-use arrow::ipc::reader::StreamReader;
+use arrow::ipc::reader::StreamDecoder;
 use arrow::record_batch::RecordBatch;
 
 use super::crypto::Key;
@@ -169,7 +169,6 @@ pub(super) fn read_version(
     let mut position = MAGIC.len() as u64;
     let mut batches = Vec::new();
     let mut index = 0u64;
-    let mut sealed = Vec::new();
     loop {
         let mut len = [0u8; 4];
         input.read_exact(&mut len).map_err(|_| damaged())?;
@@ -178,7 +177,7 @@ pub(super) fn read_version(
         if position > size {
             return Err(damaged());
         }
-        sealed.resize(len as usize, 0);
+        let mut sealed = vec![0u8; len as usize];
         input.read_exact(&mut sealed).map_err(io_err(path))?;
         // The end marker is the file's final chunk: each chunk is opened
         // once, under the associated data its place in the file calls for.
@@ -186,7 +185,7 @@ pub(super) fn read_version(
         // not sealed as the end), as does one with bytes after the end.
         let last = position == size;
         let aad = chunk_aad(agreement, dataset, version, index, last);
-        let plain = key.open(&sealed, &aad).map_err(|_| damaged())?;
+        let plain = key.open_owned(sealed, &aad).map_err(|_| damaged())?;
         if last {
             return if plain.is_empty() {
                 Ok(batches)
@@ -194,12 +193,18 @@ pub(super) fn read_version(
                 Err(damaged())
             };
         }
-        let reader = StreamReader::try_new(plain.as_slice(), None)
-            .map_err(|e| StorageError::Arrow(format!("{}: {e}", path.display())))?;
-        for batch in reader {
-            batches
-                .push(batch.map_err(|e| StorageError::Arrow(format!("{}: {e}", path.display())))?);
+        // Decoded without a copy: the batch's columns are slices of the
+        // decrypted chunk.
+        let arrow_err =
+            |e: arrow::error::ArrowError| StorageError::Arrow(format!("{}: {e}", path.display()));
+        let mut buffer = arrow::buffer::Buffer::from_vec(plain);
+        let mut decoder = StreamDecoder::new();
+        while !buffer.is_empty() {
+            if let Some(batch) = decoder.decode(&mut buffer).map_err(arrow_err)? {
+                batches.push(batch);
+            }
         }
+        decoder.finish().map_err(arrow_err)?;
         index += 1;
     }
 }
