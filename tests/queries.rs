@@ -8,7 +8,7 @@ use std::sync::Arc;
 use arrow::array::{
     AsArray, Date32Array, FixedSizeBinaryBuilder, Float64Array, Int64Array, StringArray,
 };
-use arrow::datatypes::{Float64Type, Int64Type};
+use arrow::datatypes::{DataType, Float64Type, Int64Type};
 use arrow::record_batch::RecordBatch;
 use cleanroom::policy::Policy;
 use cleanroom::query::{QueryError, QueryOutcome, TableData, agreement_tables};
@@ -517,4 +517,71 @@ async fn count_distinct_under_privacy_takes_identifiers_only() {
     )
     .await
     .unwrap();
+}
+
+/// The engine holds text dimensions as dictionaries (2-byte codes), and no
+/// caller sees one: released columns are text, under thresholds and under
+/// privacy, including dimensions filtered, bucketed, and read again by
+/// HAVING and ORDER BY above the release.
+#[tokio::test]
+async fn dimensions_are_dictionaries_inside_and_text_outside() {
+    let (n, shared) = (6_000u64, 2_500u64);
+    let data = tables(n, shared);
+    let region_type = |t: &TableData| {
+        let schema = t.batches[0].schema();
+        schema
+            .field_with_name("region")
+            .unwrap()
+            .data_type()
+            .clone()
+    };
+    assert!(
+        matches!(region_type(&data[0]), DataType::Dictionary(..)),
+        "{:?}",
+        region_type(&data[0])
+    );
+    let sql = "SELECT c.region, CASE WHEN a.interest_segment IN ('sports', 'travel') THEN 'out' ELSE 'in' END AS place, COUNT(*) AS n \
+               FROM customers c JOIN audience a ON c.email = a.email \
+               WHERE c.region <> 'west' \
+               GROUP BY c.region, place HAVING c.region <> 'east' ORDER BY c.region, place";
+    let mut plain: BTreeMap<(String, String), i64> = BTreeMap::new();
+    for p in 0..shared {
+        let r = region(p);
+        if r == "west" || r == "east" {
+            continue;
+        }
+        let place = if ["sports", "travel"].contains(&segment(p)) {
+            "out"
+        } else {
+            "in"
+        };
+        *plain.entry((r.to_string(), place.to_string())).or_default() += 1;
+    }
+    for policy in [demo(), with_privacy(Some(NEAR_NOISELESS))] {
+        let outcome = run(&policy, &data, sql).await.unwrap();
+        for f in outcome.schema.fields().iter().take(2) {
+            assert_eq!(f.data_type(), &DataType::Utf8, "{}", f.name());
+        }
+        let mut got = Vec::new();
+        for b in &outcome.batches {
+            assert_eq!(b.schema(), outcome.schema);
+            let (r, p) = (
+                b.column(0).as_string::<i32>(),
+                b.column(1).as_string::<i32>(),
+            );
+            let count = b.column(2).as_primitive::<Int64Type>();
+            for i in 0..b.num_rows() {
+                got.push((
+                    (r.value(i).to_string(), p.value(i).to_string()),
+                    count.value(i),
+                ));
+            }
+        }
+        let expected: Vec<_> = plain
+            .iter()
+            .filter(|(_, n)| **n >= i64::from(policy.query().min_group_size()))
+            .map(|(k, v)| (k.clone(), *v))
+            .collect();
+        assert_eq!(got, expected);
+    }
 }

@@ -249,7 +249,21 @@ fn with_dense_keys(
             let mut columns: Vec<ArrayRef> = batch.columns().to_vec();
             for (i, field) in schema.fields().iter().enumerate() {
                 if !identifiers.contains(&field.name().as_str()) {
-                    columns[i] = owned(&columns[i]);
+                    // Into the engine's type (a text dimension into a
+                    // dictionary, which is a fresh copy too) or copied.
+                    let engine_type = d
+                        .columns()
+                        .iter()
+                        .find(|c| c.name() == field.name())
+                        .and_then(|c| query_column_type(c.role()))
+                        .filter(|t| t != field.data_type() && caller_type(t) == *field.data_type());
+                    match engine_type.map(|t| (arrow::compute::cast(&columns[i], &t), t)) {
+                        Some((Ok(cast), t)) => {
+                            columns[i] = cast;
+                            fields[i] = Field::new(field.name(), t, true);
+                        }
+                        _ => columns[i] = owned(&columns[i]),
+                    }
                     continue;
                 }
                 columns[i] = by_place
@@ -280,12 +294,77 @@ fn owned(array: &ArrayRef) -> ArrayRef {
 const KEY_TYPE: DataType = DataType::FixedSizeBinary(4);
 
 /// A column's type in the query tables: as uploaded, but identifiers as
-/// their dense keys.
+/// their dense keys and text dimensions as dictionaries (2-byte codes
+/// instead of the text on every row) when their domain has at most 65,535
+/// values. Callers never see a dictionary: [`caller_type`].
 fn query_column_type(role: &crate::policy::ColumnRole) -> Option<DataType> {
+    use crate::policy::{ColumnRole, Domain, ValueType};
     match role {
-        crate::policy::ColumnRole::Identifier { .. } => Some(KEY_TYPE),
+        ColumnRole::Identifier { .. } => Some(KEY_TYPE),
+        ColumnRole::Dimension {
+            value_type: ValueType::String,
+            domain,
+        } => {
+            let values = match domain {
+                Domain::Values(v) => v.len() as u64,
+                Domain::MaxCardinality(m) => u64::from(*m),
+            };
+            Some(if values <= u64::from(u16::MAX) {
+                DataType::Dictionary(Box::new(DataType::UInt16), Box::new(DataType::Utf8))
+            } else {
+                DataType::Utf8
+            })
+        }
         other => crate::upload::column_type(other),
     }
+}
+
+/// The type a caller sees for a column the engine holds as `dt`: a
+/// dictionary as its values.
+pub fn caller_type(dt: &DataType) -> DataType {
+    match dt {
+        DataType::Dictionary(_, values) => caller_type(values),
+        other => other.clone(),
+    }
+}
+
+/// `batches` with every dictionary column as its values, and their schema.
+pub(crate) fn for_caller(
+    schema: &SchemaRef,
+    batches: Vec<RecordBatch>,
+) -> Result<(SchemaRef, Vec<RecordBatch>), arrow::error::ArrowError> {
+    if !schema
+        .fields()
+        .iter()
+        .any(|f| matches!(f.data_type(), DataType::Dictionary(..)))
+    {
+        return Ok((Arc::clone(schema), batches));
+    }
+    let shown: SchemaRef = Arc::new(Schema::new_with_metadata(
+        schema
+            .fields()
+            .iter()
+            .map(|f| {
+                f.as_ref()
+                    .clone()
+                    .with_data_type(caller_type(f.data_type()))
+            })
+            .collect::<Vec<_>>(),
+        schema.metadata().clone(),
+    ));
+    let batches = batches
+        .into_iter()
+        .map(|b| {
+            let columns = b
+                .columns()
+                .iter()
+                .zip(shown.fields())
+                .map(|(c, f)| arrow::compute::cast(c, f.data_type()))
+                .collect::<Result<Vec<_>, _>>()?;
+            RecordBatch::try_new(Arc::clone(&shown), columns)
+        })
+        .collect::<Result<Vec<_>, _>>()?;
+    Ok((shown, batches))
 }
 
 /// The table an analyst sees: the uploaded columns, the sensitive columns as
@@ -313,6 +392,11 @@ fn table_batches(t: &TableData) -> Result<(SchemaRef, Vec<RecordBatch>), DataFus
             // declare one it does not hold, which then reads as NULL.
             let column = query_column_type(c.role()).map(|dt| match stored.index_of(c.name()) {
                 Ok(i) if batch.column(i).data_type() == &dt => Arc::clone(batch.column(i)),
+                // The same values held another way (text for a dictionary).
+                Ok(i) if caller_type(batch.column(i).data_type()) == caller_type(&dt) => {
+                    arrow::compute::cast(batch.column(i), &dt)
+                        .unwrap_or_else(|_| arrow::array::new_null_array(&dt, n))
+                }
                 _ => arrow::array::new_null_array(&dt, n),
             });
             columns.push(column.unwrap_or_else(|| Arc::new(NullArray::new(n))));

@@ -321,6 +321,13 @@ fn released_batch(
                 .map_err(|e| private_failure(e.into()))?,
         );
     }
+    // Rows give dictionaries back as their values; the plan above the
+    // release reads the aggregation's own types.
+    for (c, f) in columns.iter_mut().zip(schema.fields()) {
+        if c.data_type() != f.data_type() {
+            *c = arrow::compute::cast(c, f.data_type()).map_err(|e| private_failure(e.into()))?;
+        }
+    }
     let width = columns.len();
     for (i, _) in measures.iter().enumerate() {
         let values = released.iter().map(|g| g.values[i]);

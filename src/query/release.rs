@@ -156,7 +156,7 @@ pub(super) async fn public_stage(
         .map_err(public_failure)?;
     let schema: SchemaRef = Arc::new(df.schema().as_arrow().clone());
     let batches = df.collect().await.map_err(public_failure)?;
-    Ok((schema, batches))
+    super::for_caller(&schema, batches).map_err(|e| private_failure(e.into()))
 }
 
 /// A failure above the boundary: it depends on released values only

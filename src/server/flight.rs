@@ -146,7 +146,7 @@ fn released_schema(schema: &Schema) -> Schema {
         schema
             .fields()
             .iter()
-            .map(|f| Field::new(f.name(), f.data_type().clone(), true))
+            .map(|f| Field::new(f.name(), crate::query::caller_type(f.data_type()), true))
             .collect::<Vec<_>>(),
     )
 }

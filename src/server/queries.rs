@@ -29,14 +29,18 @@ struct Cached {
     current: bool,
 }
 
+/// The form of the query tables, part of what stored tables were built
+/// from: tables stored in another form are matched again, never misread.
+const TABLES_FORMAT: &str = "query tables v2: dense keys, dictionary dimensions";
+
 /// An agreement's query tables and what they were built from.
 #[derive(Debug, Clone)]
 pub(crate) struct Loaded {
     /// For each of the policy's datasets, its name if it has data.
     pub(crate) present: Vec<Option<String>>,
     pub(crate) tables: Arc<Vec<TableData>>,
-    /// The versions (in the policy's dataset order, "" where none) and the
-    /// policy hash.
+    /// The versions (in the policy's dataset order, "" where none), the
+    /// policy hash and the tables' form.
     pub(crate) key: Vec<String>,
     /// The versions the tables hold rows of, in the policy's dataset order.
     pub(crate) versions: Vec<Option<crate::storage::VersionInfo>>,
@@ -102,7 +106,7 @@ impl TableCache {
         let key: Vec<String> = versions
             .iter()
             .map(|v| v.as_ref().map(|v| v.version.clone()).unwrap_or_default())
-            .chain(std::iter::once(policy.hash().to_hex()))
+            .chain([policy.hash().to_hex(), TABLES_FORMAT.to_string()])
             .collect();
         let present: Vec<Option<String>> = versions
             .iter()
