@@ -58,7 +58,12 @@ impl Store {
             .join(format!("{id}.matched.cds"))
     }
 
+    /// The agreement's record; None if there is none or its data key is
+    /// gone (then nothing it names can be read anyway).
     fn matched_record(&self, agreement: &str) -> Result<Option<Record>, StorageError> {
+        if self.existing_data_key(agreement)?.is_none() {
+            return Ok(None);
+        }
         let Some(plain) = self.open_sealed(MATCHED, agreement, agreement, &aad(agreement))? else {
             return Ok(None);
         };
@@ -213,8 +218,13 @@ impl Store {
         };
         let mut out = Vec::new();
         for a in agreements {
-            if let Some(record) = self.matched_record(&a)? {
-                out.extend(self.record_files(&a, &record));
+            match self.matched_record(&a) {
+                Ok(Some(record)) => out.extend(self.record_files(&a, &record)),
+                Ok(None) => {}
+                // An unreadable record must not stop the store from
+                // opening: its files go as unnamed, and the record is
+                // dropped when a query finds it unusable.
+                Err(e) => tracing::warn!(error = %e, "a matched-tables record does not open"),
             }
         }
         Ok(out)
@@ -233,13 +243,15 @@ pub(super) fn forget_in(
     let Some(sealed) = table.get(agreement)?.map(|v| v.value().to_vec()) else {
         return Ok(Vec::new());
     };
-    let record: Record = match store.data_key(agreement)?.open(&sealed, &aad(agreement)) {
-        Ok(plain) => serde_json::from_slice(&plain)?,
+    // Inside a write transaction: the key is only looked up, never made.
+    let opened = store
+        .existing_data_key(agreement)?
+        .and_then(|key| key.open(&sealed, &aad(agreement)).ok())
+        .and_then(|plain| serde_json::from_slice::<Record>(&plain).ok());
+    let Some(record) = opened else {
         // Unreadable: nothing can use it, and it must not outlive its rows.
-        Err(_) => {
-            table.remove(agreement)?;
-            return Ok(Vec::new());
-        }
+        table.remove(agreement)?;
+        return Ok(Vec::new());
     };
     let names_it = record
         .versions
@@ -346,6 +358,28 @@ mod tests {
         );
         assert!(store.known_matched_files().unwrap().is_empty());
         let left: Vec<_> = super::super::walk_files(&dir.path().join("datasets")).unwrap();
+        assert!(left.is_empty(), "{left:?}");
+    }
+
+    /// A record whose data key is gone neither blocks deleting versions
+    /// (no key is made inside the deletion's transaction) nor opening.
+    #[test]
+    fn a_record_without_its_key_blocks_nothing() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path(), None).unwrap();
+        let v1 = put(&store, "u1", 5);
+        assert!(
+            store
+                .put_matched_tables(&built(&v1), &[&v1], &[("d", &rows(6))])
+                .unwrap()
+        );
+        assert!(store.shred_data_key("a").unwrap());
+        store.delete_versions(std::slice::from_ref(&v1)).unwrap();
+        assert!(!store.has_data_key("a").unwrap(), "no key was made");
+        drop(store);
+        let store = Store::open(dir.path(), None).unwrap();
+        assert!(store.known_matched_files().unwrap().is_empty());
+        let left = super::super::walk_files(&dir.path().join("datasets")).unwrap();
         assert!(left.is_empty(), "{left:?}");
     }
 

@@ -270,16 +270,25 @@ impl Store {
         Ok(())
     }
 
+    /// The agreement's data key if it has one; never creates one (so it
+    /// is safe inside another write transaction).
+    fn existing_data_key(&self, agreement: &str) -> Result<Option<Key>, StorageError> {
+        let tx = self.inner.db.begin_read()?;
+        let keys = tx.open_table(KEYS)?;
+        match keys.get(agreement)? {
+            Some(sealed) => self
+                .open_data_key(agreement, sealed.value(), &data_key_aad(agreement))
+                .map(Some),
+            None => Ok(None),
+        }
+    }
+
     /// The agreement's data key, created and sealed on first use.
     fn data_key(&self, agreement: &str) -> Result<Key, StorageError> {
-        let aad = data_key_aad(agreement);
-        {
-            let tx = self.inner.db.begin_read()?;
-            let keys = tx.open_table(KEYS)?;
-            if let Some(sealed) = keys.get(agreement)? {
-                return self.open_data_key(agreement, sealed.value(), &aad);
-            }
+        if let Some(key) = self.existing_data_key(agreement)? {
+            return Ok(key);
         }
+        let aad = data_key_aad(agreement);
         let tx = self.inner.db.begin_write()?;
         let key = {
             let mut keys = tx.open_table(KEYS)?;
