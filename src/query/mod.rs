@@ -236,45 +236,55 @@ fn with_dense_keys(
     mut batches: Vec<Vec<RecordBatch>>,
     keys: Vec<crate::psi::ColumnKeys>,
 ) -> Vec<Vec<RecordBatch>> {
-    let mut by_place: HashMap<(usize, usize, String), ArrayRef> = keys
+    use rayon::prelude::*;
+    let by_place: HashMap<(usize, usize, String), ArrayRef> = keys
         .into_iter()
         .map(|k| ((k.side, k.batch, k.column), Arc::new(k.keys) as ArrayRef))
         .collect();
     for ((side, d), side_batches) in policy.datasets().iter().enumerate().zip(&mut batches) {
         let identifiers: Vec<&str> = d.identifier_columns().into_iter().map(|(c, _)| c).collect();
-        for (batch_no, batch) in side_batches.iter_mut().enumerate() {
-            let schema = batch.schema();
-            let mut fields: Vec<Field> =
-                schema.fields().iter().map(|f| f.as_ref().clone()).collect();
-            let mut columns: Vec<ArrayRef> = batch.columns().to_vec();
-            for (i, field) in schema.fields().iter().enumerate() {
-                if !identifiers.contains(&field.name().as_str()) {
-                    // Into the engine's type (a text dimension into a
-                    // dictionary, which is a fresh copy too) or copied.
-                    let engine_type = d
-                        .columns()
-                        .iter()
-                        .find(|c| c.name() == field.name())
-                        .and_then(|c| query_column_type(c.role()))
-                        .filter(|t| t != field.data_type() && caller_type(t) == *field.data_type());
-                    match engine_type.map(|t| (arrow::compute::cast(&columns[i], &t), t)) {
-                        Some((Ok(cast), t)) => {
-                            columns[i] = cast;
-                            fields[i] = Field::new(field.name(), t, true);
+        // Batches side by side on every core: each is copied on its own.
+        side_batches
+            .par_iter_mut()
+            .enumerate()
+            .for_each(|(batch_no, batch)| {
+                let schema = batch.schema();
+                let mut fields: Vec<Field> =
+                    schema.fields().iter().map(|f| f.as_ref().clone()).collect();
+                let mut columns: Vec<ArrayRef> = batch.columns().to_vec();
+                for (i, field) in schema.fields().iter().enumerate() {
+                    if !identifiers.contains(&field.name().as_str()) {
+                        // Into the engine's type (a text dimension into a
+                        // dictionary, which is a fresh copy too) or copied.
+                        let engine_type = d
+                            .columns()
+                            .iter()
+                            .find(|c| c.name() == field.name())
+                            .and_then(|c| query_column_type(c.role()))
+                            .filter(|t| {
+                                t != field.data_type() && caller_type(t) == *field.data_type()
+                            });
+                        match engine_type.map(|t| (arrow::compute::cast(&columns[i], &t), t)) {
+                            Some((Ok(cast), t)) => {
+                                columns[i] = cast;
+                                fields[i] = Field::new(field.name(), t, true);
+                            }
+                            _ => columns[i] = owned(&columns[i]),
                         }
-                        _ => columns[i] = owned(&columns[i]),
+                        continue;
                     }
-                    continue;
+                    columns[i] = by_place
+                        .get(&(side, batch_no, field.name().clone()))
+                        .map(Arc::clone)
+                        .unwrap_or_else(|| {
+                            arrow::array::new_null_array(&KEY_TYPE, batch.num_rows())
+                        });
+                    fields[i] = Field::new(field.name(), KEY_TYPE, true);
                 }
-                columns[i] = by_place
-                    .remove(&(side, batch_no, field.name().clone()))
-                    .unwrap_or_else(|| arrow::array::new_null_array(&KEY_TYPE, batch.num_rows()));
-                fields[i] = Field::new(field.name(), KEY_TYPE, true);
-            }
-            if let Ok(rekeyed) = RecordBatch::try_new(Arc::new(Schema::new(fields)), columns) {
-                *batch = rekeyed;
-            }
-        }
+                if let Ok(rekeyed) = RecordBatch::try_new(Arc::new(Schema::new(fields)), columns) {
+                    *batch = rekeyed;
+                }
+            });
     }
     batches
 }
