@@ -21,11 +21,13 @@
 //! overlap and query shapes, and prints each ratio.
 
 mod common;
+#[path = "../tests/common/mod.rs"]
+mod support;
 
 use common::arg;
 
 use std::path::{Path, PathBuf};
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use cleanroom::client::Client;
 use cleanroom::prepare::{CsvOptions, InputFormat, InputReader, Plan, Preparer, upload};
@@ -37,67 +39,25 @@ const SQL: &str = "SELECT c.region, COUNT(*) AS n, AVG(c.lifetime_value) AS ltv 
 
 /// The real `cleanroom serve` binary, so its memory is its own.
 struct Running {
-    child: std::process::Child,
+    server: support::RealServer,
     url: String,
 }
 
 impl Running {
-    /// Stops the server gracefully (SIGTERM) and waits for it.
+    fn start(pki: &support::Pki, policies: &Path, data: &Path) -> Self {
+        let server = support::RealServer::spawn_with(pki, data, "0", policies);
+        Running {
+            url: format!("https://{}", server.addr),
+            server,
+        }
+    }
+
+    /// Stops the server gracefully (SIGTERM) and waits for it, then shows
+    /// how long its matchings, reads and writes of tables took.
     fn stop(mut self) -> Result<(), Box<dyn std::error::Error>> {
-        let pid = libc::pid_t::try_from(self.child.id())?;
-        // SAFETY: signalling our own child process by its id.
-        #[allow(unsafe_code)]
-        unsafe {
-            libc::kill(pid, libc::SIGTERM);
-        }
-        self.child.wait()?;
-        Ok(())
-    }
-
-    /// Resident and peak resident memory of the server process, MiB.
-    fn memory(&self) -> (f64, f64) {
-        memory_of(&format!("/proc/{}/status", self.child.id()))
-    }
-}
-
-async fn start(
-    certs: &Path,
-    policies: &Path,
-    data: &Path,
-) -> Result<Running, Box<dyn std::error::Error>> {
-    use std::io::{BufRead, BufReader};
-    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_cleanroom"))
-        .args([
-            "serve",
-            "--listen",
-            "127.0.0.1:0",
-            "--log-format",
-            "json",
-            "--shutdown-grace",
-            "0",
-        ])
-        .arg("--data-dir")
-        .arg(data)
-        .arg("--policies")
-        .arg(policies)
-        .arg("--certs-dir")
-        .arg(certs)
-        .stderr(std::process::Stdio::piped())
-        .stdout(std::process::Stdio::null())
-        .spawn()?;
-    let stderr = child.stderr.take().ok_or("no stderr")?;
-    let (tx, rx) = std::sync::mpsc::channel::<String>();
-    std::thread::spawn(move || {
-        let mut lines = BufReader::new(stderr).lines().map_while(Result::ok);
-        for line in lines.by_ref() {
-            if line.contains("\"listening\"") {
-                let _ = tx.send(line);
-                break;
-            }
-        }
-        // Keep reading so the server never blocks on a full pipe; show how
-        // long its matchings, reads and writes of tables took.
-        for line in lines {
+        self.server.signal(libc::SIGTERM);
+        self.server.child.wait()?;
+        for line in self.server.log.try_iter() {
             if line.contains(" tables ")
                 && let Some(start) = line.find("\"fields\":{")
                 && let Some(end) = line[start..].find('}')
@@ -105,16 +65,13 @@ async fn start(
                 println!("  server: {}", &line[start + 10..start + end]);
             }
         }
-    });
-    let line = rx
-        .recv_timeout(Duration::from_secs(60))
-        .map_err(|_| "the server did not start")?;
-    let start = line.find("\"addr\":\"").ok_or("no address")? + 8;
-    let end = start + line[start..].find('"').ok_or("no address")?;
-    Ok(Running {
-        url: format!("https://{}", &line[start..end]),
-        child,
-    })
+        Ok(())
+    }
+
+    /// Resident and peak resident memory of the server process, MiB.
+    fn memory(&self) -> (f64, f64) {
+        memory_of(&format!("/proc/{}/status", self.server.child.id()))
+    }
 }
 
 /// Resident and peak resident memory from a /proc status file, MiB.
@@ -158,7 +115,8 @@ async fn timed_query(client: &Client, agreement: &str) -> Result<f64, Box<dyn st
 async fn main() -> Result<(), Box<dyn std::error::Error>> {
     let rows = arg("--rows", 1_000_000);
     let work = tempfile::tempdir()?;
-    let certs = common::pki(work.path())?;
+    let pki = support::Pki::new();
+    let certs = pki.path().to_path_buf();
     let policies = work.path().join("policies");
     std::fs::create_dir_all(&policies)?;
     let shipped = std::fs::read_to_string(
@@ -194,7 +152,7 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         t.elapsed().as_secs_f64()
     );
     let data = work.path().join("data");
-    let server = start(&certs, &policies, &data).await?;
+    let server = Running::start(&pki, &policies, &data);
     let acme = common::connect(&server.url, &certs, "acme").await?;
     let globex = common::connect(&server.url, &certs, "globex").await?;
     let secret = cleanroom::identity::Secret::generate();
@@ -262,7 +220,7 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     drop(acme);
     drop(globex);
     server.stop()?;
-    let server = start(&certs, &policies, &data).await?;
+    let server = Running::start(&pki, &policies, &data);
     let acme = common::connect(&server.url, &certs, "acme").await?;
     let (restart_overlap, _) = timed_overlap(&acme, THRESHOLDS).await?;
     let (before_load, _) = server.memory();
@@ -293,7 +251,7 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
 
     if arg("--duckdb", 1) == 1 {
         let agreement = {
-            let run = start(&certs, &policies, &work.path().join("data2")).await?;
+            let run = Running::start(&pki, &policies, &work.path().join("data2"));
             let mut c = common::connect(&run.url, &certs, "acme").await?;
             let a = c.get_agreement(THRESHOLDS).await?;
             drop(c);

@@ -368,16 +368,28 @@ pub fn people_and_keys(sides: &[Side<'_>], want_keys: bool) -> (Vec<u32>, Vec<Co
 pub fn match_people(first: Side<'_>, second: Side<'_>) -> Matching {
     let first_rows = first.rows();
     let person_of_row = people(&[first, second]);
-    let mut seen = vec![0u8; person_of_row.len()];
-    for (row, root) in person_of_row.iter().enumerate() {
-        seen[*root as usize] |= if row < first_rows { 1 } else { 2 };
-    }
-    let count = |mask: u8| seen.iter().filter(|s| **s & mask == mask).count() as u64;
+    let (a, b) = person_of_row.split_at(first_rows);
+    let [in_first, in_second, in_both] =
+        people_counts(a, b).expect("person numbers are row numbers");
     Matching {
-        overlap: count(3),
-        people: [count(1), count(2)],
+        overlap: in_both,
+        people: [in_first, in_second],
         person_of_row,
     }
+}
+
+/// Distinct people among two sets of rows' person numbers (numbered below
+/// the rows of both): [in the first, in the second, in both]. None if a
+/// number is out of that range.
+pub fn people_counts(first: &[u32], second: &[u32]) -> Option<[u64; 3]> {
+    let mut seen = vec![0u8; first.len() + second.len()];
+    for (persons, bit) in [(first, 1u8), (second, 2u8)] {
+        for p in persons {
+            *seen.get_mut(*p as usize)? |= bit;
+        }
+    }
+    let count = |mask: u8| seen.iter().filter(|s| **s & mask == mask).count() as u64;
+    Some([count(1), count(2), count(3)])
 }
 
 #[cfg(test)]

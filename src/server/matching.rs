@@ -378,14 +378,8 @@ fn overlap_in_tables(
     {
         return None;
     }
-    let rows = first.person_of_row.len() + second.person_of_row.len();
-    let mut seen = vec![0u8; rows];
-    for (table, bit) in [(first, 1u8), (second, 2u8)] {
-        for p in &table.person_of_row {
-            *seen.get_mut(*p as usize)? |= bit;
-        }
-    }
-    Some(seen.iter().filter(|s| **s == 3).count() as u64)
+    let [_, _, both] = crate::psi::people_counts(&first.person_of_row, &second.person_of_row)?;
+    Some(both)
 }
 
 /// Stores the agreement's loaded tables, unless the store already holds
@@ -401,8 +395,8 @@ fn save_tables(
     }
     let versions: Vec<&VersionInfo> = loaded.versions.iter().flatten().collect();
     let mut tables = Vec::new();
-    for (table, present) in loaded.tables.iter().zip(&loaded.present) {
-        if present.is_some() {
+    for (table, version) in loaded.tables.iter().zip(&loaded.versions) {
+        if version.is_some() {
             let batches = crate::query::matched_batches(table)
                 .map_err(|e| ServiceError::Internal(e.to_string()))?;
             tables.push((table.dataset.name(), batches));

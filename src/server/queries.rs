@@ -29,6 +29,17 @@ struct Cached {
     current: bool,
 }
 
+impl Loaded {
+    /// The datasets with data.
+    pub(crate) fn present(&self) -> Vec<&str> {
+        self.versions
+            .iter()
+            .flatten()
+            .map(|v| v.dataset.as_str())
+            .collect()
+    }
+}
+
 /// The form of the query tables, part of what stored tables were built
 /// from: tables stored in another form are matched again, never misread.
 const TABLES_FORMAT: &str = "query tables v2: dense keys, dictionary dimensions";
@@ -36,8 +47,6 @@ const TABLES_FORMAT: &str = "query tables v2: dense keys, dictionary dimensions"
 /// An agreement's query tables and what they were built from.
 #[derive(Debug, Clone)]
 pub(crate) struct Loaded {
-    /// For each of the policy's datasets, its name if it has data.
-    pub(crate) present: Vec<Option<String>>,
     pub(crate) tables: Arc<Vec<TableData>>,
     /// The versions (in the policy's dataset order, "" where none), the
     /// policy hash and the tables' form.
@@ -108,13 +117,8 @@ impl TableCache {
             .map(|v| v.as_ref().map(|v| v.version.clone()).unwrap_or_default())
             .chain([policy.hash().to_hex(), TABLES_FORMAT.to_string()])
             .collect();
-        let present: Vec<Option<String>> = versions
-            .iter()
-            .map(|v| v.as_ref().map(|v| v.dataset.clone()))
-            .collect();
         let matched_now = std::cell::Cell::new(false);
         let loaded = |tables: &Arc<Vec<TableData>>| Loaded {
-            present: present.clone(),
             tables: Arc::clone(tables),
             key: key.clone(),
             versions: versions.clone(),
@@ -531,14 +535,15 @@ impl QueriesService {
             // The background matcher stores them for the next start.
             self.state.match_soon(policy.id());
         }
-        let (present, tables) = (loaded.present, loaded.tables);
+        let present = loaded.present();
+        let tables = Arc::clone(&loaded.tables);
         let limits = self.state.query_limits();
         let (ctx, plan, checked) =
             crate::query::plan_and_check_with(&policy, org, &tables, sql, &limits)
                 .await
                 .map_err(query_error)?;
         for name in &checked.datasets {
-            if !present.iter().flatten().any(|p| p == name) {
+            if !present.contains(&name.as_str()) {
                 let uploaded = self.state.store().current(policy.id(), name)?.is_some();
                 return Err(if uploaded {
                     super::blinding::not_blinded(&policy, name)

@@ -296,6 +296,19 @@ mod tests {
         vec![v.version.clone(), "policy".into()]
     }
 
+    /// A store with one version and a set of matched tables built from it.
+    fn one_stored_set() -> (tempfile::TempDir, Store, VersionInfo) {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path(), None).unwrap();
+        let v1 = put(&store, "u1", 5);
+        assert!(
+            store
+                .put_matched_tables(&built(&v1), &[&v1], &[("d", &rows(6))])
+                .unwrap()
+        );
+        (dir, store, v1)
+    }
+
     #[test]
     fn tables_round_trip_only_for_what_they_were_built_from() {
         let dir = tempfile::tempdir().unwrap();
@@ -365,14 +378,7 @@ mod tests {
     /// (no key is made inside the deletion's transaction) nor opening.
     #[test]
     fn a_record_without_its_key_blocks_nothing() {
-        let dir = tempfile::tempdir().unwrap();
-        let store = Store::open(dir.path(), None).unwrap();
-        let v1 = put(&store, "u1", 5);
-        assert!(
-            store
-                .put_matched_tables(&built(&v1), &[&v1], &[("d", &rows(6))])
-                .unwrap()
-        );
+        let (dir, store, v1) = one_stored_set();
         assert!(store.shred_data_key("a").unwrap());
         store.delete_versions(std::slice::from_ref(&v1)).unwrap();
         assert!(!store.has_data_key("a").unwrap(), "no key was made");
@@ -385,14 +391,7 @@ mod tests {
 
     #[test]
     fn unnamed_or_unusable_files_go() {
-        let dir = tempfile::tempdir().unwrap();
-        let store = Store::open(dir.path(), None).unwrap();
-        let v1 = put(&store, "u1", 5);
-        assert!(
-            store
-                .put_matched_tables(&built(&v1), &[&v1], &[("d", &rows(6))])
-                .unwrap()
-        );
+        let (dir, store, v1) = one_stored_set();
         let named = store.known_matched_files().unwrap();
         // A file left by a matching interrupted before its record.
         let stray = named[0].with_file_name("0123.matched.cds");
