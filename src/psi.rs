@@ -161,13 +161,277 @@ pub struct ColumnKeys {
     pub keys: FixedSizeBinaryArray,
 }
 
-/// One column's keys while kinds are numbered.
-struct RawKeys {
+/// One identifier column of one kind, as the indexer reads it.
+struct KindColumn<'a> {
+    /// Index of the side, of the batch in it, and the column's name.
     side: usize,
     batch: usize,
-    column: String,
+    name: &'a str,
+    /// Global number of the column's first row (rows are numbered across
+    /// all sides in order).
+    first_row: u32,
+    /// Number of the column's first value among the kind's values (every
+    /// row of every column of the kind, column after column).
+    first_value: u32,
+    fps: &'a FixedSizeBinaryArray,
+}
+
+/// One fingerprint while it is indexed: its first 8 bytes and its number
+/// among the kind's values. 12 bytes, so a partition's entries stay small.
+#[derive(Debug, Clone, Copy, Default)]
+#[repr(C, packed(4))]
+struct Entry {
+    prefix: u64,
+    value: u32,
+}
+
+/// Values per partition the indexer aims at: a partition's entries and
+/// its table (about 36 bytes per value together) then stay in the cache,
+/// where a table over all values would miss it on nearly every lookup.
+/// (At 10M x 10M rows, 16,384 and 262,144 were both slower in the overlap
+/// bench: more partitions make scattering miss instead.)
+const VALUES_PER_PARTITION: usize = 65_536;
+
+/// How the kind's values are spread over partitions and table slots: by a
+/// hash seeded afresh for every matching (see [`Seeded`]), so crafted
+/// fingerprints cannot pile into one partition or one run of slots.
+#[derive(Debug, Clone, Copy)]
+struct Spread {
+    keys: Seeded,
+    /// log2 of the number of partitions.
+    bits: u32,
+}
+
+impl Spread {
+    fn new(values: usize) -> Self {
+        let wanted = values.div_ceil(VALUES_PER_PARTITION).max(1);
+        Spread {
+            keys: Seeded::random(),
+            bits: wanted.next_power_of_two().trailing_zeros().min(12),
+        }
+    }
+
+    fn partitions(&self) -> usize {
+        1 << self.bits
+    }
+
+    fn hash(&self, prefix: u64) -> u64 {
+        fold_multiply(prefix ^ self.keys.k0, self.keys.k1)
+    }
+
+    fn partition(&self, prefix: u64) -> usize {
+        match self.bits {
+            0 => 0,
+            bits => (self.hash(prefix) >> (64 - bits)) as usize,
+        }
+    }
+}
+
+/// A run of columns' values scattered by partition, in column and row
+/// order within each partition.
+struct Scattered {
+    entries: Vec<Entry>,
+    /// Where each partition's entries start, and the end: partitions + 1.
+    starts: Vec<usize>,
+}
+
+impl Scattered {
+    fn new(columns: &[KindColumn<'_>], spread: Spread) -> Self {
+        let mut starts = vec![0usize; spread.partitions() + 1];
+        for c in columns {
+            for row in (0..c.fps.len()).filter(|r| c.fps.is_valid(*r)) {
+                starts[spread.partition(prefix(c.fps.value(row))) + 1] += 1;
+            }
+        }
+        for p in 1..starts.len() {
+            starts[p] += starts[p - 1];
+        }
+        let mut entries = vec![Entry::default(); starts[spread.partitions()]];
+        let mut cursor = starts.clone();
+        for c in columns {
+            for row in (0..c.fps.len()).filter(|r| c.fps.is_valid(*r)) {
+                let prefix = prefix(c.fps.value(row));
+                let p = spread.partition(prefix);
+                entries[cursor[p]] = Entry {
+                    prefix,
+                    value: c.first_value + row as u32,
+                };
+                cursor[p] += 1;
+            }
+        }
+        Scattered { entries, starts }
+    }
+
+    fn partition(&self, p: usize) -> &[Entry] {
+        &self.entries[self.starts[p]..self.starts[p + 1]]
+    }
+}
+
+/// What indexing one partition found.
+#[derive(Default)]
+struct PartitionIndex {
+    /// Pairs of global row numbers that share a fingerprint.
+    links: Vec<(u32, u32)>,
+    /// With keys wanted: the partition's own key of each of its entries
+    /// (from 0, in the order the entries came).
     keys: Vec<u32>,
-    nulls: Option<arrow::buffer::NullBuffer>,
+    distinct: u32,
+}
+
+/// The kind's columns and where each value lives.
+struct KindValues<'a> {
+    columns: Vec<KindColumn<'a>>,
+    /// For every block of 2^[`BLOCK_BITS`] value numbers, the column that
+    /// holds the block's first value: finding a value's column is then a
+    /// step or two, not a search (batches hold thousands of rows).
+    block_column: Vec<u32>,
+}
+
+/// log2 of the value numbers per entry of [`KindValues::block_column`].
+const BLOCK_BITS: u32 = 12;
+
+impl<'a> KindValues<'a> {
+    fn new(columns: Vec<KindColumn<'a>>, values: u32) -> Self {
+        let mut block_column = Vec::new();
+        let mut column = 0usize;
+        for block in 0..(values as usize).div_ceil(1 << BLOCK_BITS) {
+            let first = (block << BLOCK_BITS) as u32;
+            while column + 1 < columns.len() && columns[column + 1].first_value <= first {
+                column += 1;
+            }
+            block_column.push(column as u32);
+        }
+        KindValues {
+            columns,
+            block_column,
+        }
+    }
+
+    /// The column holding value `v`, and the value's row in it.
+    fn locate(&self, v: u32) -> (&KindColumn<'_>, usize) {
+        let mut i = self.block_column[(v >> BLOCK_BITS) as usize] as usize;
+        while i + 1 < self.columns.len() && self.columns[i + 1].first_value <= v {
+            i += 1;
+        }
+        let c = &self.columns[i];
+        (c, (v - c.first_value) as usize)
+    }
+
+    fn fingerprint(&self, v: u32) -> &[u8] {
+        let (c, row) = self.locate(v);
+        c.fps.value(row)
+    }
+
+    /// The fingerprint as an array (every indexed column holds 32 bytes),
+    /// compared without a call.
+    #[inline]
+    fn fingerprint32(&self, v: u32) -> [u8; 32] {
+        let mut out = [0u8; 32];
+        out.copy_from_slice(self.fingerprint(v));
+        out
+    }
+
+    fn global_row(&self, v: u32) -> u32 {
+        let (c, row) = self.locate(v);
+        c.first_row + row as u32
+    }
+}
+
+/// Indexes one partition's entries (the runs' pieces of it, in order): an
+/// open-addressing table keyed by the fingerprint's first 8 bytes.
+///
+/// A prefix hit is confirmed on all 32 bytes. `checked` first assumes every
+/// hit is a match and confirms them all at the end, in one pass whose loads
+/// do not wait on each other; only if some pair differs (fingerprints
+/// crafted to share a prefix, or a 1 in 2^64 accident) is the partition
+/// indexed again confirming each hit at once, the rare different
+/// fingerprint sharing a prefix going to an exact index.
+fn index_partition(
+    values: &KindValues<'_>,
+    pieces: &[&[Entry]],
+    spread: Spread,
+    want_keys: bool,
+) -> PartitionIndex {
+    let mut hits = Vec::new();
+    let assumed = index_entries(values, pieces, spread, want_keys, Some(&mut hits));
+    let confirmed = hits.iter().fold(true, |all, (value, seen)| {
+        all & (values.fingerprint32(*value) == values.fingerprint32(*seen))
+    });
+    if confirmed {
+        assumed
+    } else {
+        index_entries(values, pieces, spread, want_keys, None)
+    }
+}
+
+/// [`index_partition`]'s one pass: with `assume`, prefix hits are taken
+/// as matches and pushed there as (value, earlier value) for confirming;
+/// without, each is confirmed at once.
+fn index_entries(
+    values: &KindValues<'_>,
+    pieces: &[&[Entry]],
+    spread: Spread,
+    want_keys: bool,
+    mut assume: Option<&mut Vec<(u32, u32)>>,
+) -> PartitionIndex {
+    let n: usize = pieces.iter().map(|p| p.len()).sum();
+    let mut out = PartitionIndex {
+        keys: Vec::with_capacity(if want_keys { n } else { 0 }),
+        ..PartitionIndex::default()
+    };
+    let size = (2 * n).next_power_of_two().max(16);
+    let mask = size - 1;
+    // Slot -> 1 + index into `firsts`; 0 is empty.
+    let mut slots = vec![0u32; size];
+    // (prefix, value, key) of each first fingerprint with a new prefix.
+    let mut firsts: Vec<(u64, u32, u32)> = Vec::new();
+    let mut exact: HashMap<&[u8], (u32, u32), Seeded> = HashMap::with_hasher(spread.keys);
+    for e in pieces.iter().flat_map(|p| p.iter()) {
+        let (prefix, value) = (e.prefix, e.value);
+        let mut slot = spread.hash(prefix).rotate_left(32) as usize & mask;
+        let earlier = loop {
+            let at = slots[slot];
+            if at == 0 {
+                firsts.push((prefix, value, out.distinct));
+                slots[slot] = firsts.len() as u32;
+                break None;
+            }
+            let (seen_prefix, seen_value, seen_key) = firsts[at as usize - 1];
+            if seen_prefix == prefix {
+                if let Some(hits) = assume.as_deref_mut() {
+                    hits.push((value, seen_value));
+                    break Some((seen_value, seen_key));
+                }
+                let full = values.fingerprint(value);
+                if values.fingerprint(seen_value) == full {
+                    break Some((seen_value, seen_key));
+                }
+                match exact.entry(full) {
+                    std::collections::hash_map::Entry::Occupied(o) => break Some(*o.get()),
+                    std::collections::hash_map::Entry::Vacant(v) => {
+                        v.insert((value, out.distinct));
+                        break None;
+                    }
+                }
+            }
+            slot = (slot + 1) & mask;
+        };
+        let key = match earlier {
+            Some((seen_value, seen_key)) => {
+                out.links
+                    .push((values.global_row(value), values.global_row(seen_value)));
+                seen_key
+            }
+            None => {
+                out.distinct += 1;
+                out.distinct - 1
+            }
+        };
+        if want_keys {
+            out.keys.push(key);
+        }
+    }
+    out
 }
 
 /// What indexing one identity kind found.
@@ -175,23 +439,24 @@ struct KindIndex {
     /// Pairs of row numbers (numbered across all sides in order) that share
     /// a fingerprint of this kind.
     links: Vec<(u32, u32)>,
-    /// With `want_keys`: dense keys for every column of this kind, from 0.
-    keys: Vec<RawKeys>,
-    /// Distinct fingerprints of this kind (with `want_keys`).
+    /// With keys wanted: dense keys for every column of this kind, from
+    /// `first_key`.
+    keys: Vec<ColumnKeys>,
+    /// Distinct fingerprints of this kind.
     distinct: u32,
 }
 
-/// Indexes the fingerprints of `kind`.
+/// Indexes the fingerprints of `kind`, on every core.
 ///
-/// The index is keyed by the fingerprint's first 8 bytes (16-byte entries
-/// instead of 40, so far fewer cache misses); a prefix hit is confirmed on
-/// the full 32 bytes, and the rare different fingerprint sharing a prefix
-/// goes to an exact index.
-fn index_kind(sides: &[Side<'_>], kind: &str, want_keys: bool) -> KindIndex {
-    // Every column of this kind with the global number of its first row.
-    let mut columns: Vec<(u32, &FixedSizeBinaryArray)> = Vec::new();
-    let mut places: Vec<(usize, usize, &str)> = Vec::new();
-    let mut offset = 0u32;
+/// Values are first scattered into partitions by a seeded hash of their
+/// first 8 bytes (runs of columns side by side), then each partition is
+/// indexed on its own, side by side; a partition's index fits in a core's
+/// cache. Keys are numbered per partition and offset by the partitions
+/// before it, then gathered back into column order.
+fn index_kind(sides: &[Side<'_>], kind: &str, want_keys: bool, first_key: u32) -> KindIndex {
+    use rayon::prelude::*;
+    let mut columns = Vec::new();
+    let (mut first_row, mut first_value) = (0u32, 0u32);
     for (side_no, side) in sides.iter().enumerate() {
         for (batch_no, batch) in side.batches.iter().enumerate() {
             for &(name, _) in side.identifiers.iter().filter(|(_, k)| *k == kind) {
@@ -207,102 +472,123 @@ fn index_kind(sides: &[Side<'_>], kind: &str, want_keys: bool) -> KindIndex {
                     })
                     .filter(|f| f.value_length() == 32);
                 if let Some(fps) = fps {
-                    columns.push((offset, fps));
-                    places.push((side_no, batch_no, name));
+                    columns.push(KindColumn {
+                        side: side_no,
+                        batch: batch_no,
+                        name,
+                        first_row,
+                        first_value,
+                        fps,
+                    });
+                    first_value = u32::try_from(first_value as usize + fps.len())
+                        .expect("more identifier values than a u32 can number");
                 }
             }
-            offset += batch.num_rows() as u32;
+            first_row += batch.num_rows() as u32;
         }
     }
-    let seeded = Seeded::random();
-    // Room for every value of this kind at once (not every row: a kind on
-    // some rows only would otherwise reserve twice what it needs).
-    let capacity = columns.iter().map(|(_, f)| f.len() - f.null_count()).sum();
-    let mut first: HashMap<u64, u64, Seeded> = HashMap::with_capacity_and_hasher(capacity, seeded);
-    let mut exact: HashMap<[u8; 32], u64, Seeded> = HashMap::with_hasher(seeded);
-    let mut links = Vec::new();
-    // Per column, the key of each row (when wanted): a new fingerprint takes
-    // the next number, a seen one the number of its first row.
-    let mut keys: Vec<Vec<u32>> = if want_keys {
-        columns.iter().map(|(_, f)| vec![0; f.len()]).collect()
+    let values = KindValues::new(columns, first_value);
+    let present: usize = values
+        .columns
+        .iter()
+        .map(|c| c.fps.len() - c.fps.null_count())
+        .sum();
+    let spread = Spread::new(present);
+    // Runs of whole columns, about equal in values, one per core.
+    let total = first_value as usize;
+    let runs = rayon::current_num_threads().max(1);
+    let mut bounds = vec![0usize];
+    let mut taken = 0usize;
+    for (i, c) in values.columns.iter().enumerate() {
+        taken += c.fps.len();
+        if taken * runs >= bounds.len() * total && i + 1 < values.columns.len() {
+            bounds.push(i + 1);
+        }
+    }
+    bounds.push(values.columns.len());
+    bounds.dedup();
+    let scattered: Vec<Scattered> = bounds
+        .par_windows(2)
+        .map(|w| Scattered::new(&values.columns[w[0]..w[1]], spread))
+        .collect();
+    let partitions: Vec<PartitionIndex> = (0..spread.partitions())
+        .into_par_iter()
+        .map(|p| {
+            let pieces: Vec<&[Entry]> = scattered.iter().map(|s| s.partition(p)).collect();
+            index_partition(&values, &pieces, spread, want_keys)
+        })
+        .collect();
+    // Where each run's share of each partition's keys starts: after the
+    // earlier runs' shares.
+    let mut cursors = Vec::with_capacity(scattered.len());
+    let mut before = vec![0usize; spread.partitions()];
+    for run in &scattered {
+        cursors.push(before.clone());
+        for (p, b) in before.iter_mut().enumerate() {
+            *b += run.partition(p).len();
+        }
+    }
+    drop(scattered);
+    // Partition p's keys start after those of the partitions before it.
+    let mut base = Vec::with_capacity(partitions.len());
+    let mut distinct = 0u32;
+    for part in &partitions {
+        base.push(
+            first_key
+                .checked_add(distinct)
+                .expect("more distinct identifiers than a u32 can number"),
+        );
+        distinct += part.distinct;
+    }
+    let keys = if want_keys {
+        // Each run walks its columns in the order it scattered them, so a
+        // partition's keys come back in the order its entries were given.
+        let gathered: Vec<Vec<ColumnKeys>> = bounds
+            .par_windows(2)
+            .zip(cursors)
+            .map(|(w, mut cursor)| {
+                values.columns[w[0]..w[1]]
+                    .iter()
+                    .map(|c| {
+                        let mut bytes = Vec::with_capacity(4 * c.fps.len());
+                        for row in 0..c.fps.len() {
+                            let key = if c.fps.is_valid(row) {
+                                let p = spread.partition(prefix(c.fps.value(row)));
+                                let k = base[p] + partitions[p].keys[cursor[p]];
+                                cursor[p] += 1;
+                                k
+                            } else {
+                                0
+                            };
+                            bytes.extend_from_slice(&key.to_be_bytes());
+                        }
+                        ColumnKeys {
+                            side: c.side,
+                            batch: c.batch,
+                            column: c.name.to_string(),
+                            keys: FixedSizeBinaryArray::new(
+                                4,
+                                bytes.into(),
+                                c.fps.nulls().cloned(),
+                            ),
+                        }
+                    })
+                    .collect()
+            })
+            .collect();
+        gathered.into_iter().flatten().collect()
     } else {
         Vec::new()
     };
-    let mut next_key = 0u32;
-    let position = |here: u64| ((here >> 32) as usize, here as u32);
-    for (entry, (offset, fps)) in columns.iter().enumerate() {
-        for row in 0..fps.len() {
-            if fps.is_null(row) {
-                continue;
-            }
-            let value = fps.value(row);
-            let prefix = prefix(value);
-            let global = offset + row as u32;
-            let here = ((entry as u64) << 32) | u64::from(global);
-            // The first row with this fingerprint, if any came before.
-            let earlier = match first.entry(prefix) {
-                std::collections::hash_map::Entry::Vacant(v) => {
-                    v.insert(here);
-                    None
-                }
-                std::collections::hash_map::Entry::Occupied(o) => {
-                    let seen = *o.get();
-                    let (seen_entry, seen_global) = position(seen);
-                    let (seen_offset, seen_fps) = columns[seen_entry];
-                    if seen_fps.value((seen_global - seen_offset) as usize) == value {
-                        Some(seen)
-                    } else {
-                        let mut fp = [0u8; 32];
-                        fp.copy_from_slice(value);
-                        match exact.entry(fp) {
-                            std::collections::hash_map::Entry::Occupied(x) => Some(*x.get()),
-                            std::collections::hash_map::Entry::Vacant(x) => {
-                                x.insert(here);
-                                None
-                            }
-                        }
-                    }
-                }
-            };
-            if let Some(seen) = earlier {
-                links.push((global, position(seen).1));
-            }
-            if want_keys {
-                keys[entry][row] = match earlier {
-                    Some(seen) => {
-                        let (seen_entry, seen_global) = position(seen);
-                        keys[seen_entry][(seen_global - columns[seen_entry].0) as usize]
-                    }
-                    None => {
-                        next_key += 1;
-                        next_key - 1
-                    }
-                };
-            }
-        }
-    }
-    let keys = keys
-        .into_iter()
-        .zip(&columns)
-        .zip(places)
-        .map(|((k, (_, fps)), (side, batch, column))| RawKeys {
-            side,
-            batch,
-            column: column.to_string(),
-            keys: k,
-            nulls: fps.nulls().cloned(),
-        })
-        .collect();
     KindIndex {
-        links,
+        links: partitions.into_iter().flat_map(|p| p.links).collect(),
         keys,
-        distinct: next_key,
+        distinct,
     }
 }
 
 /// The person number of every row of `sides`, in order: rows linked by a
-/// shared fingerprint of one kind have equal numbers. Identity kinds are
-/// indexed side by side, one thread each.
+/// shared fingerprint of one kind have equal numbers.
 pub fn people(sides: &[Side<'_>]) -> Vec<u32> {
     people_and_keys(sides, false).0
 }
@@ -319,45 +605,18 @@ pub fn people_and_keys(sides: &[Side<'_>], want_keys: bool) -> (Vec<u32>, Vec<Co
         .collect();
     kinds.sort_unstable();
     kinds.dedup();
-    let indexes: Vec<Option<KindIndex>> = std::thread::scope(|scope| {
-        let handles: Vec<_> = kinds
-            .iter()
-            .map(|kind| scope.spawn(|| index_kind(sides, kind, want_keys)))
-            .collect();
-        handles.into_iter().map(|h| h.join().ok()).collect()
-    });
-    // A thread that panicked while only counting left its links out, and
-    // matching goes on with the others rather than taking the server down;
-    // keys for queries cannot be left out, so there it stops.
-    if want_keys {
-        assert!(
-            indexes.iter().all(Option::is_some),
-            "indexing an identity kind failed"
-        );
-    }
     let mut uf = People::new(total);
     let mut keys = Vec::new();
     // Each kind's keys after the previous kinds': no key of one kind equals
     // a key of another, as no fingerprint of one equals one of another.
-    let mut offset = 0u32;
-    for index in indexes.into_iter().flatten() {
+    let mut first_key = 0u32;
+    for kind in kinds {
+        let index = index_kind(sides, kind, want_keys, first_key);
         for (a, b) in index.links {
             uf.union(a, b);
         }
-        for k in index.keys {
-            let bytes: Vec<u8> = k
-                .keys
-                .iter()
-                .flat_map(|v| (v + offset).to_be_bytes())
-                .collect();
-            keys.push(ColumnKeys {
-                side: k.side,
-                batch: k.batch,
-                column: k.column,
-                keys: FixedSizeBinaryArray::new(4, bytes.into(), k.nulls),
-            });
-        }
-        offset = offset
+        keys.extend(index.keys);
+        first_key = first_key
             .checked_add(index.distinct)
             .expect("more distinct identifiers than a u32 can number");
     }
@@ -522,6 +781,77 @@ mod tests {
             "the two 3s are one person"
         );
         assert_ne!(m.person_of_row[0], m.person_of_row[1]);
+    }
+
+    /// Enough values for several partitions, some crafted to share a
+    /// prefix (their partition is indexed again, confirming each hit), some
+    /// repeated within a side: keys and people equal a plain map's.
+    #[test]
+    fn many_partitions_keep_exactly_the_equalities() {
+        let rows = 3 * VALUES_PER_PARTITION as u64;
+        let value = |n: u64| {
+            let mut v = fp(n, 0);
+            if n.is_multiple_of(97) {
+                v[..8].copy_from_slice(b"flooding");
+            }
+            v
+        };
+        let make = |ids: &[u64]| {
+            let mut email = FixedSizeBinaryBuilder::new(32);
+            for n in ids {
+                email.append_value(value(*n)).unwrap();
+            }
+            let schema = Schema::new(vec![Field::new(
+                "email",
+                DataType::FixedSizeBinary(32),
+                true,
+            )]);
+            RecordBatch::try_new(Arc::new(schema), vec![Arc::new(email.finish())]).unwrap()
+        };
+        // Side a: 0..rows, with every 10th person twice; side b: the upper
+        // half of a and as many others, in batches of uneven size.
+        let a_ids: Vec<u64> = (0..rows).chain((0..rows).step_by(10)).collect();
+        let b_ids: Vec<u64> = (rows / 2..rows + rows / 2).collect();
+        let a: Vec<RecordBatch> = a_ids.chunks(40_000).map(make).collect();
+        let b: Vec<RecordBatch> = b_ids.chunks(25_000).map(make).collect();
+        let ids: &[(&str, &str)] = &[("email", "email")];
+        let sides = [
+            Side {
+                batches: &a,
+                identifiers: ids,
+            },
+            Side {
+                batches: &b,
+                identifiers: ids,
+            },
+        ];
+        assert!(Spread::new(a_ids.len() + b_ids.len()).partitions() > 2);
+        let (persons, keys) = people_and_keys(&sides, true);
+        let all: Vec<u64> = a_ids.iter().chain(&b_ids).copied().collect();
+        let mut key_of: HashMap<u64, u32> = HashMap::new();
+        let mut person_of: HashMap<u64, u32> = HashMap::new();
+        let mut row = 0usize;
+        for k in &keys {
+            for i in 0..k.keys.len() {
+                let key = u32::from_be_bytes(k.keys.value(i).try_into().unwrap());
+                let n = all[row];
+                assert_eq!(*key_of.entry(n).or_insert(key), key, "one value, one key");
+                assert_eq!(*person_of.entry(n).or_insert(persons[row]), persons[row]);
+                row += 1;
+            }
+        }
+        assert_eq!(row, all.len(), "every row has a key, in order");
+        let distinct_keys: HashSet<u32> = key_of.values().copied().collect();
+        assert_eq!(
+            distinct_keys.len(),
+            key_of.len(),
+            "different values, different keys"
+        );
+        assert!(distinct_keys.iter().all(|k| (*k as usize) < key_of.len()));
+        let distinct_people: HashSet<u32> = persons.iter().copied().collect();
+        assert_eq!(distinct_people.len(), key_of.len());
+        let (pa, pb) = persons.split_at(a_ids.len());
+        assert_eq!(people_counts(pa, pb).unwrap(), [rows, rows, rows / 2]);
     }
 
     proptest! {
