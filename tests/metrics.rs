@@ -390,6 +390,13 @@ async fn the_table_cache_keeps_within_its_budget() {
     let mut acme = server.client("acme").await;
     let sql = "SELECT c.region, COUNT(*) AS n FROM customers c JOIN audience a ON c.email = a.email GROUP BY c.region ORDER BY c.region";
     let first = acme.query("retail-media-demo", sql).await.unwrap();
+    // The background matcher's last step, once no query runs: storing the
+    // tables. After it, nothing but the queries below loads them.
+    let stored = common::eventually(|| async {
+        read_series(port, ["cleanroom_matched_table_saves_total"]).await == [1.0]
+    })
+    .await;
+    assert!(stored, "the matched tables were not stored");
     let loads = scrape_now().await[1];
     for _ in 0..3 {
         let again = acme.query("retail-media-demo", sql).await.unwrap();

@@ -265,15 +265,17 @@ pub(crate) fn matched_people(
 }
 
 /// Matches the agreement's current versions ahead of requests: loads its
-/// query tables (when it is queried and every dataset is there) and stores
-/// them for the next start, and records the overlap of every pair of
-/// datasets that share an identity kind. With two datasets the tables'
-/// matching gives the overlap too, so the versions are matched once. For
-/// the background matcher; failures are logged, the next request retries.
-pub(crate) fn match_agreement(state: &AppState, agreement: &str) {
-    let Some(policy) = state.policies().get(agreement).cloned() else {
-        return;
-    };
+/// query tables (when it is queried and every dataset is there) and
+/// records the overlap of every pair of datasets that share an identity
+/// kind. With two datasets the tables' matching gives the overlap too, so
+/// the versions are matched once. Returns the tables to store for the next
+/// start ([`store_tables`]), if any. For the background matcher; failures
+/// are logged, the next request retries.
+pub(crate) fn match_agreement(
+    state: &AppState,
+    agreement: &str,
+) -> Option<(Arc<Policy>, super::queries::Loaded)> {
+    let policy = state.policies().get(agreement).cloned()?;
     let store = state.store();
     let complete = || -> Result<bool, ServiceError> {
         for d in policy.datasets() {
@@ -320,9 +322,12 @@ pub(crate) fn match_agreement(state: &AppState, agreement: &str) {
             }
         }
     }
-    if let Some(loaded) = loaded
-        && let Err(e) = save_tables(state, &policy, &loaded)
-    {
+    loaded.map(|l| (policy, l))
+}
+
+/// Stores the tables [`match_agreement`] loaded, for the next start.
+pub(crate) fn store_tables(state: &AppState, policy: &Policy, loaded: &super::queries::Loaded) {
+    if let Err(e) = save_tables(state, policy, loaded) {
         tracing::warn!(error = %e, "storing matched tables failed; the next start matches again");
     }
 }

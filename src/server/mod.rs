@@ -797,6 +797,10 @@ fn spawn_background(state: &AppState, options: &ServerOptions) -> Background {
     }
 }
 
+/// How long the background matcher lets running queries go first before
+/// it stores the tables it matched.
+const STORE_TABLES_WAIT: std::time::Duration = std::time::Duration::from_secs(10);
+
 /// Matches agreements' current versions in the background as they are
 /// committed, so that an overlap request finds its count recorded. Each run
 /// finishes before the task stops: the store must be free once `serve`
@@ -825,8 +829,33 @@ fn spawn_matcher(
                 let s = state.clone();
                 let run =
                     tokio::task::spawn_blocking(move || matching::match_agreement(&s, &agreement));
+                let loaded = match run.await {
+                    Ok(loaded) => loaded,
+                    Err(e) => {
+                        tracing::error!(error = %e, "background matching");
+                        None
+                    }
+                };
+                let Some((policy, loaded)) = loaded else {
+                    continue;
+                };
+                // Storing the tables only spares the next start a matching:
+                // a query waiting for them now (the first after a commit)
+                // runs first, alone on the cores, unless queries keep
+                // coming or the server stops.
+                let waited = tokio::time::Instant::now();
+                while !state.query_gate().idle()
+                    && waited.elapsed() < STORE_TABLES_WAIT
+                    && !*stopped.borrow()
+                {
+                    tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+                }
+                let s = state.clone();
+                let run = tokio::task::spawn_blocking(move || {
+                    matching::store_tables(&s, &policy, &loaded);
+                });
                 if let Err(e) = run.await {
-                    tracing::error!(error = %e, "background matching");
+                    tracing::error!(error = %e, "storing matched tables");
                 }
             }
         }

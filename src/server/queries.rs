@@ -716,6 +716,11 @@ impl QueryGate {
         }
     }
 
+    /// Whether no query runs now.
+    pub(crate) fn idle(&self) -> bool {
+        self.total.available_permits() == self.limits.max_concurrent
+    }
+
     /// A place for one more query of `org`, or the limit it would pass.
     pub(crate) fn enter(&self, org: &str) -> Result<Permits, ServiceError> {
         let full = |detail: String| ServiceError::LimitExceeded {
@@ -978,14 +983,18 @@ min_group_size = 5
             max_concurrent_per_org: 2,
             ..QueryLimits::default()
         });
+        assert!(gate.idle());
         let a1 = gate.enter("acme").unwrap();
-        let _a2 = gate.enter("acme").unwrap();
+        assert!(!gate.idle());
+        let a2 = gate.enter("acme").unwrap();
         let err = gate.enter("acme").unwrap_err();
         assert_eq!(err.rule(), "query.concurrency");
         let _g1 = gate.enter("globex").unwrap();
         let err = gate.enter("globex").unwrap_err();
         assert!(err.to_string().contains("max_concurrent_queries"), "{err}");
         drop(a1);
-        let _a3 = gate.enter("acme").unwrap();
+        let a3 = gate.enter("acme").unwrap();
+        drop((a2, a3, _g1));
+        assert!(gate.idle(), "every place given back");
     }
 }
