@@ -57,7 +57,8 @@ impl Running {
     fn stop(mut self) -> Result<(), Box<dyn std::error::Error>> {
         self.server.signal(libc::SIGTERM);
         self.server.child.wait()?;
-        for line in self.server.log.try_iter() {
+        // Every line, to the end of its log (the reader ends at its EOF).
+        for line in self.server.log.iter() {
             if line.contains(" tables ")
                 && let Some(start) = line.find("\"fields\":{")
                 && let Some(end) = line[start..].find('}')
