@@ -694,6 +694,24 @@ mod tests {
 
     const BOTH: &[(&str, &str)] = &[("email", "email"), ("phone", "phone")];
 
+    /// Two sides with the same identifier columns.
+    fn two_sides<'a>(
+        a: &'a [RecordBatch],
+        b: &'a [RecordBatch],
+        identifiers: &'a [(&'a str, &'a str)],
+    ) -> [Side<'a>; 2] {
+        [
+            Side {
+                batches: a,
+                identifiers,
+            },
+            Side {
+                batches: b,
+                identifiers,
+            },
+        ]
+    }
+
     #[test]
     fn email_or_phone_counts_a_person_once() {
         // Person 1 matches on email, person 2 on phone, person 3 on both
@@ -710,16 +728,8 @@ mod tests {
             (Some(20), Some(2)),
             (Some(3), Some(3)),
         ])];
-        let m = match_people(
-            Side {
-                batches: &a,
-                identifiers: BOTH,
-            },
-            Side {
-                batches: &b,
-                identifiers: BOTH,
-            },
-        );
+        let [first, second] = two_sides(&a, &b, BOTH);
+        let m = match_people(first, second);
         assert_eq!(m.overlap, 3);
         // a: rows 3 and 4 (email 3, phone 3) are one person only through b's row.
         assert_eq!(m.people, [4, 3]);
@@ -731,16 +741,8 @@ mod tests {
     fn kinds_never_match_each_other() {
         let a = [batch(&[(Some(7), None)])];
         let b = [batch(&[(None, Some(7))])];
-        let m = match_people(
-            Side {
-                batches: &a,
-                identifiers: BOTH,
-            },
-            Side {
-                batches: &b,
-                identifiers: BOTH,
-            },
-        );
+        let [first, second] = two_sides(&a, &b, BOTH);
+        let m = match_people(first, second);
         assert_eq!(m.overlap, 0);
     }
 
@@ -763,17 +765,8 @@ mod tests {
         // Same first 8 bytes everywhere; full values 1, 2 and 3.
         let a = [mk(&[1, 2])];
         let b = [mk(&[2, 3, 3])];
-        let ids: &[(&str, &str)] = &[("email", "email")];
-        let m = match_people(
-            Side {
-                batches: &a,
-                identifiers: ids,
-            },
-            Side {
-                batches: &b,
-                identifiers: ids,
-            },
-        );
+        let [first, second] = two_sides(&a, &b, &[("email", "email")]);
+        let m = match_people(first, second);
         assert_eq!(m.overlap, 1, "only the value 2 is in both");
         assert_eq!(m.people, [2, 2]);
         assert_eq!(
@@ -814,17 +807,7 @@ mod tests {
         let b_ids: Vec<u64> = (rows / 2..rows + rows / 2).collect();
         let a: Vec<RecordBatch> = a_ids.chunks(40_000).map(make).collect();
         let b: Vec<RecordBatch> = b_ids.chunks(25_000).map(make).collect();
-        let ids: &[(&str, &str)] = &[("email", "email")];
-        let sides = [
-            Side {
-                batches: &a,
-                identifiers: ids,
-            },
-            Side {
-                batches: &b,
-                identifiers: ids,
-            },
-        ];
+        let sides = two_sides(&a, &b, &[("email", "email")]);
         assert!(Spread::new(a_ids.len() + b_ids.len()).partitions() > 2);
         let (persons, keys) = people_and_keys(&sides, true);
         let all: Vec<u64> = a_ids.iter().chain(&b_ids).copied().collect();
