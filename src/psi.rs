@@ -200,14 +200,18 @@ struct Spread {
     keys: Seeded,
     /// log2 of the number of partitions.
     bits: u32,
+    /// Values per partition on average.
+    share: usize,
 }
 
 impl Spread {
     fn new(values: usize) -> Self {
         let wanted = values.div_ceil(VALUES_PER_PARTITION).max(1);
+        let bits = wanted.next_power_of_two().trailing_zeros().min(12);
         Spread {
             keys: Seeded::random(),
-            bits: wanted.next_power_of_two().trailing_zeros().min(12),
+            bits,
+            share: values >> bits,
         }
     }
 
@@ -340,18 +344,25 @@ impl<'a> KindValues<'a> {
 /// Indexes one partition's entries (the runs' pieces of it, in order): an
 /// open-addressing table keyed by the fingerprint's first 8 bytes.
 ///
-/// A prefix hit is confirmed on all 32 bytes. `checked` first assumes every
-/// hit is a match and confirms them all at the end, in one pass whose loads
-/// do not wait on each other; only if some pair differs (fingerprints
-/// crafted to share a prefix, or a 1 in 2^64 accident) is the partition
-/// indexed again confirming each hit at once, the rare different
-/// fingerprint sharing a prefix going to an exact index.
+/// A prefix hit is confirmed on all 32 bytes. Each hit is first taken for
+/// a match, and all are confirmed at the end in one pass whose loads do not
+/// wait on each other; only if some pair differs (fingerprints crafted to
+/// share a prefix, or a 1 in 2^64 accident) is the partition indexed again
+/// confirming each hit at once, the rare different fingerprint sharing a
+/// prefix going to an exact index. A partition far above its share (what
+/// many values sharing one prefix make) is indexed that way at once.
 fn index_partition(
     values: &KindValues<'_>,
     pieces: &[&[Entry]],
     spread: Spread,
     want_keys: bool,
 ) -> PartitionIndex {
+    // A partition far above its share holds values sharing a prefix (the
+    // seeded hash spreads everything else evenly): confirmed at once.
+    let n: usize = pieces.iter().map(|p| p.len()).sum();
+    if n > 4 * spread.share + 1024 {
+        return index_entries(values, pieces, spread, want_keys, None);
+    }
     let mut hits = Vec::new();
     let assumed = index_entries(values, pieces, spread, want_keys, Some(&mut hits));
     let confirmed = hits.iter().fold(true, |all, (value, seen)| {
@@ -776,15 +787,23 @@ mod tests {
         assert_ne!(m.person_of_row[0], m.person_of_row[1]);
     }
 
-    /// Enough values for several partitions, some crafted to share a
-    /// prefix (their partition is indexed again, confirming each hit), some
-    /// repeated within a side: keys and people equal a plain map's.
+    /// Enough values for several partitions, some repeated within a side,
+    /// some crafted to share a prefix: every 97th (their partition is
+    /// indexed again, confirming each hit) or every one (one partition far
+    /// above its share, confirmed at once). Keys and people equal a plain
+    /// map's.
     #[test]
     fn many_partitions_keep_exactly_the_equalities() {
+        for crafted_every in [97, 1] {
+            partitions_keep_exactly_the_equalities(crafted_every);
+        }
+    }
+
+    fn partitions_keep_exactly_the_equalities(crafted_every: u64) {
         let rows = 3 * VALUES_PER_PARTITION as u64;
         let value = |n: u64| {
             let mut v = fp(n, 0);
-            if n.is_multiple_of(97) {
+            if n.is_multiple_of(crafted_every) {
                 v[..8].copy_from_slice(b"flooding");
             }
             v
