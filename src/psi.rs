@@ -100,10 +100,10 @@ impl Hasher for SeededHasher {
     }
 }
 
-/// The first 8 bytes of a fingerprint.
-fn prefix(value: &[u8]) -> u64 {
+/// The `i`th 8 bytes of a fingerprint.
+fn word(value: &[u8], i: usize) -> u64 {
     let mut word = [0u8; 8];
-    word.copy_from_slice(&value[..8]);
+    word.copy_from_slice(&value[8 * i..8 * i + 8]);
     u64::from_le_bytes(word)
 }
 
@@ -176,12 +176,13 @@ struct KindColumn<'a> {
     fps: &'a FixedSizeBinaryArray,
 }
 
-/// One fingerprint while it is indexed: its first 8 bytes and its number
-/// among the kind's values. 12 bytes, so a partition's entries stay small.
+/// One fingerprint while it is indexed: its digest ([`Spread::digest`])
+/// and its number among the kind's values. 12 bytes, so a partition's
+/// entries stay small.
 #[derive(Debug, Clone, Copy, Default)]
 #[repr(C, packed(4))]
 struct Entry {
-    prefix: u64,
+    digest: u64,
     value: u32,
 }
 
@@ -193,11 +194,13 @@ struct Entry {
 const VALUES_PER_PARTITION: usize = 65_536;
 
 /// How the kind's values are spread over partitions and table slots: by a
-/// hash seeded afresh for every matching (see [`Seeded`]), so crafted
-/// fingerprints cannot pile into one partition or one run of slots.
+/// digest of the whole fingerprint under keys drawn afresh for every
+/// matching (see [`Seeded`]), so crafted fingerprints (sharing their first
+/// bytes, say) cannot pile into one partition or one run of slots.
 #[derive(Debug, Clone, Copy)]
 struct Spread {
     keys: Seeded,
+    more: Seeded,
     /// log2 of the number of partitions.
     bits: u32,
     /// Values per partition on average.
@@ -205,11 +208,12 @@ struct Spread {
 }
 
 impl Spread {
-    fn new(values: usize) -> Self {
+    fn new(values: usize, [keys, more]: [Seeded; 2]) -> Self {
         let wanted = values.div_ceil(VALUES_PER_PARTITION).max(1);
         let bits = wanted.next_power_of_two().trailing_zeros().min(12);
         Spread {
-            keys: Seeded::random(),
+            keys,
+            more,
             bits,
             share: values >> bits,
         }
@@ -219,14 +223,20 @@ impl Spread {
         1 << self.bits
     }
 
-    fn hash(&self, prefix: u64) -> u64 {
-        fold_multiply(prefix ^ self.keys.k0, self.keys.k1)
+    /// 64 bits of a 32-byte fingerprint, every input bit mixed in under
+    /// this matching's keys: equal fingerprints give equal digests, and
+    /// without the keys two different ones collide only by chance.
+    fn digest(&self, value: &[u8]) -> u64 {
+        let low = fold_multiply(word(value, 0) ^ self.keys.k0, word(value, 1) ^ self.more.k0);
+        let high = fold_multiply(word(value, 2) ^ self.keys.k1, word(value, 3) ^ self.more.k1);
+        fold_multiply(low ^ self.more.k1, high ^ self.keys.k0)
     }
 
-    fn partition(&self, prefix: u64) -> usize {
+    /// The digest's partition: its top bits.
+    fn partition(&self, digest: u64) -> usize {
         match self.bits {
             0 => 0,
-            bits => (self.hash(prefix) >> (64 - bits)) as usize,
+            bits => (digest >> (64 - bits)) as usize,
         }
     }
 }
@@ -244,7 +254,7 @@ impl Scattered {
         let mut starts = vec![0usize; spread.partitions() + 1];
         for c in columns {
             for row in (0..c.fps.len()).filter(|r| c.fps.is_valid(*r)) {
-                starts[spread.partition(prefix(c.fps.value(row))) + 1] += 1;
+                starts[spread.partition(spread.digest(c.fps.value(row))) + 1] += 1;
             }
         }
         for p in 1..starts.len() {
@@ -254,10 +264,10 @@ impl Scattered {
         let mut cursor = starts.clone();
         for c in columns {
             for row in (0..c.fps.len()).filter(|r| c.fps.is_valid(*r)) {
-                let prefix = prefix(c.fps.value(row));
-                let p = spread.partition(prefix);
+                let digest = spread.digest(c.fps.value(row));
+                let p = spread.partition(digest);
                 entries[cursor[p]] = Entry {
-                    prefix,
+                    digest,
                     value: c.first_value + row as u32,
                 };
                 cursor[p] += 1;
@@ -342,23 +352,22 @@ impl<'a> KindValues<'a> {
 }
 
 /// Indexes one partition's entries (the runs' pieces of it, in order): an
-/// open-addressing table keyed by the fingerprint's first 8 bytes.
+/// open-addressing table keyed by the fingerprints' digests.
 ///
-/// A prefix hit is confirmed on all 32 bytes. Each hit is first taken for
-/// a match, and all are confirmed at the end in one pass whose loads do not
-/// wait on each other; only if some pair differs (fingerprints crafted to
-/// share a prefix, or a 1 in 2^64 accident) is the partition indexed again
-/// confirming each hit at once, the rare different fingerprint sharing a
-/// prefix going to an exact index. A partition far above its share (what
-/// many values sharing one prefix make) is indexed that way at once.
+/// A digest hit is confirmed on all 32 bytes. Each hit is first taken for a
+/// match, and all are confirmed at the end in one pass whose loads do not
+/// wait on each other; only if some pair differs (a 1 in 2^64 accident) is
+/// the partition indexed again confirming each hit at once, the different
+/// fingerprint sharing a digest going to an exact index. A partition far
+/// above its share, which only many rows of equal fingerprints or sharing a
+/// digest make, is indexed that way at once.
 fn index_partition(
     values: &KindValues<'_>,
     pieces: &[&[Entry]],
     spread: Spread,
     want_keys: bool,
 ) -> PartitionIndex {
-    // A partition far above its share holds values sharing a prefix (the
-    // seeded hash spreads everything else evenly): confirmed at once.
+    // Far above its share: confirmed at once.
     let n: usize = pieces.iter().map(|p| p.len()).sum();
     if n > 4 * spread.share + 1024 {
         return index_entries(values, pieces, spread, want_keys, None);
@@ -375,7 +384,7 @@ fn index_partition(
     }
 }
 
-/// [`index_partition`]'s one pass: with `assume`, prefix hits are taken
+/// [`index_partition`]'s one pass: with `assume`, digest hits are taken
 /// as matches and pushed there as (value, earlier value) for confirming;
 /// without, each is confirmed at once.
 fn index_entries(
@@ -394,21 +403,21 @@ fn index_entries(
     let mask = size - 1;
     // Slot -> 1 + index into `firsts`; 0 is empty.
     let mut slots = vec![0u32; size];
-    // (prefix, value, key) of each first fingerprint with a new prefix.
+    // (digest, value, key) of each first fingerprint with a new digest.
     let mut firsts: Vec<(u64, u32, u32)> = Vec::new();
     let mut exact: HashMap<&[u8], (u32, u32), Seeded> = HashMap::with_hasher(spread.keys);
     for e in pieces.iter().flat_map(|p| p.iter()) {
-        let (prefix, value) = (e.prefix, e.value);
-        let mut slot = spread.hash(prefix).rotate_left(32) as usize & mask;
+        let (digest, value) = (e.digest, e.value);
+        let mut slot = digest as usize & mask;
         let earlier = loop {
             let at = slots[slot];
             if at == 0 {
-                firsts.push((prefix, value, out.distinct));
+                firsts.push((digest, value, out.distinct));
                 slots[slot] = firsts.len() as u32;
                 break None;
             }
-            let (seen_prefix, seen_value, seen_key) = firsts[at as usize - 1];
-            if seen_prefix == prefix {
+            let (seen_digest, seen_value, seen_key) = firsts[at as usize - 1];
+            if seen_digest == digest {
                 if let Some(hits) = assume.as_deref_mut() {
                     hits.push((value, seen_value));
                     break Some((seen_value, seen_key));
@@ -464,7 +473,13 @@ struct KindIndex {
 /// indexed on its own, side by side; a partition's index fits in a core's
 /// cache. Keys are numbered per partition and offset by the partitions
 /// before it, then gathered back into column order.
-fn index_kind(sides: &[Side<'_>], kind: &str, want_keys: bool, first_key: u32) -> KindIndex {
+fn index_kind(
+    sides: &[Side<'_>],
+    kind: &str,
+    want_keys: bool,
+    first_key: u32,
+    keys: [Seeded; 2],
+) -> KindIndex {
     use rayon::prelude::*;
     let mut columns = Vec::new();
     let (mut first_row, mut first_value) = (0u32, 0u32);
@@ -504,7 +519,7 @@ fn index_kind(sides: &[Side<'_>], kind: &str, want_keys: bool, first_key: u32) -
         .iter()
         .map(|c| c.fps.len() - c.fps.null_count())
         .sum();
-    let spread = Spread::new(present);
+    let spread = Spread::new(present, keys);
     // Runs of whole columns, about equal in values, one per core.
     let total = first_value as usize;
     let runs = rayon::current_num_threads().max(1);
@@ -564,7 +579,7 @@ fn index_kind(sides: &[Side<'_>], kind: &str, want_keys: bool, first_key: u32) -
                         let mut bytes = Vec::with_capacity(4 * c.fps.len());
                         for row in 0..c.fps.len() {
                             let key = if c.fps.is_valid(row) {
-                                let p = spread.partition(prefix(c.fps.value(row)));
+                                let p = spread.partition(spread.digest(c.fps.value(row)));
                                 let k = base[p] + partitions[p].keys[cursor[p]];
                                 cursor[p] += 1;
                                 k
@@ -608,6 +623,16 @@ pub fn people(sides: &[Side<'_>]) -> Vec<u32> {
 /// column: fingerprints are only ever compared for equality, which 4 bytes
 /// per distinct value keep in an eighth of the memory.
 pub fn people_and_keys(sides: &[Side<'_>], want_keys: bool) -> (Vec<u32>, Vec<ColumnKeys>) {
+    people_and_keys_under(sides, want_keys, || [Seeded::random(), Seeded::random()])
+}
+
+/// [`people_and_keys`] with each kind's digest keys from `digest_keys` (tests
+/// choose keys under which they can make digests collide).
+fn people_and_keys_under(
+    sides: &[Side<'_>],
+    want_keys: bool,
+    digest_keys: impl Fn() -> [Seeded; 2],
+) -> (Vec<u32>, Vec<ColumnKeys>) {
     let total: usize = sides.iter().map(Side::rows).sum();
     assert!(total < u32::MAX as usize, "more rows than a u32 can number");
     let mut kinds: Vec<&str> = sides
@@ -622,7 +647,7 @@ pub fn people_and_keys(sides: &[Side<'_>], want_keys: bool) -> (Vec<u32>, Vec<Co
     // a key of another, as no fingerprint of one equals one of another.
     let mut first_key = 0u32;
     for kind in kinds {
-        let index = index_kind(sides, kind, want_keys, first_key);
+        let index = index_kind(sides, kind, want_keys, first_key, digest_keys());
         for (a, b) in index.links {
             uf.union(a, b);
         }
@@ -788,10 +813,12 @@ mod tests {
     }
 
     /// Enough values for several partitions, some repeated within a side,
-    /// some crafted to share a prefix: every 97th (their partition is
-    /// indexed again, confirming each hit) or every one (one partition far
-    /// above its share, confirmed at once). Keys and people equal a plain
-    /// map's.
+    /// some made to share a digest (with its keys known, any fingerprint
+    /// whose first and third 8 bytes equal the first key's two words has
+    /// one digest): every 97th
+    /// (their partition is indexed again, confirming each hit) or every
+    /// one (one partition far above its share, confirmed at once). Keys and
+    /// people equal a plain map's.
     #[test]
     fn many_partitions_keep_exactly_the_equalities() {
         for crafted_every in [97, 1] {
@@ -801,10 +828,12 @@ mod tests {
 
     fn partitions_keep_exactly_the_equalities(crafted_every: u64) {
         let rows = 3 * VALUES_PER_PARTITION as u64;
+        let known = [Seeded::random(), Seeded::random()];
         let value = |n: u64| {
             let mut v = fp(n, 0);
             if n.is_multiple_of(crafted_every) {
-                v[..8].copy_from_slice(b"flooding");
+                v[..8].copy_from_slice(&known[0].k0.to_le_bytes());
+                v[16..24].copy_from_slice(&known[0].k1.to_le_bytes());
             }
             v
         };
@@ -827,8 +856,13 @@ mod tests {
         let a: Vec<RecordBatch> = a_ids.chunks(40_000).map(make).collect();
         let b: Vec<RecordBatch> = b_ids.chunks(25_000).map(make).collect();
         let sides = two_sides(&a, &b, &[("email", "email")]);
-        assert!(Spread::new(a_ids.len() + b_ids.len()).partitions() > 2);
-        let (persons, keys) = people_and_keys(&sides, true);
+        let spread = Spread::new(a_ids.len() + b_ids.len(), known);
+        assert!(spread.partitions() > 2);
+        assert_eq!(
+            spread.digest(&value(0)),
+            spread.digest(&value(crafted_every))
+        );
+        let (persons, keys) = people_and_keys_under(&sides, true, || known);
         let all: Vec<u64> = a_ids.iter().chain(&b_ids).copied().collect();
         let mut key_of: HashMap<u64, u32> = HashMap::new();
         let mut person_of: HashMap<u64, u32> = HashMap::new();
@@ -889,7 +923,7 @@ mod tests {
             let fp_of = |n: u64, kind: u8| {
                 let mut v = fp(n, kind);
                 if shared_prefix {
-                    // Crafted values that all share the index's 8-byte prefix.
+                    // Crafted values that all share their first 8 bytes.
                     v[..8].copy_from_slice(b"flooding");
                 }
                 v
