@@ -575,30 +575,7 @@ fn index_kind(
             .map(|(w, mut cursor)| {
                 values.columns[w[0]..w[1]]
                     .iter()
-                    .map(|c| {
-                        let mut bytes = Vec::with_capacity(4 * c.fps.len());
-                        for row in 0..c.fps.len() {
-                            let key = if c.fps.is_valid(row) {
-                                let p = spread.partition(spread.digest(c.fps.value(row)));
-                                let k = base[p] + partitions[p].keys[cursor[p]];
-                                cursor[p] += 1;
-                                k
-                            } else {
-                                0
-                            };
-                            bytes.extend_from_slice(&key.to_be_bytes());
-                        }
-                        ColumnKeys {
-                            side: c.side,
-                            batch: c.batch,
-                            column: c.name.to_string(),
-                            keys: FixedSizeBinaryArray::new(
-                                4,
-                                bytes.into(),
-                                c.fps.nulls().cloned(),
-                            ),
-                        }
-                    })
+                    .map(|c| column_keys(c, spread, &base, &partitions, &mut cursor))
                     .collect()
             })
             .collect();
@@ -610,6 +587,35 @@ fn index_kind(
         links: partitions.into_iter().flat_map(|p| p.links).collect(),
         keys,
         distinct,
+    }
+}
+
+/// One column's keys, its rows in order: a row's key is the next of its
+/// partition's keys from `cursor` on, offset by the partition's `base`.
+fn column_keys(
+    c: &KindColumn<'_>,
+    spread: Spread,
+    base: &[u32],
+    partitions: &[PartitionIndex],
+    cursor: &mut [usize],
+) -> ColumnKeys {
+    let mut bytes = Vec::with_capacity(4 * c.fps.len());
+    for row in 0..c.fps.len() {
+        let key = if c.fps.is_valid(row) {
+            let p = spread.partition(spread.digest(c.fps.value(row)));
+            let k = base[p] + partitions[p].keys[cursor[p]];
+            cursor[p] += 1;
+            k
+        } else {
+            0
+        };
+        bytes.extend_from_slice(&key.to_be_bytes());
+    }
+    ColumnKeys {
+        side: c.side,
+        batch: c.batch,
+        column: c.name.to_string(),
+        keys: FixedSizeBinaryArray::new(4, bytes.into(), c.fps.nulls().cloned()),
     }
 }
 

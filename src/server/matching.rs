@@ -269,7 +269,7 @@ pub(crate) fn matched_people(
 /// records the overlap of every pair of datasets that share an identity
 /// kind. With two datasets the tables' matching gives the overlap too, so
 /// the versions are matched once. Returns the tables to store for the next
-/// start ([`store_tables`]), if any. For the background matcher; failures
+/// start ([`save_tables`]), if any. For the background matcher; failures
 /// are logged, the next request retries.
 pub(crate) fn match_agreement(
     state: &AppState,
@@ -323,13 +323,6 @@ pub(crate) fn match_agreement(
         }
     }
     loaded.map(|l| (policy, l))
-}
-
-/// Stores the tables [`match_agreement`] loaded, for the next start.
-pub(crate) fn store_tables(state: &AppState, policy: &Policy, loaded: &super::queries::Loaded) {
-    if let Err(e) = save_tables(state, policy, loaded) {
-        tracing::warn!(error = %e, "storing matched tables failed; the next start matches again");
-    }
 }
 
 /// Whether any party may query the agreement (and so needs query tables).
@@ -389,7 +382,7 @@ fn overlap_in_tables(
 
 /// Stores the agreement's loaded tables, unless the store already holds
 /// them.
-fn save_tables(
+pub(crate) fn save_tables(
     state: &AppState,
     policy: &Policy,
     loaded: &super::queries::Loaded,

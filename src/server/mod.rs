@@ -839,27 +839,32 @@ fn spawn_matcher(
                 let Some((policy, loaded)) = loaded else {
                     continue;
                 };
-                // Storing the tables only spares the next start a matching:
-                // a query waiting for them now (the first after a commit)
-                // runs first, alone on the cores, unless queries keep
-                // coming or the server stops.
-                let waited = tokio::time::Instant::now();
-                while !state.query_gate().idle()
-                    && waited.elapsed() < STORE_TABLES_WAIT
-                    && !*stopped.borrow()
-                {
-                    tokio::time::sleep(std::time::Duration::from_millis(20)).await;
-                }
+                queries_first(&state, &stopped).await;
                 let s = state.clone();
                 let run = tokio::task::spawn_blocking(move || {
-                    matching::store_tables(&s, &policy, &loaded);
+                    matching::save_tables(&s, &policy, &loaded)
                 });
-                if let Err(e) = run.await {
-                    tracing::error!(error = %e, "storing matched tables");
+                match run.await {
+                    Ok(Ok(())) => {}
+                    Ok(Err(e)) => {
+                        tracing::warn!(error = %e, "storing matched tables failed; the next start matches again")
+                    }
+                    Err(e) => tracing::error!(error = %e, "storing matched tables"),
                 }
             }
         }
     })
+}
+
+/// Waits, before the matcher stores tables, until no query runs: storing
+/// only spares the next start a matching, while a query waiting now (the
+/// first after a commit) should have the cores. At most
+/// [`STORE_TABLES_WAIT`], and not once the server stops.
+async fn queries_first(state: &AppState, stopped: &tokio::sync::watch::Receiver<bool>) {
+    let waited = tokio::time::Instant::now();
+    while !state.query_gate().idle() && waited.elapsed() < STORE_TABLES_WAIT && !*stopped.borrow() {
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
 }
 
 /// Background tasks, stopped with the server.
