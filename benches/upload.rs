@@ -65,9 +65,9 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     let agreement = client.get_agreement("retail-media-demo").await?;
     let secret = cleanroom::identity::Secret::generate();
 
-    // 1. Client-side preparation alone.
+    // 1. Client-side preparation alone, on as many threads as an upload uses.
     let t = Instant::now();
-    let mut reader = InputReader::open(
+    let reader = InputReader::open(
         &input,
         InputFormat::Csv,
         CsvOptions::default(),
@@ -80,17 +80,21 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         reader.header(),
         &Default::default(),
     )?;
-    let indices = plan.input_indices();
     let mut preparer = Preparer::new(plan);
     let mut messages = Vec::new();
     let mut bytes = 0usize;
-    while let Some(chunk) = reader.next_chunk(ROWS_PER_MESSAGE, &indices)? {
-        let batch = preparer.prepare(&chunk)?;
-        for ipc in encode_messages(&batch, MAX_MESSAGE_BYTES)? {
+    let workers = std::thread::available_parallelism().map_or(1, usize::from);
+    let encode = |batch: arrow::record_batch::RecordBatch| {
+        encode_messages(&batch, MAX_MESSAGE_BYTES)
+            .map_err(|e| cleanroom::prepare::PrepareError::Plan(e.to_string()))
+    };
+    preparer.prepare_all(reader, workers, encode, |_, ipcs, _| {
+        for ipc in ipcs {
             bytes += ipc.len();
             messages.push(ipc);
         }
-    }
+        Ok(true)
+    })?;
     let prepare_time = t.elapsed();
     let sent_rows = preparer.stats().rows_sent;
 

@@ -113,6 +113,17 @@ impl Fingerprinter {
     pub fn fingerprint(&self, normalised: &str) -> [u8; 32] {
         *blake3::keyed_hash(&self.key, normalised.as_bytes()).as_bytes()
     }
+
+    /// The fingerprints of many normalised values, in order, appended to
+    /// `out` (32 bytes each); the same bytes as [`Self::fingerprint`] of
+    /// each, several at a time.
+    pub fn fingerprint_all<'a>(
+        &self,
+        normalised: impl IntoIterator<Item = &'a str>,
+        out: &mut Vec<u8>,
+    ) {
+        super::lanes::keyed_hash_all(&self.key, normalised.into_iter().map(str::as_bytes), out);
+    }
 }
 
 /// Hashes fingerprint prefixes for hash maps: fingerprints are uniformly

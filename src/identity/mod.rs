@@ -4,6 +4,7 @@
 pub mod blinding;
 mod countries;
 mod fingerprint;
+mod lanes;
 mod normalise;
 
 pub use blinding::{BlindingKey, KeyError};

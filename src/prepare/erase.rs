@@ -47,7 +47,7 @@ pub async fn erase(
     keys: impl Into<super::Keys<'_>>,
     options: &EraseOptions,
 ) -> Result<EraseReport, UploadError> {
-    let (agreement, policy_hash, mut reader) = super::send::open_input(
+    let (agreement, policy_hash, reader) = super::send::open_input(
         client,
         &options.agreement,
         &options.input,
@@ -64,11 +64,10 @@ pub async fn erase(
         &options.mapping,
     )?;
     let kinds = plan.identity_kinds();
-    let indices = plan.input_indices();
     let mut preparer = Preparer::new(plan);
     let mut sets: BTreeMap<String, BTreeSet<[u8; 32]>> = BTreeMap::new();
-    while let Some(chunk) = reader.next_chunk(crate::upload::ROWS_PER_MESSAGE, &indices)? {
-        let batch = preparer.prepare(&chunk)?;
+    let workers = std::thread::available_parallelism().map_or(1, usize::from);
+    preparer.prepare_all(reader, workers, Ok, |_, batch, _| {
         for (i, kind) in kinds.iter().enumerate() {
             let Some(kind) = kind else { continue };
             let column = batch
@@ -87,7 +86,8 @@ pub async fn erase(
                 }
             }
         }
-    }
+        Ok(true)
+    })?;
     let mut report = EraseReport {
         invalid: preparer.stats().invalid.values().sum(),
         ..EraseReport::default()

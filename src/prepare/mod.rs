@@ -375,42 +375,187 @@ impl Preparer {
     /// Normalises, fingerprints and types one chunk; rows without any valid
     /// identifier are left out and counted.
     pub fn prepare(&mut self, chunk: &Chunk) -> Result<RecordBatch, PrepareError> {
-        let n = chunk.len();
-        self.stats.rows_read += n as u64;
-        // Fingerprinting is the costly part: identifier columns side by side.
-        let mut fingerprinted: Vec<Option<(ArrayRef, u64)>> = std::thread::scope(|scope| {
-            let handles: Vec<_> = self
-                .plan
-                .columns
-                .iter()
-                .zip(&chunk.columns)
-                .map(|(col, input)| match &col.kind {
-                    Kind::Identifier { normaliser, keying } => {
-                        Some(scope.spawn(move || fingerprint_column(input, normaliser, keying)))
-                    }
-                    _ => None,
-                })
-                .collect();
-            handles
-                .into_iter()
-                .map(|h| h.map(|h| h.join().expect("a fingerprinting thread panicked")))
-                .collect()
+        let prepared = self.plan.prepare_chunk(chunk)?;
+        Ok(account(
+            &self.plan,
+            &mut self.stats,
+            &mut self.seen,
+            prepared,
+        ))
+    }
+
+    /// Reads, prepares and hands over every chunk of `reader`, as
+    /// [`Preparer::prepare`] would one by one: reading runs on a thread of
+    /// its own, preparing and then `finish` (encoding, say) on `workers`
+    /// threads that take the chunks in turn, and `take` on the calling
+    /// thread in input order, with the reader's position in the file.
+    /// Stops at the first error in input order, or when `take` says false;
+    /// returns whether every chunk was taken.
+    pub fn prepare_all<T: Send>(
+        &mut self,
+        mut reader: InputReader,
+        workers: usize,
+        finish: impl Fn(RecordBatch) -> Result<T, PrepareError> + Sync,
+        mut take: impl FnMut(&PrepareStats, T, u64) -> Result<bool, PrepareError>,
+    ) -> Result<bool, PrepareError> {
+        let Preparer { plan, stats, seen } = self;
+        let plan = &*plan;
+        let indices = plan.input_indices();
+        let mut failed = false;
+        let chunks = std::iter::from_fn(move || {
+            if failed {
+                return None;
+            }
+            let next = reader.next_chunk(crate::upload::ROWS_PER_MESSAGE, &indices);
+            failed = next.is_err();
+            next.map(|c| c.map(|c| (c, reader.bytes_read())))
+                .transpose()
         });
+        let mut outcome = Ok(true);
+        in_turn(
+            chunks,
+            workers,
+            |item| {
+                let (chunk, position) = item?;
+                let prepared = plan.prepare_chunk(&chunk)?;
+                Ok((prepared, position))
+            },
+            |item: Result<(Prepared, u64), PrepareError>| {
+                let step = item.and_then(|(prepared, position)| {
+                    let batch = account(plan, stats, seen, prepared);
+                    take(stats, finish(batch)?, position)
+                });
+                match step {
+                    Ok(true) => true,
+                    Ok(false) => {
+                        outcome = Ok(false);
+                        false
+                    }
+                    Err(e) => {
+                        outcome = Err(e);
+                        false
+                    }
+                }
+            },
+        );
+        outcome
+    }
+}
+
+/// One chunk prepared, before it is counted against the upload so far.
+#[derive(Debug)]
+struct Prepared {
+    batch: RecordBatch,
+    rows_read: u64,
+    /// Invalid identifier values, by plan column.
+    invalid: Vec<(usize, u64)>,
+    rows_without_identifier: u64,
+    /// The plan column of the first identifier.
+    first_identifier: Option<usize>,
+}
+
+/// Adds one prepared chunk to the upload's counts, in input order, and
+/// gives its batch.
+fn account(
+    plan: &Plan,
+    stats: &mut PrepareStats,
+    seen: &mut HashSet<u64, crate::identity::PrefixHash>,
+    prepared: Prepared,
+) -> RecordBatch {
+    stats.rows_read += prepared.rows_read;
+    for (ci, invalid) in prepared.invalid {
+        *stats
+            .invalid
+            .entry(plan.columns[ci].name.clone())
+            .or_default() += invalid;
+    }
+    stats.rows_without_identifier += prepared.rows_without_identifier;
+    if let Some(ci) = prepared.first_identifier {
+        let fps = prepared
+            .batch
+            .column(ci)
+            .as_any()
+            .downcast_ref::<arrow::array::FixedSizeBinaryArray>()
+            .expect("identifier columns are fixed-size binary");
+        for fp in fps.iter().flatten() {
+            let prefix = u64::from_le_bytes(fp[..8].try_into().expect("32-byte fingerprint"));
+            if !seen.insert(prefix) {
+                stats.duplicates += 1;
+            }
+        }
+    }
+    stats.rows_sent += prepared.batch.num_rows() as u64;
+    prepared.batch
+}
+
+/// Runs `work` over `inputs` on `workers` threads and gives `take` the
+/// results in input order, until `take` says false. The inputs are drawn on
+/// a thread of their own and dealt to the workers in turn, so each worker
+/// holds at most one input waiting and one result waiting.
+fn in_turn<I: Send, O: Send>(
+    inputs: impl Iterator<Item = I> + Send,
+    workers: usize,
+    work: impl Fn(I) -> O + Sync,
+    mut take: impl FnMut(O) -> bool,
+) {
+    use std::sync::mpsc::sync_channel;
+    let workers = workers.max(1);
+    std::thread::scope(|scope| {
+        let mut to_workers = Vec::with_capacity(workers);
+        let mut from_workers = Vec::with_capacity(workers);
+        for _ in 0..workers {
+            let (input_tx, input_rx) = sync_channel::<I>(1);
+            let (output_tx, output_rx) = sync_channel::<O>(1);
+            let work = &work;
+            scope.spawn(move || {
+                for input in input_rx {
+                    if output_tx.send(work(input)).is_err() {
+                        break;
+                    }
+                }
+            });
+            to_workers.push(input_tx);
+            from_workers.push(output_rx);
+        }
+        scope.spawn(move || {
+            for (i, input) in inputs.enumerate() {
+                if to_workers[i % workers].send(input).is_err() {
+                    break;
+                }
+            }
+        });
+        // Ends when a worker has no more (the inputs ran out) or `take`
+        // stops; dropping the receivers then stops the workers, and
+        // through them the reader.
+        for i in 0.. {
+            let Ok(output) = from_workers[i % workers].recv() else {
+                break;
+            };
+            if !take(output) {
+                break;
+            }
+        }
+    });
+}
+
+impl Plan {
+    /// Normalises, fingerprints and types one chunk, on its own.
+    fn prepare_chunk(&self, chunk: &Chunk) -> Result<Prepared, PrepareError> {
+        let n = chunk.len();
         let mut has_identifier = vec![false; n];
-        let mut arrays: Vec<ArrayRef> = Vec::with_capacity(self.plan.columns.len());
+        let mut arrays: Vec<ArrayRef> = Vec::with_capacity(self.columns.len());
         let mut first_identifier: Option<usize> = None;
-        for (ci, (col, input)) in self.plan.columns.iter().zip(&chunk.columns).enumerate() {
+        let mut invalid_values = Vec::new();
+        for (ci, (col, input)) in self.columns.iter().zip(&chunk.columns).enumerate() {
             let array: ArrayRef = match &col.kind {
-                Kind::Identifier { .. } => {
+                Kind::Identifier { normaliser, keying } => {
                     first_identifier.get_or_insert(ci);
-                    let (array, invalid) = fingerprinted[ci]
-                        .take()
-                        .expect("every identifier column was fingerprinted");
+                    let (array, invalid) = fingerprint_column(input, normaliser, keying);
                     for (row, present) in has_identifier.iter_mut().enumerate() {
                         *present |= array.is_valid(row);
                     }
                     if invalid > 0 {
-                        *self.stats.invalid.entry(col.name.clone()).or_default() += invalid;
+                        invalid_values.push((ci, invalid));
                     }
                     array
                 }
@@ -484,31 +629,22 @@ impl Preparer {
             };
             arrays.push(array);
         }
-        let batch = RecordBatch::try_new(Arc::clone(&self.plan.schema), arrays)
+        let batch = RecordBatch::try_new(Arc::clone(&self.schema), arrays)
             .map_err(|e| PrepareError::Plan(format!("building a batch: {e}")))?;
         let kept = has_identifier.iter().filter(|k| **k).count();
-        self.stats.rows_without_identifier += (n - kept) as u64;
         let batch = if kept == n {
             batch
         } else {
             filter_record_batch(&batch, &BooleanArray::from(has_identifier))
                 .map_err(|e| PrepareError::Plan(format!("filtering a batch: {e}")))?
         };
-        if let Some(ci) = first_identifier {
-            let fps = batch
-                .column(ci)
-                .as_any()
-                .downcast_ref::<arrow::array::FixedSizeBinaryArray>()
-                .expect("identifier columns are fixed-size binary");
-            for fp in fps.iter().flatten() {
-                let prefix = u64::from_le_bytes(fp[..8].try_into().expect("32-byte fingerprint"));
-                if !self.seen.insert(prefix) {
-                    self.stats.duplicates += 1;
-                }
-            }
-        }
-        self.stats.rows_sent += batch.num_rows() as u64;
-        Ok(batch)
+        Ok(Prepared {
+            batch,
+            rows_read: n as u64,
+            invalid: invalid_values,
+            rows_without_identifier: (n - kept) as u64,
+            first_identifier,
+        })
     }
 }
 
@@ -561,14 +697,34 @@ fn fingerprint_column(
     };
     match keying {
         Keying::Fingerprint(f) => {
+            // Normalised values end to end, then fingerprinted together.
+            let mut text = String::with_capacity(input.len() * 24);
+            let mut ends = Vec::with_capacity(input.len());
+            let mut valid = Vec::with_capacity(input.len());
             for v in input.iter() {
-                if normalise(v, &mut buf) {
-                    b.append_value(f.fingerprint(&buf))
-                        .expect("fingerprints are 32 bytes");
-                } else {
-                    b.append_null();
+                let ok = normalise(v, &mut buf);
+                if ok {
+                    text.push_str(&buf);
                 }
+                ends.push(text.len());
+                valid.push(ok);
             }
+            let values = ends.iter().scan(0, |start, &end| {
+                let value = &text[*start..end];
+                *start = end;
+                Some(value)
+            });
+            let mut bytes =
+                Vec::with_capacity(input.len() * crate::upload::FINGERPRINT_LEN as usize);
+            f.fingerprint_all(values, &mut bytes);
+            let nulls = arrow::buffer::NullBuffer::from(valid);
+            let array = arrow::array::FixedSizeBinaryArray::try_new(
+                crate::upload::FINGERPRINT_LEN,
+                arrow::buffer::Buffer::from_vec(bytes),
+                (nulls.null_count() > 0).then_some(nulls),
+            )
+            .expect("fingerprints are 32 bytes, one per row");
+            return (Arc::new(array), invalid);
         }
         Keying::Blind { key, salt, kind } => {
             // Points are computed in parallel batches, then put in place.
@@ -587,4 +743,213 @@ fn fingerprint_column(
         }
     }
     (Arc::new(b.finish()), invalid)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::policy::{AgreementState, Profile};
+    use arrow::array::AsArray;
+
+    /// The demo agreement as acme's client sees it, a secret, and a demo
+    /// customer file of `rows` rows (several chunks, with duplicates,
+    /// invalid identifiers and rows without any).
+    fn demo(rows: u64, dir: &std::path::Path) -> (proto::Agreement, Secret, PathBuf) {
+        let policy = crate::policy::parse_policy(
+            include_str!("../../policies/retail-media-demo.toml"),
+            std::path::Path::new("retail-media-demo.toml"),
+        )
+        .unwrap();
+        let agreement =
+            crate::server::agreements::agreement_view(&policy, "acme", AgreementState::Active);
+        crate::synth::generate(&crate::synth::SynthOptions {
+            rows,
+            overlap: 0.3,
+            seed: 5,
+            out: dir.to_path_buf(),
+        })
+        .unwrap();
+        // The first 500 customers again at the end: duplicates in another
+        // chunk than their first rows.
+        let path = dir.join(crate::synth::ACME_FILE);
+        let text = std::fs::read_to_string(&path).unwrap();
+        let again: String = text
+            .lines()
+            .skip(1)
+            .take(500)
+            .map(|l| format!("{l}\n"))
+            .collect();
+        std::fs::write(&path, text + &again).unwrap();
+        (agreement, Secret::generate(), path)
+    }
+
+    fn open(path: &std::path::Path) -> InputReader {
+        InputReader::open(
+            path,
+            InputFormat::Csv,
+            CsvOptions::default(),
+            crate::upload::ROWS_PER_MESSAGE,
+        )
+        .unwrap()
+    }
+
+    fn plan(agreement: &proto::Agreement, secret: &Secret, reader: &InputReader) -> Plan {
+        Plan::new(
+            agreement,
+            "customers",
+            secret.into(),
+            reader.header(),
+            &BTreeMap::new(),
+        )
+        .unwrap()
+    }
+
+    /// Chunks prepared on 1 to 3 threads come out in input order with the
+    /// same batches and counts as chunk by chunk, and each fingerprint is
+    /// the one the single-value fingerprinter gives the normalised input.
+    #[test]
+    fn preparing_on_several_threads_keeps_order_values_and_counts() {
+        let dir = tempfile::tempdir().unwrap();
+        let (agreement, secret, path) = demo(30_000, dir.path());
+        let mut reader = open(&path);
+        let mut one_by_one = Preparer::new(plan(&agreement, &secret, &reader));
+        let indices = one_by_one.plan().input_indices();
+        let mut expected = Vec::new();
+        let mut inputs = Vec::new();
+        while let Some(chunk) = reader
+            .next_chunk(crate::upload::ROWS_PER_MESSAGE, &indices)
+            .unwrap()
+        {
+            expected.push(one_by_one.prepare(&chunk).unwrap());
+            inputs.push(chunk);
+        }
+        assert!(expected.len() >= 4, "{} chunks", expected.len());
+        let stats = one_by_one.stats().clone();
+        assert!(stats.duplicates > 0 && stats.rows_without_identifier > 0);
+        assert!(!stats.invalid.is_empty());
+
+        // Each row's identifiers fingerprinted one value at a time from the
+        // raw input; rows with neither are left out.
+        let salt: [u8; 32] = hex::decode(&agreement.salt).unwrap().try_into().unwrap();
+        let identifiers = [
+            (
+                "email",
+                Profile::Email {
+                    gmail_canonical: true,
+                },
+            ),
+            (
+                "phone",
+                Profile::Phone {
+                    default_country: "US".into(),
+                },
+            ),
+        ]
+        .map(|(kind, profile)| {
+            let at = one_by_one
+                .plan()
+                .columns
+                .iter()
+                .position(|c| c.name == kind)
+                .unwrap();
+            let normaliser = Normaliser::new(&profile).unwrap();
+            (at, normaliser, Fingerprinter::new(&secret, &salt, kind))
+        });
+        let mut buf = String::new();
+        for (chunk, batch) in inputs.iter().zip(&expected) {
+            let mut want: Vec<[Option<[u8; 32]>; 2]> = Vec::new();
+            for i in 0..chunk.len() {
+                let row = identifiers.each_ref().map(|(at, normaliser, f)| {
+                    let raw = &chunk.columns[*at];
+                    (raw.is_valid(i) && normaliser.normalise_into(raw.value(i), &mut buf).is_ok())
+                        .then(|| f.fingerprint(&buf))
+                });
+                if row.iter().any(Option::is_some) {
+                    want.push(row);
+                }
+            }
+            let got: Vec<[Option<[u8; 32]>; 2]> = (0..batch.num_rows())
+                .map(|r| {
+                    identifiers.each_ref().map(|(at, _, _)| {
+                        let column = batch.column(*at).as_fixed_size_binary();
+                        column
+                            .is_valid(r)
+                            .then(|| column.value(r).try_into().unwrap())
+                    })
+                })
+                .collect();
+            assert_eq!(got, want);
+        }
+
+        for workers in 1..=3 {
+            let mut preparer = Preparer::new(plan(&agreement, &secret, &open(&path)));
+            let mut got = Vec::new();
+            let complete = preparer
+                .prepare_all(open(&path), workers, Ok, |_, batch, _| {
+                    got.push(batch);
+                    Ok(true)
+                })
+                .unwrap();
+            assert!(complete);
+            assert_eq!(got, expected, "{workers} workers");
+            assert_eq!(preparer.stats(), &stats, "{workers} workers");
+        }
+    }
+
+    /// A bad cell stops the preparation with the first bad row in input
+    /// order, whichever thread reached it first; a taker that stops early
+    /// ends it without a hang.
+    #[test]
+    fn the_first_bad_row_in_input_order_is_the_one_reported() {
+        let dir = tempfile::tempdir().unwrap();
+        let (agreement, secret, path) = demo(30_000, dir.path());
+        let text = std::fs::read_to_string(&path).unwrap();
+        let header: Vec<&str> = text.lines().next().unwrap().split(',').collect();
+        let purchases = header.iter().position(|h| *h == "purchases").unwrap();
+        // Data rows 20,000 and 9,000 (a later chunk first, then an earlier
+        // one) get a purchases cell that is not a number.
+        let broken: String = text
+            .lines()
+            .enumerate()
+            .map(|(line, l)| {
+                if line == 20_000 || line == 9_000 {
+                    let mut cells: Vec<&str> = l.split(',').collect();
+                    cells[purchases] = "lots";
+                    cells.join(",") + "\n"
+                } else {
+                    format!("{l}\n")
+                }
+            })
+            .collect();
+        let broken_path = dir.path().join("broken.csv");
+        std::fs::write(&broken_path, broken).unwrap();
+        for workers in 1..=3 {
+            let mut preparer = Preparer::new(plan(&agreement, &secret, &open(&broken_path)));
+            let mut taken = 0;
+            let e = preparer
+                .prepare_all(open(&broken_path), workers, Ok, |_, _, _| {
+                    taken += 1;
+                    Ok(true)
+                })
+                .unwrap_err();
+            match e {
+                PrepareError::Value { row, column, rule } => {
+                    assert_eq!((row, column.as_str()), (9_000, "purchases"));
+                    assert_eq!(rule, "is not an integer");
+                }
+                other => panic!("{other}"),
+            }
+            assert_eq!(taken, 1, "only the chunk before the bad one was taken");
+
+            let mut preparer = Preparer::new(plan(&agreement, &secret, &open(&path)));
+            let complete = preparer
+                .prepare_all(open(&path), workers, Ok, |_, _, _| Ok(false))
+                .unwrap();
+            assert!(!complete);
+            assert_eq!(
+                preparer.stats().rows_read,
+                crate::upload::ROWS_PER_MESSAGE as u64
+            );
+        }
+    }
 }

@@ -7,9 +7,9 @@ use std::time::{Duration, Instant};
 use indicatif::{ProgressBar, ProgressStyle};
 use tokio_stream::wrappers::ReceiverStream;
 
-use super::{
-    Chunk, CsvOptions, InputFormat, InputReader, Plan, PrepareError, PrepareStats, Preparer,
-};
+use arrow::record_batch::RecordBatch;
+
+use super::{CsvOptions, InputFormat, InputReader, Plan, PrepareError, PrepareStats, Preparer};
 use crate::client::{Client, ClientError};
 use crate::proto;
 use crate::proto::datasets_client::DatasetsClient;
@@ -93,83 +93,59 @@ struct Produced {
     bytes: u64,
 }
 
-/// Reads, prepares and sends on a blocking thread; the gRPC call consumes
+/// Reads, prepares and sends on blocking threads; the gRPC call consumes
 /// the channel. Ends early, without a commit, if the server stops listening.
 fn produce(
-    mut reader: InputReader,
+    reader: InputReader,
     plan: Plan,
     tx: tokio::sync::mpsc::Sender<proto::UploadRequest>,
     bar: ProgressBar,
 ) -> Result<Produced, PrepareError> {
     let started = Instant::now();
     let dropped = plan.dropped().to_vec();
-    let indices = plan.input_indices();
     let mut preparer = Preparer::new(plan);
     let (mut batches, mut bytes) = (0u64, 0u64);
-    // Reading runs one chunk ahead of preparation, on its own thread.
-    let (chunks_tx, chunks) =
-        std::sync::mpsc::sync_channel::<Result<(Chunk, u64), PrepareError>>(2);
-    std::thread::scope(|scope| {
-        scope.spawn(move || {
-            loop {
-                let next = reader
-                    .next_chunk(ROWS_PER_MESSAGE, &indices)
-                    .map(|c| c.map(|c| (c, reader.bytes_read())));
-                let item = match next {
-                    Ok(Some(item)) => Ok(item),
-                    Ok(None) => break,
-                    Err(e) => Err(e),
-                };
-                let failed = item.is_err();
-                if chunks_tx.send(item).is_err() || failed {
-                    break;
-                }
-            }
-        });
-        for item in chunks {
-            let (chunk, position) = item?;
-            let batch = preparer.prepare(&chunk)?;
-            let messages = if batch.num_rows() > 0 {
-                encode_messages(&batch, MAX_MESSAGE_BYTES)
-                    .map_err(|e| PrepareError::Plan(format!("encoding a batch: {e}")))?
-            } else {
-                Vec::new()
+    let workers = std::thread::available_parallelism().map_or(1, usize::from);
+    let encode = |batch: RecordBatch| {
+        if batch.num_rows() == 0 {
+            return Ok(Vec::new());
+        }
+        encode_messages(&batch, MAX_MESSAGE_BYTES)
+            .map_err(|e| PrepareError::Plan(format!("encoding a batch: {e}")))
+    };
+    let complete = preparer.prepare_all(reader, workers, encode, |stats, messages, position| {
+        for ipc in messages {
+            bytes += ipc.len() as u64;
+            let message = proto::UploadRequest {
+                part: Some(Part::Batch(ipc)),
             };
-            for ipc in messages {
-                bytes += ipc.len() as u64;
-                let message = proto::UploadRequest {
-                    part: Some(Part::Batch(ipc)),
-                };
-                if tx.blocking_send(message).is_err() {
-                    // The server ended the call; its answer says why.
-                    return Ok(false);
-                }
-                batches += 1;
+            if tx.blocking_send(message).is_err() {
+                // The server ended the call; its answer says why.
+                return Ok(false);
             }
-            let rows = preparer.stats().rows_read;
-            let rate = rows as f64 / started.elapsed().as_secs_f64().max(1e-9);
-            bar.set_position(position);
-            bar.set_message(format!("{rows} rows, {rate:.0} rows/s"));
+            batches += 1;
         }
+        let rows = stats.rows_read;
+        let rate = rows as f64 / started.elapsed().as_secs_f64().max(1e-9);
+        bar.set_position(position);
+        bar.set_message(format!("{rows} rows, {rate:.0} rows/s"));
         Ok(true)
-    })
-    .map(|complete| {
-        let stats = preparer.stats().clone();
-        if complete {
-            let _ = tx.blocking_send(proto::UploadRequest {
-                part: Some(Part::Commit(proto::UploadCommit {
-                    rows: stats.rows_sent,
-                    batches,
-                })),
-            });
-        }
-        bar.finish_and_clear();
-        Produced {
-            stats,
-            dropped,
-            batches,
-            bytes,
-        }
+    })?;
+    let stats = preparer.stats().clone();
+    if complete {
+        let _ = tx.blocking_send(proto::UploadRequest {
+            part: Some(Part::Commit(proto::UploadCommit {
+                rows: stats.rows_sent,
+                batches,
+            })),
+        });
+    }
+    bar.finish_and_clear();
+    Ok(Produced {
+        stats,
+        dropped,
+        batches,
+        bytes,
     })
 }
 

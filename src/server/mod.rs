@@ -2,7 +2,7 @@
 //! certificate, health, reflection and graceful shutdown. Handlers translate
 //! between protobuf and domain types; rules live in the domain modules.
 
-mod agreements;
+pub(crate) mod agreements;
 mod audit;
 mod auth;
 mod blinding;
