@@ -13,6 +13,7 @@ pub mod clock;
 pub mod error;
 pub mod identity;
 pub mod policy;
+mod prefetch;
 pub mod prepare;
 pub mod privacy;
 pub mod proto;

@@ -125,25 +125,3 @@ impl Fingerprinter {
         super::lanes::keyed_hash_all(&self.key, normalised.into_iter().map(str::as_bytes), out);
     }
 }
-
-/// Hashes fingerprint prefixes for hash maps: fingerprints are uniformly
-/// random, so a `u64` taken from one is already a good hash.
-#[derive(Debug, Default, Clone, Copy)]
-pub struct PrefixHasher(u64);
-
-impl std::hash::Hasher for PrefixHasher {
-    fn finish(&self) -> u64 {
-        self.0
-    }
-    fn write(&mut self, bytes: &[u8]) {
-        for b in bytes {
-            self.0 = self.0.rotate_left(8) ^ u64::from(*b);
-        }
-    }
-    fn write_u64(&mut self, n: u64) {
-        self.0 = n;
-    }
-}
-
-/// A `BuildHasher` of [`PrefixHasher`]s.
-pub type PrefixHash = std::hash::BuildHasherDefault<PrefixHasher>;

@@ -9,7 +9,5 @@ mod normalise;
 
 pub use blinding::{BlindingKey, KeyError};
 pub use countries::{Country, country, country_calling_code};
-pub use fingerprint::{
-    CONTEXT, Fingerprinter, MIN_SECRET_BYTES, PrefixHash, PrefixHasher, Secret, SecretError,
-};
+pub use fingerprint::{CONTEXT, Fingerprinter, MIN_SECRET_BYTES, Secret, SecretError};
 pub use normalise::{Invalid, Normaliser, email, normalise, phone, text};

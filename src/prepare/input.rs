@@ -5,7 +5,7 @@ use std::fs::File;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-use arrow::array::{Array, ArrayRef, AsArray, StringArray, StringBuilder};
+use arrow::array::{Array, ArrayRef, AsArray, BinaryBuilder, StringArray};
 use arrow::compute::cast;
 use arrow::datatypes::DataType;
 use parquet::arrow::arrow_reader::{ParquetRecordBatchReader, ParquetRecordBatchReaderBuilder};
@@ -193,39 +193,52 @@ impl InputReader {
         let first_row = self.rows + 1;
         let columns = match &mut self.source {
             Source::Csv { reader, record } => {
-                let mut builders: Vec<StringBuilder> = indices
+                // Fields go in as bytes and each column is checked as UTF-8
+                // once, whole; only a column that fails is looked at row by
+                // row, for the line to name.
+                let mut builders: Vec<BinaryBuilder> = indices
                     .iter()
-                    .map(|_| StringBuilder::with_capacity(max_rows, max_rows * 24))
+                    .map(|_| BinaryBuilder::with_capacity(max_rows, max_rows * 24))
                     .collect();
-                let mut n = 0;
-                while n < max_rows {
+                let mut lines = Vec::with_capacity(max_rows);
+                while lines.len() < max_rows {
                     match reader.read_byte_record(record) {
                         Ok(true) => {}
                         Ok(false) => break,
                         Err(e) => return Err(csv_error(&self.path, &e)),
                     }
+                    lines.push(record.position().map_or(0, |p| p.line()));
                     for (b, &i) in builders.iter_mut().zip(indices) {
-                        let field = record.get(i).unwrap_or_default();
-                        let text = std::str::from_utf8(field).map_err(|_| PrepareError::Input {
+                        match record.get(i).unwrap_or_default() {
+                            b"" => b.append_null(),
+                            field => b.append_value(field),
+                        }
+                    }
+                }
+                if lines.is_empty() {
+                    return Ok(None);
+                }
+                let mut columns = Vec::with_capacity(indices.len());
+                for (b, &i) in builders.iter_mut().zip(indices) {
+                    let bytes = b.finish();
+                    let text = StringArray::try_from_binary(bytes.clone()).map_err(|_| {
+                        let row = (0..bytes.len())
+                            .find(|&r| {
+                                bytes.is_valid(r) && std::str::from_utf8(bytes.value(r)).is_err()
+                            })
+                            .unwrap_or(0);
+                        PrepareError::Input {
                             file: self.path.clone(),
                             detail: format!(
                                 "line {}: column {:?} is not valid UTF-8",
-                                record.position().map_or(0, |p| p.line()),
+                                lines[row],
                                 self.header.get(i).map(String::as_str).unwrap_or("?")
                             ),
-                        })?;
-                        if text.is_empty() {
-                            b.append_null();
-                        } else {
-                            b.append_value(text);
                         }
-                    }
-                    n += 1;
+                    })?;
+                    columns.push(text);
                 }
-                if n == 0 {
-                    return Ok(None);
-                }
-                builders.iter_mut().map(|b| b.finish()).collect()
+                columns
             }
             Source::Parquet { reader, pending } => {
                 let batch = match pending.take() {
@@ -295,5 +308,76 @@ fn csv_error(path: &Path, e: &csv::Error) -> PrepareError {
     PrepareError::Input {
         file: path.to_path_buf(),
         detail,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn read_all(bytes: &[u8], max_rows: usize) -> Result<Vec<Chunk>, PrepareError> {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("input.csv");
+        std::fs::write(&path, bytes).unwrap();
+        let mut reader =
+            InputReader::open(&path, InputFormat::Csv, CsvOptions::default(), max_rows).unwrap();
+        let mut chunks = Vec::new();
+        while let Some(chunk) = reader.next_chunk(max_rows, &[0, 2])? {
+            chunks.push(chunk);
+        }
+        Ok(chunks)
+    }
+
+    /// Text, empty cells and a quoted field over two lines read back as
+    /// they were, chunk by chunk.
+    #[test]
+    fn cells_read_back_as_text() {
+        let input = "a,b,c\nx1,skip,\"y\n1\"\n,skip,é\nx3,skip,y3\n";
+        let chunks = read_all(input.as_bytes(), 2).unwrap();
+        assert_eq!(chunks.len(), 2);
+        let cells: Vec<Vec<Option<&str>>> = chunks
+            .iter()
+            .flat_map(|c| {
+                (0..c.len()).map(move |r| {
+                    c.columns
+                        .iter()
+                        .map(|col| col.is_valid(r).then(|| col.value(r)))
+                        .collect()
+                })
+            })
+            .collect();
+        assert_eq!(
+            cells,
+            vec![
+                vec![Some("x1"), Some("y\n1")],
+                vec![None, Some("é")],
+                vec![Some("x3"), Some("y3")],
+            ]
+        );
+        assert_eq!(chunks[1].first_row, 3);
+    }
+
+    /// A cell that is not UTF-8 is refused with its line (not its row: a
+    /// quoted field spans two lines before it) and column, never its bytes;
+    /// so is a character split over two cells of a column, which whole
+    /// would read as valid.
+    #[test]
+    fn a_cell_that_is_not_utf8_is_named_by_line_and_column() {
+        let mut input = b"a,b,c\nx1,skip,\"y\n1\"\nx2,skip,y2\nx3,skip,ok\n".to_vec();
+        input.extend_from_slice(b"x4,skip,bad\xff\n");
+        let detail = |e: PrepareError| match e {
+            PrepareError::Input { detail, .. } => detail,
+            other => panic!("{other}"),
+        };
+        let e = detail(read_all(&input, 2).unwrap_err());
+        assert_eq!(e, "line 6: column \"c\" is not valid UTF-8");
+
+        // "é" is C3 A9: its first byte ends one cell, its second starts the
+        // next cell of the same column.
+        let mut input = b"a,b,c\nx1,skip,one\n".to_vec();
+        input.extend_from_slice(b"x2,skip,two\xc3\n");
+        input.extend_from_slice(b"x3,skip,\xa9three\n");
+        let e = detail(read_all(&input, 8).unwrap_err());
+        assert_eq!(e, "line 3: column \"c\" is not valid UTF-8");
     }
 }

@@ -5,6 +5,7 @@
 mod blind;
 mod erase;
 mod input;
+mod seen;
 mod send;
 
 use std::collections::{BTreeMap, HashSet};
@@ -352,7 +353,7 @@ pub struct PrepareStats {
 pub struct Preparer {
     plan: Plan,
     stats: PrepareStats,
-    seen: HashSet<u64, crate::identity::PrefixHash>,
+    seen: seen::Seen,
 }
 
 impl Preparer {
@@ -360,7 +361,7 @@ impl Preparer {
         Preparer {
             plan,
             stats: PrepareStats::default(),
-            seen: HashSet::default(),
+            seen: seen::Seen::default(),
         }
     }
 
@@ -459,7 +460,7 @@ struct Prepared {
 fn account(
     plan: &Plan,
     stats: &mut PrepareStats,
-    seen: &mut HashSet<u64, crate::identity::PrefixHash>,
+    seen: &mut seen::Seen,
     prepared: Prepared,
 ) -> RecordBatch {
     stats.rows_read += prepared.rows_read;
@@ -477,12 +478,12 @@ fn account(
             .as_any()
             .downcast_ref::<arrow::array::FixedSizeBinaryArray>()
             .expect("identifier columns are fixed-size binary");
-        for fp in fps.iter().flatten() {
-            let prefix = u64::from_le_bytes(fp[..8].try_into().expect("32-byte fingerprint"));
-            if !seen.insert(prefix) {
-                stats.duplicates += 1;
-            }
-        }
+        let prefixes: Vec<u64> = fps
+            .iter()
+            .flatten()
+            .map(|fp| u64::from_le_bytes(fp[..8].try_into().expect("32-byte fingerprint")))
+            .collect();
+        stats.duplicates += seen.insert_all(&prefixes);
     }
     stats.rows_sent += prepared.batch.num_rows() as u64;
     prepared.batch

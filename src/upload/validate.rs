@@ -145,28 +145,12 @@ impl RepeatCounter {
         let mut highest = 0;
         for (i, &place) in places.iter().enumerate() {
             if let Some(&(ahead, _)) = places.get(i + AHEAD) {
-                prefetch(&self.blocks[ahead]);
+                crate::prefetch::prefetch(&self.blocks[ahead]);
             }
             highest = highest.max(self.bump(place));
         }
         highest
     }
-}
-
-/// Asks the processor to bring `block` into the cache; a hint that changes
-/// no value.
-#[inline(always)]
-#[allow(unsafe_code)]
-fn prefetch(block: &Block) {
-    #[cfg(target_arch = "x86_64")]
-    // SAFETY: a prefetch never faults and reads nothing the program can
-    // observe; the pointer comes from a reference, so it is valid anyway.
-    unsafe {
-        use std::arch::x86_64::{_MM_HINT_T0, _mm_prefetch};
-        _mm_prefetch::<_MM_HINT_T0>(std::ptr::from_ref(block).cast::<i8>());
-    }
-    #[cfg(not(target_arch = "x86_64"))]
-    let _ = block;
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
