@@ -21,6 +21,11 @@
 //! overlap and query shapes, and prints each ratio.
 
 mod common;
+
+// The allocator of the `cleanroom` binary, so the client side here is what
+// `cleanroom upload` does.
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 #[path = "../tests/common/mod.rs"]
 mod support;
 

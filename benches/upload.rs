@@ -13,6 +13,11 @@
 
 mod common;
 
+// The allocator of the `cleanroom` binary, so the client side here is what
+// `cleanroom upload` does.
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 use common::arg;
 
 use std::time::{Duration, Instant};
