@@ -66,6 +66,9 @@ enum Source {
     Csv {
         reader: csv::Reader<File>,
         record: csv::ByteRecord,
+        /// Bytes of text each column held in the last chunk: room enough
+        /// for the next one without growing (and copying) as it fills.
+        text_bytes: Vec<usize>,
     },
     Parquet {
         reader: ParquetRecordBatchReader,
@@ -122,6 +125,7 @@ impl InputReader {
                     Source::Csv {
                         reader,
                         record: csv::ByteRecord::new(),
+                        text_bytes: Vec::new(),
                     },
                 )
             }
@@ -192,13 +196,18 @@ impl InputReader {
     ) -> Result<Option<Chunk>, PrepareError> {
         let first_row = self.rows + 1;
         let columns = match &mut self.source {
-            Source::Csv { reader, record } => {
+            Source::Csv {
+                reader,
+                record,
+                text_bytes,
+            } => {
                 // Fields go in as bytes and each column is checked as UTF-8
                 // once, whole; only a column that fails is looked at row by
                 // row, for the line to name.
-                let mut builders: Vec<BinaryBuilder> = indices
+                text_bytes.resize(indices.len(), max_rows * 24);
+                let mut builders: Vec<BinaryBuilder> = text_bytes
                     .iter()
-                    .map(|_| BinaryBuilder::with_capacity(max_rows, max_rows * 24))
+                    .map(|&bytes| BinaryBuilder::with_capacity(max_rows, bytes + bytes / 8))
                     .collect();
                 let mut lines = Vec::with_capacity(max_rows);
                 while lines.len() < max_rows {
@@ -237,6 +246,9 @@ impl InputReader {
                         }
                     })?;
                     columns.push(text);
+                }
+                for (bytes, column) in text_bytes.iter_mut().zip(&columns) {
+                    *bytes = column.value_data().len();
                 }
                 columns
             }

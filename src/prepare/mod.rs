@@ -699,7 +699,8 @@ fn fingerprint_column(
     match keying {
         Keying::Fingerprint(f) => {
             // Normalised values end to end, then fingerprinted together.
-            let mut text = String::with_capacity(input.len() * 24);
+            // Normalising may add a little (a phone's country code).
+            let mut text = String::with_capacity(input.value_data().len() + input.len() * 4);
             let mut ends = Vec::with_capacity(input.len());
             let mut valid = Vec::with_capacity(input.len());
             for v in input.iter() {
