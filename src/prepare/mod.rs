@@ -376,13 +376,9 @@ impl Preparer {
     /// Normalises, fingerprints and types one chunk; rows without any valid
     /// identifier are left out and counted.
     pub fn prepare(&mut self, chunk: &Chunk) -> Result<RecordBatch, PrepareError> {
-        let prepared = self.plan.prepare_chunk(chunk)?;
-        Ok(account(
-            &self.plan,
-            &mut self.stats,
-            &mut self.seen,
-            prepared,
-        ))
+        let (batch, counts) = self.plan.prepare_chunk(chunk)?;
+        account(&self.plan, &mut self.stats, &mut self.seen, counts);
+        Ok(batch)
     }
 
     /// Reads, prepares and hands over every chunk of `reader`, as
@@ -418,13 +414,13 @@ impl Preparer {
             workers,
             |item| {
                 let (chunk, position) = item?;
-                let prepared = plan.prepare_chunk(&chunk)?;
-                Ok((prepared, position))
+                let (batch, counts) = plan.prepare_chunk(&chunk)?;
+                Ok((counts, finish(batch)?, position))
             },
-            |item: Result<(Prepared, u64), PrepareError>| {
-                let step = item.and_then(|(prepared, position)| {
-                    let batch = account(plan, stats, seen, prepared);
-                    take(stats, finish(batch)?, position)
+            |item: Result<(Counts, T, u64), PrepareError>| {
+                let step = item.and_then(|(counts, finished, position)| {
+                    account(plan, stats, seen, counts);
+                    take(stats, finished, position)
                 });
                 match step {
                     Ok(true) => true,
@@ -443,50 +439,31 @@ impl Preparer {
     }
 }
 
-/// One chunk prepared, before it is counted against the upload so far.
+/// What one prepared chunk adds to the upload's counts.
 #[derive(Debug)]
-struct Prepared {
-    batch: RecordBatch,
+struct Counts {
     rows_read: u64,
+    rows_sent: u64,
     /// Invalid identifier values, by plan column.
     invalid: Vec<(usize, u64)>,
     rows_without_identifier: u64,
-    /// The plan column of the first identifier.
-    first_identifier: Option<usize>,
+    /// The first 8 bytes of each row's first identifier fingerprint, where
+    /// it has one: what duplicates are counted by.
+    prefixes: Vec<u64>,
 }
 
-/// Adds one prepared chunk to the upload's counts, in input order, and
-/// gives its batch.
-fn account(
-    plan: &Plan,
-    stats: &mut PrepareStats,
-    seen: &mut seen::Seen,
-    prepared: Prepared,
-) -> RecordBatch {
-    stats.rows_read += prepared.rows_read;
-    for (ci, invalid) in prepared.invalid {
+/// Adds one prepared chunk to the upload's counts, in input order.
+fn account(plan: &Plan, stats: &mut PrepareStats, seen: &mut seen::Seen, counts: Counts) {
+    stats.rows_read += counts.rows_read;
+    for (ci, invalid) in counts.invalid {
         *stats
             .invalid
             .entry(plan.columns[ci].name.clone())
             .or_default() += invalid;
     }
-    stats.rows_without_identifier += prepared.rows_without_identifier;
-    if let Some(ci) = prepared.first_identifier {
-        let fps = prepared
-            .batch
-            .column(ci)
-            .as_any()
-            .downcast_ref::<arrow::array::FixedSizeBinaryArray>()
-            .expect("identifier columns are fixed-size binary");
-        let prefixes: Vec<u64> = fps
-            .iter()
-            .flatten()
-            .map(|fp| u64::from_le_bytes(fp[..8].try_into().expect("32-byte fingerprint")))
-            .collect();
-        stats.duplicates += seen.insert_all(&prefixes);
-    }
-    stats.rows_sent += prepared.batch.num_rows() as u64;
-    prepared.batch
+    stats.rows_without_identifier += counts.rows_without_identifier;
+    stats.duplicates += seen.insert_all(&counts.prefixes);
+    stats.rows_sent += counts.rows_sent;
 }
 
 /// Runs `work` over `inputs` on `workers` threads and gives `take` the
@@ -540,8 +517,9 @@ fn in_turn<I: Send, O: Send>(
 }
 
 impl Plan {
-    /// Normalises, fingerprints and types one chunk, on its own.
-    fn prepare_chunk(&self, chunk: &Chunk) -> Result<Prepared, PrepareError> {
+    /// Normalises, fingerprints and types one chunk, on its own; its batch
+    /// and what it adds to the counts.
+    fn prepare_chunk(&self, chunk: &Chunk) -> Result<(RecordBatch, Counts), PrepareError> {
         let n = chunk.len();
         let mut has_identifier = vec![false; n];
         let mut arrays: Vec<ArrayRef> = Vec::with_capacity(self.columns.len());
@@ -639,13 +617,25 @@ impl Plan {
             filter_record_batch(&batch, &BooleanArray::from(has_identifier))
                 .map_err(|e| PrepareError::Plan(format!("filtering a batch: {e}")))?
         };
-        Ok(Prepared {
-            batch,
+        let prefixes = first_identifier.map_or_else(Vec::new, |ci| {
+            batch
+                .column(ci)
+                .as_any()
+                .downcast_ref::<arrow::array::FixedSizeBinaryArray>()
+                .expect("identifier columns are fixed-size binary")
+                .iter()
+                .flatten()
+                .map(|fp| u64::from_le_bytes(fp[..8].try_into().expect("32-byte fingerprint")))
+                .collect()
+        });
+        let counts = Counts {
             rows_read: n as u64,
+            rows_sent: batch.num_rows() as u64,
             invalid: invalid_values,
             rows_without_identifier: (n - kept) as u64,
-            first_identifier,
-        })
+            prefixes,
+        };
+        Ok((batch, counts))
     }
 }
 
