@@ -88,18 +88,22 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     let mut preparer = Preparer::new(plan);
     let mut messages = Vec::new();
     let mut bytes = 0usize;
-    let workers = std::thread::available_parallelism().map_or(1, usize::from);
     let encode = |batch: arrow::record_batch::RecordBatch| {
         encode_messages(&batch, MAX_MESSAGE_BYTES)
             .map_err(|e| cleanroom::prepare::PrepareError::Plan(e.to_string()))
     };
-    preparer.prepare_all(reader, workers, encode, |_, ipcs, _| {
-        for ipc in ipcs {
-            bytes += ipc.len();
-            messages.push(ipc);
-        }
-        Ok(true)
-    })?;
+    preparer.prepare_all(
+        reader,
+        cleanroom::prepare::workers(),
+        encode,
+        |_, ipcs, _| {
+            for ipc in ipcs {
+                bytes += ipc.len();
+                messages.push(ipc);
+            }
+            Ok(true)
+        },
+    )?;
     let prepare_time = t.elapsed();
     let sent_rows = preparer.stats().rows_sent;
 

@@ -66,8 +66,7 @@ pub async fn erase(
     let kinds = plan.identity_kinds();
     let mut preparer = Preparer::new(plan);
     let mut sets: BTreeMap<String, BTreeSet<[u8; 32]>> = BTreeMap::new();
-    let workers = std::thread::available_parallelism().map_or(1, usize::from);
-    preparer.prepare_all(reader, workers, Ok, |_, batch, _| {
+    preparer.prepare_all(reader, super::workers(), Ok, |_, batch, _| {
         for (i, kind) in kinds.iter().enumerate() {
             let Some(kind) = kind else { continue };
             let column = batch

@@ -13,8 +13,8 @@ use std::path::PathBuf;
 use std::sync::Arc;
 
 use arrow::array::{
-    Array, ArrayRef, BooleanArray, Date32Builder, FixedSizeBinaryBuilder, Float64Builder,
-    Int64Builder, StringArray, StringBuilder, TimestampMicrosecondBuilder,
+    Array, ArrayRef, BooleanArray, Date32Builder, Float64Builder, Int64Builder, StringArray,
+    StringBuilder, TimestampMicrosecondBuilder,
 };
 use arrow::compute::filter_record_batch;
 use arrow::compute::kernels::cast_utils::{self, Parser};
@@ -439,6 +439,11 @@ impl Preparer {
     }
 }
 
+/// Threads [`Preparer::prepare_all`] prepares on: one per core.
+pub fn workers() -> usize {
+    std::thread::available_parallelism().map_or(1, usize::from)
+}
+
 /// What one prepared chunk adds to the upload's counts.
 #[derive(Debug)]
 struct Counts {
@@ -673,68 +678,69 @@ fn fingerprint_column(
     normaliser: &Normaliser,
     keying: &Keying,
 ) -> (ArrayRef, u64) {
+    const LEN: usize = crate::upload::FINGERPRINT_LEN as usize;
     let mut invalid = 0u64;
     let mut buf = String::with_capacity(64);
-    let mut b = FixedSizeBinaryBuilder::with_capacity(input.len(), crate::upload::FINGERPRINT_LEN);
-    let mut normalise = |v: Option<&str>, buf: &mut String| match v
-        .map(|raw| normaliser.normalise_into(raw, buf))
-    {
-        Some(Ok(())) => true,
-        Some(Err(Invalid::Empty)) | None => false,
-        Some(Err(_)) => {
-            invalid += 1;
-            false
+    // Valid values normalised end to end (normalising may add a little, a
+    // phone's country code), then keyed together.
+    let mut text = String::with_capacity(input.value_data().len() + input.len() * 4);
+    let mut ends = Vec::with_capacity(input.len());
+    let mut valid = Vec::with_capacity(input.len());
+    for v in input.iter() {
+        let ok = match v.map(|raw| normaliser.normalise_into(raw, &mut buf)) {
+            Some(Ok(())) => true,
+            Some(Err(Invalid::Empty)) | None => false,
+            Some(Err(_)) => {
+                invalid += 1;
+                false
+            }
+        };
+        if ok {
+            text.push_str(&buf);
+            ends.push(text.len());
         }
-    };
+        valid.push(ok);
+    }
+    let present = ends.iter().scan(0, |start, &end| {
+        let value = &text[*start..end];
+        *start = end;
+        Some(value)
+    });
+    let mut keyed = Vec::with_capacity(ends.len() * LEN);
     match keying {
-        Keying::Fingerprint(f) => {
-            // Normalised values end to end, then fingerprinted together.
-            // Normalising may add a little (a phone's country code).
-            let mut text = String::with_capacity(input.value_data().len() + input.len() * 4);
-            let mut ends = Vec::with_capacity(input.len());
-            let mut valid = Vec::with_capacity(input.len());
-            for v in input.iter() {
-                let ok = normalise(v, &mut buf);
-                if ok {
-                    text.push_str(&buf);
-                }
-                ends.push(text.len());
-                valid.push(ok);
-            }
-            let values = ends.iter().scan(0, |start, &end| {
-                let value = &text[*start..end];
-                *start = end;
-                Some(value)
-            });
-            let mut bytes =
-                Vec::with_capacity(input.len() * crate::upload::FINGERPRINT_LEN as usize);
-            f.fingerprint_all(values, &mut bytes);
-            let nulls = arrow::buffer::NullBuffer::from(valid);
-            let array = arrow::array::FixedSizeBinaryArray::try_new(
-                crate::upload::FINGERPRINT_LEN,
-                arrow::buffer::Buffer::from_vec(bytes),
-                (nulls.null_count() > 0).then_some(nulls),
-            )
-            .expect("fingerprints are 32 bytes, one per row");
-            return (Arc::new(array), invalid);
-        }
+        Keying::Fingerprint(f) => f.fingerprint_all(present, &mut keyed),
         Keying::Blind { key, salt, kind } => {
-            // Points are computed in parallel batches, then put in place.
-            let mut values: Vec<Option<String>> = Vec::with_capacity(input.len());
-            for v in input.iter() {
-                values.push(normalise(v, &mut buf).then(|| buf.clone()));
-            }
-            let present: Vec<&str> = values.iter().flatten().map(String::as_str).collect();
-            let mut points = blind_values(key, salt, kind, &present).into_iter();
-            for v in &values {
-                match v.as_ref().and_then(|_| points.next()) {
-                    Some(p) => b.append_value(p).expect("points are 32 bytes"),
-                    None => b.append_null(),
-                }
-            }
+            let present: Vec<&str> = present.collect();
+            keyed.extend(
+                blind_values(key, salt, kind, &present)
+                    .into_iter()
+                    .flatten(),
+            );
         }
     }
-    (Arc::new(b.finish()), invalid)
+    // Each row's 32 bytes in place; a missing value's are zero.
+    let bytes = if ends.len() == input.len() {
+        keyed
+    } else {
+        let mut bytes = vec![0u8; input.len() * LEN];
+        let mut next = keyed.chunks_exact(LEN);
+        for (slot, _) in bytes
+            .chunks_exact_mut(LEN)
+            .zip(&valid)
+            .filter(|(_, ok)| **ok)
+        {
+            slot.copy_from_slice(next.next().expect("one keyed value per valid row"));
+        }
+        bytes
+    };
+    let nulls = arrow::buffer::NullBuffer::from(valid);
+    let array = arrow::array::FixedSizeBinaryArray::try_new(
+        crate::upload::FINGERPRINT_LEN,
+        arrow::buffer::Buffer::from_vec(bytes),
+        (nulls.null_count() > 0).then_some(nulls),
+    )
+    .expect("32 bytes per row");
+    (Arc::new(array), invalid)
 }
 
 #[cfg(test)]

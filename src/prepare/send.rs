@@ -105,7 +105,6 @@ fn produce(
     let dropped = plan.dropped().to_vec();
     let mut preparer = Preparer::new(plan);
     let (mut batches, mut bytes) = (0u64, 0u64);
-    let workers = std::thread::available_parallelism().map_or(1, usize::from);
     let encode = |batch: RecordBatch| {
         if batch.num_rows() == 0 {
             return Ok(Vec::new());
@@ -113,24 +112,29 @@ fn produce(
         encode_messages(&batch, MAX_MESSAGE_BYTES)
             .map_err(|e| PrepareError::Plan(format!("encoding a batch: {e}")))
     };
-    let complete = preparer.prepare_all(reader, workers, encode, |stats, messages, position| {
-        for ipc in messages {
-            bytes += ipc.len() as u64;
-            let message = proto::UploadRequest {
-                part: Some(Part::Batch(ipc)),
-            };
-            if tx.blocking_send(message).is_err() {
-                // The server ended the call; its answer says why.
-                return Ok(false);
+    let complete = preparer.prepare_all(
+        reader,
+        super::workers(),
+        encode,
+        |stats, messages, position| {
+            for ipc in messages {
+                bytes += ipc.len() as u64;
+                let message = proto::UploadRequest {
+                    part: Some(Part::Batch(ipc)),
+                };
+                if tx.blocking_send(message).is_err() {
+                    // The server ended the call; its answer says why.
+                    return Ok(false);
+                }
+                batches += 1;
             }
-            batches += 1;
-        }
-        let rows = stats.rows_read;
-        let rate = rows as f64 / started.elapsed().as_secs_f64().max(1e-9);
-        bar.set_position(position);
-        bar.set_message(format!("{rows} rows, {rate:.0} rows/s"));
-        Ok(true)
-    })?;
+            let rows = stats.rows_read;
+            let rate = rows as f64 / started.elapsed().as_secs_f64().max(1e-9);
+            bar.set_position(position);
+            bar.set_message(format!("{rows} rows, {rate:.0} rows/s"));
+            Ok(true)
+        },
+    )?;
     let stats = preparer.stats().clone();
     if complete {
         let _ = tx.blocking_send(proto::UploadRequest {
