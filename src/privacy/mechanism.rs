@@ -398,8 +398,8 @@ impl Plan {
         }
 
         // Rows in person order: (person, row) packed into one word sorts
-        // in one pass over contiguous memory, rather than by a key looked
-        // up at random on every comparison.
+        // in one pass over contiguous memory, and each person's run is then
+        // read from the sorted words alone.
         let mut packed: Vec<u64> = c
             .person
             .iter()
@@ -407,10 +407,35 @@ impl Plan {
             .map(|(row, p)| (u64::from(*p) << 32) | row as u64)
             .collect();
         packed.sort_unstable();
-        let mut order: Vec<u32> = packed.iter().map(|v| *v as u32).collect();
-        drop(packed);
         let k = self.settings.max_groups_per_person.max(1) as usize;
         let rows_cap = u64::from(self.settings.max_rows_per_person.max(1));
+        // Rows of people in more than k groups that are left out: a uniform
+        // choice of k of each such person's groups (partial Fisher-Yates
+        // over the person's rows in row order), people in person order.
+        let mut left_out: Vec<bool> = Vec::new();
+        let mut start = 0;
+        while start < n {
+            let person = packed[start] >> 32;
+            let mut end = start + 1;
+            while end < n && packed[end] >> 32 == person {
+                end += 1;
+            }
+            if end - start > k {
+                let run = &mut packed[start..end];
+                for j in 0..k {
+                    let pick = j + rng.uniform_below((run.len() - j) as u128) as usize;
+                    run.swap(j, pick);
+                }
+                if left_out.is_empty() {
+                    left_out = vec![false; n];
+                }
+                for v in &run[k..] {
+                    left_out[*v as u32 as usize] = true;
+                }
+            }
+            start = end;
+        }
+        drop(packed);
         let mut out = Bounded {
             people: vec![0; groups],
             totals: vec![vec![0; groups]; self.measures.len()],
@@ -421,27 +446,11 @@ impl Plan {
                 out.avg_counts[i] = vec![0; groups];
             }
         }
-        let mut start = 0;
-        while start < n {
-            let person = c.person[order[start] as usize];
-            let mut end = start + 1;
-            while end < n && c.person[order[end] as usize] == person {
-                end += 1;
+        // The kept rows in row order: every array is read front to back.
+        for row in 0..n {
+            if !left_out.get(row).copied().unwrap_or(false) {
+                self.add(c, row, rows_cap, &mut out);
             }
-            let run = &mut order[start..end];
-            if run.len() > k {
-                // A uniform choice of k of this person's groups (partial
-                // Fisher-Yates).
-                for j in 0..k {
-                    let pick = j + rng.uniform_below((run.len() - j) as u128) as usize;
-                    run.swap(j, pick);
-                }
-            }
-            let kept = run.len().min(k);
-            for &row in &run[..kept] {
-                self.add(c, row as usize, rows_cap, &mut out);
-            }
-            start = end;
         }
         Ok(out)
     }
@@ -622,6 +631,136 @@ mod tests {
         for k in kept {
             // Expected 2000 each; binomial sd ~ 35.
             assert!((1800..2200).contains(&k), "{kept:?}");
+        }
+    }
+
+    /// Steps 1-3 written plainly: each person's rows gathered in a map, in
+    /// person order; of a person in more than k groups, k chosen by the
+    /// same partial Fisher-Yates over the rows in row order; each kept row
+    /// added measure by measure.
+    fn bound_plainly(
+        plan: &Plan,
+        c: &Contributions,
+        groups: usize,
+        rng: &mut NoiseSource,
+    ) -> Bounded {
+        let k = plan.settings.max_groups_per_person as usize;
+        let cap = u64::from(plan.settings.max_rows_per_person);
+        let mut by_person: std::collections::BTreeMap<u32, Vec<usize>> = Default::default();
+        for (row, p) in c.person.iter().enumerate() {
+            by_person.entry(*p).or_default().push(row);
+        }
+        let measures = plan.measures.len();
+        let mut out = Bounded {
+            people: vec![0; groups],
+            totals: vec![vec![0; groups]; measures],
+            avg_counts: plan
+                .measures
+                .iter()
+                .map(|m| match m.measure {
+                    Measure::Avg(_) => vec![0; groups],
+                    _ => Vec::new(),
+                })
+                .collect(),
+        };
+        for (_, mut rows) in by_person {
+            if rows.len() > k {
+                for j in 0..k {
+                    let pick = j + rng.uniform_below((rows.len() - j) as u128) as usize;
+                    rows.swap(j, pick);
+                }
+                rows.truncate(k);
+            }
+            for row in rows {
+                let g = c.group[row] as usize;
+                out.people[g] += 1;
+                for (i, m) in plan.measures.iter().enumerate() {
+                    let units =
+                        |v: f64| ((v / m.grid).round() as i64).clamp(m.lo_units, m.hi_units);
+                    let count = c
+                        .counts
+                        .get(i)
+                        .and_then(|v| v.get(row))
+                        .copied()
+                        .unwrap_or(0);
+                    out.totals[i][g] += match m.measure {
+                        Measure::Rows => i128::from(c.rows[row].min(cap)),
+                        Measure::NonNull => i128::from(count.min(cap)),
+                        Measure::People => i128::from(count > 0),
+                        Measure::Sum(b) if count > 0 && !c.sums[i][row].is_nan() => {
+                            i128::from(units(c.sums[i][row].clamp(b.lo, b.hi)))
+                        }
+                        Measure::Avg(b)
+                            if count > 0 && !(c.sums[i][row] / count as f64).is_nan() =>
+                        {
+                            out.avg_counts[i][g] += 1;
+                            let mean = (c.sums[i][row] / count as f64).clamp(b.lo, b.hi);
+                            i128::from(2 * units(mean) - m.lo_units - m.hi_units)
+                        }
+                        _ => 0,
+                    };
+                }
+            }
+        }
+        out
+    }
+
+    /// The mechanism's bounding equals the plain one on shuffled rows of
+    /// people in one to six groups, with NaN, out-of-bounds and missing
+    /// values, for several group and row caps, drawing the same choices.
+    #[test]
+    fn bounding_equals_the_plain_computation() {
+        let mut data = NoiseSource::from_seed([3; 32]);
+        let mut draw = |n: u128| data.uniform_below(n) as u64;
+        for round in 0..24 {
+            let mut s = settings(1.0);
+            s.max_groups_per_person = 1 + round % 3;
+            s.max_rows_per_person = 1 + (round / 3) % 2;
+            let measures = [
+                Measure::Rows,
+                Measure::NonNull,
+                Measure::People,
+                Measure::Sum(LTV),
+                Measure::Avg(LTV),
+            ];
+            let plan = Plan::new(s, &measures).unwrap();
+            let groups = 1 + draw(7) as usize;
+            let mut rows: Vec<(u32, u32)> = Vec::new();
+            for person in 0..(50 + draw(400) as u32) {
+                let mut gs: Vec<u32> = (0..groups as u32).collect();
+                let times = 1 + draw(6) as usize;
+                for _ in 0..times.min(groups) {
+                    let i = draw(gs.len() as u128) as usize;
+                    rows.push((gs.swap_remove(i), person * 7 % 1009));
+                }
+            }
+            for i in (1..rows.len()).rev() {
+                rows.swap(i, draw(i as u128 + 1) as usize);
+            }
+            let n = rows.len();
+            let value = |d: &mut dyn FnMut(u128) -> u64| match d(10) {
+                0 => f64::NAN,
+                1 => 9_000.0,
+                2 => -20.0,
+                _ => d(500_000) as f64 / 100.0,
+            };
+            let mut c = Contributions {
+                group: rows.iter().map(|r| r.0).collect(),
+                person: rows.iter().map(|r| r.1).collect(),
+                rows: (0..n).map(|_| 1 + draw(4)).collect(),
+                sums: vec![Vec::new(); measures.len()],
+                counts: vec![Vec::new(); measures.len()],
+            };
+            for i in 1..measures.len() {
+                c.counts[i] = (0..n).map(|_| draw(3)).collect();
+                c.sums[i] = (0..n).map(|_| value(&mut draw)).collect();
+            }
+            let seed = [round as u8; 32];
+            let fast = plan
+                .bound(&c, groups, &mut NoiseSource::from_seed(seed))
+                .unwrap();
+            let plain = bound_plainly(&plan, &c, groups, &mut NoiseSource::from_seed(seed));
+            assert_eq!(fast, plain, "round {round}");
         }
     }
 
