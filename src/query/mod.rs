@@ -128,7 +128,54 @@ impl TableData {
 
 /// Every dataset of an agreement as a query table, people numbered across
 /// all of them. `batches` holds each dataset's stored rows (empty if none).
-pub fn agreement_tables(policy: &Policy, batches: Vec<Vec<RecordBatch>>) -> Vec<TableData> {
+pub fn agreement_tables(policy: &Policy, mut batches: Vec<Vec<RecordBatch>>) -> Vec<TableData> {
+    use rayon::prelude::*;
+    for (d, side) in policy.datasets().iter().zip(&mut batches) {
+        side.par_iter_mut()
+            .for_each(|b| *b = table_form(d, b, false));
+    }
+    tables_of_table_form(policy, batches)
+}
+
+/// A stored batch of dataset `d` in the form the query tables keep: text
+/// dimensions as dictionaries (a fresh copy), the other columns copied into
+/// buffers of their own. A decoded batch's columns share their chunk's
+/// buffer, which would otherwise stay in memory whole. Identifier columns
+/// are copied too with `own_identifiers` (for a reader about to use the
+/// chunk's buffer again); they are replaced by dense keys once matched.
+pub fn table_form(d: &Dataset, batch: &RecordBatch, own_identifiers: bool) -> RecordBatch {
+    let identifiers: Vec<&str> = d.identifier_columns().into_iter().map(|(c, _)| c).collect();
+    let schema = batch.schema();
+    let mut fields: Vec<Field> = schema.fields().iter().map(|f| f.as_ref().clone()).collect();
+    let mut columns: Vec<ArrayRef> = batch.columns().to_vec();
+    for (i, field) in schema.fields().iter().enumerate() {
+        if identifiers.contains(&field.name().as_str()) {
+            if own_identifiers {
+                columns[i] = owned(&columns[i]);
+            }
+            continue;
+        }
+        // Into the engine's type (a text dimension into a dictionary,
+        // which is a fresh copy too) or copied.
+        let engine_type = d
+            .columns()
+            .iter()
+            .find(|c| c.name() == field.name())
+            .and_then(|c| query_column_type(c.role()))
+            .filter(|t| t != field.data_type() && caller_type(t) == *field.data_type());
+        match engine_type.map(|t| (arrow::compute::cast(&columns[i], &t), t)) {
+            Some((Ok(cast), t)) => {
+                columns[i] = cast;
+                fields[i] = Field::new(field.name(), t, true);
+            }
+            _ => columns[i] = owned(&columns[i]),
+        }
+    }
+    RecordBatch::try_new(Arc::new(Schema::new(fields)), columns).unwrap_or_else(|_| batch.clone())
+}
+
+/// [`agreement_tables`] of batches already in [`table_form`].
+pub fn tables_of_table_form(policy: &Policy, batches: Vec<Vec<RecordBatch>>) -> Vec<TableData> {
     let identifiers: Vec<Vec<(&str, &str)>> = policy
         .datasets()
         .iter()
@@ -225,73 +272,47 @@ pub fn tables_from_matched(
     stored.is_empty().then_some(tables)
 }
 
-/// The stored batches with every identifier column replaced by its dense
-/// key (a column the matcher could not read becomes all nulls): the same
-/// equalities in 4 bytes per value instead of 32. Nothing a caller sees
-/// changes: identifiers are only ever joined on. The other columns are
-/// copied into buffers of their own: decoded columns share their message's
-/// buffer, which would otherwise keep every fingerprint in memory.
+/// Batches in [`table_form`] with every identifier column replaced by its
+/// dense key (a column the matcher could not read becomes all nulls): the
+/// same equalities in 4 bytes per value instead of 32. Nothing a caller
+/// sees changes: identifiers are only ever joined on.
 fn with_dense_keys(
     policy: &Policy,
     mut batches: Vec<Vec<RecordBatch>>,
     keys: Vec<crate::psi::ColumnKeys>,
 ) -> Vec<Vec<RecordBatch>> {
-    use rayon::prelude::*;
     let by_place: HashMap<(usize, usize, String), ArrayRef> = keys
         .into_iter()
         .map(|k| ((k.side, k.batch, k.column), Arc::new(k.keys) as ArrayRef))
         .collect();
     for ((side, d), side_batches) in policy.datasets().iter().enumerate().zip(&mut batches) {
         let identifiers: Vec<&str> = d.identifier_columns().into_iter().map(|(c, _)| c).collect();
-        // Batches side by side on every core: each is copied on its own.
-        side_batches
-            .par_iter_mut()
-            .enumerate()
-            .for_each(|(batch_no, batch)| {
-                let schema = batch.schema();
-                let mut fields: Vec<Field> =
-                    schema.fields().iter().map(|f| f.as_ref().clone()).collect();
-                let mut columns: Vec<ArrayRef> = batch.columns().to_vec();
-                for (i, field) in schema.fields().iter().enumerate() {
-                    if !identifiers.contains(&field.name().as_str()) {
-                        // Into the engine's type (a text dimension into a
-                        // dictionary, which is a fresh copy too) or copied.
-                        let engine_type = d
-                            .columns()
-                            .iter()
-                            .find(|c| c.name() == field.name())
-                            .and_then(|c| query_column_type(c.role()))
-                            .filter(|t| {
-                                t != field.data_type() && caller_type(t) == *field.data_type()
-                            });
-                        match engine_type.map(|t| (arrow::compute::cast(&columns[i], &t), t)) {
-                            Some((Ok(cast), t)) => {
-                                columns[i] = cast;
-                                fields[i] = Field::new(field.name(), t, true);
-                            }
-                            _ => columns[i] = owned(&columns[i]),
-                        }
-                        continue;
-                    }
-                    columns[i] = by_place
-                        .get(&(side, batch_no, field.name().clone()))
-                        .map(Arc::clone)
-                        .unwrap_or_else(|| {
-                            arrow::array::new_null_array(&KEY_TYPE, batch.num_rows())
-                        });
-                    fields[i] = Field::new(field.name(), KEY_TYPE, true);
+        for (batch_no, batch) in side_batches.iter_mut().enumerate() {
+            let schema = batch.schema();
+            let mut fields: Vec<Field> =
+                schema.fields().iter().map(|f| f.as_ref().clone()).collect();
+            let mut columns: Vec<ArrayRef> = batch.columns().to_vec();
+            for (i, field) in schema.fields().iter().enumerate() {
+                if !identifiers.contains(&field.name().as_str()) {
+                    continue;
                 }
-                if let Ok(rekeyed) = RecordBatch::try_new(Arc::new(Schema::new(fields)), columns) {
-                    *batch = rekeyed;
-                }
-            });
+                columns[i] = by_place
+                    .get(&(side, batch_no, field.name().clone()))
+                    .map(Arc::clone)
+                    .unwrap_or_else(|| arrow::array::new_null_array(&KEY_TYPE, batch.num_rows()));
+                fields[i] = Field::new(field.name(), KEY_TYPE, true);
+            }
+            if let Ok(rekeyed) = RecordBatch::try_new(Arc::new(Schema::new(fields)), columns) {
+                *batch = rekeyed;
+            }
+        }
     }
     batches
 }
 
 /// A copy of `array` in freshly allocated buffers (the array itself if it
 /// cannot be copied: still correct, only larger in memory).
-fn owned(array: &ArrayRef) -> ArrayRef {
+pub(crate) fn owned(array: &ArrayRef) -> ArrayRef {
     let data = array.to_data();
     let mut copy = arrow::array::MutableArrayData::new(vec![&data], false, data.len());
     match copy.try_extend(0, 0, data.len()) {

@@ -78,16 +78,18 @@ pub(crate) fn partner_of<'p>(policy: &'p Policy, org: &str) -> Option<&'p str> {
     policy.parties().iter().map(|p| p.org()).find(|o| *o != org)
 }
 
-/// A version as matching and queries see it. Under `ecdh` every identifier
-/// becomes its doubly blinded point; None while the partner has not yet
-/// blinded this version.
+/// A version as matching and queries see it, each batch as `keep` makes
+/// it ([`Store::read_with`]). Under `ecdh` every identifier becomes its
+/// doubly blinded point before `keep` sees it; None while the partner has
+/// not yet blinded this version.
 pub(crate) fn read_matchable(
     store: &Store,
     policy: &Policy,
     info: &VersionInfo,
+    mut keep: impl FnMut(RecordBatch) -> Result<RecordBatch, ServiceError>,
 ) -> Result<Option<Vec<RecordBatch>>, ServiceError> {
     if policy.matching() == Matching::Keyed {
-        return Ok(Some(store.read(info)?));
+        return Ok(Some(store.read_with(info, keep)?));
     }
     if !is_matchable(store, policy, info)? {
         return Ok(None);
@@ -95,14 +97,12 @@ pub(crate) fn read_matchable(
     let Some(blinding) = store.blinding(info)? else {
         return Ok(None);
     };
-    let batches = store.read(info)?;
     let identifiers: Vec<&str> = policy
         .dataset(&info.dataset)
         .map(|d| d.identifier_columns().into_iter().map(|(c, _)| c).collect())
         .unwrap_or_default();
     let index = blinding.index();
-    let mut out = Vec::with_capacity(batches.len());
-    for batch in batches {
+    let doubled = |batch: RecordBatch| -> Result<RecordBatch, ServiceError> {
         let mut columns: Vec<ArrayRef> = batch.columns().to_vec();
         for (i, field) in batch.schema().fields().iter().enumerate() {
             if !identifiers.contains(&field.name().as_str()) {
@@ -137,12 +137,10 @@ pub(crate) fn read_matchable(
             }
             columns[i] = Arc::new(doubles.finish());
         }
-        out.push(
-            RecordBatch::try_new(batch.schema(), columns)
-                .map_err(|e| ServiceError::Internal(format!("substituting points: {e}")))?,
-        );
-    }
-    Ok(Some(out))
+        RecordBatch::try_new(batch.schema(), columns)
+            .map_err(|e| ServiceError::Internal(format!("substituting points: {e}")))
+    };
+    Ok(Some(store.read_with(info, |batch| keep(doubled(batch)?))?))
 }
 
 /// Why a dataset with a current version cannot be matched yet.

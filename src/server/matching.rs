@@ -236,13 +236,37 @@ pub(crate) fn matched_people(
         state.metrics().matched();
         return Ok(people);
     }
-    let read = |v: &VersionInfo| {
-        read_matchable(store, policy, v)?.ok_or_else(|| not_blinded(policy, &v.dataset))
+    // Only the identifier columns are kept, in buffers of their own, so
+    // each version is read through one chunk's memory.
+    let read = |d: &Dataset, v: &VersionInfo| {
+        let identifiers: Vec<&str> = d.identifier_columns().into_iter().map(|(c, _)| c).collect();
+        read_matchable(store, policy, v, |batch| {
+            let schema = batch.schema();
+            let kept: Vec<usize> = (0..batch.num_columns())
+                .filter(|i| identifiers.contains(&schema.field(*i).name().as_str()))
+                .collect();
+            let columns = kept
+                .iter()
+                .map(|i| crate::query::owned(batch.column(*i)))
+                .collect();
+            schema
+                .project(&kept)
+                .and_then(|only| {
+                    arrow::record_batch::RecordBatch::try_new_with_options(
+                        Arc::new(only),
+                        columns,
+                        &arrow::record_batch::RecordBatchOptions::new()
+                            .with_row_count(Some(batch.num_rows())),
+                    )
+                })
+                .map_err(|e| ServiceError::Internal(format!("identifier columns: {e}")))
+        })?
+        .ok_or_else(|| not_blinded(policy, &v.dataset))
     };
     // The two versions are decrypted side by side.
     let (batches_a, batches_b) = std::thread::scope(|scope| {
-        let second = scope.spawn(|| read(versions[1]));
-        let first = read(versions[0]);
+        let second = scope.spawn(|| read(b, versions[1]));
+        let first = read(a, versions[0]);
         let second = second
             .join()
             .unwrap_or_else(|_| Err(ServiceError::Internal("reading a version failed".into())));

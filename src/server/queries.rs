@@ -16,7 +16,7 @@ use crate::policy::{Policy, QueryMode, Right};
 use crate::privacy::NoiseSource;
 use crate::proto;
 use crate::proto::query_response::Part;
-use crate::query::{QueryError, QueryLimits, QueryOutcome, TableData, agreement_tables};
+use crate::query::{QueryError, QueryLimits, QueryOutcome, TableData, tables_of_table_form};
 
 /// One agreement's tables and the versions (and policy) they were built from.
 #[derive(Debug)]
@@ -213,14 +213,21 @@ impl TableCache {
     ) -> Result<Vec<TableData>, ServiceError> {
         let store = state.store();
         let started = std::time::Instant::now();
-        let read = |v: &Option<crate::storage::VersionInfo>| match v {
-            Some(v) => Ok(super::blinding::read_matchable(store, policy, v)?.unwrap_or_default()),
+        // Each chunk is put in the tables' form as it is read, so the
+        // reader goes on in the same chunk buffer.
+        let read = |d: &crate::policy::Dataset, v: &Option<crate::storage::VersionInfo>| match v {
+            Some(v) => Ok(super::blinding::read_matchable(store, policy, v, |b| {
+                Ok(crate::query::table_form(d, &b, true))
+            })?
+            .unwrap_or_default()),
             None => Ok(Vec::new()),
         };
         let batches = std::thread::scope(|scope| {
-            let reads: Vec<_> = versions
+            let reads: Vec<_> = policy
+                .datasets()
                 .iter()
-                .map(|v| scope.spawn(move || read(v)))
+                .zip(versions)
+                .map(|(d, v)| scope.spawn(move || read(d, v)))
                 .collect();
             reads
                 .into_iter()
@@ -232,7 +239,7 @@ impl TableCache {
                 .collect::<Result<Vec<_>, ServiceError>>()
         })?;
         let decrypted = started.elapsed();
-        let tables = agreement_tables(policy, batches);
+        let tables = tables_of_table_form(policy, batches);
         state.metrics().tables_loaded();
         tracing::info!(
             agreement = policy.id(),

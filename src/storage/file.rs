@@ -148,13 +148,18 @@ impl Drop for StagedVersion {
 
 /// Reads and decrypts a whole version file, one chunk at a time: the
 /// sealed bytes of one chunk are in memory at once, not the whole file's.
-pub(super) fn read_version(
+/// Each decoded batch is passed to `keep`, and what it returns is kept.
+///
+/// A batch's columns are slices of its decrypted chunk. When `keep` returns
+/// a batch of its own buffers (and drops the one it was given), the chunk's
+/// buffer is used again for the next chunk, so reading a version touches
+/// fresh memory only for what is kept; otherwise each chunk keeps its own.
+pub(super) fn read_version<E: From<StorageError>>(
     path: &Path,
     key: &Key,
-    agreement: &str,
-    dataset: &str,
-    version: &str,
-) -> Result<Vec<RecordBatch>, StorageError> {
+    [agreement, dataset, version]: [&str; 3],
+    mut keep: impl FnMut(RecordBatch) -> Result<RecordBatch, E>,
+) -> Result<Vec<RecordBatch>, E> {
     let damaged = || StorageError::Damaged {
         path: path.to_path_buf(),
     };
@@ -164,20 +169,22 @@ pub(super) fn read_version(
     let mut magic = [0u8; MAGIC.len()];
     input.read_exact(&mut magic).map_err(|_| damaged())?;
     if &magic != MAGIC {
-        return Err(damaged());
+        return Err(damaged().into());
     }
     let mut position = MAGIC.len() as u64;
     let mut batches = Vec::new();
     let mut index = 0u64;
+    let mut spare: Vec<u8> = Vec::new();
     loop {
         let mut len = [0u8; 4];
         input.read_exact(&mut len).map_err(|_| damaged())?;
         let len = u64::from(u32::from_le_bytes(len));
         position += 4 + len;
         if position > size {
-            return Err(damaged());
+            return Err(damaged().into());
         }
-        let mut sealed = vec![0u8; len as usize];
+        let mut sealed = std::mem::take(&mut spare);
+        sealed.resize(len as usize, 0);
         input.read_exact(&mut sealed).map_err(io_err(path))?;
         // The end marker is the file's final chunk: each chunk is opened
         // once, under the associated data its place in the file calls for.
@@ -190,21 +197,27 @@ pub(super) fn read_version(
             return if plain.is_empty() {
                 Ok(batches)
             } else {
-                Err(damaged())
+                Err(damaged().into())
             };
         }
         // Decoded without a copy: the batch's columns are slices of the
         // decrypted chunk.
         let arrow_err =
             |e: arrow::error::ArrowError| StorageError::Arrow(format!("{}: {e}", path.display()));
-        let mut buffer = arrow::buffer::Buffer::from_vec(plain);
+        let whole = arrow::buffer::Buffer::from_vec(plain);
+        let mut rest = whole.clone();
         let mut decoder = StreamDecoder::new();
-        while !buffer.is_empty() {
-            if let Some(batch) = decoder.decode(&mut buffer).map_err(arrow_err)? {
-                batches.push(batch);
+        while !rest.is_empty() {
+            if let Some(batch) = decoder.decode(&mut rest).map_err(arrow_err)? {
+                batches.push(keep(batch)?);
             }
         }
         decoder.finish().map_err(arrow_err)?;
+        drop((rest, decoder));
+        // Unshared once nothing kept points into it.
+        if let Ok(buffer) = whole.into_vec::<u8>() {
+            spare = buffer;
+        }
         index += 1;
     }
 }

@@ -95,8 +95,10 @@ impl Store {
         let mut out = Vec::with_capacity(record.versions.len());
         for (dataset, _) in &record.versions {
             let path = self.matched_path(agreement, dataset, &record.id);
+            // Kept as decoded: the chunks hold the tables and nothing else.
+            let label = chunk_label(&record.id);
             let batches =
-                file::read_version(&path, &key, agreement, dataset, &chunk_label(&record.id))?;
+                file::read_version::<StorageError>(&path, &key, [agreement, dataset, &label], Ok)?;
             out.push((dataset.clone(), batches));
         }
         Ok(Some(out))
@@ -339,9 +341,12 @@ mod tests {
         // A matched file never opens as a version file, nor the reverse:
         // its chunks are bound to another label.
         let key = store.data_key("a").unwrap();
-        assert!(file::read_version(&second[0], &key, "a", "d", &v1.version).is_err());
+        let read = |path: &std::path::Path, label: &str| {
+            file::read_version::<StorageError>(path, &key, ["a", "d", label], Ok)
+        };
+        assert!(read(&second[0], &v1.version).is_err());
         let version_file = store.version_path("a", "d", &v1.version);
-        assert!(file::read_version(&version_file, &key, "a", "d", &chunk_label("x")).is_err());
+        assert!(read(&version_file, &chunk_label("x")).is_err());
     }
 
     #[test]

@@ -515,9 +515,26 @@ impl Store {
 
     /// Decrypts a committed version into record batches.
     pub fn read(&self, info: &VersionInfo) -> Result<Vec<RecordBatch>, StorageError> {
+        self.read_with(info, Ok)
+    }
+
+    /// Decrypts a committed version, keeping what `keep` makes of each
+    /// batch. A `keep` that returns a batch of its own buffers (a copy of
+    /// the columns it needs) lets the version be read through one chunk's
+    /// memory instead of the whole file's.
+    pub fn read_with<E: From<StorageError>>(
+        &self,
+        info: &VersionInfo,
+        keep: impl FnMut(RecordBatch) -> Result<RecordBatch, E>,
+    ) -> Result<Vec<RecordBatch>, E> {
         let key = self.data_key(&info.agreement)?;
         let path = self.version_path(&info.agreement, &info.dataset, &info.version);
-        file::read_version(&path, &key, &info.agreement, &info.dataset, &info.version)
+        file::read_version(
+            &path,
+            &key,
+            [&info.agreement, &info.dataset, &info.version],
+            keep,
+        )
     }
 }
 
@@ -654,6 +671,60 @@ mod tests {
         assert!(matches!(store.read(&v), Err(StorageError::Damaged { .. })));
         std::fs::write(&path, &original).unwrap();
         assert_eq!(store.read(&v).unwrap()[0].num_rows(), 5);
+    }
+
+    /// A reader that copies each batch gets every chunk's rows intact while
+    /// the chunk buffer is used again (chunks larger and smaller than the
+    /// one before); one that keeps the decoded batch gets the same rows; a
+    /// refusal from `keep` ends the read with it; damage is still found.
+    #[test]
+    fn reading_through_one_chunk_buffer_keeps_every_row() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path(), None).unwrap();
+        let sizes = [300i64, 5_000, 20, 7_000, 1, 4_096];
+        let mut staged = store.stage("a", "d").unwrap();
+        for (i, n) in sizes.iter().enumerate() {
+            let schema = Arc::new(Schema::new(vec![Field::new("x", DataType::Int64, true)]));
+            let values = Int64Array::from_iter_values((0..*n).map(|v| v * 10 + i as i64));
+            let b = RecordBatch::try_new(schema, vec![Arc::new(values)]).unwrap();
+            staged
+                .append(&crate::upload::encode_batch(&b).unwrap(), *n as u64)
+                .unwrap();
+        }
+        let v = store.commit(staged, "u1", "acme", "h", 1, None).unwrap();
+        let copy = |b: RecordBatch| -> Result<RecordBatch, StorageError> {
+            let columns = b.columns().iter().map(crate::query::owned).collect();
+            Ok(RecordBatch::try_new(b.schema(), columns).unwrap())
+        };
+        let copied = store.read_with(&v, copy).unwrap();
+        let kept = store.read(&v).unwrap();
+        assert_eq!(copied, kept);
+        assert_eq!(copied.len(), sizes.len());
+        for (i, (b, n)) in copied.iter().zip(sizes).enumerate() {
+            let x = b.column(0).as_any().downcast_ref::<Int64Array>().unwrap();
+            let expected: Vec<i64> = (0..n).map(|v| v * 10 + i as i64).collect();
+            assert_eq!(x.values().as_ref(), expected.as_slice(), "chunk {i}");
+        }
+        let mut seen = 0;
+        let refused = store.read_with(&v, |b| {
+            seen += 1;
+            if seen == 3 {
+                Err(StorageError::Arrow("refused".into()))
+            } else {
+                copy(b)
+            }
+        });
+        assert!(matches!(refused, Err(StorageError::Arrow(m)) if m == "refused"));
+        assert_eq!(seen, 3);
+        let path = store.version_path("a", "d", &v.version);
+        let mut bytes = std::fs::read(&path).unwrap();
+        let mid = bytes.len() / 2;
+        bytes[mid] ^= 1;
+        std::fs::write(&path, &bytes).unwrap();
+        assert!(matches!(
+            store.read_with(&v, copy),
+            Err(StorageError::Damaged { .. })
+        ));
     }
 
     #[test]
