@@ -11,6 +11,8 @@ use arrow::datatypes::DataType;
 use parquet::arrow::arrow_reader::{ParquetRecordBatchReader, ParquetRecordBatchReaderBuilder};
 
 use super::PrepareError;
+use super::lines::Stop;
+use std::fmt::Display;
 
 /// The input file's format.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
@@ -65,6 +67,9 @@ impl Chunk {
 enum Source {
     Csv {
         reader: csv::Reader<File>,
+        /// Quote-free lines read directly, until the first block that is
+        /// not; then None, and `reader` reads on.
+        lines: Option<super::lines::Lines>,
         record: csv::ByteRecord,
         /// Bytes of text each column held in the last chunk: room enough
         /// for the next one without growing (and copying) as it fills.
@@ -117,16 +122,25 @@ impl InputReader {
                     .quote(csv_options.quote)
                     .has_headers(true)
                     .from_reader(file);
-                let header = reader
+                let header: Vec<String> = reader
                     .byte_headers()
                     .map_err(|e| csv_error(path, &e))?
                     .iter()
                     .map(|h| String::from_utf8_lossy(h).trim().to_string())
                     .collect();
+                let at = reader.position();
+                let lines = super::lines::Lines::new(
+                    File::open(path).map_err(io)?,
+                    [at.byte(), at.line(), at.record()],
+                    header.len(),
+                    csv_options.delimiter,
+                    csv_options.quote,
+                );
                 (
                     header,
                     Source::Csv {
                         reader,
+                        lines: Some(lines),
                         record: csv::ByteRecord::new(),
                         text_bytes: Vec::new(),
                     },
@@ -186,6 +200,9 @@ impl InputReader {
     /// Bytes read so far (CSV), or an estimate from rows (Parquet is read by row group).
     pub fn bytes_read(&self) -> u64 {
         match &self.source {
+            Source::Csv {
+                lines: Some(lines), ..
+            } => lines.bytes_read(),
             Source::Csv { reader, .. } => reader.position().byte(),
             Source::Parquet { .. } => 0,
         }
@@ -201,6 +218,7 @@ impl InputReader {
         let columns = match &mut self.source {
             Source::Csv {
                 reader,
+                lines: fast,
                 record,
                 text_bytes,
             } => {
@@ -212,14 +230,50 @@ impl InputReader {
                     .iter()
                     .map(|&bytes| BinaryBuilder::with_capacity(max_rows, bytes + bytes / 8))
                     .collect();
-                let mut lines = Vec::with_capacity(max_rows);
-                while lines.len() < max_rows {
+                // Each row's line, and where the csv crate placed it (see
+                // exact_line), or EXACT.
+                let mut lines: Vec<(u64, u64)> = Vec::with_capacity(max_rows);
+                while let Some(direct) = fast.as_mut() {
+                    let wanted = max_rows - lines.len();
+                    let stop = direct
+                        .rows(wanted, |line, ends, number| {
+                            lines.push((number, EXACT));
+                            for (b, &i) in builders.iter_mut().zip(indices) {
+                                let from = if i == 0 { 0 } else { ends[i - 1] + 1 };
+                                match &line[from..ends[i]] {
+                                    b"" => b.append_null(),
+                                    field => b.append_value(field),
+                                }
+                            }
+                        })
+                        .map_err(|e| PrepareError::Input {
+                            file: self.path.clone(),
+                            detail: format!("read error: {e}"),
+                        })?;
+                    match stop {
+                        Ok(Stop::Full | Stop::End) => break,
+                        Ok(Stop::Quoted) => {
+                            reader
+                                .seek(direct.position())
+                                .map_err(|e| csv_error(&self.path, &e))?;
+                            *fast = None;
+                        }
+                        Err(u) => {
+                            return Err(unequal(&self.path, u.line, u.fields, self.header.len()));
+                        }
+                    }
+                }
+                while fast.is_none() && lines.len() < max_rows {
                     match reader.read_byte_record(record) {
                         Ok(true) => {}
                         Ok(false) => break,
                         Err(e) => return Err(csv_error(&self.path, &e)),
                     }
-                    lines.push(record.position().map_or(0, |p| p.line()));
+                    lines.push(
+                        record
+                            .position()
+                            .map_or((0, EXACT), |p| (p.line(), p.byte())),
+                    );
                     for (b, &i) in builders.iter_mut().zip(indices) {
                         match record.get(i).unwrap_or_default() {
                             b"" => b.append_null(),
@@ -243,7 +297,7 @@ impl InputReader {
                             file: self.path.clone(),
                             detail: format!(
                                 "line {}: column {:?} is not valid UTF-8",
-                                lines[row],
+                                exact_line(&self.path, lines[row]),
                                 self.header.get(i).map(String::as_str).unwrap_or("?")
                             ),
                         }
@@ -303,6 +357,48 @@ impl InputReader {
     }
 }
 
+/// Marks a row's line as exact (read directly, not placed by the csv crate).
+const EXACT: u64 = u64::MAX;
+
+/// The line a record starts on, from its (line, byte) as the csv crate
+/// placed it. The csv crate places a record where the one before it ended:
+/// before the line feed of a CRLF line end and before any empty lines,
+/// counted only once it is past them. The record's own line is that line
+/// plus the line feeds before its first byte.
+fn exact_line(path: &Path, (line, byte): (u64, u64)) -> u64 {
+    use std::os::unix::fs::FileExt;
+    if byte == EXACT {
+        return line;
+    }
+    let Ok(file) = File::open(path) else {
+        return line;
+    };
+    let (mut line, mut offset) = (line, byte);
+    let mut buf = [0u8; 4096];
+    loop {
+        let n = match file.read_at(&mut buf, offset) {
+            Ok(0) | Err(_) => return line,
+            Ok(n) => n,
+        };
+        for b in &buf[..n] {
+            match b {
+                b'\n' => line += 1,
+                b'\r' => {}
+                _ => return line,
+            }
+        }
+        offset += n as u64;
+    }
+}
+
+/// A row whose field count is not the header's.
+fn unequal(path: &Path, line: u64, len: impl Display, expected: impl Display) -> PrepareError {
+    PrepareError::Input {
+        file: path.to_path_buf(),
+        detail: format!("line {line}: malformed CSV: {len} fields where the header has {expected}"),
+    }
+}
+
 /// A CSV error with its line, without the offending content.
 fn csv_error(path: &Path, e: &csv::Error) -> PrepareError {
     let detail = match e.kind() {
@@ -310,14 +406,17 @@ fn csv_error(path: &Path, e: &csv::Error) -> PrepareError {
             pos,
             expected_len,
             len,
-        } => format!(
-            "line {}: malformed CSV: {len} fields where the header has {expected_len}",
-            pos.as_ref().map_or(0, |p| p.line())
-        ),
+        } => {
+            let line = pos
+                .as_ref()
+                .map_or(0, |p| exact_line(path, (p.line(), p.byte())));
+            return unequal(path, line, len, expected_len);
+        }
         csv::ErrorKind::Io(io) => format!("read error: {io}"),
         _ => format!(
             "line {}: malformed CSV",
-            e.position().map_or(0, |p| p.line())
+            e.position()
+                .map_or(0, |p| exact_line(path, (p.line(), p.byte())))
         ),
     };
     PrepareError::Input {
@@ -341,6 +440,142 @@ mod tests {
             chunks.push(chunk);
         }
         Ok(chunks)
+    }
+
+    /// Every chunk's cells and first row, or the error's text, reading
+    /// columns `indices`; with `direct` false only the csv crate reads.
+    fn outcome(path: &Path, max_rows: usize, indices: &[usize], direct: bool) -> String {
+        let mut reader =
+            InputReader::open(path, InputFormat::Csv, CsvOptions::default(), max_rows).unwrap();
+        if !direct && let Source::Csv { lines, .. } = &mut reader.source {
+            *lines = None;
+        }
+        let mut out = String::new();
+        loop {
+            match reader.next_chunk(max_rows, indices) {
+                Ok(Some(chunk)) => {
+                    out.push_str(&format!("chunk from row {}\n", chunk.first_row));
+                    for r in 0..chunk.len() {
+                        for col in &chunk.columns {
+                            match col.is_valid(r) {
+                                true => out.push_str(&format!("[{}]", col.value(r))),
+                                false => out.push_str("null"),
+                            }
+                        }
+                        out.push('\n');
+                    }
+                }
+                Ok(None) => break,
+                Err(e) => {
+                    out.push_str(&format!("error: {e}"));
+                    break;
+                }
+            }
+        }
+        out
+    }
+
+    /// Files read line by line where they quote nothing give exactly what
+    /// the csv crate alone gives: the same cells, chunks, line numbers in
+    /// errors and the same refusals, over many blocks, with CRLF and LF
+    /// line ends, empty lines, empty cells, a last line with or without its
+    /// end, and a quoted field, a lone CR, a short row or a bad byte
+    /// somewhere (the csv crate then reads on from that block).
+    #[test]
+    fn lines_read_directly_equal_the_csv_crate() {
+        use rand::{Rng, SeedableRng};
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("input.csv");
+        let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(7);
+        for case in 0..40 {
+            let rows = [3usize, 900, 30_000][case % 3];
+            let crlf = case % 4 == 1;
+            let mut text: Vec<u8> = b"email,phone,region".to_vec();
+            text.extend_from_slice(if crlf { b"\r\n" } else { b"\n" });
+            // Where something other than plain cells goes, if anywhere.
+            let odd_row = if case % 5 == 0 {
+                usize::MAX
+            } else {
+                rng.random_range(0..rows)
+            };
+            let odd = case % 6;
+            for row in 0..rows {
+                if rng.random_range(0..50) == 0 {
+                    text.extend_from_slice(if crlf { b"\r\n" } else { b"\n" });
+                }
+                for field in 0..3 {
+                    if field > 0 {
+                        text.push(b',');
+                    }
+                    if row == odd_row && field == 1 {
+                        match odd {
+                            0 => text.extend_from_slice(b"\"quoted, with\nlines\""),
+                            1 => text.extend_from_slice(b"lone\rcr"),
+                            2 => text.extend_from_slice(b"short"),
+                            3 => text.extend_from_slice(b"bad\xff"),
+                            4 => text.extend_from_slice(b"x,extra"),
+                            _ => text.extend_from_slice("é".as_bytes()),
+                        }
+                        if odd == 2 {
+                            break;
+                        }
+                        continue;
+                    }
+                    match rng.random_range(0..8) {
+                        0 => {}
+                        1 => text.extend_from_slice("zoë".as_bytes()),
+                        _ => {
+                            let n = rng.random_range(1..24);
+                            text.extend((0..n).map(|_| rng.random_range(b'a'..=b'z')));
+                        }
+                    }
+                }
+                let last = row + 1 == rows;
+                if !last || case % 2 == 0 {
+                    text.extend_from_slice(if crlf && row % 3 != 0 { b"\r\n" } else { b"\n" });
+                }
+            }
+            std::fs::write(&path, &text).unwrap();
+            for (max_rows, indices) in [(8192, &[0usize, 1, 2][..]), (7, &[2, 0][..])] {
+                let direct = outcome(&path, max_rows, indices, true);
+                let csv_only = outcome(&path, max_rows, indices, false);
+                assert!(direct == csv_only, "case {case}, {max_rows} rows a chunk");
+            }
+        }
+    }
+
+    /// Errors name the line a row is on, past CRLF line ends and empty
+    /// lines, whether the row was read directly or by the csv crate (which
+    /// places a row where the one before it ended).
+    #[test]
+    fn errors_name_the_line_the_row_is_on() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("input.csv");
+        let cases: [(&[u8], &str); 4] = [
+            (
+                b"a,b,c\r\n\r\nx,y,z\r\nx,bad\xff,z\r\n",
+                "line 4: column \"b\" is not valid UTF-8",
+            ),
+            (
+                b"a,b,c\r\n\"q\",y,z\r\n\r\n\r\nx,bad\xff,z\r\n",
+                "line 5: column \"b\" is not valid UTF-8",
+            ),
+            (
+                b"a,b,c\n\n\nx,y\n",
+                "line 4: malformed CSV: 2 fields where the header has 3",
+            ),
+            (
+                b"a,b,c\r\n\"q\",y,z\r\n\r\nx,y\r\n",
+                "line 4: malformed CSV: 2 fields where the header has 3",
+            ),
+        ];
+        for (text, expected) in cases {
+            std::fs::write(&path, text).unwrap();
+            for direct in [true, false] {
+                let got = outcome(&path, 8, &[0, 1], direct);
+                assert!(got.ends_with(expected), "{got} (direct: {direct})");
+            }
+        }
     }
 
     /// Text, empty cells and a quoted field over two lines read back as

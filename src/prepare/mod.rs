@@ -5,6 +5,7 @@
 mod blind;
 mod erase;
 mod input;
+mod lines;
 mod seen;
 mod send;
 
