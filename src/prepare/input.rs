@@ -129,18 +129,26 @@ impl InputReader {
                     .map(|h| String::from_utf8_lossy(h).trim().to_string())
                     .collect();
                 let at = reader.position();
-                let lines = super::lines::Lines::new(
-                    File::open(path).map_err(io)?,
-                    [at.byte(), at.line(), at.record()],
-                    header.len(),
-                    csv_options.delimiter,
-                    csv_options.quote,
-                );
+                // A dialect whose delimiter or quote is a line end byte is
+                // left to the csv crate.
+                let plain = |b: u8| b != b'\n' && b != b'\r';
+                let lines = (plain(csv_options.delimiter) && plain(csv_options.quote))
+                    .then(|| File::open(path).map_err(io))
+                    .transpose()?
+                    .map(|file| {
+                        super::lines::Lines::new(
+                            file,
+                            [at.byte(), at.line(), at.record()],
+                            header.len(),
+                            csv_options.delimiter,
+                            csv_options.quote,
+                        )
+                    });
                 (
                     header,
                     Source::Csv {
                         reader,
-                        lines: Some(lines),
+                        lines,
                         record: csv::ByteRecord::new(),
                         text_bytes: Vec::new(),
                     },
@@ -445,8 +453,17 @@ mod tests {
     /// Every chunk's cells and first row, or the error's text, reading
     /// columns `indices`; with `direct` false only the csv crate reads.
     fn outcome(path: &Path, max_rows: usize, indices: &[usize], direct: bool) -> String {
-        let mut reader =
-            InputReader::open(path, InputFormat::Csv, CsvOptions::default(), max_rows).unwrap();
+        outcome_in(path, CsvOptions::default(), max_rows, indices, direct)
+    }
+
+    fn outcome_in(
+        path: &Path,
+        options: CsvOptions,
+        max_rows: usize,
+        indices: &[usize],
+        direct: bool,
+    ) -> String {
+        let mut reader = InputReader::open(path, InputFormat::Csv, options, max_rows).unwrap();
         if !direct && let Source::Csv { lines, .. } = &mut reader.source {
             *lines = None;
         }
@@ -490,7 +507,16 @@ mod tests {
         for case in 0..40 {
             let rows = [3usize, 900, 30_000][case % 3];
             let crlf = case % 4 == 1;
-            let mut text: Vec<u8> = b"email,phone,region".to_vec();
+            // Another dialect in a third of the cases.
+            let options = match case % 3 {
+                2 => CsvOptions {
+                    delimiter: b';',
+                    quote: b'\'',
+                },
+                _ => CsvOptions::default(),
+            };
+            let (sep, q) = (options.delimiter, options.quote);
+            let mut text: Vec<u8> = [&b"email"[..], &[sep], b"phone", &[sep], b"region"].concat();
             text.extend_from_slice(if crlf { b"\r\n" } else { b"\n" });
             // Where something other than plain cells goes, if anywhere.
             let odd_row = if case % 5 == 0 {
@@ -505,15 +531,17 @@ mod tests {
                 }
                 for field in 0..3 {
                     if field > 0 {
-                        text.push(b',');
+                        text.push(sep);
                     }
                     if row == odd_row && field == 1 {
                         match odd {
-                            0 => text.extend_from_slice(b"\"quoted, with\nlines\""),
+                            0 => text.extend_from_slice(
+                                &[&[q][..], b"quoted", &[sep], b" with\nlines", &[q]].concat(),
+                            ),
                             1 => text.extend_from_slice(b"lone\rcr"),
                             2 => text.extend_from_slice(b"short"),
                             3 => text.extend_from_slice(b"bad\xff"),
-                            4 => text.extend_from_slice(b"x,extra"),
+                            4 => text.extend_from_slice(&[b'x', sep, b'y']),
                             _ => text.extend_from_slice("é".as_bytes()),
                         }
                         if odd == 2 {
@@ -537,8 +565,8 @@ mod tests {
             }
             std::fs::write(&path, &text).unwrap();
             for (max_rows, indices) in [(8192, &[0usize, 1, 2][..]), (7, &[2, 0][..])] {
-                let direct = outcome(&path, max_rows, indices, true);
-                let csv_only = outcome(&path, max_rows, indices, false);
+                let direct = outcome_in(&path, options, max_rows, indices, true);
+                let csv_only = outcome_in(&path, options, max_rows, indices, false);
                 assert!(direct == csv_only, "case {case}, {max_rows} rows a chunk");
             }
         }
