@@ -399,6 +399,7 @@ impl Preparer {
         let Preparer { plan, stats, seen } = self;
         let plan = &*plan;
         let indices = plan.input_indices();
+        let file_bytes = reader.bytes_total();
         let mut failed = false;
         let chunks = std::iter::from_fn(move || {
             if failed {
@@ -420,6 +421,13 @@ impl Preparer {
             },
             |item: Result<(Counts, T, u64), PrepareError>| {
                 let step = item.and_then(|(counts, finished, position)| {
+                    if stats.rows_read == 0 && position > 0 {
+                        // The file's rows, as many per byte as in its
+                        // first chunk, with some to spare.
+                        let per_byte = counts.prefixes.len() as f64 / position as f64;
+                        let total = (file_bytes as f64 * per_byte * 1.02).min(1e9);
+                        seen.expect(total as usize);
+                    }
                     account(plan, stats, seen, counts);
                     take(stats, finished, position)
                 });

@@ -65,6 +65,13 @@ impl Seen {
         (value.wrapping_mul(0x9e37_79b9_7f4a_7c15) >> (64 - bits)) as usize
     }
 
+    /// Room for `total` values in all, made at once: a table doubled step
+    /// by step touches twice the memory, and each step moves every value
+    /// held to a slot the cache does not hold.
+    pub(super) fn expect(&mut self, total: usize) {
+        self.reserve(total.saturating_sub(self.len));
+    }
+
     /// Room for `more` values at most three quarters full.
     fn reserve(&mut self, more: usize) {
         let needed = (self.len + more) * 4 / 3 + 1;
@@ -89,6 +96,14 @@ mod tests {
     /// batches, and values alike in their low bits.
     #[test]
     fn counts_what_a_standard_set_counts() {
+        for expected in [None, Some(100_000), Some(400_000)] {
+            counts_as_a_standard_set(expected);
+        }
+    }
+
+    /// With `expected` values announced after the first batch: the table
+    /// made then holds them all without growing again.
+    fn counts_as_a_standard_set(expected_total: Option<usize>) {
         let mut seen = Seen::default();
         let mut reference = std::collections::HashSet::new();
         let mut next = 1u64;
@@ -106,6 +121,17 @@ mod tests {
                 .collect();
             let expected = values.iter().filter(|v| !reference.insert(**v)).count() as u64;
             assert_eq!(seen.insert_all(&values), expected, "batch {batch}");
+            if batch == 0
+                && let Some(total) = expected_total
+            {
+                seen.expect(total);
+            }
+        }
+        if let Some(total) = expected_total {
+            let made = (total * 4 / 3 + 1).next_power_of_two();
+            if seen.len <= total {
+                assert_eq!(seen.slots.len(), made, "grown after the announcement");
+            }
         }
         assert_eq!(seen.len + usize::from(seen.zero), reference.len());
         assert!(seen.slots.len() > MIN_SLOTS);
