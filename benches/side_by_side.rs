@@ -144,6 +144,7 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         seed: 1,
         out: synth.clone(),
     })?;
+    common::flush_files(&synth)?;
     let (acme_file, globex_file) = (
         synth.join(cleanroom::synth::ACME_FILE),
         synth.join(cleanroom::synth::GLOBEX_FILE),

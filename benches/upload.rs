@@ -51,6 +51,7 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         seed: 1,
         out: work.path().join("synth"),
     })?;
+    common::flush_files(&work.path().join("synth"))?;
     let input = work.path().join("synth").join(cleanroom::synth::ACME_FILE);
     let size = std::fs::metadata(&input)?.len();
     println!(

@@ -40,6 +40,20 @@ pub fn python_with(venv_name: &str, packages: &[&str]) -> Result<std::path::Path
 }
 
 /// Runs a command; its standard output, or its standard error as the error.
+/// Writes the generated files in `dir` to disk before anything is timed: a
+/// partner's export is long written when it is uploaded, and the kernel
+/// writing back gigabytes of fresh file pages during the upload would be
+/// timed with it.
+pub fn flush_files(dir: &std::path::Path) -> std::io::Result<()> {
+    for entry in std::fs::read_dir(dir)? {
+        let path = entry?.path();
+        if path.is_file() {
+            std::fs::File::open(&path)?.sync_all()?;
+        }
+    }
+    Ok(())
+}
+
 pub fn run(cmd: &mut std::process::Command) -> Result<String, String> {
     let out = cmd.output().map_err(|e| e.to_string())?;
     if !out.status.success() {

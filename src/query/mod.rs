@@ -143,7 +143,7 @@ pub fn agreement_tables(policy: &Policy, mut batches: Vec<Vec<RecordBatch>>) -> 
 /// buffer, which would otherwise stay in memory whole. Identifier columns
 /// are copied too with `own_identifiers` (for a reader about to use the
 /// chunk's buffer again); they are replaced by dense keys once matched.
-pub fn table_form(d: &Dataset, batch: &RecordBatch, own_identifiers: bool) -> RecordBatch {
+pub(crate) fn table_form(d: &Dataset, batch: &RecordBatch, own_identifiers: bool) -> RecordBatch {
     let identifiers: Vec<&str> = d.identifier_columns().into_iter().map(|(c, _)| c).collect();
     let schema = batch.schema();
     let mut fields: Vec<Field> = schema.fields().iter().map(|f| f.as_ref().clone()).collect();
@@ -175,7 +175,10 @@ pub fn table_form(d: &Dataset, batch: &RecordBatch, own_identifiers: bool) -> Re
 }
 
 /// [`agreement_tables`] of batches already in [`table_form`].
-pub fn tables_of_table_form(policy: &Policy, batches: Vec<Vec<RecordBatch>>) -> Vec<TableData> {
+pub(crate) fn tables_of_table_form(
+    policy: &Policy,
+    batches: Vec<Vec<RecordBatch>>,
+) -> Vec<TableData> {
     let identifiers: Vec<Vec<(&str, &str)>> = policy
         .datasets()
         .iter()

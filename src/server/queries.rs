@@ -238,14 +238,15 @@ impl TableCache {
                 })
                 .collect::<Result<Vec<_>, ServiceError>>()
         })?;
-        let decrypted = started.elapsed();
+        // Decrypted, decoded and copied into the tables' form.
+        let read_time = started.elapsed();
         let tables = tables_of_table_form(policy, batches);
         state.metrics().tables_loaded();
         tracing::info!(
             agreement = policy.id(),
             rows = tables.iter().map(|t| t.person_of_row.len()).sum::<usize>(),
-            decrypt_ms = decrypted.as_millis() as u64,
-            match_ms = (started.elapsed() - decrypted).as_millis() as u64,
+            read_ms = read_time.as_millis() as u64,
+            match_ms = (started.elapsed() - read_time).as_millis() as u64,
             "query tables matched"
         );
         Ok(tables)
