@@ -126,14 +126,9 @@ impl Lines {
                 let line = &region[consumed..at];
                 let line = line.strip_suffix(b"\r").unwrap_or(line);
                 if !line.is_empty() {
-                    self.ends.push(line.len());
-                    if self.ends.len() != self.fields {
-                        return Ok(Err(Unequal {
-                            line: self.line,
-                            fields: self.ends.len(),
-                        }));
+                    if let Err(u) = give(line, &mut self.ends, self.fields, self.line, &mut row) {
+                        return Ok(Err(u));
                     }
-                    row(line, &self.ends, self.line);
                     self.records += 1;
                     taken += 1;
                 }
@@ -147,14 +142,9 @@ impl Lines {
             if taken < max && consumed < region.len() {
                 // The file's last line, without a line end.
                 let line = &region[consumed..];
-                self.ends.push(line.len());
-                if self.ends.len() != self.fields {
-                    return Ok(Err(Unequal {
-                        line: self.line,
-                        fields: self.ends.len(),
-                    }));
+                if let Err(u) = give(line, &mut self.ends, self.fields, self.line, &mut row) {
+                    return Ok(Err(u));
                 }
-                row(line, &self.ends, self.line);
                 self.records += 1;
                 taken += 1;
                 consumed = region.len();
@@ -205,4 +195,24 @@ impl Lines {
         self.checked = complete;
         Ok(None)
     }
+}
+
+/// Ends line `number` with its last field and gives it to `row`, if it has
+/// the header's `fields`.
+fn give(
+    line: &[u8],
+    ends: &mut Vec<usize>,
+    fields: usize,
+    number: u64,
+    row: &mut impl FnMut(&[u8], &[usize], u64),
+) -> Result<(), Unequal> {
+    ends.push(line.len());
+    if ends.len() != fields {
+        return Err(Unequal {
+            line: number,
+            fields: ends.len(),
+        });
+    }
+    row(line, ends, number);
+    Ok(())
 }
