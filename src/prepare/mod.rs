@@ -555,7 +555,7 @@ impl Plan {
                 Kind::Text => {
                     let mut b = StringBuilder::with_capacity(n, n * 8);
                     for v in input.iter() {
-                        match v.map(str::trim).filter(|t| !t.is_empty()) {
+                        match v.map(crate::identity::trim).filter(|t| !t.is_empty()) {
                             Some(t) => b.append_value(t),
                             None => b.append_null(),
                         }
@@ -608,7 +608,8 @@ impl Plan {
                             (chunk.first_row + row as u64, col.name.clone())
                         })?
                         .filter(|x| x.is_finite());
-                        if v.is_some_and(|t| !t.trim().is_empty()) && cell.is_none() {
+                        if v.is_some_and(|t| !crate::identity::trim(t).is_empty()) && cell.is_none()
+                        {
                             return Err(PrepareError::Value {
                                 row: chunk.first_row + row as u64,
                                 column: col.name.clone(),
@@ -671,7 +672,7 @@ fn parse_with<T>(
     parse: impl Fn(&str) -> Option<T>,
     place: impl Fn() -> (u64, String),
 ) -> Result<Option<T>, PrepareError> {
-    match cell.map(str::trim).filter(|t| !t.is_empty()) {
+    match cell.map(crate::identity::trim).filter(|t| !t.is_empty()) {
         None => Ok(None),
         Some(t) => parse(t).map(Some).ok_or_else(|| {
             let (row, column) = place();
