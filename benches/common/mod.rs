@@ -40,10 +40,11 @@ pub fn python_with(venv_name: &str, packages: &[&str]) -> Result<std::path::Path
 }
 
 /// Runs a command; its standard output, or its standard error as the error.
-/// Writes the generated files in `dir` to disk before anything is timed: a
-/// partner's export is long written when it is uploaded, and the kernel
-/// writing back gigabytes of fresh file pages during the upload would be
-/// timed with it.
+/// Writes the generated files in `dir`, and every other file page not yet
+/// on disk (the bench binaries `cargo bench` just linked, say), to disk
+/// before anything is timed: a partner's export is long written when it is
+/// uploaded, and the kernel writing back fresh file pages during the upload
+/// (it starts on pages 30 s old) would be timed with it.
 pub fn flush_files(dir: &std::path::Path) -> std::io::Result<()> {
     for entry in std::fs::read_dir(dir)? {
         let path = entry?.path();
@@ -51,6 +52,8 @@ pub fn flush_files(dir: &std::path::Path) -> std::io::Result<()> {
             std::fs::File::open(&path)?.sync_all()?;
         }
     }
+    // Everything else: the system's sync command, where there is one.
+    let _ = std::process::Command::new("sync").status();
     Ok(())
 }
 
