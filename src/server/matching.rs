@@ -237,7 +237,9 @@ pub(crate) fn matched_people(
         return Ok(people);
     }
     // Only the identifier columns are kept, in buffers of their own, so
-    // each version is read through one chunk's memory.
+    // each version is read through one chunk's memory (under `ecdh` they
+    // already are: the points substituted for them).
+    let keyed = policy.matching() == crate::policy::Matching::Keyed;
     let read = |d: &Dataset, v: &VersionInfo| {
         let identifiers: Vec<&str> = d.identifier_columns().into_iter().map(|(c, _)| c).collect();
         read_matchable(store, policy, v, |batch| {
@@ -247,7 +249,10 @@ pub(crate) fn matched_people(
                 .collect();
             let columns = kept
                 .iter()
-                .map(|i| crate::query::owned(batch.column(*i)))
+                .map(|i| match keyed {
+                    true => crate::query::owned(batch.column(*i)),
+                    false => Arc::clone(batch.column(*i)),
+                })
                 .collect();
             schema
                 .project(&kept)
