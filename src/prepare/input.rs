@@ -572,6 +572,24 @@ mod tests {
         }
     }
 
+    /// A line longer than a block (the buffer grows for it), with short
+    /// lines before and after, reads as the csv crate reads it.
+    #[test]
+    fn a_line_longer_than_a_block_reads_whole() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("input.csv");
+        let mut text = b"a,b,c\nx,y,z\n".to_vec();
+        text.extend_from_slice(b"long,");
+        text.extend(std::iter::repeat_n(b'q', 700_000));
+        text.extend_from_slice(b",end\nx2,y2,z2\n");
+        std::fs::write(&path, &text).unwrap();
+        for indices in [&[0usize, 1, 2][..], &[1][..]] {
+            let direct = outcome(&path, 8, indices, true);
+            assert_eq!(direct, outcome(&path, 8, indices, false));
+            assert!(direct.contains(&"q".repeat(700_000)));
+        }
+    }
+
     /// Errors name the line a row is on, past CRLF line ends and empty
     /// lines, whether the row was read directly or by the csv crate (which
     /// places a row where the one before it ended).
