@@ -421,12 +421,8 @@ impl Preparer {
             },
             |item: Result<(Counts, T, u64), PrepareError>| {
                 let step = item.and_then(|(counts, finished, position)| {
-                    if stats.rows_read == 0 && position > 0 {
-                        // The file's rows, as many per byte as in its
-                        // first chunk, with some to spare.
-                        let per_byte = counts.prefixes.len() as f64 / position as f64;
-                        let total = (file_bytes as f64 * per_byte * 1.02).min(1e9);
-                        seen.expect(total as usize);
+                    if stats.rows_read == 0 {
+                        seen.expect(expected_values(counts.prefixes.len(), position, file_bytes));
                     }
                     account(plan, stats, seen, counts);
                     take(stats, finished, position)
@@ -446,6 +442,22 @@ impl Preparer {
         );
         outcome
     }
+}
+
+/// Most values the duplicate count's table is made for ahead of them
+/// (a 256 MiB table); past that it grows as values come.
+const MOST_EXPECTED: usize = 1 << 24;
+
+/// The values a file of `file_bytes` will give, as many per byte as its
+/// first `values` gave in `position` bytes, with 2% to spare; at most
+/// [`MOST_EXPECTED`], so a file whose first rows are unlike the rest
+/// cannot make the client reserve more than that.
+fn expected_values(values: usize, position: u64, file_bytes: u64) -> usize {
+    if position == 0 {
+        return 0;
+    }
+    let total = file_bytes as f64 * (values as f64 / position as f64) * 1.02;
+    total.min(MOST_EXPECTED as f64) as usize
 }
 
 /// Threads [`Preparer::prepare_all`] prepares on: one per core.
@@ -815,6 +827,20 @@ mod tests {
     /// Chunks prepared on 1 to 3 threads come out in input order with the
     /// same batches and counts as chunk by chunk, and each fingerprint is
     /// the one the single-value fingerprinter gives the normalised input.
+    /// The duplicate table is made for the file's rows as its first chunk
+    /// predicts, and never for more than MOST_EXPECTED values, however
+    /// short the first rows are next to the file's size.
+    #[test]
+    fn the_expected_values_are_predicted_and_capped() {
+        // 8,192 values in 800 KiB of a 1 GiB file.
+        let n = expected_values(8_192, 800 << 10, 1 << 30);
+        assert!((10_900_000..11_000_000).contains(&n), "{n}");
+        assert_eq!(expected_values(8_192, 8_192, u64::MAX / 2), MOST_EXPECTED);
+        assert_eq!(expected_values(8_192, 1, 1 << 40), MOST_EXPECTED);
+        assert_eq!(expected_values(0, 0, 1 << 30), 0);
+        assert_eq!(expected_values(0, 4_096, 1 << 30), 0);
+    }
+
     #[test]
     fn preparing_on_several_threads_keeps_order_values_and_counts() {
         let dir = tempfile::tempdir().unwrap();
