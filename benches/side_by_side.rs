@@ -200,6 +200,11 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         sent as f64 / up,
         sent
     );
+    // "  N batches, M MiB, S s, R rows/s": the command's own timing, from
+    // its start of reading to the server's answer.
+    if let Some(own) = said.lines().find(|l| l.trim_end().ends_with("rows/s")) {
+        println!("  as the command reports it: {}", own.trim());
+    }
     upload(
         &globex,
         &secret,
