@@ -620,7 +620,9 @@ impl Plan {
                             (chunk.first_row + row as u64, col.name.clone())
                         })?
                         .filter(|x| x.is_finite());
-                        if v.is_some_and(|t| !crate::identity::trim(t).is_empty()) && cell.is_none()
+                        // A cell that held a number but not a finite one
+                        // (trimmed again only then).
+                        if cell.is_none() && v.is_some_and(|t| !crate::identity::trim(t).is_empty())
                         {
                             return Err(PrepareError::Value {
                                 row: chunk.first_row + row as u64,

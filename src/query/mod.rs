@@ -131,28 +131,25 @@ impl TableData {
 pub fn agreement_tables(policy: &Policy, mut batches: Vec<Vec<RecordBatch>>) -> Vec<TableData> {
     use rayon::prelude::*;
     for (d, side) in policy.datasets().iter().zip(&mut batches) {
-        side.par_iter_mut()
-            .for_each(|b| *b = table_form(d, b, false));
+        side.par_iter_mut().for_each(|b| *b = table_form(d, b));
     }
     tables_of_table_form(policy, batches)
 }
 
 /// A stored batch of dataset `d` in the form the query tables keep: text
-/// dimensions as dictionaries (a fresh copy), the other columns copied into
-/// buffers of their own. A decoded batch's columns share their chunk's
-/// buffer, which would otherwise stay in memory whole. Identifier columns
-/// are copied too with `own_identifiers` (for a reader about to use the
-/// chunk's buffer again); they are replaced by dense keys once matched.
-pub(crate) fn table_form(d: &Dataset, batch: &RecordBatch, own_identifiers: bool) -> RecordBatch {
+/// dimensions as dictionaries (a fresh copy), the other non-identifier
+/// columns copied into buffers of their own. A decoded batch's columns
+/// share their chunk's buffer, which would otherwise stay in memory whole.
+/// Identifier columns are left as they are: they are replaced by dense keys
+/// once matched (the server's `read_matchable` gives them in buffers of
+/// their own).
+pub(crate) fn table_form(d: &Dataset, batch: &RecordBatch) -> RecordBatch {
     let identifiers: Vec<&str> = d.identifier_columns().into_iter().map(|(c, _)| c).collect();
     let schema = batch.schema();
     let mut fields: Vec<Field> = schema.fields().iter().map(|f| f.as_ref().clone()).collect();
     let mut columns: Vec<ArrayRef> = batch.columns().to_vec();
     for (i, field) in schema.fields().iter().enumerate() {
         if identifiers.contains(&field.name().as_str()) {
-            if own_identifiers {
-                columns[i] = owned(&columns[i]);
-            }
             continue;
         }
         // Into the engine's type (a text dimension into a dictionary,

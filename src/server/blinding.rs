@@ -79,17 +79,36 @@ pub(crate) fn partner_of<'p>(policy: &'p Policy, org: &str) -> Option<&'p str> {
 }
 
 /// A version as matching and queries see it, each batch as `keep` makes
-/// it ([`Store::read_with`]). Under `ecdh` every identifier becomes its
-/// doubly blinded point before `keep` sees it; None while the partner has
-/// not yet blinded this version.
+/// it ([`Store::read_with`]). `keep` sees the identifier columns already
+/// in buffers of their own: the fingerprints copied out of the decrypted
+/// chunk, or under `ecdh` the doubly blinded points substituted for them.
+/// None while the partner has not yet blinded this version.
 pub(crate) fn read_matchable(
     store: &Store,
     policy: &Policy,
     info: &VersionInfo,
     mut keep: impl FnMut(RecordBatch) -> Result<RecordBatch, ServiceError>,
 ) -> Result<Option<Vec<RecordBatch>>, ServiceError> {
+    let identifiers: Vec<&str> = policy
+        .dataset(&info.dataset)
+        .map(|d| d.identifier_columns().into_iter().map(|(c, _)| c).collect())
+        .unwrap_or_default();
     if policy.matching() == Matching::Keyed {
-        return Ok(Some(store.read_with(info, keep)?));
+        let owned = |batch: RecordBatch| -> Result<RecordBatch, ServiceError> {
+            let columns = batch
+                .schema()
+                .fields()
+                .iter()
+                .zip(batch.columns())
+                .map(|(f, c)| match identifiers.contains(&f.name().as_str()) {
+                    true => crate::query::owned(c),
+                    false => Arc::clone(c),
+                })
+                .collect();
+            RecordBatch::try_new(batch.schema(), columns)
+                .map_err(|e| ServiceError::Internal(format!("copying identifiers: {e}")))
+        };
+        return Ok(Some(store.read_with(info, |batch| keep(owned(batch)?))?));
     }
     if !is_matchable(store, policy, info)? {
         return Ok(None);
@@ -97,10 +116,6 @@ pub(crate) fn read_matchable(
     let Some(blinding) = store.blinding(info)? else {
         return Ok(None);
     };
-    let identifiers: Vec<&str> = policy
-        .dataset(&info.dataset)
-        .map(|d| d.identifier_columns().into_iter().map(|(c, _)| c).collect())
-        .unwrap_or_default();
     let index = blinding.index();
     let doubled = |batch: RecordBatch| -> Result<RecordBatch, ServiceError> {
         let mut columns: Vec<ArrayRef> = batch.columns().to_vec();

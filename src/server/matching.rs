@@ -236,10 +236,9 @@ pub(crate) fn matched_people(
         state.metrics().matched();
         return Ok(people);
     }
-    // Only the identifier columns are kept, in buffers of their own, so
-    // each version is read through one chunk's memory (under `ecdh` they
-    // already are: the points substituted for them).
-    let keyed = policy.matching() == crate::policy::Matching::Keyed;
+    // Only the identifier columns are kept (read_matchable gives them in
+    // buffers of their own), so each version is read through one chunk's
+    // memory.
     let read = |d: &Dataset, v: &VersionInfo| {
         let identifiers: Vec<&str> = d.identifier_columns().into_iter().map(|(c, _)| c).collect();
         read_matchable(store, policy, v, |batch| {
@@ -247,23 +246,8 @@ pub(crate) fn matched_people(
             let kept: Vec<usize> = (0..batch.num_columns())
                 .filter(|i| identifiers.contains(&schema.field(*i).name().as_str()))
                 .collect();
-            let columns = kept
-                .iter()
-                .map(|i| match keyed {
-                    true => crate::query::owned(batch.column(*i)),
-                    false => Arc::clone(batch.column(*i)),
-                })
-                .collect();
-            schema
+            batch
                 .project(&kept)
-                .and_then(|only| {
-                    arrow::record_batch::RecordBatch::try_new_with_options(
-                        Arc::new(only),
-                        columns,
-                        &arrow::record_batch::RecordBatchOptions::new()
-                            .with_row_count(Some(batch.num_rows())),
-                    )
-                })
                 .map_err(|e| ServiceError::Internal(format!("identifier columns: {e}")))
         })?
         .ok_or_else(|| not_blinded(policy, &v.dataset))

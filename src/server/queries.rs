@@ -214,13 +214,10 @@ impl TableCache {
         let store = state.store();
         let started = std::time::Instant::now();
         // Each chunk is put in the tables' form as it is read, so the
-        // reader goes on in the same chunk buffer. Under `ecdh` the
-        // identifier columns already are arrays of their own (the points
-        // substituted for them).
-        let keyed = policy.matching() == crate::policy::Matching::Keyed;
+        // reader goes on in the same chunk buffer.
         let read = |d: &crate::policy::Dataset, v: &Option<crate::storage::VersionInfo>| match v {
             Some(v) => Ok(super::blinding::read_matchable(store, policy, v, |b| {
-                Ok(crate::query::table_form(d, &b, keyed))
+                Ok(crate::query::table_form(d, &b))
             })?
             .unwrap_or_default()),
             None => Ok(Vec::new()),

@@ -5,13 +5,6 @@
 use std::collections::HashSet;
 use std::fmt;
 
-use crate::psi::Seeded;
-
-/// Dimension values, hashed under a key drawn per upload: a sender cannot
-/// craft values that collide, and a lookup costs a few multiplications
-/// rather than a SipHash round per row.
-type ValueSet = HashSet<String, Seeded>;
-
 use arrow::array::{Array, AsArray, FixedSizeBinaryArray, Float64Array, Int64Array, StringArray};
 use arrow::datatypes::{
     DataType, Date32Type, Float64Type, Int64Type, SchemaRef, TimeUnit, TimestampMicrosecondType,
@@ -20,6 +13,12 @@ use arrow::record_batch::RecordBatch;
 
 use super::upload_schema;
 use crate::policy::{ColumnRole, Dataset, Domain};
+use crate::psi::Seeded;
+
+/// Dimension values, hashed under a key drawn per upload: a sender cannot
+/// craft values that collide, and a lookup costs a few multiplications
+/// rather than a SipHash round per row.
+type ValueSet = HashSet<String, Seeded>;
 
 /// Most columns an upload's schema may have before it is refused unread.
 const MAX_COLUMNS: usize = 256;
@@ -499,19 +498,18 @@ fn rebuild(col: &dyn Array) -> Result<arrow::array::ArrayRef, arrow::error::Arro
         .nulls()
         .filter(|n| n.null_count() > 0)
         .map(|n| NullBuffer::new(BooleanBuffer::collect_bool(n.len(), |i| n.is_valid(i))));
-    let null_rows = |validity: &Option<NullBuffer>| -> Vec<usize> {
+    // The null slots, row by row.
+    fn null_rows(validity: &Option<NullBuffer>) -> impl Iterator<Item = usize> + '_ {
         validity
-            .as_ref()
-            .map(|n| (0..n.len()).filter(|i| n.is_null(*i)).collect())
-            .unwrap_or_default()
-    };
+            .iter()
+            .flat_map(|n| (0..n.len()).filter(|i| n.is_null(*i)))
+    }
     fn primitive<T: ArrowPrimitiveType>(
         a: &PrimitiveArray<T>,
         validity: Option<NullBuffer>,
-        nulls: Vec<usize>,
     ) -> Arc<PrimitiveArray<T>> {
         let mut values = a.values().to_vec();
-        for i in nulls {
+        for i in null_rows(&validity) {
             values[i] = T::Native::default();
         }
         Arc::new(PrimitiveArray::<T>::new(
@@ -519,7 +517,6 @@ fn rebuild(col: &dyn Array) -> Result<arrow::array::ArrayRef, arrow::error::Arro
             validity,
         ))
     }
-    let nulls = null_rows(&validity);
     Ok(match col.data_type() {
         DataType::Utf8 => {
             let s = col.as_string::<i32>();
@@ -552,19 +549,17 @@ fn rebuild(col: &dyn Array) -> Result<arrow::array::ArrayRef, arrow::error::Arro
                 validity,
             )?)
         }
-        DataType::Int64 => primitive(col.as_primitive::<Int64Type>(), validity, nulls),
-        DataType::Float64 => primitive(col.as_primitive::<Float64Type>(), validity, nulls),
-        DataType::Date32 => primitive(col.as_primitive::<Date32Type>(), validity, nulls),
-        DataType::Timestamp(TimeUnit::Microsecond, None) => primitive(
-            col.as_primitive::<TimestampMicrosecondType>(),
-            validity,
-            nulls,
-        ),
+        DataType::Int64 => primitive(col.as_primitive::<Int64Type>(), validity),
+        DataType::Float64 => primitive(col.as_primitive::<Float64Type>(), validity),
+        DataType::Date32 => primitive(col.as_primitive::<Date32Type>(), validity),
+        DataType::Timestamp(TimeUnit::Microsecond, None) => {
+            primitive(col.as_primitive::<TimestampMicrosecondType>(), validity)
+        }
         DataType::FixedSizeBinary(width) => {
             let values = col.as_fixed_size_binary();
             let w = usize::try_from(*width).unwrap_or(0);
             let mut bytes = values.value_data()[..values.len() * w].to_vec();
-            for i in nulls {
+            for i in null_rows(&validity) {
                 bytes[i * w..(i + 1) * w].fill(0);
             }
             Arc::new(FixedSizeBinaryArray::try_new(
