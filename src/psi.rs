@@ -640,29 +640,85 @@ fn people_and_keys_under(
     digest_keys: impl Fn() -> [Seeded; 2],
 ) -> (Vec<u32>, Vec<ColumnKeys>) {
     let total: usize = sides.iter().map(Side::rows).sum();
-    assert!(total < u32::MAX as usize, "more rows than a u32 can number");
     let mut kinds: Vec<&str> = sides
         .iter()
         .flat_map(|s| s.identifiers.iter().map(|(_, k)| *k))
         .collect();
     kinds.sort_unstable();
     kinds.dedup();
-    let mut uf = People::new(total);
-    let mut keys = Vec::new();
-    // Each kind's keys after the previous kinds': no key of one kind equals
-    // a key of another, as no fingerprint of one equals one of another.
-    let mut first_key = 0u32;
+    let mut linking = Linking::new(total, want_keys);
     for kind in kinds {
-        let index = index_kind(sides, kind, want_keys, first_key, digest_keys());
-        for (a, b) in index.links {
-            uf.union(a, b);
+        linking.add_kind_under(sides, kind, digest_keys());
+    }
+    linking.finish()
+}
+
+/// People numbered one identity kind at a time, so that only one kind's
+/// fingerprints need be in memory at once: each [`Linking::add_kind`] is
+/// given the same rows (the same batches, with at least that kind's
+/// columns), and [`Linking::finish`] gives what [`people_and_keys`] gives
+/// for all the kinds added.
+pub struct Linking {
+    people: People,
+    keys: Vec<ColumnKeys>,
+    /// The first key of the next kind: each kind's keys come after the
+    /// kinds' before it, so no key of one kind equals a key of another.
+    next_key: u32,
+    want_keys: bool,
+}
+
+impl std::fmt::Debug for Linking {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Linking")
+            .field("rows", &self.people.parent.len())
+            .field("next_key", &self.next_key)
+            .finish()
+    }
+}
+
+impl Linking {
+    /// For `rows` rows in all (numbered across the sides in order).
+    pub fn new(rows: usize, want_keys: bool) -> Self {
+        assert!(rows < u32::MAX as usize, "more rows than a u32 can number");
+        Linking {
+            people: People::new(rows),
+            keys: Vec::new(),
+            next_key: 0,
+            want_keys,
         }
-        keys.extend(index.keys);
-        first_key = first_key
+    }
+
+    /// Links the rows of `sides` sharing a fingerprint of `kind`. The sides
+    /// hold exactly the rows given to [`Linking::new`], in the same batches
+    /// every time; None (and nothing linked) if their number differs.
+    pub fn add_kind(&mut self, sides: &[Side<'_>], kind: &str) -> Option<()> {
+        let rows: usize = sides.iter().map(Side::rows).sum();
+        if rows != self.people.parent.len() {
+            return None;
+        }
+        self.add_kind_under(sides, kind, [Seeded::random(), Seeded::random()]);
+        Some(())
+    }
+
+    fn add_kind_under(&mut self, sides: &[Side<'_>], kind: &str, digest_keys: [Seeded; 2]) {
+        let index = index_kind(sides, kind, self.want_keys, self.next_key, digest_keys);
+        for (a, b) in index.links {
+            self.people.union(a, b);
+        }
+        self.keys.extend(index.keys);
+        self.next_key = self
+            .next_key
             .checked_add(index.distinct)
             .expect("more distinct identifiers than a u32 can number");
     }
-    ((0..total as u32).map(|row| uf.find(row)).collect(), keys)
+
+    /// The person number of every row, and (if wanted) the dense keys of
+    /// every identifier column of the kinds added.
+    pub fn finish(mut self) -> (Vec<u32>, Vec<ColumnKeys>) {
+        let rows = self.people.parent.len() as u32;
+        let persons = (0..rows).map(|row| self.people.find(row)).collect();
+        (persons, self.keys)
+    }
 }
 
 /// Matches two datasets. Rows without any fingerprint are people of their own.
@@ -777,6 +833,52 @@ mod tests {
         assert_eq!(m.people, [4, 3]);
         assert_eq!(m.person_of_row[2], m.person_of_row[3]);
         assert_eq!(m.person_of_row[0], m.person_of_row[5]);
+    }
+
+    /// Linking one kind at a time, each from batches holding only that
+    /// kind's column, numbers people as linking every kind at once does;
+    /// batches of another number of rows are refused, linking nothing.
+    #[test]
+    fn kinds_linked_one_at_a_time_number_people_alike() {
+        let a = [batch(&[
+            (Some(1), None),
+            (None, Some(2)),
+            (Some(3), None),
+            (None, Some(3)),
+            (Some(4), Some(4)),
+        ])];
+        let b = [batch(&[
+            (Some(1), Some(10)),
+            (Some(20), Some(2)),
+            (Some(3), Some(3)),
+        ])];
+        let [first, second] = two_sides(&a, &b, BOTH);
+        let (all, _) = people_and_keys(&[first, second], false);
+        let only = |batches: &[RecordBatch], column: usize| -> Vec<RecordBatch> {
+            batches
+                .iter()
+                .map(|b| b.project(&[column]).unwrap())
+                .collect()
+        };
+        let mut linking = Linking::new(8, false);
+        for (column, kind) in [(1, "phone"), (0, "email")] {
+            let (pa, pb) = (only(&a, column), only(&b, column));
+            let [first, second] = two_sides(&pa, &pb, BOTH);
+            assert_eq!(linking.add_kind(&[first, second], kind), Some(()));
+        }
+        let short = only(&a[..], 0);
+        let [first, _] = two_sides(&short, &short, BOTH);
+        assert_eq!(linking.add_kind(&[first], "email"), None);
+        let (one_at_a_time, _) = linking.finish();
+        let same = |x: &[u32]| -> Vec<Vec<bool>> {
+            x.iter()
+                .map(|p| x.iter().map(|q| p == q).collect())
+                .collect()
+        };
+        assert_eq!(same(&one_at_a_time), same(&all));
+        // Rows 2 and 3 of the first side meet only through the second
+        // side's last row, one on email and one on phone.
+        assert_eq!(one_at_a_time[2], one_at_a_time[3]);
     }
 
     #[test]

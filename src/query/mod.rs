@@ -192,6 +192,16 @@ pub(crate) fn tables_of_table_form(
     let (persons, keys) = crate::psi::people_and_keys(&sides, true);
     drop(sides);
     let batches = with_dense_keys(policy, batches, keys);
+    tables_with_people(policy, batches, persons)
+}
+
+/// The agreement's tables of `batches` (per dataset, in the policy's order)
+/// and the person number of every row across them, in the same order.
+pub(crate) fn tables_with_people(
+    policy: &Policy,
+    batches: Vec<Vec<RecordBatch>>,
+    persons: Vec<u32>,
+) -> Vec<TableData> {
     let persons = ScalarBuffer::from(persons);
     let mut offset = 0;
     policy
@@ -281,33 +291,55 @@ fn with_dense_keys(
     mut batches: Vec<Vec<RecordBatch>>,
     keys: Vec<crate::psi::ColumnKeys>,
 ) -> Vec<Vec<RecordBatch>> {
-    let by_place: HashMap<(usize, usize, String), ArrayRef> = keys
-        .into_iter()
-        .map(|k| ((k.side, k.batch, k.column), Arc::new(k.keys) as ArrayRef))
-        .collect();
+    let keys = KeysByPlace::new(keys);
     for ((side, d), side_batches) in policy.datasets().iter().enumerate().zip(&mut batches) {
-        let identifiers: Vec<&str> = d.identifier_columns().into_iter().map(|(c, _)| c).collect();
         for (batch_no, batch) in side_batches.iter_mut().enumerate() {
-            let schema = batch.schema();
-            let mut fields: Vec<Field> =
-                schema.fields().iter().map(|f| f.as_ref().clone()).collect();
-            let mut columns: Vec<ArrayRef> = batch.columns().to_vec();
-            for (i, field) in schema.fields().iter().enumerate() {
-                if !identifiers.contains(&field.name().as_str()) {
-                    continue;
-                }
-                columns[i] = by_place
-                    .get(&(side, batch_no, field.name().clone()))
-                    .map(Arc::clone)
-                    .unwrap_or_else(|| arrow::array::new_null_array(&KEY_TYPE, batch.num_rows()));
-                fields[i] = Field::new(field.name(), KEY_TYPE, true);
-            }
-            if let Ok(rekeyed) = RecordBatch::try_new(Arc::new(Schema::new(fields)), columns) {
-                *batch = rekeyed;
-            }
+            *batch = keys.put_in(d, side, batch_no, batch);
         }
     }
     batches
+}
+
+/// Dense keys by where they go: (side, batch, column).
+pub(crate) struct KeysByPlace(HashMap<(usize, usize, String), ArrayRef>);
+
+impl KeysByPlace {
+    pub(crate) fn new(keys: Vec<crate::psi::ColumnKeys>) -> Self {
+        KeysByPlace(
+            keys.into_iter()
+                .map(|k| ((k.side, k.batch, k.column), Arc::new(k.keys) as ArrayRef))
+                .collect(),
+        )
+    }
+
+    /// Batch `batch_no` of dataset `d` (side `side`) with every identifier
+    /// column replaced by its dense key (all nulls for a column the matcher
+    /// could not read).
+    pub(crate) fn put_in(
+        &self,
+        d: &Dataset,
+        side: usize,
+        batch_no: usize,
+        batch: &RecordBatch,
+    ) -> RecordBatch {
+        let identifiers: Vec<&str> = d.identifier_columns().into_iter().map(|(c, _)| c).collect();
+        let schema = batch.schema();
+        let mut fields: Vec<Field> = schema.fields().iter().map(|f| f.as_ref().clone()).collect();
+        let mut columns: Vec<ArrayRef> = batch.columns().to_vec();
+        for (i, field) in schema.fields().iter().enumerate() {
+            if !identifiers.contains(&field.name().as_str()) {
+                continue;
+            }
+            columns[i] = self
+                .0
+                .get(&(side, batch_no, field.name().clone()))
+                .map(Arc::clone)
+                .unwrap_or_else(|| arrow::array::new_null_array(&KEY_TYPE, batch.num_rows()));
+            fields[i] = Field::new(field.name(), KEY_TYPE, true);
+        }
+        RecordBatch::try_new(Arc::new(Schema::new(fields)), columns)
+            .unwrap_or_else(|_| batch.clone())
+    }
 }
 
 /// A copy of `array` in freshly allocated buffers (the array itself if it

@@ -14,8 +14,9 @@ use crate::error::ServiceError;
 use crate::policy::{Dataset, Policy, Right};
 use crate::privacy::{Measure, NoiseSource, Plan, Settings};
 use crate::proto;
-use crate::psi::{Side, match_people};
+use crate::psi::{Side, people_counts};
 use crate::storage::VersionInfo;
+use arrow::record_batch::RecordBatch;
 
 /// Implements `cleanroom.v1.Matching`.
 #[derive(Debug, Clone)]
@@ -236,45 +237,192 @@ pub(crate) fn matched_people(
         state.metrics().matched();
         return Ok(people);
     }
-    // Only the identifier columns are kept (read_matchable gives them in
-    // buffers of their own), so each version is read through one chunk's
-    // memory.
-    let read = |d: &Dataset, v: &VersionInfo| {
-        let identifiers: Vec<&str> = d.identifier_columns().into_iter().map(|(c, _)| c).collect();
-        read_matchable(store, policy, v, |batch| {
-            let schema = batch.schema();
-            let kept: Vec<usize> = (0..batch.num_columns())
-                .filter(|i| identifiers.contains(&schema.field(*i).name().as_str()))
-                .collect();
-            batch
-                .project(&kept)
-                .map_err(|e| ServiceError::Internal(format!("identifier columns: {e}")))
-        })?
-        .ok_or_else(|| not_blinded(policy, &v.dataset))
-    };
-    // The two versions are decrypted side by side.
-    let (batches_a, batches_b) = std::thread::scope(|scope| {
-        let second = scope.spawn(|| read(b, versions[1]));
-        let first = read(a, versions[0]);
-        let second = second
-            .join()
-            .unwrap_or_else(|_| Err(ServiceError::Internal("reading a version failed".into())));
-        Ok::<_, ServiceError>((first?, second?))
-    })?;
-    let (ids_a, ids_b) = (a.identifier_columns(), b.identifier_columns());
-    let m = match_people(
-        Side {
-            batches: &batches_a,
-            identifiers: &ids_a,
-        },
-        Side {
-            batches: &batches_b,
-            identifiers: &ids_b,
-        },
-    );
-    store.put_matched_overlap(versions, &hash, m.overlap)?;
+    // Linked kind by kind; only the person numbers are kept.
+    let linked = link_versions(
+        store,
+        policy,
+        &[(a, Some(versions[0])), (b, Some(versions[1]))],
+        false,
+    )?;
+    let first_rows: usize = linked.shape.0[0].iter().sum();
+    let (first, second) = linked.persons.split_at(first_rows);
+    let [_, _, overlap] = people_counts(first, second)
+        .ok_or_else(|| ServiceError::Internal("person numbers out of range".into()))?;
+    store.put_matched_overlap(versions, &hash, overlap)?;
     state.metrics().matched();
-    Ok(m.overlap)
+    Ok(overlap)
+}
+
+/// Time spent reading versions (decrypting, decoding, copying) and matching
+/// them (indexing, linking, keying).
+#[derive(Debug, Default, Clone, Copy)]
+pub(super) struct LoadTimes {
+    pub(super) read: std::time::Duration,
+    pub(super) matching: std::time::Duration,
+}
+
+/// The rows of every batch of every side, as the first pass over the
+/// versions read them: every later pass must read the same.
+#[derive(Debug, Default)]
+pub(super) struct Shape(Vec<Vec<usize>>);
+
+impl Shape {
+    fn of(batches: &[Vec<RecordBatch>]) -> Self {
+        Shape(
+            batches
+                .iter()
+                .map(|side| side.iter().map(RecordBatch::num_rows).collect())
+                .collect(),
+        )
+    }
+
+    /// An error if `batches` are not in this shape (a version read
+    /// differently from one pass to the next).
+    pub(super) fn check(&self, batches: &[Vec<RecordBatch>]) -> Result<(), ServiceError> {
+        if Shape::of(batches).0 != self.0 {
+            return Err(ServiceError::Internal(
+                "a version read differently from one pass to the next".into(),
+            ));
+        }
+        Ok(())
+    }
+}
+
+/// What linking versions' identifier columns gave.
+#[derive(Debug)]
+pub(super) struct Linked {
+    /// The person number of every row, the sides' rows in order.
+    pub(super) persons: Vec<u32>,
+    /// With keys wanted, the dense keys of every identifier column.
+    pub(super) keys: Vec<crate::psi::ColumnKeys>,
+    pub(super) shape: Shape,
+    pub(super) took: LoadTimes,
+}
+
+/// Each side's batches, `read` side by side; `read` is given the side's
+/// number and version (a side without a version has no batches).
+pub(super) fn read_side_by_side(
+    sides: &[(&Dataset, Option<&VersionInfo>)],
+    read: &(impl Fn(usize, &VersionInfo) -> Result<Vec<RecordBatch>, ServiceError> + Sync),
+) -> Result<Vec<Vec<RecordBatch>>, ServiceError> {
+    std::thread::scope(|scope| {
+        let reads: Vec<_> = sides
+            .iter()
+            .enumerate()
+            .map(|(side, (_, v))| {
+                scope.spawn(move || match v {
+                    Some(v) => read(side, v),
+                    None => Ok(Vec::new()),
+                })
+            })
+            .collect();
+        reads
+            .into_iter()
+            .map(|r| {
+                r.join().unwrap_or_else(|_| {
+                    Err(ServiceError::Internal("reading a version failed".into()))
+                })
+            })
+            .collect()
+    })
+}
+
+/// Links the rows of the `sides`' versions into people, one identity kind
+/// at a time.
+///
+/// Fingerprints are the largest thing a matching holds (32 bytes each), so
+/// each kind's identifier columns are read from the versions (side by side,
+/// through one chunk's memory each), indexed and linked, then dropped,
+/// keeping only their dense keys. Under `ecdh` every kind is read in one
+/// pass, as the points are substituted on every read. Each version is
+/// decrypted once per pass; the memory held is one kind's fingerprints, not
+/// every kind's.
+pub(super) fn link_versions(
+    store: &crate::storage::Store,
+    policy: &Policy,
+    sides: &[(&Dataset, Option<&VersionInfo>)],
+    want_keys: bool,
+) -> Result<Linked, ServiceError> {
+    let mut took = LoadTimes::default();
+    let mut kinds: Vec<&str> = sides
+        .iter()
+        .flat_map(|(d, _)| d.identifier_columns().into_iter().map(|(_, k)| k))
+        .collect();
+    kinds.sort_unstable();
+    kinds.dedup();
+    let mut passes: Vec<Vec<&str>> = match policy.matching() {
+        crate::policy::Matching::Keyed => kinds.iter().map(|k| vec![*k]).collect(),
+        crate::policy::Matching::Ecdh => vec![kinds.clone()],
+    };
+    // Without any identifier column, one pass counts the rows: every row
+    // is then a person of its own.
+    if passes.is_empty() {
+        passes.push(Vec::new());
+    }
+    let identifiers: Vec<Vec<(&str, &str)>> =
+        sides.iter().map(|(d, _)| d.identifier_columns()).collect();
+    let mut shape: Option<Shape> = None;
+    let mut linking: Option<crate::psi::Linking> = None;
+    for pass in &passes {
+        let started = std::time::Instant::now();
+        let batches = read_side_by_side(sides, &|side, v| {
+            let wanted: Vec<&str> = identifiers[side]
+                .iter()
+                .filter(|(_, k)| pass.contains(k))
+                .map(|(c, _)| *c)
+                .collect();
+            read_matchable(store, policy, v, |batch| {
+                let schema = batch.schema();
+                let kept: Vec<usize> = (0..batch.num_columns())
+                    .filter(|i| wanted.contains(&schema.field(*i).name().as_str()))
+                    .collect();
+                batch
+                    .project(&kept)
+                    .map_err(|e| ServiceError::Internal(format!("identifier columns: {e}")))
+            })?
+            .ok_or_else(|| not_blinded(policy, &v.dataset))
+        })?;
+        match &shape {
+            Some(s) => s.check(&batches)?,
+            None => shape = Some(Shape::of(&batches)),
+        }
+        took.read += started.elapsed();
+        let started = std::time::Instant::now();
+        let linking = linking.get_or_insert_with(|| {
+            crate::psi::Linking::new(
+                batches.iter().flatten().map(RecordBatch::num_rows).sum(),
+                want_keys,
+            )
+        });
+        let sides: Vec<Side<'_>> = batches
+            .iter()
+            .zip(&identifiers)
+            .map(|(b, ids)| Side {
+                batches: b,
+                identifiers: ids,
+            })
+            .collect();
+        for kind in pass {
+            linking.add_kind(&sides, kind).ok_or_else(|| {
+                ServiceError::Internal(
+                    "a version read differently from one pass to the next".into(),
+                )
+            })?;
+        }
+        took.matching += started.elapsed();
+    }
+    let (Some(linking), Some(shape)) = (linking, shape) else {
+        return Err(ServiceError::Internal("no pass over the versions".into()));
+    };
+    let started = std::time::Instant::now();
+    let (persons, keys) = linking.finish();
+    took.matching += started.elapsed();
+    Ok(Linked {
+        persons,
+        keys,
+        shape,
+        took,
+    })
 }
 
 /// Matches the agreement's current versions ahead of requests: loads its
@@ -389,7 +537,7 @@ fn overlap_in_tables(
     {
         return None;
     }
-    let [_, _, both] = crate::psi::people_counts(&first.person_of_row, &second.person_of_row)?;
+    let [_, _, both] = people_counts(&first.person_of_row, &second.person_of_row)?;
     Some(both)
 }
 

@@ -10,13 +10,15 @@ use super::AppState;
 use super::auth::caller;
 use super::budget::{Charged, epsilon_for, no_epsilon, privacy_report};
 use super::datasets::agreement_in_force;
+use super::matching::{LoadTimes, link_versions, read_side_by_side};
 use crate::audit::Event;
 use crate::error::ServiceError;
 use crate::policy::{Policy, QueryMode, Right};
 use crate::privacy::NoiseSource;
 use crate::proto;
 use crate::proto::query_response::Part;
-use crate::query::{QueryError, QueryLimits, QueryOutcome, TableData, tables_of_table_form};
+use crate::query::{QueryError, QueryLimits, QueryOutcome, TableData};
+use crate::storage::VersionInfo;
 
 /// One agreement's tables and the versions (and policy) they were built from.
 #[derive(Debug)]
@@ -204,49 +206,20 @@ impl TableCache {
         tables
     }
 
-    /// The tables of `versions`, decrypted (side by side), matched and keyed.
+    /// The tables of `versions`, read and matched ([`read_and_match`]).
     fn matched(
         &self,
         state: &AppState,
         policy: &Policy,
-        versions: &[Option<crate::storage::VersionInfo>],
+        versions: &[Option<VersionInfo>],
     ) -> Result<Vec<TableData>, ServiceError> {
-        let store = state.store();
-        let started = std::time::Instant::now();
-        // Each chunk is put in the tables' form as it is read, so the
-        // reader goes on in the same chunk buffer.
-        let read = |d: &crate::policy::Dataset, v: &Option<crate::storage::VersionInfo>| match v {
-            Some(v) => Ok(super::blinding::read_matchable(store, policy, v, |b| {
-                Ok(crate::query::table_form(d, &b))
-            })?
-            .unwrap_or_default()),
-            None => Ok(Vec::new()),
-        };
-        let batches = std::thread::scope(|scope| {
-            let reads: Vec<_> = policy
-                .datasets()
-                .iter()
-                .zip(versions)
-                .map(|(d, v)| scope.spawn(move || read(d, v)))
-                .collect();
-            reads
-                .into_iter()
-                .map(|r| {
-                    r.join().unwrap_or_else(|_| {
-                        Err(ServiceError::Internal("reading a version failed".into()))
-                    })
-                })
-                .collect::<Result<Vec<_>, ServiceError>>()
-        })?;
-        // Decrypted, decoded and copied into the tables' form.
-        let read_time = started.elapsed();
-        let tables = tables_of_table_form(policy, batches);
+        let (tables, took) = read_and_match(state.store(), policy, versions)?;
         state.metrics().tables_loaded();
         tracing::info!(
             agreement = policy.id(),
             rows = tables.iter().map(|t| t.person_of_row.len()).sum::<usize>(),
-            read_ms = read_time.as_millis() as u64,
-            match_ms = (started.elapsed() - read_time).as_millis() as u64,
+            read_ms = took.read.as_millis() as u64,
+            match_ms = took.matching.as_millis() as u64,
             "query tables matched"
         );
         Ok(tables)
@@ -881,6 +854,43 @@ impl proto::queries_server::Queries for QueriesService {
     }
 }
 
+/// The query tables of `versions` (in the policy's dataset order; None
+/// where a dataset has none), matched and keyed: the identifier columns are
+/// linked kind by kind ([`link_versions`]), then a last pass reads the
+/// other columns into the tables' form and puts the keys in, each chunk as
+/// it is read, so the reader goes on in the same chunk buffer.
+fn read_and_match(
+    store: &crate::storage::Store,
+    policy: &Policy,
+    versions: &[Option<VersionInfo>],
+) -> Result<(Vec<TableData>, LoadTimes), ServiceError> {
+    let sides: Vec<(&crate::policy::Dataset, Option<&VersionInfo>)> = policy
+        .datasets()
+        .iter()
+        .zip(versions)
+        .map(|(d, v)| (d, v.as_ref()))
+        .collect();
+    let linked = link_versions(store, policy, &sides, true)?;
+    let mut took = linked.took;
+    let started = std::time::Instant::now();
+    let keys = crate::query::KeysByPlace::new(linked.keys);
+    let batches = read_side_by_side(&sides, &|side, v| {
+        let d = sides[side].0;
+        let mut batch_no = 0usize;
+        store.read_with(v, |batch| {
+            let keyed = keys.put_in(d, side, batch_no, &batch);
+            batch_no += 1;
+            Ok::<_, ServiceError>(crate::query::table_form(d, &keyed))
+        })
+    })?;
+    linked.shape.check(&batches)?;
+    took.read += started.elapsed();
+    Ok((
+        crate::query::tables_with_people(policy, batches, linked.persons),
+        took,
+    ))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -982,6 +992,311 @@ min_group_size = 5
             "{before}"
         );
         assert!(after <= before + 1024, "{after} against {before}");
+    }
+
+    /// A fingerprint of identity `kind` (0 or 1) for person-ish number `n`:
+    /// equal for equal (kind, n), never equal across kinds.
+    fn fp(kind: u8, n: u64) -> [u8; 32] {
+        let mut out = [kind; 32];
+        out[..8].copy_from_slice(&n.to_le_bytes());
+        out
+    }
+
+    /// Reading and matching one identity kind at a time gives the tables a
+    /// plain computation gives: rows joined into people by label
+    /// propagation over shared (kind, fingerprint) pairs, keys equal exactly
+    /// where fingerprints of one kind are, and every other value as stored.
+    #[test]
+    fn tables_read_kind_by_kind_equal_a_plain_matching() {
+        let policy = crate::policy::parse_policy(
+            r#"[agreement]
+id = "unit"
+purpose = "test"
+expires = 2099-12-31
+retention_days = 30
+salt = "00112233445566778899aabbccddeeff00112233445566778899aabbccddeeff"
+
+[identity.email]
+profile = "email"
+
+[identity.phone]
+profile = "phone"
+default_country = "US"
+
+[[party]]
+org = "acme"
+rights = ["upload", "query", "receive_results"]
+
+[[party]]
+org = "globex"
+rights = ["upload"]
+
+[[dataset]]
+name = "customers"
+owner = "acme"
+
+[[dataset.column]]
+name = "region"
+role = "dimension"
+values = ["north", "south"]
+
+[[dataset.column]]
+name = "email"
+role = "identifier"
+kind = "email"
+
+[[dataset.column]]
+name = "spend"
+role = "metric"
+type = "float"
+min = 0
+max = 100
+
+[[dataset.column]]
+name = "phone"
+role = "identifier"
+kind = "phone"
+
+[[dataset]]
+name = "audience"
+owner = "globex"
+
+[[dataset.column]]
+name = "phone"
+role = "identifier"
+kind = "phone"
+
+[[dataset.column]]
+name = "email"
+role = "identifier"
+kind = "email"
+
+[[dataset.column]]
+name = "visits"
+role = "metric"
+type = "integer"
+min = 0
+max = 100
+
+[query]
+aggregates = ["count"]
+min_group_size = 5
+"#,
+            std::path::Path::new("unit.toml"),
+        )
+        .unwrap();
+        use arrow::array::{Array, FixedSizeBinaryArray};
+        let dir = tempfile::tempdir().unwrap();
+        let store = crate::storage::Store::open(dir.path(), None).unwrap();
+        let mut state = 0x2545_f491_4f6c_dd1du64;
+        let mut next = move |n: u64| {
+            state ^= state << 13;
+            state ^= state >> 7;
+            state ^= state << 17;
+            state % n
+        };
+        // (email, phone) numbers per row, both datasets, rows in order.
+        let mut given: Vec<(Option<u64>, Option<u64>)> = Vec::new();
+        let mut stored_values: Vec<(Option<&str>, Option<f64>, Option<i64>)> = Vec::new();
+        let mut versions = Vec::new();
+        for (d, chunks) in policy.datasets().iter().zip([
+            vec![1usize, 700, 1_300, 97, 0, 2_048],
+            vec![1_500usize, 3, 900, 1],
+        ]) {
+            let mut staged = store.stage(policy.id(), d.name()).unwrap();
+            for rows in chunks {
+                let mut emails = Vec::new();
+                let mut phones = Vec::new();
+                let mut other_a = Vec::new();
+                let mut other_b = Vec::new();
+                for _ in 0..rows {
+                    // Small pools, so that rows share values within and
+                    // across datasets and chain email to phone.
+                    let e = (next(10) != 0).then(|| next(1_500));
+                    let p = (next(4) != 0 || e.is_none()).then(|| next(900));
+                    emails.push(e.map(|n| fp(0, n)));
+                    phones.push(p.map(|n| fp(1, n)));
+                    given.push((e, p));
+                    if d.name() == "customers" {
+                        let r = ["north", "south"][next(2) as usize];
+                        let spend = next(100) as f64 / 4.0;
+                        other_a.push((next(7) != 0).then_some(r));
+                        other_b.push(spend);
+                        stored_values.push((other_a.last().copied().flatten(), Some(spend), None));
+                    } else {
+                        let v = next(100) as i64;
+                        other_b.push(v as f64);
+                        stored_values.push((None, None, Some(v)));
+                    }
+                }
+                let fps = |v: &Vec<Option<[u8; 32]>>| -> ArrayRef {
+                    Arc::new(
+                        FixedSizeBinaryArray::try_from_sparse_iter_with_size(
+                            v.iter().map(|f| f.as_ref().map(|f| f.to_vec())),
+                            32,
+                        )
+                        .unwrap(),
+                    )
+                };
+                let batch = if d.name() == "customers" {
+                    RecordBatch::try_new(
+                        Arc::new(Schema::new(vec![
+                            Field::new("region", DataType::Utf8, true),
+                            Field::new("email", DataType::FixedSizeBinary(32), true),
+                            Field::new("spend", DataType::Float64, true),
+                            Field::new("phone", DataType::FixedSizeBinary(32), true),
+                        ])),
+                        vec![
+                            Arc::new(StringArray::from(other_a)),
+                            fps(&emails),
+                            Arc::new(Float64Array::from(other_b)),
+                            fps(&phones),
+                        ],
+                    )
+                } else {
+                    RecordBatch::try_new(
+                        Arc::new(Schema::new(vec![
+                            Field::new("phone", DataType::FixedSizeBinary(32), true),
+                            Field::new("email", DataType::FixedSizeBinary(32), true),
+                            Field::new("visits", DataType::Int64, true),
+                        ])),
+                        vec![
+                            fps(&phones),
+                            fps(&emails),
+                            Arc::new(Int64Array::from_iter_values(
+                                other_b.iter().map(|v| *v as i64),
+                            )),
+                        ],
+                    )
+                }
+                .unwrap();
+                staged
+                    .append(&crate::upload::encode_batch(&batch).unwrap(), rows as u64)
+                    .unwrap();
+            }
+            versions.push(Some(
+                store.commit(staged, "u", d.owner(), "h", 1, None).unwrap(),
+            ));
+        }
+        let (tables, _) = read_and_match(&store, &policy, &versions).unwrap();
+
+        // The plain computation: every row starts as its own label; rows
+        // sharing a (kind, number) take the smallest label among them,
+        // until nothing changes.
+        let mut label: Vec<usize> = (0..given.len()).collect();
+        let mut groups: HashMap<(u8, u64), Vec<usize>> = HashMap::new();
+        for (row, (e, p)) in given.iter().enumerate() {
+            for (kind, v) in [(0u8, e), (1u8, p)] {
+                if let Some(n) = v {
+                    groups.entry((kind, *n)).or_default().push(row);
+                }
+            }
+        }
+        loop {
+            let mut changed = false;
+            for rows in groups.values() {
+                let least = rows.iter().map(|r| label[*r]).min().unwrap();
+                for r in rows {
+                    changed |= label[*r] != least;
+                    label[*r] = least;
+                }
+            }
+            if !changed {
+                break;
+            }
+        }
+        let persons: Vec<u32> = tables
+            .iter()
+            .flat_map(|t| t.person_of_row.iter().copied())
+            .collect();
+        assert_eq!(persons.len(), given.len());
+        // Same partition of the rows: a bijection between labels and persons.
+        let mut to_person: HashMap<usize, u32> = HashMap::new();
+        let mut to_label: HashMap<u32, usize> = HashMap::new();
+        for (l, p) in label.iter().zip(&persons) {
+            assert_eq!(
+                *to_person.entry(*l).or_insert(*p),
+                *p,
+                "one label, two persons"
+            );
+            assert_eq!(
+                *to_label.entry(*p).or_insert(*l),
+                *l,
+                "one person, two labels"
+            );
+        }
+        assert!(
+            to_person.len() < given.len() / 2,
+            "the pools make people share rows"
+        );
+
+        // Keys: a bijection with (kind, number), null where none.
+        let mut key_of: HashMap<(u8, u64), Vec<u8>> = HashMap::new();
+        let mut value_of: HashMap<Vec<u8>, (u8, u64)> = HashMap::new();
+        let mut row = 0usize;
+        let mut values = Vec::new();
+        for t in &tables {
+            for batch in &t.batches {
+                let (schema, shown) =
+                    crate::query::for_caller(&batch.schema(), vec![batch.clone()]).unwrap();
+                let shown = &shown[0];
+                for r in 0..batch.num_rows() {
+                    for (kind, name, v) in [
+                        (0u8, "email", given[row + r].0),
+                        (1u8, "phone", given[row + r].1),
+                    ] {
+                        let keys = batch
+                            .column(schema.index_of(name).unwrap())
+                            .as_any()
+                            .downcast_ref::<FixedSizeBinaryArray>()
+                            .unwrap();
+                        assert_eq!(keys.value_length(), 4);
+                        match v {
+                            None => assert!(keys.is_null(r)),
+                            Some(n) => {
+                                let k = keys.value(r).to_vec();
+                                assert_eq!(*key_of.entry((kind, n)).or_insert(k.clone()), k);
+                                assert_eq!(*value_of.entry(k).or_insert((kind, n)), (kind, n));
+                            }
+                        }
+                    }
+                    let text = |name: &str| {
+                        schema.index_of(name).ok().and_then(|i| {
+                            let c = shown.column(i).as_any().downcast_ref::<StringArray>()?;
+                            c.is_valid(r).then(|| c.value(r).to_string())
+                        })
+                    };
+                    let float = |name: &str| {
+                        schema.index_of(name).ok().map(|i| {
+                            shown
+                                .column(i)
+                                .as_any()
+                                .downcast_ref::<Float64Array>()
+                                .unwrap()
+                                .value(r)
+                        })
+                    };
+                    let int = |name: &str| {
+                        schema.index_of(name).ok().map(|i| {
+                            shown
+                                .column(i)
+                                .as_any()
+                                .downcast_ref::<Int64Array>()
+                                .unwrap()
+                                .value(r)
+                        })
+                    };
+                    values.push((text("region"), float("spend"), int("visits")));
+                }
+                row += batch.num_rows();
+            }
+        }
+        assert_eq!(row, given.len());
+        let expected: Vec<(Option<String>, Option<f64>, Option<i64>)> = stored_values
+            .iter()
+            .map(|(r, s, v)| (r.map(str::to_string), *s, *v))
+            .collect();
+        assert_eq!(values, expected);
     }
 
     #[test]
