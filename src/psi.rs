@@ -810,10 +810,9 @@ mod tests {
         ]
     }
 
-    #[test]
-    fn email_or_phone_counts_a_person_once() {
-        // Person 1 matches on email, person 2 on phone, person 3 on both
-        // through two different rows, person 4 only in the first dataset.
+    /// Person 1 matches on email, person 2 on phone, person 3 on both
+    /// through two different rows, person 4 only in the first dataset.
+    fn chained() -> ([RecordBatch; 1], [RecordBatch; 1]) {
         let a = [batch(&[
             (Some(1), None),
             (None, Some(2)),
@@ -826,6 +825,12 @@ mod tests {
             (Some(20), Some(2)),
             (Some(3), Some(3)),
         ])];
+        (a, b)
+    }
+
+    #[test]
+    fn email_or_phone_counts_a_person_once() {
+        let (a, b) = chained();
         let [first, second] = two_sides(&a, &b, BOTH);
         let m = match_people(first, second);
         assert_eq!(m.overlap, 3);
@@ -840,18 +845,7 @@ mod tests {
     /// batches of another number of rows are refused, linking nothing.
     #[test]
     fn kinds_linked_one_at_a_time_number_people_alike() {
-        let a = [batch(&[
-            (Some(1), None),
-            (None, Some(2)),
-            (Some(3), None),
-            (None, Some(3)),
-            (Some(4), Some(4)),
-        ])];
-        let b = [batch(&[
-            (Some(1), Some(10)),
-            (Some(20), Some(2)),
-            (Some(3), Some(3)),
-        ])];
+        let (a, b) = chained();
         let [first, second] = two_sides(&a, &b, BOTH);
         let (all, _) = people_and_keys(&[first, second], false);
         let only = |batches: &[RecordBatch], column: usize| -> Vec<RecordBatch> {

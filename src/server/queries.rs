@@ -1008,28 +1008,11 @@ min_group_size = 5
     /// where fingerprints of one kind are, and every other value as stored.
     #[test]
     fn tables_read_kind_by_kind_equal_a_plain_matching() {
-        let policy = crate::policy::parse_policy(
-            r#"[agreement]
-id = "unit"
-purpose = "test"
-expires = 2099-12-31
-retention_days = 30
-salt = "00112233445566778899aabbccddeeff00112233445566778899aabbccddeeff"
-
-[identity.email]
-profile = "email"
-
+        let policy = crate::policy::unit_policy(
+            r#"
 [identity.phone]
 profile = "phone"
 default_country = "US"
-
-[[party]]
-org = "acme"
-rights = ["upload", "query", "receive_results"]
-
-[[party]]
-org = "globex"
-rights = ["upload"]
 
 [[dataset]]
 name = "customers"
@@ -1082,9 +1065,7 @@ max = 100
 aggregates = ["count"]
 min_group_size = 5
 "#,
-            std::path::Path::new("unit.toml"),
-        )
-        .unwrap();
+        );
         use arrow::array::{Array, FixedSizeBinaryArray};
         let dir = tempfile::tempdir().unwrap();
         let store = crate::storage::Store::open(dir.path(), None).unwrap();
