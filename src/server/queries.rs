@@ -1008,8 +1008,18 @@ min_group_size = 5
     /// where fingerprints of one kind are, and every other value as stored.
     #[test]
     fn tables_read_kind_by_kind_equal_a_plain_matching() {
-        let policy = crate::policy::unit_policy(
-            r#"
+        tables_read_kind_by_kind(true);
+    }
+
+    /// As above with a kind only one dataset has: the other's rows are
+    /// still numbered in that kind's pass.
+    #[test]
+    fn a_kind_of_one_dataset_only_is_read_alike() {
+        tables_read_kind_by_kind(false);
+    }
+
+    fn tables_read_kind_by_kind(audience_phone: bool) {
+        let text = r#"
 [identity.phone]
 profile = "phone"
 default_country = "US"
@@ -1064,7 +1074,19 @@ max = 100
 [query]
 aggregates = ["count"]
 min_group_size = 5
-"#,
+"#;
+        let audience = "name = \"audience\"\nowner = \"globex\"\n";
+        let text = match audience_phone {
+            true => text.to_string(),
+            false => text.replace(
+                &format!("{audience}\n[[dataset.column]]\nname = \"phone\"\nrole = \"identifier\"\nkind = \"phone\"\n"),
+                audience,
+            ),
+        };
+        let policy = crate::policy::unit_policy(&text);
+        assert_eq!(
+            policy.datasets()[1].identifier_columns().len(),
+            1 + usize::from(audience_phone)
         );
         use arrow::array::{Array, FixedSizeBinaryArray};
         let dir = tempfile::tempdir().unwrap();
@@ -1095,6 +1117,7 @@ min_group_size = 5
                     // across datasets and chain email to phone.
                     let e = (next(10) != 0).then(|| next(1_500));
                     let p = (next(4) != 0 || e.is_none()).then(|| next(900));
+                    let p = p.filter(|_| audience_phone || d.name() == "customers");
                     emails.push(e.map(|n| fp(0, n)));
                     phones.push(p.map(|n| fp(1, n)));
                     given.push((e, p));
@@ -1135,20 +1158,20 @@ min_group_size = 5
                         ],
                     )
                 } else {
-                    RecordBatch::try_new(
-                        Arc::new(Schema::new(vec![
-                            Field::new("phone", DataType::FixedSizeBinary(32), true),
-                            Field::new("email", DataType::FixedSizeBinary(32), true),
-                            Field::new("visits", DataType::Int64, true),
-                        ])),
-                        vec![
-                            fps(&phones),
-                            fps(&emails),
-                            Arc::new(Int64Array::from_iter_values(
-                                other_b.iter().map(|v| *v as i64),
-                            )),
-                        ],
-                    )
+                    let visits: ArrayRef = Arc::new(Int64Array::from_iter_values(
+                        other_b.iter().map(|v| *v as i64),
+                    ));
+                    let mut fields = vec![
+                        Field::new("phone", DataType::FixedSizeBinary(32), true),
+                        Field::new("email", DataType::FixedSizeBinary(32), true),
+                        Field::new("visits", DataType::Int64, true),
+                    ];
+                    let mut columns = vec![fps(&phones), fps(&emails), visits];
+                    if !audience_phone {
+                        fields.remove(0);
+                        columns.remove(0);
+                    }
+                    RecordBatch::try_new(Arc::new(Schema::new(fields)), columns)
                 }
                 .unwrap();
                 staged
@@ -1226,8 +1249,12 @@ min_group_size = 5
                         (0u8, "email", given[row + r].0),
                         (1u8, "phone", given[row + r].1),
                     ] {
+                        let Ok(at) = schema.index_of(name) else {
+                            assert_eq!(v, None, "a value without its column");
+                            continue;
+                        };
                         let keys = batch
-                            .column(schema.index_of(name).unwrap())
+                            .column(at)
                             .as_any()
                             .downcast_ref::<FixedSizeBinaryArray>()
                             .unwrap();
