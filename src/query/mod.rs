@@ -140,9 +140,9 @@ pub fn agreement_tables(policy: &Policy, mut batches: Vec<Vec<RecordBatch>>) -> 
 /// dimensions as dictionaries (a fresh copy), the other non-identifier
 /// columns copied into buffers of their own. A decoded batch's columns
 /// share their chunk's buffer, which would otherwise stay in memory whole.
-/// Identifier columns are left as they are: they are replaced by dense keys
-/// once matched (the server's `read_matchable` gives them in buffers of
-/// their own).
+/// Identifier columns are left as they are: fingerprints until they are
+/// matched and replaced by dense keys, or the keys already (the server puts
+/// them in before).
 pub(crate) fn table_form(d: &Dataset, batch: &RecordBatch) -> RecordBatch {
     let identifiers: Vec<&str> = d.identifier_columns().into_iter().map(|(c, _)| c).collect();
     let schema = batch.schema();
@@ -294,7 +294,11 @@ fn with_dense_keys(
     let keys = KeysByPlace::new(keys);
     for ((side, d), side_batches) in policy.datasets().iter().enumerate().zip(&mut batches) {
         for (batch_no, batch) in side_batches.iter_mut().enumerate() {
-            *batch = keys.put_in(d, side, batch_no, batch);
+            // Kept as it was if it cannot be rebuilt (it always can: the
+            // keys have the batch's rows).
+            if let Ok(keyed) = keys.put_in(d, side, batch_no, batch) {
+                *batch = keyed;
+            }
         }
     }
     batches
@@ -321,7 +325,7 @@ impl KeysByPlace {
         side: usize,
         batch_no: usize,
         batch: &RecordBatch,
-    ) -> RecordBatch {
+    ) -> Result<RecordBatch, arrow::error::ArrowError> {
         let identifiers: Vec<&str> = d.identifier_columns().into_iter().map(|(c, _)| c).collect();
         let schema = batch.schema();
         let mut fields: Vec<Field> = schema.fields().iter().map(|f| f.as_ref().clone()).collect();
@@ -338,7 +342,6 @@ impl KeysByPlace {
             fields[i] = Field::new(field.name(), KEY_TYPE, true);
         }
         RecordBatch::try_new(Arc::new(Schema::new(fields)), columns)
-            .unwrap_or_else(|_| batch.clone())
     }
 }
 

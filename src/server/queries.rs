@@ -878,7 +878,9 @@ fn read_and_match(
         let d = sides[side].0;
         let mut batch_no = 0usize;
         store.read_with(v, |batch| {
-            let keyed = keys.put_in(d, side, batch_no, &batch);
+            let keyed = keys
+                .put_in(d, side, batch_no, &batch)
+                .map_err(|e| ServiceError::Internal(format!("putting keys in: {e}")))?;
             batch_no += 1;
             Ok::<_, ServiceError>(crate::query::table_form(d, &keyed))
         })
