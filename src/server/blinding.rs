@@ -78,37 +78,51 @@ pub(crate) fn partner_of<'p>(policy: &'p Policy, org: &str) -> Option<&'p str> {
     policy.parties().iter().map(|p| p.org()).find(|o| *o != org)
 }
 
-/// A version as matching and queries see it, each batch as `keep` makes
-/// it ([`Store::read_with`]). `keep` sees the identifier columns already
-/// in buffers of their own: the fingerprints copied out of the decrypted
-/// chunk, or under `ecdh` the doubly blinded points substituted for them.
-/// None while the partner has not yet blinded this version.
+/// The identifier `columns` of a version as matching sees them, read
+/// through one chunk buffer ([`Store::read_with`]): each batch holds those
+/// of `columns` that are identifier columns of the dataset, in buffers of
+/// their own: the fingerprints copied out of the decrypted chunk, or under
+/// `ecdh` the doubly blinded points substituted for them. None while the
+/// partner has not yet blinded this version.
 pub(crate) fn read_matchable(
     store: &Store,
     policy: &Policy,
     info: &VersionInfo,
-    mut keep: impl FnMut(RecordBatch) -> Result<RecordBatch, ServiceError>,
+    columns: &[&str],
 ) -> Result<Option<Vec<RecordBatch>>, ServiceError> {
-    let identifiers: Vec<&str> = policy
+    let wanted: Vec<&str> = policy
         .dataset(&info.dataset)
-        .map(|d| d.identifier_columns().into_iter().map(|(c, _)| c).collect())
+        .map(|d| {
+            d.identifier_columns()
+                .into_iter()
+                .map(|(c, _)| c)
+                .filter(|c| columns.contains(c))
+                .collect()
+        })
         .unwrap_or_default();
+    // Only the wanted columns are copied or substituted.
+    let project = |batch: &RecordBatch| -> Result<RecordBatch, ServiceError> {
+        let schema = batch.schema();
+        let kept: Vec<usize> = (0..batch.num_columns())
+            .filter(|i| wanted.contains(&schema.field(*i).name().as_str()))
+            .collect();
+        batch
+            .project(&kept)
+            .map_err(|e| ServiceError::Internal(format!("identifier columns: {e}")))
+    };
+    // A batch may keep no column (a kind this dataset lacks): its rows
+    // still count.
+    let rows = |batch: &RecordBatch| {
+        arrow::record_batch::RecordBatchOptions::new().with_row_count(Some(batch.num_rows()))
+    };
     if policy.matching() == Matching::Keyed {
         let owned = |batch: RecordBatch| -> Result<RecordBatch, ServiceError> {
-            let columns = batch
-                .schema()
-                .fields()
-                .iter()
-                .zip(batch.columns())
-                .map(|(f, c)| match identifiers.contains(&f.name().as_str()) {
-                    true => crate::query::owned(c),
-                    false => Arc::clone(c),
-                })
-                .collect();
-            RecordBatch::try_new(batch.schema(), columns)
+            let batch = project(&batch)?;
+            let columns = batch.columns().iter().map(crate::query::owned).collect();
+            RecordBatch::try_new_with_options(batch.schema(), columns, &rows(&batch))
                 .map_err(|e| ServiceError::Internal(format!("copying identifiers: {e}")))
         };
-        return Ok(Some(store.read_with(info, |batch| keep(owned(batch)?))?));
+        return Ok(Some(store.read_with(info, owned)?));
     }
     if !is_matchable(store, policy, info)? {
         return Ok(None);
@@ -118,16 +132,10 @@ pub(crate) fn read_matchable(
     };
     let index = blinding.index();
     let doubled = |batch: RecordBatch| -> Result<RecordBatch, ServiceError> {
+        let batch = project(&batch)?;
         let mut columns: Vec<ArrayRef> = batch.columns().to_vec();
-        for (i, field) in batch.schema().fields().iter().enumerate() {
-            if !identifiers.contains(&field.name().as_str()) {
-                continue;
-            }
-            let Some(singles) = batch
-                .column(i)
-                .as_any()
-                .downcast_ref::<FixedSizeBinaryArray>()
-            else {
+        for column in columns.iter_mut() {
+            let Some(singles) = column.as_any().downcast_ref::<FixedSizeBinaryArray>() else {
                 continue;
             };
             let mut doubles =
@@ -150,12 +158,12 @@ pub(crate) fn read_matchable(
                     .append_value(double)
                     .map_err(|e| ServiceError::Internal(format!("building points: {e}")))?;
             }
-            columns[i] = Arc::new(doubles.finish());
+            *column = Arc::new(doubles.finish());
         }
-        RecordBatch::try_new(batch.schema(), columns)
+        RecordBatch::try_new_with_options(batch.schema(), columns, &rows(&batch))
             .map_err(|e| ServiceError::Internal(format!("substituting points: {e}")))
     };
-    Ok(Some(store.read_with(info, |batch| keep(doubled(batch)?))?))
+    Ok(Some(store.read_with(info, doubled)?))
 }
 
 /// Why a dataset with a current version cannot be matched yet.

@@ -371,16 +371,8 @@ pub(super) fn link_versions(
                 .filter(|(_, k)| pass.contains(k))
                 .map(|(c, _)| *c)
                 .collect();
-            read_matchable(store, policy, v, |batch| {
-                let schema = batch.schema();
-                let kept: Vec<usize> = (0..batch.num_columns())
-                    .filter(|i| wanted.contains(&schema.field(*i).name().as_str()))
-                    .collect();
-                batch
-                    .project(&kept)
-                    .map_err(|e| ServiceError::Internal(format!("identifier columns: {e}")))
-            })?
-            .ok_or_else(|| not_blinded(policy, &v.dataset))
+            read_matchable(store, policy, v, &wanted)?
+                .ok_or_else(|| not_blinded(policy, &v.dataset))
         })?;
         match &shape {
             Some(s) => s.check(&batches)?,
