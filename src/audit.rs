@@ -48,6 +48,10 @@ pub struct Entry {
     /// Privacy budget the query spent (differential privacy only).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub epsilon: Option<f64>,
+    /// Delta the query spent with it (entries written before delta was
+    /// charged have none).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub delta: Option<f64>,
     /// The query's id in the budget ledger.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub query_id: Option<String>,
@@ -61,6 +65,38 @@ pub struct Entry {
     pub prev: String,
     /// Hex hash of this entry.
     pub hash: String,
+}
+
+impl Entry {
+    /// The entry as `org` may read it: the exact row counts of another
+    /// party's uploads, erasures and retention runs are taken out (`rows`,
+    /// and the counts in an erasure's subject), so that reading the log
+    /// tells nothing exact about another party's data. `owner` names the
+    /// organisation that owns a dataset of the agreement. The chain hash
+    /// covers the entry as written, so a redacted entry verifies only on
+    /// the server's machine (`cleanroom audit verify`).
+    pub fn as_seen_by<'p>(mut self, org: &str, owner: impl Fn(&str) -> Option<&'p str>) -> Entry {
+        let about_data = matches!(self.action.as_str(), "upload" | "erase" | "retention");
+        if !about_data {
+            return self;
+        }
+        let dataset = self
+            .subject
+            .as_deref()
+            .map(|s| s.split([':', ' ']).next().unwrap_or_default().to_string());
+        let own = match dataset.as_deref().and_then(&owner) {
+            Some(o) => o == org,
+            // A subject naming no dataset (a data key destroyed) holds no count.
+            None => self.org == org || self.rows.is_none(),
+        };
+        if !own {
+            self.rows = None;
+            if self.action == "erase" {
+                self.subject = dataset;
+            }
+        }
+        self
+    }
 }
 
 /// What a caller records; the log adds sequence, chain and time.
@@ -77,6 +113,7 @@ pub struct Event {
     pub rows: Option<u64>,
     pub suppressed: Option<u64>,
     pub epsilon: Option<f64>,
+    pub delta: Option<f64>,
     pub query_id: Option<String>,
     pub template: Option<String>,
     pub params_hash: Option<String>,
@@ -316,6 +353,7 @@ impl AuditLog {
             rows: event.rows,
             suppressed: event.suppressed,
             epsilon: event.epsilon,
+            delta: event.delta,
             query_id: event.query_id,
             template: event.template,
             params_hash: event.params_hash,
@@ -473,5 +511,68 @@ mod tests {
             verify(dir.path()),
             Err(AuditError::Broken { line: 2, .. })
         ));
+    }
+
+    #[test]
+    fn another_partys_row_counts_are_not_shown() {
+        let entry = |org: &str, action: &str, subject: &str, rows| Entry {
+            seq: 1,
+            time: 0,
+            org: org.into(),
+            agreement: "a".into(),
+            policy_hash: String::new(),
+            action: action.into(),
+            decision: "accepted".into(),
+            rule: None,
+            subject: Some(subject.into()),
+            sql_hash: None,
+            rows,
+            suppressed: None,
+            epsilon: None,
+            delta: None,
+            query_id: None,
+            template: None,
+            params_hash: None,
+            prev: String::new(),
+            hash: String::new(),
+        };
+        let owner = |d: &str| match d {
+            "customers" => Some("acme"),
+            "audience" => Some("globex"),
+            _ => None,
+        };
+        let upload = entry("acme", "upload", "customers v3", Some(1_234));
+        let erase = entry(
+            "acme",
+            "erase",
+            "customers: 7 row(s) removed, 1 older version(s) deleted",
+            Some(7),
+        );
+        let retention = entry(
+            "(operator)",
+            "retention",
+            "audience: 2 version(s) deleted, older than 30 days",
+            Some(99),
+        );
+        let query = entry("acme", "query", "customers x audience", Some(4));
+        // Its own figures, as written.
+        for e in [&upload, &erase] {
+            assert_eq!(&e.clone().as_seen_by("acme", owner), e);
+        }
+        assert_eq!(retention.clone().as_seen_by("globex", owner), retention);
+        // Another party's: no count anywhere in the entry.
+        for e in [&upload, &erase] {
+            let seen = e.clone().as_seen_by("globex", owner);
+            assert_eq!(seen.rows, None);
+            let text = serde_json::to_string(&seen).unwrap();
+            assert!(!text.contains("1234") && !text.contains('7'), "{text}");
+        }
+        assert_eq!(
+            erase.clone().as_seen_by("globex", owner).subject.as_deref(),
+            Some("customers")
+        );
+        assert_eq!(retention.clone().as_seen_by("acme", owner).rows, None);
+        // A query's released row count is not another party's data.
+        assert_eq!(query.clone().as_seen_by("globex", owner), query);
     }
 }

@@ -55,10 +55,12 @@ pub enum ServiceError {
     QueryRefused(crate::query::Violation),
     /// RESOURCE_EXHAUSTED: the caller's privacy budget does not cover the query.
     #[error(
-        "rule privacy.budget: agreement {agreement:?}: this query needs epsilon {needed} but {remaining} of {total} remains in window {window}; the budget refreshes {next_refresh}"
+        "rule privacy.budget: agreement {agreement:?}: this query needs {measure} {needed} but {remaining} of {total} remains in window {window}; the budget refreshes {next_refresh}"
     )]
     BudgetExhausted {
         agreement: String,
+        /// "epsilon" or "delta": the total that does not cover the query.
+        measure: &'static str,
         needed: f64,
         remaining: f64,
         total: f64,
@@ -195,6 +197,7 @@ mod tests {
             (
                 ServiceError::BudgetExhausted {
                     agreement: "a".into(),
+                    measure: "epsilon",
                     needed: 1.0,
                     remaining: 0.5,
                     total: 10.0,
@@ -203,6 +206,19 @@ mod tests {
                 },
                 Code::ResourceExhausted,
                 "rule privacy.budget: agreement \"a\": this query needs epsilon 1 but 0.5 of 10 remains in window 2026-11; the budget refreshes at 2026-12-01T00:00:00Z",
+            ),
+            (
+                ServiceError::BudgetExhausted {
+                    agreement: "a".into(),
+                    measure: "delta",
+                    needed: 1e-7,
+                    remaining: 0.0,
+                    total: 1e-5,
+                    window: "all".into(),
+                    next_refresh: "never".into(),
+                },
+                Code::ResourceExhausted,
+                "rule privacy.budget: agreement \"a\": this query needs delta 0.0000001 but 0 of 0.00001 remains in window all; the budget refreshes never",
             ),
             (
                 ServiceError::LimitExceeded {

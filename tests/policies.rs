@@ -276,6 +276,20 @@ const CASES: &[Case] = &[
         rule: "must not exceed privacy.epsilon_total",
     },
     Case {
+        name: "epsilon floor above the per-query maximum",
+        from: "epsilon_per_query_max = 1.0",
+        to: "epsilon_per_query_max = 1.0\nepsilon_per_query_min = 2.0",
+        field: "privacy.epsilon_per_query_min",
+        rule: "must not exceed privacy.epsilon_per_query_max",
+    },
+    Case {
+        name: "delta total below one query's delta",
+        from: "delta = 1e-7",
+        to: "delta = 1e-7\ndelta_total = 1e-8",
+        field: "privacy.delta_total",
+        rule: "must be at least privacy.delta",
+    },
+    Case {
         name: "privacy without delta",
         from: "delta = 1e-7",
         to: "",

@@ -318,3 +318,98 @@ async fn a_server_killed_mid_query_leaves_a_consistent_ledger() {
     drop(server);
     cleanroom::audit::verify(&data_dir).unwrap();
 }
+
+/// The delta attack: a query at a tiny epsilon still spends a whole delta,
+/// so a window of millions of them would release a group one person pushes
+/// to the minimum with near certainty. The floor refuses such epsilons, and
+/// the ledger charges delta per query and refuses past its total.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn delta_is_charged_and_tiny_epsilons_are_refused() {
+    let clock = ManualClock::new(datetime!(2026-11-20 12:00 UTC));
+    // Epsilon 1 at the default floor of 0.01: at most 100 queries.
+    let (server, _policies) = server_with_data(
+        "epsilon_total = 1.0\nepsilon_per_query_max = 1.0\ndelta = 1e-7",
+        clock.clone(),
+    )
+    .await;
+    let mut acme = server.client("acme").await;
+    let err = acme
+        .query_with_epsilon("retail-media-demo", SQL, Some(1e-6))
+        .await
+        .unwrap_err();
+    let status = err.status().unwrap();
+    assert_eq!(status.code(), Code::InvalidArgument);
+    assert!(
+        status.message().contains("privacy.epsilon_per_query_min"),
+        "{}",
+        status.message()
+    );
+    let b = acme.budget("retail-media-demo").await.unwrap();
+    assert_eq!((b.queries, b.delta_spent), (0, 0.0));
+    assert_eq!(b.epsilon_per_query_min, 0.01);
+    assert!((b.delta_total - 1e-5).abs() < 1e-18, "{}", b.delta_total);
+
+    let mut answered = 0u64;
+    let refusal = loop {
+        match acme
+            .query_with_epsilon("retail-media-demo", SQL, Some(0.01))
+            .await
+        {
+            Ok(_) => answered += 1,
+            Err(e) => break e.status().unwrap().clone(),
+        }
+        assert!(answered <= 100, "the budget let more than 100 queries through");
+    };
+    assert_eq!(answered, 100);
+    assert_eq!(refusal.code(), Code::ResourceExhausted);
+    let b = acme.budget("retail-media-demo").await.unwrap();
+    assert_eq!(b.queries, 100);
+    assert!((b.delta_spent - 1e-5).abs() < 1e-15, "{}", b.delta_spent);
+    assert!(b.delta_remaining.abs() < 1e-15, "{}", b.delta_remaining);
+    // The audit log accounts for the ledger's delta as for its epsilon.
+    let entries = acme.audit_entries("retail-media-demo").await.unwrap();
+    let audited: f64 = entries.iter().filter_map(|e| e.delta).sum();
+    assert!((audited - b.delta_spent).abs() < 1e-15, "{audited}");
+    // What the window allows the attack: 100 queries, each showing a group
+    // one person pushes to the minimum with probability at most 1e-7, so at
+    // most 1e-5 in all, where 200,000 queries at epsilon 1e-6 showed it 182
+    // times.
+    assert!(b.delta_spent <= 1e-5 + 1e-15);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_delta_total_refuses_before_epsilon_runs_out() {
+    let clock = ManualClock::new(datetime!(2026-11-20 12:00 UTC));
+    let (server, _policies) = server_with_data(
+        "epsilon_total = 10.0\nepsilon_per_query_max = 1.0\ndelta = 1e-7\ndelta_total = 3e-7",
+        clock.clone(),
+    )
+    .await;
+    let mut acme = server.client("acme").await;
+    for _ in 0..3 {
+        acme.query_with_epsilon("retail-media-demo", SQL, Some(0.01))
+            .await
+            .unwrap();
+    }
+    let err = acme
+        .query_with_epsilon("retail-media-demo", SQL, Some(0.01))
+        .await
+        .unwrap_err();
+    let status = err.status().unwrap();
+    assert_eq!(status.code(), Code::ResourceExhausted);
+    assert!(
+        status.message().contains("rule privacy.budget")
+            && status.message().contains("needs delta 0.0000001 but 0 of 0.0000003"),
+        "{}",
+        status.message()
+    );
+    // The overlap spends delta too: refused the same way.
+    let err = acme
+        .overlap_with_epsilon("retail-media-demo", &[], Some(0.01))
+        .await
+        .unwrap_err();
+    assert_eq!(err.status().unwrap().code(), Code::ResourceExhausted);
+    let b = acme.budget("retail-media-demo").await.unwrap();
+    assert!((b.epsilon_spent - 0.03).abs() < 1e-9);
+    server.stop().await.unwrap();
+}

@@ -234,8 +234,9 @@ async fn a_one_person_upload_learns_nothing_from_what_was_held_back() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn failing_probes_are_charged_and_epsilon_is_charged_rounded_up() {
+    // A floor of one millionth, so that the rounding can be seen.
     let dir = common::demo_policies(Some(
-        "epsilon_total = 10.0\nepsilon_per_query_max = 1.0\ndelta = 1e-7",
+        "epsilon_total = 10.0\nepsilon_per_query_max = 1.0\nepsilon_per_query_min = 0.000001\ndelta = 1e-7",
     ));
     let server = TestServer::start_with(Setup {
         policies: dir.path().to_path_buf(),
@@ -261,6 +262,12 @@ async fn failing_probes_are_charged_and_epsilon_is_charged_rounded_up() {
     }
     let b = acme.budget("retail-media-demo").await.unwrap();
     assert_eq!(b.queries, n);
+    // Each charged probe spent the agreement's delta too.
+    assert!(
+        (b.delta_spent - 1e-7 * n as f64).abs() < 1e-15,
+        "{}",
+        b.delta_spent
+    );
     assert!(
         (b.epsilon_spent - 0.5 * n as f64).abs() < 1e-9,
         "{}",

@@ -236,13 +236,15 @@ pub fn render_agreement(a: &proto::Agreement) -> String {
     if let Some(p) = &a.privacy {
         let _ = writeln!(
             out,
-            "differential privacy: epsilon {} per {} (at most {} a query), delta {}; a person counts in at most {} group(s) and {} row(s) per group",
+            "differential privacy: epsilon {} and delta {} per {} (epsilon {} to {} a query, delta {} each); a person counts in at most {} group(s) and {} row(s) per group",
             p.epsilon_total,
+            p.delta_total,
             if p.refresh == "monthly" {
                 "month"
             } else {
                 "agreement"
             },
+            p.epsilon_per_query_min,
             p.epsilon_per_query_max,
             p.delta,
             p.max_groups_per_person,
@@ -484,13 +486,17 @@ pub fn render_budget(agreement: &str, b: &crate::proto::BudgetResponse) -> Strin
         return format!("agreement {agreement} has no differential privacy: no budget applies\n");
     }
     format!(
-        "agreement {agreement}, window {}\n  spent     epsilon {} in {} quer{}\n  remaining epsilon {} of {}\n  per query at most {} (delta {})\n  refreshes {}\n",
+        "agreement {agreement}, window {}\n  spent     epsilon {} and delta {} in {} quer{}\n  remaining epsilon {} of {}, delta {} of {}\n  per query epsilon {} to {}, delta {}\n  refreshes {}\n",
         b.window,
         b.epsilon_spent,
+        b.delta_spent,
         b.queries,
         if b.queries == 1 { "y" } else { "ies" },
         b.epsilon_remaining,
         b.epsilon_total,
+        b.delta_remaining,
+        b.delta_total,
+        b.epsilon_per_query_min,
         b.epsilon_per_query_max,
         b.delta,
         b.next_refresh

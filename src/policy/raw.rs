@@ -111,7 +111,9 @@ pub(crate) struct RawParam {
 pub(crate) struct RawPrivacy {
     pub(crate) epsilon_total: f64,
     pub(crate) epsilon_per_query_max: f64,
+    pub(crate) epsilon_per_query_min: Option<f64>,
     pub(crate) delta: Option<f64>,
+    pub(crate) delta_total: Option<f64>,
     pub(crate) refresh: Option<String>,
     pub(crate) max_groups_per_person: Option<i64>,
     pub(crate) max_rows_per_person: Option<i64>,

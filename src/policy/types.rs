@@ -522,7 +522,9 @@ impl Refresh {
 pub struct Privacy {
     pub(super) epsilon_total: f64,
     pub(super) epsilon_per_query_max: f64,
+    pub(super) epsilon_per_query_min: f64,
     pub(super) delta: f64,
+    pub(super) delta_total: f64,
     pub(super) refresh: Refresh,
     pub(super) max_groups_per_person: u32,
     pub(super) max_rows_per_person: u32,
@@ -536,10 +538,20 @@ impl Privacy {
     pub fn epsilon_per_query_max(&self) -> f64 {
         self.epsilon_per_query_max
     }
+    /// No query spends less: a floor on epsilon bounds how many queries a
+    /// window holds, and with them the delta they spend together.
+    pub fn epsilon_per_query_min(&self) -> f64 {
+        self.epsilon_per_query_min
+    }
     /// Probability that the threshold lets through a group one person
-    /// could reveal, per query.
+    /// could reveal, per query; every query and overlap spends it.
     pub fn delta(&self) -> f64 {
         self.delta
+    }
+    /// Delta per querying organisation and window: the ledger refuses a
+    /// query past it as it does past `epsilon_total`.
+    pub fn delta_total(&self) -> f64 {
+        self.delta_total
     }
     pub fn refresh(&self) -> Refresh {
         self.refresh

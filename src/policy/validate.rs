@@ -21,6 +21,10 @@ pub(super) const MAX_DIMENSION_CARDINALITY: i64 = 10_000;
 const MAX_RETENTION_DAYS: i64 = 3_650;
 const MAX_MIN_GROUP_SIZE: i64 = 1_000_000;
 const MAX_GROUPS_PER_PERSON: i64 = 1_000;
+/// The default floor on one query's epsilon (`privacy.epsilon_per_query_min`).
+const DEFAULT_EPSILON_FLOOR: f64 = 0.01;
+/// The most a default `privacy.delta_total` allows.
+const DEFAULT_DELTA_TOTAL_CAP: f64 = 0.1;
 const MAX_ROWS_PER_PERSON: i64 = 1_000;
 /// Dates and timestamps lie in these years, so that every date function
 /// and interval the checker admits stays within what the engine represents.
@@ -1029,6 +1033,37 @@ fn validate_privacy(r: &RawPrivacy, p: &mut Problems) -> Option<Privacy> {
             "is required: the threshold that keeps group keys private spends it",
         ),
     }
+    // The floor defaults to 0.01 (or the per-query maximum, if lower).
+    let floor = r
+        .epsilon_per_query_min
+        .unwrap_or(DEFAULT_EPSILON_FLOOR.min(r.epsilon_per_query_max));
+    if !(floor.is_finite() && floor > 0.0) {
+        p.push("privacy.epsilon_per_query_min", "must be a positive number");
+    } else if floor > r.epsilon_per_query_max {
+        p.push(
+            "privacy.epsilon_per_query_min",
+            "must not exceed privacy.epsilon_per_query_max",
+        );
+    }
+    let delta = r.delta.unwrap_or_default();
+    // By default the delta of as many queries as the epsilon budget holds
+    // at the floor (the floor alone then bounds it), and at most
+    // DEFAULT_DELTA_TOTAL_CAP.
+    let delta_total = r.delta_total.unwrap_or_else(|| {
+        let queries = (r.epsilon_total / floor).floor().max(1.0);
+        (delta * queries).min(DEFAULT_DELTA_TOTAL_CAP.max(delta))
+    });
+    if !(delta_total.is_finite() && delta_total > 0.0 && delta_total < 1.0) {
+        p.push(
+            "privacy.delta_total",
+            "must be greater than 0 and less than 1",
+        );
+    } else if delta_total < delta {
+        p.push(
+            "privacy.delta_total",
+            "must be at least privacy.delta: every query spends delta",
+        );
+    }
     let refresh = match r.refresh.as_deref().unwrap_or("none") {
         "none" => Refresh::Never,
         "monthly" => Refresh::Monthly,
@@ -1057,7 +1092,9 @@ fn validate_privacy(r: &RawPrivacy, p: &mut Problems) -> Option<Privacy> {
     (p.0.len() == before).then(|| Privacy {
         epsilon_total: r.epsilon_total,
         epsilon_per_query_max: r.epsilon_per_query_max,
-        delta: r.delta.unwrap_or_default(),
+        epsilon_per_query_min: floor,
+        delta,
+        delta_total,
         refresh,
         max_groups_per_person: u32::try_from(groups).unwrap_or(1),
         max_rows_per_person: u32::try_from(rows).unwrap_or(1),

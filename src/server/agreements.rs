@@ -250,7 +250,9 @@ pub(crate) fn agreement_view(policy: &Policy, org: &str, now: AgreementState) ->
         privacy: policy.privacy().map(|p| proto::Privacy {
             epsilon_total: p.epsilon_total(),
             epsilon_per_query_max: p.epsilon_per_query_max(),
+            epsilon_per_query_min: p.epsilon_per_query_min(),
             delta: p.delta(),
+            delta_total: p.delta_total(),
             refresh: p.refresh().as_str().to_string(),
             max_groups_per_person: p.max_groups_per_person(),
             max_rows_per_person: p.max_rows_per_person(),

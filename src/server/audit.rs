@@ -63,6 +63,7 @@ impl proto::audit_server::Audit for AuditService {
         };
         let entries = entries
             .into_iter()
+            .map(|e| e.as_seen_by(&org, |d| policy.dataset(d).map(|d| d.owner())))
             .map(|e| proto::AuditEntry {
                 seq: e.seq,
                 time: e.time,
@@ -77,6 +78,7 @@ impl proto::audit_server::Audit for AuditService {
                 rows: e.rows,
                 suppressed: e.suppressed,
                 epsilon: e.epsilon,
+                delta: e.delta,
                 query_id: e.query_id,
                 template: e.template,
                 params_hash: e.params_hash,

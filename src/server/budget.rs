@@ -7,7 +7,7 @@ use crate::policy::{Policy, Privacy};
 use crate::privacy::window::describe;
 use crate::privacy::{Report, from_micros, to_micros, window};
 use crate::proto;
-use crate::storage::Charge;
+use crate::storage::{Charge, Totals, delta_from_units, delta_to_units};
 
 /// A charge taken for one answer.
 #[derive(Debug, Clone)]
@@ -22,14 +22,17 @@ pub(super) struct Charged {
 
 /// The epsilon a request spends: what it asks for (or the agreement's
 /// per-query maximum), rounded up to whole millionths as it is charged.
+/// Below the agreement's floor it is refused: many queries at a tiny
+/// epsilon would each still spend a whole delta.
 pub(super) fn epsilon_for(privacy: &Privacy, requested: Option<f64>) -> Result<f64, ServiceError> {
     let max = privacy.epsilon_per_query_max();
+    let min = privacy.epsilon_per_query_min();
     let epsilon = requested.unwrap_or(max);
-    if !(epsilon.is_finite() && epsilon > 0.0 && epsilon <= max) {
+    if !(epsilon.is_finite() && epsilon >= min && epsilon <= max) {
         return Err(ServiceError::InvalidArgument {
             field: "epsilon",
             rule: format!(
-                "must be greater than 0 and at most {max} (privacy.epsilon_per_query_max)"
+                "must be at least {min} (privacy.epsilon_per_query_min) and at most {max} (privacy.epsilon_per_query_max)"
             ),
         });
     }
@@ -59,8 +62,9 @@ fn new_query_id() -> Result<String, ServiceError> {
 }
 
 impl AppState {
-    /// Charges `epsilon` to `org`'s budget in the current window, or says
-    /// how much is left and when it refreshes.
+    /// Charges `epsilon` and the agreement's delta to `org`'s budget in the
+    /// current window, or says which of the two is short, how much of it
+    /// is left and when it refreshes.
     pub(super) async fn charge_budget(
         &self,
         org: &str,
@@ -75,10 +79,15 @@ impl AppState {
             org: org.to_string(),
             window: window.id.clone(),
             micros: to_micros(epsilon),
+            delta_units: delta_to_units(privacy.delta()),
         };
-        let total = to_micros(privacy.epsilon_total());
+        let totals = Totals {
+            micros: to_micros(privacy.epsilon_total()),
+            delta_units: delta_to_units(privacy.delta_total()),
+        };
+        let total = totals.micros;
         let (store, c) = (self.store().clone(), charge.clone());
-        let spent = tokio::task::spawn_blocking(move || store.charge(&c, total))
+        let spent = tokio::task::spawn_blocking(move || store.charge(&c, totals))
             .await
             .map_err(|e| ServiceError::Internal(format!("charging the budget: {e}")))??;
         match spent {
@@ -88,17 +97,36 @@ impl AppState {
                 remaining: from_micros(total.saturating_sub(after.micros)),
                 next_refresh: describe(window.next_refresh),
             }),
-            Err(before) => Err(ServiceError::BudgetExhausted {
+            Err(before) => {
+                let epsilon_short = before.micros.saturating_add(charge.micros) > total;
+                let (measure, needed, remaining, total) = if epsilon_short {
+                    (
+                        "epsilon",
+                        epsilon,
+                        from_micros(total.saturating_sub(before.micros)),
+                        privacy.epsilon_total(),
+                    )
+                } else {
+                    (
+                        "delta",
+                        privacy.delta(),
+                        delta_from_units(totals.delta_units.saturating_sub(before.delta_units)),
+                        privacy.delta_total(),
+                    )
+                };
+                Err(ServiceError::BudgetExhausted {
                 agreement: policy.id().to_string(),
-                needed: epsilon,
-                remaining: from_micros(total.saturating_sub(before.micros)),
-                total: privacy.epsilon_total(),
+                measure,
+                needed,
+                remaining,
+                total,
                 window: window.id,
                 next_refresh: match window.next_refresh {
                     Some(t) => format!("at {}", describe(Some(t))),
                     None => "never".into(),
                 },
-            }),
+            })
+            }
         }
     }
 

@@ -14,7 +14,7 @@ use crate::policy::{Policy, PolicySet, Right};
 use crate::privacy::window::describe;
 use crate::privacy::{from_micros, to_micros, window};
 use crate::proto;
-use crate::storage::{StorageError, Store};
+use crate::storage::{StorageError, Store, delta_from_units, delta_to_units};
 
 /// `org`'s privacy budget in `policy` at `now`.
 pub fn budget_view(
@@ -29,6 +29,7 @@ pub fn budget_view(
     let window = window(privacy.refresh(), now);
     let spent = store.spent(policy.id(), org, &window.id)?;
     let total = to_micros(privacy.epsilon_total());
+    let delta_total = delta_to_units(privacy.delta_total());
     Ok(proto::BudgetResponse {
         enabled: true,
         epsilon_total: privacy.epsilon_total(),
@@ -39,6 +40,10 @@ pub fn budget_view(
         window: window.id,
         next_refresh: describe(window.next_refresh),
         queries: spent.queries,
+        epsilon_per_query_min: privacy.epsilon_per_query_min(),
+        delta_total: privacy.delta_total(),
+        delta_spent: delta_from_units(spent.delta_units),
+        delta_remaining: delta_from_units(delta_total.saturating_sub(spent.delta_units)),
     })
 }
 
@@ -75,6 +80,8 @@ pub fn agreement_status(
                 epsilon_spent: b.epsilon_spent,
                 epsilon_total: b.epsilon_total,
                 queries: b.queries,
+                delta_spent: b.delta_spent,
+                delta_total: b.delta_total,
             });
         }
     }

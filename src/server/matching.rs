@@ -606,6 +606,7 @@ impl proto::matching_server::Matching for MatchingService {
             match c {
                 Some(c) => {
                     e.epsilon = Some(c.epsilon);
+                    e.delta = Some(crate::storage::delta_from_units(c.charge.delta_units));
                     e.query_id = Some(c.charge.query.clone());
                 }
                 None => e.suppressed = Some(u64::from(r.suppressed)),

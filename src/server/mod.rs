@@ -600,6 +600,7 @@ fn settle_interrupted(
                 action: "query",
                 rule: Some("privacy.budget".into()),
                 epsilon: Some(crate::privacy::from_micros(c.micros)),
+                delta: (c.delta_units > 0).then(|| crate::storage::delta_from_units(c.delta_units)),
                 query_id: Some(c.query.clone()),
                 interrupted: true,
                 ..Event::default()

@@ -397,6 +397,9 @@ impl QueriesService {
             // A charge stays with the query whether it answered or failed
             // after reading data; the audit log records it either way.
             epsilon: charge.as_ref().map(|c| c.epsilon),
+            delta: charge
+                .as_ref()
+                .map(|c| crate::storage::delta_from_units(c.charge.delta_units)),
             query_id: charge.as_ref().map(|c| c.charge.query.clone()),
             ..query_event(org, request, resolved.as_ref())
         };

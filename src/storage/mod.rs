@@ -33,7 +33,7 @@ use serde::{Deserialize, Serialize};
 pub use blinding::{Blinding, KeyId};
 use crypto::{KEY_LEN, Key};
 pub use file::StagedVersion;
-pub use ledger::{Charge, Spent};
+pub use ledger::{Charge, DELTA_UNITS, Spent, Totals, delta_from_units, delta_to_units};
 pub use matched::MatchedTable;
 pub use overlaps::MatchedOverlap;
 
@@ -154,6 +154,7 @@ impl Store {
             tx.open_table(UPLOADS)?;
             tx.open_table(CURRENT)?;
             tx.open_table(ledger::BUDGET)?;
+            tx.open_table(ledger::BUDGET_DELTA)?;
             tx.open_table(ledger::PENDING)?;
             tx.open_table(blinding::BLINDINGS)?;
             tx.open_table(blinding::VERSION_KEYS)?;
