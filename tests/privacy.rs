@@ -358,7 +358,10 @@ async fn delta_is_charged_and_tiny_epsilons_are_refused() {
             Ok(_) => answered += 1,
             Err(e) => break e.status().unwrap().clone(),
         }
-        assert!(answered <= 100, "the budget let more than 100 queries through");
+        assert!(
+            answered <= 100,
+            "the budget let more than 100 queries through"
+        );
     };
     assert_eq!(answered, 100);
     assert_eq!(refusal.code(), Code::ResourceExhausted);
@@ -399,7 +402,9 @@ async fn a_delta_total_refuses_before_epsilon_runs_out() {
     assert_eq!(status.code(), Code::ResourceExhausted);
     assert!(
         status.message().contains("rule privacy.budget")
-            && status.message().contains("needs delta 0.0000001 but 0 of 0.0000003"),
+            && status
+                .message()
+                .contains("needs delta 0.0000001 but 0 of 0.0000003"),
         "{}",
         status.message()
     );

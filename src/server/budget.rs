@@ -115,17 +115,17 @@ impl AppState {
                     )
                 };
                 Err(ServiceError::BudgetExhausted {
-                agreement: policy.id().to_string(),
-                measure,
-                needed,
-                remaining,
-                total,
-                window: window.id,
-                next_refresh: match window.next_refresh {
-                    Some(t) => format!("at {}", describe(Some(t))),
-                    None => "never".into(),
-                },
-            })
+                    agreement: policy.id().to_string(),
+                    measure,
+                    needed,
+                    remaining,
+                    total,
+                    window: window.id,
+                    next_refresh: match window.next_refresh {
+                        Some(t) => format!("at {}", describe(Some(t))),
+                        None => "never".into(),
+                    },
+                })
             }
         }
     }

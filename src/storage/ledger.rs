@@ -147,7 +147,10 @@ impl Store {
                     spent.queries.saturating_sub(1),
                 ),
             )?;
-            delta.insert(key.as_str(), spent.delta_units.saturating_sub(c.delta_units))?;
+            delta.insert(
+                key.as_str(),
+                spent.delta_units.saturating_sub(c.delta_units),
+            )?;
         }
         tx.commit()?;
         Ok(true)
@@ -321,8 +324,14 @@ mod tests {
             "past the delta total with epsilon to spare"
         );
         assert!(store.refund("q3").unwrap());
-        assert_eq!(store.spent("a", "acme", "2026-11").unwrap().delta_units, 200);
-        store.charge(&charge("q4", 10_000), totals).unwrap().unwrap();
+        assert_eq!(
+            store.spent("a", "acme", "2026-11").unwrap().delta_units,
+            200
+        );
+        store
+            .charge(&charge("q4", 10_000), totals)
+            .unwrap()
+            .unwrap();
         // A charge written before delta was charged reads as none.
         let old: Charge = serde_json::from_str(
             r#"{"query":"q","agreement":"a","org":"acme","window":"w","micros":5}"#,
