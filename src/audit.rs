@@ -72,30 +72,46 @@ impl Entry {
     /// party's uploads, erasures and retention runs are taken out (`rows`,
     /// and the counts in an erasure's subject), so that reading the log
     /// tells nothing exact about another party's data. `owner` names the
-    /// organisation that owns a dataset of the agreement. The chain hash
-    /// covers the entry as written, so a redacted entry verifies only on
-    /// the server's machine (`cleanroom audit verify`).
+    /// organisation that owns a dataset of the agreement. A redacted entry
+    /// loses its `hash` too: the reader knows every other field of it and
+    /// its `prev`, so the hash would give the count back to anyone who
+    /// tries each count in turn (the entry after it loses its `prev` for
+    /// the same reason, see [`AuditLog::page_seen_by`]). The chain is
+    /// verified whole on the server's machine (`cleanroom audit verify`).
     pub fn as_seen_by<'p>(mut self, org: &str, owner: impl Fn(&str) -> Option<&'p str>) -> Entry {
-        let about_data = matches!(self.action.as_str(), "upload" | "erase" | "retention");
-        if !about_data {
-            return self;
-        }
-        let dataset = self
-            .subject
-            .as_deref()
-            .map(|s| s.split([':', ' ']).next().unwrap_or_default().to_string());
-        let own = match dataset.as_deref().and_then(&owner) {
-            Some(o) => o == org,
-            // A subject naming no dataset (a data key destroyed) holds no count.
-            None => self.org == org || self.rows.is_none(),
-        };
-        if !own {
+        if self.redacted_for(org, owner) {
             self.rows = None;
+            self.hash = String::new();
             if self.action == "erase" {
-                self.subject = dataset;
+                self.subject = self.dataset();
             }
         }
         self
+    }
+
+    /// The dataset an entry about data names first in its subject.
+    fn dataset(&self) -> Option<String> {
+        self.subject
+            .as_deref()
+            .map(|s| s.split([':', ' ']).next().unwrap_or_default().to_string())
+    }
+
+    /// Whether `org` reads this entry with its counts taken out.
+    fn redacted_for<'p>(&self, org: &str, owner: impl Fn(&str) -> Option<&'p str>) -> bool {
+        let about_data = matches!(
+            self.action.as_str(),
+            "upload" | "erase" | "retention" | "blinding"
+        );
+        if !about_data {
+            return false;
+        }
+        let own = match self.dataset().as_deref().and_then(&owner) {
+            // The party that blinded another's points has counted them.
+            Some(o) => o == org || (self.action == "blinding" && self.org == org),
+            // A subject naming no dataset (a data key destroyed) holds no count.
+            None => self.org == org || self.rows.is_none(),
+        };
+        !own
     }
 }
 
@@ -385,6 +401,39 @@ impl AuditLog {
         Ok(out)
     }
 
+    /// A page of [`AuditLog::page_for`] as `org` may read it: each entry
+    /// [`Entry::as_seen_by`], and an entry whose predecessor in the chain
+    /// was redacted for `org` without its `prev` (the redacted entry's
+    /// hash).
+    pub fn page_seen_by<'p>(
+        &self,
+        agreement: &str,
+        after: u64,
+        limit: usize,
+        org: &str,
+        owner: impl Fn(&str) -> Option<&'p str> + Copy,
+    ) -> Result<Vec<Entry>, AuditError> {
+        let last = self.state.lock().unwrap_or_else(|e| e.into_inner()).seq;
+        let mut out = Vec::new();
+        // The last entry of this agreement read so far, redacted for `org`.
+        let mut before: Option<(u64, bool)> = None;
+        read_chain_upto(&self.dir, last, |e| {
+            if e.agreement != agreement {
+                return;
+            }
+            let redacted = e.redacted_for(org, owner);
+            if e.seq > after && out.len() < limit {
+                let mut seen = e.clone().as_seen_by(org, owner);
+                if before == Some((e.seq.wrapping_sub(1), true)) {
+                    seen.prev = String::new();
+                }
+                out.push(seen);
+            }
+            before = Some((e.seq, redacted));
+        })?;
+        Ok(out)
+    }
+
     /// Entries about one agreement, oldest first.
     pub fn entries_for(&self, agreement: &str) -> Result<Vec<Entry>, AuditError> {
         self.page_for(agreement, 0, usize::MAX)
@@ -574,5 +623,65 @@ mod tests {
         assert_eq!(retention.clone().as_seen_by("acme", owner).rows, None);
         // A query's released row count is not another party's data.
         assert_eq!(query.clone().as_seen_by("globex", owner), query);
+    }
+
+    #[test]
+    fn a_redacted_count_cannot_be_found_again_from_the_chain_hashes() {
+        let dir = tempfile::tempdir().unwrap();
+        let log = AuditLog::open(dir.path()).unwrap();
+        let mut upload = event(0);
+        upload.rows = Some(1_234);
+        log.append(upload, 1_700_000_000).unwrap();
+        let query = Event {
+            action: "query",
+            accepted: true,
+            rows: Some(3),
+            ..event(0)
+        };
+        log.append(query, 1_700_000_001).unwrap();
+        let owner = |d: &str| (d == "customers").then_some("acme");
+
+        // The owner reads the chain whole and linked.
+        let own = log
+            .page_seen_by("retail-media-demo", 0, 10, "acme", owner)
+            .unwrap();
+        assert_eq!(own[0].rows, Some(1_234));
+        assert_eq!(own[1].prev, own[0].hash);
+        assert!(!own[0].hash.is_empty());
+
+        // The partner: no count, and no hash to try counts against,
+        // whichever page the entry after it is read on.
+        let seen = log
+            .page_seen_by("retail-media-demo", 0, 10, "globex", owner)
+            .unwrap();
+        assert_eq!(seen[0].rows, None);
+        assert_eq!(seen[0].hash, "");
+        assert_eq!(seen[1].prev, "");
+        assert_eq!(
+            seen[1].hash, own[1].hash,
+            "an entry not redacted keeps its hash"
+        );
+        let second_page = log
+            .page_seen_by("retail-media-demo", 1, 10, "globex", owner)
+            .unwrap();
+        assert_eq!(second_page[0].prev, "");
+        let shown: Vec<&str> = seen
+            .iter()
+            .flat_map(|e| [e.prev.as_str(), e.hash.as_str()])
+            .collect();
+        let guess = |rows| {
+            let mut guess = seen[0].clone();
+            guess.rows = Some(rows);
+            guess.subject = own[0].subject.clone();
+            hex::encode(entry_hash(&guess, &GENESIS))
+        };
+        // The attack works on what the owner reads.
+        assert_eq!(guess(1_234), own[0].hash);
+        for rows in 0..5_000 {
+            assert!(
+                !shown.contains(&guess(rows).as_str()),
+                "the count is found again"
+            );
+        }
     }
 }

@@ -29,8 +29,8 @@ async fn uploads_are_audited_and_the_chain_detects_tampering() {
     );
 
     // Both parties read the same entries; an outsider cannot.
-    let mut globex = server.client("globex").await;
-    let entries = globex.audit_entries("retail-media-demo").await.unwrap();
+    let mut acme = acme;
+    let entries = acme.audit_entries("retail-media-demo").await.unwrap();
     assert_eq!(entries.len(), 2);
     assert_eq!(entries[0].organisation, "acme");
     assert_eq!(entries[0].action, "upload");
@@ -44,6 +44,15 @@ async fn uploads_are_audited_and_the_chain_detects_tampering() {
     assert_eq!(entries[1].rule.as_deref(), Some("metric.bounds"));
     assert_eq!(entries[1].prev, entries[0].hash);
     assert!(!audit_holds(&entries, 77777), "an entry holds a data value");
+    // The partner reads them without acme's row count, and without the
+    // hash that would give the count back.
+    let mut globex = server.client("globex").await;
+    let seen = globex.audit_entries("retail-media-demo").await.unwrap();
+    assert_eq!(seen.len(), 2);
+    assert_eq!(seen[0].action, "upload");
+    assert_eq!(seen[0].rows, None);
+    assert_eq!((seen[0].hash.as_str(), seen[1].prev.as_str()), ("", ""));
+    assert_eq!(seen[1].hash, entries[1].hash);
     let mut initech = server.client("initech").await;
     let err = initech
         .audit_entries("retail-media-demo")

@@ -180,10 +180,14 @@ async fn whoami_agreements_synth_upload_and_datasets_from_the_command_line() {
     assert!(out.status.success(), "{}", text(&out));
     let printed = text(&out);
     assert!(
-        printed.contains("spent     epsilon 0 in 0 queries"),
+        printed.contains("spent     epsilon 0 and delta 0 in 0 queries"),
         "{printed}"
     );
-    assert!(printed.contains("remaining epsilon 10 of 10"), "{printed}");
+    // The default delta total: 1,000 queries at the floor of 0.01.
+    assert!(
+        printed.contains("remaining epsilon 10 of 10, delta 0.0001 of 0.0001"),
+        "{printed}"
+    );
     assert!(printed.contains("refreshes 20"), "{printed}");
     let out = cleanroom(&["budget", "--agreement", "no-such-agreement"], &env);
     assert!(!out.status.success());

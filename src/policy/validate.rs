@@ -32,6 +32,16 @@ pub const FIRST_YEAR: i32 = 1900;
 pub const LAST_YEAR: i32 = 2200;
 const MAX_TEMPLATE_ITEMS: i64 = 1_000;
 
+/// `x` rounded to 12 significant digits, so that a product such as
+/// 1e-7 x 1000 reads as the decimal an admin would write (1e-4).
+fn decimal(x: f64) -> f64 {
+    if !(x.is_finite() && x > 0.0) {
+        return x;
+    }
+    let scale = 10f64.powi(12 - x.log10().ceil() as i32);
+    (x * scale).round() / scale
+}
+
 /// Days from 1970-01-01 to `d`.
 pub fn epoch_days(d: Date) -> i64 {
     (d - Date::from_calendar_date(1970, Month::January, 1).expect("valid date")).whole_days()
@@ -1050,8 +1060,9 @@ fn validate_privacy(r: &RawPrivacy, p: &mut Problems) -> Option<Privacy> {
     // at the floor (the floor alone then bounds it), and at most
     // DEFAULT_DELTA_TOTAL_CAP.
     let delta_total = r.delta_total.unwrap_or_else(|| {
-        let queries = (r.epsilon_total / floor).floor().max(1.0);
-        (delta * queries).min(DEFAULT_DELTA_TOTAL_CAP.max(delta))
+        // 10 / 0.01 is 999.99...98 in binary floating point: 1,000 queries.
+        let queries = (r.epsilon_total / floor * (1.0 + 1e-12)).floor().max(1.0);
+        decimal(delta * queries).min(DEFAULT_DELTA_TOTAL_CAP.max(delta))
     });
     if !(delta_total.is_finite() && delta_total > 0.0 && delta_total < 1.0) {
         p.push(

@@ -17,6 +17,7 @@ mod check;
 mod limits;
 pub mod private;
 mod release;
+mod threshold;
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -682,8 +683,15 @@ pub async fn execute(
     let agg = release::find_aggregate(&plan)
         .cloned()
         .ok_or_else(|| QueryError::Engine("no aggregation in a checked plan".into()))?;
-    let released =
-        release::threshold_stage(&ctx, &agg, policy.query().min_group_size(), counting).await?;
+    let owners = |dataset: &str| policy.dataset(dataset).map(|d| d.owner().to_string());
+    let released = threshold::threshold_stage(
+        &ctx,
+        &agg,
+        &owners,
+        policy.query().min_group_size(),
+        counting,
+    )
+    .await?;
     let (schema, batches) = release::public_stage(&ctx, plan, &agg, released).await?;
     Ok(QueryOutcome {
         schema,

@@ -5,7 +5,7 @@
 //! analyst's plan:  [Limit] [Sort] Projection [Filter: HAVING]  Aggregate(G; aggs)  rows
 //!
 //! private stage:   Aggregate(G; aggs, people)  rows               total expressions only
-//!                  -> groups of at least min_group_size people    (thresholds), or
+//!                  -> cells of at least min_group_size people     (thresholds, [`super::threshold`]), or
 //!                  -> bounding, noise, noisy threshold            (privacy::Plan)
 //!                  = the released table
 //! public stage:    [Limit] [Sort] Projection [Filter: HAVING]  scan(released table)
@@ -27,14 +27,11 @@ use datafusion::common::tree_node::{Transformed, TreeNode};
 use datafusion::common::{Column, TableReference};
 use datafusion::datasource::MemTable;
 use datafusion::error::{DataFusionError, Result};
-use datafusion::functions_aggregate::count::count_udaf;
-use datafusion::logical_expr::expr::AggregateFunction;
-use datafusion::logical_expr::{Aggregate, Expr, Filter, LogicalPlan, LogicalPlanBuilder, lit};
+use datafusion::logical_expr::{Aggregate, Expr, LogicalPlan, LogicalPlanBuilder};
 use datafusion::prelude::SessionContext;
 
 use super::{PERSON_COLUMN, QueryError, engine_failure};
 
-const PEOPLE: &str = "__people";
 const RELEASED_TABLE: &str = "__cleanroom_released";
 
 /// How the people behind a group are counted.
@@ -82,62 +79,6 @@ fn memory_limit(e: &DataFusionError) -> Option<QueryError> {
             "the query needed more memory than the server allows one query (max_query_memory_bytes)"
                 .into(),
     })
-}
-
-/// The private stage under thresholds only: the aggregation with the
-/// people behind each group, keeping the groups of at least `min` people.
-/// How many were dropped is not counted: it is not released.
-///
-/// ```text
-/// Projection: G, aggs
-///   Filter: __people >= min
-///     Aggregate: groupBy=[G], aggr=[aggs, count(DISTINCT person) AS __people]
-/// ```
-pub(super) async fn threshold_stage(
-    ctx: &SessionContext,
-    agg: &Aggregate,
-    min: u32,
-    counting: PeopleCount,
-) -> Result<Vec<RecordBatch>, QueryError> {
-    let plan = threshold_plan(agg, min, counting).map_err(private_failure)?;
-    ctx.execute_logical_plan(plan)
-        .await
-        .map_err(private_failure)?
-        .collect()
-        .await
-        .map_err(private_failure)
-}
-
-fn threshold_plan(agg: &Aggregate, min: u32, counting: PeopleCount) -> Result<LogicalPlan> {
-    let (args, distinct) = match counting {
-        PeopleCount::Distinct => (vec![Expr::Column(person_column(&agg.input)?)], true),
-        PeopleCount::Rows => (vec![lit(1i64)], false),
-    };
-    let people = Expr::AggregateFunction(AggregateFunction::new_udf(
-        count_udaf(),
-        args,
-        distinct,
-        None,
-        vec![],
-        None,
-    ))
-    .alias(PEOPLE);
-    let mut aggr = agg.aggr_expr.clone();
-    aggr.push(people);
-    let counted = Aggregate::try_new(Arc::clone(&agg.input), agg.group_expr.clone(), aggr)?;
-    let output: Vec<Expr> = counted
-        .schema
-        .iter()
-        .take(agg.schema.fields().len())
-        .map(|(q, f)| Expr::Column(Column::new(q.cloned(), f.name())))
-        .collect();
-    let filter = Filter::try_new(
-        Expr::Column(Column::from_name(PEOPLE)).gt_eq(lit(i64::from(min))),
-        Arc::new(LogicalPlan::Aggregate(counted)),
-    )?;
-    LogicalPlanBuilder::from(LogicalPlan::Filter(filter))
-        .project(output)?
-        .build()
 }
 
 /// The public stage: the analyst's plan with its aggregation replaced by a

@@ -53,17 +53,26 @@ impl proto::audit_server::Audit for AuditService {
         };
         let log = self.state.audit_log().clone();
         let id = policy.id().to_string();
-        let entries = tokio::task::spawn_blocking(move || log.page_for(&id, after, size))
-            .await
-            .map_err(|e| ServiceError::Internal(format!("audit read task: {e}")))?
-            .map_err(ServiceError::from)?;
+        let owners: std::collections::HashMap<String, String> = policy
+            .datasets()
+            .iter()
+            .map(|d| (d.name().to_string(), d.owner().to_string()))
+            .collect();
+        let reader = org.clone();
+        let entries = tokio::task::spawn_blocking(move || {
+            log.page_seen_by(&id, after, size, &reader, |d| {
+                owners.get(d).map(String::as_str)
+            })
+        })
+        .await
+        .map_err(|e| ServiceError::Internal(format!("audit read task: {e}")))?
+        .map_err(ServiceError::from)?;
         let next_page_token = match entries.last() {
             Some(e) if entries.len() == size => e.seq.to_string(),
             _ => String::new(),
         };
         let entries = entries
             .into_iter()
-            .map(|e| e.as_seen_by(&org, |d| policy.dataset(d).map(|d| d.owner())))
             .map(|e| proto::AuditEntry {
                 seq: e.seq,
                 time: e.time,

@@ -41,7 +41,7 @@ pub fn budget_view(
         next_refresh: describe(window.next_refresh),
         queries: spent.queries,
         epsilon_per_query_min: privacy.epsilon_per_query_min(),
-        delta_total: privacy.delta_total(),
+        delta_total: delta_from_units(delta_total),
         delta_spent: delta_from_units(spent.delta_units),
         delta_remaining: delta_from_units(delta_total.saturating_sub(spent.delta_units)),
     })

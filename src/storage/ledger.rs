@@ -30,8 +30,10 @@ pub const DELTA_UNITS: f64 = 1e18;
 /// delta spent) and at least one.
 pub fn delta_to_units(delta: f64) -> u64 {
     let mut units = (delta * DELTA_UNITS).ceil().max(1.0);
+    // Past 2^53 adding one would not move the value: step to the next
+    // float instead.
     while units / DELTA_UNITS < delta {
-        units += 1.0;
+        units = units.next_up();
     }
     units as u64
 }
@@ -342,7 +344,18 @@ mod tests {
 
     #[test]
     fn delta_is_charged_rounded_up() {
-        for delta in [1e-7, 1e-6, 3.3e-9, 1e-18, 1e-20, 0.000_999] {
+        for delta in [
+            1e-7,
+            1e-6,
+            3.3e-9,
+            1e-18,
+            1e-20,
+            0.000_999,
+            0.05,
+            0.1,
+            0.3,
+            0.099_999_9,
+        ] {
             let units = delta_to_units(delta);
             assert!(delta_from_units(units) >= delta, "{delta}");
             assert!(units >= 1);

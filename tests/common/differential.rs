@@ -583,6 +583,62 @@ struct Group {
     values: Vec<Vec<f64>>,
     /// Values of the metric HAVING sums, if any.
     having: Vec<f64>,
+    /// Who stands behind each atom of the group, by the truth of each of
+    /// [`conditions`] on its rows.
+    atoms: BTreeMap<Vec<bool>, Behind>,
+}
+
+/// The people behind one atom of a group, as docs/queries.md defines them.
+#[derive(Default, Clone)]
+struct Behind {
+    /// acme's people with rows in the atom.
+    caller: BTreeSet<u64>,
+    /// globex's people with rows in the atom.
+    partner: BTreeSet<u64>,
+    /// globex's people matched to customers whose rows would fall in the
+    /// atom were they unmatched (LEFT JOIN only).
+    partner_if_unmatched: BTreeSet<u64>,
+}
+
+/// A condition an aggregate reads: which of a group's rows it adds up.
+#[derive(Debug, Clone, Copy, PartialEq)]
+enum Condition {
+    /// The metric is not NULL (COUNT, SUM, AVG of it).
+    Present(Metric),
+    /// `c.lifetime_value > 2500` holds (the share's CASE).
+    Above,
+}
+
+impl Condition {
+    fn holds(self, c: &Row, a: &Row) -> bool {
+        match self {
+            Condition::Present(m) => m.of(c, a).is_some(),
+            Condition::Above => c.ltv.is_some_and(|v| v > 2500.0),
+        }
+    }
+}
+
+/// The conditions of `q`'s aggregates; their atoms are the cells every
+/// one of which must stand for enough people.
+fn conditions(q: &Query) -> Vec<Condition> {
+    let mut out = Vec::new();
+    let mut add = |c: Condition| {
+        if !out.contains(&c) {
+            out.push(c);
+        }
+    };
+    for agg in &q.aggs {
+        match agg {
+            Agg::CountStar | Agg::People => {}
+            Agg::Count(m) | Agg::Sum(m) | Agg::Avg(m) => add(Condition::Present(*m)),
+            Agg::ShareAbove => add(Condition::Above),
+        }
+    }
+    // HAVING's sum is aggregated beneath the boundary like any other.
+    if let Some(Having::SumAbove(m, _)) = q.having {
+        add(Condition::Present(m));
+    }
+    out
 }
 
 /// The groups of `q` over `d`, before any minimum.
@@ -606,9 +662,24 @@ fn groups(q: &Query, d: &Data) -> BTreeMap<Vec<Option<String>>, Group> {
         lead_score: None,
         first_exposure: None,
     };
+    let conditions = conditions(q);
+    let atom =
+        |c: &Row, a: &Row| -> Vec<bool> { conditions.iter().map(|k| k.holds(c, a)).collect() };
+    let passes = |c: &Row, a: &Row| q.filter.as_ref().is_none_or(|p| p.eval(c, a) == Some(true));
     for c in &d.customers {
         let matched = d.audience.iter().any(|a| a.id == c.id);
         let unmatched_row = (q.join == Join::LeftEmail && !matched).then_some(&unmatched);
+        // A matched customer would fall where its unmatched row would:
+        // globex's person counts there too.
+        if q.join == Join::LeftEmail && matched && passes(c, &unmatched) {
+            let key: Vec<Option<String>> = q.group.iter().map(|g| g.of(c, &unmatched)).collect();
+            let g = groups.entry(key).or_default();
+            g.atoms
+                .entry(atom(c, &unmatched))
+                .or_default()
+                .partner_if_unmatched
+                .insert(c.id);
+        }
         for a in d.audience.iter().chain(unmatched_row) {
             let joined = match q.join {
                 Join::Email | Join::LeftEmail => c.id == a.id || std::ptr::eq(a, &unmatched),
@@ -624,6 +695,11 @@ fn groups(q: &Query, d: &Data) -> BTreeMap<Vec<Option<String>>, Group> {
             }
             let key: Vec<Option<String>> = q.group.iter().map(|g| g.of(c, a)).collect();
             let g = groups.entry(key).or_default();
+            let behind = g.atoms.entry(atom(c, a)).or_default();
+            behind.caller.insert(c.id);
+            if !std::ptr::eq(a, &unmatched) {
+                behind.partner.insert(a.id);
+            }
             g.rows += 1;
             g.people.insert(c.id);
             g.emails.insert(c.id);
@@ -658,8 +734,15 @@ fn reference(q: &Query, d: &Data, min: u32) -> Expected {
     let groups = groups(q, d);
     let mut out = Vec::new();
     for (key, g) in &groups {
-        // The release boundary: only groups of enough people go on.
-        if (g.people.len() as u64) < u64::from(min) {
+        // The release boundary: a group some real row reached, whose every
+        // atom with a real row stands for enough people of each party.
+        let min = min as usize;
+        let enough = g.rows > 0
+            && g.atoms.values().filter(|b| !b.caller.is_empty()).all(|b| {
+                b.caller.len() >= min
+                    && (b.partner.len() >= min || b.partner_if_unmatched.len() >= min)
+            });
+        if !enough {
             continue;
         }
         let values: Vec<Option<f64>> = q
