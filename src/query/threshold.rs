@@ -1,28 +1,31 @@
-//! The minimum group size under thresholds only: whom a released row
+//! The minimum group size under thresholds only: whom a released value
 //! stands for, counted per party and per cell.
 //!
-//! A released row is a function of every party's data it reads, so it is
-//! kept only when, for **each party** whose dataset the query scans, at
-//! least `min_group_size` of that party's people stand behind it; and not
-//! only behind the row as a whole but behind every **cell** of it. The
-//! aggregates of a row read subsets of its group's rows (a branch of a
-//! `CASE` inside an aggregate, the rows where the aggregated column is not
-//! NULL); two such subsets can differ by one person, and the difference of
-//! two released values then describes that person. So the cells are the
-//! *atoms* of every condition the row's aggregates read: the rows that
-//! agree on the truth of each one (for conditions `x` and `y`: `x AND y`,
-//! `x AND NOT y`, `NOT x AND y`, `NOT x AND NOT y`). Every released value
-//! is a sum over whole atoms, and so is every difference of two of them.
-//! An atom no row falls in adds nothing to any value; every other atom
-//! must stand for `min_group_size` people of each party, or the row is
-//! held back. At most [`MAX_CONDITIONS`] conditions (32 atoms) per query.
+//! A released value is a function of every party's data it reads, so it
+//! may only depend on rows that stand for at least `min_group_size` people
+//! of **each party** whose dataset the query scans. Not only a group as a
+//! whole: the aggregates of a row read subsets of its group's rows (a
+//! branch of a `CASE` inside an aggregate, the rows where the aggregated
+//! column is not NULL), and two such subsets can differ by one person,
+//! whose values the difference of two released values then describes. So
+//! the unit is the **cell**: the rows of a group that agree on the truth
+//! of every condition the query's aggregates read (for conditions `x` and
+//! `y`: `x AND y`, `x AND NOT y`, `NOT x AND y`, `NOT x AND NOT y`). Every
+//! released value, and every difference of two of them, is a sum over
+//! whole cells.
+//!
+//! **A cell under the minimum is left out**, as a group under the minimum
+//! is: its rows reach no aggregate of the row, and a group left with no
+//! row is not released. Holding back the whole row instead would tell a
+//! cell of one person from an empty one (the row shown or not); leaving the
+//! cell out gives the same answer with and without that person.
 //!
 //! Who counts for a party:
 //!
-//! - its people with rows in the atom (`A`), and
+//! - its people with rows in the cell (`A`), and
 //! - under a `LEFT JOIN` that keeps the caller's rows, for the party on
 //!   the join's other side: its people *matched* to caller rows that would
-//!   fall in the atom were they unmatched (`B`). Which caller rows go
+//!   fall in the cell were they unmatched (`B`). Which caller rows go
 //!   unmatched is the partner's data too: a group of unmatched rows is a
 //!   function of who is missing from it. `B` is counted on "phantom"
 //!   copies of the matched rows with the other side's columns set to NULL,
@@ -30,19 +33,19 @@
 //!   rows. Phantom rows never reach an aggregate the analyst wrote.
 //!
 //! A party's count is the larger of `A` and `B` (each `B` when several
-//! LEFT JOINs bring its data): never more than the people the atom depends
+//! LEFT JOINs bring its data): never more than the people the cell depends
 //! on. The caller's own padding rows never match, so they count for the
 //! caller only.
 //!
+//! With no condition a cell is a group, and one aggregation does it all:
+//!
 //! ```text
 //! Projection: G, aggs
-//!   Filter: some atom holds a real row, and for every atom t holding one,
-//!           every party p: A(p, t) >= min OR B(p, t) >= min
+//!   Filter: __rows > 0 AND for every party p: A(p) >= min OR B(p) >= min
 //!     Aggregate: groupBy=[G],
-//!                aggr=[aggs FILTER (real rows),
-//!                      count(*) FILTER (real rows AND t)                     rows of t
-//!                      count(DISTINCT person_p) FILTER (real rows AND t)     A(p, t)
-//!                      count(DISTINCT person_p) FILTER (NOT real_k AND t)]   B(p, t)
+//!                aggr=[aggs FILTER (real rows), count(*) FILTER (real rows) AS __rows,
+//!                      count(DISTINCT person_p) FILTER (real rows)      A(p)
+//!                      count(DISTINCT person_p) FILTER (NOT real_k)]    B(p)
 //!       [Filter: WHERE] ...
 //!         Projection: original names, real_k               one per LEFT JOIN k
 //!           Union: [join, real_k = true]
@@ -50,16 +53,19 @@
 //!                     for the matched rows only
 //! ```
 //!
+//! With conditions, the cells that stand for enough people are found
+//! first and the aggregation reads their rows only ([`kept_cells`]).
+//!
 //! Inner joins alone need no phantom rows, and every row's person columns
 //! are then equal (rows joined on equal fingerprints are one person), so a
-//! single count per atom serves every party.
+//! single count serves every party.
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
 
 use arrow::record_batch::RecordBatch;
 use datafusion::common::tree_node::{Transformed, TreeNode};
-use datafusion::common::{Column, JoinType, ScalarValue};
+use datafusion::common::{Column, JoinType, NullEquality, ScalarValue};
 use datafusion::error::{DataFusionError, Result};
 use datafusion::functions::core::expr_fn::coalesce;
 use datafusion::functions_aggregate::count::count_udaf;
@@ -71,19 +77,14 @@ use datafusion::logical_expr::{
 use datafusion::prelude::SessionContext;
 
 use super::release::{PeopleCount, private_failure};
-use super::{PERSON_COLUMN, QueryError, Violation};
-
-/// Most distinct conditions the aggregates of one query may read under
-/// thresholds: each doubles the atoms every group is checked on.
-pub(super) const MAX_CONDITIONS: usize = 5;
+use super::{PERSON_COLUMN, QueryError};
 
 /// Who owns a dataset, by its name.
 pub(super) type Owners<'a> = &'a (dyn Fn(&str) -> Option<String> + Sync);
 
-/// The private stage under thresholds only: the analyst's aggregation,
-/// keeping the groups whose every atom stands for at least `min` people of
-/// every party. How many were held back is not counted: it is not
-/// released.
+/// The private stage under thresholds only: the analyst's aggregation over
+/// the rows of the cells that stand for at least `min` people of every
+/// party. What was left out is not counted: it is not released.
 pub(super) async fn threshold_stage(
     ctx: &SessionContext,
     agg: &Aggregate,
@@ -91,7 +92,7 @@ pub(super) async fn threshold_stage(
     min: u32,
     counting: PeopleCount,
 ) -> Result<Vec<RecordBatch>, QueryError> {
-    let plan = threshold_plan(agg, owners, min, counting)?;
+    let plan = threshold_plan(agg, owners, min, counting).map_err(private_failure)?;
     ctx.execute_logical_plan(plan)
         .await
         .map_err(private_failure)?
@@ -107,157 +108,36 @@ struct Phantom {
     persons: Vec<Column>,
 }
 
-/// The conditions of a query's aggregates, refused past
-/// [`MAX_CONDITIONS`]. Depends on the plan only, never on data.
-fn conditions_of(agg: &Aggregate) -> Result<Vec<Expr>, QueryError> {
+/// The conditions a query's aggregates read, each once. Depends on the
+/// plan only, never on data.
+fn conditions_of(agg: &Aggregate) -> Result<Vec<Expr>> {
     let schema = agg.input.schema();
     let mut conditions: Vec<Expr> = Vec::new();
     for a in &agg.aggr_expr {
-        for c in aggregate_conditions(a, schema).map_err(private_failure)? {
+        for c in aggregate_conditions(a, schema)? {
             if !conditions.contains(&c) {
                 conditions.push(c);
             }
         }
     }
-    if conditions.len() > MAX_CONDITIONS {
-        return Err(QueryError::Refused(Violation {
-            policy: true,
-            rule: "query.aggregate_argument",
-            detail: format!(
-                "under thresholds the aggregates of one query may read at most {MAX_CONDITIONS} conditions (CASE conditions and columns that can be NULL); split the query"
-            ),
-        }));
-    }
     Ok(conditions)
 }
 
-/// The atoms of `conditions`: one conjunction per combination of their
-/// truth values (`TRUE` alone for none).
-fn atoms(conditions: &[Expr]) -> Vec<Expr> {
-    let mut out = vec![lit(true)];
-    for c in conditions {
-        out = out
-            .into_iter()
-            .flat_map(|a| [a.clone().and(c.clone()), a.and(!c.clone())])
-            .collect();
-    }
-    out
-}
+/// Names of the columns the plan adds; none can clash with a dataset's
+/// (those never start with two underscores).
+const ROWS: &str = "__rows";
 
 pub(super) fn threshold_plan(
     agg: &Aggregate,
     owners: Owners<'_>,
     min: u32,
     counting: PeopleCount,
-) -> Result<LogicalPlan, QueryError> {
-    let atoms = atoms(&conditions_of(agg)?);
-    build(agg, owners, min, counting, &atoms).map_err(private_failure)
-}
-
-fn build(
-    agg: &Aggregate,
-    owners: Owners<'_>,
-    min: u32,
-    counting: PeopleCount,
-    atoms: &[Expr],
 ) -> Result<LogicalPlan> {
-    let tables = leaf_tables(&agg.input);
-    let owner_of = |c: &Column| -> Result<String> {
-        let table = c
-            .relation
-            .as_ref()
-            .and_then(|q| tables.get(&q.to_string()))
-            .ok_or_else(|| internal("a person column of no scanned table"))?;
-        owners(table).ok_or_else(|| internal("a scanned table no party owns"))
-    };
+    let conditions = conditions_of(agg)?;
     let mut phantoms = Vec::new();
     let input = with_phantoms(agg.input.as_ref().clone(), &mut phantoms)?;
-    let schema = Arc::clone(input.schema());
-
-    // Each party's person, from whichever of its tables a row holds (they
-    // agree where several do).
-    let mut persons: BTreeMap<String, Vec<Expr>> = BTreeMap::new();
-    for (q, f) in schema.iter() {
-        if f.name() == PERSON_COLUMN {
-            let c = Column::new(q.cloned(), PERSON_COLUMN);
-            persons
-                .entry(owner_of(&c)?)
-                .or_default()
-                .push(Expr::Column(c));
-        }
-    }
-    let person_of = |columns: &[Expr]| match columns {
-        [one] => one.clone(),
-        many => coalesce(many.to_vec()),
-    };
-    let real = phantoms
-        .iter()
-        .map(|p| Expr::Column(Column::from_name(&p.flag)))
-        .reduce(Expr::and);
-    let real_and = |atom: &Expr| match &real {
-        Some(r) => r.clone().and(atom.clone()),
-        None => atom.clone(),
-    };
-
-    let distinct = counting == PeopleCount::Distinct;
-    let count = |arg: Expr, distinct: bool, filter: Expr| {
-        Expr::AggregateFunction(AggregateFunction::new_udf(
-            count_udaf(),
-            vec![arg],
-            distinct,
-            Some(Box::new(filter)),
-            vec![],
-            None,
-        ))
-    };
-    let mut counts: Vec<Expr> = Vec::new();
-    let mut named = |e: Expr| {
-        let name = format!("__people_{}", counts.len());
-        counts.push(e.alias(&name));
-        Expr::Column(Column::from_name(name))
-    };
-    let at_least = |e: Expr| e.gt_eq(lit(i64::from(min)));
-    // Without phantom rows every person column of a row is the same person.
-    let parties: Vec<(&String, &Vec<Expr>)> = if phantoms.is_empty() {
-        persons.iter().take(1).collect()
-    } else {
-        persons.iter().collect()
-    };
-    let mut held: Vec<Expr> = Vec::new();
-    let mut present: Vec<Expr> = Vec::new();
-    for atom in atoms {
-        let rows = named(count(lit(1i64), false, real_and(atom)));
-        present.push(rows.clone().gt(lit(0i64)));
-        let mut enough: Vec<Expr> = Vec::new();
-        for (party, columns) in &parties {
-            let mut party_enough =
-                at_least(named(count(person_of(columns), distinct, real_and(atom))));
-            for phantom in &phantoms {
-                let mut theirs: Vec<Expr> = Vec::new();
-                for c in &phantom.persons {
-                    if owner_of(c)? == **party {
-                        theirs.push(Expr::Column(c.clone()));
-                    }
-                }
-                if theirs.is_empty() {
-                    continue;
-                }
-                let unmatched = !Expr::Column(Column::from_name(&phantom.flag));
-                party_enough = party_enough.or(at_least(named(count(
-                    person_of(&theirs),
-                    distinct,
-                    unmatched.and(atom.clone()),
-                ))));
-            }
-            enough.push(party_enough);
-        }
-        let enough = enough
-            .into_iter()
-            .reduce(Expr::and)
-            .ok_or_else(|| internal("no party in the query"))?;
-        held.push(rows.eq(lit(0i64)).or(enough));
-    }
-
+    let people = People::of(&input, &phantoms, &agg.input, owners, counting)?;
+    let real = people.real.clone();
     let mut aggr: Vec<Expr> = match &real {
         None => agg.aggr_expr.clone(),
         Some(real) => agg
@@ -266,23 +146,219 @@ fn build(
             .map(|a| only_real_rows(a, real))
             .collect::<Result<_>>()?,
     };
-    aggr.extend(counts);
-    let counted = Aggregate::try_new(Arc::new(input), agg.group_expr.clone(), aggr)?;
+    let rows = Expr::AggregateFunction(AggregateFunction::new_udf(
+        count_udaf(),
+        vec![lit(1i64)],
+        false,
+        real.clone().map(Box::new),
+        vec![],
+        None,
+    ))
+    .alias(ROWS);
+    aggr.push(rows);
+    let some_real_row = Expr::Column(Column::from_name(ROWS)).gt(lit(0i64));
+
+    let (kept, predicate) = if conditions.is_empty() {
+        // One cell per group: its counts sit beside the analyst's aggregates.
+        let (counts, enough) = people.counts(min)?;
+        aggr.extend(counts);
+        (input, some_real_row.and(enough))
+    } else {
+        (
+            kept_cells(input, agg, &conditions, &people, min)?,
+            some_real_row,
+        )
+    };
+    let counted = Aggregate::try_new(Arc::new(kept), agg.group_expr.clone(), aggr)?;
     let output: Vec<Expr> = counted
         .schema
         .iter()
         .take(agg.schema.fields().len())
         .map(|(q, f)| Expr::Column(Column::new(q.cloned(), f.name())))
         .collect();
-    let some_real_row = present
-        .into_iter()
-        .reduce(Expr::or)
-        .ok_or_else(|| internal("no atom"))?;
-    let predicate = held.into_iter().fold(some_real_row, Expr::and);
     let filter = Filter::try_new(predicate, Arc::new(LogicalPlan::Aggregate(counted)))?;
     LogicalPlanBuilder::from(LogicalPlan::Filter(filter))
         .project(output)?
         .build()
+}
+
+/// The rows of `input` whose cell (group and the truth of each condition)
+/// stands for enough people of every party:
+///
+/// ```text
+/// LeftSemi join on (__g*, __c*), NULL equal to NULL
+///   Projection: input, __g_i := group expression i, __c_j := condition j
+///   Projection: __g* AS __kg*, __c* AS __kc*
+///     Filter: for every party p: A(p) >= min OR B(p) >= min
+///       Aggregate: groupBy=[__g*, __c*], aggr=[A(p), B(p)]
+///         (the same projection)
+/// ```
+fn kept_cells(
+    input: LogicalPlan,
+    agg: &Aggregate,
+    conditions: &[Expr],
+    people: &People,
+    min: u32,
+) -> Result<LogicalPlan> {
+    let mut keyed: Vec<Expr> = input
+        .schema()
+        .iter()
+        .map(|(q, f)| Expr::Column(Column::new(q.cloned(), f.name())))
+        .collect();
+    let mut keys = Vec::new();
+    for (i, g) in agg.group_expr.iter().enumerate() {
+        keys.push(format!("__g{i}"));
+        keyed.push(g.clone().alias(format!("__g{i}")));
+    }
+    for (j, c) in conditions.iter().enumerate() {
+        keys.push(format!("__c{j}"));
+        keyed.push(c.clone().alias(format!("__c{j}")));
+    }
+    let keyed = LogicalPlanBuilder::from(input).project(keyed)?.build()?;
+    let (counts, enough) = people.counts(min)?;
+    let key_columns: Vec<Expr> = keys
+        .iter()
+        .map(|k| Expr::Column(Column::from_name(k)))
+        .collect();
+    let cells = LogicalPlanBuilder::from(keyed.clone())
+        .aggregate(key_columns.clone(), counts)?
+        .filter(enough)?
+        .project(
+            key_columns
+                .into_iter()
+                .zip(&keys)
+                .map(|(c, k)| c.alias(format!("__k{k}"))),
+        )?
+        .build()?;
+    let kept_keys: Vec<String> = keys.iter().map(|k| format!("__k{k}")).collect();
+    LogicalPlanBuilder::from(keyed)
+        .join_detailed(
+            cells,
+            JoinType::LeftSemi,
+            (
+                keys.iter().map(Column::from_name).collect::<Vec<_>>(),
+                kept_keys.iter().map(Column::from_name).collect::<Vec<_>>(),
+            ),
+            None,
+            NullEquality::NullEqualsNull,
+        )?
+        .build()
+}
+
+/// Whom the rows of a cell stand for, party by party.
+struct People {
+    /// Each party's person, from whichever of its tables a row holds (they
+    /// agree where several do); one party alone without phantom rows, as
+    /// every person column of a row is then the same person.
+    parties: Vec<(String, Expr)>,
+    /// For each party, the person of each LEFT JOIN's phantom rows that
+    /// it owns, with that join's flag.
+    phantom_persons: Vec<Vec<(Expr, Expr)>>,
+    /// True on real rows (None: no phantom rows).
+    real: Option<Expr>,
+    counting: PeopleCount,
+}
+
+impl People {
+    fn of(
+        input: &LogicalPlan,
+        phantoms: &[Phantom],
+        original: &LogicalPlan,
+        owners: Owners<'_>,
+        counting: PeopleCount,
+    ) -> Result<Self> {
+        let tables = leaf_tables(original);
+        let owner_of = |c: &Column| -> Result<String> {
+            let table = c
+                .relation
+                .as_ref()
+                .and_then(|q| tables.get(&q.to_string()))
+                .ok_or_else(|| internal("a person column of no scanned table"))?;
+            owners(table).ok_or_else(|| internal("a scanned table no party owns"))
+        };
+        let person_of = |columns: Vec<Expr>| match columns.as_slice() {
+            [one] => one.clone(),
+            _ => coalesce(columns),
+        };
+        let mut persons: BTreeMap<String, Vec<Expr>> = BTreeMap::new();
+        for (q, f) in input.schema().iter() {
+            if f.name() == PERSON_COLUMN {
+                let c = Column::new(q.cloned(), PERSON_COLUMN);
+                persons
+                    .entry(owner_of(&c)?)
+                    .or_default()
+                    .push(Expr::Column(c));
+            }
+        }
+        if phantoms.is_empty() {
+            persons = persons.into_iter().take(1).collect();
+        }
+        let mut parties = Vec::new();
+        let mut phantom_persons = Vec::new();
+        for (party, columns) in persons {
+            let mut theirs_by_join = Vec::new();
+            for phantom in phantoms {
+                let mut theirs = Vec::new();
+                for c in &phantom.persons {
+                    if owner_of(c)? == party {
+                        theirs.push(Expr::Column(c.clone()));
+                    }
+                }
+                if !theirs.is_empty() {
+                    let unmatched = !Expr::Column(Column::from_name(&phantom.flag));
+                    theirs_by_join.push((person_of(theirs), unmatched));
+                }
+            }
+            parties.push((party, person_of(columns)));
+            phantom_persons.push(theirs_by_join);
+        }
+        let real = phantoms
+            .iter()
+            .map(|p| Expr::Column(Column::from_name(&p.flag)))
+            .reduce(Expr::and);
+        Ok(People {
+            parties,
+            phantom_persons,
+            real,
+            counting,
+        })
+    }
+
+    /// The counts of a cell (A and B of every party, aliased) and the
+    /// predicate over them that it stands for at least `min` people of
+    /// each party.
+    fn counts(&self, min: u32) -> Result<(Vec<Expr>, Expr)> {
+        let distinct = self.counting == PeopleCount::Distinct;
+        let count = |person: &Expr, filter: Option<Expr>| {
+            Expr::AggregateFunction(AggregateFunction::new_udf(
+                count_udaf(),
+                vec![person.clone()],
+                distinct,
+                filter.map(Box::new),
+                vec![],
+                None,
+            ))
+        };
+        let mut counts: Vec<Expr> = Vec::new();
+        let mut at_least = |e: Expr| {
+            let name = format!("__people_{}", counts.len());
+            counts.push(e.alias(&name));
+            Expr::Column(Column::from_name(name)).gt_eq(lit(i64::from(min)))
+        };
+        let mut enough = Vec::new();
+        for ((_, person), phantoms) in self.parties.iter().zip(&self.phantom_persons) {
+            let mut party_enough = at_least(count(person, self.real.clone()));
+            for (theirs, unmatched) in phantoms {
+                party_enough = party_enough.or(at_least(count(theirs, Some(unmatched.clone()))));
+            }
+            enough.push(party_enough);
+        }
+        let enough = enough
+            .into_iter()
+            .reduce(Expr::and)
+            .ok_or_else(|| internal("no party in the query"))?;
+        Ok((counts, enough))
+    }
 }
 
 /// The dataset each input of the join tree reads, by the name the query

@@ -641,8 +641,9 @@ fn conditions(q: &Query) -> Vec<Condition> {
     out
 }
 
-/// The groups of `q` over `d`, before any minimum.
-fn groups(q: &Query, d: &Data) -> BTreeMap<Vec<Option<String>>, Group> {
+/// The groups of `q` over `d`, each without the rows of its cells that
+/// stand for fewer than `min` people of either party (0: every row).
+fn groups(q: &Query, d: &Data, min: usize) -> BTreeMap<Vec<Option<String>>, Group> {
     let mut groups: BTreeMap<Vec<Option<String>>, Group> = BTreeMap::new();
     if q.group.is_empty() {
         groups.insert(Vec::new(), Group::default());
@@ -666,14 +667,17 @@ fn groups(q: &Query, d: &Data) -> BTreeMap<Vec<Option<String>>, Group> {
     let atom =
         |c: &Row, a: &Row| -> Vec<bool> { conditions.iter().map(|k| k.holds(c, a)).collect() };
     let passes = |c: &Row, a: &Row| q.filter.as_ref().is_none_or(|p| p.eval(c, a) == Some(true));
+    let key_of =
+        |c: &Row, a: &Row| -> Vec<Option<String>> { q.group.iter().map(|g| g.of(c, a)).collect() };
+    // Every joined row that passes WHERE, the unmatched side as `unmatched`.
+    let mut joined: Vec<(&Row, &Row)> = Vec::new();
     for c in &d.customers {
         let matched = d.audience.iter().any(|a| a.id == c.id);
         let unmatched_row = (q.join == Join::LeftEmail && !matched).then_some(&unmatched);
         // A matched customer would fall where its unmatched row would:
         // globex's person counts there too.
         if q.join == Join::LeftEmail && matched && passes(c, &unmatched) {
-            let key: Vec<Option<String>> = q.group.iter().map(|g| g.of(c, &unmatched)).collect();
-            let g = groups.entry(key).or_default();
+            let g = groups.entry(key_of(c, &unmatched)).or_default();
             g.atoms
                 .entry(atom(c, &unmatched))
                 .or_default()
@@ -681,68 +685,71 @@ fn groups(q: &Query, d: &Data) -> BTreeMap<Vec<Option<String>>, Group> {
                 .insert(c.id);
         }
         for a in d.audience.iter().chain(unmatched_row) {
-            let joined = match q.join {
+            let on = match q.join {
                 Join::Email | Join::LeftEmail => c.id == a.id || std::ptr::eq(a, &unmatched),
                 Join::Phone => c.phone && a.phone && c.id == a.id,
                 Join::Both => c.id == a.id && c.phone && a.phone,
             };
-            if !joined
-                || q.filter
-                    .as_ref()
-                    .is_some_and(|p| p.eval(c, a) != Some(true))
-            {
-                continue;
+            if on && passes(c, a) {
+                joined.push((c, a));
             }
-            let key: Vec<Option<String>> = q.group.iter().map(|g| g.of(c, a)).collect();
-            let g = groups.entry(key).or_default();
-            let behind = g.atoms.entry(atom(c, a)).or_default();
-            behind.caller.insert(c.id);
-            if !std::ptr::eq(a, &unmatched) {
-                behind.partner.insert(a.id);
+        }
+    }
+    for &(c, a) in &joined {
+        let behind = groups
+            .entry(key_of(c, a))
+            .or_default()
+            .atoms
+            .entry(atom(c, a))
+            .or_default();
+        behind.caller.insert(c.id);
+        if !std::ptr::eq(a, &unmatched) {
+            behind.partner.insert(a.id);
+        }
+    }
+    // The aggregates, over the rows of cells of enough people only.
+    for &(c, a) in &joined {
+        let g = groups.get_mut(&key_of(c, a)).expect("grouped above");
+        let b = &g.atoms[&atom(c, a)];
+        if b.caller.len() < min || (b.partner.len() < min && b.partner_if_unmatched.len() < min) {
+            continue;
+        }
+        g.rows += 1;
+        g.people.insert(c.id);
+        g.emails.insert(c.id);
+        if g.values.is_empty() {
+            g.values = vec![Vec::new(); q.aggs.len()];
+        }
+        for (i, agg) in q.aggs.iter().enumerate() {
+            let m = match agg {
+                Agg::Count(m) | Agg::Sum(m) | Agg::Avg(m) => m.of(c, a),
+                Agg::ShareAbove => Some(if c.ltv.is_some_and(|v| v > 2500.0) {
+                    1.0
+                } else {
+                    0.0
+                }),
+                _ => None,
+            };
+            if let Some(v) = m {
+                g.values[i].push(v);
             }
-            g.rows += 1;
-            g.people.insert(c.id);
-            g.emails.insert(c.id);
-            if g.values.is_empty() {
-                g.values = vec![Vec::new(); q.aggs.len()];
-            }
-            for (i, agg) in q.aggs.iter().enumerate() {
-                let m = match agg {
-                    Agg::Count(m) | Agg::Sum(m) | Agg::Avg(m) => m.of(c, a),
-                    Agg::ShareAbove => Some(if c.ltv.is_some_and(|v| v > 2500.0) {
-                        1.0
-                    } else {
-                        0.0
-                    }),
-                    _ => None,
-                };
-                if let Some(v) = m {
-                    g.values[i].push(v);
-                }
-            }
-            if let Some(Having::SumAbove(m, _)) = q.having
-                && let Some(v) = m.of(c, a)
-            {
-                g.having.push(v);
-            }
+        }
+        if let Some(Having::SumAbove(m, _)) = q.having
+            && let Some(v) = m.of(c, a)
+        {
+            g.having.push(v);
         }
     }
     groups
 }
 
 fn reference(q: &Query, d: &Data, min: u32) -> Expected {
-    let groups = groups(q, d);
+    let groups = groups(q, d, min as usize);
     let mut out = Vec::new();
     for (key, g) in &groups {
-        // The release boundary: a group some real row reached, whose every
-        // atom with a real row stands for enough people of each party.
-        let min = min as usize;
-        let enough = g.rows > 0
-            && g.atoms.values().filter(|b| !b.caller.is_empty()).all(|b| {
-                b.caller.len() >= min
-                    && (b.partner.len() >= min || b.partner_if_unmatched.len() >= min)
-            });
-        if !enough {
+        // The release boundary: a group left with a row of a cell of
+        // enough people.
+        if g.rows == 0 {
             continue;
         }
         let values: Vec<Option<f64>> = q
@@ -954,7 +961,7 @@ fn check_private(
     let min = policy.query().min_group_size() as usize;
     match outcome {
         Ok(o) => {
-            let exact = groups(q, d);
+            let exact = groups(q, d, 0);
             for (key, _) in product_rows(&o.batches, q.group.len()) {
                 let people = exact
                     .iter()
