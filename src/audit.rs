@@ -102,7 +102,9 @@ impl Entry {
             self.action.as_str(),
             "upload" | "erase" | "retention" | "blinding"
         );
-        if !about_data {
+        // An entry with no count (a refused upload) has nothing to take out.
+        let counted = self.rows.is_some() || self.action == "erase";
+        if !(about_data && counted) {
             return false;
         }
         let own = match self.dataset().as_deref().and_then(&owner) {

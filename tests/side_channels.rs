@@ -14,7 +14,7 @@ use arrow::record_batch::RecordBatch;
 use cleanroom::query::{QueryError, QueryOutcome, TableData};
 use cleanroom::storage::Store;
 use common::people::{Row, audience, customers, demo_policy, tables};
-use common::{Setup, TestServer, batch_msg, commit, header, raw_upload};
+use common::{Setup, TestServer, batch_msg, commit, header, raw_upload, upload_people};
 use tonic::Code;
 
 /// A governed query asked by acme, the demo's querying party.
@@ -161,24 +161,6 @@ async fn having_never_sees_a_suppressed_group() {
     assert!(err.to_string().starts_with("rule query.output:"), "{err}");
 }
 
-async fn upload_rows(server: &TestServer, org: &str, batch: &RecordBatch, id: &str) {
-    let (dataset, client) = match org {
-        "acme" => ("customers", server.client("acme").await),
-        _ => ("audience", server.client("globex").await),
-    };
-    let hash = common::policy_hash(server).await;
-    raw_upload(
-        &client,
-        vec![
-            header(&hash, dataset, id),
-            batch_msg(batch),
-            commit(batch.num_rows() as u64, 1),
-        ],
-    )
-    .await
-    .unwrap();
-}
-
 /// Everything acme sees of one query: the rows, the summary, and its own
 /// audit entry without time, chain or ids.
 async fn acme_sees(server: &TestServer, sql: &str) -> String {
@@ -219,8 +201,8 @@ async fn a_one_person_upload_learns_nothing_from_what_was_held_back() {
                 ..Row::new(5000)
             });
         }
-        upload_rows(&server, "acme", &customers(&policy, &acme_rows), "c1").await;
-        upload_rows(&server, "globex", &audience(&policy, &globex_rows), "a1").await;
+        upload_people(&server, "acme", &customers(&policy, &acme_rows), "c1").await;
+        upload_people(&server, "globex", &audience(&policy, &globex_rows), "a1").await;
         seen.push(acme_sees(&server, sql).await);
         server.stop().await.unwrap();
     }

@@ -69,6 +69,7 @@ use datafusion::common::{Column, JoinType, NullEquality, ScalarValue};
 use datafusion::error::{DataFusionError, Result};
 use datafusion::functions::core::expr_fn::coalesce;
 use datafusion::functions_aggregate::count::count_udaf;
+use datafusion::functions_window::expr_fn::row_number;
 use datafusion::logical_expr::expr::{AggregateFunction, Case};
 use datafusion::logical_expr::{
     Aggregate, Expr, ExprSchemable, Filter, LogicalPlan, LogicalPlanBuilder, Operator, binary_expr,
@@ -77,7 +78,7 @@ use datafusion::logical_expr::{
 use datafusion::prelude::SessionContext;
 
 use super::release::{PeopleCount, private_failure};
-use super::{PERSON_COLUMN, QueryError};
+use super::{PERSON_COLUMN, QueryError, Violation};
 
 /// Who owns a dataset, by its name.
 pub(super) type Owners<'a> = &'a (dyn Fn(&str) -> Option<String> + Sync);
@@ -92,7 +93,7 @@ pub(super) async fn threshold_stage(
     min: u32,
     counting: PeopleCount,
 ) -> Result<Vec<RecordBatch>, QueryError> {
-    let plan = threshold_plan(agg, owners, min, counting).map_err(private_failure)?;
+    let plan = threshold_plan(agg, owners, min, counting)?;
     ctx.execute_logical_plan(plan)
         .await
         .map_err(private_failure)?
@@ -105,6 +106,8 @@ pub(super) async fn threshold_stage(
 /// and the person columns of the side they set to NULL, by party.
 struct Phantom {
     flag: String,
+    /// The joined row's number, the same on a real row and its phantom.
+    row: String,
     persons: Vec<Column>,
 }
 
@@ -128,6 +131,23 @@ fn conditions_of(agg: &Aggregate) -> Result<Vec<Expr>> {
 const ROWS: &str = "__rows";
 
 pub(super) fn threshold_plan(
+    agg: &Aggregate,
+    owners: Owners<'_>,
+    min: u32,
+    counting: PeopleCount,
+) -> Result<LogicalPlan, QueryError> {
+    let left_joins = left_joins(&agg.input);
+    if left_joins > 1 {
+        return Err(QueryError::Refused(Violation {
+            policy: true,
+            rule: "query.join",
+            detail: "under thresholds alone a query may hold one LEFT JOIN: which of two partners' rows would leave a cell under the minimum cannot be told apart; join the second partner's dataset in another query, or ask under differential privacy".into(),
+        }));
+    }
+    plan(agg, owners, min, counting).map_err(private_failure)
+}
+
+fn plan(
     agg: &Aggregate,
     owners: Owners<'_>,
     min: u32,
@@ -158,16 +178,14 @@ pub(super) fn threshold_plan(
     aggr.push(rows);
     let some_real_row = Expr::Column(Column::from_name(ROWS)).gt(lit(0i64));
 
-    let (kept, predicate) = if conditions.is_empty() {
+    let (kept, predicate) = if conditions.is_empty() && phantoms.is_empty() {
         // One cell per group: its counts sit beside the analyst's aggregates.
         let (counts, enough) = people.counts(min)?;
         aggr.extend(counts);
         (input, some_real_row.and(enough))
     } else {
-        (
-            kept_cells(input, agg, &conditions, &people, min)?,
-            some_real_row,
-        )
+        let kept = kept_cells(input, agg, &conditions, &people, phantoms.first(), min)?;
+        (kept, some_real_row)
     };
     let counted = Aggregate::try_new(Arc::new(kept), agg.group_expr.clone(), aggr)?;
     let output: Vec<Expr> = counted
@@ -176,28 +194,57 @@ pub(super) fn threshold_plan(
         .take(agg.schema.fields().len())
         .map(|(q, f)| Expr::Column(Column::new(q.cloned(), f.name())))
         .collect();
+    // Released in the order of the group values, so that the order of
+    // the rows says nothing about the rows left out.
+    let order: Vec<_> = output
+        .iter()
+        .take(agg.group_expr.len())
+        .map(|c| c.clone().sort(true, true))
+        .collect();
     let filter = Filter::try_new(predicate, Arc::new(LogicalPlan::Aggregate(counted)))?;
-    LogicalPlanBuilder::from(LogicalPlan::Filter(filter))
-        .project(output)?
-        .build()
+    let released = LogicalPlanBuilder::from(LogicalPlan::Filter(filter)).project(output)?;
+    if order.is_empty() {
+        released.build()
+    } else {
+        released.sort(order)?.build()
+    }
 }
 
-/// The rows of `input` whose cell (group and the truth of each condition)
-/// stands for enough people of every party:
+/// How many LEFT JOINs a plan holds.
+fn left_joins(plan: &LogicalPlan) -> usize {
+    let mut n = 0;
+    let _ = plan.apply(|node| {
+        if matches!(node, LogicalPlan::Join(j) if j.join_type == JoinType::Left) {
+            n += 1;
+        }
+        Ok(datafusion::common::tree_node::TreeNodeRecursion::Continue)
+    });
+    n
+}
+
+/// The rows of `input` the aggregation may read: those whose cell (group
+/// and the truth of each condition) stands for enough people of every
+/// party, and under a LEFT JOIN, in place of a matched row whose cell does
+/// not, its phantom (the caller's row as if unmatched), if the phantom's
+/// cell does. The answer is then the one the partner's data would give
+/// without the people of the cells left out: the caller cannot tell them
+/// from people the partner does not hold, by its own rows or otherwise.
 ///
 /// ```text
-/// LeftSemi join on (__g*, __c*), NULL equal to NULL
-///   Projection: input, __g_i := group expression i, __c_j := condition j
-///   Projection: __g* AS __kg*, __c* AS __kc*
-///     Filter: for every party p: A(p) >= min OR B(p) >= min
-///       Aggregate: groupBy=[__g*, __c*], aggr=[A(p), B(p)]
-///         (the same projection)
+/// keyed:  Projection: input, __g_i := group expression i, __c_j := condition j
+/// cells:  Projection: keys AS __k*
+///           Filter: for every party p: A(p) >= min OR B(p) >= min
+///             Aggregate: groupBy=[keys], aggr=[A(p), B(p)]       keyed
+/// kept:   Union: (real rows of keyed) SEMI JOIN cells            on keys, NULL = NULL
+///                (phantom rows of keyed) SEMI JOIN ((real rows of keyed) ANTI JOIN cells) on row number
+///                                        SEMI JOIN cells, marked real
 /// ```
 fn kept_cells(
     input: LogicalPlan,
     agg: &Aggregate,
     conditions: &[Expr],
     people: &People,
+    phantom: Option<&Phantom>,
     min: u32,
 ) -> Result<LogicalPlan> {
     let mut keyed: Vec<Expr> = input
@@ -213,6 +260,11 @@ fn kept_cells(
     for (j, c) in conditions.iter().enumerate() {
         keys.push(format!("__c{j}"));
         keyed.push(c.clone().alias(format!("__c{j}")));
+    }
+    if keys.is_empty() {
+        // One cell, the whole input: a key joins need.
+        keys.push("__all".into());
+        keyed.push(lit(true).alias("__all"));
     }
     let keyed = LogicalPlanBuilder::from(input).project(keyed)?.build()?;
     let (counts, enough) = people.counts(min)?;
@@ -230,18 +282,73 @@ fn kept_cells(
                 .map(|(c, k)| c.alias(format!("__k{k}"))),
         )?
         .build()?;
-    let kept_keys: Vec<String> = keys.iter().map(|k| format!("__k{k}")).collect();
-    LogicalPlanBuilder::from(keyed)
-        .join_detailed(
-            cells,
-            JoinType::LeftSemi,
+    let of_kept_cells = |rows: LogicalPlanBuilder, join: JoinType| {
+        rows.join_detailed(
+            cells.clone(),
+            join,
             (
                 keys.iter().map(Column::from_name).collect::<Vec<_>>(),
-                kept_keys.iter().map(Column::from_name).collect::<Vec<_>>(),
+                keys.iter()
+                    .map(|k| Column::from_name(format!("__k{k}")))
+                    .collect::<Vec<_>>(),
             ),
             None,
             NullEquality::NullEqualsNull,
-        )?
+        )
+    };
+    let Some(phantom) = phantom else {
+        return of_kept_cells(LogicalPlanBuilder::from(keyed), JoinType::LeftSemi)?.build();
+    };
+    let flag = Expr::Column(Column::from_name(&phantom.flag));
+    let real = LogicalPlanBuilder::from(keyed.clone()).filter(flag.clone())?;
+    let left_out = of_kept_cells(real.clone(), JoinType::LeftAnti)?
+        .project(vec![
+            Expr::Column(Column::from_name(&phantom.row)).alias("__left_out"),
+        ])?
+        .build()?;
+    let stand_ins = LogicalPlanBuilder::from(keyed.clone())
+        .filter(!flag)?
+        .join_detailed(
+            left_out,
+            JoinType::LeftSemi,
+            (
+                vec![Column::from_name(&phantom.row)],
+                vec![Column::from_name("__left_out")],
+            ),
+            None,
+            NullEquality::NullEqualsNothing,
+        )?;
+    // A union keeps no qualifiers: both sides by position, then named back.
+    let positional = |stand_in: bool| -> Vec<Expr> {
+        keyed
+            .schema()
+            .iter()
+            .enumerate()
+            .map(|(i, (q, f))| {
+                let e = if stand_in && *f.name() == phantom.flag {
+                    lit(true)
+                } else {
+                    Expr::Column(Column::new(q.cloned(), f.name()))
+                };
+                e.alias(format!("__f{i}"))
+            })
+            .collect()
+    };
+    let named: Vec<Expr> = keyed
+        .schema()
+        .iter()
+        .enumerate()
+        .map(|(i, (q, f))| {
+            Expr::Column(Column::from_name(format!("__f{i}"))).alias_qualified(q.cloned(), f.name())
+        })
+        .collect();
+    let stand_ins = of_kept_cells(stand_ins, JoinType::LeftSemi)?
+        .project(positional(true))?
+        .build()?;
+    of_kept_cells(real, JoinType::LeftSemi)?
+        .project(positional(false))?
+        .union(stand_ins)?
+        .project(named)?
         .build()
 }
 
@@ -394,9 +501,14 @@ fn with_phantoms(plan: LogicalPlan, phantoms: &mut Vec<Phantom>) -> Result<Logic
             LogicalPlan::Join(join) if join.join_type == JoinType::Left => {
                 let left_width = join.left.schema().fields().len();
                 let flag = format!("__real_{}", phantoms.len());
-                let node = LogicalPlan::Join(join);
+                let row = format!("__row_{}", phantoms.len());
+                // Each joined row numbered, so that a phantom row knows its twin.
+                let node = LogicalPlanBuilder::from(LogicalPlan::Join(join))
+                    .window(vec![row_number().alias(&row)])?
+                    .build()?;
                 let schema = Arc::clone(node.schema());
-                let is_flag = |name: &str| name.starts_with("__real_");
+                let is_flag =
+                    |name: &str| name.starts_with("__real_") || name.starts_with("__row_");
                 let mut real = Vec::new();
                 let mut phantom = Vec::new();
                 let mut persons = Vec::new();
@@ -415,7 +527,7 @@ fn with_phantoms(plan: LogicalPlan, phantoms: &mut Vec<Phantom>) -> Result<Logic
                     if i >= left_width && f.name() == PERSON_COLUMN {
                         matched.push(Expr::Column(column.clone()).is_not_null());
                         persons.push(column);
-                    } else if is_flag(f.name()) {
+                    } else if f.name().starts_with("__real_") {
                         // Phantoms of real rows only.
                         matched.push(Expr::Column(column));
                     }
@@ -442,7 +554,7 @@ fn with_phantoms(plan: LogicalPlan, phantoms: &mut Vec<Phantom>) -> Result<Logic
                     })
                     .collect();
                 named.push(Expr::Column(Column::from_name(&flag)));
-                phantoms.push(Phantom { flag, persons });
+                phantoms.push(Phantom { flag, row, persons });
                 let rows = LogicalPlanBuilder::from(real_rows)
                     .union(phantom_rows)?
                     .project(named)?

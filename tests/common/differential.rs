@@ -707,13 +707,31 @@ fn groups(q: &Query, d: &Data, min: usize) -> BTreeMap<Vec<Option<String>>, Grou
             behind.partner.insert(a.id);
         }
     }
-    // The aggregates, over the rows of cells of enough people only.
+    // The aggregates, over the rows of cells of enough people only; under
+    // a LEFT JOIN a matched row of a cell left out counts as unmatched, if
+    // that cell has enough people.
+    let enough = |groups: &BTreeMap<Vec<Option<String>>, Group>, c: &Row, a: &Row| {
+        groups[&key_of(c, a)]
+            .atoms
+            .get(&atom(c, a))
+            .is_some_and(|b| {
+                b.caller.len() >= min
+                    && (b.partner.len() >= min || b.partner_if_unmatched.len() >= min)
+            })
+    };
     for &(c, a) in &joined {
-        let g = groups.get_mut(&key_of(c, a)).expect("grouped above");
-        let b = &g.atoms[&atom(c, a)];
-        if b.caller.len() < min || (b.partner.len() < min && b.partner_if_unmatched.len() < min) {
+        let a = if enough(&groups, c, a) {
+            a
+        } else if q.join == Join::LeftEmail
+            && !std::ptr::eq(a, &unmatched)
+            && passes(c, &unmatched)
+            && enough(&groups, c, &unmatched)
+        {
+            &unmatched
+        } else {
             continue;
-        }
+        };
+        let g = groups.get_mut(&key_of(c, a)).expect("grouped above");
         g.rows += 1;
         g.people.insert(c.id);
         g.emails.insert(c.id);

@@ -493,3 +493,28 @@ pub async fn erase_first_customers(
         .await
         .unwrap()
 }
+
+/// Uploads `batch` as one version of the demo dataset `org` owns
+/// (`customers` for acme, `audience` for globex), upload id `id`.
+pub async fn upload_people(
+    server: &TestServer,
+    org: &str,
+    batch: &arrow::record_batch::RecordBatch,
+    id: &str,
+) {
+    let (dataset, client) = match org {
+        "acme" => ("customers", server.client("acme").await),
+        _ => ("audience", server.client("globex").await),
+    };
+    let hash = policy_hash(server).await;
+    raw_upload(
+        &client,
+        vec![
+            header(&hash, dataset, id),
+            batch_msg(batch),
+            commit(batch.num_rows() as u64, 1),
+        ],
+    )
+    .await
+    .unwrap();
+}

@@ -1,0 +1,260 @@
+//! A partner who crafts its own uploads, under thresholds alone: padding
+//! rows that never match, one customer per target with a metric value of
+//! its own, NULLs placed on one customer, conditions inside aggregates
+//! that pick one person out of a large group, two conditions whose cells
+//! differ by one person, and an approved template searched over its
+//! parameter. Each probe runs on neighbouring data: globex's rows with and
+//! without one victim. What acme sees must be the same; and at a minimum
+//! of one person the same probe must tell the two apart, so each probe is
+//! shown to be an attack that the minimum stops.
+
+mod common;
+
+use cleanroom::policy::Policy;
+use cleanroom::query::{QueryError, QueryOutcome};
+use common::people::{MARCH_2026, Row, audience, customers, demo_policy, tables};
+use common::{Setup, TestServer, upload_people};
+
+/// What an analyst observes of a library-level run: the rows, or the kind
+/// and text of the refusal.
+fn observed(outcome: &Result<QueryOutcome, QueryError>) -> String {
+    match outcome {
+        Ok(o) => arrow::util::pretty::pretty_format_batches(&o.batches)
+            .unwrap()
+            .to_string(),
+        Err(e) => format!("error: {e}"),
+    }
+}
+
+/// The victim: a globex person acme has as a customer too, with values a
+/// probe would read (a segment no one else has, 37 exposures, a day of
+/// their own, a spend of their own).
+fn victim() -> Row {
+    Row {
+        segment: Some("tech"),
+        exposures: Some(37),
+        first_exposure: Some(MARCH_2026 - 100),
+        spend: Some(1234.5),
+        ..Row::new(1003)
+    }
+}
+
+/// acme's view of `sql` over `acme` and `globex` plus, or not, the victim.
+async fn both_ways(policy: &Policy, acme: &[Row], globex: &[Row], sql: &str) -> (String, String) {
+    let mut with = globex.to_vec();
+    with.push(victim());
+    let present = cleanroom::query::run(policy, "acme", &tables(policy, acme, &with), sql).await;
+    let absent = cleanroom::query::run(policy, "acme", &tables(policy, acme, globex), sql).await;
+    (observed(&present), observed(&absent))
+}
+
+/// `sql` run by the engine alone, with no check and no minimum.
+async fn ungoverned(policy: &Policy, acme: &[Row], globex: &[Row], sql: &str) -> String {
+    let ctx = cleanroom::query::session(&tables(policy, acme, globex)).unwrap();
+    let batches = ctx.sql(sql).await.unwrap().collect().await.unwrap();
+    arrow::util::pretty::pretty_format_batches(&batches)
+        .unwrap()
+        .to_string()
+}
+
+/// Each probe: the same answer with and without the victim at the demo's
+/// minimum, and different answers from the engine alone, so that each is
+/// an attack the minimum stops.
+async fn probes_learn_nothing(acme: &[Row], globex: &[Row], probes: &[&str]) {
+    let policy = demo_policy(None, 50);
+    let mut with = globex.to_vec();
+    with.push(victim());
+    for probe in probes {
+        let (present, absent) = both_ways(&policy, acme, globex, probe).await;
+        assert!(!present.starts_with("error"), "{probe}: {present}");
+        assert_eq!(present, absent, "{probe}");
+        assert_ne!(
+            ungoverned(&policy, acme, &with, probe).await,
+            ungoverned(&policy, acme, globex, probe).await,
+            "{probe} is no attack"
+        );
+    }
+}
+
+/// `n` people both parties hold, from `first`, spread over segments and
+/// values.
+fn background(first: u64, n: u64) -> Vec<Row> {
+    (first..first + n)
+        .map(|id| Row {
+            segment: Some(["sports", "travel", "food"][(id % 3) as usize]),
+            ltv: Some(100.0 + (id % 700) as f64),
+            exposures: Some((id % 20) as i64),
+            spend: Some((id % 50) as f64),
+            ..Row::new(id)
+        })
+        .collect()
+}
+
+/// acme's customer for the victim: a lifetime value no one else has, so a
+/// condition can pick them out.
+fn acme_target() -> Row {
+    Row {
+        ltv: Some(1003.0),
+        ..Row::new(1003)
+    }
+}
+
+/// Padding: 300 acme customers globex never holds, plus the target.
+fn padding() -> Vec<Row> {
+    (5_000..5_300).map(Row::new).collect()
+}
+
+#[tokio::test]
+async fn padding_that_never_matches_counts_for_no_one_of_the_partner() {
+    // acme holds padding and the target only; globex holds two others acme
+    // also uploads. A LEFT JOIN keeps acme's rows.
+    let mut acme = padding();
+    acme.push(acme_target());
+    acme.extend([Row::new(1000), Row::new(1001)]);
+    let globex = vec![Row::new(1000), Row::new(1001)];
+    probes_learn_nothing(
+        &acme,
+        &globex,
+        &[
+            // Which of acme's customers matched, as a sum.
+            "SELECT COUNT(*) AS n, SUM(CASE WHEN c.lifetime_value = 1003 AND a.interest_segment IS NOT NULL THEN 1 ELSE 0 END) AS hit FROM customers c LEFT JOIN audience a ON c.email = a.email",
+            // The target's whole partner record as the group's sums.
+            "SELECT COUNT(*), SUM(a.spend), SUM(a.ad_exposures), COUNT(a.first_exposure) FROM customers c LEFT JOIN audience a ON c.email = a.email",
+            // Groups of the unmatched.
+            "SELECT COALESCE(a.interest_segment, 'none') AS s, COUNT(*) FROM customers c LEFT JOIN audience a ON c.email = a.email GROUP BY s",
+            "SELECT CASE WHEN a.ad_exposures >= 30 THEN 'exposed' ELSE 'unexposed' END AS e, COUNT(*) FROM customers c LEFT JOIN audience a ON c.email = a.email GROUP BY e",
+        ],
+    )
+    .await;
+}
+
+#[tokio::test]
+async fn padding_beside_real_matches_hides_the_target_among_the_unmatched() {
+    // 200 people both hold: the cells of matched people are large, so the
+    // unmatched rows' cells are released; the target's matched cell is
+    // small, and acme's own row count must not show it was left out.
+    let mut acme = background(0, 200);
+    acme.extend(padding());
+    acme.push(acme_target());
+    let globex = background(0, 200);
+    probes_learn_nothing(
+        &acme,
+        &globex,
+        &[
+            "SELECT COUNT(*) AS n, SUM(CASE WHEN c.lifetime_value = 1003 AND a.interest_segment IS NOT NULL THEN 1 ELSE 0 END) AS hit FROM customers c LEFT JOIN audience a ON c.email = a.email",
+            "SELECT CASE WHEN c.lifetime_value = 1003 AND a.interest_segment IS NOT NULL THEN 'target' ELSE 'rest' END AS t, COUNT(*), SUM(c.lifetime_value) FROM customers c LEFT JOIN audience a ON c.email = a.email GROUP BY t",
+            "SELECT COALESCE(a.interest_segment, 'none') AS s, COUNT(*), AVG(c.lifetime_value) FROM customers c LEFT JOIN audience a ON c.email = a.email GROUP BY s",
+            "SELECT date_trunc('day', a.first_exposure) AS d, COUNT(*) FROM customers c LEFT JOIN audience a ON c.email = a.email GROUP BY d",
+        ],
+    )
+    .await;
+}
+
+#[tokio::test]
+async fn a_cell_inside_a_large_group_is_thresholded_too() {
+    // No padding: 300 people both hold, and the target. Conditions inside
+    // aggregates pick the target out of a group of 300.
+    let mut acme = background(0, 300);
+    acme.push(acme_target());
+    let globex = background(0, 300);
+    probes_learn_nothing(
+        &acme,
+        &globex,
+        &[
+            // Membership, segment and exposures, bit by bit, in one answer.
+            "SELECT COUNT(*) AS n, SUM(CASE WHEN c.lifetime_value = 1003 AND a.interest_segment = 'tech' THEN 1 ELSE 0 END) AS food, SUM(CASE WHEN c.lifetime_value = 1003 AND a.ad_exposures >= 32 THEN 2 ELSE 0 END) AS exposures_32 FROM customers c JOIN audience a ON c.email = a.email",
+            "SELECT a.interest_segment, AVG(CASE WHEN c.lifetime_value = 1003 THEN 1 ELSE 0 END) FROM customers c JOIN audience a ON c.email = a.email GROUP BY a.interest_segment",
+            // A CASE with several branches, one of them the target's.
+            "SELECT SUM(CASE WHEN c.lifetime_value < 500 THEN 1 WHEN c.lifetime_value = 1003 THEN 1000 ELSE 0 END) FROM customers c JOIN audience a ON c.email = a.email",
+        ],
+    )
+    .await;
+}
+
+#[tokio::test]
+async fn two_cells_that_differ_by_one_person_release_no_difference() {
+    let mut acme = background(0, 300);
+    acme.push(acme_target());
+    let globex = background(0, 300);
+    probes_learn_nothing(
+        &acme,
+        &globex,
+        &[
+            // Each sum covers hundreds; their difference is the target.
+            "SELECT SUM(CASE WHEN c.lifetime_value < 900 OR (c.lifetime_value = 1003 AND a.interest_segment = 'tech') THEN 1 ELSE 0 END) AS wide, SUM(CASE WHEN c.lifetime_value < 900 THEN 1 ELSE 0 END) AS narrow FROM customers c JOIN audience a ON c.email = a.email",
+            "SELECT COUNT(CASE WHEN c.lifetime_value < 900 OR (c.lifetime_value = 1003 AND a.ad_exposures >= 32) THEN 1 END), COUNT(CASE WHEN c.lifetime_value < 900 THEN 1 END) FROM customers c JOIN audience a ON c.email = a.email",
+        ],
+    )
+    .await;
+}
+
+#[tokio::test]
+async fn a_null_placed_on_one_customer_does_not_single_them_out() {
+    // acme leaves one metric empty on the target only: COUNT(*) minus
+    // COUNT(that metric) would be the target, in whichever segment.
+    let mut acme = background(0, 300);
+    acme.push(Row {
+        lead_score: None,
+        ..acme_target()
+    });
+    let globex = background(0, 300);
+    probes_learn_nothing(
+        &acme,
+        &globex,
+        &[
+            "SELECT a.interest_segment, COUNT(*), COUNT(c.lead_score) FROM customers c JOIN audience a ON c.email = a.email GROUP BY a.interest_segment",
+            "SELECT COUNT(*), AVG(c.lead_score), SUM(a.spend) FROM customers c JOIN audience a ON c.email = a.email",
+        ],
+    )
+    .await;
+}
+
+/// The lift template in a templates-only agreement, through the server:
+/// acme pads one region with customers globex never holds, adds the
+/// target there, and searches the exposure threshold for the target's
+/// exposures. Every answer is the same with and without the target.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_template_searched_over_its_parameter_learns_nothing() {
+    let dir = common::demo_policies(None);
+    let path = dir.path().join("retail-media-demo.toml");
+    let text = std::fs::read_to_string(&path).unwrap();
+    let text = text.replacen("[query]\n", "[query]\nmode = \"templates\"\n", 1);
+    std::fs::write(&path, text).unwrap();
+    let policy = demo_policy(None, 50);
+    let south = |r: Row| Row {
+        region: Some("south"),
+        ..r
+    };
+    let mut acme: Vec<Row> = background(0, 200);
+    acme.extend(padding().into_iter().map(south));
+    acme.push(south(acme_target()));
+    let mut seen = Vec::new();
+    for with_victim in [false, true] {
+        let server = TestServer::start_with(Setup {
+            policies: dir.path().to_path_buf(),
+            ..Setup::default()
+        })
+        .await;
+        let mut globex = background(0, 200);
+        if with_victim {
+            globex.push(south(victim()));
+        }
+        upload_people(&server, "acme", &customers(&policy, &acme), "c1").await;
+        upload_people(&server, "globex", &audience(&policy, &globex), "a1").await;
+        let mut client = server.client("acme").await;
+        let mut answers = String::new();
+        for k in [1, 19, 20, 32, 37, 38, 64, 100] {
+            let params = [("min_exposures".to_string(), k.to_string())].into();
+            let answer = client
+                .run_template("retail-media-demo", "lift_by_region", &params, None)
+                .await
+                .unwrap();
+            answers +=
+                &cleanroom::cli::render_answer(&answer, cleanroom::cli::OutputFormat::Csv).unwrap();
+        }
+        assert!(answers.contains("north,unexposed"), "{answers}");
+        seen.push(answers);
+        server.stop().await.unwrap();
+    }
+    assert_eq!(seen[0], seen[1]);
+}
