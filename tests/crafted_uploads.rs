@@ -258,3 +258,116 @@ async fn a_template_searched_over_its_parameter_learns_nothing() {
     }
     assert_eq!(seen[0], seen[1]);
 }
+
+/// `batch` with its `phone` column replaced: the fingerprint of person
+/// `phones[i]`'s phone on row `i` (None: no phone).
+fn with_phones(
+    batch: &arrow::record_batch::RecordBatch,
+    phones: &[Option<u64>],
+) -> arrow::record_batch::RecordBatch {
+    let mut builder = arrow::array::FixedSizeBinaryBuilder::new(32);
+    for p in phones {
+        match p {
+            Some(id) => builder
+                .append_value(common::people::fingerprint(*id, 1))
+                .unwrap(),
+            None => builder.append_null(),
+        }
+    }
+    let i = batch.schema().index_of("phone").unwrap();
+    let mut columns = batch.columns().to_vec();
+    columns[i] = std::sync::Arc::new(builder.finish());
+    arrow::record_batch::RecordBatch::try_new(batch.schema(), columns).unwrap()
+}
+
+/// Under differential privacy one victim row of globex's joins two of
+/// acme's people into one where people are linked over every party's
+/// rows: acme lays out a row with the victim's email and another's phone,
+/// and a row with the victim's phone. Bounded per person so linked, one
+/// group per person, removing the victim moves the released counts by up
+/// to 3 in all; bounded per globex person, by 1, as the noise assumes.
+#[tokio::test]
+async fn rows_laid_out_to_bridge_identity_kinds_move_one_persons_count_only() {
+    let policy = demo_policy(
+        Some(
+            "epsilon_total = 1e10\nepsilon_per_query_max = 1e8\ndelta = 1e-7\nmax_groups_per_person = 1\nmax_rows_per_person = 1",
+        ),
+        50,
+    );
+    let segment_of = |id: u64| ["sports", "travel", "tech"][(id % 3) as usize];
+    let shared: Vec<Row> = (0..300)
+        .map(|id| Row {
+            segment: Some(segment_of(id)),
+            ..Row::new(id)
+        })
+        .collect();
+    // globex: x (sports) and y (travel), and the victim (tech, with a phone).
+    let mut globex = shared.clone();
+    globex.push(Row {
+        segment: Some("sports"),
+        ..Row::new(2001)
+    });
+    globex.push(Row {
+        segment: Some("travel"),
+        ..Row::new(2002)
+    });
+    let victim = Row {
+        segment: Some("tech"),
+        phone: true,
+        ..Row::new(1003)
+    };
+    // acme: the victim's email with a phone shared with x's row; x; y with
+    // the victim's phone.
+    let mut acme = shared.clone();
+    acme.extend([Row::new(1003), Row::new(2001), Row::new(2002)]);
+    let mut phones: Vec<Option<u64>> = vec![None; shared.len()];
+    phones.extend([Some(3001), Some(3001), Some(1003)]);
+    let acme_batch = with_phones(&customers(&policy, &acme), &phones);
+    let counts = |outcome: &QueryOutcome| -> std::collections::BTreeMap<String, i64> {
+        use arrow::array::AsArray;
+        let mut out = std::collections::BTreeMap::new();
+        for b in &outcome.batches {
+            let s = arrow::compute::cast(b.column(0), &arrow::datatypes::DataType::Utf8).unwrap();
+            let n = b.column(1).as_primitive::<arrow::datatypes::Int64Type>();
+            for i in 0..b.num_rows() {
+                out.insert(s.as_string::<i32>().value(i).to_string(), n.value(i));
+            }
+        }
+        out
+    };
+    let sql = "SELECT a.interest_segment, COUNT(*) FROM customers c JOIN audience a ON c.email = a.email GROUP BY a.interest_segment";
+    let table_sets = |with_victim: bool| {
+        let mut g = globex.clone();
+        if with_victim {
+            g.push(victim.clone());
+        }
+        cleanroom::query::agreement_tables(
+            &policy,
+            vec![vec![acme_batch.clone()], vec![audience(&policy, &g)]],
+        )
+    };
+    let (present, absent) = (table_sets(true), table_sets(false));
+    // Bounding picks a person's groups at random: 30 tries each.
+    for _ in 0..30 {
+        let with = counts(
+            &cleanroom::query::run(&policy, "acme", &present, sql)
+                .await
+                .unwrap(),
+        );
+        let without = counts(
+            &cleanroom::query::run(&policy, "acme", &absent, sql)
+                .await
+                .unwrap(),
+        );
+        let moved: i64 = ["sports", "travel", "tech"]
+            .iter()
+            .map(|s| {
+                (with.get(*s).copied().unwrap_or(0) - without.get(*s).copied().unwrap_or(0)).abs()
+            })
+            .sum();
+        assert!(
+            moved <= 1,
+            "one victim moved the counts by {moved}: {with:?} against {without:?}"
+        );
+    }
+}

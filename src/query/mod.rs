@@ -22,7 +22,7 @@ mod threshold;
 use std::collections::HashMap;
 use std::sync::Arc;
 
-use arrow::array::{ArrayRef, NullArray, UInt32Array};
+use arrow::array::{Array, ArrayRef, FixedSizeBinaryArray, NullArray, UInt32Array};
 use arrow::buffer::ScalarBuffer;
 use arrow::datatypes::{DataType, Field, Schema, SchemaRef};
 use arrow::record_batch::RecordBatch;
@@ -104,6 +104,10 @@ pub struct TableData {
     /// One entry per row, across batches in order; shared with the query
     /// tables' person column, not copied per query.
     pub person_of_row: ScalarBuffer<u32>,
+    /// The person of every row as its owner's rows alone link them (see
+    /// [`with_own_people`]): what differential privacy bounds, so that no
+    /// other party's rows can merge or split one person of the owner.
+    pub own_person_of_row: ScalarBuffer<u32>,
     /// No person has two rows in this table.
     pub one_row_per_person: bool,
 }
@@ -121,10 +125,107 @@ impl TableData {
         TableData {
             dataset,
             batches,
+            own_person_of_row: person_of_row.clone(),
             person_of_row,
             one_row_per_person,
         }
     }
+}
+
+/// The name of the hidden column of own-party person numbers.
+pub const OWN_PERSON_COLUMN: &str = "__own_person";
+
+/// `tables` with every row's own-party person: rows of one party's tables
+/// linked by the identifier values they share (dense keys, so across its
+/// datasets and identity kinds alike), and by nothing another party holds.
+/// Numbers are dense per party and mean nothing across parties.
+pub fn with_own_people(policy: &Policy, mut tables: Vec<TableData>) -> Vec<TableData> {
+    use rayon::prelude::*;
+    let mut owners: Vec<&str> = policy.datasets().iter().map(|d| d.owner()).collect();
+    owners.sort_unstable();
+    owners.dedup();
+    let kinds: Vec<&str> = {
+        let mut k: Vec<&str> = policy
+            .datasets()
+            .iter()
+            .flat_map(|d| d.identifier_columns().into_iter().map(|(_, k)| k))
+            .collect();
+        k.sort_unstable();
+        k.dedup();
+        k
+    };
+    for owner in owners {
+        let theirs: Vec<usize> = (0..tables.len())
+            .filter(|&i| tables[i].dataset.owner() == owner)
+            .collect();
+        let rows: usize = theirs.iter().map(|&i| tables[i].person_of_row.len()).sum();
+        // (kind, key) of every identifier value, with its row.
+        let mut values: Vec<(u64, u32)> = Vec::new();
+        let mut first = 0u32;
+        for &i in &theirs {
+            let t = &tables[i];
+            let mut row = first;
+            for batch in &t.batches {
+                for (column, kind) in t.dataset.identifier_columns() {
+                    let k = kinds.iter().position(|x| *x == kind).unwrap_or(0) as u64;
+                    let Some(keys) = batch
+                        .column_by_name(column)
+                        .and_then(|c| c.as_any().downcast_ref::<FixedSizeBinaryArray>())
+                        .filter(|c| c.value_length() == 4)
+                    else {
+                        continue;
+                    };
+                    for r in 0..keys.len() {
+                        if keys.is_valid(r) {
+                            let key =
+                                u32::from_be_bytes(keys.value(r).try_into().unwrap_or([0; 4]));
+                            values.push(((k << 32) | u64::from(key), row + r as u32));
+                        }
+                    }
+                }
+                row += batch.num_rows() as u32;
+            }
+            first += t.person_of_row.len() as u32;
+        }
+        values.par_sort_unstable();
+        let mut parent: Vec<u32> = (0..rows as u32).collect();
+        fn find(parent: &mut [u32], mut x: u32) -> u32 {
+            while parent[x as usize] != x {
+                let up = parent[parent[x as usize] as usize];
+                parent[x as usize] = up;
+                x = up;
+            }
+            x
+        }
+        for pair in values.windows(2) {
+            if pair[0].0 == pair[1].0 {
+                let (a, b) = (find(&mut parent, pair[0].1), find(&mut parent, pair[1].1));
+                if a != b {
+                    parent[a.max(b) as usize] = a.min(b);
+                }
+            }
+        }
+        drop(values);
+        let mut number = vec![u32::MAX; rows];
+        let mut next = 0u32;
+        let mut own = Vec::with_capacity(rows);
+        for r in 0..rows as u32 {
+            let root = find(&mut parent, r) as usize;
+            if number[root] == u32::MAX {
+                number[root] = next;
+                next += 1;
+            }
+            own.push(number[root]);
+        }
+        let own = ScalarBuffer::from(own);
+        let mut offset = 0;
+        for &i in &theirs {
+            let n = tables[i].person_of_row.len();
+            tables[i].own_person_of_row = own.slice(offset, n);
+            offset += n;
+        }
+    }
+    tables
 }
 
 /// Every dataset of an agreement as a query table, people numbered across
@@ -205,7 +306,7 @@ pub(crate) fn tables_with_people(
 ) -> Vec<TableData> {
     let persons = ScalarBuffer::from(persons);
     let mut offset = 0;
-    policy
+    let tables = policy
         .datasets()
         .iter()
         .zip(batches)
@@ -215,7 +316,8 @@ pub(crate) fn tables_with_people(
             offset += n;
             t
         })
-        .collect()
+        .collect();
+    with_own_people(policy, tables)
 }
 
 /// A table's batches as kept among the matched tables in the store: its
@@ -280,7 +382,7 @@ pub fn tables_from_matched(
         }
         tables.push(TableData::new(d.clone(), rows, person_of_row.into()));
     }
-    stored.is_empty().then_some(tables)
+    stored.is_empty().then(|| with_own_people(policy, tables))
 }
 
 /// Batches in [`table_form`] with every identifier column replaced by its
@@ -446,6 +548,7 @@ fn table_batches(t: &TableData) -> Result<(SchemaRef, Vec<RecordBatch>), DataFus
         }
     }
     fields.push(Field::new(PERSON_COLUMN, DataType::UInt32, false));
+    fields.push(Field::new(OWN_PERSON_COLUMN, DataType::UInt32, false));
     let schema = Arc::new(Schema::new(fields));
     let mut out = Vec::with_capacity(t.batches.len());
     let mut offset = 0usize;
@@ -475,6 +578,8 @@ fn table_batches(t: &TableData) -> Result<(SchemaRef, Vec<RecordBatch>), DataFus
         }
         let persons = t.person_of_row.slice(offset, n);
         columns.push(Arc::new(UInt32Array::new(persons, None)));
+        let own = t.own_person_of_row.slice(offset, n);
+        columns.push(Arc::new(UInt32Array::new(own, None)));
         offset += n;
         out.push(RecordBatch::try_new(Arc::clone(&schema), columns)?);
     }
@@ -653,7 +758,8 @@ pub async fn run(
         let rng = crate::privacy::NoiseSource::from_os()
             .map_err(|_| QueryError::Engine("the system random source failed".into()))?;
         let single = one_row_per_person(tables, &checked);
-        return private::execute(ctx, plan, checked, &noise_plan, single, rng).await;
+        let unit = private::bounding_unit(policy, org, &plan).map_err(QueryError::Refused)?;
+        return private::execute(ctx, plan, checked, &noise_plan, unit, single, rng).await;
     }
     let single = one_row_per_person(tables, &checked);
     execute(policy, ctx, plan, checked, single).await

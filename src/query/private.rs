@@ -14,7 +14,7 @@
 use std::collections::HashMap;
 use std::sync::Arc;
 
-use arrow::array::{Array, ArrayRef, Float64Array, Int64Array, UInt32Array};
+use arrow::array::{Array, ArrayRef, Float64Array, Int64Array};
 use arrow::datatypes::{DataType, Field, Schema};
 use arrow::record_batch::RecordBatch;
 use arrow::row::{RowConverter, Rows, SortField};
@@ -24,7 +24,7 @@ use datafusion::logical_expr::{Aggregate, Expr, LogicalPlan, LogicalPlanBuilder,
 use datafusion::prelude::SessionContext;
 
 use super::check::{AggregateUse, deny};
-use super::release::{find_aggregate, person_column, private_failure, public_stage};
+use super::release::{find_aggregate, private_failure, public_stage};
 use super::{Checked, QueryError, QueryOutcome, Violation};
 use crate::policy::{Aggregate as Kind, ColumnRole, Policy, ValueType};
 use crate::privacy::mechanism::{Contributions, Released, Value};
@@ -87,12 +87,67 @@ fn internal(what: &str) -> QueryError {
     QueryError::Engine(format!("private aggregation: {what}"))
 }
 
-/// Runs a checked plan under `noise_plan`.
+/// Caller rows a protected party's data does not reach are bounded per
+/// caller person, numbered from here up.
+const CALLER_UNITS: i64 = 1 << 32;
+
+/// What contributions are bounded per, on each row the aggregation reads:
+/// the person of the one party the query protects (every party but the
+/// caller), numbered over that party's rows alone
+/// ([`super::with_own_people`]), so that rows the caller uploads can
+/// neither merge two of its people into one nor split one into two; on a
+/// row that party's data does not reach (the caller's unmatched row under
+/// a LEFT JOIN), the caller's own person, in a range of its own.
+pub fn bounding_unit(policy: &Policy, org: &str, plan: &LogicalPlan) -> Result<Expr, Violation> {
+    let input = find_aggregate(plan)
+        .map(|a| a.input.as_ref())
+        .ok_or_else(|| deny("query.aggregate", "exactly one aggregation"))?;
+    let tables = super::threshold::leaf_tables(input);
+    let mut protected: Vec<(String, Expr)> = Vec::new();
+    let mut callers: Vec<Expr> = Vec::new();
+    for (q, f) in input.schema().iter() {
+        if f.name() != super::OWN_PERSON_COLUMN {
+            continue;
+        }
+        let column = cast(
+            Expr::Column(datafusion::common::Column::new(q.cloned(), f.name())),
+            DataType::Int64,
+        );
+        let owner = q
+            .and_then(|q| tables.get(&q.to_string()))
+            .and_then(|t| policy.dataset(t))
+            .map(|d| d.owner().to_string());
+        match owner {
+            Some(o) if o == org => callers.push(column),
+            Some(o) => protected.push((o, column)),
+            None => {}
+        }
+    }
+    let mut parties: Vec<&str> = protected.iter().map(|(o, _)| o.as_str()).collect();
+    parties.sort_unstable();
+    parties.dedup();
+    if parties.len() != 1 {
+        return Err(deny(
+            "privacy.parties",
+            "under differential privacy a query reads the data of exactly one party besides yours: ask about each partner in a query of its own",
+        ));
+    }
+    let mut units: Vec<Expr> = protected.into_iter().map(|(_, c)| c).collect();
+    units.extend(callers.into_iter().map(|c| c + lit(CALLER_UNITS)));
+    Ok(match units.len() {
+        1 => units.remove(0),
+        _ => datafusion::functions::core::expr_fn::coalesce(units),
+    })
+}
+
+/// Runs a checked plan under `noise_plan`, bounding contributions per
+/// `unit` ([`bounding_unit`]).
 pub async fn execute(
     ctx: SessionContext,
     plan: LogicalPlan,
     checked: Checked,
     noise_plan: &Plan,
+    unit: Expr,
     one_row_per_person: bool,
     mut rng: NoiseSource,
 ) -> Result<QueryOutcome, QueryError> {
@@ -102,8 +157,8 @@ pub async fn execute(
         .ok_or_else(|| internal("no aggregation"))?;
     // Every failure from here on comes after data was read.
 
-    // 1. Partial aggregates per group and person.
-    let person = Expr::Column(person_column(&agg.input).map_err(private_failure)?);
+    // 1. Partial aggregates per group and bounding unit.
+    let person = unit.alias("__unit");
     let mut group = agg.group_expr.clone();
     let groups_width = group.len();
     group.push(person);
@@ -203,12 +258,15 @@ pub async fn execute(
         sums: vec![Vec::new(); measures.len()],
         counts: vec![Vec::new(); measures.len()],
     };
+    // Units numbered densely, in the order first seen.
+    let mut unit_ids: HashMap<i64, u32, crate::psi::Seeded> =
+        HashMap::with_hasher(crate::psi::Seeded::random());
     for (bi, b) in batches.iter().enumerate() {
         let persons = b
             .column(groups_width)
             .as_any()
-            .downcast_ref::<UInt32Array>()
-            .ok_or_else(|| internal("person numbers"))?;
+            .downcast_ref::<Int64Array>()
+            .ok_or_else(|| internal("bounding units"))?;
         let rows = int64(b.column(groups_width + 1))?;
         for r in 0..b.num_rows() {
             let g = match keys.get(bi) {
@@ -228,7 +286,9 @@ pub async fn execute(
                 }
             };
             c.group.push(g);
-            c.person.push(persons.value(r));
+            let fresh = unit_ids.len() as u32;
+            c.person
+                .push(*unit_ids.entry(persons.value(r)).or_insert(fresh));
             c.rows.push(rows.value(r).max(0) as u64);
         }
         for (i, (s, n)) in columns.iter().enumerate() {

@@ -30,7 +30,7 @@ use datafusion::error::{DataFusionError, Result};
 use datafusion::logical_expr::{Aggregate, Expr, LogicalPlan, LogicalPlanBuilder};
 use datafusion::prelude::SessionContext;
 
-use super::{PERSON_COLUMN, QueryError, engine_failure};
+use super::{QueryError, engine_failure};
 
 const RELEASED_TABLE: &str = "__cleanroom_released";
 
@@ -53,16 +53,6 @@ pub(super) fn find_aggregate(plan: &LogicalPlan) -> Option<&Aggregate> {
         LogicalPlan::Aggregate(a) => Some(a),
         other => other.inputs().first().and_then(|p| find_aggregate(p)),
     }
-}
-
-/// The person column of the first table under the aggregation.
-pub(super) fn person_column(input: &LogicalPlan) -> Result<Column> {
-    input
-        .schema()
-        .iter()
-        .find(|(_, f)| f.name() == PERSON_COLUMN)
-        .map(|(q, _)| Column::new(q.cloned(), PERSON_COLUMN))
-        .ok_or_else(|| DataFusionError::Internal("no person column under the aggregate".into()))
 }
 
 /// A failure beneath the boundary: past the memory limit, or our bug,

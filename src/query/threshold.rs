@@ -470,7 +470,7 @@ impl People {
 
 /// The dataset each input of the join tree reads, by the name the query
 /// gives it (alias or table).
-fn leaf_tables(plan: &LogicalPlan) -> BTreeMap<String, String> {
+pub(super) fn leaf_tables(plan: &LogicalPlan) -> BTreeMap<String, String> {
     let mut out = BTreeMap::new();
     let _ = plan.apply(|node| {
         match node {

@@ -338,6 +338,10 @@ impl QueriesService {
             Ok(p) => p,
             Err(v) => return (Err(ServiceError::QueryRefused(v)), None),
         };
+        let unit = match crate::query::private::bounding_unit(&policy, org, &plan) {
+            Ok(u) => u,
+            Err(v) => return (Err(ServiceError::QueryRefused(v)), None),
+        };
         let rng = match NoiseSource::from_os() {
             Ok(rng) => rng,
             Err(_) => {
@@ -358,6 +362,7 @@ impl QueriesService {
             plan,
             checked,
             &noise_plan,
+            unit,
             one_row_per_person,
             rng,
         );

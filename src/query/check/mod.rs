@@ -32,7 +32,7 @@ mod row;
 
 use row::Place;
 
-use super::PERSON_COLUMN;
+use super::{OWN_PERSON_COLUMN, PERSON_COLUMN};
 use crate::policy::{Aggregate, ColumnRole, Policy};
 
 /// Why a query was refused.
@@ -437,7 +437,7 @@ impl Checker<'_> {
             .fields()
             .iter()
             .map(|f| {
-                (f.name() != PERSON_COLUMN).then(|| Source {
+                (f.name() != PERSON_COLUMN && f.name() != OWN_PERSON_COLUMN).then(|| Source {
                     dataset: table.clone(),
                     column: f.name().clone(),
                 })
