@@ -371,3 +371,46 @@ async fn rows_laid_out_to_bridge_identity_kinds_move_one_persons_count_only() {
         );
     }
 }
+
+/// Under thresholds the same layout: the victim's row would join x and y,
+/// two of globex's people in one cell of exactly the minimum, into one
+/// person, and the cell would vanish. People are counted as each party's
+/// own rows link them, so the cell stands whether the victim is there or
+/// not (the victim's own cell, of one person, is left out).
+#[tokio::test]
+async fn a_victim_bridging_two_people_does_not_shrink_their_cell() {
+    let policy = demo_policy(None, 50);
+    let sports = |id: u64| Row {
+        segment: Some("sports"),
+        ..Row::new(id)
+    };
+    let mut globex: Vec<Row> = (0..48).map(sports).collect();
+    globex.extend([sports(2001), sports(2002)]);
+    let victim = Row {
+        segment: Some("tech"),
+        phone: true,
+        ..Row::new(1003)
+    };
+    let mut acme: Vec<Row> = (0..48).map(Row::new).collect();
+    acme.extend([Row::new(1003), Row::new(2001), Row::new(2002)]);
+    let mut phones: Vec<Option<u64>> = vec![None; 48];
+    phones.extend([Some(3001), Some(3001), Some(1003)]);
+    let acme_batch = with_phones(&customers(&policy, &acme), &phones);
+    let sql = "SELECT a.interest_segment, COUNT(*) FROM customers c JOIN audience a ON c.email = a.email GROUP BY a.interest_segment";
+    let mut seen = Vec::new();
+    for with_victim in [true, false] {
+        let mut g = globex.clone();
+        if with_victim {
+            g.push(victim.clone());
+        }
+        let tables = cleanroom::query::agreement_tables(
+            &policy,
+            vec![vec![acme_batch.clone()], vec![audience(&policy, &g)]],
+        );
+        seen.push(observed(
+            &cleanroom::query::run(&policy, "acme", &tables, sql).await,
+        ));
+    }
+    assert_eq!(seen[0], seen[1]);
+    assert!(seen[0].contains("| sports           | 50"), "{}", seen[0]);
+}

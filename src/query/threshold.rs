@@ -78,7 +78,7 @@ use datafusion::logical_expr::{
 use datafusion::prelude::SessionContext;
 
 use super::release::{PeopleCount, private_failure};
-use super::{PERSON_COLUMN, QueryError, Violation};
+use super::{OWN_PERSON_COLUMN, PERSON_COLUMN, QueryError, Violation};
 
 /// Who owns a dataset, by its name.
 pub(super) type Owners<'a> = &'a (dyn Fn(&str) -> Option<String> + Sync);
@@ -354,9 +354,9 @@ fn kept_cells(
 
 /// Whom the rows of a cell stand for, party by party.
 struct People {
-    /// Each party's person, from whichever of its tables a row holds (they
-    /// agree where several do); one party alone without phantom rows, as
-    /// every person column of a row is then the same person.
+    /// Each party's person, linked over that party's own
+    /// rows, from whichever of its tables a row holds (they agree where
+    /// several do).
     parties: Vec<(String, Expr)>,
     /// For each party, the person of each LEFT JOIN's phantom rows that
     /// it owns, with that join's flag.
@@ -387,18 +387,17 @@ impl People {
             [one] => one.clone(),
             _ => coalesce(columns),
         };
+        // Every party's, the caller's too: a row of the caller's own
+        // unmatched customers describes which of them the partner lacks.
         let mut persons: BTreeMap<String, Vec<Expr>> = BTreeMap::new();
         for (q, f) in input.schema().iter() {
-            if f.name() == PERSON_COLUMN {
-                let c = Column::new(q.cloned(), PERSON_COLUMN);
+            if f.name() == OWN_PERSON_COLUMN {
+                let c = Column::new(q.cloned(), OWN_PERSON_COLUMN);
                 persons
                     .entry(owner_of(&c)?)
                     .or_default()
                     .push(Expr::Column(c));
             }
-        }
-        if phantoms.is_empty() {
-            persons = persons.into_iter().take(1).collect();
         }
         let mut parties = Vec::new();
         let mut phantom_persons = Vec::new();
@@ -517,14 +516,15 @@ fn with_phantoms(plan: LogicalPlan, phantoms: &mut Vec<Phantom>) -> Result<Logic
                     let column = Column::new(q.cloned(), f.name());
                     let position = format!("__f{i}");
                     real.push(Expr::Column(column.clone()).alias(&position));
-                    let nulled = i >= left_width && f.name() != PERSON_COLUMN && !is_flag(f.name());
+                    let person = f.name() == PERSON_COLUMN || f.name() == OWN_PERSON_COLUMN;
+                    let nulled = i >= left_width && !person && !is_flag(f.name());
                     if nulled {
                         let null = ScalarValue::try_from(f.data_type())?;
                         phantom.push(Expr::Literal(null, None).alias(&position));
                     } else {
                         phantom.push(Expr::Column(column.clone()).alias(&position));
                     }
-                    if i >= left_width && f.name() == PERSON_COLUMN {
+                    if i >= left_width && f.name() == OWN_PERSON_COLUMN {
                         matched.push(Expr::Column(column.clone()).is_not_null());
                         persons.push(column);
                     } else if f.name().starts_with("__real_") {
