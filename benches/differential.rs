@@ -5,6 +5,8 @@
 //! ```text
 //! cargo bench --bench differential                          # 10 seeds x 500 queries
 //! cargo bench --bench differential -- --seeds 40 --queries 250 --min 5
+//! (then the neighbouring-datasets suite: the same queries with and
+//! without one victim, beside crafted rows)
 //! ```
 
 mod common;
@@ -14,7 +16,7 @@ mod suite_support;
 use std::time::Instant;
 
 use common::arg;
-use suite_support::differential::{Tally, suite, suite_private};
+use suite_support::differential::{Neighbours, Tally, neighbours, suite, suite_private};
 use suite_support::people::demo_policy;
 
 #[tokio::main]
@@ -76,5 +78,28 @@ async fn main() {
         total.accepted,
         total.refused,
         total.rows_compared
+    );
+
+    // Neighbouring data sets: with and without one victim of globex's,
+    // beside crafted padding and the victim's own customer.
+    let started = Instant::now();
+    let mut total = Neighbours::default();
+    for seed in 0..seeds {
+        match neighbours(&policy, 9_000 + seed, queries).await {
+            Ok(t) => total.add(&t),
+            Err(failure) => {
+                eprintln!("FAILED (neighbours): {failure}");
+                std::process::exit(1);
+            }
+        }
+    }
+    println!(
+        "neighbouring data sets: {} queries in {:.1} s; refused {} (identical with and without the victim);          the victim's every cell under the minimum in {} ({} with the victim in the joined rows), answers identical;          the victim in a cell of enough people in {}",
+        total.cases,
+        started.elapsed().as_secs_f64(),
+        total.refused,
+        total.hidden,
+        total.hidden_present,
+        total.in_large_cell
     );
 }

@@ -4,7 +4,7 @@
 
 mod common;
 
-use common::differential::{suite, suite_private};
+use common::differential::{neighbours, suite, suite_private};
 use common::people::demo_policy;
 
 #[tokio::test]
@@ -45,4 +45,21 @@ async fn random_private_queries_release_only_groups_of_enough_people() {
     // Noise decides how many groups pass the threshold: about 50 here,
     // and rarely fewer than 35.
     assert!(tally.rows_compared > 25, "{tally:?}");
+}
+
+#[tokio::test]
+async fn a_victim_under_the_minimum_changes_no_answer() {
+    let policy = demo_policy(None, 10);
+    let seed = std::env::var("CLEANROOM_NEIGHBOUR_SEED")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(20_261_207);
+    let tally = match neighbours(&policy, seed, 300).await {
+        Ok(t) => t,
+        Err(failure) => panic!("{failure}\n(rerun with CLEANROOM_NEIGHBOUR_SEED={seed})"),
+    };
+    eprintln!("neighbours: {tally:?}");
+    assert_eq!(tally.cases, 300);
+    assert!(tally.hidden_present > 30, "{tally:?}");
+    assert!(tally.in_large_cell > 30, "{tally:?}");
 }

@@ -1023,3 +1023,159 @@ fn held_back(policy: &Policy, d: &Data) -> u64 {
     let min = policy.query().min_group_size() as usize;
     people.values().filter(|p| p.len() < min).count() as u64
 }
+
+/// Counts of what the neighbouring-datasets suite saw.
+#[derive(Debug, Default, Clone, Copy)]
+pub struct Neighbours {
+    pub cases: u64,
+    pub refused: u64,
+    /// The victim's every cell under the minimum: answers compared.
+    pub hidden: u64,
+    /// ... of which the victim was in the joined rows at all.
+    pub hidden_present: u64,
+    /// The victim in a cell of enough people: a difference is allowed.
+    pub in_large_cell: u64,
+}
+
+impl Neighbours {
+    pub fn add(&mut self, o: &Neighbours) {
+        self.cases += o.cases;
+        self.refused += o.refused;
+        self.hidden += o.hidden;
+        self.hidden_present += o.hidden_present;
+        self.in_large_cell += o.in_large_cell;
+    }
+}
+
+/// Generated data with what a crafting partner adds: padding (customers
+/// globex never holds, in one region), and the victim's customer with
+/// values no one else has; and the victim, a globex person, with or
+/// without. Returns the data without and with the victim, and the victim.
+fn neighbouring(policy: &Policy, seed: u64) -> (Data, Data, u64) {
+    let base = data(policy, seed, 300);
+    let mut rng = StdRng::seed_from_u64(seed ^ 0x5bd1_e995);
+    let victim_id = 20_000;
+    let mut customers = base.customers.clone();
+    for id in 10_000..10_000 + rng.random_range(0..120u64) {
+        customers.push(Row {
+            region: Some("south"),
+            ..Row::new(id)
+        });
+    }
+    customers.push(Row {
+        id: victim_id,
+        phone: true,
+        region: Some(REGIONS[rng.random_range(0..4)]),
+        age_band: Some(AGES[rng.random_range(0..6)]),
+        ltv: Some(4_321.5),
+        lead_score: Some(rng.random_range(0..=100)),
+        ..Row::new(victim_id)
+    });
+    let victim = Row {
+        id: victim_id,
+        phone: true,
+        region: None,
+        age_band: None,
+        segment: Some(SEGMENTS[rng.random_range(0..6)]),
+        ltv: None,
+        exposures: Some(rng.random_range(0..=100)),
+        spend: Some(f64::from(rng.random_range(0..4_000u32)) / 2.0),
+        purchases: None,
+        last_purchase: None,
+        lead_score: None,
+        first_exposure: Some(people::MARCH_2026 - rng.random_range(0..180)),
+    };
+    let without = Data {
+        tables: tables(policy, &customers, &base.audience),
+        customers: customers.clone(),
+        audience: base.audience.clone(),
+    };
+    let mut audience = base.audience;
+    audience.push(victim);
+    let with = Data {
+        tables: tables(policy, &customers, &audience),
+        customers,
+        audience,
+    };
+    (without, with, victim_id)
+}
+
+/// Whether `victim` is, in `d`, only in cells under `min` people of
+/// globex (as a row of its own, or as a customer it keeps from being
+/// unmatched), and whether it is in the joined rows at all.
+fn victim_hidden(q: &Query, d: &Data, victim: u64, min: usize) -> (bool, bool) {
+    let mut present = false;
+    for g in groups(q, d, min).values() {
+        for b in g.atoms.values() {
+            let real = b.partner.contains(&victim);
+            let phantom = b.partner_if_unmatched.contains(&victim);
+            present |= real || phantom;
+            if (real || phantom) && (b.partner.len() >= min || b.partner_if_unmatched.len() >= min)
+            {
+                return (false, true);
+            }
+        }
+    }
+    (true, present)
+}
+
+/// The neighbouring-datasets suite under thresholds: `n` random queries,
+/// each on generated data with crafted rows, with and without one victim
+/// of globex's. Where the victim's every cell is under the minimum, acme
+/// must see the same answer (rows compared by value) or the same refusal.
+pub async fn neighbours(policy: &Policy, seed: u64, n: u64) -> Result<Neighbours, String> {
+    let min = policy.query().min_group_size() as usize;
+    let mut rng = StdRng::seed_from_u64(seed.wrapping_add(7));
+    let mut tally = Neighbours::default();
+    let mut sets = None;
+    for i in 0..n {
+        // New data every 25 queries.
+        if i % 25 == 0 {
+            sets = Some(neighbouring(policy, seed.wrapping_add(i)));
+        }
+        let (without, with, victim) = sets.as_ref().expect("made above");
+        let q = query(&mut rng);
+        let sql = q.sql();
+        let fail = |what: String| format!("seed {seed}, case {i}: {sql}\n{what}");
+        tally.cases += 1;
+        let a = run(policy, "acme", &with.tables, &sql).await;
+        let b = run(policy, "acme", &without.tables, &sql).await;
+        match (&a, &b) {
+            (Err(QueryError::Refused(x)), Err(QueryError::Refused(y))) => {
+                if x.to_string() != y.to_string() {
+                    return Err(fail(format!("refusals differ: {x} / {y}")));
+                }
+                tally.refused += 1;
+                continue;
+            }
+            (Err(QueryError::Refused(x)), _) | (_, Err(QueryError::Refused(x))) => {
+                return Err(fail(format!("refused on one side only: {x}")));
+            }
+            _ => {}
+        }
+        let (hidden, present) = victim_hidden(&q, with, *victim, min);
+        if !hidden {
+            tally.in_large_cell += 1;
+            continue;
+        }
+        tally.hidden += 1;
+        tally.hidden_present += u64::from(present);
+        let shown = |o: &Result<QueryOutcome, QueryError>| match o {
+            Ok(o) => Ok(product_rows(&o.batches, q.group.len())),
+            Err(e) => Err(e.to_string()),
+        };
+        let same = match (shown(&a), shown(&b)) {
+            (Ok(x), Ok(y)) => x.len() == y.len() && x.iter().zip(&y).all(|(r, s)| close(r, s)),
+            (Err(x), Err(y)) => x == y,
+            _ => false,
+        };
+        if !same {
+            return Err(fail(format!(
+                "the victim's cells were all under the minimum, yet the answers differ:\nwith    {:?}\nwithout {:?}",
+                shown(&a),
+                shown(&b)
+            )));
+        }
+    }
+    Ok(tally)
+}
