@@ -4,7 +4,7 @@
 
 mod common;
 
-use common::differential::{neighbours, suite, suite_private};
+use common::differential::{neighbours, neighbours_private, suite, suite_private};
 use common::people::demo_policy;
 
 #[tokio::test]
@@ -62,4 +62,20 @@ async fn a_victim_under_the_minimum_changes_no_answer() {
     assert_eq!(tally.cases, 300);
     assert!(tally.hidden_present > 30, "{tally:?}");
     assert!(tally.in_large_cell > 30, "{tally:?}");
+}
+
+#[tokio::test]
+async fn a_victim_moves_private_values_by_at_most_the_sensitivity() {
+    let policy = demo_policy(
+        Some(
+            "epsilon_total = 1e12\nepsilon_per_query_max = 1e8\ndelta = 1e-7\nmax_groups_per_person = 10\nmax_rows_per_person = 1",
+        ),
+        10,
+    );
+    let tally = match neighbours_private(&policy, 20_261_208, 200).await {
+        Ok(t) => t,
+        Err(failure) => panic!("{failure}"),
+    };
+    eprintln!("neighbours, private: {tally:?}");
+    assert!(tally.compared > 60, "{tally:?}");
 }

@@ -1035,6 +1035,8 @@ pub struct Neighbours {
     pub hidden_present: u64,
     /// The victim in a cell of enough people: a difference is allowed.
     pub in_large_cell: u64,
+    /// Under privacy: answers with a count or sum compared.
+    pub compared: u64,
 }
 
 impl Neighbours {
@@ -1044,6 +1046,7 @@ impl Neighbours {
         self.hidden += o.hidden;
         self.hidden_present += o.hidden_present;
         self.in_large_cell += o.in_large_cell;
+        self.compared += o.compared;
     }
 }
 
@@ -1064,7 +1067,7 @@ fn neighbouring(policy: &Policy, seed: u64) -> (Data, Data, u64) {
     }
     customers.push(Row {
         id: victim_id,
-        phone: true,
+        phone: false,
         region: Some(REGIONS[rng.random_range(0..4)]),
         age_band: Some(AGES[rng.random_range(0..6)]),
         ltv: Some(4_321.5),
@@ -1178,4 +1181,169 @@ pub async fn neighbours(policy: &Policy, seed: u64, n: u64) -> Result<Neighbours
         }
     }
     Ok(tally)
+}
+
+/// The most one bounding unit adds to one group's value of `agg` under
+/// `policy` (None: not checked here, as an average's change depends on
+/// the group's size).
+fn sensitivity(agg: Agg, policy: &Policy) -> Option<f64> {
+    let privacy = policy.privacy()?;
+    let bound = |dataset: &str, column: &str| {
+        policy
+            .dataset(dataset)?
+            .columns()
+            .iter()
+            .find(|c| c.name() == column)
+            .and_then(|c| match c.role() {
+                cleanroom::policy::ColumnRole::Metric { min, max, .. } => {
+                    Some(min.abs().max(max.abs()))
+                }
+                _ => None,
+            })
+    };
+    match agg {
+        Agg::CountStar | Agg::Count(_) => Some(f64::from(privacy.max_rows_per_person())),
+        Agg::People => Some(1.0),
+        Agg::Sum(Metric::Ltv) => bound("customers", "lifetime_value"),
+        Agg::Sum(Metric::Exposures) => bound("audience", "ad_exposures"),
+        Agg::Sum(Metric::Spend) => bound("audience", "spend"),
+        Agg::Avg(_) | Agg::ShareAbove => None,
+    }
+}
+
+/// The neighbouring-datasets suite under differential privacy with noise
+/// made negligible (a huge epsilon, so the released values are the
+/// bounded aggregates): for every group released with and without the
+/// victim, each count and sum moves by at most what the bounding units the
+/// victim touches may add (the victim; under a LEFT JOIN also the
+/// customer it keeps from being unmatched), and by at most
+/// `max_groups_per_person` times that over all groups.
+pub async fn neighbours_private(policy: &Policy, seed: u64, n: u64) -> Result<Neighbours, String> {
+    let privacy = policy.privacy().ok_or("a policy with a privacy section")?;
+    let mut rng = StdRng::seed_from_u64(seed.wrapping_add(11));
+    let mut tally = Neighbours::default();
+    let mut sets = None;
+    for i in 0..n {
+        if i % 25 == 0 {
+            let (without, with, victim) = neighbouring(policy, seed.wrapping_add(i));
+            // Two of acme's rows carry other customers' emails and the
+            // victim's phone: with the victim they join its email to its
+            // phone, and so link acme's people through globex's victim.
+            let bridges = [(3, victim), (5, victim)];
+            sets = Some((
+                Data {
+                    tables: bridged(policy, &without, &bridges),
+                    ..without
+                },
+                Data {
+                    tables: bridged(policy, &with, &bridges),
+                    ..with
+                },
+                victim,
+            ));
+        }
+        let (without, with, _) = sets.as_ref().expect("made above");
+        let (without, with) = (&without.tables, &with.tables);
+        let q = query(&mut rng);
+        let sql = q.sql();
+        let fail = |what: String| format!("seed {seed}, case {i}: {sql}\n{what}");
+        tally.cases += 1;
+        let a = run(policy, "acme", with, &sql).await;
+        let b = run(policy, "acme", without, &sql).await;
+        let (a, b) = match (a, b) {
+            (Err(QueryError::Refused(x)), Err(QueryError::Refused(y))) => {
+                if x.to_string() != y.to_string() {
+                    return Err(fail(format!("refusals differ: {x} / {y}")));
+                }
+                tally.refused += 1;
+                continue;
+            }
+            (Ok(a), Ok(b)) => (a, b),
+            (Err(QueryError::Output), _) | (_, Err(QueryError::Output)) => continue,
+            (a, b) => {
+                return Err(fail(format!(
+                    "outcomes differ in kind: {:?} / {:?}",
+                    a.err(),
+                    b.err()
+                )));
+            }
+        };
+        let units = if q.join == Join::LeftEmail { 2.0 } else { 1.0 };
+        let rows_a = product_rows(&a.batches, q.group.len());
+        let rows_b = product_rows(&b.batches, q.group.len());
+        let mut moved = vec![0.0f64; q.aggs.len()];
+        let mut compared = false;
+        for (key, va) in &rows_a {
+            let Some((_, vb)) = rows_b.iter().find(|(k, _)| k == key) else {
+                continue;
+            };
+            for (j, agg) in q.aggs.iter().enumerate() {
+                let (Some(sens), Some(x), Some(y)) = (sensitivity(*agg, policy), va[j], vb[j])
+                else {
+                    continue;
+                };
+                compared = true;
+                let d = (x - y).abs();
+                // The negligible noise is still there: a thousandth of the
+                // bound at this epsilon, on each side.
+                let slack = 0.01 * sens;
+                if d > units * sens + slack {
+                    return Err(fail(format!(
+                        "{} moved by {d} in group {key:?}, more than {units} unit(s) of {sens}",
+                        agg.sql()
+                    )));
+                }
+                moved[j] += d;
+            }
+        }
+        for (j, agg) in q.aggs.iter().enumerate() {
+            if let Some(sens) = sensitivity(*agg, policy) {
+                let most = units * f64::from(privacy.max_groups_per_person()) * sens;
+                if moved[j] > most * 1.01 {
+                    return Err(fail(format!(
+                        "{} moved by {} in all, more than {most}",
+                        agg.sql(),
+                        moved[j]
+                    )));
+                }
+            }
+        }
+        if compared {
+            tally.compared += 1;
+        }
+    }
+    Ok(tally)
+}
+
+/// The tables of `d` with one more acme row per `(email_of, phone_of)`:
+/// the email of the one person and the phone of the other.
+fn bridged(policy: &Policy, d: &Data, bridges: &[(u64, u64)]) -> Vec<TableData> {
+    let mut rows = d.customers.clone();
+    rows.extend(bridges.iter().map(|(e, _)| Row {
+        phone: true,
+        ..Row::new(*e)
+    }));
+    let batch = people::customers(policy, &rows);
+    let mut phone = arrow::array::FixedSizeBinaryBuilder::new(32);
+    let given = batch.column_by_name("phone").expect("a phone column");
+    let given = given.as_fixed_size_binary();
+    let first_bridge = d.customers.len();
+    for r in 0..rows.len() {
+        if r >= first_bridge {
+            let (_, p) = bridges[r - first_bridge];
+            phone.append_value(people::fingerprint(p, 1)).unwrap();
+        } else if given.is_null(r) {
+            phone.append_null();
+        } else {
+            phone.append_value(given.value(r)).unwrap();
+        }
+    }
+    let i = batch.schema().index_of("phone").unwrap();
+    let mut columns = batch.columns().to_vec();
+    columns[i] = std::sync::Arc::new(phone.finish());
+    let batch = RecordBatch::try_new(batch.schema(), columns).unwrap();
+    cleanroom::query::agreement_tables(
+        policy,
+        vec![vec![batch], vec![people::audience(policy, &d.audience)]],
+    )
 }
