@@ -63,6 +63,7 @@
 use std::collections::BTreeMap;
 use std::sync::Arc;
 
+use arrow::datatypes::DataType;
 use arrow::record_batch::RecordBatch;
 use datafusion::common::tree_node::{Transformed, TreeNode};
 use datafusion::common::{Column, JoinType, NullEquality, ScalarValue};
@@ -73,7 +74,7 @@ use datafusion::functions_window::expr_fn::row_number;
 use datafusion::logical_expr::expr::{AggregateFunction, Case};
 use datafusion::logical_expr::{
     Aggregate, Expr, ExprSchemable, Filter, LogicalPlan, LogicalPlanBuilder, Operator, binary_expr,
-    lit,
+    cast, lit,
 };
 use datafusion::prelude::SessionContext;
 
@@ -183,6 +184,8 @@ fn plan(
         let (counts, enough) = people.counts(min)?;
         aggr.extend(counts);
         (input, some_real_row.and(enough))
+    } else if let (true, Some(parts)) = (phantoms.is_empty(), Partials::of(agg)) {
+        return by_cells(input, agg, &conditions, &people, min, parts);
     } else {
         let kept = kept_cells(input, agg, &conditions, &people, phantoms.first(), min)?;
         (kept, some_real_row)
@@ -194,20 +197,148 @@ fn plan(
         .take(agg.schema.fields().len())
         .map(|(q, f)| Expr::Column(Column::new(q.cloned(), f.name())))
         .collect();
-    // Released in the order of the group values, so that the order of
-    // the rows says nothing about the rows left out.
-    let order: Vec<_> = output
+    let filter = Filter::try_new(predicate, Arc::new(LogicalPlan::Aggregate(counted)))?;
+    in_group_order(
+        LogicalPlanBuilder::from(LogicalPlan::Filter(filter)).project(output)?,
+        agg,
+    )
+}
+
+/// `released` sorted by its group columns (its first), so that the order
+/// of the rows says nothing about the rows left out.
+fn in_group_order(released: LogicalPlanBuilder, agg: &Aggregate) -> Result<LogicalPlan> {
+    let order: Vec<_> = released
+        .schema()
         .iter()
         .take(agg.group_expr.len())
-        .map(|c| c.clone().sort(true, true))
+        .map(|(q, f)| Expr::Column(Column::new(q.cloned(), f.name())).sort(true, true))
         .collect();
-    let filter = Filter::try_new(predicate, Arc::new(LogicalPlan::Aggregate(counted)))?;
-    let released = LogicalPlanBuilder::from(LogicalPlan::Filter(filter)).project(output)?;
     if order.is_empty() {
         released.build()
     } else {
         released.sort(order)?.build()
     }
+}
+
+/// The analyst's aggregates as sums of per-cell parts, when each is
+/// (`COUNT`, `SUM`, `AVG`; not `COUNT(DISTINCT ...)`).
+struct Partials {
+    /// The per-cell aggregates, aliased `__part_k`.
+    parts: Vec<Expr>,
+    /// Per analyst aggregate: the part it sums, or the two (sum, count)
+    /// an average divides.
+    finals: Vec<(usize, Option<usize>)>,
+}
+
+impl Partials {
+    fn of(agg: &Aggregate) -> Option<Partials> {
+        use datafusion::functions_aggregate::expr_fn::{count, sum};
+        let mut parts = Vec::new();
+        let mut finals = Vec::new();
+        let mut part = |e: Expr| {
+            parts.push(e.alias(format!("__part_{}", parts.len())));
+            parts.len() - 1
+        };
+        for e in &agg.aggr_expr {
+            let e = match e {
+                Expr::Alias(a) => a.expr.as_ref(),
+                other => other,
+            };
+            let Expr::AggregateFunction(af) = e else {
+                return None;
+            };
+            let p = &af.params;
+            if p.distinct || p.filter.is_some() || !p.order_by.is_empty() {
+                return None;
+            }
+            match (af.func.name(), p.args.as_slice()) {
+                ("count" | "sum", _) => finals.push((part(e.clone()), None)),
+                ("avg", [arg]) => {
+                    let s = part(sum(arg.clone()));
+                    let c = part(count(arg.clone()));
+                    finals.push((s, Some(c)));
+                }
+                _ => return None,
+            }
+        }
+        Some(Partials { parts, finals })
+    }
+}
+
+/// The private stage in one pass over the rows, for aggregates that are
+/// sums of parts ([`Partials`]) and no LEFT JOIN:
+///
+/// ```text
+/// Sort: G                                                  (in_group_order)
+///   Projection: G, each aggregate from its summed parts, as its own type
+///     Filter: __rows > 0
+///       Aggregate: groupBy=[G], aggr=[sum(parts), sum(rows)]
+///         Filter: for every party p: A(p) >= min
+///           Aggregate: groupBy=[G, conditions], aggr=[parts, rows, A(p)]
+/// ```
+fn by_cells(
+    input: LogicalPlan,
+    agg: &Aggregate,
+    conditions: &[Expr],
+    people: &People,
+    min: u32,
+    partials: Partials,
+) -> Result<LogicalPlan> {
+    use datafusion::functions::core::expr_fn::nullif;
+    use datafusion::functions_aggregate::expr_fn::sum;
+    let mut keys: Vec<Expr> = Vec::new();
+    for (i, g) in agg.group_expr.iter().enumerate() {
+        keys.push(g.clone().alias(format!("__g{i}")));
+    }
+    for (j, c) in conditions.iter().enumerate() {
+        keys.push(c.clone().alias(format!("__c{j}")));
+    }
+    let (counts, enough) = people.counts(min)?;
+    let mut first = partials.parts.clone();
+    first.push(count_rows().alias(ROWS));
+    first.extend(counts);
+    let part = |k: usize| Expr::Column(Column::from_name(format!("__part_{k}")));
+    let mut second: Vec<Expr> = (0..partials.parts.len())
+        .map(|k| sum(part(k)).alias(format!("__part_{k}")))
+        .collect();
+    second.push(sum(Expr::Column(Column::from_name(ROWS))).alias(ROWS));
+    let groups: Vec<Expr> = (0..agg.group_expr.len())
+        .map(|i| Expr::Column(Column::from_name(format!("__g{i}"))))
+        .collect();
+    let mut output: Vec<Expr> = groups.clone();
+    for ((k, average), (_, field)) in partials
+        .finals
+        .iter()
+        .zip(agg.schema.iter().skip(agg.group_expr.len()))
+    {
+        let value = match average {
+            None => part(*k),
+            Some(c) => {
+                cast(part(*k), DataType::Float64)
+                    / cast(nullif(part(*c), lit(0i64)), DataType::Float64)
+            }
+        };
+        output.push(cast(value, field.data_type().clone()).alias(field.name()));
+    }
+    let released = LogicalPlanBuilder::from(input)
+        .aggregate(keys, first)?
+        .filter(enough)?
+        .aggregate(groups, second)?
+        .filter(Expr::Column(Column::from_name(ROWS)).gt(lit(0i64)))?
+        .project(output)?;
+    in_group_order(released, agg)
+}
+
+/// `count(*)` as the engine plans it.
+fn count_rows() -> Expr {
+    Expr::AggregateFunction(AggregateFunction::new_udf(
+        count_udaf(),
+        vec![lit(1i64)],
+        false,
+        None,
+        vec![],
+        None,
+    ))
 }
 
 /// How many LEFT JOINs a plan holds.

@@ -275,7 +275,8 @@ fn held_bytes(t: &TableData) -> u64 {
                 .unwrap_or_else(|_| c.get_array_memory_size()) as u64
         })
         .sum();
-    columns + 4 * t.person_of_row.len() as u64
+    // Two person numbers per row: across parties, and the owner's own.
+    columns + 8 * t.person_of_row.len() as u64
 }
 
 /// Implements `cleanroom.v1.Queries`.
