@@ -96,7 +96,9 @@ async fn main() {
         }
     }
     println!(
-        "neighbouring data sets: {} queries in {:.1} s; refused {} (identical with and without the victim);          the victim's every cell under the minimum in {} ({} with the victim in the joined rows), answers identical;          the victim in a cell of enough people in {}",
+        "neighbouring data sets: {} queries in {:.1} s; refused {} (identical with and without the victim);\n  \
+         the victim's every cell under the minimum in {} ({} with the victim in the joined rows), answers identical;\n  \
+         the victim in a cell of enough people in {}",
         total.cases,
         started.elapsed().as_secs_f64(),
         total.refused,
