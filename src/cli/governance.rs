@@ -212,12 +212,15 @@ pub fn render_status(s: &proto::AdminStatusResponse) -> String {
             if d.current_version.is_empty() {
                 let _ = writeln!(out, "  dataset {} (owner {}): no data", d.dataset, d.owner);
             } else {
+                let rows = match d.rows {
+                    Some(n) => format!("{n} rows"),
+                    None => "rows not shown to other parties".to_string(),
+                };
                 let _ = writeln!(
                     out,
-                    "  dataset {} (owner {}): {} rows in {}, uploaded {}; {} version(s) held",
+                    "  dataset {} (owner {}): {rows} in {}, uploaded {}; {} version(s) held",
                     d.dataset,
                     d.owner,
-                    d.rows,
                     d.current_version,
                     when(d.uploaded_at),
                     d.versions

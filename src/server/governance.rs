@@ -65,7 +65,7 @@ pub fn agreement_status(
                 .as_ref()
                 .map(|v| v.version.clone())
                 .unwrap_or_default(),
-            rows: current.as_ref().map_or(0, |v| v.rows),
+            rows: Some(current.as_ref().map_or(0, |v| v.rows)),
             versions: u32::try_from(versions.len()).unwrap_or(u32::MAX),
             uploaded_at: current.as_ref().map_or(0, |v| v.committed_at),
         });
@@ -217,7 +217,14 @@ impl GovernanceService {
         let now = self.state.clock().now();
         let mut agreements = Vec::new();
         for p in &mine {
-            agreements.push(agreement_status(&set, p, self.state.store(), now)?);
+            let mut status = agreement_status(&set, p, self.state.store(), now)?;
+            // Another party's exact row count is its data, not the admin's.
+            for d in &mut status.datasets {
+                if d.owner != org {
+                    d.rows = None;
+                }
+            }
+            agreements.push(status);
         }
         let ids: Vec<String> = mine.iter().map(|p| p.id().to_string()).collect();
         Ok(proto::AdminStatusResponse {
