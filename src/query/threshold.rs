@@ -94,13 +94,72 @@ pub(super) async fn threshold_stage(
     min: u32,
     counting: PeopleCount,
 ) -> Result<Vec<RecordBatch>, QueryError> {
-    let plan = threshold_plan(agg, owners, min, counting)?;
+    if left_joins(&agg.input) > 1 {
+        return Err(QueryError::Refused(Violation {
+            policy: true,
+            rule: "query.join",
+            detail: "under thresholds alone a query may hold one LEFT JOIN: which of two partners' rows would leave a cell under the minimum cannot be told apart; join the second partner's dataset in another query, or ask under differential privacy".into(),
+        }));
+    }
+    let mut phantoms = Vec::new();
+    let input =
+        with_phantoms(agg.input.as_ref().clone(), &mut phantoms).map_err(private_failure)?;
+    // The joined rows with their phantoms are read four times below (the
+    // cells, their rows, the rows left out, the stand-ins): made once.
+    let input = match phantoms.is_empty() {
+        true => input,
+        false => materialised(ctx, input).await.map_err(private_failure)?,
+    };
+    let plan = plan(agg, input, &phantoms, owners, min, counting).map_err(private_failure)?;
     ctx.execute_logical_plan(plan)
         .await
         .map_err(private_failure)?
         .collect()
         .await
         .map_err(private_failure)
+}
+
+/// `input` run once and held as a table, under the same qualified names.
+async fn materialised(ctx: &SessionContext, input: LogicalPlan) -> Result<LogicalPlan> {
+    let names: Vec<(Option<datafusion::common::TableReference>, String)> = input
+        .schema()
+        .iter()
+        .map(|(q, f)| (q.cloned(), f.name().clone()))
+        .collect();
+    let positional = Arc::new(arrow::datatypes::Schema::new(
+        input
+            .schema()
+            .fields()
+            .iter()
+            .enumerate()
+            .map(|(i, f)| {
+                arrow::datatypes::Field::new(format!("__m{i}"), f.data_type().clone(), true)
+            })
+            .collect::<Vec<_>>(),
+    ));
+    let batches = ctx.execute_logical_plan(input).await?.collect().await?;
+    let mut partitions: Vec<Vec<RecordBatch>> = vec![Vec::new(), Vec::new()];
+    for (i, b) in batches.into_iter().enumerate() {
+        partitions[i % 2].push(RecordBatch::try_new(
+            Arc::clone(&positional),
+            b.columns().to_vec(),
+        )?);
+    }
+    let table = datafusion::datasource::MemTable::try_new(positional, partitions)?;
+    let named: Vec<Expr> = names
+        .into_iter()
+        .enumerate()
+        .map(|(i, (q, name))| {
+            Expr::Column(Column::from_name(format!("__m{i}"))).alias_qualified(q, name)
+        })
+        .collect();
+    LogicalPlanBuilder::scan(
+        "__cleanroom_joined",
+        datafusion::catalog::default_table_source::provider_as_source(Arc::new(table)),
+        None,
+    )?
+    .project(named)?
+    .build()
 }
 
 /// One LEFT JOIN's phantom rows: the flag that tells real rows from them,
@@ -131,33 +190,16 @@ fn conditions_of(agg: &Aggregate) -> Result<Vec<Expr>> {
 /// (those never start with two underscores).
 const ROWS: &str = "__rows";
 
-pub(super) fn threshold_plan(
-    agg: &Aggregate,
-    owners: Owners<'_>,
-    min: u32,
-    counting: PeopleCount,
-) -> Result<LogicalPlan, QueryError> {
-    let left_joins = left_joins(&agg.input);
-    if left_joins > 1 {
-        return Err(QueryError::Refused(Violation {
-            policy: true,
-            rule: "query.join",
-            detail: "under thresholds alone a query may hold one LEFT JOIN: which of two partners' rows would leave a cell under the minimum cannot be told apart; join the second partner's dataset in another query, or ask under differential privacy".into(),
-        }));
-    }
-    plan(agg, owners, min, counting).map_err(private_failure)
-}
-
 fn plan(
     agg: &Aggregate,
+    input: LogicalPlan,
+    phantoms: &[Phantom],
     owners: Owners<'_>,
     min: u32,
     counting: PeopleCount,
 ) -> Result<LogicalPlan> {
     let conditions = conditions_of(agg)?;
-    let mut phantoms = Vec::new();
-    let input = with_phantoms(agg.input.as_ref().clone(), &mut phantoms)?;
-    let people = People::of(&input, &phantoms, &agg.input, owners, counting)?;
+    let people = People::of(&input, phantoms, &agg.input, owners, counting)?;
     let real = people.real.clone();
     let mut aggr: Vec<Expr> = match &real {
         None => agg.aggr_expr.clone(),
