@@ -14,7 +14,7 @@
 use std::collections::HashMap;
 use std::sync::Arc;
 
-use arrow::array::{Array, ArrayRef, Float64Array, Int64Array};
+use arrow::array::{Array, ArrayRef, Float64Array, Int64Array, UInt32Array};
 use arrow::datatypes::{DataType, Field, Schema};
 use arrow::record_batch::RecordBatch;
 use arrow::row::{RowConverter, Rows, SortField};
@@ -109,10 +109,13 @@ pub fn bounding_unit(policy: &Policy, org: &str, plan: &LogicalPlan) -> Result<E
         if f.name() != super::OWN_PERSON_COLUMN {
             continue;
         }
-        let column = cast(
-            Expr::Column(datafusion::common::Column::new(q.cloned(), f.name())),
-            DataType::Int64,
-        );
+        let column = Expr::Column(datafusion::common::Column::new(q.cloned(), f.name()));
+        let column = match f.is_nullable() {
+            // Beneath an inner join only: every row has the protected
+            // party's person, and its number serves as it is.
+            false => column,
+            true => cast(column, DataType::Int64),
+        };
         let owner = q
             .and_then(|q| tables.get(&q.to_string()))
             .and_then(|t| policy.dataset(t))
@@ -133,7 +136,15 @@ pub fn bounding_unit(policy: &Policy, org: &str, plan: &LogicalPlan) -> Result<E
         ));
     }
     let mut units: Vec<Expr> = protected.into_iter().map(|(_, c)| c).collect();
-    units.extend(callers.into_iter().map(|c| c + lit(CALLER_UNITS)));
+    if let Some(first) = units.iter().find(|c| !matches!(c, Expr::Cast(_))) {
+        // A protected person on every row.
+        return Ok(first.clone());
+    }
+    units.extend(
+        callers
+            .into_iter()
+            .map(|c| cast(c, DataType::Int64) + lit(CALLER_UNITS)),
+    );
     Ok(match units.len() {
         1 => units.remove(0),
         _ => datafusion::functions::core::expr_fn::coalesce(units),
@@ -262,11 +273,12 @@ pub async fn execute(
     let mut unit_ids: HashMap<i64, u32, crate::psi::Seeded> =
         HashMap::with_hasher(crate::psi::Seeded::random());
     for (bi, b) in batches.iter().enumerate() {
-        let persons = b
-            .column(groups_width)
-            .as_any()
-            .downcast_ref::<Int64Array>()
-            .ok_or_else(|| internal("bounding units"))?;
+        let column = b.column(groups_width);
+        let direct = column.as_any().downcast_ref::<UInt32Array>();
+        let mapped = column.as_any().downcast_ref::<Int64Array>();
+        if direct.is_none() && mapped.is_none() {
+            return Err(internal("bounding units"));
+        }
         let rows = int64(b.column(groups_width + 1))?;
         for r in 0..b.num_rows() {
             let g = match keys.get(bi) {
@@ -286,9 +298,14 @@ pub async fn execute(
                 }
             };
             c.group.push(g);
-            let fresh = unit_ids.len() as u32;
-            c.person
-                .push(*unit_ids.entry(persons.value(r)).or_insert(fresh));
+            c.person.push(match (direct, mapped) {
+                (Some(d), _) => d.value(r),
+                (None, Some(m)) => {
+                    let fresh = unit_ids.len() as u32;
+                    *unit_ids.entry(m.value(r)).or_insert(fresh)
+                }
+                (None, None) => return Err(internal("bounding units")),
+            });
             c.rows.push(rows.value(r).max(0) as u64);
         }
         for (i, (s, n)) in columns.iter().enumerate() {
