@@ -19,6 +19,7 @@ mod own_people;
 pub mod private;
 mod release;
 mod threshold;
+mod unmatched;
 
 use std::collections::HashMap;
 use std::sync::Arc;

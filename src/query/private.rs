@@ -102,7 +102,7 @@ pub fn bounding_unit(policy: &Policy, org: &str, plan: &LogicalPlan) -> Result<E
     let input = find_aggregate(plan)
         .map(|a| a.input.as_ref())
         .ok_or_else(|| deny("query.aggregate", "exactly one aggregation"))?;
-    let tables = super::threshold::leaf_tables(input);
+    let tables = super::release::leaf_tables(input);
     let mut protected: Vec<(String, Expr)> = Vec::new();
     let mut callers: Vec<Expr> = Vec::new();
     for (q, f) in input.schema().iter() {

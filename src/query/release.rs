@@ -18,6 +18,7 @@
 //! admits only total expressions there); a failure of the public stage
 //! depends on released values alone.
 
+use std::collections::BTreeMap;
 use std::sync::Arc;
 
 use arrow::datatypes::{Field, Schema, SchemaRef};
@@ -141,4 +142,26 @@ fn above_released(
             other => Ok(Transformed::yes(other.recompute_schema()?)),
         })?
         .data)
+}
+
+/// The dataset each input of the join tree reads, by the name the query
+/// gives it (alias or table).
+pub(super) fn leaf_tables(plan: &LogicalPlan) -> BTreeMap<String, String> {
+    let mut out = BTreeMap::new();
+    let _ = plan.apply(|node| {
+        match node {
+            LogicalPlan::SubqueryAlias(a) => {
+                if let LogicalPlan::TableScan(scan) = a.input.as_ref() {
+                    out.insert(a.alias.to_string(), scan.table_name.table().to_string());
+                }
+            }
+            LogicalPlan::TableScan(scan) => {
+                out.entry(scan.table_name.to_string())
+                    .or_insert_with(|| scan.table_name.table().to_string());
+            }
+            _ => {}
+        }
+        Ok(datafusion::common::tree_node::TreeNodeRecursion::Continue)
+    });
+    out
 }

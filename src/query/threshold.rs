@@ -65,12 +65,10 @@ use std::sync::Arc;
 
 use arrow::datatypes::DataType;
 use arrow::record_batch::RecordBatch;
-use datafusion::common::tree_node::{Transformed, TreeNode};
-use datafusion::common::{Column, JoinType, NullEquality, ScalarValue};
+use datafusion::common::{Column, JoinType, NullEquality};
 use datafusion::error::{DataFusionError, Result};
 use datafusion::functions::core::expr_fn::coalesce;
 use datafusion::functions_aggregate::count::count_udaf;
-use datafusion::functions_window::expr_fn::row_number;
 use datafusion::logical_expr::expr::{AggregateFunction, Case};
 use datafusion::logical_expr::{
     Aggregate, Expr, ExprSchemable, Filter, LogicalPlan, LogicalPlanBuilder, Operator, binary_expr,
@@ -78,8 +76,9 @@ use datafusion::logical_expr::{
 };
 use datafusion::prelude::SessionContext;
 
-use super::release::{PeopleCount, private_failure};
-use super::{OWN_PERSON_COLUMN, PERSON_COLUMN, QueryError, Violation};
+use super::release::{PeopleCount, leaf_tables, private_failure};
+use super::unmatched::{Phantom, left_joins, materialised, only_real_rows, with_phantoms};
+use super::{OWN_PERSON_COLUMN, QueryError, Violation};
 
 /// Who owns a dataset, by its name.
 pub(super) type Owners<'a> = &'a (dyn Fn(&str) -> Option<String> + Sync);
@@ -117,58 +116,6 @@ pub(super) async fn threshold_stage(
         .collect()
         .await
         .map_err(private_failure)
-}
-
-/// `input` run once and held as a table, under the same qualified names.
-async fn materialised(ctx: &SessionContext, input: LogicalPlan) -> Result<LogicalPlan> {
-    let names: Vec<(Option<datafusion::common::TableReference>, String)> = input
-        .schema()
-        .iter()
-        .map(|(q, f)| (q.cloned(), f.name().clone()))
-        .collect();
-    let positional = Arc::new(arrow::datatypes::Schema::new(
-        input
-            .schema()
-            .fields()
-            .iter()
-            .enumerate()
-            .map(|(i, f)| {
-                arrow::datatypes::Field::new(format!("__m{i}"), f.data_type().clone(), true)
-            })
-            .collect::<Vec<_>>(),
-    ));
-    let batches = ctx.execute_logical_plan(input).await?.collect().await?;
-    let mut partitions: Vec<Vec<RecordBatch>> = vec![Vec::new(), Vec::new()];
-    for (i, b) in batches.into_iter().enumerate() {
-        partitions[i % 2].push(RecordBatch::try_new(
-            Arc::clone(&positional),
-            b.columns().to_vec(),
-        )?);
-    }
-    let table = datafusion::datasource::MemTable::try_new(positional, partitions)?;
-    let named: Vec<Expr> = names
-        .into_iter()
-        .enumerate()
-        .map(|(i, (q, name))| {
-            Expr::Column(Column::from_name(format!("__m{i}"))).alias_qualified(q, name)
-        })
-        .collect();
-    LogicalPlanBuilder::scan(
-        "__cleanroom_joined",
-        datafusion::catalog::default_table_source::provider_as_source(Arc::new(table)),
-        None,
-    )?
-    .project(named)?
-    .build()
-}
-
-/// One LEFT JOIN's phantom rows: the flag that tells real rows from them,
-/// and the person columns of the side they set to NULL, by party.
-struct Phantom {
-    flag: String,
-    /// The joined row's number, the same on a real row and its phantom.
-    row: String,
-    persons: Vec<Column>,
 }
 
 /// The conditions a query's aggregates read, each once. Depends on the
@@ -381,18 +328,6 @@ fn count_rows() -> Expr {
         vec![],
         None,
     ))
-}
-
-/// How many LEFT JOINs a plan holds.
-fn left_joins(plan: &LogicalPlan) -> usize {
-    let mut n = 0;
-    let _ = plan.apply(|node| {
-        if matches!(node, LogicalPlan::Join(j) if j.join_type == JoinType::Left) {
-            n += 1;
-        }
-        Ok(datafusion::common::tree_node::TreeNodeRecursion::Continue)
-    });
-    n
 }
 
 /// The rows of `input` the aggregation may read: those whose cell (group
@@ -637,120 +572,6 @@ impl People {
             .reduce(Expr::and)
             .ok_or_else(|| internal("no party in the query"))?;
         Ok((counts, enough))
-    }
-}
-
-/// The dataset each input of the join tree reads, by the name the query
-/// gives it (alias or table).
-pub(super) fn leaf_tables(plan: &LogicalPlan) -> BTreeMap<String, String> {
-    let mut out = BTreeMap::new();
-    let _ = plan.apply(|node| {
-        match node {
-            LogicalPlan::SubqueryAlias(a) => {
-                if let LogicalPlan::TableScan(scan) = a.input.as_ref() {
-                    out.insert(a.alias.to_string(), scan.table_name.table().to_string());
-                }
-            }
-            LogicalPlan::TableScan(scan) => {
-                out.entry(scan.table_name.to_string())
-                    .or_insert_with(|| scan.table_name.table().to_string());
-            }
-            _ => {}
-        }
-        Ok(datafusion::common::tree_node::TreeNodeRecursion::Continue)
-    });
-    out
-}
-
-/// The join tree with every LEFT JOIN followed by its phantom rows: a copy
-/// of each matched row with the kept-NULL side's columns set to NULL
-/// (person columns and lower joins' flags kept), told apart by a flag
-/// column. Phantom rows are made from real rows only, so a row has at most
-/// one false flag.
-fn with_phantoms(plan: LogicalPlan, phantoms: &mut Vec<Phantom>) -> Result<LogicalPlan> {
-    Ok(plan
-        .transform_up(|node| match node {
-            LogicalPlan::Join(join) if join.join_type == JoinType::Left => {
-                let left_width = join.left.schema().fields().len();
-                let flag = format!("__real_{}", phantoms.len());
-                let row = format!("__row_{}", phantoms.len());
-                // Each joined row numbered, so that a phantom row knows its twin.
-                let node = LogicalPlanBuilder::from(LogicalPlan::Join(join))
-                    .window(vec![row_number().alias(&row)])?
-                    .build()?;
-                let schema = Arc::clone(node.schema());
-                let is_flag =
-                    |name: &str| name.starts_with("__real_") || name.starts_with("__row_");
-                let mut real = Vec::new();
-                let mut phantom = Vec::new();
-                let mut persons = Vec::new();
-                let mut matched: Vec<Expr> = Vec::new();
-                for (i, (q, f)) in schema.iter().enumerate() {
-                    let column = Column::new(q.cloned(), f.name());
-                    let position = format!("__f{i}");
-                    real.push(Expr::Column(column.clone()).alias(&position));
-                    let person = f.name() == PERSON_COLUMN || f.name() == OWN_PERSON_COLUMN;
-                    let nulled = i >= left_width && !person && !is_flag(f.name());
-                    if nulled {
-                        let null = ScalarValue::try_from(f.data_type())?;
-                        phantom.push(Expr::Literal(null, None).alias(&position));
-                    } else {
-                        phantom.push(Expr::Column(column.clone()).alias(&position));
-                    }
-                    if i >= left_width && f.name() == OWN_PERSON_COLUMN {
-                        matched.push(Expr::Column(column.clone()).is_not_null());
-                        persons.push(column);
-                    } else if f.name().starts_with("__real_") {
-                        // Phantoms of real rows only.
-                        matched.push(Expr::Column(column));
-                    }
-                }
-                real.push(lit(true).alias(&flag));
-                phantom.push(lit(false).alias(&flag));
-                let only_matched = matched
-                    .into_iter()
-                    .reduce(Expr::and)
-                    .ok_or_else(|| internal("a LEFT JOIN with nothing on its right"))?;
-                let real_rows = LogicalPlanBuilder::from(node.clone())
-                    .project(real)?
-                    .build()?;
-                let phantom_rows = LogicalPlanBuilder::from(node)
-                    .filter(only_matched)?
-                    .project(phantom)?
-                    .build()?;
-                let mut named: Vec<Expr> = schema
-                    .iter()
-                    .enumerate()
-                    .map(|(i, (q, f))| {
-                        Expr::Column(Column::from_name(format!("__f{i}")))
-                            .alias_qualified(q.cloned(), f.name())
-                    })
-                    .collect();
-                named.push(Expr::Column(Column::from_name(&flag)));
-                phantoms.push(Phantom { flag, row, persons });
-                let rows = LogicalPlanBuilder::from(real_rows)
-                    .union(phantom_rows)?
-                    .project(named)?
-                    .build()?;
-                Ok(Transformed::yes(rows))
-            }
-            other => Ok(Transformed::yes(other.recompute_schema()?)),
-        })?
-        .data)
-}
-
-/// An aggregate of the analyst's, over real rows only.
-fn only_real_rows(e: &Expr, real: &Expr) -> Result<Expr> {
-    match e {
-        Expr::Alias(a) => {
-            Ok(only_real_rows(&a.expr, real)?.alias_qualified(a.relation.clone(), &a.name))
-        }
-        Expr::AggregateFunction(af) => {
-            let mut af = af.clone();
-            af.params.filter = Some(Box::new(real.clone()));
-            Ok(Expr::AggregateFunction(af))
-        }
-        _ => Err(internal("an aggregation that is not an aggregate function")),
     }
 }
 
