@@ -236,6 +236,31 @@ async fn flight_sql_charges_the_budget_and_refuses_what_is_not_a_query() {
     let e = flight.begin_transaction().await.unwrap_err();
     assert!(e.to_string().contains("not supported"), "{e}");
 
+    // Metadata filter patterns: 255 `%`s before a character no name holds
+    // answer at once (an exponential matcher never finished); a longer
+    // pattern is refused by field, without echoing it.
+    let tables = |pattern: String| {
+        let mut flight = flight.clone();
+        async move {
+            let info = flight
+                .get_tables(arrow_flight::sql::CommandGetTables {
+                    table_name_filter_pattern: Some(pattern),
+                    ..Default::default()
+                })
+                .await
+                .map_err(|e| e.to_string())?;
+            let ticket = info.endpoint[0].ticket.clone().expect("a ticket");
+            let stream = flight.do_get(ticket).await.map_err(|e| e.to_string())?;
+            let batches: Vec<_> = stream.try_collect().await.map_err(|e| e.to_string())?;
+            Ok::<usize, String>(batches.iter().map(|b| b.num_rows()).sum())
+        }
+    };
+    assert_eq!(tables(format!("{}#", "%".repeat(255))).await.unwrap(), 0);
+    assert_eq!(tables("%".repeat(256)).await.unwrap(), 2);
+    let e = tables("x".repeat(300)).await.unwrap_err();
+    assert!(e.contains("table_name_filter_pattern"), "{e}");
+    assert!(!e.contains("xxxx"), "{e}");
+
     // An organisation party to nothing sees no catalog.
     let initech = server.client("initech").await;
     let mut outsider = FlightSqlServiceClient::new(initech.channel());

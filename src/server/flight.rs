@@ -203,22 +203,51 @@ fn stream_of(schema: SchemaRef, batches: Vec<RecordBatch>) -> Response<FlightStr
     Response::new(Box::pin(stream))
 }
 
-/// `%` and `_` patterns of Flight SQL's metadata filters.
-fn like(pattern: Option<&str>, text: &str) -> bool {
-    fn matches(p: &[char], t: &[char]) -> bool {
-        match (p.first(), t.first()) {
-            (None, None) => true,
-            (Some('%'), _) => matches(&p[1..], t) || (!t.is_empty() && matches(p, &t[1..])),
-            (Some('_'), Some(_)) => matches(&p[1..], &t[1..]),
-            (Some(a), Some(b)) if a == b => matches(&p[1..], &t[1..]),
-            _ => false,
+/// Most characters in a metadata filter pattern.
+const MAX_PATTERN: usize = 256;
+
+/// A metadata filter pattern the caller sent, refused past
+/// [`MAX_PATTERN`] characters (naming the field, not echoing it).
+fn pattern_field(field: &'static str, pattern: &Option<String>) -> Result<(), Status> {
+    match pattern {
+        Some(p) if p.chars().count() > MAX_PATTERN => Err(ServiceError::InvalidArgument {
+            field,
+            rule: format!("a filter pattern is at most {MAX_PATTERN} characters"),
         }
+        .into()),
+        _ => Ok(()),
     }
+}
+
+/// `%` and `_` patterns of Flight SQL's metadata filters, matched in at
+/// most (pattern length x text length) steps: on a mismatch after a `%`,
+/// the text resumes one past where that `%` last started, and only the
+/// last `%` is ever returned to. (Trying every split at every `%` took
+/// time exponential in the number of `%`s.)
+fn like(pattern: Option<&str>, text: &str) -> bool {
     let Some(pattern) = pattern else {
         return true;
     };
     let (p, t): (Vec<char>, Vec<char>) = (pattern.chars().collect(), text.chars().collect());
-    matches(&p, &t)
+    let (mut i, mut j) = (0, 0);
+    // The last `%` seen, and where in the text it began to match.
+    let mut star: Option<(usize, usize)> = None;
+    while j < t.len() {
+        if i < p.len() && p[i] == '%' {
+            star = Some((i, j));
+            i += 1;
+        } else if i < p.len() && (p[i] == '_' || p[i] == t[j]) {
+            i += 1;
+            j += 1;
+        } else if let Some((s, from)) = star {
+            star = Some((s, from + 1));
+            i = s + 1;
+            j = from + 1;
+        } else {
+            return false;
+        }
+    }
+    p[i..].iter().all(|c| *c == '%')
 }
 
 /// A dataset's table as the caller sees it: its declared columns, each
@@ -394,6 +423,8 @@ impl FlightSqlService for FlightSqlEndpoint {
         let org = caller(&request)?;
         let schema_pattern = query.db_schema_filter_pattern.clone();
         let table_pattern = query.table_name_filter_pattern.clone();
+        pattern_field("db_schema_filter_pattern", &schema_pattern)?;
+        pattern_field("table_name_filter_pattern", &table_pattern)?;
         let catalog = query.catalog.clone();
         let types = query.table_types.clone();
         let mut builder: GetTablesBuilder = query.into_builder();
@@ -573,5 +604,55 @@ mod tests {
         assert!(like(Some("_ustomers"), "customers"));
         assert!(!like(Some("audience"), "customers"));
         assert!(!like(Some("cust_"), "customers"));
+    }
+
+    /// The matcher against a plain dynamic-programming reference, on every
+    /// short pattern over a small alphabet and texts around it.
+    #[test]
+    fn patterns_match_as_the_reference_does() {
+        fn reference(p: &[char], t: &[char]) -> bool {
+            let mut m = vec![vec![false; t.len() + 1]; p.len() + 1];
+            m[0][0] = true;
+            for i in 1..=p.len() {
+                m[i][0] = m[i - 1][0] && p[i - 1] == '%';
+                for j in 1..=t.len() {
+                    m[i][j] = match p[i - 1] {
+                        '%' => m[i - 1][j] || m[i][j - 1],
+                        '_' => m[i - 1][j - 1],
+                        c => m[i - 1][j - 1] && c == t[j - 1],
+                    };
+                }
+            }
+            m[p.len()][t.len()]
+        }
+        let alphabet = ['a', 'b', '%', '_'];
+        let texts = ["", "a", "b", "ab", "ba", "aab", "abab", "bbaab", "aaaaa"];
+        let mut patterns = vec![String::new()];
+        for _ in 0..5 {
+            let longer: Vec<String> = patterns
+                .iter()
+                .flat_map(|p| alphabet.iter().map(move |c| format!("{p}{c}")))
+                .collect();
+            patterns.extend(longer);
+        }
+        patterns.sort();
+        patterns.dedup();
+        for p in &patterns {
+            let pc: Vec<char> = p.chars().collect();
+            for t in texts {
+                let tc: Vec<char> = t.chars().collect();
+                assert_eq!(like(Some(p), t), reference(&pc, &tc), "{p:?} against {t:?}");
+            }
+        }
+    }
+
+    /// Many `%`s before a character the name lacks: answered at once
+    /// (trying every split took hours at 64).
+    #[test]
+    fn many_percent_signs_are_matched_in_linear_steps() {
+        let pattern = format!("{}#", "%".repeat(super::MAX_PATTERN - 1));
+        let name = "a".repeat(64);
+        assert!(!like(Some(&pattern), &name));
+        assert!(like(Some(&"%".repeat(super::MAX_PATTERN)), &name));
     }
 }
