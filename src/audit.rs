@@ -150,6 +150,8 @@ pub enum AuditError {
     Broken { line: u64, seq: u64, reason: String },
     #[error("audit log: {0}")]
     Head(String),
+    #[error("{}: no audit log here; is this the server's data directory (--data-dir)?", .0.display())]
+    Missing(PathBuf),
 }
 
 fn io(path: &Path) -> impl FnOnce(std::io::Error) -> AuditError + '_ {
@@ -179,6 +181,11 @@ pub struct Verified {
 /// Checks the whole chain of the log in `dir` and that it ends at the
 /// recorded head. The error names the first broken line.
 pub fn verify(dir: &Path) -> Result<Verified, AuditError> {
+    // A server creates its log when it opens the data directory: no log
+    // means a wrong path, and an intact chain of nothing would hide it.
+    if !dir.join(LOG_FILE).is_file() {
+        return Err(AuditError::Missing(dir.to_path_buf()));
+    }
     let (verified, _) = read_chain(dir, |_| {})?;
     match read_head(dir)? {
         Some((seq, hash)) if seq != verified.entries || hash != verified.head => {

@@ -72,6 +72,14 @@ async fn uploads_are_audited_and_the_chain_detects_tampering() {
             .unwrap()
     };
     assert!(verify_cli().status.success());
+    // A path with no audit log is a failure, not an intact chain of nothing.
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_cleanroom"))
+        .args(["audit", "verify", "--data-dir", "/no/such/dir"])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("no audit log here"), "{stderr}");
 
     // Edit the first entry's row count on disk.
     let log = data_dir.join(cleanroom::audit::LOG_FILE);

@@ -36,6 +36,10 @@ pub(super) fn run(cmd: AuditCommand) -> anyhow::Result<ExitCode> {
                 );
                 Ok(ExitCode::SUCCESS)
             }
+            Err(e @ crate::audit::AuditError::Missing(_)) => {
+                eprintln!("{e}");
+                Ok(ExitCode::FAILURE)
+            }
             Err(e) => {
                 eprintln!("{}: {e}", data_dir.join(crate::audit::LOG_FILE).display());
                 Ok(ExitCode::FAILURE)
