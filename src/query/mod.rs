@@ -138,6 +138,10 @@ impl TableData {
 /// The name of the hidden column of own-party person numbers.
 pub const OWN_PERSON_COLUMN: &str = "__own_person";
 
+/// The name of the hidden column numbering a table's rows (from 0, per
+/// query): with the rows it is joined to, it names a joined row.
+pub const ROW_COLUMN: &str = "__row";
+
 /// Every dataset of an agreement as a query table, people numbered across
 /// all of them. `batches` holds each dataset's stored rows (empty if none).
 pub fn agreement_tables(policy: &Policy, mut batches: Vec<Vec<RecordBatch>>) -> Vec<TableData> {
@@ -459,6 +463,7 @@ fn table_batches(t: &TableData) -> Result<(SchemaRef, Vec<RecordBatch>), DataFus
     }
     fields.push(Field::new(PERSON_COLUMN, DataType::UInt32, false));
     fields.push(Field::new(OWN_PERSON_COLUMN, DataType::UInt32, false));
+    fields.push(Field::new(ROW_COLUMN, DataType::UInt32, false));
     let schema = Arc::new(Schema::new(fields));
     let mut out = Vec::with_capacity(t.batches.len());
     let mut offset = 0usize;
@@ -490,6 +495,9 @@ fn table_batches(t: &TableData) -> Result<(SchemaRef, Vec<RecordBatch>), DataFus
         columns.push(Arc::new(UInt32Array::new(persons, None)));
         let own = t.own_person_of_row.slice(offset, n);
         columns.push(Arc::new(UInt32Array::new(own, None)));
+        columns.push(Arc::new(UInt32Array::from_iter_values(
+            offset as u32..(offset + n) as u32,
+        )));
         offset += n;
         out.push(RecordBatch::try_new(Arc::clone(&schema), columns)?);
     }

@@ -344,7 +344,7 @@ fn count_rows() -> Expr {
 ///           Filter: for every party p: A(p) >= min OR B(p) >= min
 ///             Aggregate: groupBy=[keys], aggr=[A(p), B(p)]       keyed
 /// kept:   Union: (real rows of keyed) SEMI JOIN cells            on keys, NULL = NULL
-///                (phantom rows of keyed) SEMI JOIN ((real rows of keyed) ANTI JOIN cells) on row number
+///                (phantom rows of keyed) SEMI JOIN ((real rows of keyed) ANTI JOIN cells) on row numbers
 ///                                        SEMI JOIN cells, marked real
 /// ```
 fn kept_cells(
@@ -409,20 +409,24 @@ fn kept_cells(
     };
     let flag = Expr::Column(Column::from_name(&phantom.flag));
     let real = LogicalPlanBuilder::from(keyed.clone()).filter(flag.clone())?;
+    let twin: Vec<Column> = (0..phantom.row.len())
+        .map(|i| Column::from_name(format!("__left_out_{i}")))
+        .collect();
     let left_out = of_kept_cells(real.clone(), JoinType::LeftAnti)?
-        .project(vec![
-            Expr::Column(Column::from_name(&phantom.row)).alias("__left_out"),
-        ])?
+        .project(
+            phantom
+                .row
+                .iter()
+                .zip(&twin)
+                .map(|(r, t)| Expr::Column(r.clone()).alias(t.name())),
+        )?
         .build()?;
     let stand_ins = LogicalPlanBuilder::from(keyed.clone())
         .filter(!flag)?
         .join_detailed(
             left_out,
             JoinType::LeftSemi,
-            (
-                vec![Column::from_name(&phantom.row)],
-                vec![Column::from_name("__left_out")],
-            ),
+            (phantom.row.clone(), twin),
             None,
             NullEquality::NullEqualsNothing,
         )?;

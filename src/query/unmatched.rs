@@ -9,11 +9,10 @@ use arrow::record_batch::RecordBatch;
 use datafusion::common::tree_node::{Transformed, TreeNode};
 use datafusion::common::{Column, JoinType, ScalarValue};
 use datafusion::error::{DataFusionError, Result};
-use datafusion::functions_window::expr_fn::row_number;
 use datafusion::logical_expr::{Expr, LogicalPlan, LogicalPlanBuilder, lit};
 use datafusion::prelude::SessionContext;
 
-use super::{OWN_PERSON_COLUMN, PERSON_COLUMN};
+use super::{OWN_PERSON_COLUMN, PERSON_COLUMN, ROW_COLUMN};
 
 /// `input` run once and held as a table, under the same qualified names.
 pub(super) async fn materialised(ctx: &SessionContext, input: LogicalPlan) -> Result<LogicalPlan> {
@@ -62,8 +61,9 @@ pub(super) async fn materialised(ctx: &SessionContext, input: LogicalPlan) -> Re
 /// and the person columns of the side they set to NULL, by party.
 pub(super) struct Phantom {
     pub(super) flag: String,
-    /// The joined row's number, the same on a real row and its phantom.
-    pub(super) row: String,
+    /// The row numbers of the tables joined, the same on a real row and
+    /// its phantom.
+    pub(super) row: Vec<Column>,
     pub(super) persons: Vec<Column>,
 }
 
@@ -90,14 +90,16 @@ pub(super) fn with_phantoms(plan: LogicalPlan, phantoms: &mut Vec<Phantom>) -> R
             LogicalPlan::Join(join) if join.join_type == JoinType::Left => {
                 let left_width = join.left.schema().fields().len();
                 let flag = format!("__real_{}", phantoms.len());
-                let row = format!("__row_{}", phantoms.len());
-                // Each joined row numbered, so that a phantom row knows its twin.
-                let node = LogicalPlanBuilder::from(LogicalPlan::Join(join))
-                    .window(vec![row_number().alias(&row)])?
-                    .build()?;
+                let node = LogicalPlan::Join(join);
                 let schema = Arc::clone(node.schema());
-                let is_flag =
-                    |name: &str| name.starts_with("__real_") || name.starts_with("__row_");
+                let is_flag = |name: &str| name.starts_with("__real_");
+                // The row numbers of the tables joined name a joined row, and
+                // a phantom keeps them: so it knows its twin.
+                let row: Vec<Column> = schema
+                    .iter()
+                    .filter(|(_, f)| f.name() == ROW_COLUMN)
+                    .map(|(q, f)| Column::new(q.cloned(), f.name()))
+                    .collect();
                 let mut real = Vec::new();
                 let mut phantom = Vec::new();
                 let mut persons = Vec::new();
@@ -106,7 +108,8 @@ pub(super) fn with_phantoms(plan: LogicalPlan, phantoms: &mut Vec<Phantom>) -> R
                     let column = Column::new(q.cloned(), f.name());
                     let position = format!("__f{i}");
                     real.push(Expr::Column(column.clone()).alias(&position));
-                    let person = f.name() == PERSON_COLUMN || f.name() == OWN_PERSON_COLUMN;
+                    let person =
+                        [PERSON_COLUMN, OWN_PERSON_COLUMN, ROW_COLUMN].contains(&f.name().as_str());
                     let nulled = i >= left_width && !person && !is_flag(f.name());
                     if nulled {
                         let null = ScalarValue::try_from(f.data_type())?;

@@ -32,7 +32,7 @@ mod row;
 
 use row::Place;
 
-use super::{OWN_PERSON_COLUMN, PERSON_COLUMN};
+use super::{OWN_PERSON_COLUMN, PERSON_COLUMN, ROW_COLUMN};
 use crate::policy::{Aggregate, ColumnRole, Policy};
 
 /// Why a query was refused.
@@ -432,17 +432,18 @@ impl Checker<'_> {
         }
         self.qualifiers.push(qualifier);
         self.scans.push(table.clone());
-        let sources = scan
-            .projected_schema
-            .fields()
-            .iter()
-            .map(|f| {
-                (f.name() != PERSON_COLUMN && f.name() != OWN_PERSON_COLUMN).then(|| Source {
-                    dataset: table.clone(),
-                    column: f.name().clone(),
+        let sources =
+            scan.projected_schema
+                .fields()
+                .iter()
+                .map(|f| {
+                    (![PERSON_COLUMN, OWN_PERSON_COLUMN, ROW_COLUMN].contains(&f.name().as_str()))
+                        .then(|| Source {
+                            dataset: table.clone(),
+                            column: f.name().clone(),
+                        })
                 })
-            })
-            .collect::<Vec<_>>();
+                .collect::<Vec<_>>();
         if plan.schema().fields().len() != sources.len() {
             return Err(node_refusal(plan, "in a join"));
         }
