@@ -156,6 +156,14 @@ fn node_refusal(plan: &LogicalPlan, place: &str) -> Violation {
             "query.subquery",
             "subqueries and recursive queries are not allowed",
         ),
+        // `customers c` is an alias of a table, not a subquery: what is
+        // missing above it is the aggregate.
+        LogicalPlan::SubqueryAlias(a) if matches!(a.input.as_ref(), LogicalPlan::TableScan(_)) => {
+            deny(
+                "query.aggregate",
+                "every query aggregates: a GROUP BY query or aggregates without GROUP BY, over all its tables",
+            )
+        }
         LogicalPlan::SubqueryAlias(_) => deny(
             "query.subquery",
             "subqueries and common table expressions are not allowed",
