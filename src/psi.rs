@@ -108,20 +108,20 @@ fn word(value: &[u8], i: usize) -> u64 {
 }
 
 /// Union-find over row numbers, with path halving and union by size.
-struct People {
+pub(crate) struct People {
     parent: Vec<u32>,
     size: Vec<u32>,
 }
 
 impl People {
-    fn new(n: usize) -> Self {
+    pub(crate) fn new(n: usize) -> Self {
         People {
             parent: (0..n as u32).collect(),
             size: vec![1; n],
         }
     }
 
-    fn find(&mut self, mut x: u32) -> u32 {
+    pub(crate) fn find(&mut self, mut x: u32) -> u32 {
         while self.parent[x as usize] != x {
             let grand = self.parent[self.parent[x as usize] as usize];
             self.parent[x as usize] = grand;
@@ -130,7 +130,7 @@ impl People {
         x
     }
 
-    fn union(&mut self, a: u32, b: u32) {
+    pub(crate) fn union(&mut self, a: u32, b: u32) {
         let (mut a, mut b) = (self.find(a), self.find(b));
         if a == b {
             return;

@@ -11,20 +11,9 @@
 mod common;
 
 use cleanroom::policy::Policy;
-use cleanroom::query::{QueryError, QueryOutcome};
-use common::people::{MARCH_2026, Row, audience, customers, demo_policy, tables};
-use common::{Setup, TestServer, upload_people};
-
-/// What an analyst observes of a library-level run: the rows, or the kind
-/// and text of the refusal.
-fn observed(outcome: &Result<QueryOutcome, QueryError>) -> String {
-    match outcome {
-        Ok(o) => arrow::util::pretty::pretty_format_batches(&o.batches)
-            .unwrap()
-            .to_string(),
-        Err(e) => format!("error: {e}"),
-    }
-}
+use cleanroom::query::QueryOutcome;
+use common::people::{MARCH_2026, Row, audience, customers, demo_policy, tables, with_phones};
+use common::{Setup, TestServer, observed, upload_people};
 
 /// The victim: a globex person acme has as a customer too, with values a
 /// probe would read (a segment no one else has, 37 exposures, a day of
@@ -259,25 +248,43 @@ async fn a_template_searched_over_its_parameter_learns_nothing() {
     assert_eq!(seen[0], seen[1]);
 }
 
-/// `batch` with its `phone` column replaced: the fingerprint of person
-/// `phones[i]`'s phone on row `i` (None: no phone).
-fn with_phones(
-    batch: &arrow::record_batch::RecordBatch,
-    phones: &[Option<u64>],
-) -> arrow::record_batch::RecordBatch {
-    let mut builder = arrow::array::FixedSizeBinaryBuilder::new(32);
-    for p in phones {
-        match p {
-            Some(id) => builder
-                .append_value(common::people::fingerprint(*id, 1))
-                .unwrap(),
-            None => builder.append_null(),
-        }
+/// The bridging layout, beside `shared` people both parties hold: globex
+/// holds x (2001) and y (2002) in `segments`, and the victim (1003, tech,
+/// with a phone); acme holds the victim's email with a phone shared with
+/// x's row, x, and y with the victim's phone. The tables with and without
+/// the victim.
+fn bridging(
+    policy: &Policy,
+    shared: &[Row],
+    segments: [&'static str; 2],
+) -> [Vec<cleanroom::query::TableData>; 2] {
+    let mut globex = shared.to_vec();
+    for (id, segment) in [2001, 2002].into_iter().zip(segments) {
+        globex.push(Row {
+            segment: Some(segment),
+            ..Row::new(id)
+        });
     }
-    let i = batch.schema().index_of("phone").unwrap();
-    let mut columns = batch.columns().to_vec();
-    columns[i] = std::sync::Arc::new(builder.finish());
-    arrow::record_batch::RecordBatch::try_new(batch.schema(), columns).unwrap()
+    let mut acme = shared.to_vec();
+    acme.extend([Row::new(1003), Row::new(2001), Row::new(2002)]);
+    let mut phones: Vec<Option<u64>> = vec![None; shared.len()];
+    phones.extend([Some(3001), Some(3001), Some(1003)]);
+    let acme_batch = with_phones(&customers(policy, &acme), &phones);
+    let with_victim = {
+        let mut g = globex.clone();
+        g.push(Row {
+            segment: Some("tech"),
+            phone: true,
+            ..Row::new(1003)
+        });
+        g
+    };
+    [with_victim, globex].map(|g| {
+        cleanroom::query::agreement_tables(
+            policy,
+            vec![vec![acme_batch.clone()], vec![audience(policy, &g)]],
+        )
+    })
 }
 
 /// Under differential privacy one victim row of globex's joins two of
@@ -301,28 +308,7 @@ async fn rows_laid_out_to_bridge_identity_kinds_move_one_persons_count_only() {
             ..Row::new(id)
         })
         .collect();
-    // globex: x (sports) and y (travel), and the victim (tech, with a phone).
-    let mut globex = shared.clone();
-    globex.push(Row {
-        segment: Some("sports"),
-        ..Row::new(2001)
-    });
-    globex.push(Row {
-        segment: Some("travel"),
-        ..Row::new(2002)
-    });
-    let victim = Row {
-        segment: Some("tech"),
-        phone: true,
-        ..Row::new(1003)
-    };
-    // acme: the victim's email with a phone shared with x's row; x; y with
-    // the victim's phone.
-    let mut acme = shared.clone();
-    acme.extend([Row::new(1003), Row::new(2001), Row::new(2002)]);
-    let mut phones: Vec<Option<u64>> = vec![None; shared.len()];
-    phones.extend([Some(3001), Some(3001), Some(1003)]);
-    let acme_batch = with_phones(&customers(&policy, &acme), &phones);
+    let [present, absent] = bridging(&policy, &shared, ["sports", "travel"]);
     let counts = |outcome: &QueryOutcome| -> std::collections::BTreeMap<String, i64> {
         use arrow::array::AsArray;
         let mut out = std::collections::BTreeMap::new();
@@ -336,17 +322,6 @@ async fn rows_laid_out_to_bridge_identity_kinds_move_one_persons_count_only() {
         out
     };
     let sql = "SELECT a.interest_segment, COUNT(*) FROM customers c JOIN audience a ON c.email = a.email GROUP BY a.interest_segment";
-    let table_sets = |with_victim: bool| {
-        let mut g = globex.clone();
-        if with_victim {
-            g.push(victim.clone());
-        }
-        cleanroom::query::agreement_tables(
-            &policy,
-            vec![vec![acme_batch.clone()], vec![audience(&policy, &g)]],
-        )
-    };
-    let (present, absent) = (table_sets(true), table_sets(false));
     // Bounding picks a person's groups at random: 30 tries each.
     for _ in 0..30 {
         let with = counts(
@@ -380,33 +355,15 @@ async fn rows_laid_out_to_bridge_identity_kinds_move_one_persons_count_only() {
 #[tokio::test]
 async fn a_victim_bridging_two_people_does_not_shrink_their_cell() {
     let policy = demo_policy(None, 50);
-    let sports = |id: u64| Row {
-        segment: Some("sports"),
-        ..Row::new(id)
-    };
-    let mut globex: Vec<Row> = (0..48).map(sports).collect();
-    globex.extend([sports(2001), sports(2002)]);
-    let victim = Row {
-        segment: Some("tech"),
-        phone: true,
-        ..Row::new(1003)
-    };
-    let mut acme: Vec<Row> = (0..48).map(Row::new).collect();
-    acme.extend([Row::new(1003), Row::new(2001), Row::new(2002)]);
-    let mut phones: Vec<Option<u64>> = vec![None; 48];
-    phones.extend([Some(3001), Some(3001), Some(1003)]);
-    let acme_batch = with_phones(&customers(&policy, &acme), &phones);
+    let shared: Vec<Row> = (0..48)
+        .map(|id| Row {
+            segment: Some("sports"),
+            ..Row::new(id)
+        })
+        .collect();
     let sql = "SELECT a.interest_segment, COUNT(*) FROM customers c JOIN audience a ON c.email = a.email GROUP BY a.interest_segment";
     let mut seen = Vec::new();
-    for with_victim in [true, false] {
-        let mut g = globex.clone();
-        if with_victim {
-            g.push(victim.clone());
-        }
-        let tables = cleanroom::query::agreement_tables(
-            &policy,
-            vec![vec![acme_batch.clone()], vec![audience(&policy, &g)]],
-        );
+    for tables in bridging(&policy, &shared, ["sports", "sports"]) {
         seen.push(observed(
             &cleanroom::query::run(&policy, "acme", &tables, sql).await,
         ));

@@ -14,7 +14,7 @@ use arrow::record_batch::RecordBatch;
 use cleanroom::query::{QueryError, QueryOutcome, TableData};
 use cleanroom::storage::Store;
 use common::people::{Row, audience, customers, demo_policy, tables};
-use common::{Setup, TestServer, batch_msg, commit, header, raw_upload, upload_people};
+use common::{Setup, TestServer, batch_msg, commit, header, observed, raw_upload, upload_people};
 use tonic::Code;
 
 /// A governed query asked by acme, the demo's querying party.
@@ -24,17 +24,6 @@ async fn run(
     sql: &str,
 ) -> Result<QueryOutcome, QueryError> {
     cleanroom::query::run(policy, "acme", tables, sql).await
-}
-
-/// What an analyst observes of a library-level run: the rows, or the kind
-/// and text of the refusal.
-fn observed(outcome: &Result<QueryOutcome, QueryError>) -> String {
-    match outcome {
-        Ok(o) => arrow::util::pretty::pretty_format_batches(&o.batches)
-            .unwrap()
-            .to_string(),
-        Err(e) => format!("error: {e}"),
-    }
 }
 
 /// 60 matched people in the north, plus `extra` rows on both sides.

@@ -60,21 +60,10 @@ pub fn with_own_people(policy: &Policy, mut tables: Vec<TableData>) -> Vec<Table
             first += t.person_of_row.len() as u32;
         }
         values.par_sort_unstable();
-        let mut parent: Vec<u32> = (0..rows as u32).collect();
-        fn find(parent: &mut [u32], mut x: u32) -> u32 {
-            while parent[x as usize] != x {
-                let up = parent[parent[x as usize] as usize];
-                parent[x as usize] = up;
-                x = up;
-            }
-            x
-        }
+        let mut people = crate::psi::People::new(rows);
         for pair in values.windows(2) {
             if pair[0].0 == pair[1].0 {
-                let (a, b) = (find(&mut parent, pair[0].1), find(&mut parent, pair[1].1));
-                if a != b {
-                    parent[a.max(b) as usize] = a.min(b);
-                }
+                people.union(pair[0].1, pair[1].1);
             }
         }
         drop(values);
@@ -82,7 +71,7 @@ pub fn with_own_people(policy: &Policy, mut tables: Vec<TableData>) -> Vec<Table
         let mut next = 0u32;
         let mut own = Vec::with_capacity(rows);
         for r in 0..rows as u32 {
-            let root = find(&mut parent, r) as usize;
+            let root = people.find(r) as usize;
             if number[root] == u32::MAX {
                 number[root] = next;
                 next += 1;

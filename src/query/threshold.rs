@@ -156,15 +156,7 @@ fn plan(
             .map(|a| only_real_rows(a, real))
             .collect::<Result<_>>()?,
     };
-    let rows = Expr::AggregateFunction(AggregateFunction::new_udf(
-        count_udaf(),
-        vec![lit(1i64)],
-        false,
-        real.clone().map(Box::new),
-        vec![],
-        None,
-    ))
-    .alias(ROWS);
+    let rows = count_rows(real.clone()).alias(ROWS);
     aggr.push(rows);
     let some_real_row = Expr::Column(Column::from_name(ROWS)).gt(lit(0i64));
 
@@ -275,16 +267,13 @@ fn by_cells(
 ) -> Result<LogicalPlan> {
     use datafusion::functions::core::expr_fn::nullif;
     use datafusion::functions_aggregate::expr_fn::sum;
-    let mut keys: Vec<Expr> = Vec::new();
-    for (i, g) in agg.group_expr.iter().enumerate() {
-        keys.push(g.clone().alias(format!("__g{i}")));
-    }
-    for (j, c) in conditions.iter().enumerate() {
-        keys.push(c.clone().alias(format!("__c{j}")));
-    }
+    let keys: Vec<Expr> = cell_keys(agg, conditions)
+        .into_iter()
+        .map(|(name, e)| e.alias(name))
+        .collect();
     let (counts, enough) = people.counts(min)?;
     let mut first = partials.parts.clone();
-    first.push(count_rows().alias(ROWS));
+    first.push(count_rows(None).alias(ROWS));
     first.extend(counts);
     let part = |k: usize| Expr::Column(Column::from_name(format!("__part_{k}")));
     let mut second: Vec<Expr> = (0..partials.parts.len())
@@ -318,13 +307,28 @@ fn by_cells(
     in_group_order(released, agg)
 }
 
-/// `count(*)` as the engine plans it.
-fn count_rows() -> Expr {
+/// What tells a row's cell: each group expression (`__g<i>`), then each
+/// condition (`__c<j>`), by name.
+fn cell_keys(agg: &Aggregate, conditions: &[Expr]) -> Vec<(String, Expr)> {
+    let groups = agg
+        .group_expr
+        .iter()
+        .enumerate()
+        .map(|(i, g)| (format!("__g{i}"), g.clone()));
+    let conditions = conditions
+        .iter()
+        .enumerate()
+        .map(|(j, c)| (format!("__c{j}"), c.clone()));
+    groups.chain(conditions).collect()
+}
+
+/// `count(*)` as the engine plans it, of the rows `filter` keeps.
+fn count_rows(filter: Option<Expr>) -> Expr {
     Expr::AggregateFunction(AggregateFunction::new_udf(
         count_udaf(),
         vec![lit(1i64)],
         false,
-        None,
+        filter.map(Box::new),
         vec![],
         None,
     ))
@@ -361,13 +365,9 @@ fn kept_cells(
         .map(|(q, f)| Expr::Column(Column::new(q.cloned(), f.name())))
         .collect();
     let mut keys = Vec::new();
-    for (i, g) in agg.group_expr.iter().enumerate() {
-        keys.push(format!("__g{i}"));
-        keyed.push(g.clone().alias(format!("__g{i}")));
-    }
-    for (j, c) in conditions.iter().enumerate() {
-        keys.push(format!("__c{j}"));
-        keyed.push(c.clone().alias(format!("__c{j}")));
+    for (name, e) in cell_keys(agg, conditions) {
+        keyed.push(e.alias(&name));
+        keys.push(name);
     }
     if keys.is_empty() {
         // One cell, the whole input: a key joins need.

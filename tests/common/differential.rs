@@ -1323,25 +1323,16 @@ fn bridged(policy: &Policy, d: &Data, bridges: &[(u64, u64)]) -> Vec<TableData> 
         phone: true,
         ..Row::new(*e)
     }));
-    let batch = people::customers(policy, &rows);
-    let mut phone = arrow::array::FixedSizeBinaryBuilder::new(32);
-    let given = batch.column_by_name("phone").expect("a phone column");
-    let given = given.as_fixed_size_binary();
-    let first_bridge = d.customers.len();
-    for r in 0..rows.len() {
-        if r >= first_bridge {
-            let (_, p) = bridges[r - first_bridge];
-            phone.append_value(people::fingerprint(p, 1)).unwrap();
-        } else if given.is_null(r) {
-            phone.append_null();
-        } else {
-            phone.append_value(given.value(r)).unwrap();
-        }
-    }
-    let i = batch.schema().index_of("phone").unwrap();
-    let mut columns = batch.columns().to_vec();
-    columns[i] = std::sync::Arc::new(phone.finish());
-    let batch = RecordBatch::try_new(batch.schema(), columns).unwrap();
+    // Every row's own phone, but the bridges'.
+    let phones: Vec<Option<u64>> = rows
+        .iter()
+        .enumerate()
+        .map(|(r, row)| match r.checked_sub(d.customers.len()) {
+            Some(b) => Some(bridges[b].1),
+            None => row.phone.then_some(row.id),
+        })
+        .collect();
+    let batch = people::with_phones(&people::customers(policy, &rows), &phones);
     cleanroom::query::agreement_tables(
         policy,
         vec![vec![batch], vec![people::audience(policy, &d.audience)]],

@@ -518,3 +518,16 @@ pub async fn upload_people(
     .await
     .unwrap();
 }
+
+/// What an analyst observes of a library-level run: the rows, or the kind
+/// and text of the refusal.
+pub fn observed(
+    outcome: &Result<cleanroom::query::QueryOutcome, cleanroom::query::QueryError>,
+) -> String {
+    match outcome {
+        Ok(o) => arrow::util::pretty::pretty_format_batches(&o.batches)
+            .unwrap()
+            .to_string(),
+        Err(e) => format!("error: {e}"),
+    }
+}

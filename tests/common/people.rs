@@ -170,3 +170,19 @@ pub fn days_from_civil(y: i64, m: u32, d: u32) -> i32 {
     let doe = yoe * 365 + yoe / 4 - yoe / 100 + doy;
     (era * 146_097 + doe - 719_468) as i32
 }
+
+/// `batch` with its `phone` column replaced: the fingerprint of person
+/// `phones[i]`'s phone on row `i` (None: no phone).
+pub fn with_phones(batch: &RecordBatch, phones: &[Option<u64>]) -> RecordBatch {
+    let mut builder = FixedSizeBinaryBuilder::new(32);
+    for p in phones {
+        match p {
+            Some(id) => builder.append_value(fingerprint(*id, 1)).unwrap(),
+            None => builder.append_null(),
+        }
+    }
+    let i = batch.schema().index_of("phone").unwrap();
+    let mut columns = batch.columns().to_vec();
+    columns[i] = Arc::new(builder.finish());
+    RecordBatch::try_new(batch.schema(), columns).unwrap()
+}
