@@ -3,6 +3,12 @@
 //! chain. The head (last sequence number and hash) is also kept in a
 //! separate file, so cutting entries off the end is detected too.
 //!
+//! An entry and its head move together or not at all: the line is synced,
+//! then the head is replaced; if either fails (a full disk, a read-only
+//! store) the line is cut off again before the call returns its error, and
+//! the next append starts from the last committed byte. A line cut off
+//! mid-write by a crash is removed when the log is next opened.
+//!
 //! ```text
 //! hash(entry) = BLAKE3(prev_hash_bytes || JSON of the entry with "hash": "")
 //! ```
@@ -154,6 +160,14 @@ pub enum AuditError {
     Missing(PathBuf),
 }
 
+impl AuditError {
+    /// Whether the store could not take the write (full, over quota or
+    /// read-only): nothing was changed and the call may be retried later.
+    pub fn is_unavailable(&self) -> bool {
+        matches!(self, AuditError::Io { source, .. } if crate::storage::is_out_of_space(source))
+    }
+}
+
 fn io(path: &Path) -> impl FnOnce(std::io::Error) -> AuditError + '_ {
     move |source| AuditError::Io {
         path: path.to_path_buf(),
@@ -229,20 +243,31 @@ fn read_chain_upto(
         Err(e) => return Err(io(&path)(e)),
     };
     let mut bytes = 0u64;
-    for (i, line) in BufReader::new(file).lines().enumerate() {
+    let mut reader = BufReader::new(file);
+    let mut raw = Vec::new();
+    for i in 0.. {
         if entries >= last {
             break;
         }
-        let line = line.map_err(io(&path))?;
-        bytes += line.len() as u64 + 1;
+        raw.clear();
+        if reader.read_until(b'\n', &mut raw).map_err(io(&path))? == 0 {
+            break;
+        }
+        bytes += raw.len() as u64;
         let line_no = i as u64 + 1;
         let broken = |reason: &str| AuditError::Broken {
             line: line_no,
             seq: entries + 1,
             reason: reason.to_string(),
         };
+        if raw.pop() != Some(b'\n') {
+            return Err(broken(
+                "the last entry was cut off mid-write (a crash or a full disk); the server removes it when it starts",
+            ));
+        }
+        let line = std::str::from_utf8(&raw).map_err(|_| broken("not a well-formed entry"))?;
         let entry: Entry =
-            serde_json::from_str(&line).map_err(|_| broken("not a well-formed entry"))?;
+            serde_json::from_str(line).map_err(|_| broken("not a well-formed entry"))?;
         if entry.seq != entries + 1 {
             return Err(broken(
                 "sequence number out of order: an entry was removed or moved",
@@ -303,11 +328,56 @@ fn write_head(dir: &Path, seq: u64, hash: &[u8; 32]) -> Result<(), AuditError> {
     std::fs::rename(&tmp, &path).map_err(io(&path))
 }
 
+/// Cuts the log back to `len` bytes, durably.
+fn cut_to(file: &File, len: u64) -> std::io::Result<()> {
+    file.set_len(len)?;
+    file.sync_data()
+}
+
+/// Removes a last line without its newline: an append that a crash or a
+/// full disk stopped before it was synced, so never committed.
+fn cut_torn_tail(dir: &Path) -> Result<(), AuditError> {
+    use std::io::{Read, Seek, SeekFrom};
+    let path = dir.join(LOG_FILE);
+    let mut file = match OpenOptions::new().read(true).write(true).open(&path) {
+        Ok(f) => f,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
+        Err(e) => return Err(io(&path)(e)),
+    };
+    let len = file.metadata().map_err(io(&path))?.len();
+    // Find the last newline, reading backwards in blocks.
+    let mut end = len;
+    let mut block = vec![0u8; 64 * 1024];
+    let keep = loop {
+        if end == 0 {
+            break 0;
+        }
+        let start = end.saturating_sub(block.len() as u64);
+        let n = (end - start) as usize;
+        file.seek(SeekFrom::Start(start)).map_err(io(&path))?;
+        file.read_exact(&mut block[..n]).map_err(io(&path))?;
+        if let Some(i) = block[..n].iter().rposition(|b| *b == b'\n') {
+            break start + i as u64 + 1;
+        }
+        end = start;
+    };
+    if keep < len {
+        tracing::warn!(
+            bytes = len - keep,
+            "audit log: removed an entry cut off mid-write"
+        );
+        cut_to(&file, keep).map_err(io(&path))?;
+    }
+    Ok(())
+}
+
 #[derive(Debug)]
 struct State {
     file: File,
     seq: u64,
     head: [u8; 32],
+    /// Bytes of the log up to the last committed entry.
+    len: u64,
 }
 
 /// The server's audit log. Cheap to clone; appends are serialised.
@@ -322,7 +392,8 @@ impl AuditLog {
     /// holds one entry more than its head (a crash between the two writes)
     /// has its head brought forward; any other mismatch refuses to open.
     pub fn open(dir: &Path) -> Result<Self, AuditError> {
-        let (verified, _) = read_chain(dir, |_| {})?;
+        cut_torn_tail(dir)?;
+        let (verified, len) = read_chain(dir, |_| {})?;
         match read_head(dir)? {
             Some((seq, hash)) if seq == verified.entries && hash == verified.head => {}
             Some((seq, _)) if seq + 1 == verified.entries => {
@@ -352,6 +423,7 @@ impl AuditLog {
                 file,
                 seq: verified.entries,
                 head: verified.head,
+                len,
             })),
         })
     }
@@ -390,11 +462,28 @@ impl AuditLog {
         let mut line = serde_json::to_vec(&entry).expect("entries serialise");
         line.push(b'\n');
         let path = self.dir.join(LOG_FILE);
-        state.file.write_all(&line).map_err(io(&path))?;
-        state.file.sync_data().map_err(io(&path))?;
-        write_head(&self.dir, entry.seq, &hash)?;
+        // A write that failed before may have left part of a line behind.
+        if state.file.metadata().map_err(io(&path))?.len() != state.len {
+            cut_to(&state.file, state.len).map_err(io(&path))?;
+        }
+        let written = state
+            .file
+            .write_all(&line)
+            .and_then(|()| state.file.sync_data())
+            .map_err(io(&path))
+            .and_then(|()| write_head(&self.dir, entry.seq, &hash));
+        if let Err(e) = written {
+            // Not committed: the line goes again, so the next append
+            // takes this sequence number and chains to the same head. If
+            // cutting fails too, the next append cuts before it writes.
+            if let Err(cut) = cut_to(&state.file, state.len) {
+                tracing::warn!(error = %cut, "audit log: could not cut off an unfinished entry yet");
+            }
+            return Err(e);
+        }
         state.seq = entry.seq;
         state.head = hash;
+        state.len += line.len() as u64;
         Ok(entry)
     }
 
@@ -692,5 +781,135 @@ mod tests {
                 "the count is found again"
             );
         }
+    }
+
+    /// A tmpfs of `bytes` at a fresh directory, unmounted on drop; None,
+    /// with the reason printed, where this process may not mount one.
+    pub(crate) struct SmallDisk(tempfile::TempDir);
+
+    impl SmallDisk {
+        pub(crate) fn mount(bytes: u64) -> Option<SmallDisk> {
+            let dir = tempfile::tempdir().ok()?;
+            let out = std::process::Command::new("mount")
+                .args(["-t", "tmpfs", "-o", &format!("size={bytes}"), "tmpfs"])
+                .arg(dir.path())
+                .output();
+            match out {
+                Ok(o) if o.status.success() => Some(SmallDisk(dir)),
+                Ok(o) => {
+                    eprintln!(
+                        "skipped: cannot mount a small tmpfs here ({})",
+                        String::from_utf8_lossy(&o.stderr).trim()
+                    );
+                    None
+                }
+                Err(e) => {
+                    eprintln!("skipped: cannot run mount ({e})");
+                    None
+                }
+            }
+        }
+
+        pub(crate) fn path(&self) -> &Path {
+            self.0.path()
+        }
+
+        /// Writes a file until the disk is full.
+        pub(crate) fn fill(&self) -> PathBuf {
+            let path = self.path().join("filler");
+            let mut f = File::create(&path).unwrap();
+            let block = vec![7u8; 4096];
+            while f.write_all(&block).is_ok() {}
+            let _ = f.sync_all();
+            path
+        }
+    }
+
+    impl Drop for SmallDisk {
+        fn drop(&mut self) {
+            let _ = std::process::Command::new("umount")
+                .arg(self.0.path())
+                .status();
+        }
+    }
+
+    #[test]
+    fn a_full_disk_fails_the_append_and_changes_nothing() {
+        let Some(disk) = SmallDisk::mount(256 * 1024) else {
+            return;
+        };
+        let dir = disk.path().join("data");
+        std::fs::create_dir(&dir).unwrap();
+        let log = AuditLog::open(&dir).unwrap();
+        for i in 0..3 {
+            log.append(event(i), 1).unwrap();
+        }
+        let filler = disk.fill();
+        // Appends go on while the last page has room; then they fail.
+        let mut committed = 3;
+        let mut failures = 0;
+        for i in 0..200 {
+            match log.append(event(i), 2) {
+                Ok(e) => {
+                    assert_eq!(failures, 0, "an append succeeded after one failed");
+                    committed += 1;
+                    assert_eq!(e.seq, committed);
+                }
+                Err(e) => {
+                    assert!(e.is_unavailable(), "{e}");
+                    failures += 1;
+                }
+            }
+            assert_eq!(verify(&dir).unwrap().entries, committed);
+        }
+        assert!(failures > 100, "the disk never filled: {failures}");
+        std::fs::remove_file(filler).unwrap();
+        let e = log.append(event(9), 3).unwrap();
+        assert_eq!(e.seq, committed + 1);
+        assert_eq!(verify(&dir).unwrap().entries, committed + 1);
+        drop(log);
+        let reopened = AuditLog::open(&dir).unwrap();
+        assert_eq!(reopened.append(event(1), 4).unwrap().seq, committed + 2);
+        assert_eq!(verify(&dir).unwrap().entries, committed + 2);
+    }
+
+    #[test]
+    fn a_failed_head_write_takes_the_line_back() {
+        let dir = log_with(3);
+        let before = std::fs::read(dir.path().join(LOG_FILE)).unwrap();
+        // The head's temporary file cannot be created.
+        let blocker = dir.path().join(format!("{HEAD_FILE}.tmp"));
+        std::fs::create_dir(&blocker).unwrap();
+        let log = AuditLog::open(dir.path()).unwrap();
+        assert!(log.append(event(3), 1).is_err());
+        assert!(log.append(event(4), 1).is_err());
+        assert_eq!(std::fs::read(dir.path().join(LOG_FILE)).unwrap(), before);
+        assert_eq!(verify(dir.path()).unwrap().entries, 3);
+        std::fs::remove_dir(&blocker).unwrap();
+        assert_eq!(log.append(event(3), 1).unwrap().seq, 4);
+        assert_eq!(verify(dir.path()).unwrap().entries, 4);
+    }
+
+    #[test]
+    fn a_line_cut_off_mid_write_is_named_and_removed_at_open() {
+        let dir = log_with(3);
+        let path = dir.path().join(LOG_FILE);
+        let whole = std::fs::read(&path).unwrap();
+        let mut torn = whole.clone();
+        torn.extend_from_slice(br#"{"seq":4,"time":1,"org":"ac"#);
+        std::fs::write(&path, &torn).unwrap();
+        let err = verify(dir.path()).unwrap_err().to_string();
+        assert!(err.contains("cut off mid-write"), "{err}");
+        let log = AuditLog::open(dir.path()).unwrap();
+        assert_eq!(std::fs::read(&path).unwrap(), whole);
+        assert_eq!(log.append(event(3), 1).unwrap().seq, 4);
+        assert_eq!(verify(dir.path()).unwrap().entries, 4);
+        // A committed entry whose newline is removed is not taken for a
+        // torn one: the head is ahead of the log, and opening refuses.
+        let mut cut = std::fs::read(&path).unwrap();
+        cut.pop();
+        std::fs::write(&path, &cut).unwrap();
+        drop(log);
+        assert!(AuditLog::open(dir.path()).is_err());
     }
 }

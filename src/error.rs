@@ -72,6 +72,21 @@ pub enum ServiceError {
     /// at once); `rule` names it.
     #[error("rule {rule}: {detail}")]
     LimitExceeded { rule: &'static str, detail: String },
+    /// UNAVAILABLE: the server's storage could not take a write (full or
+    /// read-only). Nothing was changed; the detail, with the path, is
+    /// logged for the operator.
+    #[error("the server's storage is full or read-only; nothing was changed, try again later")]
+    Unavailable(String),
+    /// DATA_LOSS: stored data did not read back as written. The detail is
+    /// logged for the operator.
+    #[error("stored data needed for this request is damaged; the operator has been told")]
+    DataLoss(String),
+    /// ABORTED: the dataset changed while this upload or erasure ran; it
+    /// stored nothing and may be sent again.
+    #[error(
+        "rule dataset.changed: dataset {0:?} changed while this request ran (another upload or erasure committed first); nothing was stored, send it again"
+    )]
+    Superseded(String),
     /// INTERNAL: our own fault; the detail is logged, never returned.
     #[error("internal error")]
     Internal(String),
@@ -96,6 +111,9 @@ impl ServiceError {
             ServiceError::QueryRefused(v) => v.rule.into(),
             ServiceError::BudgetExhausted { .. } => "privacy.budget".into(),
             ServiceError::LimitExceeded { rule, .. } => (*rule).into(),
+            ServiceError::Superseded(_) => "dataset.changed".into(),
+            ServiceError::Unavailable(_) => "storage.unavailable".into(),
+            ServiceError::DataLoss(_) => "storage.damaged".into(),
             ServiceError::Internal(_) => "internal".into(),
         }
     }
@@ -103,13 +121,24 @@ impl ServiceError {
 
 impl From<crate::audit::AuditError> for ServiceError {
     fn from(e: crate::audit::AuditError) -> Self {
-        ServiceError::Internal(e.to_string())
+        match e.is_unavailable() {
+            true => ServiceError::Unavailable(e.to_string()),
+            false => ServiceError::Internal(e.to_string()),
+        }
     }
 }
 
 impl From<crate::storage::StorageError> for ServiceError {
     fn from(e: crate::storage::StorageError) -> Self {
-        ServiceError::Internal(e.to_string())
+        if let crate::storage::StorageError::Superseded { dataset } = e {
+            ServiceError::Superseded(dataset)
+        } else if e.is_unavailable() {
+            ServiceError::Unavailable(e.to_string())
+        } else if e.is_damage() {
+            ServiceError::DataLoss(e.to_string())
+        } else {
+            ServiceError::Internal(e.to_string())
+        }
     }
 }
 
@@ -136,12 +165,21 @@ impl From<ServiceError> for Status {
             ServiceError::BudgetExhausted { .. } | ServiceError::LimitExceeded { .. } => {
                 Code::ResourceExhausted
             }
+            ServiceError::Superseded(_) => Code::Aborted,
+            ServiceError::Unavailable(detail) => {
+                tracing::error!(%detail, "storage refused a write");
+                Code::Unavailable
+            }
+            ServiceError::DataLoss(detail) => {
+                tracing::error!(%detail, "stored data is damaged");
+                Code::DataLoss
+            }
             ServiceError::Internal(detail) => {
                 tracing::warn!(%detail, "internal error");
                 Code::Internal
             }
         };
-        if code != Code::Internal {
+        if !matches!(code, Code::Internal | Code::Unavailable | Code::DataLoss) {
             tracing::info!(code = ?code, reason = %err, "request refused");
         }
         Status::new(code, err.to_string())
@@ -233,11 +271,44 @@ mod tests {
                 Code::Internal,
                 "internal error",
             ),
+            (
+                ServiceError::Unavailable("/data/audit.log: no space left".into()),
+                Code::Unavailable,
+                "the server's storage is full or read-only; nothing was changed, try again later",
+            ),
+            (
+                ServiceError::DataLoss("/data/datasets/a/b/3.cds: damaged".into()),
+                Code::DataLoss,
+                "stored data needed for this request is damaged; the operator has been told",
+            ),
         ];
         for (err, code, text) in cases {
             let status = Status::from(err);
             assert_eq!(status.code(), code);
             assert_eq!(status.message(), text);
         }
+    }
+
+    #[test]
+    fn a_full_or_read_only_store_is_unavailable_and_damage_is_data_loss() {
+        use crate::storage::StorageError;
+        let io = |kind| StorageError::Io {
+            path: "/data/x".into(),
+            source: std::io::Error::from(kind),
+        };
+        let full = ServiceError::from(io(std::io::ErrorKind::StorageFull));
+        assert!(matches!(full, ServiceError::Unavailable(_)));
+        let ro = ServiceError::from(io(std::io::ErrorKind::ReadOnlyFilesystem));
+        assert!(matches!(ro, ServiceError::Unavailable(_)));
+        let db = ServiceError::from(StorageError::Db(
+            "I/O error: No space left on device (os error 28)".into(),
+        ));
+        assert!(matches!(db, ServiceError::Unavailable(_)));
+        let damaged = ServiceError::from(StorageError::Damaged {
+            path: "/data/x".into(),
+        });
+        assert!(matches!(damaged, ServiceError::DataLoss(_)));
+        let denied = ServiceError::from(io(std::io::ErrorKind::PermissionDenied));
+        assert!(matches!(denied, ServiceError::Internal(_)));
     }
 }

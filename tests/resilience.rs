@@ -283,6 +283,7 @@ async fn erase_and_upload_of_one_dataset_never_lose_each_others_work() {
     upload((0..100).map(Row::new).collect(), "base".into())
         .await
         .unwrap();
+    let (mut previous, mut aborted) = (100u64, 0);
     for i in 0..30u64 {
         let rows: Vec<Row> = (0..100).chain(200..201 + i).map(Row::new).collect();
         let n = rows.len() as u64;
@@ -304,7 +305,6 @@ async fn erase_and_upload_of_one_dataset_never_lose_each_others_work() {
             }
         };
         let (uploaded, erased) = tokio::join!(upload(rows, format!("u{i}")), erase);
-        uploaded.unwrap();
         erased.unwrap();
         let current = server
             .client("acme")
@@ -313,12 +313,27 @@ async fn erase_and_upload_of_one_dataset_never_lose_each_others_work() {
             .await
             .unwrap()[0]
             .rows;
-        assert!(
-            current == n || current == n - 1,
-            "round {i}: {current} rows, expected the upload's {n} (erased after it: {})",
-            n - 1
-        );
+        match uploaded {
+            // The upload committed before the erasure, or started after it.
+            Ok(_) => assert!(
+                current == n || current == n - 1,
+                "round {i}: {current} rows, expected the upload's {n} (erased after it: {})",
+                n - 1
+            ),
+            // The erasure committed while the upload ran: the upload is
+            // refused and the erasure's version stays.
+            Err(status) => {
+                assert_eq!(status.code(), Code::Aborted, "round {i}: {status:?}");
+                assert!(
+                    current == previous || current + 1 == previous,
+                    "round {i}: {current} rows after an aborted upload, {previous} before"
+                );
+                aborted += 1;
+            }
+        }
+        previous = current;
     }
+    eprintln!("30 rounds: {aborted} uploads aborted by the erasure that committed first");
     server.stop().await.unwrap();
 }
 

@@ -73,6 +73,8 @@ struct ConfigFile {
     max_upload_bytes: Option<u64>,
     max_rows_per_identifier: Option<u32>,
     query_timeout_seconds: Option<f64>,
+    upload_idle_timeout_seconds: Option<f64>,
+    upload_max_seconds: Option<f64>,
     max_query_memory_bytes: Option<usize>,
     max_concurrent_queries: Option<usize>,
     max_concurrent_queries_per_org: Option<usize>,
@@ -105,6 +107,18 @@ fn seconds(field: &str, value: f64) -> anyhow::Result<Duration> {
         .map_err(|_| anyhow::anyhow!("{field}: must be a non-negative number of seconds"))
 }
 
+fn positive_seconds(
+    field: &str,
+    value: Option<f64>,
+    default: Duration,
+) -> anyhow::Result<Duration> {
+    match value {
+        Some(s) if s > 0.0 => seconds(field, s),
+        Some(_) => anyhow::bail!("{field}: must be more than 0"),
+        None => Ok(default),
+    }
+}
+
 fn at_least_one<T: PartialOrd + From<u8>>(
     field: &str,
     value: Option<T>,
@@ -119,11 +133,11 @@ fn at_least_one<T: PartialOrd + From<u8>>(
 
 fn query_limits(file: &ConfigFile) -> anyhow::Result<QueryLimits> {
     let default = QueryLimits::default();
-    let timeout = match file.query_timeout_seconds {
-        Some(s) if s > 0.0 => seconds("query_timeout_seconds", s)?,
-        Some(_) => anyhow::bail!("query_timeout_seconds: must be more than 0"),
-        None => default.timeout,
-    };
+    let timeout = positive_seconds(
+        "query_timeout_seconds",
+        file.query_timeout_seconds,
+        default.timeout,
+    )?;
     Ok(QueryLimits {
         timeout,
         memory_bytes: at_least_one(
@@ -204,6 +218,16 @@ fn settings(args: ServeArgs) -> anyhow::Result<Settings> {
                     "max_rows_per_identifier",
                     file.max_rows_per_identifier,
                     Limits::default().max_rows_per_identifier,
+                )?,
+                idle_timeout: positive_seconds(
+                    "upload_idle_timeout_seconds",
+                    file.upload_idle_timeout_seconds,
+                    Limits::default().idle_timeout,
+                )?,
+                max_duration: positive_seconds(
+                    "upload_max_seconds",
+                    file.upload_max_seconds,
+                    Limits::default().max_duration,
                 )?,
             },
             query_limits,

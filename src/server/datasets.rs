@@ -204,6 +204,7 @@ fn erase_rows(
         .map_err(|_| ServiceError::Internal("the system random source failed".into()))?;
     let info = store.commit(
         staged,
+        Some(&current.version),
         &format!("erase-{}", hex::encode(id)),
         org,
         &policy.hash().to_hex(),
@@ -285,11 +286,44 @@ impl DatasetsService {
             });
         }
 
-        let mut validator = Validator::new(dataset, self.state.limits());
+        // The version this upload replaces: if another commits first (an
+        // upload or an erasure), this one is refused at its commit.
+        let base = store
+            .current(policy.id(), dataset.name())?
+            .map(|v| v.version);
+        let limits = self.state.limits();
+        let started = tokio::time::Instant::now();
+        let mut validator = Validator::new(dataset, limits);
         let mut staged = store.stage(policy.id(), dataset.name())?;
         let mut messages = 0u64;
         loop {
-            let message = match stream.message().await {
+            let left = limits.max_duration.saturating_sub(started.elapsed());
+            let wait = limits.idle_timeout.min(left);
+            let next = match tokio::time::timeout(wait, stream.message()).await {
+                Ok(next) => next,
+                Err(_) => {
+                    let (rule, detail) = if wait < limits.idle_timeout {
+                        (
+                            "upload.duration",
+                            format!(
+                                "the upload ran longer than {} s (upload_max_seconds); nothing was stored",
+                                limits.max_duration.as_secs()
+                            ),
+                        )
+                    } else {
+                        (
+                            "upload.idle",
+                            format!(
+                                "no message for {} s (upload_idle_timeout_seconds); nothing was stored",
+                                limits.idle_timeout.as_secs()
+                            ),
+                        )
+                    };
+                    tracing::info!(rule, "upload stream timed out; nothing stored");
+                    return Err(ServiceError::LimitExceeded { rule, detail });
+                }
+            };
+            let message = match next {
                 Ok(Some(m)) => m,
                 Ok(None) => {
                     return Err(bad(
@@ -375,7 +409,15 @@ impl DatasetsService {
                     let lock = self.state.dataset_lock(policy.id(), dataset.name());
                     let info = tokio::task::spawn_blocking(move || {
                         let _serialised = lock.lock().unwrap_or_else(|e| e.into_inner());
-                        store.commit(staged, &upload_id, &org, &hash, now, owner_key.as_ref())
+                        store.commit(
+                            staged,
+                            base.as_deref(),
+                            &upload_id,
+                            &org,
+                            &hash,
+                            now,
+                            owner_key.as_ref(),
+                        )
                     })
                     .await
                     .map_err(|e| ServiceError::Internal(format!("commit task: {e}")))??;

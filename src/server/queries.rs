@@ -1191,7 +1191,9 @@ min_group_size = 5
                     .unwrap();
             }
             versions.push(Some(
-                store.commit(staged, "u", d.owner(), "h", 1, None).unwrap(),
+                store
+                    .commit(staged, None, "u", d.owner(), "h", 1, None)
+                    .unwrap(),
             ));
         }
         let (tables, _) = read_and_match(&store, &policy, &versions).unwrap();

@@ -64,6 +64,9 @@ pub enum StorageError {
     Damaged { path: PathBuf },
     #[error("the system random source failed")]
     Random,
+    /// The version a commit was to replace is no longer current.
+    #[error("{dataset}: another version was committed since this one was started")]
+    Superseded { dataset: String },
     #[error("{0}")]
     Arrow(String),
 }
@@ -92,6 +95,41 @@ impl From<crypto::CryptoError> for StorageError {
             crypto::CryptoError::Random => StorageError::Random,
             crypto::CryptoError::Open => StorageError::Db("a sealed value did not open".into()),
         }
+    }
+}
+
+/// Whether a write failed for want of room or because the store is
+/// read-only: a condition that passes, after which the same call succeeds.
+pub fn is_out_of_space(e: &std::io::Error) -> bool {
+    use std::io::ErrorKind;
+    matches!(
+        e.kind(),
+        ErrorKind::StorageFull
+            | ErrorKind::QuotaExceeded
+            | ErrorKind::ReadOnlyFilesystem
+            | ErrorKind::FileTooLarge
+    )
+}
+
+impl StorageError {
+    /// The store could not take a write (full, over quota, read-only).
+    pub fn is_unavailable(&self) -> bool {
+        match self {
+            StorageError::Io { source, .. } => is_out_of_space(source),
+            StorageError::Db(text) => {
+                // redb reports I/O failures as text.
+                let t = text.to_ascii_lowercase();
+                t.contains("no space left")
+                    || t.contains("read-only file system")
+                    || t.contains("quota exceeded")
+            }
+            _ => false,
+        }
+    }
+
+    /// Stored data that does not read back as written.
+    pub fn is_damage(&self) -> bool {
+        matches!(self, StorageError::Damaged { .. })
     }
 }
 
@@ -423,9 +461,15 @@ impl Store {
     /// Makes a staged version durable and current, atomically: file synced
     /// and renamed first, then one metadata transaction records the version,
     /// the upload id and the new current pointer.
+    /// `base` is the version the new one replaces (None: the dataset had
+    /// none). If another version became current since, nothing is
+    /// committed ([`StorageError::Superseded`]): an upload or erasure that
+    /// started from a version never overwrites one made after it.
+    #[allow(clippy::too_many_arguments)]
     pub fn commit(
         &self,
         staged: StagedVersion,
+        base: Option<&str>,
         upload_id: &str,
         uploaded_by: &str,
         policy_hash: &str,
@@ -465,6 +509,16 @@ impl Store {
                 .ok_or_else(|| {
                     StorageError::Db("an upload id points at a missing version".into())
                 });
+        }
+        let current_key = key_name(&[&agreement, &dataset]);
+        let now_current = tx
+            .open_table(CURRENT)?
+            .get(current_key.as_str())?
+            .map(|v| v.value().to_string());
+        if now_current.as_deref() != base {
+            tx.abort()?;
+            std::fs::remove_file(&target).map_err(io_err(&target))?;
+            return Err(StorageError::Superseded { dataset });
         }
         {
             let mut uploads = tx.open_table(UPLOADS)?;
@@ -615,7 +669,7 @@ mod tests {
             .append(&crate::upload::encode_batch(&b).unwrap(), n as u64)
             .unwrap();
         store
-            .commit(staged, upload_id, "acme", "h", 1, None)
+            .commit(staged, None, upload_id, "acme", "h", 1, None)
             .unwrap()
     }
 
@@ -692,7 +746,9 @@ mod tests {
                 .append(&crate::upload::encode_batch(&b).unwrap(), *n as u64)
                 .unwrap();
         }
-        let v = store.commit(staged, "u1", "acme", "h", 1, None).unwrap();
+        let v = store
+            .commit(staged, None, "u1", "acme", "h", 1, None)
+            .unwrap();
         let copy = |b: RecordBatch| -> Result<RecordBatch, StorageError> {
             let columns = b.columns().iter().map(crate::query::owned).collect();
             Ok(RecordBatch::try_new(b.schema(), columns).unwrap())

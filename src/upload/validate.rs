@@ -36,6 +36,10 @@ pub struct Limits {
     /// this many rows of the other side, so a join's output is at most
     /// this many times its larger input.
     pub max_rows_per_identifier: u32,
+    /// Longest wait for the next message of an upload stream.
+    pub idle_timeout: std::time::Duration,
+    /// Longest an upload stream may run from its header to its commit.
+    pub max_duration: std::time::Duration,
 }
 
 impl Default for Limits {
@@ -44,6 +48,8 @@ impl Default for Limits {
             max_rows: 100_000_000,
             max_bytes: 16 << 30,
             max_rows_per_identifier: 1_000,
+            idle_timeout: std::time::Duration::from_secs(60),
+            max_duration: std::time::Duration::from_secs(6 * 3600),
         }
     }
 }
