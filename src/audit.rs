@@ -215,6 +215,12 @@ pub fn verify(dir: &Path) -> Result<Verified, AuditError> {
     }
 }
 
+/// Calls `each` on every entry of the log in `dir`, oldest first, after
+/// checking the chain up to it; fails at the first broken entry.
+pub fn each_entry(dir: &Path, each: impl FnMut(&Entry)) -> Result<u64, AuditError> {
+    read_chain(dir, each).map(|(v, _)| v.entries)
+}
+
 fn read_chain(dir: &Path, each: impl FnMut(&Entry)) -> Result<(Verified, u64), AuditError> {
     read_chain_upto(dir, u64::MAX, each)
 }

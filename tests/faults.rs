@@ -177,3 +177,190 @@ async fn a_stream_that_goes_quiet_is_ended_and_stores_nothing() {
     drop(stalled.tx);
     server.stop().await.unwrap();
 }
+
+fn files_under(dir: &std::path::Path) -> Vec<std::path::PathBuf> {
+    let mut out = Vec::new();
+    if let Ok(entries) = std::fs::read_dir(dir) {
+        for e in entries.flatten() {
+            let p = e.path();
+            if p.is_dir() {
+                out.extend(files_under(&p));
+            } else {
+                out.push(p);
+            }
+        }
+    }
+    out.sort();
+    out
+}
+
+/// Runs the real binary with `args`; its exit status and stderr.
+fn cleanroom(args: &[&std::ffi::OsStr]) -> (std::process::ExitStatus, String, String) {
+    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_cleanroom"))
+        .args(args)
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    while child.try_wait().unwrap().is_none() {
+        if std::time::Instant::now() > deadline {
+            let _ = child.kill();
+            panic!("cleanroom {args:?} did not finish");
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let out = child.wait_with_output().unwrap();
+    (
+        out.status,
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+/// A server with both demo parties' data and some budget spent; stopped,
+/// its certificates and data handed over with acme's spending.
+async fn spent_server() -> (common::Pki, tempfile::TempDir, f64) {
+    let server = TestServer::start().await;
+    let (data, _) = common::synth(400, 0.5);
+    common::upload_demo(&server, "acme", data.path()).await;
+    common::upload_demo(&server, "globex", data.path()).await;
+    let mut acme = server.client("acme").await;
+    assert!(common::eventually(|| {
+        let mut c = acme.clone();
+        async move {
+            c.query_with_epsilon(
+                AGREEMENT,
+                "SELECT c.region, COUNT(*) AS n FROM customers c JOIN audience a ON c.email = a.email GROUP BY c.region",
+                Some(0.5),
+            )
+            .await
+            .is_ok()
+        }
+    })
+    .await);
+    let spent = acme.budget(AGREEMENT).await.unwrap().epsilon_spent;
+    assert!(spent >= 0.5, "{spent}");
+    let (pki, dir) = server.stop_keeping_all().await;
+    (pki, dir, spent)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_deleted_metadata_database_refuses_to_start_and_recovery_keeps_budgets() {
+    let (pki, dir, spent) = spent_server().await;
+    let data = dir.path().join("data");
+    let datasets_before = files_under(&data.join("datasets"));
+    assert!(!datasets_before.is_empty());
+    std::fs::remove_file(data.join("meta.redb")).unwrap();
+
+    // The server refuses to start and deletes nothing.
+    let policies = common::policies_dir();
+    let (status, _, stderr) = cleanroom(&[
+        "serve".as_ref(),
+        "--listen".as_ref(),
+        "127.0.0.1:0".as_ref(),
+        "--data-dir".as_ref(),
+        data.as_os_str(),
+        "--policies".as_ref(),
+        policies.as_os_str(),
+        "--certs-dir".as_ref(),
+        pki.path().as_os_str(),
+    ]);
+    assert!(!status.success());
+    assert!(
+        stderr.contains("meta.redb") && stderr.contains("is missing"),
+        "{stderr}"
+    );
+    assert!(stderr.contains("cleanroom admin recover"), "{stderr}");
+    assert_eq!(files_under(&data.join("datasets")), datasets_before);
+    assert!(
+        !data.join("meta.redb").exists(),
+        "an empty database was made"
+    );
+
+    // Recovery sets the files aside and keeps the budget.
+    let (status, stdout, stderr) = cleanroom(&[
+        "admin".as_ref(),
+        "recover".as_ref(),
+        "--data-dir".as_ref(),
+        data.as_os_str(),
+        "--policies".as_ref(),
+        policies.as_os_str(),
+    ]);
+    assert!(status.success(), "{stderr}");
+    assert!(stdout.contains("quarantine"), "{stdout}");
+    let quarantined = files_under(&data.join("quarantine"));
+    assert_eq!(quarantined.len(), datasets_before.len());
+    let server = TestServer::start_in(pki, dir, Setup::default()).await;
+    let mut acme = server.client("acme").await;
+    let budget = acme.budget(AGREEMENT).await.unwrap();
+    assert!(
+        budget.epsilon_spent >= spent,
+        "the budget came back: spent {} before, {} after",
+        spent,
+        budget.epsilon_spent
+    );
+    assert_eq!(current_rows(&server).await, 0);
+    let entries = acme.audit_entries(AGREEMENT).await.unwrap();
+    assert!(entries.iter().any(|e| e.action == "recover"));
+    let data = server.data_dir.path().join("data");
+    cleanroom::audit::verify(&data).unwrap();
+    server.stop().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn byte_damage_to_the_metadata_database_is_refused_or_harmless() {
+    let (_pki, dir, _) = spent_server().await;
+    let data = dir.path().join("data");
+    let meta = data.join("meta.redb");
+    let original = std::fs::read(&meta).unwrap();
+    let versions = |store: &cleanroom::storage::Store| {
+        ["customers", "audience"].map(|d| {
+            store
+                .current(AGREEMENT, d)
+                .unwrap()
+                .map(|v| (v.version, v.rows))
+        })
+    };
+    let expected = versions(&cleanroom::storage::Store::open(&data, None).unwrap());
+    let len = original.len();
+    let mut cases: Vec<(String, Vec<u8>)> = Vec::new();
+    for at in [0, 8, 64, 512, 4096, len / 3, len / 2, len - 4096, len - 1] {
+        let mut zeroed = original.clone();
+        let end = (at + 4096).min(len);
+        zeroed[at..end].fill(0);
+        cases.push((format!("a zeroed page at {at}"), zeroed));
+        let mut flipped = original.clone();
+        flipped[at] ^= 0x5a;
+        cases.push((format!("a flipped byte at {at}"), flipped));
+    }
+    cases.push(("cut to half".into(), original[..len / 2].to_vec()));
+    cases.push(("cut to 100 bytes".into(), original[..100].to_vec()));
+    let (mut refused, mut harmless) = (0, 0);
+    for (what, bytes) in cases {
+        std::fs::write(&meta, &bytes).unwrap();
+        let opened = std::panic::catch_unwind(|| cleanroom::storage::Store::open(&data, None));
+        let opened = opened.unwrap_or_else(|_| panic!("{what}: opening panicked"));
+        match opened {
+            Err(e) => {
+                let text = e.to_string();
+                assert!(text.contains("meta.redb"), "{what}: {text}");
+                assert!(text.contains("admin recover"), "{what}: {text}");
+                refused += 1;
+            }
+            Ok(store) => {
+                let seen =
+                    std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| versions(&store)))
+                        .unwrap_or_else(|_| panic!("{what}: reading panicked"));
+                assert_eq!(seen, expected, "{what}: opened with other data");
+                harmless += 1;
+            }
+        }
+        assert!(
+            !files_under(&data.join("datasets")).is_empty(),
+            "{what}: files deleted"
+        );
+    }
+    eprintln!("metadata damage: {refused} refused, {harmless} harmless");
+}

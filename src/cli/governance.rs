@@ -129,15 +129,38 @@ pub(super) enum AdminCommand {
         #[arg(long)]
         master_key: Option<PathBuf>,
     },
+    /// Starts a data directory again after its metadata database was lost
+    /// or damaged and no backup exists: the old metadata and dataset files
+    /// are moved to DATA_DIR/quarantine/, and every privacy budget charge
+    /// the audit log records is kept. The parties upload again. The server
+    /// must be stopped.
+    Recover {
+        /// The server's data directory.
+        #[arg(long)]
+        data_dir: PathBuf,
+        /// Policy folder (for each agreement's budget windows).
+        #[arg(long, default_value = "policies")]
+        policies: PathBuf,
+        /// The server's master key file, if it is not DATA_DIR/master.key.
+        #[arg(long)]
+        master_key: Option<PathBuf>,
+    },
 }
 
 pub(super) fn admin(cmd: AdminCommand) -> anyhow::Result<ExitCode> {
-    let AdminCommand::Status {
-        connect,
-        data_dir,
-        policies,
-        master_key,
-    } = cmd;
+    let (connect, data_dir, policies, master_key) = match cmd {
+        AdminCommand::Status {
+            connect,
+            data_dir,
+            policies,
+            master_key,
+        } => (connect, data_dir, policies, master_key),
+        AdminCommand::Recover {
+            data_dir,
+            policies,
+            master_key,
+        } => return recover(&data_dir, &policies, master_key.as_deref()),
+    };
     let status = match data_dir {
         Some(dir) => local_status(&dir, &policies, master_key.as_deref())?,
         None => {
@@ -147,6 +170,37 @@ pub(super) fn admin(cmd: AdminCommand) -> anyhow::Result<ExitCode> {
         }
     };
     print!("{}", render_status(&status));
+    Ok(ExitCode::SUCCESS)
+}
+
+fn recover(
+    data_dir: &std::path::Path,
+    policies: &std::path::Path,
+    master_key: Option<&std::path::Path>,
+) -> anyhow::Result<ExitCode> {
+    let set = crate::policy::load_dir(policies).map_err(|errors| {
+        anyhow::anyhow!(
+            "{}: the policies must load to know each budget's windows:\n{}",
+            policies.display(),
+            errors
+                .iter()
+                .map(ToString::to_string)
+                .collect::<Vec<_>>()
+                .join("\n")
+        )
+    })?;
+    let done = crate::storage::recover(data_dir, master_key, &set).with_context(|| {
+        format!(
+            "recovering {} (is the server still running? stop it first)",
+            data_dir.display()
+        )
+    })?;
+    println!(
+        "set aside {} file(s) in {}\nkept {} privacy budget charge(s) from the audit log\nthe parties upload their datasets again; the server can start",
+        done.files,
+        done.quarantine.display(),
+        done.charges
+    );
     Ok(ExitCode::SUCCESS)
 }
 

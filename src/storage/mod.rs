@@ -21,6 +21,7 @@ mod ledger;
 mod lifecycle;
 mod matched;
 mod overlaps;
+mod recover;
 
 use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
@@ -64,6 +65,14 @@ pub enum StorageError {
     Damaged { path: PathBuf },
     #[error("the system random source failed")]
     Random,
+    /// The metadata database is missing or damaged; the message names the
+    /// way out.
+    #[error("{}: the metadata database {problem}; {recovery}", path.display())]
+    Metadata {
+        path: PathBuf,
+        problem: String,
+        recovery: &'static str,
+    },
     /// The version a commit was to replace is no longer current.
     #[error("{dataset}: another version was committed since this one was started")]
     Superseded { dataset: String },
@@ -133,6 +142,8 @@ impl StorageError {
     }
 }
 
+pub use recover::{Recovered, recover};
+
 pub(crate) fn io_err(path: &Path) -> impl FnOnce(std::io::Error) -> StorageError + '_ {
     move |source| StorageError::Io {
         path: path.to_path_buf(),
@@ -183,26 +194,28 @@ impl Store {
         create_private_dir(root)?;
         let key_path = Store::master_key_path(root, master_key);
         let master = load_or_create_master(&key_path, master_key.is_none())?;
-        let db_path = root.join("meta.redb");
-        let db = Database::create(&db_path)?;
-        let tx = db.begin_write()?;
-        {
-            tx.open_table(KEYS)?;
-            tx.open_table(VERSIONS)?;
-            tx.open_table(UPLOADS)?;
-            tx.open_table(CURRENT)?;
-            tx.open_table(ledger::BUDGET)?;
-            tx.open_table(ledger::BUDGET_DELTA)?;
-            tx.open_table(ledger::PENDING)?;
-            tx.open_table(blinding::BLINDINGS)?;
-            tx.open_table(blinding::VERSION_KEYS)?;
-            tx.open_table(overlaps::OVERLAPS)?;
-            tx.open_table(matched::MATCHED)?;
-        }
-        tx.commit()?;
-        let store = Store::checked(root, db, master)?;
-        store.recover()?;
-        Ok(store)
+        recover::check_metadata_present(root)?;
+        let db_path = root.join(recover::META_FILE);
+        recover::open_metadata(&db_path, true, |db| {
+            let tx = db.begin_write()?;
+            {
+                tx.open_table(KEYS)?;
+                tx.open_table(VERSIONS)?;
+                tx.open_table(UPLOADS)?;
+                tx.open_table(CURRENT)?;
+                tx.open_table(ledger::BUDGET)?;
+                tx.open_table(ledger::BUDGET_DELTA)?;
+                tx.open_table(ledger::PENDING)?;
+                tx.open_table(blinding::BLINDINGS)?;
+                tx.open_table(blinding::VERSION_KEYS)?;
+                tx.open_table(overlaps::OVERLAPS)?;
+                tx.open_table(matched::MATCHED)?;
+            }
+            tx.commit()?;
+            let store = Store::checked(root, db, master)?;
+            store.recover()?;
+            Ok(store)
+        })
     }
 
     /// A store over `db`, once `master` is shown to open its data keys.
@@ -230,7 +243,7 @@ impl Store {
     /// server's data directory: creates nothing (no folder, no master key,
     /// no tables) and cleans nothing up.
     pub fn open_existing(root: &Path, master_key: Option<&Path>) -> Result<Self, StorageError> {
-        let db_path = root.join("meta.redb");
+        let db_path = root.join(recover::META_FILE);
         if !db_path.exists() {
             return Err(StorageError::Db(format!(
                 "{}: not a cleanroom data directory (no meta.redb)",
@@ -238,7 +251,7 @@ impl Store {
             )));
         }
         let master = load_or_create_master(&Store::master_key_path(root, master_key), false)?;
-        Store::checked(root, Database::open(&db_path)?, master)
+        recover::open_metadata(&db_path, false, |db| Store::checked(root, db, master))
     }
 
     pub fn root(&self) -> &Path {
@@ -272,8 +285,9 @@ impl Store {
         Ok(())
     }
 
-    /// Clears staging and deletes version files the metadata does not know:
-    /// the remains of uploads interrupted before their commit.
+    /// Clears staging and sets aside version files the metadata does not
+    /// know (the remains of uploads interrupted before their commit) in
+    /// `quarantine/`: a file the store cannot explain is never deleted.
     fn recover(&self) -> Result<(), StorageError> {
         let staging = self.staging_dir();
         if staging.exists() {
@@ -293,17 +307,16 @@ impl Store {
         };
         known.extend(self.known_matched_files()?);
         let datasets = self.inner.root.join("datasets");
-        let mut removed = 0usize;
-        for file in walk_files(&datasets)? {
-            if !known.contains(&file) {
-                std::fs::remove_file(&file).map_err(io_err(&file))?;
-                removed += 1;
-            }
-        }
-        if removed > 0 {
+        let unknown: Vec<PathBuf> = walk_files(&datasets)?
+            .into_iter()
+            .filter(|f| !known.contains(f))
+            .collect();
+        if !unknown.is_empty() {
+            let dir = recover::quarantine(&self.inner.root, "unrecorded", &unknown)?;
             tracing::warn!(
-                files = removed,
-                "removed dataset files no record names, left by an interrupted upload or matching"
+                files = unknown.len(),
+                to = %dir.display(),
+                "set aside dataset files no record names (left by an upload or matching interrupted before its commit)"
             );
         }
         Ok(())

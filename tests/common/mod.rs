@@ -104,7 +104,16 @@ impl TestServer {
         Self::start_in(pki, data_dir, setup).await
     }
 
-    async fn start_in(pki: Pki, data_dir: tempfile::TempDir, setup: Setup) -> Self {
+    /// Stops the server and hands over its certificates and data directory.
+    pub async fn stop_keeping_all(mut self) -> (Pki, tempfile::TempDir) {
+        self.begin_shutdown();
+        self.task.take().unwrap().await.unwrap().unwrap();
+        (self.pki, self.data_dir)
+    }
+
+    /// Starts a server on existing certificates and data (`data_dir`'s
+    /// `data` folder).
+    pub async fn start_in(pki: Pki, data_dir: tempfile::TempDir, setup: Setup) -> Self {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
         let options = ServerOptions {
