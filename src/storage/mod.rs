@@ -681,13 +681,37 @@ mod tests {
         staged
             .append(&crate::upload::encode_batch(&b).unwrap(), n as u64)
             .unwrap();
+        let base = store.current("a", "d").unwrap().map(|v| v.version);
         store
-            .commit(staged, None, upload_id, "acme", "h", 1, None)
+            .commit(staged, base.as_deref(), upload_id, "acme", "h", 1, None)
             .unwrap()
     }
 
     #[test]
-    fn versions_round_trip_and_orphans_are_removed_at_open() {
+    fn a_commit_from_a_version_no_longer_current_stores_nothing() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path(), None).unwrap();
+        let v1 = put(&store, "u1", 5);
+        let staged = store.stage("a", "d").unwrap();
+        let v2 = put(&store, "u2", 7);
+        let err = store
+            .commit(staged, Some(&v1.version), "u3", "acme", "h", 1, None)
+            .unwrap_err();
+        assert!(matches!(err, StorageError::Superseded { .. }), "{err}");
+        assert_eq!(store.current("a", "d").unwrap().unwrap(), v2);
+        assert!(store.find_upload("a", "d", "u3").unwrap().is_none());
+        assert_eq!(walk_files(&dir.path().join("datasets")).unwrap().len(), 2);
+        // From nothing, when a version exists: refused too.
+        let staged = store.stage("a", "d").unwrap();
+        assert!(
+            store
+                .commit(staged, None, "u4", "acme", "h", 1, None)
+                .is_err()
+        );
+    }
+
+    #[test]
+    fn versions_round_trip_and_orphans_are_set_aside_at_open() {
         let dir = tempfile::tempdir().unwrap();
         let store = Store::open(dir.path(), None).unwrap();
         let v1 = put(&store, "u1", 5);
@@ -710,6 +734,9 @@ mod tests {
         std::fs::write(&orphan, b"CRDS\x01partial").unwrap();
         let store = Store::open(dir.path(), None).unwrap();
         assert!(!orphan.exists());
+        let kept = walk_files(&dir.path().join("quarantine")).unwrap();
+        assert_eq!(kept.len(), 1);
+        assert!(kept[0].ends_with("datasets/a/d/v9-orphan.cds"), "{kept:?}");
         assert_eq!(store.current("a", "d").unwrap().unwrap(), v2);
         assert_eq!(store.versions("a", "d").unwrap().len(), 2);
     }
