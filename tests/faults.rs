@@ -364,3 +364,117 @@ async fn byte_damage_to_the_metadata_database_is_refused_or_harmless() {
     }
     eprintln!("metadata damage: {refused} refused, {harmless} harmless");
 }
+
+/// Version files (not the matched tables made from them in the background).
+fn version_files(data: &std::path::Path) -> Vec<std::path::PathBuf> {
+    files_under(&data.join("datasets"))
+        .into_iter()
+        .filter(|f| !f.to_string_lossy().ends_with(".matched.cds"))
+        .collect()
+}
+
+fn retention_entries(entries: &[proto::AuditEntry]) -> Vec<(String, String)> {
+    entries
+        .iter()
+        .filter(|e| e.action == "retention")
+        .map(|e| {
+            (
+                e.rule.clone().unwrap_or_default(),
+                e.subject.clone().unwrap_or_default(),
+            )
+        })
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_clock_that_jumps_deletes_nothing_and_expiry_waits_its_grace() {
+    use time::macros::datetime;
+    let dir = common::demo_policies(None);
+    let clock = cleanroom::clock::ManualClock::new(datetime!(2027-12-29 12:00 UTC));
+    let server = TestServer::start_with(Setup {
+        policies: dir.path().to_path_buf(),
+        clock: std::sync::Arc::new(clock.clone()),
+        deletion: cleanroom::server::Deletion::default(),
+        ..Setup::default()
+    })
+    .await;
+    let data = server.data_dir.path().join("data");
+    let (files, _) = common::synth(300, 0.5);
+    common::upload_demo(&server, "acme", files.path()).await;
+    common::upload_demo(&server, "globex", files.path()).await;
+    let stored = version_files(&data);
+    let mut acme = server.client("acme").await;
+    let pass = || tokio::time::sleep(Duration::from_millis(500));
+    pass().await;
+
+    // Half a year ahead at once (past the expiry, past retention): nothing
+    // is deleted, and the pause is audited once.
+    clock.set(datetime!(2028-06-30 12:00 UTC));
+    pass().await;
+    pass().await;
+    assert_eq!(version_files(&data), stored);
+    let retention = retention_entries(&acme.audit_entries(AGREEMENT).await.unwrap());
+    assert_eq!(retention.len(), 1, "{retention:?}");
+    assert_eq!(retention[0].0, "clock.jump");
+
+    // Back again: the agreement is whole.
+    clock.set(datetime!(2027-12-29 12:05 UTC));
+    pass().await;
+    assert!(
+        acme.query(
+            AGREEMENT,
+            "SELECT c.region, COUNT(*) AS n FROM customers c JOIN audience a ON c.email = a.email GROUP BY c.region"
+        )
+        .await
+        .is_ok()
+    );
+
+    // Time passing in believable steps: expired at midnight after the
+    // 31st, kept through the grace day, deleted after it.
+    for at in [
+        datetime!(2027-12-30 08:00 UTC),
+        datetime!(2027-12-31 04:00 UTC),
+        datetime!(2027-12-31 23:00 UTC),
+        datetime!(2028-01-01 18:00 UTC),
+    ] {
+        clock.set(at);
+        pass().await;
+        assert_eq!(version_files(&data), stored, "at {at}");
+    }
+    clock.set(datetime!(2028-01-02 00:00:01 UTC));
+    let gone = common::eventually(|| {
+        let d = data.clone();
+        async move { version_files(&d).is_empty() }
+    })
+    .await;
+    assert!(gone);
+    let retention = retention_entries(&acme.audit_entries(AGREEMENT).await.unwrap());
+    assert!(
+        retention
+            .iter()
+            .any(|(_, s)| s == "customers: 1 version(s) deleted, the agreement expired"),
+        "{retention:?}"
+    );
+    server.stop().await.unwrap();
+}
+
+#[test]
+fn trust_clock_moves_the_latest_time_seen_to_now() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = cleanroom::storage::Store::open(dir.path(), None).unwrap();
+    // A store last run years ago: the server would pause deletion.
+    store.see_time(1_600_000_000, true).unwrap();
+    drop(store);
+    let (status, stdout, stderr) = cleanroom(&[
+        "admin".as_ref(),
+        "trust-clock".as_ref(),
+        "--data-dir".as_ref(),
+        dir.path().as_os_str(),
+    ]);
+    assert!(status.success(), "{stderr}");
+    assert!(stdout.contains("2020-09-13"), "{stdout}");
+    let store = cleanroom::storage::Store::open(dir.path(), None).unwrap();
+    let seen = store.time_seen().unwrap().unwrap();
+    let now = time::OffsetDateTime::now_utc().unix_timestamp();
+    assert!((now - seen).abs() < 60, "{seen} vs {now}");
+}

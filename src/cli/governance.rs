@@ -145,6 +145,17 @@ pub(super) enum AdminCommand {
         #[arg(long)]
         master_key: Option<PathBuf>,
     },
+    /// Confirms that this machine's clock is right after the server paused
+    /// deletion for a clock jump: retention and expiry act on it from the
+    /// next start. The server must be stopped.
+    TrustClock {
+        /// The server's data directory.
+        #[arg(long)]
+        data_dir: PathBuf,
+        /// The server's master key file, if it is not DATA_DIR/master.key.
+        #[arg(long)]
+        master_key: Option<PathBuf>,
+    },
 }
 
 pub(super) fn admin(cmd: AdminCommand) -> anyhow::Result<ExitCode> {
@@ -160,6 +171,10 @@ pub(super) fn admin(cmd: AdminCommand) -> anyhow::Result<ExitCode> {
             policies,
             master_key,
         } => return recover(&data_dir, &policies, master_key.as_deref()),
+        AdminCommand::TrustClock {
+            data_dir,
+            master_key,
+        } => return trust_clock(&data_dir, master_key.as_deref()),
     };
     let status = match data_dir {
         Some(dir) => local_status(&dir, &policies, master_key.as_deref())?,
@@ -170,6 +185,36 @@ pub(super) fn admin(cmd: AdminCommand) -> anyhow::Result<ExitCode> {
         }
     };
     print!("{}", render_status(&status));
+    Ok(ExitCode::SUCCESS)
+}
+
+fn trust_clock(
+    data_dir: &std::path::Path,
+    master_key: Option<&std::path::Path>,
+) -> anyhow::Result<ExitCode> {
+    let store = crate::storage::Store::open_existing(data_dir, master_key).with_context(|| {
+        format!(
+            "opening {} (is the server still running? stop it first)",
+            data_dir.display()
+        )
+    })?;
+    let before = store.time_seen()?;
+    let now = time::OffsetDateTime::now_utc();
+    store.see_time(now.unix_timestamp(), true)?;
+    let show = |t: i64| {
+        time::OffsetDateTime::from_unix_timestamp(t)
+            .ok()
+            .and_then(|t| {
+                t.format(&time::format_description::well_known::Rfc3339)
+                    .ok()
+            })
+            .unwrap_or_else(|| t.to_string())
+    };
+    println!(
+        "latest time seen: {} -> {}\nretention and expiry act on this clock from the next start",
+        before.map(show).unwrap_or_else(|| "none".into()),
+        show(now.unix_timestamp())
+    );
     Ok(ExitCode::SUCCESS)
 }
 

@@ -12,7 +12,7 @@ use serde::Deserialize;
 
 use crate::clock::SystemClock;
 use crate::query::QueryLimits;
-use crate::server::{ServerOptions, TlsFiles};
+use crate::server::{Deletion, ServerOptions, TlsFiles};
 use crate::upload::Limits;
 
 const DEFAULT_LISTEN: &str = "127.0.0.1:50051";
@@ -85,6 +85,8 @@ struct ConfigFile {
     policy_poll_seconds: Option<f64>,
     maintenance_interval_seconds: Option<f64>,
     metrics_listen: Option<SocketAddr>,
+    max_clock_jump_seconds: Option<f64>,
+    deletion_grace_seconds: Option<f64>,
 }
 
 /// Certificates from an existing CA, file by file.
@@ -243,6 +245,17 @@ fn settings(args: ServeArgs) -> anyhow::Result<Settings> {
                 file.maintenance_interval_seconds.unwrap_or(60.0),
             )?,
             metrics_listen: args.metrics_listen.or(file.metrics_listen),
+            deletion: Deletion {
+                max_clock_jump: positive_seconds(
+                    "max_clock_jump_seconds",
+                    file.max_clock_jump_seconds,
+                    Deletion::default().max_clock_jump,
+                )?,
+                grace: match file.deletion_grace_seconds {
+                    Some(s) => seconds("deletion_grace_seconds", s)?,
+                    None => Deletion::default().grace,
+                },
+            },
         },
     })
 }

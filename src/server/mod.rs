@@ -110,6 +110,32 @@ pub struct AppState {
     dataset_locks:
         Arc<std::sync::Mutex<std::collections::HashMap<String, Arc<std::sync::Mutex<()>>>>>,
     metrics: Arc<metrics::Metrics>,
+    deletion: Deletion,
+    /// The time at which deletion was last found paused for a clock
+    /// jump, so each pause is audited once.
+    paused_at: Arc<std::sync::Mutex<Option<i64>>>,
+}
+
+/// When retention and expiry may delete.
+#[derive(Debug, Clone, Copy)]
+pub struct Deletion {
+    /// A clock this far ahead of the latest time the store has seen is not
+    /// believed: nothing is deleted until an operator confirms it
+    /// (`cleanroom admin trust-clock`).
+    pub max_clock_jump: Duration,
+    /// How long after an agreement expires its data and key are kept
+    /// (unreadable, as the agreement is not in force), so that an expiry
+    /// extended in time finds the agreement whole.
+    pub grace: Duration,
+}
+
+impl Default for Deletion {
+    fn default() -> Self {
+        Deletion {
+            max_clock_jump: Duration::from_secs(86_400),
+            grace: Duration::from_secs(86_400),
+        }
+    }
 }
 
 /// How the last re-reads of the policy folder went, for admins.
@@ -147,7 +173,15 @@ impl AppState {
             reload: Arc::default(),
             dataset_locks: Arc::default(),
             metrics: Arc::default(),
+            deletion: Deletion::default(),
+            paused_at: Arc::default(),
         }
+    }
+
+    /// The same state with these rules for deletion.
+    pub fn with_deletion(mut self, deletion: Deletion) -> Self {
+        self.deletion = deletion;
+        self
     }
 
     /// The server's Prometheus metrics.
@@ -165,15 +199,32 @@ impl AppState {
 
     /// Deletes what retention and expiry no longer allow: every version
     /// older than the agreement's retention period, and everything of an
-    /// agreement past its expiry date. When nothing of an agreement is
-    /// left, its data key is destroyed. Each deletion is audited.
+    /// agreement once the grace period after its expiry has passed. When
+    /// nothing of an agreement is left, its data key is destroyed. Each
+    /// deletion is audited. Nothing is deleted while the clock reads more
+    /// than the allowed jump past the latest time the store has seen.
     /// Blocking: call off the async runtime.
     pub fn run_maintenance(&self) -> Result<(), StorageError> {
         let now = self.clock.now();
-        let (today, unix) = (now.date(), now.unix_timestamp());
+        let unix = now.unix_timestamp();
+        let jump = i64::try_from(self.deletion.max_clock_jump.as_secs()).unwrap_or(i64::MAX);
+        if let Some(seen) = self.store.time_seen()?
+            && unix > seen.saturating_add(jump)
+        {
+            self.deletion_paused(seen, unix);
+            return Ok(());
+        }
+        self.store.see_time(unix, false)?;
+        *self.paused_at.lock().unwrap_or_else(|e| e.into_inner()) = None;
+        let grace = time::Duration::try_from(self.deletion.grace).unwrap_or(time::Duration::MAX);
         for policy in self.policies().iter() {
             let id = policy.id();
-            let expired = policy.state_on(today) == crate::policy::AgreementState::Expired;
+            // Expired from the midnight (UTC) after the expiry date.
+            let ended = policy
+                .expires_on()
+                .next_day()
+                .map(|d| d.midnight().assume_utc());
+            let expired = ended.is_some_and(|e| now >= e + grace);
             let keep_after = unix - i64::from(policy.retention_days()) * 86_400;
             let mut remaining = 0usize;
             for d in policy.datasets() {
@@ -225,6 +276,34 @@ impl AppState {
             }
         }
         Ok(())
+    }
+
+    /// Audits, once per pause, that deletion waits for the clock.
+    fn deletion_paused(&self, seen: i64, now: i64) {
+        let mut paused = self.paused_at.lock().unwrap_or_else(|e| e.into_inner());
+        if paused.is_some() {
+            return;
+        }
+        *paused = Some(now);
+        let ahead = now - seen;
+        tracing::warn!(
+            ahead_seconds = ahead,
+            "deletion paused: the clock is further ahead of the latest time this store has seen than max_clock_jump_seconds allows; if the clock is right, stop the server and run `cleanroom admin trust-clock`"
+        );
+        for policy in self.policies().iter() {
+            self.audit_maintenance(Event {
+                org: OPERATOR.into(),
+                agreement: policy.id().to_string(),
+                policy_hash: policy.hash().to_hex(),
+                action: "retention",
+                accepted: false,
+                rule: Some("clock.jump".into()),
+                subject: Some(format!(
+                    "deletion paused: the server's clock reads {ahead} s past the latest time its store has seen; an operator confirms the clock"
+                )),
+                ..Event::default()
+            });
+        }
     }
 
     fn audit_maintenance(&self, event: Event) {
@@ -502,6 +581,8 @@ pub struct ServerOptions {
     pub maintenance_interval: Duration,
     /// Where Prometheus metrics are served, if anywhere.
     pub metrics_listen: Option<SocketAddr>,
+    /// When retention and expiry may delete.
+    pub deletion: Deletion,
 }
 
 impl ServerOptions {
@@ -521,6 +602,7 @@ impl ServerOptions {
             policy_poll: Duration::from_secs(2),
             maintenance_interval: Duration::from_secs(60),
             metrics_listen: None,
+            deletion: Deletion::default(),
         }
     }
 }
@@ -646,7 +728,8 @@ pub async fn serve(
         options.limits,
         audit,
     )
-    .with_query_limits(options.query_limits);
+    .with_query_limits(options.query_limits)
+    .with_deletion(options.deletion);
 
     let background = spawn_background(&state, &options);
     let (metrics_stop, metrics_stopped) = tokio::sync::oneshot::channel::<()>();

@@ -1,11 +1,42 @@
 //! Deleting data: versions past their retention, everything of an expired
 //! agreement, and the versions an erasure supersedes.
 
-use redb::ReadableTable;
+use redb::{ReadableTable, TableDefinition};
 
 use super::{CURRENT, KEYS, StorageError, Store, UPLOADS, VERSIONS, VersionInfo, io_err, key_name};
 
+/// The latest time the store has taken as true, in Unix seconds, under
+/// the key [`SEEN`].
+pub(super) const CLOCK: TableDefinition<&str, i64> = TableDefinition::new("clock");
+const SEEN: &str = "seen";
+
 impl Store {
+    /// The latest time deletion was allowed to act on, if any.
+    pub fn time_seen(&self) -> Result<Option<i64>, StorageError> {
+        let tx = self.inner.db.begin_read()?;
+        let table = match tx.open_table(CLOCK) {
+            Ok(t) => t,
+            Err(redb::TableError::TableDoesNotExist(_)) => return Ok(None),
+            Err(e) => return Err(e.into()),
+        };
+        Ok(table.get(SEEN)?.map(|v| v.value()))
+    }
+
+    /// Records `now` as the latest time seen: only forwards, unless
+    /// `confirmed` (an operator's word that the clock is right).
+    pub fn see_time(&self, now: i64, confirmed: bool) -> Result<(), StorageError> {
+        let tx = self.inner.db.begin_write()?;
+        {
+            let mut table = tx.open_table(CLOCK)?;
+            let seen = table.get(SEEN)?.map(|v| v.value());
+            if confirmed || seen.is_none_or(|s| now > s) {
+                table.insert(SEEN, now)?;
+            }
+        }
+        tx.commit()?;
+        Ok(())
+    }
+
     /// Deletes versions: one metadata transaction forgets them (and any
     /// current pointer or upload id naming them), then their files are
     /// removed. A crash in between leaves files nothing names, which the

@@ -210,6 +210,7 @@ impl Store {
                 tx.open_table(blinding::VERSION_KEYS)?;
                 tx.open_table(overlaps::OVERLAPS)?;
                 tx.open_table(matched::MATCHED)?;
+                tx.open_table(lifecycle::CLOCK)?;
             }
             tx.commit()?;
             let store = Store::checked(root, db, master)?;

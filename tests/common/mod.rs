@@ -62,6 +62,17 @@ pub struct Setup {
     pub policy_poll: Duration,
     pub maintenance_interval: Duration,
     pub metrics_listen: Option<std::net::SocketAddr>,
+    pub deletion: cleanroom::server::Deletion,
+}
+
+/// Deletion as the tests that move a manual clock by months need it: the
+/// moves stand for time that passed, and an expired agreement's data goes
+/// at once. `tests/faults.rs` checks the server's own defaults.
+pub fn deletion_for_moved_clocks() -> cleanroom::server::Deletion {
+    cleanroom::server::Deletion {
+        max_clock_jump: Duration::from_secs(10 * 366 * 86_400),
+        grace: Duration::ZERO,
+    }
 }
 
 impl Default for Setup {
@@ -75,6 +86,7 @@ impl Default for Setup {
             policy_poll: Duration::from_millis(100),
             maintenance_interval: Duration::from_millis(100),
             metrics_listen: None,
+            deletion: deletion_for_moved_clocks(),
         }
     }
 }
@@ -125,6 +137,7 @@ impl TestServer {
             policy_poll: setup.policy_poll,
             maintenance_interval: setup.maintenance_interval,
             metrics_listen: setup.metrics_listen,
+            deletion: setup.deletion,
             ..ServerOptions::new(pki.path(), &setup.policies, &data_dir.path().join("data"))
         };
         let (tx, rx) = oneshot::channel::<()>();
