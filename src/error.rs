@@ -81,6 +81,12 @@ pub enum ServiceError {
     /// logged for the operator.
     #[error("stored data needed for this request is damaged; the operator has been told")]
     DataLoss(String),
+    /// FAILED_PRECONDITION: the dataset's current version was made under
+    /// identity settings the policy no longer has.
+    #[error(
+        "rule dataset.reupload: dataset {0:?} was made under identity settings the policy no longer has (its salt, an identity kind's normalisation, the matching mode or a column's type changed); its owner uploads it again before it is matched, queried or erased from"
+    )]
+    NeedsUpload(String),
     /// ABORTED: the dataset changed while this upload or erasure ran; it
     /// stored nothing and may be sent again.
     #[error(
@@ -112,6 +118,7 @@ impl ServiceError {
             ServiceError::BudgetExhausted { .. } => "privacy.budget".into(),
             ServiceError::LimitExceeded { rule, .. } => (*rule).into(),
             ServiceError::Superseded(_) => "dataset.changed".into(),
+            ServiceError::NeedsUpload(_) => "dataset.reupload".into(),
             ServiceError::Unavailable(_) => "storage.unavailable".into(),
             ServiceError::DataLoss(_) => "storage.damaged".into(),
             ServiceError::Internal(_) => "internal".into(),
@@ -155,7 +162,8 @@ impl From<ServiceError> for Status {
             | ServiceError::PolicyChanged(_)
             | ServiceError::NoData(_)
             | ServiceError::NotBlinded { .. }
-            | ServiceError::Blinding { .. } => Code::FailedPrecondition,
+            | ServiceError::Blinding { .. }
+            | ServiceError::NeedsUpload(_) => Code::FailedPrecondition,
             ServiceError::UploadRejected(r) => match r.kind {
                 crate::upload::RejectionKind::Invalid => Code::InvalidArgument,
                 crate::upload::RejectionKind::TooLarge => Code::ResourceExhausted,

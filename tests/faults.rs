@@ -478,3 +478,119 @@ fn trust_clock_moves_the_latest_time_seen_to_now() {
     let now = time::OffsetDateTime::now_utc().unix_timestamp();
     assert!((now - seen).abs() < 60, "{seen} vs {now}");
 }
+
+fn other_salt() -> String {
+    blake3::hash(b"another salt").to_hex().to_string()
+}
+
+/// Rewrites the demo policy in `dir` with `salt`, as an editor would.
+fn set_salt(dir: &std::path::Path, salt: &str) {
+    let path = dir.join("retail-media-demo.toml");
+    let text = std::fs::read_to_string(&path).unwrap();
+    let text: String = text
+        .lines()
+        .map(|l| match l.starts_with("salt = ") {
+            true => format!("salt = \"{salt}\""),
+            false => l.to_string(),
+        })
+        .collect::<Vec<_>>()
+        .join("\n");
+    let tmp = dir.join(".retail-media-demo.toml.tmp");
+    std::fs::write(&tmp, text + "\n").unwrap();
+    std::fs::rename(&tmp, path).unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_salt_change_refuses_answers_over_old_fingerprints_until_uploaded_again() {
+    const SQL: &str = "SELECT c.region, COUNT(*) AS n FROM customers c JOIN audience a ON c.email = a.email GROUP BY c.region";
+    let dir = common::demo_policies(None);
+    let server = TestServer::start_with(Setup {
+        policies: dir.path().to_path_buf(),
+        ..Setup::default()
+    })
+    .await;
+    let (files, _) = common::synth(600, 0.5);
+    common::upload_demo(&server, "acme", files.path()).await;
+    common::upload_demo(&server, "globex", files.path()).await;
+    let mut acme = server.client("acme").await;
+    let before = acme.query(AGREEMENT, SQL).await.unwrap();
+    let old_salt = acme
+        .get_agreement(AGREEMENT)
+        .await
+        .unwrap()
+        .summary
+        .unwrap()
+        .policy_hash;
+    let salt_line = std::fs::read_to_string(dir.path().join("retail-media-demo.toml"))
+        .unwrap()
+        .lines()
+        .find(|l| l.starts_with("salt = "))
+        .unwrap()
+        .trim_start_matches("salt = ")
+        .trim_matches('"')
+        .to_string();
+
+    set_salt(dir.path(), &other_salt());
+    assert!(
+        common::eventually(|| {
+            let mut c = acme.clone();
+            let old = old_salt.clone();
+            async move {
+                c.get_agreement(AGREEMENT)
+                    .await
+                    .unwrap()
+                    .summary
+                    .unwrap()
+                    .policy_hash
+                    != old
+            }
+        })
+        .await
+    );
+    let refused = |e: cleanroom::client::ClientError| {
+        let status = e.status().cloned().unwrap();
+        assert_eq!(status.code(), Code::FailedPrecondition, "{status:?}");
+        assert!(status.message().contains("dataset.reupload"), "{status:?}");
+    };
+    refused(acme.query(AGREEMENT, SQL).await.unwrap_err());
+    refused(
+        acme.overlap(AGREEMENT, &["customers".into(), "audience".into()])
+            .await
+            .unwrap_err(),
+    );
+    let listed = acme.list_datasets(AGREEMENT).await.unwrap();
+    assert_eq!(listed[0].state, proto::DatasetState::NeedsUpload as i32);
+    let hash = common::policy_hash(&server).await;
+    let erase = proto::datasets_client::DatasetsClient::new(acme.channel())
+        .erase(erase_request(&hash, 1))
+        .await
+        .unwrap_err();
+    assert_eq!(erase.code(), Code::FailedPrecondition, "{erase:?}");
+    assert!(erase.message().contains("dataset.reupload"));
+
+    // The salt back: the same answer as before.
+    set_salt(dir.path(), &salt_line);
+    let back = common::eventually(|| {
+        let mut c = acme.clone();
+        async move { c.query(AGREEMENT, SQL).await.is_ok() }
+    })
+    .await;
+    assert!(back);
+    let again = acme.query(AGREEMENT, SQL).await.unwrap();
+    assert_eq!(again.batches, before.batches);
+
+    // A new salt and new uploads under it: answered again.
+    set_salt(dir.path(), &other_salt());
+    assert!(
+        common::eventually(|| {
+            let mut c = acme.clone();
+            async move { c.query(AGREEMENT, SQL).await.is_err() }
+        })
+        .await
+    );
+    common::upload_demo(&server, "acme", files.path()).await;
+    common::upload_demo(&server, "globex", files.path()).await;
+    let uploaded_again = acme.query(AGREEMENT, SQL).await.unwrap();
+    assert_eq!(uploaded_again.batches, before.batches);
+    server.stop().await.unwrap();
+}

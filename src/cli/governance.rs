@@ -317,12 +317,17 @@ pub fn render_status(s: &proto::AdminStatusResponse) -> String {
                 };
                 let _ = writeln!(
                     out,
-                    "  dataset {} (owner {}): {rows} in {}, uploaded {}; {} version(s) held",
+                    "  dataset {} (owner {}): {rows} in {}, uploaded {}; {} version(s) held{}",
                     d.dataset,
                     d.owner,
                     d.current_version,
                     when(d.uploaded_at),
-                    d.versions
+                    d.versions,
+                    if d.needs_upload {
+                        "; NEEDS A NEW UPLOAD: made under identity settings the policy no longer has"
+                    } else {
+                        ""
+                    }
                 );
             }
         }

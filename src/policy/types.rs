@@ -94,6 +94,53 @@ impl Policy {
         self.party(org).is_some_and(|p| p.has(right))
     }
 
+    /// How a dataset's stored rows were made, as a digest: the salt, the
+    /// matching mode, and each uploaded column with its identity kind's
+    /// normalisation or its value type. A version whose form differs from
+    /// the policy's now was fingerprinted or typed under other settings:
+    /// its rows cannot be compared with rows made now, and its owner
+    /// uploads it again.
+    pub fn data_form(&self, dataset: &Dataset) -> String {
+        let mut text = format!(
+            "salt {}\nmatching {}\n",
+            self.salt.to_hex(),
+            self.matching.as_str()
+        );
+        let mut columns: Vec<&Column> = dataset.uploaded_columns().collect();
+        columns.sort_by(|a, b| a.name.cmp(&b.name));
+        for c in columns {
+            let described = match &c.role {
+                ColumnRole::Identifier { kind } => {
+                    let profile = match self.identities.get(kind).map(|k| &k.profile) {
+                        Some(Profile::Email { gmail_canonical }) => {
+                            format!("email gmail_canonical={gmail_canonical}")
+                        }
+                        Some(Profile::Phone { default_country }) => {
+                            format!("phone default_country={default_country}")
+                        }
+                        Some(Profile::Text) => "text".to_string(),
+                        None => "unknown".to_string(),
+                    };
+                    format!("identifier {kind} {profile}")
+                }
+                ColumnRole::Dimension { value_type, .. }
+                | ColumnRole::Metric { value_type, .. } => {
+                    format!("{} {}", c.role.name(), value_type.as_str())
+                }
+                ColumnRole::Sensitive => continue,
+            };
+            text.push_str(&format!("column {} {described}\n", c.name));
+        }
+        blake3::hash(text.as_bytes()).to_hex()[..32].to_string()
+    }
+
+    /// Whether rows stored with `form` were made as `dataset`'s rows are
+    /// made now. A version stored before forms were recorded (empty) is
+    /// taken as made now.
+    pub fn made_now(&self, dataset: &Dataset, form: &str) -> bool {
+        form.is_empty() || form == self.data_form(dataset)
+    }
+
     /// The agreement's state on a given day.
     pub fn state_on(&self, today: Date) -> AgreementState {
         if self.starts_on.is_some_and(|s| today < s) {

@@ -149,6 +149,14 @@ fn erase_rows(
     let Some(current) = store.current(policy.id(), dataset)? else {
         return Err(ServiceError::NoData(dataset.to_string()));
     };
+    // The fingerprints to erase were made under today's settings: against
+    // rows made otherwise they would find no one and report success.
+    if policy
+        .dataset(dataset)
+        .is_some_and(|d| !policy.made_now(d, &current.form))
+    {
+        return Err(ServiceError::NeedsUpload(dataset.to_string()));
+    }
     let owner_key = store.owner_key(&current)?;
     if key.is_some() && owner_key.as_ref() != key {
         return Err(super::blinding::other_key(dataset));
@@ -204,12 +212,16 @@ fn erase_rows(
         .map_err(|_| ServiceError::Internal("the system random source failed".into()))?;
     let info = store.commit(
         staged,
-        Some(&current.version),
-        &format!("erase-{}", hex::encode(id)),
-        org,
-        &policy.hash().to_hex(),
-        state.clock().now().unix_timestamp(),
-        owner_key.as_ref(),
+        crate::storage::Commit {
+            base: Some(&current.version),
+            upload_id: &format!("erase-{}", hex::encode(id)),
+            uploaded_by: org,
+            policy_hash: &policy.hash().to_hex(),
+            // The rows kept are as they were made.
+            form: &current.form,
+            committed_at: state.clock().now().unix_timestamp(),
+            owner_key: owner_key.as_ref(),
+        },
     )?;
     let older: Vec<_> = store
         .versions(policy.id(), dataset)?
@@ -403,6 +415,7 @@ impl DatasetsService {
                     }
                     let upload_id = header.upload_id.clone();
                     let hash = policy.hash().to_hex();
+                    let form = policy.data_form(dataset);
                     let now = self.state.clock().now().unix_timestamp();
                     let store = store.clone();
                     let org = org.clone();
@@ -411,12 +424,15 @@ impl DatasetsService {
                         let _serialised = lock.lock().unwrap_or_else(|e| e.into_inner());
                         store.commit(
                             staged,
-                            base.as_deref(),
-                            &upload_id,
-                            &org,
-                            &hash,
-                            now,
-                            owner_key.as_ref(),
+                            crate::storage::Commit {
+                                base: base.as_deref(),
+                                upload_id: &upload_id,
+                                uploaded_by: &org,
+                                policy_hash: &hash,
+                                form: &form,
+                                committed_at: now,
+                                owner_key: owner_key.as_ref(),
+                            },
                         )
                     })
                     .await
@@ -522,7 +538,9 @@ impl proto::datasets_server::Datasets for DatasetsService {
                 .map_err(ServiceError::from)?;
             if let Some(v) = current {
                 let matchable = super::blinding::is_matchable(self.state.store(), &policy, &v)?;
-                let (state, waiting_for) = if matchable {
+                let (state, waiting_for) = if !policy.made_now(d, &v.form) {
+                    (proto::DatasetState::NeedsUpload, String::new())
+                } else if matchable {
                     (proto::DatasetState::Matched, String::new())
                 } else {
                     let partner = super::blinding::partner_of(&policy, &org).unwrap_or_default();

@@ -68,6 +68,9 @@ pub fn agreement_status(
             rows: Some(current.as_ref().map_or(0, |v| v.rows)),
             versions: u32::try_from(versions.len()).unwrap_or(u32::MAX),
             uploaded_at: current.as_ref().map_or(0, |v| v.committed_at),
+            needs_upload: current
+                .as_ref()
+                .is_some_and(|v| !policy.made_now(d, &v.form)),
         });
     }
     let mut budgets = Vec::new();

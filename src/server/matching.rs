@@ -123,6 +123,9 @@ impl MatchingService {
             let v = store
                 .current(policy.id(), d.name())?
                 .ok_or_else(|| ServiceError::NoData(d.name().to_string()))?;
+            if !policy.made_now(d, &v.form) {
+                return Err(ServiceError::NeedsUpload(d.name().to_string()));
+            }
             if !is_matchable(store, &policy, &v)? {
                 return Err(not_blinded(&policy, d.name()));
             }
@@ -433,7 +436,7 @@ pub(crate) fn match_agreement(
     let complete = || -> Result<bool, ServiceError> {
         for d in policy.datasets() {
             match store.current(policy.id(), d.name())? {
-                Some(v) if is_matchable(store, &policy, &v)? => {}
+                Some(v) if policy.made_now(d, &v.form) && is_matchable(store, &policy, &v)? => {}
                 _ => return Ok(false),
             }
         }
@@ -464,7 +467,11 @@ pub(crate) fn match_agreement(
                 ) else {
                     return Ok(());
                 };
-                if !is_matchable(store, &policy, &va)? || !is_matchable(store, &policy, &vb)? {
+                if !policy.made_now(a, &va.form)
+                    || !policy.made_now(b, &vb.form)
+                    || !is_matchable(store, &policy, &va)?
+                    || !is_matchable(store, &policy, &vb)?
+                {
                     return Ok(());
                 }
                 matched_people(state, &policy, [a, b], [&va, &vb])?;

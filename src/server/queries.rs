@@ -103,7 +103,14 @@ impl TableCache {
         let store = state.store();
         let mut versions = Vec::new();
         for d in policy.datasets() {
-            versions.push(store.current(policy.id(), d.name())?);
+            let v = store.current(policy.id(), d.name())?;
+            // Never compare rows made under two salts.
+            if let Some(v) = &v
+                && !policy.made_now(d, &v.form)
+            {
+                return Err(ServiceError::NeedsUpload(d.name().to_string()));
+            }
+            versions.push(v);
         }
         // Under matching = "ecdh" a version the partner has not blinded yet
         // cannot be matched: it is left out, as if not uploaded.
@@ -1192,7 +1199,18 @@ min_group_size = 5
             }
             versions.push(Some(
                 store
-                    .commit(staged, None, "u", d.owner(), "h", 1, None)
+                    .commit(
+                        staged,
+                        crate::storage::Commit {
+                            base: None,
+                            upload_id: "u",
+                            uploaded_by: d.owner(),
+                            policy_hash: "h",
+                            form: &policy.data_form(d),
+                            committed_at: 1,
+                            owner_key: None,
+                        },
+                    )
                     .unwrap(),
             ));
         }

@@ -166,6 +166,30 @@ pub struct VersionInfo {
     pub committed_at: i64,
     /// Hex BLAKE3 of the policy the upload was validated against.
     pub policy_hash: String,
+    /// How its identifiers were made and its columns typed
+    /// ([`crate::policy::Policy::data_form`]); empty for versions stored
+    /// before it was recorded.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub form: String,
+}
+
+/// What a commit records besides the rows.
+#[derive(Debug, Clone, Copy)]
+pub struct Commit<'a> {
+    /// The version the new one replaces (None: the dataset had none). If
+    /// another version became current since, nothing is committed
+    /// ([`StorageError::Superseded`]): an upload or erasure that started
+    /// from a version never overwrites one made after it.
+    pub base: Option<&'a str>,
+    pub upload_id: &'a str,
+    pub uploaded_by: &'a str,
+    pub policy_hash: &'a str,
+    /// [`VersionInfo::form`].
+    pub form: &'a str,
+    /// Unix seconds.
+    pub committed_at: i64,
+    /// Under ecdh, the id of the owner's blinding key.
+    pub owner_key: Option<&'a KeyId>,
 }
 
 /// The embedded store. Cheap to clone.
@@ -475,21 +499,21 @@ impl Store {
     /// Makes a staged version durable and current, atomically: file synced
     /// and renamed first, then one metadata transaction records the version,
     /// the upload id and the new current pointer.
-    /// `base` is the version the new one replaces (None: the dataset had
-    /// none). If another version became current since, nothing is
-    /// committed ([`StorageError::Superseded`]): an upload or erasure that
-    /// started from a version never overwrites one made after it.
-    #[allow(clippy::too_many_arguments)]
+    /// Refused, storing nothing, if `meta.base` is no longer current.
     pub fn commit(
         &self,
         staged: StagedVersion,
-        base: Option<&str>,
-        upload_id: &str,
-        uploaded_by: &str,
-        policy_hash: &str,
-        committed_at: i64,
-        owner_key: Option<&KeyId>,
+        meta: Commit<'_>,
     ) -> Result<VersionInfo, StorageError> {
+        let Commit {
+            base,
+            upload_id,
+            uploaded_by,
+            policy_hash,
+            form,
+            committed_at,
+            owner_key,
+        } = meta;
         let (agreement, dataset, version) = (
             staged.agreement().to_string(),
             staged.dataset().to_string(),
@@ -507,6 +531,7 @@ impl Store {
             bytes,
             committed_at,
             policy_hash: policy_hash.to_string(),
+            form: form.to_string(),
         };
         let owner_entry = owner_key
             .map(|id| self.sealed_key_id(&info, blinding::KeyRole::Owner, id))
@@ -676,6 +701,18 @@ mod tests {
         RecordBatch::try_new(schema, vec![Arc::new(Int64Array::from_iter_values(0..n))]).unwrap()
     }
 
+    pub(super) fn commit<'a>(base: Option<&'a str>, upload_id: &'a str) -> Commit<'a> {
+        Commit {
+            base,
+            upload_id,
+            uploaded_by: "acme",
+            policy_hash: "h",
+            form: "",
+            committed_at: 1,
+            owner_key: None,
+        }
+    }
+
     pub(super) fn put(store: &Store, upload_id: &str, n: i64) -> VersionInfo {
         let mut staged = store.stage("a", "d").unwrap();
         let b = batch(n);
@@ -684,7 +721,7 @@ mod tests {
             .unwrap();
         let base = store.current("a", "d").unwrap().map(|v| v.version);
         store
-            .commit(staged, base.as_deref(), upload_id, "acme", "h", 1, None)
+            .commit(staged, commit(base.as_deref(), upload_id))
             .unwrap()
     }
 
@@ -696,7 +733,7 @@ mod tests {
         let staged = store.stage("a", "d").unwrap();
         let v2 = put(&store, "u2", 7);
         let err = store
-            .commit(staged, Some(&v1.version), "u3", "acme", "h", 1, None)
+            .commit(staged, commit(Some(&v1.version), "u3"))
             .unwrap_err();
         assert!(matches!(err, StorageError::Superseded { .. }), "{err}");
         assert_eq!(store.current("a", "d").unwrap().unwrap(), v2);
@@ -704,11 +741,7 @@ mod tests {
         assert_eq!(walk_files(&dir.path().join("datasets")).unwrap().len(), 2);
         // From nothing, when a version exists: refused too.
         let staged = store.stage("a", "d").unwrap();
-        assert!(
-            store
-                .commit(staged, None, "u4", "acme", "h", 1, None)
-                .is_err()
-        );
+        assert!(store.commit(staged, commit(None, "u4")).is_err());
     }
 
     #[test]
@@ -788,7 +821,7 @@ mod tests {
                 .unwrap();
         }
         let v = store
-            .commit(staged, None, "u1", "acme", "h", 1, None)
+            .commit(staged, super::tests::commit(None, "u1"))
             .unwrap();
         let copy = |b: RecordBatch| -> Result<RecordBatch, StorageError> {
             let columns = b.columns().iter().map(crate::query::owned).collect();
