@@ -72,6 +72,10 @@ pub enum ServiceError {
     /// at once); `rule` names it.
     #[error("rule {rule}: {detail}")]
     LimitExceeded { rule: &'static str, detail: String },
+    /// UNAVAILABLE: the server passed its drain deadline while this call
+    /// ran.
+    #[error("the server is stopping; nothing was stored, send it again")]
+    Stopping,
     /// UNAVAILABLE: the server's storage could not take a write (full or
     /// read-only). Nothing was changed; the detail, with the path, is
     /// logged for the operator.
@@ -87,6 +91,11 @@ pub enum ServiceError {
         "rule dataset.reupload: dataset {0:?} was made under identity settings the policy no longer has (its salt, an identity kind's normalisation, the matching mode or a column's type changed); its owner uploads it again before it is matched, queried or erased from"
     )]
     NeedsUpload(String),
+    /// DATA_LOSS: the dataset's current version is damaged on the server.
+    #[error(
+        "rule dataset.damaged: dataset {0:?} is damaged on the server; its owner uploads it again (the operator has the details)"
+    )]
+    DatasetDamaged(String),
     /// ABORTED: the dataset changed while this upload or erasure ran; it
     /// stored nothing and may be sent again.
     #[error(
@@ -119,7 +128,9 @@ impl ServiceError {
             ServiceError::LimitExceeded { rule, .. } => (*rule).into(),
             ServiceError::Superseded(_) => "dataset.changed".into(),
             ServiceError::NeedsUpload(_) => "dataset.reupload".into(),
+            ServiceError::DatasetDamaged(_) => "dataset.damaged".into(),
             ServiceError::Unavailable(_) => "storage.unavailable".into(),
+            ServiceError::Stopping => "server.stopping".into(),
             ServiceError::DataLoss(_) => "storage.damaged".into(),
             ServiceError::Internal(_) => "internal".into(),
         }
@@ -139,6 +150,8 @@ impl From<crate::storage::StorageError> for ServiceError {
     fn from(e: crate::storage::StorageError) -> Self {
         if let crate::storage::StorageError::Superseded { dataset } = e {
             ServiceError::Superseded(dataset)
+        } else if let crate::storage::StorageError::VersionDamaged { dataset, .. } = e {
+            ServiceError::DatasetDamaged(dataset)
         } else if e.is_unavailable() {
             ServiceError::Unavailable(e.to_string())
         } else if e.is_damage() {
@@ -174,6 +187,8 @@ impl From<ServiceError> for Status {
                 Code::ResourceExhausted
             }
             ServiceError::Superseded(_) => Code::Aborted,
+            ServiceError::Stopping => Code::Unavailable,
+            ServiceError::DatasetDamaged(_) => Code::DataLoss,
             ServiceError::Unavailable(detail) => {
                 tracing::error!(%detail, "storage refused a write");
                 Code::Unavailable

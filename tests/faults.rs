@@ -594,3 +594,187 @@ async fn a_salt_change_refuses_answers_over_old_fingerprints_until_uploaded_agai
     assert_eq!(uploaded_again.batches, before.batches);
     server.stop().await.unwrap();
 }
+
+const JOINED: &str = "SELECT c.region, COUNT(*) AS n FROM customers c JOIN audience a ON c.email = a.email GROUP BY c.region";
+
+/// The version file of `dataset` (not a matched table).
+fn version_file(data: &std::path::Path, dataset: &str) -> std::path::PathBuf {
+    version_files(data)
+        .into_iter()
+        .find(|f| f.parent().is_some_and(|p| p.ends_with(dataset)))
+        .unwrap()
+}
+
+fn assert_damaged(e: cleanroom::client::ClientError, dataset: &str) {
+    let status = e.status().cloned().unwrap();
+    assert_eq!(status.code(), Code::DataLoss, "{status:?}");
+    assert!(
+        status.message().starts_with("rule dataset.damaged"),
+        "{status:?}"
+    );
+    assert!(status.message().contains(dataset), "{status:?}");
+    assert!(!status.message().contains('/'), "a path in {status:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_scrub_finds_a_damaged_version_and_a_new_upload_mends_it() {
+    let dir = common::demo_policies(None);
+    let server = TestServer::start_with(Setup {
+        policies: dir.path().to_path_buf(),
+        scrub: cleanroom::server::Scrub {
+            every: Duration::from_millis(200),
+            bytes_per_second: 1 << 30,
+        },
+        ..Setup::default()
+    })
+    .await;
+    let data = server.data_dir.path().join("data");
+    let (files, _) = common::synth(500, 0.5);
+    common::upload_demo(&server, "acme", files.path()).await;
+    common::upload_demo(&server, "globex", files.path()).await;
+    let mut acme = server.client("acme").await;
+    let before = acme.query(AGREEMENT, JOINED).await.unwrap();
+
+    // One byte changes in the middle of acme's file: same size, so only
+    // opening its chunks finds it.
+    let file = version_file(&data, "customers");
+    let mut bytes = std::fs::read(&file).unwrap();
+    let middle = bytes.len() / 2;
+    bytes[middle] ^= 0x01;
+    std::fs::write(&file, &bytes).unwrap();
+    let found = common::eventually(|| {
+        let mut c = acme.clone();
+        async move {
+            c.list_datasets(AGREEMENT).await.unwrap()[0].state
+                == proto::DatasetState::Damaged as i32
+        }
+    })
+    .await;
+    assert!(found, "the scrub did not find the damage");
+    assert_damaged(
+        acme.query(AGREEMENT, JOINED).await.unwrap_err(),
+        "customers",
+    );
+    let hash = common::policy_hash(&server).await;
+    let erase = proto::datasets_client::DatasetsClient::new(acme.channel())
+        .erase(erase_request(&hash, 1))
+        .await
+        .unwrap_err();
+    assert_eq!(erase.code(), Code::DataLoss, "{erase:?}");
+    let entries = acme.audit_entries(AGREEMENT).await.unwrap();
+    assert!(
+        entries
+            .iter()
+            .any(|e| e.action == "scrub" && e.rule.as_deref() == Some("dataset.damaged")),
+        "the damage is not audited"
+    );
+    // globex learns its own datasets only; acme's state is acme's.
+    let globex = server
+        .client("globex")
+        .await
+        .list_datasets(AGREEMENT)
+        .await
+        .unwrap();
+    assert_eq!(globex[0].state, proto::DatasetState::Matched as i32);
+
+    common::upload_demo(&server, "acme", files.path()).await;
+    let mended = acme.query(AGREEMENT, JOINED).await.unwrap();
+    assert_eq!(mended.batches, before.batches);
+    assert_eq!(
+        acme.list_datasets(AGREEMENT).await.unwrap()[0].state,
+        proto::DatasetState::Matched as i32
+    );
+    server.stop().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_cut_or_missing_version_file_is_found_at_start() {
+    let server = TestServer::start().await;
+    let (files, _) = common::synth(400, 0.5);
+    common::upload_demo(&server, "acme", files.path()).await;
+    common::upload_demo(&server, "globex", files.path()).await;
+    let (pki, dir) = server.stop_keeping_all().await;
+    let data = dir.path().join("data");
+    let acme_file = version_file(&data, "customers");
+    let len = std::fs::metadata(&acme_file).unwrap().len();
+    std::fs::OpenOptions::new()
+        .write(true)
+        .open(&acme_file)
+        .unwrap()
+        .set_len(len / 2)
+        .unwrap();
+    std::fs::remove_file(version_file(&data, "audience")).unwrap();
+    // The matched tables made from them go too, so nothing hides the loss.
+    for f in files_under(&data.join("datasets")) {
+        if f.to_string_lossy().ends_with(".matched.cds") {
+            std::fs::remove_file(f).unwrap();
+        }
+    }
+
+    // The store is free once the server has stopped.
+    drop(cleanroom::storage::Store::open(&data, None).unwrap());
+    let server = TestServer::start_in(pki, dir, Setup::default()).await;
+    let mut acme = server.client("acme").await;
+    let mut globex = server.client("globex").await;
+    for (client, dataset) in [(&mut acme, "customers"), (&mut globex, "audience")] {
+        let listed = client.list_datasets(AGREEMENT).await.unwrap();
+        assert_eq!(
+            listed[0].state,
+            proto::DatasetState::Damaged as i32,
+            "{dataset}"
+        );
+    }
+    let err = acme.query(AGREEMENT, JOINED).await.unwrap_err();
+    assert_damaged(err, "customers");
+    let err = acme
+        .overlap(AGREEMENT, &["customers".into(), "audience".into()])
+        .await
+        .unwrap_err();
+    assert_eq!(err.status().unwrap().code(), Code::DataLoss);
+    server.stop().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn shutdown_ends_at_its_drain_deadline_and_nothing_commits_after_it() {
+    let dir = common::demo_policies(None);
+    let mut server = TestServer::start_with(Setup {
+        policies: dir.path().to_path_buf(),
+        drain_timeout: Duration::from_secs(1),
+        ..Setup::default()
+    })
+    .await;
+    let hash = common::policy_hash(&server).await;
+    let rows: Vec<Row> = (0..80).map(Row::new).collect();
+    let stalled = Stalled::open(&server, &hash, "late", &rows).await;
+
+    let asked = std::time::Instant::now();
+    server.begin_shutdown();
+    let task = server.task.take().unwrap();
+    task.await.unwrap().unwrap();
+    let took = asked.elapsed();
+    // Grace (50 ms in tests) plus the drain, and a little for the rest.
+    assert!(
+        took < Duration::from_millis(2_500),
+        "stopped after {took:?}"
+    );
+
+    // The stream that was still open asks to commit now: nothing is stored.
+    let _ = stalled.tx.send(common::commit(80, 1)).await;
+    drop(stalled.tx);
+    let outcome = tokio::time::timeout(Duration::from_secs(10), stalled.call)
+        .await
+        .expect("the call never ended")
+        .unwrap();
+    assert!(outcome.is_err(), "committed after the drain: {outcome:?}");
+    // The call's connection lets go of the store once it has ended.
+    let data = server.data_dir.path().join("data");
+    let started = std::time::Instant::now();
+    let store = loop {
+        match cleanroom::storage::Store::open(&data, None) {
+            Ok(store) => break store,
+            Err(e) => assert!(started.elapsed() < Duration::from_secs(10), "{e}"),
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    assert!(store.current(AGREEMENT, "customers").unwrap().is_none());
+}

@@ -323,7 +323,9 @@ pub fn render_status(s: &proto::AdminStatusResponse) -> String {
                     d.current_version,
                     when(d.uploaded_at),
                     d.versions,
-                    if d.needs_upload {
+                    if d.damaged {
+                        "; DAMAGED: its owner must upload it again"
+                    } else if d.needs_upload {
                         "; NEEDS A NEW UPLOAD: made under identity settings the policy no longer has"
                     } else {
                         ""

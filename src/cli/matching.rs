@@ -92,6 +92,7 @@ pub(super) fn state_text(d: &proto::DatasetVersion) -> String {
             "uploaded, waiting for {}'s blinding (they run `cleanroom match`)",
             d.waiting_for
         ),
+        Ok(proto::DatasetState::Damaged) => "damaged on the server: upload it again".into(),
         Ok(proto::DatasetState::NeedsUpload) => "made under identity settings the policy no longer has (salt, normalisation or column types changed): upload it again".into(),
         _ => "matched".into(),
     }

@@ -12,7 +12,7 @@ use serde::Deserialize;
 
 use crate::clock::SystemClock;
 use crate::query::QueryLimits;
-use crate::server::{Deletion, ServerOptions, TlsFiles};
+use crate::server::{Deletion, Scrub, ServerOptions, TlsFiles};
 use crate::upload::Limits;
 
 const DEFAULT_LISTEN: &str = "127.0.0.1:50051";
@@ -87,6 +87,8 @@ struct ConfigFile {
     metrics_listen: Option<SocketAddr>,
     max_clock_jump_seconds: Option<f64>,
     deletion_grace_seconds: Option<f64>,
+    scrub_interval_seconds: Option<f64>,
+    scrub_bytes_per_second: Option<u64>,
 }
 
 /// Certificates from an existing CA, file by file.
@@ -255,6 +257,18 @@ fn settings(args: ServeArgs) -> anyhow::Result<Settings> {
                     Some(s) => seconds("deletion_grace_seconds", s)?,
                     None => Deletion::default().grace,
                 },
+            },
+            scrub: Scrub {
+                every: positive_seconds(
+                    "scrub_interval_seconds",
+                    file.scrub_interval_seconds,
+                    Scrub::default().every,
+                )?,
+                bytes_per_second: at_least_one(
+                    "scrub_bytes_per_second",
+                    file.scrub_bytes_per_second,
+                    Scrub::default().bytes_per_second,
+                )?,
             },
         },
     })

@@ -210,6 +210,7 @@ fn erase_rows(
     let mut id = [0u8; 12];
     ring::rand::SecureRandom::fill(&ring::rand::SystemRandom::new(), &mut id)
         .map_err(|_| ServiceError::Internal("the system random source failed".into()))?;
+    state.still_open()?;
     let info = store.commit(
         staged,
         crate::storage::Commit {
@@ -420,20 +421,24 @@ impl DatasetsService {
                     let store = store.clone();
                     let org = org.clone();
                     let lock = self.state.dataset_lock(policy.id(), dataset.name());
+                    let state = self.state.clone();
                     let info = tokio::task::spawn_blocking(move || {
                         let _serialised = lock.lock().unwrap_or_else(|e| e.into_inner());
-                        store.commit(
-                            staged,
-                            crate::storage::Commit {
-                                base: base.as_deref(),
-                                upload_id: &upload_id,
-                                uploaded_by: &org,
-                                policy_hash: &hash,
-                                form: &form,
-                                committed_at: now,
-                                owner_key: owner_key.as_ref(),
-                            },
-                        )
+                        state.still_open()?;
+                        store
+                            .commit(
+                                staged,
+                                crate::storage::Commit {
+                                    base: base.as_deref(),
+                                    upload_id: &upload_id,
+                                    uploaded_by: &org,
+                                    policy_hash: &hash,
+                                    form: &form,
+                                    committed_at: now,
+                                    owner_key: owner_key.as_ref(),
+                                },
+                            )
+                            .map_err(ServiceError::from)
                     })
                     .await
                     .map_err(|e| ServiceError::Internal(format!("commit task: {e}")))??;
@@ -538,7 +543,10 @@ impl proto::datasets_server::Datasets for DatasetsService {
                 .map_err(ServiceError::from)?;
             if let Some(v) = current {
                 let matchable = super::blinding::is_matchable(self.state.store(), &policy, &v)?;
-                let (state, waiting_for) = if !policy.made_now(d, &v.form) {
+                let damaged = store.is_damaged(&v).map_err(ServiceError::from)?;
+                let (state, waiting_for) = if damaged {
+                    (proto::DatasetState::Damaged, String::new())
+                } else if !policy.made_now(d, &v.form) {
                     (proto::DatasetState::NeedsUpload, String::new())
                 } else if matchable {
                     (proto::DatasetState::Matched, String::new())

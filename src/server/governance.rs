@@ -71,6 +71,10 @@ pub fn agreement_status(
             needs_upload: current
                 .as_ref()
                 .is_some_and(|v| !policy.made_now(d, &v.form)),
+            damaged: match &current {
+                Some(v) => store.is_damaged(v)?,
+                None => false,
+            },
         });
     }
     let mut budgets = Vec::new();

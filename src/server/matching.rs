@@ -126,6 +126,9 @@ impl MatchingService {
             if !policy.made_now(d, &v.form) {
                 return Err(ServiceError::NeedsUpload(d.name().to_string()));
             }
+            if store.is_damaged(&v)? {
+                return Err(ServiceError::DatasetDamaged(d.name().to_string()));
+            }
             if !is_matchable(store, &policy, &v)? {
                 return Err(not_blinded(&policy, d.name()));
             }
@@ -436,7 +439,10 @@ pub(crate) fn match_agreement(
     let complete = || -> Result<bool, ServiceError> {
         for d in policy.datasets() {
             match store.current(policy.id(), d.name())? {
-                Some(v) if policy.made_now(d, &v.form) && is_matchable(store, &policy, &v)? => {}
+                Some(v)
+                    if policy.made_now(d, &v.form)
+                        && !store.is_damaged(&v)?
+                        && is_matchable(store, &policy, &v)? => {}
                 _ => return Ok(false),
             }
         }
@@ -469,6 +475,8 @@ pub(crate) fn match_agreement(
                 };
                 if !policy.made_now(a, &va.form)
                     || !policy.made_now(b, &vb.form)
+                    || store.is_damaged(&va)?
+                    || store.is_damaged(&vb)?
                     || !is_matchable(store, &policy, &va)?
                     || !is_matchable(store, &policy, &vb)?
                 {

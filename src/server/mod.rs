@@ -13,6 +13,7 @@ pub mod governance;
 mod matching;
 pub mod metrics;
 mod queries;
+mod upkeep;
 
 use std::future::Future;
 use std::net::SocketAddr;
@@ -44,6 +45,7 @@ pub use datasets::DatasetsService;
 pub use governance::GovernanceService;
 pub use matching::MatchingService;
 pub use queries::QueriesService;
+pub use upkeep::{Deletion, Scrub};
 
 /// Certificate files the server presents and trusts.
 #[derive(Debug, Clone)]
@@ -111,31 +113,11 @@ pub struct AppState {
         Arc<std::sync::Mutex<std::collections::HashMap<String, Arc<std::sync::Mutex<()>>>>>,
     metrics: Arc<metrics::Metrics>,
     deletion: Deletion,
+    /// Set at the drain deadline: no upload or erasure commits after it.
+    closed: Arc<std::sync::atomic::AtomicBool>,
     /// The time at which deletion was last found paused for a clock
     /// jump, so each pause is audited once.
     paused_at: Arc<std::sync::Mutex<Option<i64>>>,
-}
-
-/// When retention and expiry may delete.
-#[derive(Debug, Clone, Copy)]
-pub struct Deletion {
-    /// A clock this far ahead of the latest time the store has seen is not
-    /// believed: nothing is deleted until an operator confirms it
-    /// (`cleanroom admin trust-clock`).
-    pub max_clock_jump: Duration,
-    /// How long after an agreement expires its data and key are kept
-    /// (unreadable, as the agreement is not in force), so that an expiry
-    /// extended in time finds the agreement whole.
-    pub grace: Duration,
-}
-
-impl Default for Deletion {
-    fn default() -> Self {
-        Deletion {
-            max_clock_jump: Duration::from_secs(86_400),
-            grace: Duration::from_secs(86_400),
-        }
-    }
 }
 
 /// How the last re-reads of the policy folder went, for admins.
@@ -174,6 +156,7 @@ impl AppState {
             dataset_locks: Arc::default(),
             metrics: Arc::default(),
             deletion: Deletion::default(),
+            closed: Arc::default(),
             paused_at: Arc::default(),
         }
     }
@@ -185,6 +168,15 @@ impl AppState {
     }
 
     /// The server's Prometheus metrics.
+    /// Refuses once the server has passed its drain deadline: a call still
+    /// running then commits nothing.
+    pub(crate) fn still_open(&self) -> Result<(), ServiceError> {
+        match self.closed.load(std::sync::atomic::Ordering::SeqCst) {
+            true => Err(ServiceError::Stopping),
+            false => Ok(()),
+        }
+    }
+
     pub(crate) fn metrics(&self) -> &Arc<metrics::Metrics> {
         &self.metrics
     }
@@ -195,121 +187,6 @@ impl AppState {
         self.query_gate = Arc::new(queries::QueryGate::new(limits));
         self.query_tables = queries::TableCache::new(limits.table_cache_bytes);
         self
-    }
-
-    /// Deletes what retention and expiry no longer allow: every version
-    /// older than the agreement's retention period, and everything of an
-    /// agreement once the grace period after its expiry has passed. When
-    /// nothing of an agreement is left, its data key is destroyed. Each
-    /// deletion is audited. Nothing is deleted while the clock reads more
-    /// than the allowed jump past the latest time the store has seen.
-    /// Blocking: call off the async runtime.
-    pub fn run_maintenance(&self) -> Result<(), StorageError> {
-        let now = self.clock.now();
-        let unix = now.unix_timestamp();
-        let jump = i64::try_from(self.deletion.max_clock_jump.as_secs()).unwrap_or(i64::MAX);
-        if let Some(seen) = self.store.time_seen()?
-            && unix > seen.saturating_add(jump)
-        {
-            self.deletion_paused(seen, unix);
-            return Ok(());
-        }
-        self.store.see_time(unix, false)?;
-        *self.paused_at.lock().unwrap_or_else(|e| e.into_inner()) = None;
-        let grace = time::Duration::try_from(self.deletion.grace).unwrap_or(time::Duration::MAX);
-        for policy in self.policies().iter() {
-            let id = policy.id();
-            // Expired from the midnight (UTC) after the expiry date.
-            let ended = policy
-                .expires_on()
-                .next_day()
-                .map(|d| d.midnight().assume_utc());
-            let expired = ended.is_some_and(|e| now >= e + grace);
-            let keep_after = unix - i64::from(policy.retention_days()) * 86_400;
-            let mut remaining = 0usize;
-            for d in policy.datasets() {
-                let versions = self.store.versions(id, d.name())?;
-                let (doomed, kept): (Vec<_>, Vec<_>) = versions
-                    .into_iter()
-                    .partition(|v| expired || v.committed_at <= keep_after);
-                remaining += kept.len();
-                if doomed.is_empty() {
-                    continue;
-                }
-                self.store.delete_versions(&doomed)?;
-                self.query_tables.forget(id);
-                let why = if expired {
-                    "the agreement expired".to_string()
-                } else {
-                    format!("older than {} days", policy.retention_days())
-                };
-                tracing::info!(agreement = %id, dataset = %d.name(), versions = doomed.len(), reason = %why, "data deleted");
-                self.audit_maintenance(Event {
-                    org: OPERATOR.into(),
-                    agreement: id.to_string(),
-                    policy_hash: policy.hash().to_hex(),
-                    action: "retention",
-                    accepted: true,
-                    subject: Some(format!(
-                        "{}: {} version(s) deleted, {why}",
-                        d.name(),
-                        doomed.len()
-                    )),
-                    rows: Some(doomed.iter().map(|v| v.rows).sum()),
-                    ..Event::default()
-                });
-            }
-            if (expired || remaining == 0)
-                && self.store.has_data_key(id)?
-                && self.store.shred_data_key_if_unused(id)?
-            {
-                tracing::info!(agreement = %id, "data key destroyed");
-                self.audit_maintenance(Event {
-                    org: OPERATOR.into(),
-                    agreement: id.to_string(),
-                    policy_hash: policy.hash().to_hex(),
-                    action: "retention",
-                    accepted: true,
-                    subject: Some("data key destroyed: no data of the agreement remains".into()),
-                    ..Event::default()
-                });
-            }
-        }
-        Ok(())
-    }
-
-    /// Audits, once per pause, that deletion waits for the clock.
-    fn deletion_paused(&self, seen: i64, now: i64) {
-        let mut paused = self.paused_at.lock().unwrap_or_else(|e| e.into_inner());
-        if paused.is_some() {
-            return;
-        }
-        *paused = Some(now);
-        let ahead = now - seen;
-        tracing::warn!(
-            ahead_seconds = ahead,
-            "deletion paused: the clock is further ahead of the latest time this store has seen than max_clock_jump_seconds allows; if the clock is right, stop the server and run `cleanroom admin trust-clock`"
-        );
-        for policy in self.policies().iter() {
-            self.audit_maintenance(Event {
-                org: OPERATOR.into(),
-                agreement: policy.id().to_string(),
-                policy_hash: policy.hash().to_hex(),
-                action: "retention",
-                accepted: false,
-                rule: Some("clock.jump".into()),
-                subject: Some(format!(
-                    "deletion paused: the server's clock reads {ahead} s past the latest time its store has seen; an operator confirms the clock"
-                )),
-                ..Event::default()
-            });
-        }
-    }
-
-    fn audit_maintenance(&self, event: Event) {
-        if let Err(e) = self.audit.append(event, self.clock.now().unix_timestamp()) {
-            tracing::error!(error = %e, "auditing a deletion");
-        }
     }
 
     pub fn reload_status(&self) -> ReloadStatus {
@@ -583,6 +460,8 @@ pub struct ServerOptions {
     pub metrics_listen: Option<SocketAddr>,
     /// When retention and expiry may delete.
     pub deletion: Deletion,
+    /// How stored versions are checked for damage.
+    pub scrub: Scrub,
 }
 
 impl ServerOptions {
@@ -603,6 +482,7 @@ impl ServerOptions {
             maintenance_interval: Duration::from_secs(60),
             metrics_listen: None,
             deletion: Deletion::default(),
+            scrub: Scrub::default(),
         }
     }
 }
@@ -721,6 +601,7 @@ pub async fn serve(
         &policies,
         options.clock.now().unix_timestamp(),
     )?;
+    let held = store.clone();
     let state = AppState::new(
         policies,
         Arc::clone(&options.clock),
@@ -780,6 +661,7 @@ pub async fn serve(
         data_dir = %options.data_dir.display(),
         "listening"
     );
+    let closed = Arc::clone(&state.closed);
     let incoming = TcpIncoming::from(listener).with_nodelay(Some(true));
     let router = Server::builder()
         .tls_config(tls)?
@@ -804,28 +686,48 @@ pub async fn serve(
         let _ = drained_tx.send(());
     });
     tokio::pin!(server);
-    // Serve until stopped, then give in-flight calls the drain timeout.
-    tokio::select! {
-        result = &mut server => return result.map_err(ServerError::from),
-        _ = drained_rx => {}
+    // Serve until stopped; from then on everything ends by one deadline.
+    let served = tokio::select! {
+        result = &mut server => Some(result),
+        _ = drained_rx => None,
+    };
+    let deadline = tokio::time::Instant::now() + options.drain_timeout;
+    let result = match served {
+        Some(result) => result.map_err(ServerError::from),
+        None => match tokio::time::timeout_at(deadline, server).await {
+            Ok(result) => result.map_err(ServerError::from),
+            Err(_) => {
+                tracing::warn!("in-flight calls did not finish in time; stopping anyway");
+                Ok(())
+            }
+        },
+    };
+    // Calls still running past the drain commit nothing from here on.
+    closed.store(true, std::sync::atomic::Ordering::SeqCst);
+    if tokio::time::timeout_at(deadline, background.stop())
+        .await
+        .is_err()
+    {
+        tracing::warn!("background work did not stop in time; stopping anyway");
     }
-    match tokio::time::timeout(options.drain_timeout, server).await {
-        Ok(result) => result?,
-        Err(_) => tracing::warn!("in-flight calls did not finish in time; stopping anyway"),
-    }
-    background.stop().await;
-    // The endpoint holds the state, and with it the store: wait until it
-    // is gone, so the data directory is free once `serve` returns.
     let _ = metrics_stop.send(());
     if let Some(task) = metrics_task
-        && tokio::time::timeout(options.drain_timeout, task)
-            .await
-            .is_err()
+        && tokio::time::timeout_at(deadline, task).await.is_err()
     {
         tracing::warn!("the metrics endpoint did not stop in time");
     }
+    // Connections closing after the drain still hold the services, and
+    // through them the store, for a moment: wait until it is free, so the
+    // data directory is once `serve` returns.
+    while held.handles() > 1 && tokio::time::Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    if held.handles() > 1 {
+        tracing::warn!("the store is still in use at the drain deadline; stopping anyway");
+    }
+    drop(held);
     tracing::info!("stopped");
-    Ok(())
+    result
 }
 
 /// The server's own work between calls: re-reading the policy folder when
@@ -854,6 +756,35 @@ fn spawn_background(state: &AppState, options: &ServerOptions) -> Background {
         })
     };
     let matcher = spawn_matcher(state, stop.subscribe());
+    let scrub = {
+        let state = state.clone();
+        let Scrub {
+            every,
+            bytes_per_second,
+        } = options.scrub;
+        let mut stopped = stopped.clone();
+        tokio::spawn(async move {
+            loop {
+                let (s, flag) = (state.clone(), stopped.clone());
+                let pass = tokio::task::spawn_blocking(move || {
+                    s.run_scrub(bytes_per_second, &|| *flag.borrow())
+                })
+                .await;
+                match pass {
+                    Ok(Ok(0)) => {}
+                    Ok(Ok(n)) => {
+                        tracing::error!(versions = n, "scrub found damaged dataset versions")
+                    }
+                    Ok(Err(e)) => tracing::error!(error = %e, "scrub"),
+                    Err(e) => tracing::error!(error = %e, "scrub"),
+                }
+                tokio::select! {
+                    _ = tokio::time::sleep(every) => {}
+                    _ = stopped.changed() => break,
+                }
+            }
+        })
+    };
     let state = state.clone();
     let dir = options.policies_dir.clone();
     let poll = options.policy_poll;
@@ -877,7 +808,7 @@ fn spawn_background(state: &AppState, options: &ServerOptions) -> Background {
     });
     Background {
         stop,
-        tasks: vec![maintenance, reload, matcher],
+        tasks: vec![maintenance, reload, matcher, scrub],
     }
 }
 

@@ -113,10 +113,11 @@ impl TableCache {
             versions.push(v);
         }
         // Under matching = "ecdh" a version the partner has not blinded yet
-        // cannot be matched: it is left out, as if not uploaded.
+        // cannot be matched: it is left out, as if not uploaded. So is a
+        // damaged one: queries that do not read it still answer.
         for v in versions.iter_mut() {
             if let Some(info) = v
-                && !super::blinding::is_matchable(store, policy, info)?
+                && (store.is_damaged(info)? || !super::blinding::is_matchable(store, policy, info)?)
             {
                 *v = None;
             }
@@ -541,11 +542,11 @@ impl QueriesService {
                 .map_err(query_error)?;
         for name in &checked.datasets {
             if !present.contains(&name.as_str()) {
-                let uploaded = self.state.store().current(policy.id(), name)?.is_some();
-                return Err(if uploaded {
-                    super::blinding::not_blinded(&policy, name)
-                } else {
-                    ServiceError::NoData(name.clone())
+                let store = self.state.store();
+                return Err(match store.current(policy.id(), name)? {
+                    Some(v) if store.is_damaged(&v)? => ServiceError::DatasetDamaged(name.clone()),
+                    Some(_) => super::blinding::not_blinded(&policy, name),
+                    None => ServiceError::NoData(name.clone()),
                 });
             }
         }

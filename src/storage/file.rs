@@ -163,7 +163,11 @@ pub(super) fn read_version<E: From<StorageError>>(
     let damaged = || StorageError::Damaged {
         path: path.to_path_buf(),
     };
-    let file = File::open(path).map_err(io_err(path))?;
+    // A committed version's file that is gone is damage, as is one cut.
+    let file = match File::open(path) {
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Err(damaged().into()),
+        opened => opened.map_err(io_err(path))?,
+    };
     let size = file.metadata().map_err(io_err(path))?.len();
     let mut input = BufReader::with_capacity(1 << 20, file);
     let mut magic = [0u8; MAGIC.len()];

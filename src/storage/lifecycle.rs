@@ -53,6 +53,7 @@ impl Store {
             let mut blindings = tx.open_table(super::blinding::BLINDINGS)?;
             let mut keys = tx.open_table(super::blinding::VERSION_KEYS)?;
             for v in versions {
+                Store::forget_damage_in(&tx, v)?;
                 table.remove(key_name(&[&v.agreement, &v.dataset, &v.version]).as_str())?;
                 blindings.remove(key_name(&[&v.agreement, &v.dataset, &v.version]).as_str())?;
                 for role in [

@@ -22,6 +22,7 @@ mod lifecycle;
 mod matched;
 mod overlaps;
 mod recover;
+mod scrub;
 
 use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
@@ -63,6 +64,9 @@ pub enum StorageError {
     BadMasterKey { path: PathBuf },
     #[error("{path}: dataset file is damaged or was tampered with")]
     Damaged { path: PathBuf },
+    /// A committed version of `dataset` is damaged (now recorded so).
+    #[error("{path}: version of dataset {dataset} is damaged or was tampered with")]
+    VersionDamaged { dataset: String, path: PathBuf },
     #[error("the system random source failed")]
     Random,
     /// The metadata database is missing or damaged; the message names the
@@ -73,6 +77,9 @@ pub enum StorageError {
         problem: String,
         recovery: &'static str,
     },
+    /// Another process (a running server) holds the metadata database.
+    #[error("{}: in use by another process; is a server already running on this data directory?", path.display())]
+    InUse { path: PathBuf },
     /// The version a commit was to replace is no longer current.
     #[error("{dataset}: another version was committed since this one was started")]
     Superseded { dataset: String },
@@ -138,7 +145,10 @@ impl StorageError {
 
     /// Stored data that does not read back as written.
     pub fn is_damage(&self) -> bool {
-        matches!(self, StorageError::Damaged { .. })
+        matches!(
+            self,
+            StorageError::Damaged { .. } | StorageError::VersionDamaged { .. }
+        )
     }
 }
 
@@ -235,10 +245,12 @@ impl Store {
                 tx.open_table(overlaps::OVERLAPS)?;
                 tx.open_table(matched::MATCHED)?;
                 tx.open_table(lifecycle::CLOCK)?;
+                tx.open_table(scrub::DAMAGED)?;
             }
             tx.commit()?;
             let store = Store::checked(root, db, master)?;
             store.recover()?;
+            store.mark_missing_or_cut()?;
             Ok(store)
         })
     }
@@ -277,6 +289,11 @@ impl Store {
         }
         let master = load_or_create_master(&Store::master_key_path(root, master_key), false)?;
         recover::open_metadata(&db_path, false, |db| Store::checked(root, db, master))
+    }
+
+    /// How many handles share this store (this one included).
+    pub fn handles(&self) -> usize {
+        Arc::strong_count(&self.inner)
     }
 
     pub fn root(&self) -> &Path {
@@ -616,19 +633,42 @@ impl Store {
     /// batch. A `keep` that returns a batch of its own buffers (a copy of
     /// the columns it needs) lets the version be read through one chunk's
     /// memory instead of the whole file's.
+    ///
+    /// A version found damaged is recorded so ([`Store::is_damaged`]) and
+    /// reported as [`StorageError::VersionDamaged`].
     pub fn read_with<E: From<StorageError>>(
         &self,
         info: &VersionInfo,
-        keep: impl FnMut(RecordBatch) -> Result<RecordBatch, E>,
+        mut keep: impl FnMut(RecordBatch) -> Result<RecordBatch, E>,
     ) -> Result<Vec<RecordBatch>, E> {
         let key = self.data_key(&info.agreement)?;
         let path = self.version_path(&info.agreement, &info.dataset, &info.version);
-        file::read_version(
+        let mut kept_error: Option<E> = None;
+        let read = file::read_version(
             &path,
             &key,
             [&info.agreement, &info.dataset, &info.version],
-            keep,
-        )
+            |batch| {
+                keep(batch).map_err(|e| {
+                    kept_error = Some(e);
+                    StorageError::Db(String::new())
+                })
+            },
+        );
+        match read {
+            Ok(batches) => Ok(batches),
+            Err(_) if kept_error.is_some() => Err(kept_error.expect("checked")),
+            Err(StorageError::Damaged { path }) => {
+                tracing::error!(path = %path.display(), "a dataset version does not read back as written; its owner must upload again");
+                self.mark_damaged(info, "a sealed chunk did not open")?;
+                Err(StorageError::VersionDamaged {
+                    dataset: info.dataset.clone(),
+                    path,
+                }
+                .into())
+            }
+            Err(e) => Err(e.into()),
+        }
     }
 }
 
@@ -723,6 +763,17 @@ mod tests {
         store
             .commit(staged, commit(base.as_deref(), upload_id))
             .unwrap()
+    }
+
+    #[test]
+    fn a_store_open_elsewhere_is_in_use_not_damaged() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path(), None).unwrap();
+        let err = Store::open(dir.path(), None).unwrap_err();
+        assert!(matches!(err, StorageError::InUse { .. }), "{err}");
+        assert!(err.to_string().contains("already running"), "{err}");
+        drop(store);
+        assert!(Store::open(dir.path(), None).is_ok());
     }
 
     #[test]

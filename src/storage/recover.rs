@@ -65,6 +65,9 @@ pub(super) fn open_metadata(
         };
         match db {
             Ok(db) => then(db),
+            Err(redb::DatabaseError::DatabaseAlreadyOpen) => Err(StorageError::InUse {
+                path: path.to_path_buf(),
+            }),
             Err(e) => Err(StorageError::Db(e.to_string())),
         }
     }));

@@ -63,6 +63,8 @@ pub struct Setup {
     pub maintenance_interval: Duration,
     pub metrics_listen: Option<std::net::SocketAddr>,
     pub deletion: cleanroom::server::Deletion,
+    pub scrub: cleanroom::server::Scrub,
+    pub drain_timeout: Duration,
 }
 
 /// Deletion as the tests that move a manual clock by months need it: the
@@ -87,6 +89,8 @@ impl Default for Setup {
             maintenance_interval: Duration::from_millis(100),
             metrics_listen: None,
             deletion: deletion_for_moved_clocks(),
+            scrub: cleanroom::server::Scrub::default(),
+            drain_timeout: Duration::from_secs(10),
         }
     }
 }
@@ -132,12 +136,13 @@ impl TestServer {
             limits: setup.limits,
             query_limits: setup.query_limits,
             shutdown_grace: setup.shutdown_grace,
-            drain_timeout: Duration::from_secs(10),
+            drain_timeout: setup.drain_timeout,
             clock: setup.clock,
             policy_poll: setup.policy_poll,
             maintenance_interval: setup.maintenance_interval,
             metrics_listen: setup.metrics_listen,
             deletion: setup.deletion,
+            scrub: setup.scrub,
             ..ServerOptions::new(pki.path(), &setup.policies, &data_dir.path().join("data"))
         };
         let (tx, rx) = oneshot::channel::<()>();
