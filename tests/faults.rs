@@ -778,3 +778,51 @@ async fn shutdown_ends_at_its_drain_deadline_and_nothing_commits_after_it() {
     };
     assert!(store.current(AGREEMENT, "customers").unwrap().is_none());
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn connections_that_never_finish_tls_are_closed() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let server = TestServer::start_with(Setup {
+        tls_handshake_timeout: Duration::from_secs(1),
+        ..Setup::default()
+    })
+    .await;
+    let mut idle = Vec::new();
+    for i in 0..200 {
+        let mut s = tokio::net::TcpStream::connect(server.addr).await.unwrap();
+        if i % 4 == 0 {
+            // The first bytes of a TLS record, then nothing.
+            s.write_all(&[0x16, 0x03, 0x01, 0x02]).await.unwrap();
+        }
+        idle.push(s);
+    }
+    // The server answers others meanwhile.
+    let mut acme = server.client("acme").await;
+    acme.list_agreements().await.unwrap();
+    let started = std::time::Instant::now();
+    let mut closed = 0;
+    for mut s in idle {
+        let mut buf = [0u8; 64];
+        let left = Duration::from_secs(10).saturating_sub(started.elapsed());
+        match tokio::time::timeout(left, s.read(&mut buf)).await {
+            Ok(Ok(0)) | Ok(Err(_)) => closed += 1,
+            // An alert before the close is a close too.
+            Ok(Ok(_)) => {
+                if matches!(
+                    tokio::time::timeout(Duration::from_secs(5), s.read(&mut buf)).await,
+                    Ok(Ok(0)) | Ok(Err(_))
+                ) {
+                    closed += 1;
+                }
+            }
+            Err(_) => {}
+        }
+    }
+    assert_eq!(closed, 200, "connections left open");
+    assert!(
+        started.elapsed() < Duration::from_secs(5),
+        "{:?}",
+        started.elapsed()
+    );
+    server.stop().await.unwrap();
+}

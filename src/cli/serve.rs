@@ -88,6 +88,7 @@ struct ConfigFile {
     max_clock_jump_seconds: Option<f64>,
     deletion_grace_seconds: Option<f64>,
     scrub_interval_seconds: Option<f64>,
+    tls_handshake_timeout_seconds: Option<f64>,
     scrub_bytes_per_second: Option<u64>,
 }
 
@@ -258,6 +259,11 @@ fn settings(args: ServeArgs) -> anyhow::Result<Settings> {
                     None => Deletion::default().grace,
                 },
             },
+            tls_handshake_timeout: positive_seconds(
+                "tls_handshake_timeout_seconds",
+                file.tls_handshake_timeout_seconds,
+                Duration::from_secs(10),
+            )?,
             scrub: Scrub {
                 every: positive_seconds(
                     "scrub_interval_seconds",

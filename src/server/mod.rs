@@ -462,6 +462,9 @@ pub struct ServerOptions {
     pub deletion: Deletion,
     /// How stored versions are checked for damage.
     pub scrub: Scrub,
+    /// Longest a connection may take to finish its TLS handshake; one
+    /// that has not by then is closed.
+    pub tls_handshake_timeout: Duration,
 }
 
 impl ServerOptions {
@@ -483,6 +486,7 @@ impl ServerOptions {
             metrics_listen: None,
             deletion: Deletion::default(),
             scrub: Scrub::default(),
+            tls_handshake_timeout: Duration::from_secs(10),
         }
     }
 }
@@ -588,7 +592,7 @@ pub async fn serve(
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<(), ServerError> {
     let policies = crate::policy::load_dir(&options.policies_dir).map_err(ServerError::Policies)?;
-    let tls = tls_config(&options.tls)?;
+    let tls = tls_config(&options.tls)?.timeout(options.tls_handshake_timeout);
     let store = Store::open(&options.data_dir, options.master_key.as_deref())?;
     let local_addr: SocketAddr = listener.local_addr().map_err(|source| ServerError::Io {
         path: PathBuf::from("(listener)"),
@@ -663,7 +667,12 @@ pub async fn serve(
     );
     let closed = Arc::clone(&state.closed);
     let incoming = TcpIncoming::from(listener).with_nodelay(Some(true));
+    // Peers that vanish without closing are found by keepalive pings and
+    // their connections closed.
     let router = Server::builder()
+        .http2_keepalive_interval(Some(Duration::from_secs(30)))
+        .http2_keepalive_timeout(Some(Duration::from_secs(20)))
+        .tcp_keepalive(Some(Duration::from_secs(60)))
         .tls_config(tls)?
         .layer(metrics::CallsLayer(Arc::clone(state.metrics())))
         .add_service(health_service)

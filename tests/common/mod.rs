@@ -65,6 +65,7 @@ pub struct Setup {
     pub deletion: cleanroom::server::Deletion,
     pub scrub: cleanroom::server::Scrub,
     pub drain_timeout: Duration,
+    pub tls_handshake_timeout: Duration,
 }
 
 /// Deletion as the tests that move a manual clock by months need it: the
@@ -91,6 +92,7 @@ impl Default for Setup {
             deletion: deletion_for_moved_clocks(),
             scrub: cleanroom::server::Scrub::default(),
             drain_timeout: Duration::from_secs(10),
+            tls_handshake_timeout: Duration::from_secs(10),
         }
     }
 }
@@ -137,6 +139,7 @@ impl TestServer {
             query_limits: setup.query_limits,
             shutdown_grace: setup.shutdown_grace,
             drain_timeout: setup.drain_timeout,
+            tls_handshake_timeout: setup.tls_handshake_timeout,
             clock: setup.clock,
             policy_poll: setup.policy_poll,
             maintenance_interval: setup.maintenance_interval,
