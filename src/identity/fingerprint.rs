@@ -22,6 +22,12 @@ pub const MIN_SECRET_BYTES: usize = 32;
 #[derive(Clone)]
 pub struct Secret(Vec<u8>);
 
+impl Drop for Secret {
+    fn drop(&mut self) {
+        zeroize::Zeroize::zeroize(&mut self.0);
+    }
+}
+
 impl fmt::Debug for Secret {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         write!(f, "Secret({} bytes)", self.0.len())

@@ -180,6 +180,10 @@ impl AppState {
                 break;
             }
             if store.is_damaged(&v)? {
+                if store.clear_if_whole(&v)? {
+                    tracing::info!(agreement = %v.agreement, dataset = %v.dataset, "a damaged version reads back whole again");
+                    self.query_tables.forget(&v.agreement);
+                }
                 continue;
             }
             let started = std::time::Instant::now();

@@ -37,6 +37,8 @@ pub struct StagedVersion {
     path: PathBuf,
     out: Option<BufWriter<File>>,
     key: Key,
+    /// `key`, sealed for the metadata store.
+    sealed_key: Vec<u8>,
     agreement: String,
     dataset: String,
     version: String,
@@ -48,6 +50,7 @@ impl StagedVersion {
     pub(super) fn create(
         path: PathBuf,
         key: Key,
+        sealed_key: Vec<u8>,
         agreement: &str,
         dataset: &str,
         version: &str,
@@ -64,12 +67,17 @@ impl StagedVersion {
             path,
             out: Some(out),
             key,
+            sealed_key,
             agreement: agreement.to_string(),
             dataset: dataset.to_string(),
             version: version.to_string(),
             chunks: 0,
             rows: 0,
         })
+    }
+
+    pub(super) fn sealed_key(&self) -> &[u8] {
+        &self.sealed_key
     }
 
     pub fn agreement(&self) -> &str {

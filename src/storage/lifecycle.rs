@@ -52,8 +52,10 @@ impl Store {
             let mut uploads = tx.open_table(UPLOADS)?;
             let mut blindings = tx.open_table(super::blinding::BLINDINGS)?;
             let mut keys = tx.open_table(super::blinding::VERSION_KEYS)?;
+            let mut version_keys = tx.open_table(super::version_keys::VERSION_DATA_KEYS)?;
             for v in versions {
                 Store::forget_damage_in(&tx, v)?;
+                version_keys.remove(super::version_keys::entry(v).as_str())?;
                 table.remove(key_name(&[&v.agreement, &v.dataset, &v.version]).as_str())?;
                 blindings.remove(key_name(&[&v.agreement, &v.dataset, &v.version]).as_str())?;
                 for role in [

@@ -126,9 +126,12 @@ impl Store {
                 let staged = self
                     .staging_dir()
                     .join(format!("{agreement}.{dataset}.{id}.matched"));
+                // Matched tables stay under the agreement's key: they go
+                // with the versions they were made from.
                 let mut out = file::StagedVersion::create(
                     staged,
                     self.data_key(agreement)?,
+                    Vec::new(),
                     agreement,
                     dataset,
                     &chunk_label(&id),

@@ -23,6 +23,7 @@ mod matched;
 mod overlaps;
 mod recover;
 mod scrub;
+mod version_keys;
 
 use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
@@ -246,6 +247,7 @@ impl Store {
                 tx.open_table(matched::MATCHED)?;
                 tx.open_table(lifecycle::CLOCK)?;
                 tx.open_table(scrub::DAMAGED)?;
+                tx.open_table(version_keys::VERSION_DATA_KEYS)?;
             }
             tx.commit()?;
             let store = Store::checked(root, db, master)?;
@@ -390,8 +392,8 @@ impl Store {
             match existing {
                 Some(sealed) => self.open_data_key(agreement, &sealed, &aad)?,
                 None => {
-                    let bytes = crypto::random_bytes::<KEY_LEN>()?;
-                    let sealed = self.inner.master.seal(&bytes, &aad)?;
+                    let bytes = zeroize::Zeroizing::new(crypto::random_bytes::<KEY_LEN>()?);
+                    let sealed = self.inner.master.seal(bytes.as_ref(), &aad)?;
                     keys.insert(agreement, sealed.as_slice())?;
                     Key::from_bytes(&bytes)
                 }
@@ -407,15 +409,17 @@ impl Store {
         sealed: &[u8],
         aad: &[u8],
     ) -> Result<Key, StorageError> {
-        let bytes = self
-            .inner
-            .master
-            .open(sealed, aad)
-            .map_err(|_| StorageError::WrongMasterKey(agreement.to_string()))?;
-        let bytes: [u8; KEY_LEN] = bytes
+        let bytes = zeroize::Zeroizing::new(
+            self.inner
+                .master
+                .open(sealed, aad)
+                .map_err(|_| StorageError::WrongMasterKey(agreement.to_string()))?,
+        );
+        let bytes: &[u8; KEY_LEN] = bytes
+            .as_slice()
             .try_into()
             .map_err(|_| StorageError::WrongMasterKey(agreement.to_string()))?;
-        Ok(Key::from_bytes(&bytes))
+        Ok(Key::from_bytes(bytes))
     }
 
     /// The version recorded for an upload id, if that upload was committed.
@@ -506,11 +510,11 @@ impl Store {
             .keys_lock
             .lock()
             .unwrap_or_else(|e| e.into_inner());
-        let key = self.data_key(agreement)?;
+        let (key, sealed_key) = self.new_version_key(agreement, dataset, &version)?;
         let path = self
             .staging_dir()
             .join(format!("{agreement}.{dataset}.{version}.part"));
-        StagedVersion::create(path, key, agreement, dataset, &version)
+        StagedVersion::create(path, key, sealed_key, agreement, dataset, &version)
     }
 
     /// Makes a staged version durable and current, atomically: file synced
@@ -536,6 +540,7 @@ impl Store {
             staged.dataset().to_string(),
             staged.version().to_string(),
         );
+        let staged_key = staged.sealed_key().to_vec();
         let target = self.version_path(&agreement, &dataset, &version);
         let (rows, bytes) = staged.finish_into(&target)?;
         let info = VersionInfo {
@@ -588,6 +593,8 @@ impl Store {
             let mut current = tx.open_table(CURRENT)?;
             current.insert(key_name(&[&agreement, &dataset]).as_str(), version.as_str())?;
         }
+        tx.open_table(version_keys::VERSION_DATA_KEYS)?
+            .insert(version_keys::entry(&info).as_str(), staged_key.as_slice())?;
         if let Some((entry, sealed)) = &owner_entry {
             tx.open_table(blinding::VERSION_KEYS)?
                 .insert(entry.as_str(), sealed.as_slice())?;
@@ -641,7 +648,7 @@ impl Store {
         info: &VersionInfo,
         mut keep: impl FnMut(RecordBatch) -> Result<RecordBatch, E>,
     ) -> Result<Vec<RecordBatch>, E> {
-        let key = self.data_key(&info.agreement)?;
+        let key = self.version_key(info)?;
         let path = self.version_path(&info.agreement, &info.dataset, &info.version);
         let mut kept_error: Option<E> = None;
         let read = file::read_version(
@@ -690,25 +697,23 @@ fn create_private_dir(dir: &Path) -> Result<(), StorageError> {
 
 fn load_or_create_master(path: &Path, create: bool) -> Result<Key, StorageError> {
     if !path.exists() && create {
-        let bytes = crypto::random_bytes::<KEY_LEN>()?;
-        crate::certs::write_file(
-            path,
-            format!("{}\n", hex::encode(bytes)).as_bytes(),
-            true,
-            false,
-        )
-        .map_err(|e| StorageError::Db(e.to_string()))?;
+        let bytes = zeroize::Zeroizing::new(crypto::random_bytes::<KEY_LEN>()?);
+        let text = zeroize::Zeroizing::new(format!("{}\n", hex::encode(bytes.as_ref())));
+        crate::certs::write_file(path, text.as_bytes(), true, false)
+            .map_err(|e| StorageError::Db(e.to_string()))?;
         tracing::info!(path = %path.display(), "created a new master key");
         return Ok(Key::from_bytes(&bytes));
     }
-    let text = std::fs::read_to_string(path).map_err(io_err(path))?;
-    let bytes: [u8; KEY_LEN] = hex::decode(text.trim())
-        .ok()
-        .and_then(|b| b.try_into().ok())
-        .ok_or_else(|| StorageError::BadMasterKey {
-            path: path.to_path_buf(),
-        })?;
-    Ok(Key::from_bytes(&bytes))
+    let text = zeroize::Zeroizing::new(std::fs::read_to_string(path).map_err(io_err(path))?);
+    let decoded = zeroize::Zeroizing::new(hex::decode(text.trim()).unwrap_or_default());
+    let bytes: &[u8; KEY_LEN] =
+        decoded
+            .as_slice()
+            .try_into()
+            .map_err(|_| StorageError::BadMasterKey {
+                path: path.to_path_buf(),
+            })?;
+    Ok(Key::from_bytes(bytes))
 }
 
 fn walk_files(dir: &Path) -> Result<Vec<PathBuf>, StorageError> {
@@ -827,6 +832,22 @@ mod tests {
     }
 
     #[test]
+    fn a_deleted_versions_file_put_back_does_not_open() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path(), None).unwrap();
+        let v1 = put(&store, "u1", 5);
+        let path = store.version_path("a", "d", &v1.version);
+        let copy = std::fs::read(&path).unwrap();
+        let v2 = put(&store, "u2", 4);
+        store.delete_versions(std::slice::from_ref(&v1)).unwrap();
+        // A backup of the file alone, put back: its key went with it.
+        std::fs::write(&path, &copy).unwrap();
+        assert!(store.read(&v1).is_err());
+        // The agreement's key still opens what it should.
+        assert_eq!(store.read(&v2).unwrap()[0].num_rows(), 4);
+    }
+
+    #[test]
     fn tampered_or_truncated_files_are_refused() {
         let dir = tempfile::tempdir().unwrap();
         let store = Store::open(dir.path(), None).unwrap();
@@ -837,20 +858,36 @@ mod tests {
         let mid = flipped.len() / 2;
         flipped[mid] ^= 0x01;
         std::fs::write(&path, &flipped).unwrap();
-        assert!(matches!(store.read(&v), Err(StorageError::Damaged { .. })));
+        assert!(matches!(
+            store.read(&v),
+            Err(StorageError::VersionDamaged { .. })
+        ));
         std::fs::write(&path, &original[..original.len() - 40]).unwrap();
-        assert!(matches!(store.read(&v), Err(StorageError::Damaged { .. })));
+        assert!(matches!(
+            store.read(&v),
+            Err(StorageError::VersionDamaged { .. })
+        ));
         // Cut exactly after a whole data chunk: the end marker (4-byte
         // length, 12-byte nonce, 16-byte tag) is missing.
         std::fs::write(&path, &original[..original.len() - 32]).unwrap();
-        assert!(matches!(store.read(&v), Err(StorageError::Damaged { .. })));
+        assert!(matches!(
+            store.read(&v),
+            Err(StorageError::VersionDamaged { .. })
+        ));
         // Anything after the end marker, even a copy of it.
         let mut longer = original.clone();
         longer.extend_from_slice(&original[original.len() - 32..]);
         std::fs::write(&path, &longer).unwrap();
-        assert!(matches!(store.read(&v), Err(StorageError::Damaged { .. })));
+        assert!(matches!(
+            store.read(&v),
+            Err(StorageError::VersionDamaged { .. })
+        ));
+        assert!(store.is_damaged(&v).unwrap());
         std::fs::write(&path, &original).unwrap();
         assert_eq!(store.read(&v).unwrap()[0].num_rows(), 5);
+        // Put back whole: the next check clears the mark.
+        assert!(store.clear_if_whole(&v).unwrap());
+        assert!(!store.is_damaged(&v).unwrap());
     }
 
     /// A reader that copies each batch gets every chunk's rows intact while
@@ -905,7 +942,7 @@ mod tests {
         std::fs::write(&path, &bytes).unwrap();
         assert!(matches!(
             store.read_with(&v, copy),
-            Err(StorageError::Damaged { .. })
+            Err(StorageError::VersionDamaged { .. })
         ));
     }
 

@@ -45,6 +45,24 @@ impl Store {
         Ok(())
     }
 
+    /// Clears `v`'s damage mark if it now reads back whole (an operator
+    /// put its file back); true if it does.
+    pub fn clear_if_whole(&self, v: &VersionInfo) -> Result<bool, StorageError> {
+        if !self.looks_whole(v) {
+            return Ok(false);
+        }
+        match self.verify_version(v) {
+            Ok(()) => {
+                let tx = self.inner.db.begin_write()?;
+                tx.open_table(DAMAGED)?.remove(entry(v).as_str())?;
+                tx.commit()?;
+                Ok(true)
+            }
+            Err(StorageError::VersionDamaged { .. }) => Ok(false),
+            Err(e) => Err(e),
+        }
+    }
+
     /// Every current version.
     pub fn current_versions(&self) -> Result<Vec<VersionInfo>, StorageError> {
         let pointers: Vec<(String, String)> = {
