@@ -477,7 +477,10 @@ impl AuditLog {
             .write_all(&line)
             .and_then(|()| state.file.sync_data())
             .map_err(io(&path))
-            .and_then(|()| write_head(&self.dir, entry.seq, &hash));
+            .and_then(|()| {
+                crate::crash::point("audit.written");
+                write_head(&self.dir, entry.seq, &hash)
+            });
         if let Err(e) = written {
             // Not committed: the line goes again, so the next append
             // takes this sequence number and chains to the same head. If

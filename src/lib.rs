@@ -10,6 +10,7 @@ pub mod certs;
 pub mod cli;
 pub mod client;
 pub mod clock;
+pub mod crash;
 pub mod error;
 pub mod identity;
 pub mod policy;

@@ -90,6 +90,7 @@ impl AppState {
         let spent = tokio::task::spawn_blocking(move || store.charge(&c, totals))
             .await
             .map_err(|e| ServiceError::Internal(format!("charging the budget: {e}")))??;
+        crate::crash::point("ledger.charged");
         match spent {
             Ok(after) => Ok(Charged {
                 charge,

@@ -215,7 +215,7 @@ fn erase_rows(
         staged,
         crate::storage::Commit {
             base: Some(&current.version),
-            upload_id: &format!("erase-{}", hex::encode(id)),
+            upload_id: &format!("{}{}", crate::storage::ERASURE_ID_PREFIX, hex::encode(id)),
             uploaded_by: org,
             policy_hash: &policy.hash().to_hex(),
             // The rows kept are as they were made.
@@ -232,6 +232,7 @@ fn erase_rows(
     // Under ecdh the new version keeps the partner's blinding of the points
     // it still holds: nothing of the erased rows, and no wait for the partner.
     super::blinding::carry_over(store, policy, &current, &info, &kept_batches)?;
+    crate::crash::point("erase.committed");
     store.delete_versions(&older)?;
     state.versions_changed(policy.id());
     Ok(proto::EraseResponse {
@@ -425,6 +426,7 @@ impl DatasetsService {
                     let info = tokio::task::spawn_blocking(move || {
                         let _serialised = lock.lock().unwrap_or_else(|e| e.into_inner());
                         state.still_open()?;
+                        crate::crash::point("upload.staged");
                         store
                             .commit(
                                 staged,

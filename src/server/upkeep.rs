@@ -59,6 +59,7 @@ impl AppState {
     /// than the allowed jump past the latest time the store has seen.
     /// Blocking: call off the async runtime.
     pub fn run_maintenance(&self) -> Result<(), StorageError> {
+        self.finish_erasures()?;
         let now = self.clock.now();
         let unix = now.unix_timestamp();
         let jump = i64::try_from(self.deletion.max_clock_jump.as_secs()).unwrap_or(i64::MAX);
@@ -125,6 +126,52 @@ impl AppState {
                     action: "retention",
                     accepted: true,
                     subject: Some("data key destroyed: no data of the agreement remains".into()),
+                    ..Event::default()
+                });
+            }
+        }
+        Ok(())
+    }
+
+    /// Deletes the versions older than a current one an erasure wrote: the
+    /// erasure's last step, which a stop between its commit and its
+    /// deletions leaves undone. Not a matter of time: done even while
+    /// deletion waits for the clock.
+    fn finish_erasures(&self) -> Result<(), StorageError> {
+        for policy in self.policies().iter() {
+            for d in policy.datasets() {
+                let Some(current) = self.store.current(policy.id(), d.name())? else {
+                    continue;
+                };
+                if !current
+                    .upload_id
+                    .starts_with(crate::storage::ERASURE_ID_PREFIX)
+                {
+                    continue;
+                }
+                let older: Vec<_> = self
+                    .store
+                    .versions(policy.id(), d.name())?
+                    .into_iter()
+                    .filter(|v| v.version != current.version)
+                    .collect();
+                if older.is_empty() {
+                    continue;
+                }
+                self.store.delete_versions(&older)?;
+                self.query_tables.forget(policy.id());
+                tracing::warn!(agreement = %policy.id(), dataset = %d.name(), versions = older.len(), "finished an erasure a stop interrupted");
+                self.audit_maintenance(Event {
+                    org: OPERATOR.into(),
+                    agreement: policy.id().to_string(),
+                    policy_hash: policy.hash().to_hex(),
+                    action: "erase",
+                    accepted: true,
+                    subject: Some(format!(
+                        "{}: {} older version(s) deleted, finishing an erasure a stop interrupted",
+                        d.name(),
+                        older.len()
+                    )),
                     ..Event::default()
                 });
             }

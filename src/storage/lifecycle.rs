@@ -91,6 +91,7 @@ impl Store {
             doomed.extend(super::matched::forget_in(self, &tx, v)?);
         }
         tx.commit()?;
+        crate::crash::point("delete.recorded");
         doomed.extend(
             versions
                 .iter()

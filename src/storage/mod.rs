@@ -184,6 +184,9 @@ pub struct VersionInfo {
     pub form: String,
 }
 
+/// Upload ids of the versions erasures write start with this.
+pub const ERASURE_ID_PREFIX: &str = "erase-";
+
 /// What a commit records besides the rows.
 #[derive(Debug, Clone, Copy)]
 pub struct Commit<'a> {
@@ -543,6 +546,7 @@ impl Store {
         let staged_key = staged.sealed_key().to_vec();
         let target = self.version_path(&agreement, &dataset, &version);
         let (rows, bytes) = staged.finish_into(&target)?;
+        crate::crash::point("commit.renamed");
         let info = VersionInfo {
             agreement: agreement.clone(),
             dataset: dataset.clone(),
@@ -600,6 +604,7 @@ impl Store {
                 .insert(entry.as_str(), sealed.as_slice())?;
         }
         tx.commit()?;
+        crate::crash::point("commit.recorded");
         Ok(info)
     }
 

@@ -240,8 +240,20 @@ impl RealServer {
     }
 
     pub fn spawn_with(pki: &Pki, data_dir: &Path, grace_seconds: &str, policies: &Path) -> Self {
+        Self::spawn_env(pki, data_dir, grace_seconds, policies, &[])
+    }
+
+    /// As [`RealServer::spawn_with`], with extra environment variables.
+    pub fn spawn_env(
+        pki: &Pki,
+        data_dir: &Path,
+        grace_seconds: &str,
+        policies: &Path,
+        env: &[(&str, &str)],
+    ) -> Self {
         use std::io::{BufRead, BufReader};
         let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_cleanroom"))
+            .envs(env.iter().copied())
             .args([
                 "serve",
                 "--listen",
