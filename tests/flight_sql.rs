@@ -260,6 +260,22 @@ async fn flight_sql_charges_the_budget_and_refuses_what_is_not_a_query() {
     let e = tables("x".repeat(300)).await.unwrap_err();
     assert!(e.contains("table_name_filter_pattern"), "{e}");
     assert!(!e.contains("xxxx"), "{e}");
+    // The schema filter too.
+    let info = flight
+        .get_db_schemas(arrow_flight::sql::CommandGetDbSchemas {
+            db_schema_filter_pattern: Some("y".repeat(300)),
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    let e = flight
+        .do_get(info.endpoint[0].ticket.clone().unwrap())
+        .await
+        .err()
+        .map(|e| e.to_string())
+        .unwrap_or_default();
+    assert!(e.contains("db_schema_filter_pattern"), "{e}");
+    assert!(!e.contains("yyyy"), "{e}");
 
     // An organisation party to nothing sees no catalog.
     let initech = server.client("initech").await;

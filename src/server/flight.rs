@@ -400,6 +400,9 @@ impl FlightSqlService for FlightSqlEndpoint {
         request: Request<Ticket>,
     ) -> Result<Response<FlightStream>, Status> {
         let org = caller(&request)?;
+        // Matched by arrow's LIKE kernel (a regular expression, linear in
+        // the text), and bounded like every pattern a caller sends.
+        pattern_field("db_schema_filter_pattern", &query.db_schema_filter_pattern)?;
         let mut builder: GetDbSchemasBuilder = query.into_builder();
         for p in self.catalogs(&org) {
             builder.append(p.id(), SCHEMA_NAME);
