@@ -826,3 +826,121 @@ async fn connections_that_never_finish_tls_are_closed() {
     );
     server.stop().await.unwrap();
 }
+
+/// A tmpfs of `bytes` mounted at `dir`, unmounted on drop; None, with the
+/// reason printed, where this process may not mount one.
+struct SmallDisk(std::path::PathBuf);
+
+impl SmallDisk {
+    fn mount(dir: &std::path::Path, bytes: u64) -> Option<SmallDisk> {
+        std::fs::create_dir_all(dir).unwrap();
+        let out = std::process::Command::new("mount")
+            .args(["-t", "tmpfs", "-o", &format!("size={bytes}"), "tmpfs"])
+            .arg(dir)
+            .output();
+        match out {
+            Ok(o) if o.status.success() => Some(SmallDisk(dir.to_path_buf())),
+            Ok(o) => {
+                eprintln!(
+                    "skipped: cannot mount a small tmpfs here ({})",
+                    String::from_utf8_lossy(&o.stderr).trim()
+                );
+                None
+            }
+            Err(e) => {
+                eprintln!("skipped: cannot run mount ({e})");
+                None
+            }
+        }
+    }
+
+    /// Writes a file until the disk is full; its path.
+    fn fill(&self) -> std::path::PathBuf {
+        use std::io::Write;
+        let path = self.0.join("filler");
+        let mut f = std::fs::File::create(&path).unwrap();
+        let block = vec![7u8; 4096];
+        while f.write_all(&block).is_ok() {}
+        let _ = f.sync_all();
+        path
+    }
+}
+
+impl Drop for SmallDisk {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("umount").arg(&self.0).status();
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_full_disk_refuses_with_unavailable_and_everything_works_once_freed() {
+    let pki = common::Pki::new();
+    let dir = tempfile::tempdir().unwrap();
+    let Some(disk) = SmallDisk::mount(&dir.path().join("data"), 32 << 20) else {
+        return;
+    };
+    let policies = common::demo_policies(None);
+    let setup = || Setup {
+        policies: policies.path().to_path_buf(),
+        ..Setup::default()
+    };
+    let server = TestServer::start_in(pki, dir, setup()).await;
+    let (files, _) = common::synth(2_000, 0.5);
+    common::upload_demo(&server, "acme", files.path()).await;
+    let data = server.data_dir.path().join("data");
+    let entries_before = cleanroom::audit::verify(&data).unwrap().entries;
+    let filler = disk.fill();
+
+    // Uploads and erasures while the disk is full: UNAVAILABLE, nothing
+    // changed.
+    let globex = server.client("globex").await;
+    for _ in 0..3 {
+        let err = cleanroom::prepare::upload(
+            &globex,
+            &common::secret(),
+            &common::upload_options(
+                "audience",
+                &files.path().join(cleanroom::synth::GLOBEX_FILE),
+            ),
+        )
+        .await
+        .unwrap_err();
+        assert_eq!(err.code(), Some(Code::Unavailable), "{err}");
+        let text = err.to_string();
+        assert!(text.contains("full or read-only"), "{text}");
+        assert!(!text.contains("/tmp"), "a path in {text}");
+    }
+    assert!(
+        server
+            .client("globex")
+            .await
+            .list_datasets(AGREEMENT)
+            .await
+            .unwrap()
+            .is_empty()
+    );
+    cleanroom::audit::verify(&data).unwrap();
+
+    // Space again: the same upload goes through, the chain holds, and a
+    // restart finds it all.
+    std::fs::remove_file(filler).unwrap();
+    common::upload_demo(&server, "globex", files.path()).await;
+    let acme = server.client("acme").await;
+    assert!(common::eventually(|| {
+        let mut a = acme.clone();
+        async move { a.query(AGREEMENT, JOINED).await.is_ok() }
+    })
+    .await);
+    assert!(cleanroom::audit::verify(&data).unwrap().entries > entries_before);
+    let (pki, dir) = server.stop_keeping_all().await;
+    let server = TestServer::start_in(pki, dir, setup()).await;
+    server
+        .client("acme")
+        .await
+        .query(AGREEMENT, JOINED)
+        .await
+        .unwrap();
+    let (_, dir) = server.stop_keeping_all().await;
+    drop(disk);
+    drop(dir);
+}
