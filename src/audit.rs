@@ -274,6 +274,12 @@ fn read_chain_upto(
         let line = std::str::from_utf8(&raw).map_err(|_| broken("not a well-formed entry"))?;
         let entry: Entry =
             serde_json::from_str(line).map_err(|_| broken("not a well-formed entry"))?;
+        // The hash covers the entry's fields; its bytes must be those the
+        // server writes for them, so no byte of the line goes unchecked
+        // (a renamed empty field would otherwise parse to the same entry).
+        if serde_json::to_vec(&entry).ok().as_deref() != Some(raw.as_slice()) {
+            return Err(broken("not as the server writes it: the entry was edited"));
+        }
         if entry.seq != entries + 1 {
             return Err(broken(
                 "sequence number out of order: an entry was removed or moved",
@@ -897,6 +903,26 @@ mod tests {
         std::fs::remove_dir(&blocker).unwrap();
         assert_eq!(log.append(event(3), 1).unwrap().seq, 4);
         assert_eq!(verify(dir.path()).unwrap().entries, 4);
+    }
+
+    #[test]
+    fn every_byte_of_a_line_is_checked() {
+        let dir = log_with(3);
+        let path = dir.path().join(LOG_FILE);
+        let original = std::fs::read(&path).unwrap();
+        for at in 0..original.len() {
+            for flip in [0x01u8, 0x20] {
+                let mut damaged = original.clone();
+                damaged[at] ^= flip;
+                std::fs::write(&path, &damaged).unwrap();
+                assert!(
+                    verify(dir.path()).is_err(),
+                    "byte {at} ^ {flip:#x} unnoticed"
+                );
+            }
+        }
+        std::fs::write(&path, &original).unwrap();
+        assert_eq!(verify(dir.path()).unwrap().entries, 3);
     }
 
     #[test]

@@ -926,11 +926,13 @@ async fn a_full_disk_refuses_with_unavailable_and_everything_works_once_freed() 
     std::fs::remove_file(filler).unwrap();
     common::upload_demo(&server, "globex", files.path()).await;
     let acme = server.client("acme").await;
-    assert!(common::eventually(|| {
-        let mut a = acme.clone();
-        async move { a.query(AGREEMENT, JOINED).await.is_ok() }
-    })
-    .await);
+    assert!(
+        common::eventually(|| {
+            let mut a = acme.clone();
+            async move { a.query(AGREEMENT, JOINED).await.is_ok() }
+        })
+        .await
+    );
     assert!(cleanroom::audit::verify(&data).unwrap().entries > entries_before);
     let (pki, dir) = server.stop_keeping_all().await;
     let server = TestServer::start_in(pki, dir, setup()).await;
