@@ -465,6 +465,19 @@ fn trust_clock_moves_the_latest_time_seen_to_now() {
     // A store last run years ago: the server would pause deletion.
     store.see_time(1_600_000_000, true).unwrap();
     drop(store);
+    cleanroom::audit::AuditLog::open(dir.path())
+        .unwrap()
+        .append(
+            cleanroom::audit::Event {
+                org: "acme".into(),
+                agreement: AGREEMENT.into(),
+                action: "upload",
+                accepted: true,
+                ..Default::default()
+            },
+            1_600_000_000,
+        )
+        .unwrap();
     let (status, stdout, stderr) = cleanroom(&[
         "admin".as_ref(),
         "trust-clock".as_ref(),
@@ -477,6 +490,17 @@ fn trust_clock_moves_the_latest_time_seen_to_now() {
     let seen = store.time_seen().unwrap().unwrap();
     let now = time::OffsetDateTime::now_utc().unix_timestamp();
     assert!((now - seen).abs() < 60, "{seen} vs {now}");
+    // The confirmation is audited for the agreement.
+    let mut last = None;
+    let n = cleanroom::audit::each_entry(dir.path(), |e| last = Some(e.clone())).unwrap();
+    assert_eq!(n, 2);
+    let last = last.unwrap();
+    assert_eq!(last.agreement, AGREEMENT);
+    assert!(
+        last.subject
+            .unwrap()
+            .starts_with("operator confirmed the clock"),
+    );
 }
 
 fn other_salt() -> String {

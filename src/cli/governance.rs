@@ -200,7 +200,6 @@ fn trust_clock(
     })?;
     let before = store.time_seen()?;
     let now = time::OffsetDateTime::now_utc();
-    store.see_time(now.unix_timestamp(), true)?;
     let show = |t: i64| {
         time::OffsetDateTime::from_unix_timestamp(t)
             .ok()
@@ -210,6 +209,31 @@ fn trust_clock(
             })
             .unwrap_or_else(|| t.to_string())
     };
+    // Audited for every agreement the log knows, before the clock moves.
+    let mut agreements = std::collections::BTreeSet::new();
+    crate::audit::each_entry(data_dir, |e| {
+        agreements.insert(e.agreement.clone());
+    })?;
+    let log = crate::audit::AuditLog::open(data_dir)?;
+    for agreement in agreements {
+        log.append(
+            crate::audit::Event {
+                org: crate::server::OPERATOR.into(),
+                agreement,
+                action: "retention",
+                accepted: true,
+                rule: Some("clock.jump".into()),
+                subject: Some(format!(
+                    "operator confirmed the clock: deletion acts on it again (latest time seen {} -> {})",
+                    before.map(show).unwrap_or_else(|| "none".into()),
+                    show(now.unix_timestamp())
+                )),
+                ..Default::default()
+            },
+            now.unix_timestamp(),
+        )?;
+    }
+    store.see_time(now.unix_timestamp(), true)?;
     println!(
         "latest time seen: {} -> {}\nretention and expiry act on this clock from the next start",
         before.map(show).unwrap_or_else(|| "none".into()),
