@@ -60,8 +60,16 @@ pub enum ClientError {
     BadServer(String),
     #[error("cannot connect to {server}: {detail}")]
     Connect { server: String, detail: String },
+    /// The server's refusal. Not a `source`: its text is the message
+    /// shown, once, without tonic's own rendering of the status.
     #[error("{}: {}", code_name(.0.code()), .0.message())]
-    Status(#[from] tonic::Status),
+    Status(tonic::Status),
+}
+
+impl From<tonic::Status> for ClientError {
+    fn from(status: tonic::Status) -> Self {
+        ClientError::Status(status)
+    }
 }
 
 impl ClientError {

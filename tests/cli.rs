@@ -416,3 +416,73 @@ async fn each_party_keeps_its_own_key_and_matches_from_the_command_line() {
     );
     drop(server);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn exit_codes_say_what_kind_of_failure_it_was_and_errors_print_once() {
+    let pki = Pki::new();
+    let data = tempfile::tempdir().unwrap();
+    let server = RealServer::spawn(&pki, &data.path().join("data"), "0.1");
+    let url = format!("https://{}", server.addr);
+    let ca = pki.path().join("ca.pem");
+    let cert = pki.path().join("acme.pem");
+    let key = pki.path().join("acme-key.pem");
+    let env: Vec<(&str, &std::ffi::OsStr)> = vec![
+        ("CLEANROOM_SERVER", url.as_ref()),
+        ("CLEANROOM_CA", ca.as_os_str()),
+        ("CLEANROOM_CERT", cert.as_os_str()),
+        ("CLEANROOM_KEY", key.as_os_str()),
+    ];
+    let code = |args: &[&str], env: &[(&str, &std::ffi::OsStr)]| {
+        let out = cleanroom(args, env);
+        (out.status.code(), text(&out))
+    };
+
+    // 2: the command line.
+    assert_eq!(code(&["query", "--no-such-flag"], &env).0, Some(2));
+    // 3: a local file.
+    let (c, t) = code(
+        &[
+            "upload",
+            "--agreement",
+            "retail-media-demo",
+            "--dataset",
+            "customers",
+            "--input",
+            "/no/such/file.csv",
+            "--secret-file",
+            "/no/such/secret",
+        ],
+        &env,
+    );
+    assert_eq!(c, Some(3), "{t}");
+    // 4: refused by the policy.
+    let (c, t) = code(
+        &[
+            "query",
+            "--agreement",
+            "retail-media-demo",
+            "--sql",
+            "SELECT c.email FROM customers c",
+        ],
+        &env,
+    );
+    assert_eq!(c, Some(4), "{t}");
+    // Printed once, as the server's code and message, without tonic's
+    // rendering of the status.
+    assert_eq!(t.matches("rule query.aggregate").count(), 1, "{t}");
+    assert!(!t.contains("metadata"), "{t}");
+    assert!(!t.contains("Status {"), "{t}");
+    // 5: not found.
+    assert_eq!(code(&["agreements", "show", "nope"], &env).0, Some(5));
+    // 6: retry later (nothing listens there).
+    let closed = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let gone = format!("https://{}", closed.local_addr().unwrap());
+    drop(closed);
+    let mut away = env.clone();
+    away[0] = ("CLEANROOM_SERVER", gone.as_ref());
+    assert_eq!(code(&["whoami"], &away).0, Some(6));
+    // A client certificate not given is the command line's fault.
+    let (c, t) = code(&["whoami"], &env[..2]);
+    assert_eq!(c, Some(2), "{t}");
+    drop(server);
+}

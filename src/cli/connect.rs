@@ -38,10 +38,11 @@ impl ConnectArgs {
         let config = ClientConfig::new(self.server.clone(), self.ca.clone());
         match (&self.cert, &self.key) {
             (Some(cert), Some(key)) => Ok(config.with_identity(cert, key)),
-            (None, None) => anyhow::bail!(
-                "no client certificate: pass --cert and --key, or set CLEANROOM_CERT and CLEANROOM_KEY"
-            ),
-            _ => anyhow::bail!("--cert and --key go together"),
+            (None, None) => Err(super::Usage(
+                "no client certificate: pass --cert and --key, or set CLEANROOM_CERT and CLEANROOM_KEY",
+            )
+            .into()),
+            _ => Err(super::Usage("--cert and --key go together").into()),
         }
     }
 

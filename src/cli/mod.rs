@@ -109,9 +109,133 @@ pub fn main() -> ExitCode {
         Ok(code) => code,
         Err(e) => {
             eprintln!("error: {e:#}");
-            ExitCode::FAILURE
+            ExitCode::from(exit_code(&e) as u8)
         }
     }
+}
+
+#[cfg(test)]
+mod exit_tests {
+    use super::Exit;
+    use tonic::Code;
+
+    #[test]
+    fn every_status_code_has_its_kind() {
+        let cases = [
+            (Code::PermissionDenied, Exit::Refused),
+            (Code::InvalidArgument, Exit::Refused),
+            (Code::FailedPrecondition, Exit::Refused),
+            (Code::NotFound, Exit::NotFound),
+            (Code::Unavailable, Exit::RetryLater),
+            (Code::Aborted, Exit::RetryLater),
+            (Code::ResourceExhausted, Exit::RetryLater),
+            (Code::Unauthenticated, Exit::Authentication),
+            (Code::DataLoss, Exit::Server),
+            (Code::Internal, Exit::Server),
+        ];
+        for (code, exit) in cases {
+            assert_eq!(Exit::of_status(code), exit, "{code:?}");
+        }
+    }
+}
+
+/// What a failed command's exit status says, so scripts can tell "fix the
+/// request" from "try again later" (docs/cli.md).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[repr(u8)]
+pub enum Exit {
+    /// Anything not below, including faults of this program.
+    Other = 1,
+    /// The command line is wrong (clap's own code).
+    Usage = 2,
+    /// A local file (input, certificate, key, secret) is missing or malformed.
+    Input = 3,
+    /// The server refused the request: the policy forbids it, or the
+    /// request or its SQL is malformed, or the agreement is not in force.
+    Refused = 4,
+    /// The agreement or what it names does not exist for this caller.
+    NotFound = 5,
+    /// Try again later: the server is unreachable, stopping, busy, out of
+    /// budget until the next window, or its storage is full; or the
+    /// dataset changed while an upload ran.
+    RetryLater = 6,
+    /// The caller's certificate was not accepted.
+    Authentication = 7,
+    /// The server failed (an internal error, or damaged stored data).
+    Server = 8,
+}
+
+impl Exit {
+    fn of_status(code: tonic::Code) -> Exit {
+        use tonic::Code;
+        match code {
+            Code::InvalidArgument
+            | Code::PermissionDenied
+            | Code::FailedPrecondition
+            | Code::OutOfRange
+            | Code::AlreadyExists
+            | Code::Unimplemented => Exit::Refused,
+            Code::NotFound => Exit::NotFound,
+            Code::Unavailable
+            | Code::Aborted
+            | Code::ResourceExhausted
+            | Code::DeadlineExceeded
+            | Code::Cancelled => Exit::RetryLater,
+            Code::Unauthenticated => Exit::Authentication,
+            Code::Internal | Code::DataLoss | Code::Unknown => Exit::Server,
+            Code::Ok => Exit::Other,
+        }
+    }
+
+    fn of_client(e: &crate::client::ClientError) -> Exit {
+        use crate::client::ClientError;
+        match e {
+            ClientError::Status(s) => Exit::of_status(s.code()),
+            ClientError::Io { .. } => Exit::Input,
+            ClientError::BadServer(_) => Exit::Usage,
+            ClientError::Connect { detail, .. } => {
+                let d = detail.to_ascii_lowercase();
+                if d.contains("certificate")
+                    || d.contains("decrypterror")
+                    || d.contains("handshake")
+                {
+                    Exit::Authentication
+                } else {
+                    Exit::RetryLater
+                }
+            }
+        }
+    }
+}
+
+/// A command line that cannot work as given, found after parsing.
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+pub(crate) struct Usage(pub(crate) &'static str);
+
+/// The exit status for `e`: the first error in its chain that says.
+fn exit_code(e: &anyhow::Error) -> Exit {
+    use crate::prepare::{PrepareError, UploadError};
+    for cause in e.chain() {
+        if cause.downcast_ref::<Usage>().is_some() {
+            return Exit::Usage;
+        }
+        if let Some(c) = cause.downcast_ref::<crate::client::ClientError>() {
+            return Exit::of_client(c);
+        }
+        if let Some(u) = cause.downcast_ref::<UploadError>() {
+            return match u {
+                UploadError::Server(c) => Exit::of_client(c),
+                UploadError::Prepare(_) => Exit::Input,
+            };
+        }
+        if cause.downcast_ref::<PrepareError>().is_some()
+            || cause.downcast_ref::<std::io::Error>().is_some()
+        {
+            return Exit::Input;
+        }
+    }
+    Exit::Other
 }
 
 /// A Tokio runtime for one command.
