@@ -486,3 +486,62 @@ async fn exit_codes_say_what_kind_of_failure_it_was_and_errors_print_once() {
     assert_eq!(c, Some(2), "{t}");
     drop(server);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_empty_answer_says_why_and_json_is_an_empty_array() {
+    let pki = Pki::new();
+    let data = tempfile::tempdir().unwrap();
+    let policies = common::demo_policies(None);
+    let server = RealServer::spawn_with(&pki, &data.path().join("data"), "0.1", policies.path());
+    let (files, _) = common::synth(600, 0.5);
+    for (org, dataset, file) in [
+        ("acme", "customers", cleanroom::synth::ACME_FILE),
+        ("globex", "audience", cleanroom::synth::GLOBEX_FILE),
+    ] {
+        let client = cleanroom::client::Client::connect(&server.config(&pki, org))
+            .await
+            .unwrap();
+        cleanroom::prepare::upload(
+            &client,
+            &common::secret(),
+            &common::upload_options(dataset, &files.path().join(file)),
+        )
+        .await
+        .unwrap();
+    }
+    let url = format!("https://{}", server.addr);
+    let ca = pki.path().join("ca.pem");
+    let cert = pki.path().join("acme.pem");
+    let key = pki.path().join("acme-key.pem");
+    let env: Vec<(&str, &std::ffi::OsStr)> = vec![
+        ("CLEANROOM_SERVER", url.as_ref()),
+        ("CLEANROOM_CA", ca.as_os_str()),
+        ("CLEANROOM_CERT", cert.as_os_str()),
+        ("CLEANROOM_KEY", key.as_os_str()),
+    ];
+    let sql = "SELECT c.region, COUNT(*) AS n FROM customers c JOIN audience a ON c.email = a.email GROUP BY c.region";
+    let query = |sql: &str| {
+        cleanroom(
+            &[
+                "query",
+                "--agreement",
+                "retail-media-demo",
+                "--format",
+                "json",
+                "--sql",
+                sql,
+            ],
+            &env,
+        )
+    };
+    let some = query(sql);
+    assert!(some.status.success(), "{}", text(&some));
+    let rows: serde_json::Value = serde_json::from_slice(&some.stdout).unwrap();
+    assert!(!rows.as_array().unwrap().is_empty(), "{}", text(&some));
+    let none = query(&format!("{sql} HAVING COUNT(*) > 1000000"));
+    assert!(none.status.success(), "{}", text(&none));
+    assert_eq!(String::from_utf8_lossy(&none.stdout), "[]\n");
+    let stderr = String::from_utf8_lossy(&none.stderr);
+    assert!(stderr.contains("no rows:"), "{stderr}");
+    assert!(stderr.contains("never shown"), "{stderr}");
+}

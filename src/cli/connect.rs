@@ -417,6 +417,18 @@ fn print_answer(
     format: OutputFormat,
 ) -> anyhow::Result<ExitCode> {
     print!("{}", render_answer(answer, format)?);
+    let rows: usize = answer.batches.iter().map(|b| b.num_rows()).sum();
+    if rows == 0 {
+        eprintln!(
+            "no rows: {}",
+            match answer.header.privacy {
+                Some(_) =>
+                    "every group either matched nothing or fell under the noisy threshold, and groups under it are never shown",
+                None =>
+                    "every group either matched nothing or stood for fewer people than the agreement's minimum, and such groups are never shown",
+            }
+        );
+    }
     if !answer.summary.template.is_empty() {
         eprintln!(
             "template {} (parameter values hash {})",
@@ -527,14 +539,16 @@ pub fn render_answer(
             String::from_utf8(out)?
         }
         OutputFormat::Json => {
+            // One JSON array of row objects: `[]` when no row is released.
             let mut out = Vec::new();
             {
-                let mut w = arrow::json::LineDelimitedWriter::new(&mut out);
+                let mut w = arrow::json::ArrayWriter::new(&mut out);
                 for b in &answer.batches {
                     w.write(b)?;
                 }
                 w.finish()?;
             }
+            out.push(b'\n');
             String::from_utf8(out)?
         }
     })
