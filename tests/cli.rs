@@ -544,4 +544,46 @@ async fn an_empty_answer_says_why_and_json_is_an_empty_array() {
     let stderr = String::from_utf8_lossy(&none.stderr);
     assert!(stderr.contains("no rows:"), "{stderr}");
     assert!(stderr.contains("never shown"), "{stderr}");
+
+    // The query from a file, and from standard input.
+    let file = data.path().join("query.sql");
+    std::fs::write(&file, sql).unwrap();
+    let base = [
+        "query",
+        "--agreement",
+        "retail-media-demo",
+        "--format",
+        "json",
+    ];
+    let from_file = cleanroom(
+        &[&base[..], &["--sql-file", file.to_str().unwrap()]].concat(),
+        &env,
+    );
+    assert_eq!(from_file.stdout, some.stdout, "{}", text(&from_file));
+    let mut piped = Command::new(env!("CARGO_BIN_EXE_cleanroom"));
+    piped.args(base).args(["--sql", "-"]);
+    for (k, v) in &env {
+        piped.env(k, v);
+    }
+    let mut child = piped
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    {
+        use std::io::Write;
+        child
+            .stdin
+            .take()
+            .unwrap()
+            .write_all(sql.as_bytes())
+            .unwrap();
+    }
+    let from_stdin = child.wait_with_output().unwrap();
+    assert_eq!(from_stdin.stdout, some.stdout, "{}", text(&from_stdin));
+    let missing = cleanroom(&[&base[..], &["--sql-file", "/no/such.sql"]].concat(), &env);
+    assert_eq!(missing.status.code(), Some(3), "{}", text(&missing));
+    let neither = cleanroom(&base, &env);
+    assert_eq!(neither.status.code(), Some(2), "{}", text(&neither));
 }

@@ -314,8 +314,16 @@ pub(super) struct QueryArgs {
     #[arg(long)]
     agreement: String,
     /// The aggregate query; tables are the agreement's dataset names.
+    /// `-` reads it from standard input.
+    #[arg(
+        long,
+        required_unless_present = "sql_file",
+        conflicts_with = "sql_file"
+    )]
+    sql: Option<String>,
+    /// Read the query from this file (`-`: standard input).
     #[arg(long)]
-    sql: String,
+    sql_file: Option<PathBuf>,
     /// Output format.
     #[arg(long, value_enum, default_value = "table")]
     format: OutputFormat,
@@ -329,7 +337,7 @@ pub(super) fn query(args: QueryArgs) -> anyhow::Result<ExitCode> {
     let rt = super::runtime()?;
     let mut client = args.connect.connect(&rt)?;
     let answer =
-        rt.block_on(client.query_with_epsilon(&args.agreement, &args.sql, args.epsilon))?;
+        rt.block_on(client.query_with_epsilon(&args.agreement, &sql_text(&args)?, args.epsilon))?;
     print_answer(&answer, args.format)
 }
 
@@ -410,6 +418,28 @@ pub(super) fn run_template(args: RunArgs) -> anyhow::Result<ExitCode> {
     let answer =
         rt.block_on(client.run_template(&args.agreement, &args.template, &params, args.epsilon))?;
     print_answer(&answer, args.format)
+}
+
+/// The query's text: `--sql`, or the file `--sql-file` names, with `-`
+/// standing for standard input in either.
+fn sql_text(args: &QueryArgs) -> anyhow::Result<String> {
+    use anyhow::Context;
+    use std::io::Read;
+    let from_stdin = || -> anyhow::Result<String> {
+        let mut text = String::new();
+        std::io::stdin()
+            .read_to_string(&mut text)
+            .context("reading the query from standard input")?;
+        Ok(text)
+    };
+    match (&args.sql, &args.sql_file) {
+        (Some(sql), _) if sql == "-" => from_stdin(),
+        (Some(sql), _) => Ok(sql.clone()),
+        (None, Some(path)) if path.as_os_str() == "-" => from_stdin(),
+        (None, Some(path)) => std::fs::read_to_string(path)
+            .with_context(|| format!("reading the query from {}", path.display())),
+        (None, None) => Err(super::Usage("give the query with --sql or --sql-file").into()),
+    }
 }
 
 fn print_answer(

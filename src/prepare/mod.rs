@@ -137,6 +137,26 @@ fn profile_of(kind: &proto::IdentityKind) -> Result<Profile, PrepareError> {
     }
 }
 
+/// What is wrong with a header as a whole, if that is the problem rather
+/// than a column's name: an empty file, or a file separated by another
+/// character than the one it was read with. Names only separators, never
+/// a column name or value.
+fn header_problem(header: &[String]) -> Option<String> {
+    if header.iter().all(|h| h.trim().is_empty()) {
+        return Some("the input is empty: it has no header line naming its columns".into());
+    }
+    if let [only] = header {
+        for (c, shown) in [(';', ";"), ('\t', "\\t"), ('|', "|")] {
+            if only.contains(c) {
+                return Some(format!(
+                    "the header reads as one column holding {shown:?}: the file looks {shown:?}-separated; pass --delimiter '{shown}'"
+                ));
+            }
+        }
+    }
+    None
+}
+
 impl Plan {
     /// Plans the upload of `dataset` from a file whose header is `header`.
     /// `mapping` maps policy column names to input column names; unmapped
@@ -162,6 +182,9 @@ impl Plan {
     ) -> Result<Self, PrepareError> {
         let plan = Self::build(agreement, dataset, keys, header, mapping, true)?;
         if plan.columns.is_empty() {
+            if let Some(hint) = header_problem(header) {
+                return Err(PrepareError::Plan(hint));
+            }
             return Err(PrepareError::Plan(format!(
                 "the input has none of dataset {dataset:?}'s identifier columns (input columns: {}); map one with --map POLICY_COLUMN=INPUT_COLUMN",
                 header.join(", ")
@@ -234,6 +257,9 @@ impl Plan {
                 continue;
             }
             let input_index = header.iter().position(|h| h == input_name).ok_or_else(|| {
+                if let Some(hint) = header_problem(header) {
+                    return PrepareError::Plan(hint);
+                }
                 PrepareError::Plan(format!(
                     "the input has no column {input_name:?} for policy column {:?} (input columns: {}); map one with --map {}=INPUT_COLUMN",
                     c.name,
@@ -803,6 +829,35 @@ mod tests {
             .collect();
         std::fs::write(&path, text + &again).unwrap();
         (agreement, Secret::generate(), path)
+    }
+
+    #[test]
+    fn an_empty_or_otherwise_separated_file_is_named_as_such() {
+        let dir = tempfile::tempdir().unwrap();
+        let (agreement, secret, _) = demo(10, dir.path());
+        let plan = |header: &[&str]| {
+            let header: Vec<String> = header.iter().map(|h| h.to_string()).collect();
+            Plan::new(
+                &agreement,
+                "customers",
+                Keys::Shared(&secret),
+                &header,
+                &BTreeMap::new(),
+            )
+            .err()
+            .map(|e| e.to_string())
+            .unwrap_or_default()
+        };
+        let semicolons = plan(&["email;phone;region;age_band;lifetime_value"]);
+        assert!(semicolons.contains("--delimiter ';'"), "{semicolons}");
+        assert!(!semicolons.contains("email"), "{semicolons}");
+        let empty = plan(&[]);
+        assert!(empty.contains("the input is empty"), "{empty}");
+        let tabs = plan(&["email\tphone"]);
+        assert!(tabs.contains("--delimiter"), "{tabs}");
+        // A real header with a missing column still names the column.
+        let missing = plan(&["email", "phone"]);
+        assert!(missing.contains("--map"), "{missing}");
     }
 
     fn open(path: &std::path::Path) -> InputReader {
