@@ -164,7 +164,7 @@ impl AuditError {
     /// Whether the store could not take the write (full, over quota or
     /// read-only): nothing was changed and the call may be retried later.
     pub fn is_unavailable(&self) -> bool {
-        matches!(self, AuditError::Io { source, .. } if crate::storage::is_out_of_space(source))
+        matches!(self, AuditError::Io { source, .. } if crate::disk::is_out_of_space(source))
     }
 }
 

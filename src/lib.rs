@@ -11,6 +11,7 @@ pub mod cli;
 pub mod client;
 pub mod clock;
 pub mod crash;
+pub mod disk;
 pub mod error;
 pub mod identity;
 pub mod policy;

@@ -115,24 +115,11 @@ impl From<crypto::CryptoError> for StorageError {
     }
 }
 
-/// Whether a write failed for want of room or because the store is
-/// read-only: a condition that passes, after which the same call succeeds.
-pub fn is_out_of_space(e: &std::io::Error) -> bool {
-    use std::io::ErrorKind;
-    matches!(
-        e.kind(),
-        ErrorKind::StorageFull
-            | ErrorKind::QuotaExceeded
-            | ErrorKind::ReadOnlyFilesystem
-            | ErrorKind::FileTooLarge
-    )
-}
-
 impl StorageError {
     /// The store could not take a write (full, over quota, read-only).
     pub fn is_unavailable(&self) -> bool {
         match self {
-            StorageError::Io { source, .. } => is_out_of_space(source),
+            StorageError::Io { source, .. } => crate::disk::is_out_of_space(source),
             StorageError::Db(text) => {
                 // redb reports I/O failures as text.
                 let t = text.to_ascii_lowercase();
