@@ -587,3 +587,19 @@ async fn an_empty_answer_says_why_and_json_is_an_empty_array() {
     let neither = cleanroom(&base, &env);
     assert_eq!(neither.status.code(), Some(2), "{}", text(&neither));
 }
+
+#[test]
+fn the_suite_serves_the_demo_agreement_alone_whatever_policies_holds() {
+    let names: Vec<String> = std::fs::read_dir(common::policies_dir())
+        .unwrap()
+        .flatten()
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .filter(|n| !n.starts_with('.'))
+        .collect();
+    assert_eq!(names, ["retail-media-demo.toml"]);
+    assert_eq!(
+        std::fs::read(common::policies_dir().join("retail-media-demo.toml")).unwrap(),
+        std::fs::read(common::demo_policy_file()).unwrap(),
+        "the copy is the shipped file"
+    );
+}

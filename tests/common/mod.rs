@@ -19,9 +19,26 @@ use cleanroom::server::{ServerError, ServerOptions};
 use tokio::sync::oneshot;
 use tokio::task::JoinHandle;
 
-/// The repository's own policies folder.
+/// The shipped demo agreement, `policies/retail-media-demo.toml`.
+pub fn demo_policy_file() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("policies/retail-media-demo.toml")
+}
+
+/// A policies folder holding the shipped demo agreement and nothing else:
+/// agreements a user adds to `policies/` (as the docs invite) never change
+/// what the suite's servers load. Written afresh by each test binary
+/// (write, then rename over, so concurrent binaries agree).
 pub fn policies_dir() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("policies")
+    static DIR: std::sync::OnceLock<PathBuf> = std::sync::OnceLock::new();
+    DIR.get_or_init(|| {
+        let dir = Path::new(env!("CARGO_TARGET_TMPDIR")).join("demo-policies");
+        std::fs::create_dir_all(&dir).unwrap();
+        let tmp = dir.join(format!(".demo.{}.tmp", std::process::id()));
+        std::fs::copy(demo_policy_file(), &tmp).unwrap();
+        std::fs::rename(&tmp, dir.join("retail-media-demo.toml")).unwrap();
+        dir
+    })
+    .clone()
 }
 
 /// A CA, a server certificate and client certificates for the demo parties
