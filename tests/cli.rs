@@ -603,3 +603,27 @@ fn the_suite_serves_the_demo_agreement_alone_whatever_policies_holds() {
         "the copy is the shipped file"
     );
 }
+
+#[test]
+fn completions_and_a_manual_page_come_from_the_binary() {
+    for shell in ["bash", "zsh", "fish"] {
+        let out = cleanroom(&["completions", shell], &[]);
+        assert!(out.status.success(), "{shell}: {}", text(&out));
+        let script = String::from_utf8_lossy(&out.stdout);
+        for word in ["cleanroom", "query", "upload", "agreement"] {
+            assert!(script.contains(word), "{shell}: no {word}");
+        }
+    }
+    let out = cleanroom(&["man"], &[]);
+    assert!(out.status.success(), "{}", text(&out));
+    let page = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        page.starts_with(".ie") || page.contains(".TH cleanroom"),
+        "{page}"
+    );
+    assert!(page.contains("clean room"), "{page}");
+    assert_eq!(
+        cleanroom(&["completions", "tcsh"], &[]).status.code(),
+        Some(2)
+    );
+}

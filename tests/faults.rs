@@ -914,9 +914,11 @@ async fn a_full_disk_refuses_with_unavailable_and_everything_works_once_freed() 
     let data = server.data_dir.path().join("data");
     let entries_before = cleanroom::audit::verify(&data).unwrap().entries;
     let filler = disk.fill();
+    // Long enough for background passes to fail writing the metadata
+    // database too (redb refuses everything after that until reopened).
+    tokio::time::sleep(Duration::from_millis(2_500)).await;
 
-    // Uploads and erasures while the disk is full: UNAVAILABLE, nothing
-    // changed.
+    // Uploads while the disk is full: UNAVAILABLE, nothing changed.
     let globex = server.client("globex").await;
     for _ in 0..3 {
         let err = cleanroom::prepare::upload(

@@ -77,6 +77,15 @@ enum Command {
     Whoami(connect::WhoamiArgs),
     /// List your agreements, or show one.
     Agreements(connect::AgreementsArgs),
+    /// Print shell completions to standard output, e.g.
+    /// `cleanroom completions bash > /etc/bash_completion.d/cleanroom`.
+    Completions {
+        /// bash, zsh, fish, elvish or powershell.
+        shell: clap_complete::Shell,
+    },
+    /// Print the manual page (roff) to standard output, e.g.
+    /// `cleanroom man > cleanroom.1 && man ./cleanroom.1`.
+    Man,
 }
 
 /// Parses the command line, runs the command and turns its outcome into an
@@ -104,6 +113,23 @@ pub fn main() -> ExitCode {
         Command::Admin(cmd) => governance::admin(cmd),
         Command::Whoami(args) => connect::whoami(args),
         Command::Agreements(args) => connect::agreements(args),
+        Command::Completions { shell } => {
+            use clap::CommandFactory;
+            clap_complete::generate(
+                shell,
+                &mut Cli::command(),
+                "cleanroom",
+                &mut std::io::stdout(),
+            );
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Man => {
+            use clap::CommandFactory;
+            clap_mangen::Man::new(Cli::command())
+                .render(&mut std::io::stdout())
+                .map(|()| ExitCode::SUCCESS)
+                .map_err(Into::into)
+        }
     };
     match result {
         Ok(code) => code,

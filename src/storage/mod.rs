@@ -16,6 +16,7 @@
 
 mod blinding;
 mod crypto;
+mod db;
 mod file;
 mod ledger;
 mod lifecycle;
@@ -126,6 +127,9 @@ impl StorageError {
                 t.contains("no space left")
                     || t.contains("read-only file system")
                     || t.contains("quota exceeded")
+                    // redb after a failed write, until it is opened again
+                    // (done at the next transaction).
+                    || t.contains("previous i/o error")
             }
             _ => false,
         }
@@ -202,7 +206,7 @@ pub struct Store {
 #[derive(Debug)]
 struct Inner {
     root: PathBuf,
-    db: Database,
+    db: db::Db,
     master: Key,
     /// Held while a data key is created for staging or destroyed.
     keys_lock: std::sync::Mutex<()>,
@@ -252,7 +256,7 @@ impl Store {
         let store = Store {
             inner: Arc::new(Inner {
                 root: root.to_path_buf(),
-                db,
+                db: db::Db::new(root.join(recover::META_FILE), db),
                 master,
                 keys_lock: std::sync::Mutex::new(()),
             }),
