@@ -936,6 +936,13 @@ async fn a_full_disk_refuses_with_unavailable_and_everything_works_once_freed() 
         assert!(text.contains("full or read-only"), "{text}");
         assert!(!text.contains("/tmp"), "a path in {text}");
     }
+    cleanroom::audit::verify(&data).unwrap();
+
+    // Space again: nothing of the refused uploads was kept (reads may have
+    // been UNAVAILABLE too while the metadata database could not be
+    // opened again), the same upload goes through, the chain holds, and a
+    // restart finds it all.
+    std::fs::remove_file(filler).unwrap();
     assert!(
         server
             .client("globex")
@@ -945,11 +952,6 @@ async fn a_full_disk_refuses_with_unavailable_and_everything_works_once_freed() 
             .unwrap()
             .is_empty()
     );
-    cleanroom::audit::verify(&data).unwrap();
-
-    // Space again: the same upload goes through, the chain holds, and a
-    // restart finds it all.
-    std::fs::remove_file(filler).unwrap();
     common::upload_demo(&server, "globex", files.path()).await;
     let acme = server.client("acme").await;
     assert!(
