@@ -179,6 +179,8 @@ async fn health_turns_not_serving_during_shutdown_then_the_server_exits() {
         "cleanroom.v1.Matching",
         "cleanroom.v1.Queries",
         "cleanroom.v1.Audit",
+        "cleanroom.v1.Governance",
+        "arrow.flight.protocol.FlightService",
     ] {
         assert_eq!(
             health_of(&acme, service).await,

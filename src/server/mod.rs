@@ -534,6 +534,7 @@ async fn set_health(reporter: &tonic_health::server::HealthReporter, status: Ser
         <QueriesServer<QueriesService> as NamedService>::NAME,
         <AuditServer<AuditService> as NamedService>::NAME,
         <GovernanceServer<GovernanceService> as NamedService>::NAME,
+        <arrow_flight::flight_service_server::FlightServiceServer<flight::FlightSqlEndpoint> as NamedService>::NAME,
     ] {
         reporter.set_service_status(service, status).await;
     }
