@@ -27,6 +27,25 @@ fn cleanroom(args: &[&str], env: &[(&str, &std::ffi::OsStr)]) -> Output {
     cmd.output().unwrap()
 }
 
+/// The environment that points the command line at `server` as acme.
+fn acme_env(pki: &Pki, server: &RealServer) -> Vec<(&'static str, std::ffi::OsString)> {
+    vec![
+        (
+            "CLEANROOM_SERVER",
+            format!("https://{}", server.addr).into(),
+        ),
+        ("CLEANROOM_CA", pki.path().join("ca.pem").into()),
+        ("CLEANROOM_CERT", pki.path().join("acme.pem").into()),
+        ("CLEANROOM_KEY", pki.path().join("acme-key.pem").into()),
+    ]
+}
+
+fn borrowed<'a>(
+    env: &'a [(&'static str, std::ffi::OsString)],
+) -> Vec<(&'static str, &'a std::ffi::OsStr)> {
+    env.iter().map(|(k, v)| (*k, v.as_os_str())).collect()
+}
+
 fn text(o: &Output) -> String {
     format!(
         "{}{}",
@@ -60,16 +79,8 @@ async fn whoami_agreements_synth_upload_and_datasets_from_the_command_line() {
     let pki = Pki::new();
     let data = tempfile::tempdir().unwrap();
     let server = RealServer::spawn(&pki, &data.path().join("data"), "0.1");
-    let url = format!("https://{}", server.addr);
-    let ca = pki.path().join("ca.pem");
-    let cert = pki.path().join("acme.pem");
-    let key = pki.path().join("acme-key.pem");
-    let env: Vec<(&str, &std::ffi::OsStr)> = vec![
-        ("CLEANROOM_SERVER", url.as_ref()),
-        ("CLEANROOM_CA", ca.as_os_str()),
-        ("CLEANROOM_CERT", cert.as_os_str()),
-        ("CLEANROOM_KEY", key.as_os_str()),
-    ];
+    let owned = acme_env(&pki, &server);
+    let env = borrowed(&owned);
 
     let out = cleanroom(&["whoami"], &env);
     assert!(out.status.success(), "{}", text(&out));
@@ -422,16 +433,8 @@ async fn exit_codes_say_what_kind_of_failure_it_was_and_errors_print_once() {
     let pki = Pki::new();
     let data = tempfile::tempdir().unwrap();
     let server = RealServer::spawn(&pki, &data.path().join("data"), "0.1");
-    let url = format!("https://{}", server.addr);
-    let ca = pki.path().join("ca.pem");
-    let cert = pki.path().join("acme.pem");
-    let key = pki.path().join("acme-key.pem");
-    let env: Vec<(&str, &std::ffi::OsStr)> = vec![
-        ("CLEANROOM_SERVER", url.as_ref()),
-        ("CLEANROOM_CA", ca.as_os_str()),
-        ("CLEANROOM_CERT", cert.as_os_str()),
-        ("CLEANROOM_KEY", key.as_os_str()),
-    ];
+    let owned = acme_env(&pki, &server);
+    let env = borrowed(&owned);
     let code = |args: &[&str], env: &[(&str, &std::ffi::OsStr)]| {
         let out = cleanroom(args, env);
         (out.status.code(), text(&out))
@@ -509,16 +512,8 @@ async fn an_empty_answer_says_why_and_json_is_an_empty_array() {
         .await
         .unwrap();
     }
-    let url = format!("https://{}", server.addr);
-    let ca = pki.path().join("ca.pem");
-    let cert = pki.path().join("acme.pem");
-    let key = pki.path().join("acme-key.pem");
-    let env: Vec<(&str, &std::ffi::OsStr)> = vec![
-        ("CLEANROOM_SERVER", url.as_ref()),
-        ("CLEANROOM_CA", ca.as_os_str()),
-        ("CLEANROOM_CERT", cert.as_os_str()),
-        ("CLEANROOM_KEY", key.as_os_str()),
-    ];
+    let owned = acme_env(&pki, &server);
+    let env = borrowed(&owned);
     let sql = "SELECT c.region, COUNT(*) AS n FROM customers c JOIN audience a ON c.email = a.email GROUP BY c.region";
     let query = |sql: &str| {
         cleanroom(

@@ -100,18 +100,12 @@ impl AppState {
                 };
                 tracing::info!(agreement = %id, dataset = %d.name(), versions = doomed.len(), reason = %why, "data deleted");
                 self.audit_maintenance(Event {
-                    org: OPERATOR.into(),
-                    agreement: id.to_string(),
-                    policy_hash: policy.hash().to_hex(),
-                    action: "retention",
-                    accepted: true,
-                    subject: Some(format!(
-                        "{}: {} version(s) deleted, {why}",
-                        d.name(),
-                        doomed.len()
-                    )),
                     rows: Some(doomed.iter().map(|v| v.rows).sum()),
-                    ..Event::default()
+                    ..operator_event(
+                        policy,
+                        "retention",
+                        format!("{}: {} version(s) deleted, {why}", d.name(), doomed.len()),
+                    )
                 });
             }
             if (expired || remaining == 0)
@@ -119,15 +113,11 @@ impl AppState {
                 && self.store.shred_data_key_if_unused(id)?
             {
                 tracing::info!(agreement = %id, "data key destroyed");
-                self.audit_maintenance(Event {
-                    org: OPERATOR.into(),
-                    agreement: id.to_string(),
-                    policy_hash: policy.hash().to_hex(),
-                    action: "retention",
-                    accepted: true,
-                    subject: Some("data key destroyed: no data of the agreement remains".into()),
-                    ..Event::default()
-                });
+                self.audit_maintenance(operator_event(
+                    policy,
+                    "retention",
+                    "data key destroyed: no data of the agreement remains".into(),
+                ));
             }
         }
         Ok(())
@@ -161,19 +151,15 @@ impl AppState {
                 self.store.delete_versions(&older)?;
                 self.query_tables.forget(policy.id());
                 tracing::warn!(agreement = %policy.id(), dataset = %d.name(), versions = older.len(), "finished an erasure a stop interrupted");
-                self.audit_maintenance(Event {
-                    org: OPERATOR.into(),
-                    agreement: policy.id().to_string(),
-                    policy_hash: policy.hash().to_hex(),
-                    action: "erase",
-                    accepted: true,
-                    subject: Some(format!(
+                self.audit_maintenance(operator_event(
+                    policy,
+                    "erase",
+                    format!(
                         "{}: {} older version(s) deleted, finishing an erasure a stop interrupted",
                         d.name(),
                         older.len()
-                    )),
-                    ..Event::default()
-                });
+                    ),
+                ));
             }
         }
         Ok(())
@@ -193,16 +179,15 @@ impl AppState {
         );
         for policy in self.policies().iter() {
             self.audit_maintenance(Event {
-                org: OPERATOR.into(),
-                agreement: policy.id().to_string(),
-                policy_hash: policy.hash().to_hex(),
-                action: "retention",
                 accepted: false,
                 rule: Some("clock.jump".into()),
-                subject: Some(format!(
-                    "deletion paused: the server's clock reads {ahead} s past the latest time its store has seen; an operator confirms the clock"
-                )),
-                ..Event::default()
+                ..operator_event(
+                    policy,
+                    "retention",
+                    format!(
+                        "deletion paused: the server's clock reads {ahead} s past the latest time its store has seen; an operator confirms the clock"
+                    ),
+                )
             });
         }
     }
@@ -265,5 +250,18 @@ impl AppState {
             }
         }
         Ok(found)
+    }
+}
+
+/// An accepted event of the operator's about `policy`'s agreement.
+fn operator_event(policy: &crate::policy::Policy, action: &'static str, subject: String) -> Event {
+    Event {
+        org: OPERATOR.into(),
+        agreement: policy.id().to_string(),
+        policy_hash: policy.hash().to_hex(),
+        action,
+        accepted: true,
+        subject: Some(subject),
+        ..Event::default()
     }
 }
