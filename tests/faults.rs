@@ -943,14 +943,17 @@ async fn a_full_disk_refuses_with_unavailable_and_everything_works_once_freed() 
     // opened again), the same upload goes through, the chain holds, and a
     // restart finds it all.
     std::fs::remove_file(filler).unwrap();
+    // The metadata database opens again once nothing holds the failed
+    // handle any more; until then calls stay UNAVAILABLE.
+    let globex = server.client("globex").await;
+    let listed = common::eventually(|| {
+        let mut g = globex.clone();
+        async move { g.list_datasets(AGREEMENT).await.is_ok_and(|d| d.is_empty()) }
+    })
+    .await;
     assert!(
-        server
-            .client("globex")
-            .await
-            .list_datasets(AGREEMENT)
-            .await
-            .unwrap()
-            .is_empty()
+        listed,
+        "the refused uploads left something, or the store never came back"
     );
     common::upload_demo(&server, "globex", files.path()).await;
     let acme = server.client("acme").await;
