@@ -19,6 +19,55 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
             ],
             &["proto"],
         )?;
+    // The Flight service, for reflection only: its code comes from
+    // arrow-flight.
+    let status = std::process::Command::new(protoc_bin_vendored::protoc_bin_path()?)
+        .arg(format!(
+            "--descriptor_set_out={}",
+            out_dir.join("flight_descriptor.bin").display()
+        ))
+        .arg("--include_imports")
+        .arg("-Iproto")
+        .arg(format!(
+            "-I{}",
+            protoc_bin_vendored::include_path()?.display()
+        ))
+        .arg("proto/arrow/flight/protocol/flight.proto")
+        .status()?;
+    if !status.success() {
+        return Err("protoc failed on proto/arrow/flight/protocol/flight.proto".into());
+    }
+    // The commit `--version` names: CLEANROOM_COMMIT when the build is
+    // given one (the Docker image), else the git checkout's.
+    println!("cargo:rerun-if-env-changed=CLEANROOM_COMMIT");
+    if let Ok(commit) = std::env::var("CLEANROOM_COMMIT") {
+        println!("cargo:rustc-env=CLEANROOM_COMMIT={commit}");
+        println!("cargo:rerun-if-changed=proto");
+        return Ok(());
+    }
+    let commit = std::process::Command::new("git")
+        .args(["rev-parse", "--short=12", "HEAD"])
+        .output()
+        .ok()
+        .filter(|o| o.status.success())
+        .and_then(|o| String::from_utf8(o.stdout).ok())
+        .map(|s| s.trim().to_string())
+        .unwrap_or_default();
+    let dirty = std::process::Command::new("git")
+        .args(["status", "--porcelain", "--untracked-files=no"])
+        .output()
+        .ok()
+        .filter(|o| o.status.success())
+        .is_some_and(|o| !o.stdout.is_empty());
+    let commit = match (commit.is_empty(), dirty) {
+        (true, _) => "unknown commit".to_string(),
+        (false, false) => commit,
+        (false, true) => format!("{commit}, modified"),
+    };
+    println!("cargo:rustc-env=CLEANROOM_COMMIT={commit}");
+    println!("cargo:rerun-if-changed=.git/HEAD");
+    println!("cargo:rerun-if-changed=.git/refs");
+    println!("cargo:rerun-if-changed=.git/index");
     println!("cargo:rerun-if-changed=proto");
     Ok(())
 }

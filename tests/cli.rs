@@ -622,3 +622,24 @@ fn completions_and_a_manual_page_come_from_the_binary() {
         Some(2)
     );
 }
+
+#[test]
+fn version_names_the_commit_it_was_built_from() {
+    let out = cleanroom(&["--version"], &[]);
+    assert!(out.status.success());
+    let text = String::from_utf8(out.stdout).unwrap();
+    let expected_commit = std::process::Command::new("git")
+        .args(["rev-parse", "--short=12", "HEAD"])
+        .current_dir(env!("CARGO_MANIFEST_DIR"))
+        .output()
+        .ok()
+        .filter(|o| o.status.success())
+        .map(|o| String::from_utf8(o.stdout).unwrap().trim().to_string());
+    let prefix = format!("cleanroom {} (", env!("CARGO_PKG_VERSION"));
+    assert!(text.starts_with(&prefix), "{text}");
+    match expected_commit {
+        // Built from a checkout: its commit, perhaps marked modified.
+        Some(commit) => assert!(text.contains(&commit), "{text} lacks {commit}"),
+        None => assert!(text.contains("unknown commit"), "{text}"),
+    }
+}

@@ -252,38 +252,84 @@ async fn an_invalid_policy_stops_the_start_with_the_policy_check_message() {
     );
 }
 
-#[tokio::test]
-async fn reflection_lists_the_public_services() {
-    use tonic_reflection::pb::v1::ServerReflectionRequest;
-    use tonic_reflection::pb::v1::server_reflection_client::ServerReflectionClient;
-    use tonic_reflection::pb::v1::server_reflection_request::MessageRequest;
-    use tonic_reflection::pb::v1::server_reflection_response::MessageResponse;
+/// Lists the services reflection version `$v` names, and the services of
+/// the file that defines the Flight service.
+macro_rules! reflected {
+    ($v:ident, $channel:expr) => {{
+        use tonic_reflection::pb::$v::ServerReflectionRequest;
+        use tonic_reflection::pb::$v::server_reflection_client::ServerReflectionClient;
+        use tonic_reflection::pb::$v::server_reflection_request::MessageRequest;
+        use tonic_reflection::pb::$v::server_reflection_response::MessageResponse;
+        let requests = vec![
+            ServerReflectionRequest {
+                host: String::new(),
+                message_request: Some(MessageRequest::ListServices(String::new())),
+            },
+            ServerReflectionRequest {
+                host: String::new(),
+                message_request: Some(MessageRequest::FileContainingSymbol(
+                    "arrow.flight.protocol.FlightService".into(),
+                )),
+            },
+        ];
+        let mut responses = ServerReflectionClient::new($channel)
+            .server_reflection_info(tokio_stream::iter(requests))
+            .await
+            .unwrap()
+            .into_inner();
+        let response = responses.message().await.unwrap().unwrap();
+        let Some(MessageResponse::ListServicesResponse(list)) = response.message_response else {
+            panic!("expected a service list");
+        };
+        let names: Vec<String> = list.service.into_iter().map(|s| s.name).collect();
+        let response = responses.message().await.unwrap().unwrap();
+        let Some(MessageResponse::FileDescriptorResponse(files)) = response.message_response else {
+            panic!("expected the Flight service's file, got {response:?}");
+        };
+        let flight_methods: Vec<String> = files
+            .file_descriptor_proto
+            .iter()
+            .map(|bytes| {
+                <prost_types::FileDescriptorProto as prost::Message>::decode(&bytes[..]).unwrap()
+            })
+            .flat_map(|f| f.service)
+            .filter(|s| s.name() == "FlightService")
+            .flat_map(|s| s.method)
+            .map(|m| m.name().to_string())
+            .collect();
+        (names, flight_methods)
+    }};
+}
 
+#[tokio::test]
+async fn reflection_v1_and_v1alpha_list_every_service_flight_sql_included() {
     let server = TestServer::start().await;
     let acme = server.client("acme").await;
-    let request = ServerReflectionRequest {
-        host: String::new(),
-        message_request: Some(MessageRequest::ListServices(String::new())),
-    };
-    let mut responses = ServerReflectionClient::new(acme.channel())
-        .server_reflection_info(tokio_stream::iter(vec![request]))
-        .await
-        .unwrap()
-        .into_inner();
-    let response = responses.message().await.unwrap().unwrap();
-    let Some(MessageResponse::ListServicesResponse(list)) = response.message_response else {
-        panic!("expected a service list");
-    };
-    let names: Vec<String> = list.service.into_iter().map(|s| s.name).collect();
-    for expected in [
+    let expected = [
         "cleanroom.v1.Agreements",
         "cleanroom.v1.Datasets",
+        "cleanroom.v1.Matching",
+        "cleanroom.v1.Queries",
+        "cleanroom.v1.Governance",
+        "cleanroom.v1.Audit",
+        "arrow.flight.protocol.FlightService",
         "grpc.health.v1.Health",
-    ] {
-        assert!(
-            names.iter().any(|n| n == expected),
-            "{expected} missing from {names:?}"
-        );
+    ];
+    let v1 = reflected!(v1, acme.channel());
+    let v1alpha = reflected!(v1alpha, acme.channel());
+    for (version, (names, flight_methods)) in [("v1", v1), ("v1alpha", v1alpha)] {
+        for service in expected {
+            assert!(
+                names.iter().any(|n| n == service),
+                "{version}: {service} missing from {names:?}"
+            );
+        }
+        for method in ["GetFlightInfo", "DoGet", "DoAction", "Handshake"] {
+            assert!(
+                flight_methods.iter().any(|m| m == method),
+                "{version}: FlightService lacks {method}: {flight_methods:?}"
+            );
+        }
     }
     server.stop().await.unwrap();
 }

@@ -19,7 +19,7 @@ pub use connect::{
 pub use governance::{render_report, render_status};
 
 #[derive(Debug, Parser)]
-#[command(name = "cleanroom", version, about = "A self-hosted data clean room", long_about = None)]
+#[command(name = "cleanroom", version = concat!(env!("CARGO_PKG_VERSION"), " (", env!("CLEANROOM_COMMIT"), ")"), about = "A self-hosted data clean room", long_about = None)]
 struct Cli {
     #[command(subcommand)]
     command: Command,

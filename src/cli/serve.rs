@@ -325,3 +325,74 @@ pub(super) fn run(args: ServeArgs) -> anyhow::Result<ExitCode> {
     })?;
     Ok(ExitCode::SUCCESS)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::Parser;
+
+    fn deploy(file: &str) -> (PathBuf, String) {
+        let path = Path::new(env!("CARGO_MANIFEST_DIR")).join(file);
+        let text = std::fs::read_to_string(&path).unwrap();
+        (path, text)
+    }
+
+    /// The serve command line a deployment file runs, with its config file
+    /// read from the repository's `deploy/` instead of `/etc/cleanroom`.
+    fn settings_of(argv: Vec<String>) -> Settings {
+        let cli = crate::cli::Cli::try_parse_from(&argv)
+            .unwrap_or_else(|e| panic!("{argv:?} is refused: {e}"));
+        let crate::cli::Command::Serve(mut args) = cli.command else {
+            panic!("{argv:?} does not run the server");
+        };
+        assert_eq!(
+            args.config.as_deref(),
+            Some(Path::new("/etc/cleanroom/config.toml"))
+        );
+        args.config = Some(deploy("deploy/config.toml").0);
+        settings(args).unwrap()
+    }
+
+    #[test]
+    fn the_systemd_unit_runs_flags_the_binary_accepts() {
+        let (_, unit) = deploy("deploy/cleanroom.service");
+        let line = unit
+            .lines()
+            .find_map(|l| l.strip_prefix("ExecStart="))
+            .expect("an ExecStart line");
+        let mut argv: Vec<String> = line.split_whitespace().map(String::from).collect();
+        assert_eq!(argv[0], "/usr/local/bin/cleanroom");
+        argv[0] = "cleanroom".into();
+        let settings = settings_of(argv);
+        assert_eq!(settings.log_format, LogFormat::Json);
+        assert_eq!(
+            settings.options.data_dir,
+            Path::new("/var/lib/cleanroom"),
+            "the unit's StateDirectory"
+        );
+        assert!(unit.contains("StateDirectory=cleanroom"));
+        assert!(unit.contains("ReadWritePaths=/var/lib/cleanroom"));
+    }
+
+    #[test]
+    fn the_docker_image_runs_flags_the_binary_accepts() {
+        let (_, dockerfile) = deploy("Dockerfile");
+        let json_args = |key: &str| -> Vec<String> {
+            let line = dockerfile
+                .lines()
+                .find_map(|l| l.strip_prefix(key))
+                .unwrap_or_else(|| panic!("no {key} line"));
+            serde_json::from_str(line.trim()).unwrap()
+        };
+        let mut argv = vec!["cleanroom".to_string()];
+        assert_eq!(json_args("ENTRYPOINT"), ["/usr/local/bin/cleanroom"]);
+        argv.extend(json_args("CMD"));
+        let settings = settings_of(argv);
+        assert_eq!(settings.listen.to_string(), "0.0.0.0:50051");
+        assert!(dockerfile.contains("VOLUME [\"/var/lib/cleanroom\"]"));
+        assert!(
+            dockerfile.contains("\nUSER cleanroom\n"),
+            "runs as non-root"
+        );
+    }
+}
