@@ -60,6 +60,10 @@ pub enum ClientError {
     BadServer(String),
     #[error("cannot connect to {server}: {detail}")]
     Connect { server: String, detail: String },
+    /// The caller's own certificate would be refused: expired, not yet
+    /// valid, or not from the CA the server trusts.
+    #[error("{0}")]
+    Certificate(String),
     /// The server's refusal. Not a `source`: its text is the message
     /// shown, once, without tonic's own rendering of the status.
     #[error("{}: {}", code_name(.0.code()), .0.message())]
@@ -114,6 +118,81 @@ pub(crate) fn code_name(code: tonic::Code) -> &'static str {
     }
 }
 
+/// Checks the caller's certificate as the server will, before connecting:
+/// within its dates and issued by the CA in `ca_pem` (the one the server's
+/// certificate is checked against, and that signs client certificates).
+/// Says what to do when it would be refused.
+fn check_own_certificate(
+    cert_pem: &[u8],
+    cert_path: &Path,
+    ca_pem: &[u8],
+    ca_path: &Path,
+) -> Result<(), ClientError> {
+    use rustls::pki_types::pem::PemObject;
+    use rustls::pki_types::{CertificateDer, UnixTime};
+    let chain: Vec<CertificateDer<'static>> = CertificateDer::pem_slice_iter(cert_pem)
+        .collect::<Result<_, _>>()
+        .ok()
+        .filter(|c: &Vec<_>| !c.is_empty())
+        .ok_or_else(|| {
+            ClientError::Certificate(format!("{}: not a PEM certificate", cert_path.display()))
+        })?;
+    let mut roots = rustls::RootCertStore::empty();
+    for ca in CertificateDer::pem_slice_iter(ca_pem).flatten() {
+        let _ = roots.add(ca);
+    }
+    if roots.is_empty() {
+        // The TLS layer reports an unusable CA file itself.
+        return Ok(());
+    }
+    let provider = std::sync::Arc::new(rustls::crypto::ring::default_provider());
+    let Ok(verifier) =
+        rustls::server::WebPkiClientVerifier::builder_with_provider(roots.into(), provider).build()
+    else {
+        return Ok(());
+    };
+    let org = crate::certs::organisation_of(chain[0].as_ref()).unwrap_or_else(|| "NAME".into());
+    let reissue = format!("ask the operator for a new one (`cleanroom certs issue --org {org}`)");
+    let dates = x509_parser::parse_x509_certificate(chain[0].as_ref())
+        .ok()
+        .map(|(_, c)| {
+            let day = |t: x509_parser::time::ASN1Time| {
+                t.to_datetime()
+                    .format(&time::format_description::well_known::Rfc3339)
+                    .unwrap_or_else(|_| "an unreadable date".into())
+            };
+            (day(c.validity().not_before), day(c.validity().not_after))
+        });
+    let (from, until) = dates.unwrap_or_else(|| ("?".into(), "?".into()));
+    use rustls::CertificateError as E;
+    match verifier.verify_client_cert(&chain[0], &chain[1..], UnixTime::now()) {
+        Ok(_) => Ok(()),
+        Err(rustls::Error::InvalidCertificate(E::Expired | E::ExpiredContext { .. })) => {
+            Err(ClientError::Certificate(format!(
+                "your certificate {} expired on {until}; {reissue}",
+                cert_path.display()
+            )))
+        }
+        Err(rustls::Error::InvalidCertificate(E::NotValidYet | E::NotValidYetContext { .. })) => {
+            Err(ClientError::Certificate(format!(
+                "your certificate {} is not valid until {from}; check this machine's clock, or {reissue}",
+                cert_path.display()
+            )))
+        }
+        Err(rustls::Error::InvalidCertificate(
+            E::UnknownIssuer | E::BadSignature | E::UnhandledCriticalExtension,
+        )) => Err(ClientError::Certificate(format!(
+            "your certificate {} was not issued by the CA in {}, so the server will refuse it; {reissue} from this server's CA, or point --ca at the CA that issued yours",
+            cert_path.display(),
+            ca_path.display()
+        ))),
+        Err(e) => Err(ClientError::Certificate(format!(
+            "your certificate {} will be refused: {e}; {reissue}",
+            cert_path.display()
+        ))),
+    }
+}
+
 fn read(path: &Path) -> Result<Vec<u8>, ClientError> {
     std::fs::read(path).map_err(|source| ClientError::Io {
         path: path.to_path_buf(),
@@ -141,7 +220,9 @@ impl Client {
         let mut tls =
             ClientTlsConfig::new().ca_certificate(Certificate::from_pem(read(&config.ca)?));
         if let Some((cert, key)) = &config.identity {
-            tls = tls.identity(Identity::from_pem(read(cert)?, read(key)?));
+            let pem = read(cert)?;
+            check_own_certificate(&pem, cert, &read(&config.ca)?, &config.ca)?;
+            tls = tls.identity(Identity::from_pem(pem, read(key)?));
         }
         let connect_err = |e: tonic::transport::Error| ClientError::Connect {
             server: config.server.clone(),

@@ -205,7 +205,84 @@ impl From<ServiceError> for Status {
         if !matches!(code, Code::Internal | Code::Unavailable | Code::DataLoss) {
             tracing::info!(code = ?code, reason = %err, "request refused");
         }
-        Status::new(code, err.to_string())
+        use tonic_types::StatusExt;
+        let details = err.details();
+        Status::with_error_details(code, err.to_string(), details)
+    }
+}
+
+impl ServiceError {
+    /// Machine-readable details: a `google.rpc.ErrorInfo` whose reason is
+    /// the rule and whose metadata names the fields involved, and for a
+    /// malformed field or a place in the SQL a `google.rpc.BadRequest`
+    /// field violation. Like the message, they hold names the caller gave
+    /// or may see, never a data value.
+    pub fn details(&self) -> tonic_types::ErrorDetails {
+        let mut metadata = std::collections::HashMap::new();
+        let mut put = |key: &str, value: String| {
+            metadata.insert(key.to_string(), value);
+        };
+        let mut violation = None;
+        match self {
+            ServiceError::AgreementNotFound(id)
+            | ServiceError::NotInForce { id, .. }
+            | ServiceError::PolicyChanged(id) => put("agreement", id.clone()),
+            ServiceError::InvalidArgument { field, rule } => {
+                put("field", (*field).to_string());
+                violation = Some(((*field).to_string(), rule.clone()));
+            }
+            ServiceError::NoData(dataset)
+            | ServiceError::NeedsUpload(dataset)
+            | ServiceError::DatasetDamaged(dataset)
+            | ServiceError::Superseded(dataset) => put("dataset", dataset.clone()),
+            ServiceError::NotBlinded { dataset, partner } => {
+                put("dataset", dataset.clone());
+                put("partner", partner.clone());
+            }
+            ServiceError::UploadRejected(r) => {
+                if let Some(column) = &r.column {
+                    put("column", column.clone());
+                    violation = Some((column.clone(), r.detail.clone()));
+                }
+            }
+            ServiceError::QueryRefused(v) => {
+                if let Some(name) = &v.name {
+                    put("name", name.clone());
+                }
+                if let Some(suggestion) = &v.suggestion {
+                    put("suggestion", suggestion.clone());
+                }
+                if let Some(at) = v.at {
+                    put("line", at.line.to_string());
+                    put("column", at.column.to_string());
+                    violation = Some(("sql".to_string(), format!("{at}: {}", v.detail)));
+                }
+            }
+            ServiceError::BudgetExhausted {
+                agreement,
+                measure,
+                needed,
+                remaining,
+                total,
+                window,
+                next_refresh,
+            } => {
+                put("agreement", agreement.clone());
+                put("measure", (*measure).to_string());
+                put("needed", needed.to_string());
+                put("remaining", remaining.to_string());
+                put("total", total.to_string());
+                put("window", window.clone());
+                put("next_refresh", next_refresh.clone());
+            }
+            _ => {}
+        }
+        let mut details =
+            tonic_types::ErrorDetails::with_error_info(self.rule(), crate::rules::DOMAIN, metadata);
+        if let Some((field, description)) = violation {
+            details.add_bad_request_violation(field, description);
+        }
+        details
     }
 }
 

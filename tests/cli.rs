@@ -475,6 +475,26 @@ async fn exit_codes_say_what_kind_of_failure_it_was_and_errors_print_once() {
     assert_eq!(t.matches("rule query.aggregate").count(), 1, "{t}");
     assert!(!t.contains("metadata"), "{t}");
     assert!(!t.contains("Status {"), "{t}");
+    // One line: the refusal, then what to do about it.
+    assert_eq!(t.trim_end().lines().count(), 1, "{t}");
+    assert!(t.contains("; what to do: Select only aggregates"), "{t}");
+    // A misspelt column: where it is, the column meant, what to do.
+    let (c, t) = code(
+        &[
+            "query",
+            "--agreement",
+            "retail-media-demo",
+            "--sql",
+            "SELECT c.regoin, COUNT(*) FROM customers c JOIN audience a ON c.email = a.email GROUP BY c.regoin",
+        ],
+        &env,
+    );
+    assert_eq!(c, Some(4), "{t}");
+    assert_eq!(t.trim_end().lines().count(), 1, "{t}");
+    assert!(
+        t.contains("did you mean c.region? (at line 1, column 8); what to do: Use a column"),
+        "{t}"
+    );
     // 5: not found.
     assert_eq!(code(&["agreements", "show", "nope"], &env).0, Some(5));
     // 6: retry later (nothing listens there).
@@ -642,4 +662,146 @@ fn version_names_the_commit_it_was_built_from() {
         Some(commit) => assert!(text.contains(&commit), "{text} lacks {commit}"),
         None => assert!(text.contains("unknown commit"), "{text}"),
     }
+}
+
+/// A client certificate for `org` signed by the CA in `ca_dir`, valid from
+/// `from` to `until`, written as `name.pem` and `name-key.pem` in `out`.
+fn client_cert(
+    ca_dir: &std::path::Path,
+    org: &str,
+    from: time::OffsetDateTime,
+    until: time::OffsetDateTime,
+    out: &std::path::Path,
+    name: &str,
+) {
+    use rcgen::{CertificateParams, DnType, ExtendedKeyUsagePurpose, Issuer, KeyPair};
+    let ca_key =
+        KeyPair::from_pem(&std::fs::read_to_string(ca_dir.join("ca-key.pem")).unwrap()).unwrap();
+    let ca_pem = std::fs::read_to_string(ca_dir.join("ca.pem")).unwrap();
+    let issuer = Issuer::from_ca_cert_pem(&ca_pem, &ca_key).unwrap();
+    let key = KeyPair::generate().unwrap();
+    let mut params = CertificateParams::default();
+    params.distinguished_name.push(DnType::CommonName, org);
+    params
+        .distinguished_name
+        .push(DnType::OrganizationName, org);
+    params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ClientAuth];
+    params.not_before = from;
+    params.not_after = until;
+    let cert = params.signed_by(&key, &issuer).unwrap();
+    std::fs::write(out.join(format!("{name}.pem")), cert.pem()).unwrap();
+    std::fs::write(out.join(format!("{name}-key.pem")), key.serialize_pem()).unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn certificates_that_would_be_refused_are_explained_before_connecting() {
+    let pki = Pki::new();
+    let other = Pki::new();
+    let data = tempfile::tempdir().unwrap();
+    let server = RealServer::spawn(&pki, &data.path().join("data"), "0.1");
+    let certs = tempfile::tempdir().unwrap();
+    let now = time::OffsetDateTime::now_utc();
+    let days = time::Duration::days;
+    client_cert(
+        pki.path(),
+        "acme",
+        now - days(30),
+        now - days(2),
+        certs.path(),
+        "expired",
+    );
+    client_cert(
+        pki.path(),
+        "acme",
+        now + days(2),
+        now + days(30),
+        certs.path(),
+        "early",
+    );
+    client_cert(
+        other.path(),
+        "acme",
+        now - days(1),
+        now + days(30),
+        certs.path(),
+        "foreign",
+    );
+    let expired_on = (now - days(2)).date();
+
+    let mut owned = acme_env(&pki, &server);
+    for (name, expected) in [
+        ("expired", format!("expired on {expired_on}T")),
+        ("early", "is not valid until ".to_string()),
+        ("foreign", "was not issued by the CA in ".to_string()),
+    ] {
+        owned[2].1 = certs.path().join(format!("{name}.pem")).into();
+        owned[3].1 = certs.path().join(format!("{name}-key.pem")).into();
+        let out = cleanroom(&["whoami"], &borrowed(&owned));
+        let t = text(&out);
+        assert_eq!(out.status.code(), Some(7), "{name}: {t}");
+        assert!(t.contains(&expected), "{name}: {t}");
+        assert!(
+            t.contains("`cleanroom certs issue --org acme`"),
+            "{name}: {t}"
+        );
+        assert_eq!(t.trim_end().lines().count(), 1, "{name}: {t}");
+    }
+    // A good certificate goes through.
+    let good = acme_env(&pki, &server);
+    let out = cleanroom(&["whoami"], &borrowed(&good));
+    assert!(out.status.success(), "{}", text(&out));
+
+    // The server logs the handshakes it refuses, with the peer's address
+    // and why: here a client that skips the check above.
+    for name in ["expired", "foreign"] {
+        let config = cleanroom::client::ClientConfig::new(
+            format!("https://{}", server.addr),
+            pki.path().join("ca.pem"),
+        );
+        let mut tls = tonic::transport::ClientTlsConfig::new().ca_certificate(
+            tonic::transport::Certificate::from_pem(std::fs::read(&config.ca).unwrap()),
+        );
+        tls = tls.identity(tonic::transport::Identity::from_pem(
+            std::fs::read(certs.path().join(format!("{name}.pem"))).unwrap(),
+            std::fs::read(certs.path().join(format!("{name}-key.pem"))).unwrap(),
+        ));
+        let channel = tonic::transport::Channel::from_shared(config.server.clone())
+            .unwrap()
+            .tls_config(tls)
+            .unwrap()
+            .connect()
+            .await;
+        if let Ok(channel) = channel {
+            let mut agreements =
+                cleanroom::proto::agreements_client::AgreementsClient::new(channel);
+            assert!(
+                agreements
+                    .who_am_i(cleanroom::proto::WhoAmIRequest {})
+                    .await
+                    .is_err()
+            );
+        }
+    }
+    let mut refusals = Vec::new();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    while refusals.len() < 2 && std::time::Instant::now() < deadline {
+        let line = server
+            .log
+            .recv_timeout(std::time::Duration::from_millis(200));
+        if let Some(line) = line.ok().filter(|l| l.contains("TLS handshake failed")) {
+            refusals.push(line);
+        }
+    }
+    assert_eq!(refusals.len(), 2, "{refusals:?}");
+    assert!(
+        refusals
+            .iter()
+            .all(|l| l.contains("\"peer\":\"127.0.0.1:") && l.contains("\"level\":\"INFO\"")),
+        "{refusals:?}"
+    );
+    assert!(refusals[0].contains("Expired"), "{refusals:?}");
+    assert!(
+        refusals[1].contains("UnknownIssuer") || refusals[1].contains("BadSignature"),
+        "{refusals:?}"
+    );
 }

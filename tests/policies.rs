@@ -512,3 +512,31 @@ fn deeply_nested_or_huge_policy_files_are_refused_not_fatal() {
         assert!(err.len() < 4_096, "{}", err.len());
     }
 }
+
+#[test]
+fn policy_check_points_into_a_templates_sql_and_names_the_column_meant() {
+    let dir = tempfile::tempdir().unwrap();
+    let demo = demo_text();
+    assert!(demo.contains("       AVG(c.lifetime_value) AS avg_value,"));
+    let bad = demo.replacen(
+        "       AVG(c.lifetime_value) AS avg_value,",
+        "       AVG(c.lifetime_valeu) AS avg_value,",
+        1,
+    );
+    std::fs::write(dir.path().join("retail-media-demo.toml"), bad).unwrap();
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_cleanroom"))
+        .args(["policy", "check"])
+        .arg(dir.path())
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    // The template's SQL starts on its own line after `sql = """`: the
+    // fourth line of it holds the column, at column 12.
+    assert!(
+        stderr.contains(
+            "template[0].sql: with sample parameter values the query is refused: rule sql.columns: column c.lifetime_valeu does not exist in the query's tables; did you mean c.lifetime_value? (at line 4, column 12)"
+        ),
+        "{stderr}"
+    );
+}

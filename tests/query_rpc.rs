@@ -69,7 +69,7 @@ async fn queries_over_grpc_are_governed_audited_and_never_echo_data() {
     assert_eq!(err.code(), Some(Code::PermissionDenied));
     assert_eq!(
         err.to_string(),
-        "PERMISSION_DENIED: rule query.aggregates: max is not allowed in agreement retail-media-demo"
+        "PERMISSION_DENIED: rule query.aggregates: max is not allowed in agreement retail-media-demo (at line 1, column 18)"
     );
     let err = acme
         .query("retail-media-demo", "SELEC 1")

@@ -134,7 +134,7 @@ pub fn main() -> ExitCode {
     match result {
         Ok(code) => code,
         Err(e) => {
-            eprintln!("error: {e:#}");
+            eprintln!("error: {e:#}{}", what_to_do(&e));
             ExitCode::from(exit_code(&e) as u8)
         }
     }
@@ -219,6 +219,7 @@ impl Exit {
             ClientError::Status(s) => Exit::of_status(s.code()),
             ClientError::Io { .. } => Exit::Input,
             ClientError::BadServer(_) => Exit::Usage,
+            ClientError::Certificate(_) => Exit::Authentication,
             ClientError::Connect { detail, .. } => {
                 let d = detail.to_ascii_lowercase();
                 if d.contains("certificate")
@@ -262,6 +263,26 @@ fn exit_code(e: &anyhow::Error) -> Exit {
         }
     }
     Exit::Other
+}
+
+/// "; what to do: ..." for a refusal whose rule the server named, in the
+/// same line as the refusal.
+fn what_to_do(e: &anyhow::Error) -> String {
+    use tonic_types::StatusExt;
+    let status = e.chain().find_map(|cause| {
+        if let Some(c) = cause.downcast_ref::<crate::client::ClientError>() {
+            return c.status();
+        }
+        match cause.downcast_ref::<crate::prepare::UploadError>() {
+            Some(crate::prepare::UploadError::Server(c)) => c.status(),
+            _ => None,
+        }
+    });
+    status
+        .and_then(|s| s.get_error_details().error_info().map(|i| i.reason.clone()))
+        .and_then(|rule| crate::rules::advice(&rule))
+        .map(|advice| format!("; what to do: {advice}"))
+        .unwrap_or_default()
 }
 
 /// A Tokio runtime for one command.

@@ -26,22 +26,14 @@ pub const MAX_TOKENS: usize = 8_192;
 pub const MAX_DEPTH: usize = 256;
 
 fn limit(detail: String) -> Violation {
-    Violation {
-        policy: false,
-        rule: "sql.limits",
-        detail,
-    }
+    Violation::invalid("sql.limits", detail)
 }
 
 /// Refuses a query past the token or depth limit.
 pub(super) fn check_size(sql: &str) -> Result<(), Violation> {
     let tokens = Tokenizer::new(&GenericDialect {}, sql)
         .tokenize()
-        .map_err(|_| Violation {
-            policy: false,
-            rule: "sql.syntax",
-            detail: "the SQL could not be parsed".into(),
-        })?;
+        .map_err(|e| super::syntax_error(&e.to_string()))?;
     let mut count = 0usize;
     // Operators so far in each open level; the depth bound is the sum of
     // (operators + 1) over the levels.

@@ -92,11 +92,10 @@ impl QueryError {
 
 /// The refusal an analyst sees when an expression over released rows fails.
 pub fn output_violation() -> Violation {
-    Violation {
-        policy: false,
-        rule: "query.output",
-        detail: "an expression over the released aggregates failed on their values (a division by zero or an overflow, for example)".into(),
-    }
+    Violation::invalid(
+        "query.output",
+        "an expression over the released aggregates failed on their values (a division by zero or an overflow, for example)",
+    )
 }
 
 /// One dataset's rows, with the person number of every row.
@@ -627,8 +626,9 @@ pub async fn plan_and_check_with(
                     .analyzer()
                     .execute_and_check(plan, state.config_options(), |_, _| {})
             })
-            .map_err(|e| QueryError::Refused(planning_refusal(&e, &policy)))?;
-        let checked = check(&plan, &policy, &org).map_err(QueryError::Refused)?;
+            .map_err(|e| QueryError::Refused(planning_refusal(&e, &policy, &sql)))?;
+        let checked =
+            check(&plan, &policy, &org).map_err(|v| QueryError::Refused(pointed(v, &sql)))?;
         Ok((plan, checked))
     })
     .await?;
@@ -757,10 +757,22 @@ pub fn template_problems(policy: &Policy) -> Vec<crate::policy::Problem> {
             let org = t.parties().first().map(String::as_str).unwrap_or_default();
             match runtime.block_on(plan_and_check(&policy, org, &tables, &bound.sql)) {
                 Ok(_) => {}
-                Err(QueryError::Refused(v)) => problems.push(problem(
-                    i,
-                    format!("with sample parameter values the query is refused: {v}"),
-                )),
+                Err(QueryError::Refused(v)) => {
+                    // Positions point into the template's own text: by
+                    // the name they are about, as parameters change widths.
+                    let at = match (&v.name, bound.sql == t.sql()) {
+                        (_, true) => v.at,
+                        (Some(name), false) => crate::names::locate(t.sql(), name),
+                        (None, false) => None,
+                    };
+                    problems.push(problem(
+                        i,
+                        format!(
+                            "with sample parameter values the query is refused: {}",
+                            v.at(at)
+                        ),
+                    ))
+                }
                 Err(e) => problems.push(problem(
                     i,
                     format!("with sample parameter values the query fails: {e}"),
@@ -781,26 +793,14 @@ pub fn template_problems(policy: &Policy) -> Vec<crate::policy::Problem> {
 fn only_a_select(sql: &str) -> Result<(), Violation> {
     use datafusion::sql::parser::{DFParser, Statement};
     use datafusion::sql::sqlparser::ast::Statement as SqlStatement;
-    let statements = DFParser::parse_sql(sql).map_err(|_| Violation {
-        policy: false,
-        rule: "sql.syntax",
-        detail: "the SQL could not be parsed".into(),
-    })?;
+    let statements = DFParser::parse_sql(sql).map_err(|e| syntax_error(&e.to_string()))?;
     match statements.len() {
         1 => {}
         0 => {
-            return Err(Violation {
-                policy: false,
-                rule: "sql.syntax",
-                detail: "no statement".into(),
-            });
+            return Err(Violation::invalid("sql.syntax", "no statement"));
         }
         _ => {
-            return Err(Violation {
-                policy: false,
-                rule: "sql.syntax",
-                detail: "one statement at a time".into(),
-            });
+            return Err(Violation::invalid("sql.syntax", "one statement at a time"));
         }
     }
     match &statements[0] {
@@ -835,9 +835,99 @@ pub(crate) fn engine_failure(e: &DataFusionError) -> String {
 /// The scalar functions a session registers (see [`session_with`]).
 const SCALAR_FUNCTIONS: [&str; 5] = ["floor", "ceil", "coalesce", "date_trunc", "date_part"];
 
+/// A parser's or tokenizer's refusal: its position, and what it expected
+/// when that is grammar (never the text it found, which may be a value).
+pub(crate) fn syntax_error(message: &str) -> Violation {
+    let expected = message
+        .split_once("Expected: ")
+        .and_then(|(_, rest)| rest.split_once(", found"))
+        .map(|(expected, _)| expected)
+        .filter(|e| {
+            e.len() <= 40
+                && e.chars()
+                    .all(|c| c.is_ascii_alphanumeric() || " _(),;".contains(c))
+        });
+    let detail = match expected {
+        Some(e) => format!("the SQL could not be parsed: expected {e}"),
+        None => "the SQL could not be parsed".to_string(),
+    };
+    Violation::invalid("sql.syntax", detail).at(crate::names::position_in_message(message))
+}
+
+/// `v`, pointing at the place in `sql` of the name it is about.
+fn pointed(v: Violation, sql: &str) -> Violation {
+    match (&v.at, &v.name) {
+        (None, Some(name)) => {
+            let at = crate::names::locate(sql, name);
+            v.at(at)
+        }
+        _ => v,
+    }
+}
+
+/// A column the engine could not find: the analyst's name, where it is,
+/// and the nearest column of the same input (qualified as it was asked).
+fn unknown_column(
+    column: &datafusion::common::Column,
+    valid: &[datafusion::common::Column],
+    sql: &str,
+) -> Violation {
+    let asked = column.flat_name();
+    let visible = |c: &&datafusion::common::Column| !c.name.starts_with("__");
+    let candidates: Vec<String> = match &column.relation {
+        Some(relation) => valid
+            .iter()
+            .filter(visible)
+            .filter(|c| c.relation.as_ref() == Some(relation))
+            .map(|c| c.flat_name())
+            .collect(),
+        None => valid
+            .iter()
+            .filter(visible)
+            .map(|c| c.name.clone())
+            .collect(),
+    };
+    let suggestion = crate::names::nearest(&asked, candidates.iter().map(String::as_str));
+    if !crate::names::is_plain_path(&asked) {
+        return Violation::invalid(
+            "sql.columns",
+            "a column in the query does not exist in its tables",
+        );
+    }
+    Violation::invalid(
+        "sql.columns",
+        format!(
+            "column {asked} does not exist in the query's tables{}",
+            crate::names::did_you_mean(suggestion.as_deref())
+        ),
+    )
+    .about(&asked, suggestion)
+    .at(crate::names::locate(sql, &asked))
+}
+
+/// Aggregates some agreements allow and this one may not.
+const KNOWN_AGGREGATES: [&str; 14] = [
+    "min",
+    "max",
+    "array_agg",
+    "string_agg",
+    "first_value",
+    "last_value",
+    "median",
+    "stddev",
+    "var",
+    "approx_distinct",
+    "bit_and",
+    "bit_or",
+    "bool_and",
+    "bool_or",
+];
+
 /// A planning failure as a fixed text naming the rule. DataFusion's own
-/// message is never returned: it can quote the query or values.
-fn planning_refusal(e: &DataFusionError, policy: &Policy) -> Violation {
+/// message is never returned: it can quote the query or values. Names the
+/// analyst wrote (columns, tables, functions) are echoed when they are
+/// plain names, with where they are in `sql` and the nearest allowed name.
+fn planning_refusal(e: &DataFusionError, policy: &Policy, sql: &str) -> Violation {
     let root = e.find_root();
     let message = root.to_string();
     let quoted = |prefix: &str| -> Option<String> {
@@ -850,37 +940,40 @@ fn planning_refusal(e: &DataFusionError, policy: &Policy) -> Violation {
         (!name.is_empty() && name.len() <= 64).then(|| name.to_ascii_lowercase())
     };
     match root {
-        DataFusionError::SQL(..) => Violation {
-            policy: false,
-            rule: "sql.syntax",
-            detail: "the SQL could not be parsed".into(),
+        DataFusionError::SQL(parser, _) => syntax_error(&parser.to_string()),
+        DataFusionError::SchemaError(schema, _) => match schema.as_ref() {
+            datafusion::common::SchemaError::FieldNotFound {
+                field,
+                valid_fields,
+            } => unknown_column(field, valid_fields, sql),
+            _ => Violation::invalid(
+                "sql.columns",
+                "a column in the query does not exist in its tables",
+            ),
         },
         _ if message.contains("Invalid function") => match quoted("Invalid function '") {
-            Some(name)
-                if [
-                    "min",
-                    "max",
-                    "array_agg",
-                    "string_agg",
-                    "first_value",
-                    "last_value",
-                    "median",
-                    "stddev",
-                    "var",
-                    "approx_distinct",
-                    "bit_and",
-                    "bit_or",
-                    "bool_and",
-                    "bool_or",
-                ]
-                .contains(&name.as_str()) =>
-            {
+            Some(name) if KNOWN_AGGREGATES.contains(&name.as_str()) => check::deny(
+                "query.aggregates",
+                format!("{name} is not allowed in agreement {}", policy.id()),
+            )
+            .about(&name, None)
+            .at(crate::names::locate(sql, &name)),
+            Some(name) => {
+                let allowed = SCALAR_FUNCTIONS
+                    .iter()
+                    .copied()
+                    .chain(["count", "sum", "avg"]);
+                let suggestion = crate::names::nearest(&name, allowed);
                 check::deny(
-                    "query.aggregates",
-                    format!("{name} is not allowed in agreement {}", policy.id()),
+                    "query.functions",
+                    format!(
+                        "function {name} is not allowed{}",
+                        crate::names::did_you_mean(suggestion.as_deref())
+                    ),
                 )
+                .about(&name, suggestion)
+                .at(crate::names::locate(sql, &name))
             }
-            Some(name) => check::deny("query.functions", format!("function {name} is not allowed")),
             None => check::deny("query.functions", "a function in the query is not allowed"),
         },
         _ if SCALAR_FUNCTIONS
@@ -905,21 +998,37 @@ fn planning_refusal(e: &DataFusionError, policy: &Policy) -> Violation {
             check::deny("query.tables", "table functions are not allowed")
         }
         _ if message.contains("table '") && message.contains("not found") => {
-            check::deny("query.tables", "queries read the agreement's datasets only")
+            let asked = message
+                .split("table '")
+                .nth(1)
+                .and_then(|rest| rest.split('\'').next())
+                .and_then(|path| path.rsplit('.').next())
+                .filter(|name| crate::names::is_plain_name(name))
+                .map(str::to_ascii_lowercase);
+            let Some(asked) = asked else {
+                return check::deny("query.tables", "queries read the agreement's datasets only");
+            };
+            let suggestion =
+                crate::names::nearest(&asked, policy.datasets().iter().map(|d| d.name()));
+            check::deny(
+                "query.tables",
+                format!(
+                    "{asked} is not a dataset of agreement {}; queries read the agreement's datasets only{}",
+                    policy.id(),
+                    crate::names::did_you_mean(suggestion.as_deref())
+                ),
+            )
+            .about(&asked, suggestion)
+            .at(crate::names::locate(sql, &asked))
         }
-        _ if message.contains("No field named") || message.contains("Schema error") => Violation {
-            policy: false,
-            rule: "sql.columns",
-            detail: "a column in the query does not exist in its tables".into(),
-        },
+        _ if message.contains("No field named") => Violation::invalid(
+            "sql.columns",
+            "a column in the query does not exist in its tables",
+        ),
         DataFusionError::NotImplemented(_) => {
             check::deny("query.shape", "this SQL construct is not supported")
         }
-        _ => Violation {
-            policy: false,
-            rule: "sql.plan",
-            detail: "the query could not be planned".into(),
-        },
+        _ => Violation::invalid("sql.plan", "the query could not be planned"),
     }
 }
 
@@ -949,7 +1058,7 @@ mod tests {
             ),
             (
                 DataFusionError::Plan("table 'public.secret_table' not found".into()),
-                "rule query.tables: queries read the agreement's datasets only",
+                "rule query.tables: secret_table is not a dataset of agreement retail-media-demo; queries read the agreement's datasets only",
                 true,
             ),
             (
@@ -984,7 +1093,7 @@ mod tests {
         ));
         assert_eq!(failure, "DataFusion execution error");
         for (err, text, policy_refusal) in cases {
-            let v = planning_refusal(&err, &policy);
+            let v = planning_refusal(&err, &policy, "SELECT 1");
             assert_eq!(v.to_string(), text);
             assert_eq!(v.policy, policy_refusal, "{text}");
             assert!(!v.to_string().contains("jane"), "{v}");

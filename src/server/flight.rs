@@ -271,9 +271,18 @@ fn table_schema(dataset: &crate::policy::Dataset) -> Schema {
 }
 
 fn refused(what: &str) -> Status {
-    Status::unimplemented(format!(
-        "{what} is not supported: this clean room answers governed aggregate SELECT statements only"
-    ))
+    use tonic_types::StatusExt;
+    Status::with_error_details(
+        tonic::Code::Unimplemented,
+        format!(
+            "rule flight.unsupported: {what} is not supported: this clean room answers governed aggregate SELECT statements only"
+        ),
+        tonic_types::ErrorDetails::with_error_info(
+            "flight.unsupported",
+            crate::rules::DOMAIN,
+            std::collections::HashMap::new(),
+        ),
+    )
 }
 
 /// Refuses a request of an authenticated caller: unauthenticated callers
@@ -346,8 +355,13 @@ impl FlightSqlService for FlightSqlEndpoint {
         request: Request<Ticket>,
     ) -> Result<Response<FlightStream>, Status> {
         let org = caller(&request)?;
-        let query_request = proto::QueryRequest::decode(ticket.statement_handle.as_ref())
-            .map_err(|_| Status::invalid_argument("the ticket is not one this server issued"))?;
+        let query_request =
+            proto::QueryRequest::decode(ticket.statement_handle.as_ref()).map_err(|_| {
+                Status::from(ServiceError::InvalidArgument {
+                    field: "ticket",
+                    rule: "is not one this server issued".into(),
+                })
+            })?;
         let governed = self.queries.governed(&org, &query_request).await?;
         let noise = governed.outcome.privacy.as_ref().map(privacy_json);
         let schema = Arc::new(with_metadata(
@@ -509,9 +523,12 @@ impl FlightSqlService for FlightSqlEndpoint {
     ) -> Result<i64, Status> {
         refuse(
             &request,
-            Status::permission_denied(
-                "rule query.statement: data modification is not allowed; partners upload with `cleanroom upload`",
-            ),
+            ServiceError::PermissionDenied {
+                rule: "query.statement",
+                detail: "data modification is not allowed; partners upload with `cleanroom upload`"
+                    .into(),
+            }
+            .into(),
         )
     }
 
@@ -522,9 +539,11 @@ impl FlightSqlService for FlightSqlEndpoint {
     ) -> Result<i64, Status> {
         refuse(
             &request,
-            Status::permission_denied(
-                "rule query.statement: ingestion is not allowed; partners upload with `cleanroom upload`",
-            ),
+            ServiceError::PermissionDenied {
+                rule: "query.statement",
+                detail: "ingestion is not allowed; partners upload with `cleanroom upload`".into(),
+            }
+            .into(),
         )
     }
 

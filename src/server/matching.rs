@@ -104,11 +104,7 @@ impl MatchingService {
                     &[Measure::People],
                 )
                 .map_err(|e| {
-                    ServiceError::QueryRefused(crate::query::Violation {
-                        policy: true,
-                        rule: e.rule,
-                        detail: e.detail,
-                    })
+                    ServiceError::QueryRefused(crate::query::Violation::deny(e.rule, e.detail))
                 })?;
                 Some(plan)
             }

@@ -13,6 +13,7 @@ pub mod governance;
 mod matching;
 pub mod metrics;
 mod queries;
+mod tls;
 mod upkeep;
 
 use std::future::Future;
@@ -22,8 +23,8 @@ use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
 use tokio::net::TcpListener;
+use tonic::transport::Server;
 use tonic::transport::server::TcpIncoming;
-use tonic::transport::{Certificate, Identity, Server, ServerTlsConfig};
 use tonic_health::ServingStatus;
 
 use crate::audit::{AuditError, AuditLog, Event};
@@ -498,31 +499,6 @@ fn read(path: &Path) -> Result<Vec<u8>, ServerError> {
     })
 }
 
-fn tls_config(files: &TlsFiles) -> Result<ServerTlsConfig, ServerError> {
-    for path in [&files.ca, &files.cert, &files.key] {
-        if !path.exists() {
-            return Err(ServerError::Tls(format!(
-                "{} does not exist; create development certificates with `cleanroom certs init --dir {}`, or point --certs-dir or the config file's [tls] at yours",
-                path.display(),
-                path.parent()
-                    .map(|p| p.display().to_string())
-                    .unwrap_or_default()
-            )));
-        }
-    }
-    let ca = read(&files.ca)?;
-    let cert = read(&files.cert)?;
-    let key = read(&files.key)?;
-    // Client certificates are requested and, when presented, verified
-    // against the CA during the handshake. A session without one is let
-    // through TLS so that health checks work and other calls can be refused
-    // with a clear UNAUTHENTICATED status instead of a broken connection.
-    Ok(ServerTlsConfig::new()
-        .identity(Identity::from_pem(cert, key))
-        .client_ca_root(Certificate::from_pem(ca))
-        .client_auth_optional(true))
-}
-
 /// Sets the health of the whole server ("") and of every service.
 async fn set_health(reporter: &tonic_health::server::HealthReporter, status: ServingStatus) {
     use tonic::server::NamedService;
@@ -593,7 +569,7 @@ pub async fn serve(
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<(), ServerError> {
     let policies = crate::policy::load_dir(&options.policies_dir).map_err(ServerError::Policies)?;
-    let tls = tls_config(&options.tls)?.timeout(options.tls_handshake_timeout);
+    let tls = tls::server_config(&options.tls)?;
     let store = Store::open(&options.data_dir, options.master_key.as_deref())?;
     let local_addr: SocketAddr = listener.local_addr().map_err(|source| ServerError::Io {
         path: PathBuf::from("(listener)"),
@@ -676,14 +652,18 @@ pub async fn serve(
         "listening"
     );
     let closed = Arc::clone(&state.closed);
-    let incoming = TcpIncoming::from(listener).with_nodelay(Some(true));
+    let incoming = tls::accept(
+        TcpIncoming::from(listener)
+            .with_nodelay(Some(true))
+            .with_keepalive(Some(Duration::from_secs(60))),
+        tls,
+        options.tls_handshake_timeout,
+    );
     // Peers that vanish without closing are found by keepalive pings and
     // their connections closed.
     let router = Server::builder()
         .http2_keepalive_interval(Some(Duration::from_secs(30)))
         .http2_keepalive_timeout(Some(Duration::from_secs(20)))
-        .tcp_keepalive(Some(Duration::from_secs(60)))
-        .tls_config(tls)?
         .layer(metrics::CallsLayer(Arc::clone(state.metrics())))
         .add_service(health_service)
         .add_service(reflection)

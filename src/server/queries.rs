@@ -639,19 +639,39 @@ fn resolve(
     let template = policy
         .template(&request.template)
         .filter(|t| t.runnable_by(org))
-        .ok_or_else(|| ServiceError::PermissionDenied {
-            rule: "template.unknown",
-            detail: format!(
-                "agreement {} has no template of that name that {org} may run",
-                policy.id()
-            ),
+        .ok_or_else(|| {
+            let runnable = policy.templates().iter().filter(|t| t.runnable_by(org));
+            let suggestion = crate::names::nearest(&request.template, runnable.map(|t| t.name()));
+            ServiceError::QueryRefused(
+                crate::query::Violation::deny(
+                    "template.unknown",
+                    format!(
+                        "agreement {} has no template of that name that {org} may run{}",
+                        policy.id(),
+                        crate::names::did_you_mean(suggestion.as_deref())
+                    ),
+                )
+                .about(&request.template, suggestion),
+            )
         })?;
     let bound = template.bind(&given).map_err(|e| {
-        ServiceError::QueryRefused(crate::query::Violation {
-            policy: false,
-            rule: e.rule,
-            detail: format!("parameter {}: {}", e.param, e.detail),
-        })
+        let declared = template.params().iter().map(|p| p.name());
+        let suggestion = match template.params().iter().any(|p| p.name() == e.param) {
+            true => None,
+            false => crate::names::nearest(&e.param, declared),
+        };
+        ServiceError::QueryRefused(
+            crate::query::Violation::invalid(
+                e.rule,
+                format!(
+                    "parameter {}: {}{}",
+                    e.param,
+                    e.detail,
+                    crate::names::did_you_mean(suggestion.as_deref())
+                ),
+            )
+            .about(&e.param, suggestion),
+        )
     })?;
     Ok(Resolved {
         policy: Arc::clone(&policy),

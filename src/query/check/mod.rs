@@ -33,6 +33,7 @@ mod row;
 use row::Place;
 
 use super::{OWN_PERSON_COLUMN, PERSON_COLUMN, ROW_COLUMN};
+use crate::names::Position;
 use crate::policy::{Aggregate, ColumnRole, Policy};
 
 /// Why a query was refused.
@@ -43,20 +44,64 @@ pub struct Violation {
     pub policy: bool,
     pub rule: &'static str,
     pub detail: String,
+    /// Where in the analyst's SQL the refusal points, when known.
+    pub at: Option<Position>,
+    /// The analyst's own name the refusal is about (a column, table,
+    /// function, template or parameter), and the nearest allowed name.
+    pub name: Option<String>,
+    pub suggestion: Option<String>,
 }
 
 impl std::fmt::Display for Violation {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "rule {}: {}", self.rule, self.detail)
+        write!(f, "rule {}: {}", self.rule, self.detail)?;
+        match self.at {
+            Some(at) => write!(f, " (at {at})"),
+            None => Ok(()),
+        }
+    }
+}
+
+impl Violation {
+    /// A policy refusal (PERMISSION_DENIED).
+    pub fn deny(rule: &'static str, detail: impl Into<String>) -> Violation {
+        Violation {
+            policy: true,
+            rule,
+            detail: detail.into(),
+            at: None,
+            name: None,
+            suggestion: None,
+        }
+    }
+
+    /// Malformed SQL or request (INVALID_ARGUMENT).
+    pub fn invalid(rule: &'static str, detail: impl Into<String>) -> Violation {
+        Violation {
+            policy: false,
+            ..Violation::deny(rule, detail)
+        }
+    }
+
+    /// The same refusal, pointing at a place in the SQL.
+    pub fn at(mut self, at: Option<Position>) -> Violation {
+        self.at = at;
+        self
+    }
+
+    /// The same refusal about the analyst's name `name` (echoed only when
+    /// it is a plain name), with the nearest allowed name.
+    pub fn about(mut self, name: &str, suggestion: Option<String>) -> Violation {
+        if crate::names::is_plain_path(name) {
+            self.name = Some(name.to_string());
+        }
+        self.suggestion = suggestion;
+        self
     }
 }
 
 pub(crate) fn deny(rule: &'static str, detail: impl Into<String>) -> Violation {
-    Violation {
-        policy: true,
-        rule,
-        detail: detail.into(),
-    }
+    Violation::deny(rule, detail)
 }
 
 /// What the checker learned about an accepted plan.
@@ -781,11 +826,10 @@ fn join_rule() -> Violation {
 }
 
 fn unknown_column(name: &str) -> Violation {
-    Violation {
-        policy: false,
-        rule: "sql.columns",
-        detail: format!("{name} is not a column of the datasets in this query"),
-    }
+    Violation::invalid(
+        "sql.columns",
+        format!("{name} is not a column of the datasets in this query"),
+    )
 }
 
 fn conjuncts(e: &Expr) -> Vec<&Expr> {
@@ -815,11 +859,9 @@ fn expression_refusal(e: &Expr, place: &str) -> Violation {
         | Expr::InSubquery(_)
         | Expr::SetComparison(_) => deny("query.subquery", "subqueries are not allowed"),
         Expr::Case(_) => deny("query.expression", format!("CASE is not allowed {place}")),
-        Expr::Placeholder(_) => Violation {
-            policy: false,
-            rule: "sql.placeholder",
-            detail: "parameters are not supported".into(),
-        },
+        Expr::Placeholder(_) => {
+            Violation::invalid("sql.placeholder", "parameters are not supported")
+        }
         _ => deny(
             "query.expression",
             format!("this expression is not allowed {place}"),
