@@ -805,3 +805,44 @@ async fn certificates_that_would_be_refused_are_explained_before_connecting() {
         "{refusals:?}"
     );
 }
+
+/// The README's "Using it by hand" lists commands examples/by_hand.sh
+/// runs: each `$B` line there is the start of one the script runs.
+#[test]
+fn the_readme_by_hand_commands_are_the_ones_the_script_runs() {
+    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR"));
+    let readme = std::fs::read_to_string(root.join("README.md")).unwrap();
+    let script = std::fs::read_to_string(root.join("examples/by_hand.sh")).unwrap();
+    let section = readme
+        .split("## Using it by hand")
+        .nth(1)
+        .and_then(|s| s.split("```sh").nth(1))
+        .and_then(|s| s.split("```").next())
+        .expect("a sh block in Using it by hand");
+    let runs: Vec<&str> = script
+        .lines()
+        .filter_map(|l| l.trim_start().strip_prefix("run "))
+        .collect();
+    let mut checked = 0;
+    for line in section.lines().filter_map(|l| l.strip_prefix("$B ")) {
+        let command = line.split(" # ").next().unwrap().trim_end();
+        if command == "serve &" {
+            assert!(
+                script.contains("\"$B\" serve "),
+                "the script starts a server"
+            );
+            continue;
+        }
+        assert!(
+            runs.iter().any(|r| r.starts_with(command)),
+            "README runs `{command}`; examples/by_hand.sh does not"
+        );
+        checked += 1;
+    }
+    assert!(checked >= 25, "{checked}");
+    // Plain shell lines of the README block are in the script as they are.
+    for line in section.lines().filter(|l| l.starts_with("head ")) {
+        let command = line.split("   #").next().unwrap().trim_end();
+        assert!(script.contains(command), "{command}");
+    }
+}
