@@ -90,8 +90,131 @@ enum Command {
 
 /// Parses the command line, runs the command and turns its outcome into an
 /// exit status. Errors are printed with their context chain.
+/// One example for each command's `--help` (and the manual page), by
+/// the command's path; a test runs each through the parser.
+const EXAMPLES: &[(&str, &str)] = &[
+    (
+        "serve",
+        "cleanroom serve --config /etc/cleanroom/config.toml --log-format json",
+    ),
+    ("policy", "cleanroom policy check policies/"),
+    ("policy check", "cleanroom policy check policies/"),
+    ("policy salt", "cleanroom policy salt"),
+    ("certs", "cleanroom certs issue --org acme"),
+    (
+        "certs init",
+        "cleanroom certs init --dir cleanroom-data/certs --san cleanroom.example.com",
+    ),
+    (
+        "certs issue",
+        "cleanroom certs issue --dir cleanroom-data/certs --org acme",
+    ),
+    ("secret", "cleanroom secret new --out shared.secret"),
+    ("secret new", "cleanroom secret new --out shared.secret"),
+    ("key", "cleanroom key new --out acme.key"),
+    ("key new", "cleanroom key new --out acme.key"),
+    (
+        "match",
+        "cleanroom match --agreement retail-media-ecdh --key-file acme.key",
+    ),
+    (
+        "upload",
+        "cleanroom upload --agreement retail-media-demo --dataset customers --input customers.csv --secret-file shared.secret",
+    ),
+    (
+        "datasets",
+        "cleanroom datasets --agreement retail-media-demo",
+    ),
+    (
+        "erase",
+        "cleanroom erase --agreement retail-media-demo --dataset customers --input withdrawn.csv --secret-file shared.secret",
+    ),
+    (
+        "synth",
+        "cleanroom synth --rows 20000 --overlap 0.3 --out synth",
+    ),
+    ("overlap", "cleanroom overlap --agreement retail-media-demo"),
+    (
+        "query",
+        "cleanroom query --agreement retail-media-demo --epsilon 0.5 --sql-file question.sql --format csv",
+    ),
+    (
+        "templates",
+        "cleanroom templates --agreement retail-media-demo",
+    ),
+    (
+        "run",
+        "cleanroom run --agreement retail-media-demo lift_by_region --param min_exposures=1",
+    ),
+    ("budget", "cleanroom budget --agreement retail-media-demo"),
+    ("report", "cleanroom report --agreement retail-media-demo"),
+    ("admin", "cleanroom admin status"),
+    ("admin status", "cleanroom admin status"),
+    (
+        "admin recover",
+        "cleanroom admin recover --data-dir cleanroom-data",
+    ),
+    (
+        "admin trust-clock",
+        "cleanroom admin trust-clock --data-dir cleanroom-data",
+    ),
+    ("audit", "cleanroom audit verify --data-dir cleanroom-data"),
+    (
+        "audit verify",
+        "cleanroom audit verify --data-dir cleanroom-data",
+    ),
+    (
+        "audit show",
+        "cleanroom audit show --agreement retail-media-demo",
+    ),
+    (
+        "whoami",
+        "cleanroom whoami --server https://cleanroom.example.com:50051",
+    ),
+    ("agreements", "cleanroom agreements"),
+    (
+        "agreements show",
+        "cleanroom agreements show retail-media-demo",
+    ),
+    (
+        "completions",
+        "cleanroom completions bash > /etc/bash_completion.d/cleanroom",
+    ),
+    ("man", "cleanroom man > cleanroom.1"),
+];
+
+/// The command line's definition, each command's help ending in its
+/// example.
+fn command() -> clap::Command {
+    use clap::CommandFactory;
+    fn with_examples(cmd: clap::Command, path: &str) -> clap::Command {
+        let example = EXAMPLES.iter().find(|(p, _)| *p == path).map(|(_, e)| *e);
+        let mut cmd = match example {
+            Some(e) => cmd.after_help(format!("Example:\n  {e}")),
+            None => cmd,
+        };
+        let names: Vec<String> = cmd
+            .get_subcommands()
+            .map(|c| c.get_name().to_string())
+            .collect();
+        for name in names {
+            let sub_path = match path {
+                "" => name.clone(),
+                _ => format!("{path} {name}"),
+            };
+            cmd = cmd.mut_subcommand(&name, |c| with_examples(c, &sub_path));
+        }
+        cmd
+    }
+    with_examples(Cli::command(), "")
+}
+
 pub fn main() -> ExitCode {
-    let cli = Cli::parse();
+    use clap::FromArgMatches;
+    let cli = match Cli::from_arg_matches(&command().get_matches()) {
+        Ok(cli) => cli,
+        Err(e) => e.exit(),
+    };
     let result = match cli.command {
         Command::Serve(args) => serve::run(args),
         Command::Policy(cmd) => local::policy(cmd),
@@ -114,22 +237,13 @@ pub fn main() -> ExitCode {
         Command::Whoami(args) => connect::whoami(args),
         Command::Agreements(args) => connect::agreements(args),
         Command::Completions { shell } => {
-            use clap::CommandFactory;
-            clap_complete::generate(
-                shell,
-                &mut Cli::command(),
-                "cleanroom",
-                &mut std::io::stdout(),
-            );
+            clap_complete::generate(shell, &mut command(), "cleanroom", &mut std::io::stdout());
             Ok(ExitCode::SUCCESS)
         }
-        Command::Man => {
-            use clap::CommandFactory;
-            clap_mangen::Man::new(Cli::command())
-                .render(&mut std::io::stdout())
-                .map(|()| ExitCode::SUCCESS)
-                .map_err(Into::into)
-        }
+        Command::Man => clap_mangen::Man::new(command())
+            .render(&mut std::io::stdout())
+            .map(|()| ExitCode::SUCCESS)
+            .map_err(Into::into),
     };
     match result {
         Ok(code) => code,
@@ -300,7 +414,57 @@ mod tests {
 
     #[test]
     fn command_line_is_well_formed() {
-        use clap::CommandFactory;
-        Cli::command().debug_assert();
+        command().debug_assert();
+    }
+
+    /// Every command a user can run has an example in its help, and the
+    /// example is a command line the parser accepts.
+    #[test]
+    fn every_command_has_an_example_that_parses() {
+        fn leaves(cmd: &clap::Command, path: &str, out: &mut Vec<(String, bool)>) {
+            for sub in cmd.get_subcommands().filter(|c| c.get_name() != "help") {
+                let p = match path {
+                    "" => sub.get_name().to_string(),
+                    _ => format!("{path} {}", sub.get_name()),
+                };
+                out.push((p.clone(), sub.get_after_help().is_some()));
+                leaves(sub, &p, out);
+            }
+        }
+        let mut all = Vec::new();
+        leaves(&command(), "", &mut all);
+        assert!(all.len() >= 25, "{all:?}");
+        let missing: Vec<&String> = all.iter().filter(|(_, has)| !has).map(|(p, _)| p).collect();
+        assert!(
+            missing.is_empty(),
+            "commands without an example: {missing:?}"
+        );
+        for (path, example) in EXAMPLES {
+            assert!(
+                all.iter().any(|(p, _)| p == path),
+                "{path} is not a command"
+            );
+            let argv: Vec<&str> = example
+                .split(" > ")
+                .next()
+                .unwrap()
+                .split_whitespace()
+                .collect();
+            assert_eq!(argv[0], "cleanroom");
+            let matches = command()
+                .try_get_matches_from(&argv)
+                .unwrap_or_else(|e| panic!("{example}: {e}"));
+            let mut found = Vec::new();
+            let mut m = &matches;
+            while let Some((name, sub)) = m.subcommand() {
+                found.push(name);
+                m = sub;
+            }
+            let found = found.join(" ");
+            assert!(
+                found == *path || found.starts_with(&format!("{path} ")),
+                "{example} runs {found}, not {path}"
+            );
+        }
     }
 }
