@@ -181,7 +181,7 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     print!("   {}", cleanroom::cli::render_overlap(&overlap));
     println!("   (the generator's truth: {})", truth.overlap);
     if let Some(p) = &overlap.privacy {
-        for line in cleanroom::cli::render_privacy(p).lines() {
+        for line in cleanroom::cli::render_privacy(p, overlap.min_group_size).lines() {
             println!("   {line}");
         }
     }
@@ -208,7 +208,7 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         println!("   {line}");
     }
     if let Some(p) = &lift.header.privacy {
-        for line in cleanroom::cli::render_privacy(p).lines() {
+        for line in cleanroom::cli::render_privacy(p, lift.header.min_group_size).lines() {
             println!("   {line}");
         }
     }
@@ -236,7 +236,7 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         }
         println!("   {} row(s)", answer.summary.rows);
         if let Some(p) = &answer.header.privacy {
-            for line in cleanroom::cli::render_privacy(p).lines() {
+            for line in cleanroom::cli::render_privacy(p, answer.header.min_group_size).lines() {
                 println!("   {line}");
             }
         }

@@ -77,7 +77,7 @@ async fn uploads_are_audited_and_the_chain_detects_tampering() {
         .args(["audit", "verify", "--data-dir", "/no/such/dir"])
         .output()
         .unwrap();
-    assert!(!out.status.success());
+    assert_eq!(out.status.code(), Some(3), "a local path that is wrong");
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(stderr.contains("no audit log here"), "{stderr}");
 
@@ -92,7 +92,7 @@ async fn uploads_are_audited_and_the_chain_detects_tampering() {
     assert_ne!(edited, original);
     std::fs::write(&log, &edited).unwrap();
     let out = verify_cli();
-    assert!(!out.status.success());
+    assert_eq!(out.status.code(), Some(8), "damaged stored data");
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(stderr.contains("broken at line 1 (entry 1)"), "{stderr}");
 

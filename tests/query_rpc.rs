@@ -49,6 +49,13 @@ async fn queries_over_grpc_are_governed_audited_and_never_echo_data() {
     // agreement has differential privacy, so each count carries noise.
     let privacy = answer.header.privacy.as_ref().expect("the demo is private");
     assert_eq!(privacy.epsilon, 1.0);
+    // The report names each value as the query does.
+    let named: Vec<&str> = privacy
+        .columns
+        .iter()
+        .map(|c| c.aggregate.as_str())
+        .collect();
+    assert_eq!(named, ["people", "ltv"]);
     let noise = privacy.columns[0].half_width_95;
     assert!(noise > 0.0 && noise < 20.0, "{noise}");
     assert!(

@@ -36,13 +36,10 @@ pub(super) fn run(cmd: AuditCommand) -> anyhow::Result<ExitCode> {
                 );
                 Ok(ExitCode::SUCCESS)
             }
-            Err(e @ crate::audit::AuditError::Missing(_)) => {
-                eprintln!("{e}");
-                Ok(ExitCode::FAILURE)
-            }
+            Err(e @ crate::audit::AuditError::Missing(_)) => Err(e.into()),
             Err(e) => {
-                eprintln!("{}: {e}", data_dir.join(crate::audit::LOG_FILE).display());
-                Ok(ExitCode::FAILURE)
+                let log = data_dir.join(crate::audit::LOG_FILE);
+                Err(anyhow::Error::new(e).context(log.display().to_string()))
             }
         },
         AuditCommand::Show { connect, agreement } => {

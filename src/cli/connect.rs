@@ -278,7 +278,7 @@ pub(super) fn overlap(args: OverlapArgs) -> anyhow::Result<ExitCode> {
         rt.block_on(client.overlap_with_epsilon(&args.agreement, &args.datasets, args.epsilon))?;
     print!("{}", render_overlap(&r));
     if let Some(p) = &r.privacy {
-        eprint!("{}", render_privacy(p));
+        eprint!("{}", render_privacy(p, r.min_group_size));
     }
     Ok(ExitCode::SUCCESS)
 }
@@ -467,7 +467,7 @@ fn print_answer(
         );
     }
     if let Some(p) = &answer.header.privacy {
-        eprint!("{}", render_privacy(p));
+        eprint!("{}", render_privacy(p, answer.header.min_group_size));
     } else {
         eprintln!(
             "every row stands for at least {} people; groups under that minimum are never shown, nor counted",
@@ -478,32 +478,60 @@ fn print_answer(
 }
 
 /// The noise an answer carries, for the analyst.
-pub fn render_privacy(p: &crate::proto::PrivacyReport) -> String {
+pub fn render_privacy(p: &crate::proto::PrivacyReport, min_group_size: u32) -> String {
+    let values: f64 = p.columns.iter().map(|c| c.epsilon).sum();
+    let threshold_epsilon = (p.epsilon - values).max(0.0);
+    let margin = p.threshold.saturating_sub(u64::from(min_group_size));
     let mut out = format!(
-        "differential privacy: {}\n  spent epsilon {} (delta {}); {} left, budget refreshes {}\n  groups shown only with a noisy count of at least {} people (noise scale {:.2}); a person counts in at most {} group(s), {} row(s) each\n",
+        "differential privacy ({}):\n  spent epsilon {} and delta {}: epsilon {} on the threshold below, {} on the values; epsilon {} left, budget refreshes {}\n  a group is shown only if its noisy count of people reaches {}: the agreement's minimum of {} plus {} for noise of scale {}, so that a smaller group shows with probability at most delta\n  a person counts in at most {} group(s), {} row(s) each\n",
         p.mechanism,
-        p.epsilon,
-        p.delta,
-        p.epsilon_remaining,
+        number(p.epsilon),
+        number(p.delta),
+        number(threshold_epsilon),
+        number(values),
+        number(p.epsilon_remaining),
         p.next_refresh,
         p.threshold,
-        p.threshold_scale,
+        min_group_size,
+        margin,
+        number(p.threshold_scale),
         p.max_groups_per_person,
         p.max_rows_per_person
     );
     for c in &p.columns {
         out.push_str(&format!(
-            "  {}: epsilon {:.4}, noise scale {:.2}, 95% within +/-{:.2}",
-            c.aggregate, c.epsilon, c.scale, c.half_width_95
+            "  {}: epsilon {}, ",
+            c.aggregate,
+            number(c.epsilon)
         ));
-        if let Some(n) = c.count_scale {
-            out.push_str(&format!(
-                " (of the sum; over a people count with noise scale {n:.2})"
-            ));
+        match c.count_scale {
+            // An average: the noise on its sum spread over the group's
+            // people, widest in the smallest group the threshold shows.
+            Some(_) => out.push_str(&format!(
+                "95% within about +/-{} in a group of {} people, +/-{}/n in a group of n\n",
+                number(c.half_width_95 / p.threshold.max(1) as f64),
+                p.threshold,
+                number(c.half_width_95)
+            )),
+            None => out.push_str(&format!(
+                "noise scale {}, 95% within +/-{}\n",
+                number(c.scale),
+                number(c.half_width_95)
+            )),
         }
-        out.push('\n');
     }
     out
+}
+
+/// A number as every privacy line spells it: no exponent, at most four
+/// decimals for values over 0.001 and no trailing zeros.
+fn number(x: f64) -> String {
+    let rounded = if x.abs() >= 0.001 {
+        (x * 10_000.0).round() / 10_000.0
+    } else {
+        (x * 1e12).round() / 1e12
+    };
+    format!("{rounded}")
 }
 
 #[derive(Debug, Args)]
@@ -582,4 +610,50 @@ pub fn render_answer(
             String::from_utf8(out)?
         }
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_privacy_report_explains_itself_in_the_querys_words() {
+        let column = |name: &str, epsilon: f64, scale: f64, count: Option<f64>, half: f64| {
+            crate::proto::ColumnNoise {
+                aggregate: name.into(),
+                epsilon,
+                scale,
+                count_scale: count,
+                half_width_95: half,
+            }
+        };
+        let report = crate::proto::PrivacyReport {
+            mechanism: "discrete Laplace".into(),
+            epsilon: 1.0,
+            delta: 1e-7,
+            threshold: 114,
+            threshold_scale: 4.0,
+            max_groups_per_person: 1,
+            max_rows_per_person: 1,
+            columns: vec![
+                column("customers", 0.25, 4.0, None, 12.0),
+                column("ltv", 0.5, 10_000.0, Some(4.0), 29_956.0),
+            ],
+            epsilon_remaining: 8.0,
+            next_refresh: "2027-01-01T00:00:00Z".into(),
+        };
+        let text = render_privacy(&report, 50);
+        for expected in [
+            "spent epsilon 1 and delta 0.0000001: epsilon 0.25 on the threshold below, 0.75 on the values; epsilon 8 left",
+            "reaches 114: the agreement's minimum of 50 plus 64 for noise of scale 4, so that",
+            "  customers: epsilon 0.25, noise scale 4, 95% within +/-12\n",
+            "  ltv: epsilon 0.5, 95% within about +/-262.7719 in a group of 114 people, +/-29956/n in a group of n\n",
+        ] {
+            assert!(text.contains(expected), "{expected}\nnot in\n{text}");
+        }
+        assert!(
+            !text.contains("Int64") && !text.contains("0.5000"),
+            "{text}"
+        );
+    }
 }

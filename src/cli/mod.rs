@@ -370,6 +370,13 @@ fn exit_code(e: &anyhow::Error) -> Exit {
                 UploadError::Prepare(_) => Exit::Input,
             };
         }
+        if let Some(a) = cause.downcast_ref::<crate::audit::AuditError>() {
+            use crate::audit::AuditError;
+            return match a {
+                AuditError::Missing(_) | AuditError::Io { .. } => Exit::Input,
+                AuditError::Broken { .. } | AuditError::Head(_) => Exit::Server,
+            };
+        }
         if cause.downcast_ref::<PrepareError>().is_some()
             || cause.downcast_ref::<std::io::Error>().is_some()
         {

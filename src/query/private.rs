@@ -338,12 +338,16 @@ pub async fn execute(
         &measures,
     )?;
     let mut report = noise_plan.report();
+    let names = output_names(&plan);
     for (c, f) in report
         .columns
         .iter_mut()
         .zip(agg.schema.fields().iter().skip(groups_width))
     {
-        c.aggregate = f.name().clone();
+        c.aggregate = names
+            .get(f.name().as_str())
+            .cloned()
+            .unwrap_or_else(|| readable_aggregate(f.name()));
     }
     let (schema, batches) = public_stage(&ctx, plan, &agg, vec![noisy]).await?;
     Ok(QueryOutcome {
@@ -352,6 +356,48 @@ pub async fn execute(
         checked,
         privacy: Some(report),
     })
+}
+
+/// The query's own output name of each aggregate the outermost projection
+/// shows as a column of its own (`COUNT(*) AS customers`), by the
+/// aggregation's field name. An aggregate used only inside an expression
+/// has none.
+fn output_names(plan: &LogicalPlan) -> HashMap<String, String> {
+    let mut node = plan;
+    loop {
+        match node {
+            LogicalPlan::Limit(l) => node = &l.input,
+            LogicalPlan::Sort(s) => node = &s.input,
+            LogicalPlan::Projection(p) => {
+                let mut names = HashMap::new();
+                for (e, field) in p.expr.iter().zip(p.schema.fields()) {
+                    let mut inner = e;
+                    while let Expr::Alias(a) = inner {
+                        inner = a.expr.as_ref();
+                    }
+                    if let Expr::Column(c) = inner {
+                        names
+                            .entry(c.name.clone())
+                            .or_insert_with(|| field.name().clone());
+                    }
+                }
+                return names;
+            }
+            _ => return HashMap::new(),
+        }
+    }
+}
+
+/// An aggregate as the analyst would write it: `COUNT(*)` for DataFusion's
+/// `count(Int64(1))`, function names in capitals.
+fn readable_aggregate(name: &str) -> String {
+    if name == "count(Int64(1))" || name == "count(*)" {
+        return "COUNT(*)".into();
+    }
+    match name.split_once('(') {
+        Some((f, rest)) => format!("{}({rest}", f.to_ascii_uppercase()),
+        None => name.to_string(),
+    }
 }
 
 /// Non-null values of `e`: per row 1 or 0, or their count per group.
