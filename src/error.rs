@@ -240,6 +240,9 @@ impl ServiceError {
                 put("partner", partner.clone());
             }
             ServiceError::UploadRejected(r) => {
+                if let Some(row) = r.row {
+                    put("row", row.to_string());
+                }
                 if let Some(column) = &r.column {
                     put("column", column.clone());
                     violation = Some((column.clone(), r.detail.clone()));

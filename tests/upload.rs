@@ -449,6 +449,46 @@ async fn refused_uploads_name_the_rule_and_keep_the_previous_version() {
         err.message()
     );
     assert!(!err.message().contains("jane"));
+    assert!(
+        err.message().contains("the first is uploaded row 2"),
+        "{}",
+        err.message()
+    );
+
+    // A refusal names the first uploaded row that breaks the rule,
+    // counted across batches, and never the value.
+    let first = customers_batch(&[random_fp(6), random_fp(7)], "north", 10.0);
+    let second = customers_batch(&[random_fp(8), random_fp(9)], "nowhere", 10.0);
+    let err = raw_upload(
+        &acme,
+        vec![
+            header(&hash, "customers", "x-rows"),
+            batch_msg(&first),
+            batch_msg(&second),
+            commit(4, 2),
+        ],
+    )
+    .await
+    .unwrap_err();
+    assert_eq!(err.code(), Code::InvalidArgument);
+    assert!(
+        err.message().contains(
+            "column \"region\": rule dimension.values: 2 row(s) hold a value outside the agreement's list; the first is uploaded row 3"
+        ),
+        "{}",
+        err.message()
+    );
+    assert!(!err.message().contains("nowhere"));
+    {
+        use tonic_types::StatusExt;
+        let details = err.get_error_details();
+        let info = details.error_info().expect("an ErrorInfo");
+        assert_eq!(info.reason, "dimension.values");
+        assert_eq!(info.metadata["row"], "3");
+        assert_eq!(info.metadata["column"], "region");
+        let bad = details.bad_request().expect("a field violation");
+        assert_eq!(bad.field_violations[0].field, "region");
+    }
 
     // A stream that ends without its commit stores nothing.
     let ok_batch = customers_batch(&[random_fp(4), random_fp(5)], "north", 10.0);

@@ -367,6 +367,7 @@ impl DatasetsService {
                                 "message {} holds no record batch; nothing was stored",
                                 messages + 1
                             ),
+                            row: None,
                         }));
                     }
                     for (i, batch) in batches.iter().enumerate() {
@@ -406,6 +407,7 @@ impl DatasetsService {
                             rule: "upload.empty",
                             column: None,
                             detail: "an upload holds at least one row; nothing was stored".into(),
+                            row: None,
                         }));
                     }
                     if staged.rows() != validator.rows() {

@@ -180,6 +180,20 @@ pub struct Rejection {
     pub rule: &'static str,
     pub column: Option<String>,
     pub detail: String,
+    /// The first row (1-based, counted over the rows uploaded, in the
+    /// order sent) that breaks the rule, when one row does.
+    pub row: Option<u64>,
+}
+
+impl Rejection {
+    /// The same rejection, naming the first uploaded row that breaks it.
+    fn first_at(mut self, row: Option<u64>) -> Rejection {
+        if let Some(row) = row {
+            self.detail = format!("{}; the first is uploaded row {row}", self.detail);
+            self.row = Some(row);
+        }
+        self
+    }
 }
 
 impl fmt::Display for Rejection {
@@ -197,6 +211,7 @@ fn invalid(rule: &'static str, column: &str, detail: String) -> Rejection {
         rule,
         column: Some(column.to_string()),
         detail,
+        row: None,
     }
 }
 
@@ -308,6 +323,7 @@ impl Validator {
                 rule: "upload.max_bytes",
                 column: None,
                 detail: format!("the upload exceeds {} bytes", self.limits.max_bytes),
+                row: None,
             });
         }
         self.check_schema(batch)?;
@@ -318,21 +334,25 @@ impl Validator {
                 rule: "upload.max_rows",
                 column: None,
                 detail: format!("the upload exceeds {} rows", self.limits.max_rows),
+                row: None,
             });
         }
+        // Uploaded row numbers, 1-based, of this batch's rows.
+        let first_row = self.rows - batch.num_rows() as u64 + 1;
+        let row_of = |found: Found| found.first.map(|r| first_row + r as u64);
         let mut no_identifier = vec![true; batch.num_rows()];
         for (i, (name, check)) in self.checks.iter_mut().enumerate() {
             let col = batch.column(i);
             match check {
                 Check::Identifier => {
                     let fps: &FixedSizeBinaryArray = col.as_fixed_size_binary();
-                    let mut plaintext = 0u64;
+                    let mut plaintext = Found::default();
                     let cap = self.limits.max_rows_per_identifier;
                     for (row, v) in fps.iter().enumerate() {
                         if let Some(v) = v {
                             no_identifier[row] = false;
                             if looks_like_text(v) {
-                                plaintext += 1;
+                                plaintext.add(row);
                             }
                         }
                     }
@@ -345,38 +365,46 @@ impl Validator {
                             ),
                         ));
                     }
-                    if plaintext > 0 {
+                    if plaintext.count > 0 {
                         return Err(invalid(
                             "identifier.plaintext",
                             name,
                             format!(
-                                "{plaintext} row(s) hold readable text, not a fingerprint; fingerprint identifiers with `cleanroom upload`"
+                                "{} row(s) hold readable text, not a fingerprint; fingerprint identifiers with `cleanroom upload`",
+                                plaintext.count
                             ),
-                        ));
+                        )
+                        .first_at(row_of(plaintext)));
                     }
                 }
                 Check::Values(allowed) => {
                     let bad = count_strings(col.as_ref(), |v| !allowed.contains(v));
-                    if bad > 0 {
+                    if bad.count > 0 {
                         return Err(invalid(
                             "dimension.values",
                             name,
-                            format!("{bad} row(s) hold a value outside the agreement's list"),
-                        ));
+                            format!(
+                                "{} row(s) hold a value outside the agreement's list",
+                                bad.count
+                            ),
+                        )
+                        .first_at(row_of(bad)));
                     }
                 }
                 Check::Cap { max, seen } => {
                     let plaintext = count_strings(col.as_ref(), looks_like_identifier);
-                    if plaintext > 0 {
+                    if plaintext.count > 0 {
                         return Err(invalid(
                             "dimension.plaintext",
                             name,
                             format!(
-                                "{plaintext} row(s) look like an email address or phone number"
+                                "{} row(s) look like an email address or phone number",
+                                plaintext.count
                             ),
-                        ));
+                        )
+                        .first_at(row_of(plaintext)));
                     }
-                    for_each_string(col.as_ref(), |v| {
+                    for_each_string(col.as_ref(), |_, v| {
                         if seen.len() <= *max as usize && !seen.contains(v) {
                             seen.insert(v.to_string());
                         }
@@ -391,24 +419,27 @@ impl Validator {
                 }
                 Check::Metric { min, max } => {
                     let out = count_metric(col.as_ref(), *min, *max);
-                    if out > 0 {
+                    if out.count > 0 {
                         return Err(invalid(
                             "metric.bounds",
                             name,
-                            format!("{out} row(s) outside [{min}, {max}]"),
-                        ));
+                            format!("{} row(s) outside [{min}, {max}]", out.count),
+                        )
+                        .first_at(row_of(out)));
                     }
                 }
             }
         }
-        let orphans = no_identifier.iter().filter(|x| **x).count();
-        if orphans > 0 {
+        let orphans = Found::of(no_identifier.iter().copied());
+        if orphans.count > 0 {
             return Err(Rejection {
                 kind: RejectionKind::Invalid,
                 rule: "upload.identifier_required",
                 column: None,
-                detail: format!("{orphans} row(s) have no identifier at all"),
-            });
+                detail: format!("{} row(s) have no identifier at all", orphans.count),
+                row: None,
+            }
+            .first_at(row_of(orphans)));
         }
         Ok(())
     }
@@ -437,6 +468,7 @@ impl Validator {
                         .collect::<Vec<_>>()
                         .join(", ")
                 ),
+                row: None,
             });
         }
         if let Some(barred) = got
@@ -473,6 +505,7 @@ impl Validator {
                     names(expected),
                     names(&got)
                 ),
+                row: None,
             });
         }
         for (g, e) in got.fields().iter().zip(expected.fields()) {
@@ -596,56 +629,84 @@ fn type_name(t: &DataType) -> String {
     }
 }
 
-/// Dimension values as text: strings as they are, integers in decimal.
-fn for_each_string(col: &dyn Array, mut f: impl FnMut(&str)) {
+/// Dimension values as text, with their row in the batch: strings as they
+/// are, integers in decimal.
+fn for_each_string(col: &dyn Array, mut f: impl FnMut(usize, &str)) {
     if let Some(s) = col.as_any().downcast_ref::<StringArray>() {
-        s.iter().flatten().for_each(f);
+        for (row, v) in s.iter().enumerate() {
+            if let Some(v) = v {
+                f(row, v);
+            }
+        }
     } else if let Some(ints) = col.as_any().downcast_ref::<Int64Array>() {
         let mut buf = String::new();
-        for v in ints.iter().flatten() {
-            buf.clear();
-            use std::fmt::Write;
-            let _ = write!(buf, "{v}");
-            f(&buf);
+        for (row, v) in ints.iter().enumerate() {
+            if let Some(v) = v {
+                buf.clear();
+                use std::fmt::Write;
+                let _ = write!(buf, "{v}");
+                f(row, &buf);
+            }
         }
     }
 }
 
-fn count_strings(col: &dyn Array, mut pred: impl FnMut(&str) -> bool) -> u64 {
-    let mut n = 0;
-    for_each_string(col, |v| {
-        if pred(v) {
-            n += 1;
-        }
-    });
-    n
+/// Rows of a batch that break a check: how many, and the first.
+#[derive(Debug, Default, Clone, Copy)]
+struct Found {
+    count: u64,
+    first: Option<usize>,
 }
 
-fn count_metric(col: &dyn Array, min: f64, max: f64) -> u64 {
-    let outside = |v: f64| !(v >= min && v <= max);
+impl Found {
+    fn add(&mut self, row: usize) {
+        self.count += 1;
+        self.first.get_or_insert(row);
+    }
+
+    fn of(flags: impl Iterator<Item = bool>) -> Found {
+        let mut found = Found::default();
+        for (row, bad) in flags.enumerate() {
+            if bad {
+                found.add(row);
+            }
+        }
+        found
+    }
+}
+
+fn count_strings(col: &dyn Array, mut pred: impl FnMut(&str) -> bool) -> Found {
+    let mut found = Found::default();
+    for_each_string(col, |row, v| {
+        if pred(v) {
+            found.add(row);
+        }
+    });
+    found
+}
+
+fn count_metric(col: &dyn Array, min: f64, max: f64) -> Found {
+    let outside = |v: Option<f64>| v.is_some_and(|v| !(v >= min && v <= max));
     match col.data_type() {
         DataType::Float64 => {
             let a: &Float64Array = col.as_primitive::<Float64Type>();
-            a.iter().flatten().filter(|v| outside(*v)).count() as u64
+            Found::of(a.iter().map(outside))
         }
         DataType::Int64 => {
             let a: &Int64Array = col.as_primitive::<Int64Type>();
-            a.iter().flatten().filter(|v| outside(*v as f64)).count() as u64
+            Found::of(a.iter().map(|v| outside(v.map(|v| v as f64))))
         }
         DataType::Date32 => {
             let a = col.as_primitive::<Date32Type>();
-            a.iter()
-                .flatten()
-                .filter(|v| outside(f64::from(*v)))
-                .count() as u64
+            Found::of(a.iter().map(|v| outside(v.map(f64::from))))
         }
         DataType::Timestamp(TimeUnit::Microsecond, None) => {
             let a = col.as_primitive::<TimestampMicrosecondType>();
-            a.iter().flatten().filter(|v| outside(*v as f64)).count() as u64
+            Found::of(a.iter().map(|v| outside(v.map(|v| v as f64))))
         }
         // The schema check admits no other metric type; count every value
         // as outside rather than pass one unchecked.
-        _ => (col.len() - col.null_count()) as u64,
+        _ => Found::of((0..col.len()).map(|row| col.is_valid(row))),
     }
 }
 
