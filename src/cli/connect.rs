@@ -523,15 +523,18 @@ pub fn render_privacy(p: &crate::proto::PrivacyReport, min_group_size: u32) -> S
     out
 }
 
-/// A number as every privacy line spells it: no exponent, at most four
-/// decimals for values over 0.001 and no trailing zeros.
+/// A number as every privacy line spells it: no exponent, no trailing
+/// zeros; whole from 100 up, two decimals from 1, four from 0.001, and
+/// exact to 1e-12 below (a delta).
 fn number(x: f64) -> String {
-    let rounded = if x.abs() >= 0.001 {
-        (x * 10_000.0).round() / 10_000.0
-    } else {
-        (x * 1e12).round() / 1e12
+    let places = match x.abs() {
+        a if a >= 100.0 => 0,
+        a if a >= 1.0 => 2,
+        a if a >= 0.001 => 4,
+        _ => 12,
     };
-    format!("{rounded}")
+    let scale = 10f64.powi(places);
+    format!("{}", (x * scale).round() / scale)
 }
 
 #[derive(Debug, Args)]
@@ -647,7 +650,7 @@ mod tests {
             "spent epsilon 1 and delta 0.0000001: epsilon 0.25 on the threshold below, 0.75 on the values; epsilon 8 left",
             "reaches 114: the agreement's minimum of 50 plus 64 for noise of scale 4, so that",
             "  customers: epsilon 0.25, noise scale 4, 95% within +/-12\n",
-            "  ltv: epsilon 0.5, 95% within about +/-262.7719 in a group of 114 people, +/-29956/n in a group of n\n",
+            "  ltv: epsilon 0.5, 95% within about +/-263 in a group of 114 people, +/-29956/n in a group of n\n",
         ] {
             assert!(text.contains(expected), "{expected}\nnot in\n{text}");
         }
