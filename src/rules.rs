@@ -286,7 +286,7 @@ pub const RULES: &[Rule] = &[
     ),
     rule(
         "query.join",
-        "Join on identifiers of one kind, as an inner join or a LEFT JOIN that keeps your own dataset; under thresholds alone, at most one LEFT JOIN.",
+        "Join on identifiers of one kind, as an inner join or a LEFT JOIN that keeps your own dataset; under thresholds alone at most one LEFT JOIN, and under differential privacy at most one that reaches the partner's data, with one of its datasets on the right.",
     ),
     rule("query.alias", "Give each dataset its own alias."),
     rule(

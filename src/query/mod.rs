@@ -17,6 +17,7 @@ mod check;
 mod limits;
 mod own_people;
 pub mod private;
+mod reach;
 mod release;
 mod threshold;
 mod unmatched;

@@ -98,7 +98,33 @@ const CALLER_UNITS: i64 = 1 << 32;
 /// neither merge two of its people into one nor split one into two; on a
 /// row that party's data does not reach (the caller's unmatched row under
 /// a LEFT JOIN), the caller's own person, in a range of its own.
-pub fn bounding_unit(policy: &Policy, org: &str, plan: &LogicalPlan) -> Result<Expr, Violation> {
+pub fn bounding_unit(
+    policy: &Policy,
+    org: &str,
+    plan: &LogicalPlan,
+) -> Result<Bounding, Violation> {
+    let input = find_aggregate(plan)
+        .map(|a| a.input.as_ref())
+        .ok_or_else(|| deny("query.aggregate", "exactly one aggregation"))?;
+    let reach = super::reach::find(policy, org, input)?;
+    Ok(Bounding {
+        unit: unit_expr(policy, org, plan)?,
+        reach,
+    })
+}
+
+/// How a query's contributions are bounded: per unit (a person of the
+/// protected party; under a `LEFT JOIN`, a caller person for its unmatched
+/// rows), and under a `LEFT JOIN` that reaches the partner's data with
+/// each partner person joined to one caller person at most
+/// ([`super::reach`]).
+#[derive(Debug, Clone)]
+pub struct Bounding {
+    unit: Expr,
+    reach: Option<super::reach::Reach>,
+}
+
+fn unit_expr(policy: &Policy, org: &str, plan: &LogicalPlan) -> Result<Expr, Violation> {
     let input = find_aggregate(plan)
         .map(|a| a.input.as_ref())
         .ok_or_else(|| deny("query.aggregate", "exactly one aggregation"))?;
@@ -151,17 +177,22 @@ pub fn bounding_unit(policy: &Policy, org: &str, plan: &LogicalPlan) -> Result<E
     })
 }
 
-/// Runs a checked plan under `noise_plan`, bounding contributions per
-/// `unit` ([`bounding_unit`]).
+/// Runs a checked plan under `noise_plan`, bounding contributions as
+/// `bounding` says ([`bounding_unit`]).
 pub async fn execute(
     ctx: SessionContext,
     plan: LogicalPlan,
     checked: Checked,
     noise_plan: &Plan,
-    unit: Expr,
+    bounding: Bounding,
     one_row_per_person: bool,
     mut rng: NoiseSource,
 ) -> Result<QueryOutcome, QueryError> {
+    let plan = match &bounding.reach {
+        Some(reach) => super::reach::one_caller_person_each(&ctx, plan, reach).await?,
+        None => plan,
+    };
+    let unit = bounding.unit;
     let measures = noise_plan.measures();
     let agg = find_aggregate(&plan)
         .cloned()

@@ -96,7 +96,7 @@ pub(super) async fn threshold_stage(
     if left_joins(&agg.input) > 1 {
         return Err(QueryError::Refused(Violation::deny(
             "query.join",
-            "under thresholds alone a query may hold one LEFT JOIN: which of two partners' rows would leave a cell under the minimum cannot be told apart; join the second partner's dataset in another query, or ask under differential privacy",
+            "under thresholds alone a query may hold one LEFT JOIN: which of two partners' rows would leave a cell under the minimum cannot be told apart; join the second partner's dataset in another query",
         )));
     }
     let mut phantoms = Vec::new();

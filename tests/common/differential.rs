@@ -1225,18 +1225,32 @@ pub async fn neighbours_private(policy: &Policy, seed: u64, n: u64) -> Result<Ne
     let mut sets = None;
     for i in 0..n {
         if i % 25 == 0 {
-            let (without, with, victim) = neighbouring(policy, seed.wrapping_add(i));
+            let (mut without, mut with, victim) = neighbouring(policy, seed.wrapping_add(i));
             // Two of acme's rows carry other customers' emails and the
             // victim's phone: with the victim they join its email to its
             // phone, and so link acme's people through globex's victim.
             let bridges = [(3, victim), (5, victim)];
+            // And the victim holds two more rows, each with the email of
+            // another of acme's customers and the victim's own phone: one
+            // globex person whose rows match three of acme's people under
+            // a LEFT JOIN on email.
+            for id in MORE_EMAILS {
+                let customer = Row {
+                    phone: false,
+                    region: Some("east"),
+                    ..Row::new(id)
+                };
+                without.customers.push(customer.clone());
+                with.customers.push(customer);
+            }
+            let victims_rows = MORE_EMAILS.map(|id| (id, victim));
             sets = Some((
                 Data {
-                    tables: bridged(policy, &without, &bridges),
+                    tables: bridged(policy, &without, &bridges, &[]),
                     ..without
                 },
                 Data {
-                    tables: bridged(policy, &with, &bridges),
+                    tables: bridged(policy, &with, &bridges, &victims_rows),
                     ..with
                 },
                 victim,
@@ -1315,9 +1329,18 @@ pub async fn neighbours_private(policy: &Policy, seed: u64, n: u64) -> Result<Ne
     Ok(tally)
 }
 
-/// The tables of `d` with one more acme row per `(email_of, phone_of)`:
-/// the email of the one person and the phone of the other.
-fn bridged(policy: &Policy, d: &Data, bridges: &[(u64, u64)]) -> Vec<TableData> {
+/// Acme customers whose emails the victim's further globex rows hold.
+const MORE_EMAILS: [u64; 2] = [30_000, 30_001];
+
+/// The tables of `d` with one more acme row per `(email_of, phone_of)` of
+/// `bridges` and one more globex row per `(email_of, phone_of)` of
+/// `partner_rows`: the email of the one person and the phone of the other.
+fn bridged(
+    policy: &Policy,
+    d: &Data,
+    bridges: &[(u64, u64)],
+    partner_rows: &[(u64, u64)],
+) -> Vec<TableData> {
     let mut rows = d.customers.clone();
     rows.extend(bridges.iter().map(|(e, _)| Row {
         phone: true,
@@ -1333,8 +1356,24 @@ fn bridged(policy: &Policy, d: &Data, bridges: &[(u64, u64)]) -> Vec<TableData> 
         })
         .collect();
     let batch = people::with_phones(&people::customers(policy, &rows), &phones);
-    cleanroom::query::agreement_tables(
-        policy,
-        vec![vec![batch], vec![people::audience(policy, &d.audience)]],
-    )
+    let mut audience = d.audience.clone();
+    audience.extend(partner_rows.iter().map(|(e, _)| {
+        Row {
+            phone: true,
+            ..d.audience
+                .last()
+                .cloned()
+                .map_or_else(|| Row::new(*e), |v| Row { id: *e, ..v })
+        }
+    }));
+    let audience_phones: Vec<Option<u64>> = audience
+        .iter()
+        .enumerate()
+        .map(|(r, row)| match r.checked_sub(d.audience.len()) {
+            Some(b) => Some(partner_rows[b].1),
+            None => row.phone.then_some(row.id),
+        })
+        .collect();
+    let audience = people::with_phones(&people::audience(policy, &audience), &audience_phones);
+    cleanroom::query::agreement_tables(policy, vec![vec![batch], vec![audience]])
 }
