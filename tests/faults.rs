@@ -952,7 +952,9 @@ async fn a_full_disk_refuses_with_unavailable_and_everything_works_once_freed() 
     let mut listed = false;
     while !listed && start.elapsed() < Duration::from_secs(30) {
         let mut g = globex.clone();
-        listed = g.list_datasets(AGREEMENT).await.is_ok_and(|d| d.is_empty());
+        let answer = g.list_datasets(AGREEMENT).await;
+        eprintln!("DEBUG {answer:?}");
+        listed = answer.is_ok_and(|d| d.is_empty());
         if !listed {
             tokio::time::sleep(Duration::from_millis(100)).await;
         }

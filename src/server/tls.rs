@@ -115,7 +115,30 @@ impl FailureLog {
 /// Why a handshake failed, in the operator's words.
 fn reason(e: &std::io::Error) -> String {
     let inner = e.get_ref().and_then(|i| i.downcast_ref::<rustls::Error>());
+    use rustls::CertificateError as E;
+    let date = |t: &rustls::pki_types::UnixTime| {
+        time::OffsetDateTime::from_unix_timestamp(t.as_secs() as i64)
+            .ok()
+            .and_then(|d| {
+                d.format(&time::format_description::well_known::Rfc3339)
+                    .ok()
+            })
+            .unwrap_or_else(|| "an unreadable date".into())
+    };
     match inner {
+        Some(rustls::Error::InvalidCertificate(E::ExpiredContext { not_after, .. })) => format!(
+            "the client's certificate expired on {} (Expired)",
+            date(not_after)
+        ),
+        Some(rustls::Error::InvalidCertificate(E::NotValidYetContext { not_before, .. })) => {
+            format!(
+                "the client's certificate is not valid until {} (NotValidYet)",
+                date(not_before)
+            )
+        }
+        Some(rustls::Error::InvalidCertificate(E::UnknownIssuer)) => {
+            "the client's certificate is not from this server's CA (UnknownIssuer)".into()
+        }
         Some(rustls::Error::InvalidCertificate(c)) => {
             format!("the client's certificate was refused: {c:?}")
         }
