@@ -226,7 +226,7 @@ impl Store {
         recover::check_metadata_present(root)?;
         let db_path = root.join(recover::META_FILE);
         recover::open_metadata(&db_path, true, |db| {
-            let tx = db.begin_write()?;
+            let tx = db.0.begin_write()?;
             {
                 tx.open_table(KEYS)?;
                 tx.open_table(VERSIONS)?;
@@ -252,7 +252,11 @@ impl Store {
     }
 
     /// A store over `db`, once `master` is shown to open its data keys.
-    fn checked(root: &Path, db: Database, master: Key) -> Result<Self, StorageError> {
+    fn checked(
+        root: &Path,
+        db: (Database, Arc<std::sync::atomic::AtomicBool>),
+        master: Key,
+    ) -> Result<Self, StorageError> {
         let store = Store {
             inner: Arc::new(Inner {
                 root: root.to_path_buf(),

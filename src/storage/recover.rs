@@ -13,6 +13,8 @@
 //!   its epsilon back. The parties upload again.
 
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::sync::atomic::AtomicBool;
 
 use redb::Database;
 
@@ -56,14 +58,10 @@ pub(super) fn check_metadata_present(root: &Path) -> Result<(), StorageError> {
 pub(super) fn open_metadata(
     path: &Path,
     create: bool,
-    then: impl FnOnce(Database) -> Result<Store, StorageError>,
+    then: impl FnOnce((Database, Arc<AtomicBool>)) -> Result<Store, StorageError>,
 ) -> Result<Store, StorageError> {
     let opened = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-        let db = match create {
-            true => Database::create(path),
-            false => Database::open(path),
-        };
-        match db {
+        match super::db::open(path, create) {
             Ok(db) => then(db),
             Err(redb::DatabaseError::DatabaseAlreadyOpen) => Err(StorageError::InUse {
                 path: path.to_path_buf(),
