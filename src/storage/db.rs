@@ -18,6 +18,9 @@ use redb::{
     WriteTransaction,
 };
 
+/// An open database and its failed-write flag.
+pub(super) type Opened = (Database, Arc<AtomicBool>);
+
 /// The database file, with a flag raised by any write to it that fails:
 /// after one, redb refuses the reads and writes inside new transactions,
 /// though read transactions still begin, so the flag is what tells that
@@ -91,7 +94,7 @@ pub(super) struct Db {
     /// How many times the file was opened, and the handle with its
     /// failed-write flag (None between a failed reopening and the next
     /// try).
-    db: RwLock<(u64, Option<(Database, Arc<AtomicBool>)>)>,
+    db: RwLock<(u64, Option<Opened>)>,
 }
 
 fn failed_io() -> TransactionError {
@@ -99,7 +102,7 @@ fn failed_io() -> TransactionError {
 }
 
 impl Db {
-    pub(super) fn new(path: PathBuf, db: (Database, Arc<AtomicBool>)) -> Self {
+    pub(super) fn new(path: PathBuf, db: Opened) -> Self {
         Db {
             path,
             db: RwLock::new((0, Some(db))),

@@ -31,7 +31,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use arrow::record_batch::RecordBatch;
-use redb::{Database, ReadableTable, TableDefinition};
+use redb::{ReadableTable, TableDefinition};
 use serde::{Deserialize, Serialize};
 
 pub use blinding::{Blinding, KeyId};
@@ -252,11 +252,7 @@ impl Store {
     }
 
     /// A store over `db`, once `master` is shown to open its data keys.
-    fn checked(
-        root: &Path,
-        db: (Database, Arc<std::sync::atomic::AtomicBool>),
-        master: Key,
-    ) -> Result<Self, StorageError> {
+    fn checked(root: &Path, db: db::Opened, master: Key) -> Result<Self, StorageError> {
         let store = Store {
             inner: Arc::new(Inner {
                 root: root.to_path_buf(),

@@ -13,8 +13,6 @@
 //!   its epsilon back. The parties upload again.
 
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
-use std::sync::atomic::AtomicBool;
 
 use redb::Database;
 
@@ -58,7 +56,7 @@ pub(super) fn check_metadata_present(root: &Path) -> Result<(), StorageError> {
 pub(super) fn open_metadata(
     path: &Path,
     create: bool,
-    then: impl FnOnce((Database, Arc<AtomicBool>)) -> Result<Store, StorageError>,
+    then: impl FnOnce(super::db::Opened) -> Result<Store, StorageError>,
 ) -> Result<Store, StorageError> {
     let opened = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
         match super::db::open(path, create) {
