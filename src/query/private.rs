@@ -106,10 +106,9 @@ pub fn bounding_unit(
     let input = find_aggregate(plan)
         .map(|a| a.input.as_ref())
         .ok_or_else(|| deny("query.aggregate", "exactly one aggregation"))?;
-    let reach = super::reach::find(policy, org, input)?;
     Ok(Bounding {
-        unit: unit_expr(policy, org, plan)?,
-        reach,
+        unit: unit_expr(policy, org, input)?,
+        reach: super::reach::find(policy, org, input)?,
     })
 }
 
@@ -124,10 +123,8 @@ pub struct Bounding {
     reach: Option<super::reach::Reach>,
 }
 
-fn unit_expr(policy: &Policy, org: &str, plan: &LogicalPlan) -> Result<Expr, Violation> {
-    let input = find_aggregate(plan)
-        .map(|a| a.input.as_ref())
-        .ok_or_else(|| deny("query.aggregate", "exactly one aggregation"))?;
+/// The unit of [`Bounding`] over the aggregation's `input`.
+fn unit_expr(policy: &Policy, org: &str, input: &LogicalPlan) -> Result<Expr, Violation> {
     let tables = super::release::leaf_tables(input);
     let mut protected: Vec<(String, Expr)> = Vec::new();
     let mut callers: Vec<Expr> = Vec::new();
