@@ -19,7 +19,7 @@
 use std::collections::HashMap;
 use std::sync::Arc;
 
-use arrow::array::AsArray;
+use arrow::array::{Array, AsArray};
 use arrow::datatypes::{DataType, UInt32Type};
 use datafusion::common::tree_node::{Transformed, TreeNode};
 use datafusion::common::{Column, JoinType, ScalarValue};
@@ -95,13 +95,20 @@ pub(super) fn find(
         return Err(one_dataset());
     }
     let left_tables = leaf_tables(&join.left);
+    // A party's column `name`, preferring one on every row (the caller's
+    // own LEFT JOINs leave some of its tables' columns NULL).
     let column_of = |schema: &datafusion::common::DFSchema, name: &str, caller: bool, tables| {
-        schema.iter().find_map(|(q, f)| {
-            let q = q?;
-            let theirs = owner(&q.to_string(), tables)?;
-            (f.name() == name && (theirs == org) == caller)
-                .then(|| Column::new(Some(q.clone()), name))
-        })
+        let mut found: Vec<(bool, Column)> = schema
+            .iter()
+            .filter_map(|(q, f)| {
+                let q = q?;
+                let theirs = owner(&q.to_string(), tables)?;
+                (f.name() == name && (theirs == org) == caller)
+                    .then(|| (f.is_nullable(), Column::new(Some(q.clone()), name)))
+            })
+            .collect();
+        found.sort_by_key(|(nullable, _)| *nullable);
+        found.into_iter().next().map(|(_, c)| c)
     };
     let caller_person = column_of(join.left.schema(), OWN_PERSON_COLUMN, true, &left_tables);
     let partner_person = column_of(join.right.schema(), OWN_PERSON_COLUMN, false, &right_tables);
@@ -165,6 +172,9 @@ pub(super) async fn one_caller_person_each(
             columns(b, 2).map_err(|_| QueryError::Engine("reach: row".into()))?,
         );
         for i in 0..b.num_rows() {
+            if caller.is_null(i) || partner.is_null(i) || row.is_null(i) {
+                continue;
+            }
             let (c, p, r) = (caller.value(i), partner.value(i), row.value(i));
             first.entry(p).and_modify(|m| *m = (*m).min(c)).or_insert(c);
             all.push((c, p, r));
@@ -210,4 +220,74 @@ pub(super) async fn one_caller_person_each(
     })
     .map(|t| t.data)
     .map_err(private_failure)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The coalition agreement (two datasets a party) with differential
+    /// privacy, every dataset empty.
+    fn private_coalition() -> (Policy, Vec<super::super::TableData>) {
+        let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR"));
+        let path = root.join("tests/policies/retail-coalition-demo.toml");
+        let text = std::fs::read_to_string(&path).unwrap()
+            + "\n[privacy]\nepsilon_total = 10.0\nepsilon_per_query_max = 1.0\ndelta = 1e-7\nrefresh = \"monthly\"\nmax_groups_per_person = 1\n";
+        let policy = crate::policy::parse_policy(&text, &path).unwrap();
+        let empty = vec![Vec::new(); policy.datasets().len()];
+        let tables = super::super::agreement_tables(&policy, empty);
+        (policy, tables)
+    }
+
+    async fn reach_of(sql: &str) -> Result<Option<Reach>, Violation> {
+        let (policy, tables) = private_coalition();
+        let (_, plan, _) = super::super::plan_and_check(&policy, "acme", &tables, sql)
+            .await
+            .unwrap_or_else(|e| panic!("{sql}: {e:?}"));
+        let input = super::super::release::find_aggregate(&plan)
+            .unwrap()
+            .input
+            .as_ref();
+        find(&policy, "acme", input)
+    }
+
+    #[tokio::test]
+    async fn the_caller_person_is_read_from_a_table_on_every_row() {
+        // orders keeps its rows; customers may be NULL beside them.
+        let reach = reach_of(
+            "SELECT COUNT(*) FROM orders o LEFT JOIN customers c ON o.email = c.email LEFT JOIN audience a ON o.email = a.email",
+        )
+        .await
+        .unwrap()
+        .expect("a LEFT JOIN to the partner's data");
+        assert_eq!(reach.caller_person.flat_name(), "o.__own_person");
+        assert_eq!(reach.partner_person.flat_name(), "a.__own_person");
+        assert_eq!(reach.partner_row.flat_name(), "a.__row");
+        // No LEFT JOIN to the partner: nothing to cap.
+        let none =
+            reach_of("SELECT COUNT(*) FROM customers c JOIN audience a ON c.email = a.email")
+                .await
+                .unwrap();
+        assert!(none.is_none());
+        // Two LEFT JOINs that reach the partner's data, or a partner side
+        // that is a join: refused by rule, by the checker or here.
+        let (policy, tables) = private_coalition();
+        for sql in [
+            "SELECT COUNT(*) FROM customers c LEFT JOIN audience a ON c.email = a.email LEFT JOIN clicks k ON c.email = k.email",
+            "SELECT COUNT(*) FROM customers c LEFT JOIN (audience a JOIN clicks k ON a.email = k.email) ON c.email = a.email",
+        ] {
+            let rule = match super::super::plan_and_check(&policy, "acme", &tables, sql).await {
+                Err(QueryError::Refused(v)) => v.rule,
+                Ok((_, plan, _)) => {
+                    let input = super::super::release::find_aggregate(&plan)
+                        .unwrap()
+                        .input
+                        .as_ref();
+                    find(&policy, "acme", input).unwrap_err().rule
+                }
+                Err(e) => panic!("{sql}: {e:?}"),
+            };
+            assert_eq!(rule, "query.join", "{sql}");
+        }
+    }
 }
