@@ -217,11 +217,11 @@ impl Client {
         if !url.starts_with("https://") {
             return Err(ClientError::BadServer(config.server.clone()));
         }
-        let mut tls =
-            ClientTlsConfig::new().ca_certificate(Certificate::from_pem(read(&config.ca)?));
+        let ca = read(&config.ca)?;
+        let mut tls = ClientTlsConfig::new().ca_certificate(Certificate::from_pem(&ca));
         if let Some((cert, key)) = &config.identity {
             let pem = read(cert)?;
-            check_own_certificate(&pem, cert, &read(&config.ca)?, &config.ca)?;
+            check_own_certificate(&pem, cert, &ca, &config.ca)?;
             tls = tls.identity(Identity::from_pem(pem, read(key)?));
         }
         let connect_err = |e: tonic::transport::Error| ClientError::Connect {

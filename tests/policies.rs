@@ -456,6 +456,15 @@ fn policy_errors_never_echo_the_salt() {
     assert!(!err.to_string().contains(salt));
 }
 
+/// `cleanroom policy check DIR` from the real binary.
+fn policy_check(dir: &Path) -> std::process::Output {
+    std::process::Command::new(env!("CARGO_BIN_EXE_cleanroom"))
+        .args(["policy", "check"])
+        .arg(dir)
+        .output()
+        .unwrap()
+}
+
 #[test]
 fn policy_check_command_exits_non_zero_and_lists_problems() {
     let dir = tempfile::tempdir().unwrap();
@@ -464,11 +473,7 @@ fn policy_check_command_exits_non_zero_and_lists_problems() {
         r#"rights = ["upload", "querry"]"#,
     );
     std::fs::write(dir.path().join("retail-media-demo.toml"), bad).unwrap();
-    let out = std::process::Command::new(env!("CARGO_BIN_EXE_cleanroom"))
-        .args(["policy", "check"])
-        .arg(dir.path())
-        .output()
-        .unwrap();
+    let out = policy_check(dir.path());
     assert!(!out.status.success());
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(
@@ -477,11 +482,7 @@ fn policy_check_command_exits_non_zero_and_lists_problems() {
         "{stderr}"
     );
 
-    let ok = std::process::Command::new(env!("CARGO_BIN_EXE_cleanroom"))
-        .args(["policy", "check"])
-        .arg(policies_dir())
-        .output()
-        .unwrap();
+    let ok = policy_check(&policies_dir());
     assert!(ok.status.success());
     assert!(String::from_utf8_lossy(&ok.stdout).starts_with("ok retail-media-demo:"));
 }
@@ -524,11 +525,7 @@ fn policy_check_points_into_a_templates_sql_and_names_the_column_meant() {
         1,
     );
     std::fs::write(dir.path().join("retail-media-demo.toml"), bad).unwrap();
-    let out = std::process::Command::new(env!("CARGO_BIN_EXE_cleanroom"))
-        .args(["policy", "check"])
-        .arg(dir.path())
-        .output()
-        .unwrap();
+    let out = policy_check(dir.path());
     assert!(!out.status.success());
     let stderr = String::from_utf8_lossy(&out.stderr);
     // The template's SQL starts on its own line after `sql = """`: the
