@@ -140,6 +140,33 @@ async fn padding_beside_real_matches_hides_the_target_among_the_unmatched() {
 }
 
 #[tokio::test]
+async fn a_stand_in_counts_where_the_unmatched_row_it_replaces_would() {
+    // acme marks 50 customers it knows globex holds, 49 padding rows and
+    // the target with a lifetime value of their own. With the victim, the
+    // target's matched cell (its own segment) is left out and its row
+    // stands in among the unmatched; without, it is unmatched. The
+    // unmatched cell must reach the minimum, or not, alike both ways.
+    let marked = |mut r: Row| {
+        r.ltv = Some(2000.0);
+        r
+    };
+    let mut acme: Vec<Row> = background(0, 50).into_iter().map(marked).collect();
+    acme.extend((5_000..5_049).map(Row::new).map(marked));
+    acme.push(marked(Row::new(1003)));
+    acme.extend(background(100, 300));
+    let mut globex = background(0, 50);
+    globex.extend(background(100, 300));
+    probes_learn_nothing(
+        &acme,
+        &globex,
+        &[
+            "SELECT CASE WHEN c.lifetime_value = 2000 THEN 'marked' ELSE 'rest' END AS m, COALESCE(a.interest_segment, 'none') AS s, COUNT(*) FROM customers c LEFT JOIN audience a ON c.email = a.email GROUP BY m, s",
+        ],
+    )
+    .await;
+}
+
+#[tokio::test]
 async fn a_cell_inside_a_large_group_is_thresholded_too() {
     // No padding: 300 people both hold, and the target. Conditions inside
     // aggregates pick the target out of a group of 300.

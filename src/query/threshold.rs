@@ -31,30 +31,34 @@
 //!   copies of the matched rows with the other side's columns set to NULL,
 //!   flowing through the same WHERE, GROUP BY and conditions as the real
 //!   rows. Phantom rows never reach an aggregate the analyst wrote.
+//! - for the caller, whose rows the `LEFT JOIN` keeps: its people with
+//!   rows in the cell, stand-ins included (below). Which cells keep their
+//!   matched rows is decided first, the caller's people counted on every
+//!   phantom of the cell as well: a row that matched into a cell left out
+//!   and a row that never matched then weigh alike ([`kept_cells`]).
 //!
 //! A party's count is the larger of `A` and `B` (each `B` when several
 //! LEFT JOINs bring its data): never more than the people the cell depends
 //! on. The caller's own padding rows never match, so they count for the
 //! caller only.
 //!
-//! With no condition a cell is a group, and one aggregation does it all:
+//! With no condition and no `LEFT JOIN` a cell is a group, and one
+//! aggregation does it all:
 //!
 //! ```text
 //! Projection: G, aggs
-//!   Filter: __rows > 0 AND for every party p: A(p) >= min OR B(p) >= min
+//!   Filter: __rows > 0 AND for every party p: A(p) >= min
 //!     Aggregate: groupBy=[G],
-//!                aggr=[aggs FILTER (real rows), count(*) FILTER (real rows) AS __rows,
-//!                      count(DISTINCT person_p) FILTER (real rows)      A(p)
-//!                      count(DISTINCT person_p) FILTER (NOT real_k)]    B(p)
+//!                aggr=[aggs, count(*) AS __rows, count(DISTINCT person_p) AS A(p)]
 //!       [Filter: WHERE] ...
-//!         Projection: original names, real_k               one per LEFT JOIN k
-//!           Union: [join, real_k = true]
-//!                  [join with its other side NULL (persons kept), real_k = false]
-//!                     for the matched rows only
+//!         the joined rows
 //! ```
 //!
-//! With conditions, the cells that stand for enough people are found
-//! first and the aggregation reads their rows only ([`kept_cells`]).
+//! With conditions, and always under a `LEFT JOIN` (whose phantom rows
+//! are a union beneath the aggregation), the cells that stand for enough
+//! people are found first and the aggregation reads their rows only
+//! ([`kept_cells`], or [`by_cells`] in one pass when every aggregate is a
+//! sum of parts and no `LEFT JOIN` is there).
 //!
 //! Inner joins alone need no phantom rows, and every row's person columns
 //! are then equal (rows joined on equal fingerprints are one person), so a
@@ -161,7 +165,7 @@ fn plan(
 
     let (kept, predicate) = if conditions.is_empty() && phantoms.is_empty() {
         // One cell per group: its counts sit beside the analyst's aggregates.
-        let (counts, enough) = people.counts(min)?;
+        let (counts, enough) = people.counts(min, false)?;
         aggr.extend(counts);
         (input, some_real_row.and(enough))
     } else if let (true, Some(parts)) = (phantoms.is_empty(), Partials::of(agg)) {
@@ -270,7 +274,7 @@ fn by_cells(
         .into_iter()
         .map(|(name, e)| e.alias(name))
         .collect();
-    let (counts, enough) = people.counts(min)?;
+    let (counts, enough) = people.counts(min, false)?;
     let mut first = partials.parts.clone();
     first.push(count_rows(None).alias(ROWS));
     first.extend(counts);
@@ -336,19 +340,35 @@ fn count_rows(filter: Option<Expr>) -> Expr {
 /// The rows of `input` the aggregation may read: those whose cell (group
 /// and the truth of each condition) stands for enough people of every
 /// party, and under a LEFT JOIN, in place of a matched row whose cell does
-/// not, its phantom (the caller's row as if unmatched), if the phantom's
-/// cell does. The answer is then the one the partner's data would give
-/// without the people of the cells left out: the caller cannot tell them
-/// from people the partner does not hold, by its own rows or otherwise.
+/// not, its phantom (the caller's row as if unmatched). The answer is then
+/// the one the partner's data would give without the people of the cells
+/// left out: the caller cannot tell them from people the partner does not
+/// hold, by its own rows or otherwise.
+///
+/// Under a LEFT JOIN, in two rounds, so that no cell's fate feeds back
+/// into another's:
+///
+/// 1. Which cells keep their matched rows: the counts of [`People`], the
+///    caller's people counted on the cell's phantoms too (every caller row
+///    that would fall in the cell were it unmatched, matched or not).
+///    That count is the same whether a row matched into a cell left out
+///    or went unmatched, so this round's verdicts cannot tell the two.
+/// 2. The rows that remain (the real rows, less the matched rows of the
+///    cells round 1 left out, plus those rows' phantoms as stand-ins) are
+///    counted again, the caller's people on them alone: a cell is
+///    released if the people whose rows it now holds are enough.
 ///
 /// ```text
-/// keyed:  Projection: input, __g_i := group expression i, __c_j := condition j
-/// cells:  Projection: keys AS __k*
-///           Filter: for every party p: A(p) >= min OR B(p) >= min
-///             Aggregate: groupBy=[keys], aggr=[A(p), B(p)]       keyed
-/// kept:   Union: (real rows of keyed) SEMI JOIN cells            on keys, NULL = NULL
-///                (phantom rows of keyed) SEMI JOIN ((real rows of keyed) ANTI JOIN cells) on row numbers
-///                                        SEMI JOIN cells, marked real
+/// keyed:   Projection: input, __g_i := group expression i, __c_j := condition j
+/// cells:   Projection: keys AS __k*
+///            Filter: for every party p: A(p) >= min OR B(p) >= min
+///              Aggregate: groupBy=[keys], aggr=[A(p), B(p)]
+/// round 1: cells over keyed, the caller counted on phantoms too
+/// out:     (matched real rows) ANTI JOIN round 1                  on keys, NULL = NULL
+/// held:    Union: (real rows) ANTI JOIN out                       on row numbers
+///                 (phantom rows) SEMI JOIN out, marked real       on row numbers
+/// round 2: cells over held and the phantom rows
+/// kept:    held SEMI JOIN round 2                                 on keys, NULL = NULL
 /// ```
 fn kept_cells(
     input: LogicalPlan,
@@ -374,24 +394,26 @@ fn kept_cells(
         keyed.push(lit(true).alias("__all"));
     }
     let keyed = LogicalPlanBuilder::from(input).project(keyed)?.build()?;
-    let (counts, enough) = people.counts(min)?;
     let key_columns: Vec<Expr> = keys
         .iter()
         .map(|k| Expr::Column(Column::from_name(k)))
         .collect();
-    let cells = LogicalPlanBuilder::from(keyed.clone())
-        .aggregate(key_columns.clone(), counts)?
-        .filter(enough)?
-        .project(
-            key_columns
-                .into_iter()
-                .zip(&keys)
-                .map(|(c, k)| c.alias(format!("__k{k}"))),
-        )?
-        .build()?;
-    let of_kept_cells = |rows: LogicalPlanBuilder, join: JoinType| {
+    let cells = |rows: LogicalPlan, wide: bool| -> Result<LogicalPlan> {
+        let (counts, enough) = people.counts(min, wide)?;
+        LogicalPlanBuilder::from(rows)
+            .aggregate(key_columns.clone(), counts)?
+            .filter(enough)?
+            .project(
+                key_columns
+                    .iter()
+                    .zip(&keys)
+                    .map(|(c, k)| c.clone().alias(format!("__k{k}"))),
+            )?
+            .build()
+    };
+    let of_cells = |rows: LogicalPlanBuilder, cells: LogicalPlan, join: JoinType| {
         rows.join_detailed(
-            cells.clone(),
+            cells,
             join,
             (
                 keys.iter().map(Column::from_name).collect::<Vec<_>>(),
@@ -404,42 +426,53 @@ fn kept_cells(
         )
     };
     let Some(phantom) = phantom else {
-        return of_kept_cells(LogicalPlanBuilder::from(keyed), JoinType::LeftSemi)?.build();
+        let kept = cells(keyed.clone(), false)?;
+        return of_cells(LogicalPlanBuilder::from(keyed), kept, JoinType::LeftSemi)?.build();
     };
     let flag = Expr::Column(Column::from_name(&phantom.flag));
     let real = LogicalPlanBuilder::from(keyed.clone()).filter(flag.clone())?;
+    let phantoms = LogicalPlanBuilder::from(keyed.clone()).filter(!flag)?;
+    let matched = phantom
+        .persons
+        .iter()
+        .map(|c| Expr::Column(c.clone()).is_not_null())
+        .reduce(Expr::or)
+        .ok_or_else(|| internal("a LEFT JOIN with no person on its right"))?;
     let twin: Vec<Column> = (0..phantom.row.len())
         .map(|i| Column::from_name(format!("__left_out_{i}")))
         .collect();
-    let left_out = of_kept_cells(real.clone(), JoinType::LeftAnti)?
-        .project(
-            phantom
-                .row
-                .iter()
-                .zip(&twin)
-                .map(|(r, t)| Expr::Column(r.clone()).alias(t.name())),
-        )?
-        .build()?;
-    let stand_ins = LogicalPlanBuilder::from(keyed.clone())
-        .filter(!flag)?
-        .join_detailed(
-            left_out,
-            JoinType::LeftSemi,
-            (phantom.row.clone(), twin),
+    let out = of_cells(
+        real.clone().filter(matched)?,
+        cells(keyed.clone(), true)?,
+        JoinType::LeftAnti,
+    )?
+    .project(
+        phantom
+            .row
+            .iter()
+            .zip(&twin)
+            .map(|(r, t)| Expr::Column(r.clone()).alias(t.name())),
+    )?
+    .build()?;
+    let by_row = |rows: LogicalPlanBuilder, join: JoinType| {
+        rows.join_detailed(
+            out.clone(),
+            join,
+            (phantom.row.clone(), twin.clone()),
             None,
             NullEquality::NullEqualsNothing,
-        )?;
+        )
+    };
     // A union keeps no qualifiers: both sides by position, then named back.
-    let positional = |stand_in: bool| -> Vec<Expr> {
+    let positional = |real: Option<bool>| -> Vec<Expr> {
         keyed
             .schema()
             .iter()
             .enumerate()
             .map(|(i, (q, f))| {
-                let e = if stand_in && *f.name() == phantom.flag {
-                    lit(true)
-                } else {
-                    Expr::Column(Column::new(q.cloned(), f.name()))
+                let e = match real {
+                    Some(real) if *f.name() == phantom.flag => lit(real),
+                    _ => Expr::Column(Column::new(q.cloned(), f.name())),
                 };
                 e.alias(format!("__f{i}"))
             })
@@ -453,14 +486,26 @@ fn kept_cells(
             Expr::Column(Column::from_name(format!("__f{i}"))).alias_qualified(q.cloned(), f.name())
         })
         .collect();
-    let stand_ins = of_kept_cells(stand_ins, JoinType::LeftSemi)?
-        .project(positional(true))?
+    let held = by_row(real, JoinType::LeftAnti)?
+        .project(positional(None))?
+        .union(
+            by_row(phantoms.clone(), JoinType::LeftSemi)?
+                .project(positional(Some(true)))?
+                .build()?,
+        )?
+        .project(named.clone())?
         .build()?;
-    of_kept_cells(real, JoinType::LeftSemi)?
-        .project(positional(false))?
-        .union(stand_ins)?
+    let counted = LogicalPlanBuilder::from(held.clone())
+        .project(positional(None))?
+        .union(phantoms.project(positional(None))?.build()?)?
         .project(named)?
-        .build()
+        .build()?;
+    of_cells(
+        LogicalPlanBuilder::from(held),
+        cells(counted, false)?,
+        JoinType::LeftSemi,
+    )?
+    .build()
 }
 
 /// Whom the rows of a cell stand for, party by party.
@@ -472,6 +517,9 @@ struct People {
     /// For each party, the person of each LEFT JOIN's phantom rows that
     /// it owns, with that join's flag.
     phantom_persons: Vec<Vec<(Expr, Expr)>>,
+    /// For each party, whether it owns the kept side of a LEFT JOIN: its
+    /// people are counted on the phantom rows of the cell too.
+    kept: Vec<bool>,
     /// True on real rows (None: no phantom rows).
     real: Option<Expr>,
     counting: PeopleCount,
@@ -512,9 +560,14 @@ impl People {
         }
         let mut parties = Vec::new();
         let mut phantom_persons = Vec::new();
+        let mut kept = Vec::new();
         for (party, columns) in persons {
             let mut theirs_by_join = Vec::new();
+            let mut keeps = false;
             for phantom in phantoms {
+                for c in &phantom.kept {
+                    keeps |= owner_of(c)? == party;
+                }
                 let mut theirs = Vec::new();
                 for c in &phantom.persons {
                     if owner_of(c)? == party {
@@ -528,6 +581,7 @@ impl People {
             }
             parties.push((party, person_of(columns)));
             phantom_persons.push(theirs_by_join);
+            kept.push(keeps);
         }
         let real = phantoms
             .iter()
@@ -536,15 +590,17 @@ impl People {
         Ok(People {
             parties,
             phantom_persons,
+            kept,
             real,
             counting,
         })
     }
 
-    /// The counts of a cell (A and B of every party, aliased) and the
+    /// The counts of a cell (A and B of every party, aliased; `wide`: the
+    /// kept side's people on phantom rows too) and the
     /// predicate over them that it stands for at least `min` people of
     /// each party.
-    fn counts(&self, min: u32) -> Result<(Vec<Expr>, Expr)> {
+    fn counts(&self, min: u32, wide: bool) -> Result<(Vec<Expr>, Expr)> {
         let distinct = self.counting == PeopleCount::Distinct;
         let count = |person: &Expr, filter: Option<Expr>| {
             Expr::AggregateFunction(AggregateFunction::new_udf(
@@ -563,8 +619,19 @@ impl People {
             Expr::Column(Column::from_name(name)).gt_eq(lit(i64::from(min)))
         };
         let mut enough = Vec::new();
-        for ((_, person), phantoms) in self.parties.iter().zip(&self.phantom_persons) {
-            let mut party_enough = at_least(count(person, self.real.clone()));
+        for (((_, person), phantoms), kept) in self
+            .parties
+            .iter()
+            .zip(&self.phantom_persons)
+            .zip(&self.kept)
+        {
+            // The kept side's people, in the first round of
+            // [`kept_cells`]: on the phantoms of the cell as well.
+            let rows = match wide && *kept {
+                true => None,
+                false => self.real.clone(),
+            };
+            let mut party_enough = at_least(count(person, rows));
             for (theirs, unmatched) in phantoms {
                 party_enough = party_enough.or(at_least(count(theirs, Some(unmatched.clone()))));
             }

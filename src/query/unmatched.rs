@@ -64,7 +64,10 @@ pub(super) struct Phantom {
     /// The row numbers of the tables joined, the same on a real row and
     /// its phantom.
     pub(super) row: Vec<Column>,
+    /// The person columns of the side set to NULL.
     pub(super) persons: Vec<Column>,
+    /// The person columns of the kept side, which a phantom keeps.
+    pub(super) kept: Vec<Column>,
 }
 
 /// How many LEFT JOINs a plan holds.
@@ -103,6 +106,7 @@ pub(super) fn with_phantoms(plan: LogicalPlan, phantoms: &mut Vec<Phantom>) -> R
                 let mut real = Vec::new();
                 let mut phantom = Vec::new();
                 let mut persons = Vec::new();
+                let mut kept = Vec::new();
                 let mut matched: Vec<Expr> = Vec::new();
                 for (i, (q, f)) in schema.iter().enumerate() {
                     let column = Column::new(q.cloned(), f.name());
@@ -120,6 +124,8 @@ pub(super) fn with_phantoms(plan: LogicalPlan, phantoms: &mut Vec<Phantom>) -> R
                     if i >= left_width && f.name() == OWN_PERSON_COLUMN {
                         matched.push(Expr::Column(column.clone()).is_not_null());
                         persons.push(column);
+                    } else if f.name() == OWN_PERSON_COLUMN {
+                        kept.push(column);
                     } else if f.name().starts_with("__real_") {
                         // Phantoms of real rows only.
                         matched.push(Expr::Column(column));
@@ -147,7 +153,12 @@ pub(super) fn with_phantoms(plan: LogicalPlan, phantoms: &mut Vec<Phantom>) -> R
                     })
                     .collect();
                 named.push(Expr::Column(Column::from_name(&flag)));
-                phantoms.push(Phantom { flag, row, persons });
+                phantoms.push(Phantom {
+                    flag,
+                    row,
+                    persons,
+                    kept,
+                });
                 let rows = LogicalPlanBuilder::from(real_rows)
                     .union(phantom_rows)?
                     .project(named)?

@@ -598,6 +598,8 @@ struct Behind {
     /// globex's people matched to customers whose rows would fall in the
     /// atom were they unmatched (LEFT JOIN only).
     partner_if_unmatched: BTreeSet<u64>,
+    /// acme's people of those customers.
+    caller_if_unmatched: BTreeSet<u64>,
 }
 
 /// A condition an aggregate reads: which of a group's rows it adds up.
@@ -683,6 +685,11 @@ fn groups(q: &Query, d: &Data, min: usize) -> BTreeMap<Vec<Option<String>>, Grou
                 .or_default()
                 .partner_if_unmatched
                 .insert(c.id);
+            g.atoms
+                .entry(atom(c, &unmatched))
+                .or_default()
+                .caller_if_unmatched
+                .insert(c.id);
         }
         for a in d.audience.iter().chain(unmatched_row) {
             let on = match q.join {
@@ -707,30 +714,44 @@ fn groups(q: &Query, d: &Data, min: usize) -> BTreeMap<Vec<Option<String>>, Grou
             behind.partner.insert(a.id);
         }
     }
-    // The aggregates, over the rows of cells of enough people only; under
-    // a LEFT JOIN a matched row of a cell left out counts as unmatched, if
-    // that cell has enough people.
-    let enough = |groups: &BTreeMap<Vec<Option<String>>, Group>, c: &Row, a: &Row| {
-        groups[&key_of(c, a)]
+    // Under a LEFT JOIN, first which atoms keep their matched rows, acme's
+    // people counted on the customers that would fall in the atom were they
+    // unmatched as well; a matched row of an atom left out is held as
+    // unmatched. Then the held rows' own people decide each atom.
+    let left = q.join == Join::LeftEmail;
+    let partner_enough = |b: &Behind| b.partner.len() >= min || b.partner_if_unmatched.len() >= min;
+    let held: Vec<(&Row, &Row)> = joined
+        .iter()
+        .filter_map(|&(c, a)| {
+            let b = &groups[&key_of(c, a)].atoms[&atom(c, a)];
+            let wide = b.caller.union(&b.caller_if_unmatched).count();
+            let matched = !std::ptr::eq(a, &unmatched);
+            if wide >= min && partner_enough(b) {
+                Some((c, a))
+            } else if left && matched {
+                passes(c, &unmatched).then_some((c, &unmatched))
+            } else {
+                left.then_some((c, a))
+            }
+        })
+        .collect();
+    let mut second: BTreeMap<(Vec<Option<String>>, Vec<bool>), Behind> = BTreeMap::new();
+    for &(c, a) in &held {
+        let b = second.entry((key_of(c, a), atom(c, a))).or_default();
+        b.caller.insert(c.id);
+        if !std::ptr::eq(a, &unmatched) {
+            b.partner.insert(a.id);
+        }
+    }
+    for &(c, a) in &held {
+        let b = &second[&(key_of(c, a), atom(c, a))];
+        let if_unmatched = groups[&key_of(c, a)]
             .atoms
             .get(&atom(c, a))
-            .is_some_and(|b| {
-                b.caller.len() >= min
-                    && (b.partner.len() >= min || b.partner_if_unmatched.len() >= min)
-            })
-    };
-    for &(c, a) in &joined {
-        let a = if enough(&groups, c, a) {
-            a
-        } else if q.join == Join::LeftEmail
-            && !std::ptr::eq(a, &unmatched)
-            && passes(c, &unmatched)
-            && enough(&groups, c, &unmatched)
-        {
-            &unmatched
-        } else {
+            .map_or(0, |b| b.partner_if_unmatched.len());
+        if b.caller.len() < min || (b.partner.len() < min && if_unmatched < min) {
             continue;
-        };
+        }
         let g = groups.get_mut(&key_of(c, a)).expect("grouped above");
         g.rows += 1;
         g.people.insert(c.id);
