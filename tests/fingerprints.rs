@@ -14,11 +14,38 @@
 //!   and the Campaign Manager 360 enhanced conversions rule that dots before
 //!   gmail.com and googlemail.com are removed.
 //!
+//! - libphonenumber's own example numbers for 46 countries
+//!   (`tests/vectors/phones.toml`, written by `docs/vectors/phone_vectors.py`
+//!   from its `PhoneNumberMetadata.xml`), national and international.
+//!
+//! Each platform's examples run through the profile of that platform's
+//! standard (`standard = "uid2"`, `"meta"`, `"google"`).
+//!
 //! Fingerprint vectors were computed independently with the Python `blake3`
 //! package (PyPI, 1.x) from the derivation in docs/fingerprints.md.
 
-use cleanroom::identity::{Fingerprinter, Secret, country, email, phone};
+use cleanroom::identity::{Fingerprinter, Invalid, Secret, country, email, normalise, phone};
+use cleanroom::policy::{Profile, Standard};
 use proptest::prelude::*;
+
+/// `raw` as an email under `standard`'s rules.
+fn email_by(standard: Standard, raw: &str) -> Result<String, Invalid> {
+    let profile = Profile::Email {
+        gmail_canonical: false,
+        standard,
+    };
+    normalise(&profile, raw)
+}
+
+/// `raw` as a phone number under `standard`'s rules, national numbers of
+/// `country`.
+fn phone_by(standard: Standard, country: &str, raw: &str) -> Result<String, Invalid> {
+    let profile = Profile::Phone {
+        default_country: country.into(),
+        standard,
+    };
+    normalise(&profile, raw)
+}
 
 fn sha256_hex(s: &str) -> String {
     hex::encode(ring::digest::digest(&ring::digest::SHA256, s.as_bytes()))
@@ -70,6 +97,12 @@ fn uid2_email_examples() {
     ];
     for (inputs, normalised, sha) in table {
         for input in *inputs {
+            assert_eq!(
+                email_by(Standard::Uid2, input).unwrap(),
+                *normalised,
+                "{input}"
+            );
+            // Ours with the gmail rule agrees on every one of them.
             assert_eq!(email(input, true).unwrap(), *normalised, "{input}");
         }
         assert_eq!(sha256_hex(normalised), *sha, "{normalised}");
@@ -79,7 +112,7 @@ fn uid2_email_examples() {
 #[test]
 fn uid2_phone_examples() {
     assert_eq!(
-        phone("1 (234) 567-8901", country("US").unwrap()).unwrap(),
+        phone_by(Standard::Uid2, "US", "1 (234) 567-8901").unwrap(),
         "+12345678901"
     );
     assert_eq!(
@@ -87,43 +120,93 @@ fn uid2_phone_examples() {
         "10e6f0b47054a83359477dcb35231db6de5c69fb1816e1a6b98e192de9e5b9ee"
     );
     assert_eq!(
-        phone("(02) 1234 5678", country("AU").unwrap()).unwrap(),
+        phone_by(Standard::Uid2, "AU", "(02) 1234 5678").unwrap(),
         "+61212345678"
     );
 }
 
 #[test]
 fn meta_conversions_api_examples() {
-    let em = email("John_Smith@gmail.com", false).unwrap();
+    let em = email_by(Standard::Meta, "John_Smith@gmail.com").unwrap();
     assert_eq!(em, "john_smith@gmail.com");
+    // Meta has no gmail rule: dots and tags stay.
+    assert_eq!(
+        email_by(Standard::Meta, " J.Smith+x@Gmail.com").unwrap(),
+        "j.smith+x@gmail.com"
+    );
     assert_eq!(
         sha256_hex(&em),
         "62a14e44f765419d10fea99367361a727c12365e2520f32218d505ed9aa0f62f"
     );
-    let ph = phone("(650)555-1212", country("US").unwrap()).unwrap();
-    assert_eq!(ph, "+16505551212");
+    let ph = phone_by(Standard::Meta, "US", "(650)555-1212").unwrap();
+    assert_eq!(ph, "16505551212");
     assert_eq!(
-        sha256_hex(ph.trim_start_matches('+')),
+        sha256_hex(&ph),
         "e323ec626319ca94ee8bff2e4c87cf613be6ea19919ed1364124e16807ab3176"
     );
 }
 
 #[test]
 fn google_customer_match_examples() {
-    let us = country("US").unwrap();
+    let g = |raw: &str| phone_by(Standard::Google, "US", raw).unwrap();
     for spelling in ["1-800-888-8888", "1(800)888-8888", "+1 800 888 8888"] {
-        assert_eq!(phone(spelling, us).unwrap(), "+18008888888", "{spelling}");
+        assert_eq!(g(spelling), "+18008888888", "{spelling}");
     }
-    assert_eq!(phone("18008888899", us).unwrap(), "+18008888899");
-    assert_eq!(phone("+12125650000", us).unwrap(), "+12125650000");
-    assert_eq!(phone("+442070313000", us).unwrap(), "+442070313000");
-    assert_eq!(email(" test@gmail.com ", true).unwrap(), "test@gmail.com");
-    // Dots before gmail.com and googlemail.com are removed.
-    assert_eq!(email("te.st@gmail.com", true).unwrap(), "test@gmail.com");
-    assert_eq!(
-        email("te.st@googlemail.com", true).unwrap(),
-        "test@gmail.com"
-    );
+    assert_eq!(g("18008888899"), "+18008888899");
+    assert_eq!(g("+12125650000"), "+12125650000");
+    assert_eq!(g("+442070313000"), "+442070313000");
+    let e = |raw: &str| email_by(Standard::Google, raw).unwrap();
+    assert_eq!(e(" test@gmail.com "), "test@gmail.com");
+    // Dots before gmail.com and googlemail.com are removed; the domain and
+    // a +tag stay (Google names no tag rule).
+    assert_eq!(e("te.st@gmail.com"), "test@gmail.com");
+    assert_eq!(e("te.st@googlemail.com"), "test@googlemail.com");
+    assert_eq!(e("te.st+news@gmail.com"), "test+news@gmail.com");
+    assert_eq!(e("te.st@example.com"), "te.st@example.com");
+}
+
+#[derive(serde::Deserialize)]
+struct PhoneVectors {
+    number: Vec<PhoneVector>,
+}
+
+#[derive(serde::Deserialize)]
+struct PhoneVector {
+    region: String,
+    kind: String,
+    national: String,
+    international: String,
+    e164: String,
+}
+
+/// libphonenumber's own example numbers, written nationally (trunk prefix
+/// and spaces) and internationally, read as every standard writes them:
+/// E.164 for ours, Google's and UID2's, its digits for Meta's.
+#[test]
+fn libphonenumber_example_numbers_of_46_countries() {
+    let text = std::fs::read_to_string("tests/vectors/phones.toml").unwrap();
+    let vectors: PhoneVectors = toml::from_str(&text).unwrap();
+    let countries: std::collections::BTreeSet<&str> =
+        vectors.number.iter().map(|v| v.region.as_str()).collect();
+    assert!(countries.len() >= 30, "{} countries", countries.len());
+    for v in &vectors.number {
+        for standard in Standard::ALL {
+            let expected = match standard {
+                Standard::Meta => v.e164.trim_start_matches('+'),
+                _ => v.e164.as_str(),
+            };
+            for written in [&v.national, &v.international] {
+                assert_eq!(
+                    phone_by(standard, &v.region, written).as_deref(),
+                    Ok(expected),
+                    "{} {} {written:?} under {}",
+                    v.region,
+                    v.kind,
+                    standard.as_str()
+                );
+            }
+        }
+    }
 }
 
 #[test]
@@ -269,7 +352,8 @@ fn messy_phone(line: u32) -> impl Strategy<Value = String> {
         2 => format!("1-415-555-{line:04}"),
         3 => format!("+1 415 555 {line:04}"),
         4 => format!("  415555{line:04} "),
-        _ => format!("001 (415) 555 {line:04}"),
+        // By the US international prefix.
+        _ => format!("011 1 (415) 555 {line:04}"),
     })
 }
 

@@ -315,7 +315,42 @@ const CASES: &[Case] = &[
         from: "default_country = \"US\"",
         to: "default_country = \"ZZ\"",
         field: "identity.phone.default_country",
-        rule: "is not a supported ISO 3166 alpha-2 country code",
+        rule: "is not an ISO 3166 alpha-2 country code libphonenumber has metadata for",
+    },
+    Case {
+        name: "phone metadata not named",
+        from: "metadata = \"9.0.42\"\n",
+        to: "",
+        field: "identity.phone.metadata",
+        rule: "is required for the phone profile",
+    },
+    Case {
+        name: "phone metadata of another build",
+        from: "metadata = \"9.0.42\"",
+        to: "metadata = \"9.0.10\"",
+        field: "identity.phone.metadata",
+        rule: "is not the libphonenumber metadata of this build",
+    },
+    Case {
+        name: "unknown standard",
+        from: "gmail_canonical = true",
+        to: "standard = \"linkedin\"",
+        field: "identity.email.standard",
+        rule: r#""linkedin" is not a known standard (known: cleanroom, google, meta, uid2)"#,
+    },
+    Case {
+        name: "our gmail rule beside another standard",
+        from: "gmail_canonical = true",
+        to: "gmail_canonical = true\nstandard = \"google\"",
+        field: "identity.email.gmail_canonical",
+        rule: "only applies under the cleanroom standard; google has its own gmail rule",
+    },
+    Case {
+        name: "a standard for an undeclared kind",
+        from: "org = \"globex\"",
+        to: "org = \"globex\"\nstandards = { maid = \"google\" }",
+        field: "party[1].standards.maid",
+        rule: "names an identity kind the agreement does not declare",
     },
     Case {
         name: "id differs from the file name",
@@ -381,6 +416,40 @@ const CASES: &[Case] = &[
         rule: "must be between 1 and 3650",
     },
 ];
+
+/// Each party may say which standard its uploads of a kind follow; two
+/// that differ would fingerprint one person two ways, and `policy check`
+/// names both. Where they agree, the kind follows it.
+#[test]
+fn parties_on_different_standards_for_one_kind_are_refused() {
+    let path = Path::new("policies/retail-media-demo.toml");
+    let with = |acme: &str, globex: &str| {
+        demo_text()
+            .replacen("gmail_canonical = true\n", "", 1)
+            .replacen(
+                "org = \"acme\"",
+                &format!("org = \"acme\"\nstandards = {{ email = \"{acme}\" }}"),
+                1,
+            )
+            .replacen(
+                "org = \"globex\"",
+                &format!("org = \"globex\"\nstandards = {{ email = \"{globex}\" }}"),
+                1,
+            )
+    };
+    let message = parse_policy(&with("google", "meta"), path)
+        .unwrap_err()
+        .to_string();
+    assert!(
+        message.contains("policies/retail-media-demo.toml: party[1].standards.email: globex declares the meta standard for email but acme the google: one identity kind has one profile"),
+        "{message}"
+    );
+    let agreed = parse_policy(&with("uid2", "uid2"), path).unwrap();
+    assert_eq!(
+        agreed.identities()["email"].profile().standard(),
+        cleanroom::policy::Standard::Uid2
+    );
+}
 
 #[test]
 fn broken_policies_name_the_file_field_and_rule() {

@@ -1,14 +1,14 @@
-//! Identifiers: normalisation profiles, keyed fingerprints, blinded points,
-//! and the countries the phone profile knows.
+//! Identifiers: normalisation profiles (phone numbers by libphonenumber's
+//! metadata), keyed fingerprints, blinded points.
 
 pub mod blinding;
-mod countries;
 mod fingerprint;
 mod lanes;
 mod normalise;
 
 pub use blinding::{BlindingKey, KeyError};
-pub use countries::{Country, country, country_calling_code};
 pub use fingerprint::{CONTEXT, Fingerprinter, MIN_SECRET_BYTES, Secret, SecretError};
 pub(crate) use normalise::trim;
-pub use normalise::{Invalid, Normaliser, email, normalise, phone, text};
+pub use normalise::{
+    Country, Gmail, Invalid, Normaliser, PHONE_METADATA, country, email, normalise, phone, text,
+};

@@ -3,9 +3,9 @@
 //! the same person gets the same fingerprint. `docs/fingerprints.md`
 //! specifies every step.
 
-use crate::policy::Profile;
+use rlibphonenumber::{PHONE_NUMBER_UTIL, PhoneNumberFormat, Region};
 
-use super::countries::{Country, country};
+use crate::policy::{Profile, Standard};
 
 /// Why a value could not be normalised. Carries no part of the value.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -14,8 +14,8 @@ pub enum Invalid {
     /// Not exactly one `@`, an empty part, a space inside, or a domain
     /// without a dot.
     NotAnEmail,
-    /// Characters other than digits and separators, or a length that no
-    /// E.164 number has.
+    /// Not a valid number by libphonenumber's metadata (read in the
+    /// profile's default country when written nationally).
     NotAPhone,
 }
 
@@ -38,23 +38,68 @@ pub fn normalise(profile: &Profile, raw: &str) -> Result<String, Invalid> {
     Ok(out)
 }
 
+/// The libphonenumber metadata phone numbers are read by: that of
+/// rlibphonenumber 2.2.15, pinned in `Cargo.toml`. Every agreement with a
+/// phone identity kind names it (`metadata`), and a build with other
+/// metadata refuses the agreement, so both parties read numbers alike.
+pub const PHONE_METADATA: &str = "9.0.42";
+
+/// A country whose national numbers libphonenumber can read.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Country(Region);
+
+/// The country of an ISO 3166 alpha-2 code, if libphonenumber has
+/// metadata for it.
+pub fn country(code: &str) -> Option<Country> {
+    let region: Region = code.parse().ok()?;
+    PHONE_NUMBER_UTIL.get_country_code_for_region(region)?;
+    Some(Country(region))
+}
+
+/// What the gmail rule of an email profile does to gmail addresses.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Gmail {
+    /// Nothing (Meta; ours without `gmail_canonical`).
+    Kept,
+    /// Ours with `gmail_canonical`: gmail.com and googlemail.com lose the
+    /// dots and any `+tag` of their local part, written at gmail.com.
+    Canonical,
+    /// Google: gmail.com and googlemail.com lose the dots of their local
+    /// part; the domain and any `+tag` stay.
+    Dots,
+    /// UID2: gmail.com only loses the dots and any `+tag`.
+    DotsAndTag,
+}
+
 /// A profile resolved once, for normalising many values into one buffer.
 #[derive(Debug, Clone, Copy)]
 pub enum Normaliser {
-    Email { gmail_canonical: bool },
-    Phone { country: &'static Country },
+    Email { gmail: Gmail },
+    Phone { country: Country, plus: bool },
     Text,
 }
 
 impl Normaliser {
-    /// `None` for a phone profile whose country is not supported.
+    /// `None` for a phone profile whose country libphonenumber does not know.
     pub fn new(profile: &Profile) -> Option<Self> {
         Some(match profile {
-            Profile::Email { gmail_canonical } => Normaliser::Email {
-                gmail_canonical: *gmail_canonical,
+            Profile::Email {
+                gmail_canonical,
+                standard,
+            } => Normaliser::Email {
+                gmail: match standard {
+                    Standard::Cleanroom if *gmail_canonical => Gmail::Canonical,
+                    Standard::Cleanroom | Standard::Meta => Gmail::Kept,
+                    Standard::Google => Gmail::Dots,
+                    Standard::Uid2 => Gmail::DotsAndTag,
+                },
             },
-            Profile::Phone { default_country } => Normaliser::Phone {
+            Profile::Phone {
+                default_country,
+                standard,
+            } => Normaliser::Phone {
                 country: country(default_country)?,
+                plus: *standard != Standard::Meta,
             },
             Profile::Text => Normaliser::Text,
         })
@@ -64,8 +109,8 @@ impl Normaliser {
     pub fn normalise_into(&self, raw: &str, out: &mut String) -> Result<(), Invalid> {
         out.clear();
         match self {
-            Normaliser::Email { gmail_canonical } => email_into(raw, *gmail_canonical, out),
-            Normaliser::Phone { country } => phone_into(raw, country, out),
+            Normaliser::Email { gmail } => email_into(raw, *gmail, out),
+            Normaliser::Phone { country, plus } => phone_into(raw, *country, *plus, out),
             Normaliser::Text => {
                 let t = trim(raw);
                 if t.is_empty() {
@@ -107,14 +152,19 @@ pub fn text(raw: &str) -> Result<String, Invalid> {
 
 /// Trim, lower-case, check the shape; with `gmail_canonical`, addresses at
 /// gmail.com or googlemail.com lose the dots and any `+tag` of their local
-/// part and are written at gmail.com.
+/// part and are written at gmail.com (our own rule; see [`Gmail`] for the
+/// others).
 pub fn email(raw: &str, gmail_canonical: bool) -> Result<String, Invalid> {
     let mut out = String::new();
-    email_into(raw, gmail_canonical, &mut out)?;
+    let gmail = match gmail_canonical {
+        true => Gmail::Canonical,
+        false => Gmail::Kept,
+    };
+    email_into(raw, gmail, &mut out)?;
     Ok(out)
 }
 
-fn email_into(raw: &str, gmail_canonical: bool, out: &mut String) -> Result<(), Invalid> {
+fn email_into(raw: &str, gmail: Gmail, out: &mut String) -> Result<(), Invalid> {
     let t = trim(raw);
     if t.is_empty() {
         return Err(Invalid::Empty);
@@ -130,122 +180,62 @@ fn email_into(raw: &str, gmail_canonical: bool, out: &mut String) -> Result<(), 
     if !valid {
         return Err(Invalid::NotAnEmail);
     }
-    if gmail_canonical && (domain == "gmail.com" || domain == "googlemail.com") {
-        // In place: the local part up to any '+' tag, without dots.
-        let untagged = local.find('+').unwrap_or(local.len());
-        out.truncate(untagged);
+    let googlemail = domain == "googlemail.com";
+    let (dots, tag) = match gmail {
+        Gmail::Kept => return Ok(()),
+        Gmail::Canonical if domain == "gmail.com" || googlemail => (true, true),
+        Gmail::Dots if domain == "gmail.com" || googlemail => (true, false),
+        Gmail::DotsAndTag if domain == "gmail.com" => (true, true),
+        _ => return Ok(()),
+    };
+    // In place: the local part, up to any '+' tag if it goes, without dots.
+    let at = local.len();
+    let end = match tag {
+        true => local.find('+').unwrap_or(at),
+        false => at,
+    };
+    let domain = match gmail {
+        Gmail::Canonical => "gmail.com".to_string(),
+        _ => out[at + 1..].to_string(),
+    };
+    out.truncate(end);
+    if dots {
         out.retain(|c| c != '.');
-        if out.is_empty() {
-            return Err(Invalid::NotAnEmail);
-        }
-        out.push_str("@gmail.com");
     }
+    if out.is_empty() {
+        return Err(Invalid::NotAnEmail);
+    }
+    out.push('@');
+    out.push_str(&domain);
     Ok(())
 }
 
-/// Shortest and longest national significant numbers accepted outside the
-/// North American Numbering Plan, and E.164's 15-digit ceiling.
-const MIN_NATIONAL: usize = 4;
-const MAX_E164_DIGITS: usize = 15;
-const MIN_E164_DIGITS: usize = 8;
-
-/// To E.164 (`+` and up to 15 digits). International input starts with `+`
-/// or `00`; anything else is a national number of `default`.
-pub fn phone(raw: &str, default: &Country) -> Result<String, Invalid> {
+/// A valid number by libphonenumber, in E.164 (`+` and up to 15 digits).
+/// International input starts with `+` or the default country's
+/// international prefix; anything else is a national number of `default`
+/// (its trunk prefix dropped). An extension is not part of the number.
+pub fn phone(raw: &str, default: Country) -> Result<String, Invalid> {
     let mut out = String::new();
-    phone_into(raw, default, &mut out)?;
+    phone_into(raw, default, true, &mut out)?;
     Ok(out)
 }
 
-fn phone_into(raw: &str, default: &Country, out: &mut String) -> Result<(), Invalid> {
+fn phone_into(raw: &str, default: Country, plus: bool, out: &mut String) -> Result<(), Invalid> {
     let t = trim(raw);
     if t.is_empty() {
         return Err(Invalid::Empty);
     }
-    let (plus, rest) = match t.strip_prefix('+') {
-        Some(rest) => (true, rest),
-        None => (false, t),
-    };
-    // Digits go after a leading '+' in `out`; national numbers are rewritten below.
-    out.push('+');
-    for c in rest.chars() {
-        match c {
-            '0'..='9' => out.push(c),
-            ' ' | '-' | '.' | '(' | ')' | '/' | '\u{a0}' => {}
-            _ => return Err(Invalid::NotAPhone),
-        }
-    }
-    if out.len() > 1 + MAX_DIGITS {
+    let number = PHONE_NUMBER_UTIL
+        .parse(t, Some(default.0))
+        .map_err(|_| Invalid::NotAPhone)?;
+    if !number.is_valid() {
         return Err(Invalid::NotAPhone);
     }
-    if !plus && out[1..].starts_with("00") {
-        out.replace_range(1..3, "");
-    } else if !plus {
-        // The digits copied out (at most MAX_DIGITS), then written back
-        // as E.164: no allocation per number.
-        let mut copy = [0u8; MAX_DIGITS];
-        let n = out.len() - 1;
-        copy[..n].copy_from_slice(&out.as_bytes()[1..]);
-        let digits = std::str::from_utf8(&copy[..n]).map_err(|_| Invalid::NotAPhone)?;
-        out.truncate(1);
-        national(digits, default, out)?;
+    let e164 = number.format_as(PhoneNumberFormat::E164);
+    match plus {
+        true => out.push_str(&e164),
+        false => out.push_str(e164.trim_start_matches('+')),
     }
-    let e164 = &out[1..];
-    let ok = (MIN_E164_DIGITS..=MAX_E164_DIGITS).contains(&e164.len()) && !e164.starts_with('0');
-    if !ok {
-        return Err(Invalid::NotAPhone);
-    }
-    Ok(())
-}
-
-/// Digits a phone number may hold before it is refused outright: E.164's
-/// 15 and a trunk or international prefix, with room to spare.
-const MAX_DIGITS: usize = 24;
-
-/// A national number of `c` as E.164 digits (without `+`), appended to `out`.
-fn national(digits: &str, c: &Country, out: &mut String) -> Result<(), Invalid> {
-    // The calling code's decimal digits, written into a small buffer.
-    let mut cc_text = [0u8; 5];
-    let mut start = cc_text.len();
-    let mut code = c.calling_code;
-    loop {
-        start -= 1;
-        cc_text[start] = b'0' + (code % 10) as u8;
-        code /= 10;
-        if code == 0 {
-            break;
-        }
-    }
-    let cc = std::str::from_utf8(&cc_text[start..]).map_err(|_| Invalid::NotAPhone)?;
-    if c.calling_code == 1 {
-        // North American Numbering Plan: 10 digits, optionally after the
-        // trunk prefix 1; area code and exchange never start with 0 or 1.
-        let nsn = match digits.len() {
-            10 => digits,
-            11 if digits.starts_with('1') => &digits[1..],
-            _ => return Err(Invalid::NotAPhone),
-        };
-        let b = nsn.as_bytes();
-        if b[0] < b'2' || b[3] < b'2' {
-            return Err(Invalid::NotAPhone);
-        }
-        out.push('1');
-        out.push_str(nsn);
-        return Ok(());
-    }
-    let nsn = if !c.trunk_prefix.is_empty() && digits.starts_with(c.trunk_prefix) {
-        &digits[c.trunk_prefix.len()..]
-    } else if digits.starts_with(cc) && digits.len() >= cc.len() + MIN_E164_DIGITS {
-        // Already written with the country code, without `+`.
-        &digits[cc.len()..]
-    } else {
-        digits
-    };
-    if nsn.len() < MIN_NATIONAL || nsn.starts_with('0') {
-        return Err(Invalid::NotAPhone);
-    }
-    out.push_str(cc);
-    out.push_str(nsn);
     Ok(())
 }
 
@@ -272,8 +262,25 @@ mod tests {
         }
     }
 
-    fn us() -> &'static Country {
+    /// The metadata version named in agreements is that of the crate the
+    /// lock file pins: bumping one without the other fails here.
+    #[test]
+    fn phone_metadata_is_the_pinned_crates() {
+        let lock = include_str!(concat!(env!("CARGO_MANIFEST_DIR"), "/Cargo.lock"));
+        assert!(
+            lock.contains("name = \"rlibphonenumber\"\nversion = \"2.2.15\""),
+            "rlibphonenumber is no longer 2.2.15: set PHONE_METADATA to its metadata version"
+        );
+        assert_eq!(PHONE_METADATA, "9.0.42");
+    }
+
+    fn us() -> Country {
         country("US").unwrap()
+    }
+
+    fn email_by(raw: &str, gmail: Gmail) -> Result<String, Invalid> {
+        let mut out = String::new();
+        email_into(raw, gmail, &mut out).map(|()| out)
     }
 
     #[test]
@@ -307,21 +314,61 @@ mod tests {
         }
     }
 
+    /// Each standard's gmail rule on the same addresses.
+    #[test]
+    fn gmail_rules_by_standard() {
+        let cases = [
+            // (input, kept, canonical, dots, dots and tag)
+            (
+                "J.Doe+ads@Gmail.com",
+                "j.doe+ads@gmail.com",
+                "jdoe@gmail.com",
+                "jdoe+ads@gmail.com",
+                "jdoe@gmail.com",
+            ),
+            (
+                "j.doe+ads@googlemail.com",
+                "j.doe+ads@googlemail.com",
+                "jdoe@gmail.com",
+                "jdoe+ads@googlemail.com",
+                "j.doe+ads@googlemail.com",
+            ),
+            (
+                "j.doe+ads@example.com",
+                "j.doe+ads@example.com",
+                "j.doe+ads@example.com",
+                "j.doe+ads@example.com",
+                "j.doe+ads@example.com",
+            ),
+        ];
+        for (raw, kept, canonical, dots, both) in cases {
+            assert_eq!(email_by(raw, Gmail::Kept).unwrap(), kept);
+            assert_eq!(email_by(raw, Gmail::Canonical).unwrap(), canonical);
+            assert_eq!(email_by(raw, Gmail::Dots).unwrap(), dots);
+            assert_eq!(email_by(raw, Gmail::DotsAndTag).unwrap(), both);
+        }
+        assert!(email_by("...@gmail.com", Gmail::Dots).is_err());
+        assert!(email_by("+x@gmail.com", Gmail::DotsAndTag).is_err());
+    }
+
     #[test]
     fn phones() {
         assert_eq!(phone("(415) 555-0132", us()).unwrap(), "+14155550132");
         assert_eq!(phone("1-415-555-0132", us()).unwrap(), "+14155550132");
         assert_eq!(phone("415.555.0132", us()).unwrap(), "+14155550132");
+        assert_eq!(phone("415 555 0132 ext 4", us()).unwrap(), "+14155550132");
         assert_eq!(phone("+44 20 7031 3000", us()).unwrap(), "+442070313000");
-        assert_eq!(phone("0044 20 7031 3000", us()).unwrap(), "+442070313000");
+        assert_eq!(phone("011 44 20 7031 3000", us()).unwrap(), "+442070313000");
         let gb = country("GB").unwrap();
         assert_eq!(phone("020 7031 3000", gb).unwrap(), "+442070313000");
-        assert_eq!(phone("44 20 7031 3000", gb).unwrap(), "+442070313000");
+        assert_eq!(phone("+44 (0)20 7031 3000", gb).unwrap(), "+442070313000");
+        assert_eq!(phone("0044 20 7031 3000", gb).unwrap(), "+442070313000");
+        let it = country("IT").unwrap();
+        assert_eq!(phone("06 1234 5678", it).unwrap(), "+390612345678");
         for bad in [
             "",
             "12",
             "555-0132",
-            "415 555 0132 ext 4",
             "(015) 555-0132",
             "+1234",
             "abc",
@@ -329,5 +376,7 @@ mod tests {
         ] {
             assert!(phone(bad, us()).is_err(), "{bad}");
         }
+        assert!(country("ZZ").is_none());
+        assert!(country("us").is_none() || country("us") == country("US"));
     }
 }

@@ -17,7 +17,7 @@ pub use template::{Bound, Param, ParamError, ParamKind, Template, format_date};
 pub use types::{
     Aggregate, AgreementState, Column, ColumnPair, ColumnRole, Dataset, Domain, IdentityKind,
     Matching, Party, Policy, PolicyHash, Privacy, Profile, QueryMode, QueryRules, Refresh, Right,
-    Salt, ValueType,
+    Salt, Standard, ValueType,
 };
 pub use validate::{FIRST_YEAR, LAST_YEAR, admitted_days, epoch_days, is_slug};
 

@@ -39,6 +39,8 @@ pub(crate) struct RawIdentity {
     pub(crate) profile: String,
     pub(crate) gmail_canonical: Option<bool>,
     pub(crate) default_country: Option<String>,
+    pub(crate) standard: Option<String>,
+    pub(crate) metadata: Option<String>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -46,6 +48,9 @@ pub(crate) struct RawIdentity {
 pub(crate) struct RawParty {
     pub(crate) org: String,
     pub(crate) rights: Vec<String>,
+    /// The standard each identity kind's uploads of this party follow.
+    #[serde(default)]
+    pub(crate) standards: std::collections::BTreeMap<String, String>,
 }
 
 #[derive(Debug, Deserialize)]

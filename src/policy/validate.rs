@@ -7,13 +7,14 @@ use std::collections::{BTreeMap, BTreeSet};
 use time::{Date, Month};
 
 use super::Problem;
-use super::raw::{RawColumn, RawDataset, RawIdentity, RawParam, RawPolicy, RawPrivacy};
+use super::raw::{RawColumn, RawDataset, RawIdentity, RawParam, RawParty, RawPolicy, RawPrivacy};
 use super::template::{Param, ParamKind, Template, placeholders};
 use super::types::{
     Aggregate, Column, ColumnPair, ColumnRole, Dataset, Domain, IdentityKind, Matching, Party,
-    Policy, PolicyHash, Privacy, Profile, QueryMode, QueryRules, Refresh, Right, Salt, ValueType,
+    Policy, PolicyHash, Privacy, Profile, QueryMode, QueryRules, Refresh, Right, Salt, Standard,
+    ValueType,
 };
-use crate::identity::country_calling_code;
+use crate::identity::{PHONE_METADATA, country};
 
 /// The most distinct values a dimension may declare: beyond that a
 /// "dimension" starts to single people out.
@@ -173,7 +174,7 @@ pub(super) fn validate(
         }
     };
 
-    let identities = validate_identities(&raw.identity, &mut p);
+    let identities = validate_identities(&raw.identity, &raw.party, &mut p);
     let parties = validate_parties(&raw, &mut p);
     let matching = match a.matching.as_deref() {
         None | Some("keyed") => Matching::Keyed,
@@ -233,6 +234,7 @@ pub(super) fn validate(
 
 fn validate_identities(
     raw: &BTreeMap<String, RawIdentity>,
+    parties: &[RawParty],
     p: &mut Problems,
 ) -> BTreeMap<String, IdentityKind> {
     if raw.is_empty() {
@@ -241,6 +243,16 @@ fn validate_identities(
             "at least one identity kind must be declared (for example [identity.email])",
         );
     }
+    for (i, party) in parties.iter().enumerate() {
+        for kind in party.standards.keys() {
+            if !raw.contains_key(kind) {
+                p.push(
+                    format!("party[{i}].standards.{kind}"),
+                    "names an identity kind the agreement does not declare in [identity]",
+                );
+            }
+        }
+    }
     let mut out = BTreeMap::new();
     for (name, r) in raw {
         let field = format!("identity.{name}");
@@ -248,18 +260,21 @@ fn validate_identities(
             p.push(&field, format!("the kind name {SQL_NAME_RULE}"));
             continue;
         }
+        let standard = standard_of(name, r, parties, p);
         let profile = match r.profile.as_str() {
             "email" => Some(Profile::Email {
                 gmail_canonical: r.gmail_canonical.unwrap_or(false),
+                standard,
             }),
             "phone" => match &r.default_country {
-                Some(c) if country_calling_code(c).is_some() => Some(Profile::Phone {
+                Some(c) if country(c).is_some() => Some(Profile::Phone {
                     default_country: c.clone(),
+                    standard,
                 }),
                 Some(_) => {
                     p.push(
                         format!("{field}.default_country"),
-                        "is not a supported ISO 3166 alpha-2 country code (see docs/fingerprints.md)",
+                        "is not an ISO 3166 alpha-2 country code libphonenumber has metadata for (upper case, for example \"US\")",
                     );
                     None
                 }
@@ -285,11 +300,44 @@ fn validate_identities(
                 format!("{field}.gmail_canonical"),
                 "only applies to the email profile",
             );
+        } else if r.gmail_canonical.is_some() && standard != Standard::Cleanroom {
+            p.push(
+                format!("{field}.gmail_canonical"),
+                format!(
+                    "only applies under the cleanroom standard; {} has its own gmail rule",
+                    standard.as_str()
+                ),
+            );
         }
         if r.default_country.is_some() && r.profile != "phone" {
             p.push(
                 format!("{field}.default_country"),
                 "only applies to the phone profile",
+            );
+        }
+        match (&r.metadata, r.profile.as_str()) {
+            (None, "phone") => p.push(
+                format!("{field}.metadata"),
+                format!(
+                    "is required for the phone profile: the libphonenumber metadata version both parties read numbers by (this build has {PHONE_METADATA:?})"
+                ),
+            ),
+            (Some(m), "phone") if m != PHONE_METADATA => p.push(
+                format!("{field}.metadata"),
+                format!(
+                    "{m:?} is not the libphonenumber metadata of this build ({PHONE_METADATA:?}): both parties must read numbers alike; amend the agreement, or use the cleanroom release with that metadata"
+                ),
+            ),
+            (Some(_), "phone") | (None, _) => {}
+            (Some(_), _) => p.push(
+                format!("{field}.metadata"),
+                "only applies to the phone profile",
+            ),
+        }
+        if r.profile == "text" && standard != Standard::Cleanroom {
+            p.push(
+                format!("{field}.standard"),
+                "only applies to the email and phone profiles",
             );
         }
         if let Some(profile) = profile {
@@ -303,6 +351,53 @@ fn validate_identities(
         }
     }
     out
+}
+
+/// The standard an identity kind follows: the one `[identity.<kind>]`
+/// names, or the one the parties that declare one for it agree on, or
+/// ours. Two parties (or a party and the kind) on different standards
+/// would fingerprint one person two ways: refused, naming both.
+fn standard_of(name: &str, r: &RawIdentity, parties: &[RawParty], p: &mut Problems) -> Standard {
+    let parse = |text: &str, field: String, p: &mut Problems| {
+        let s = Standard::parse(text);
+        if s.is_none() {
+            p.push(
+                field,
+                format!(
+                    "{text:?} is not a known standard (known: {})",
+                    known_list(&Standard::ALL, |s| s.as_str())
+                ),
+            );
+        }
+        s
+    };
+    let mut chosen: Option<(Standard, String)> = r.standard.as_deref().and_then(|text| {
+        parse(text, format!("identity.{name}.standard"), p)
+            .map(|s| (s, format!("[identity.{name}]")))
+    });
+    for (i, party) in parties.iter().enumerate() {
+        let Some(text) = party.standards.get(name) else {
+            continue;
+        };
+        let field = format!("party[{i}].standards.{name}");
+        let Some(s) = parse(text, field.clone(), p) else {
+            continue;
+        };
+        match &chosen {
+            Some((c, by)) if *c != s => p.push(
+                field,
+                format!(
+                    "{} declares the {} standard for {name} but {by} the {}: one identity kind has one profile, or the same person gets two fingerprints; agree on one",
+                    party.org,
+                    s.as_str(),
+                    c.as_str()
+                ),
+            ),
+            Some(_) => {}
+            None => chosen = Some((s, party.org.clone())),
+        }
+    }
+    chosen.map_or(Standard::Cleanroom, |(s, _)| s)
 }
 
 fn validate_parties(raw: &RawPolicy, p: &mut Problems) -> Vec<Party> {

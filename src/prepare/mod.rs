@@ -23,8 +23,8 @@ use arrow::datatypes::{DataType, Date32Type, Field, Schema, SchemaRef, TimeUnit}
 use arrow::record_batch::RecordBatch;
 
 use crate::identity::blinding::{BlindingKey, blind_values};
-use crate::identity::{Fingerprinter, Invalid, Normaliser, Secret};
-use crate::policy::Profile;
+use crate::identity::{Fingerprinter, Invalid, Normaliser, PHONE_METADATA, Secret};
+use crate::policy::{Profile, Standard};
 use crate::proto;
 
 pub use blind::{BlindingDone, Job, MatchReport, complete_job, fetch_work, match_pending};
@@ -122,18 +122,32 @@ pub struct Plan {
 }
 
 fn profile_of(kind: &proto::IdentityKind) -> Result<Profile, PrepareError> {
+    let upgrade = |what: String| {
+        PrepareError::Plan(format!(
+            "identity kind {:?} {what}, which this client does not know; upgrade cleanroom",
+            kind.name
+        ))
+    };
+    // A server before standards sends none: ours.
+    let standard = match kind.standard.as_str() {
+        "" => Standard::Cleanroom,
+        s => Standard::parse(s).ok_or_else(|| upgrade(format!("follows the standard {s:?}")))?,
+    };
     match kind.profile.as_str() {
         "email" => Ok(Profile::Email {
             gmail_canonical: kind.gmail_canonical,
+            standard,
         }),
+        "phone" if kind.phone_metadata != PHONE_METADATA => Err(PrepareError::Plan(format!(
+            "identity kind {:?} reads phone numbers by libphonenumber metadata {:?} and this client has {PHONE_METADATA:?}: both parties must read numbers alike; use the cleanroom release the server runs",
+            kind.name, kind.phone_metadata
+        ))),
         "phone" => Ok(Profile::Phone {
             default_country: kind.default_country.clone(),
+            standard,
         }),
         "text" => Ok(Profile::Text),
-        other => Err(PrepareError::Plan(format!(
-            "identity kind {:?} uses profile {other:?}, which this client does not know; upgrade cleanroom",
-            kind.name
-        ))),
+        other => Err(upgrade(format!("uses profile {other:?}"))),
     }
 }
 
@@ -927,12 +941,14 @@ mod tests {
                 "email",
                 Profile::Email {
                     gmail_canonical: true,
+                    standard: Standard::Cleanroom,
                 },
             ),
             (
                 "phone",
                 Profile::Phone {
                     default_country: "US".into(),
+                    standard: Standard::Cleanroom,
                 },
             ),
         ]

@@ -206,16 +206,26 @@ pub(crate) fn agreement_view(policy: &Policy, org: &str, now: AgreementState) ->
             .identities()
             .values()
             .map(|k| {
-                let (gmail_canonical, default_country) = match k.profile() {
-                    Profile::Email { gmail_canonical } => (*gmail_canonical, String::new()),
-                    Profile::Phone { default_country } => (false, default_country.clone()),
-                    Profile::Text => (false, String::new()),
+                let (gmail_canonical, default_country, phone_metadata) = match k.profile() {
+                    Profile::Email {
+                        gmail_canonical, ..
+                    } => (*gmail_canonical, String::new(), String::new()),
+                    Profile::Phone {
+                        default_country, ..
+                    } => (
+                        false,
+                        default_country.clone(),
+                        crate::identity::PHONE_METADATA.to_string(),
+                    ),
+                    Profile::Text => (false, String::new(), String::new()),
                 };
                 proto::IdentityKind {
                     name: k.name().to_string(),
                     profile: k.profile().name().to_string(),
                     gmail_canonical,
                     default_country,
+                    standard: k.profile().standard().as_str().to_string(),
+                    phone_metadata,
                 }
             })
             .collect(),

@@ -1063,6 +1063,7 @@ min_group_size = 5
 [identity.phone]
 profile = "phone"
 default_country = "US"
+metadata = "9.0.42"
 
 [[dataset]]
 name = "customers"
