@@ -5,6 +5,11 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let mut config = prost_build::Config::new();
     config.protoc_executable(protoc_bin_vendored::protoc_bin_path()?);
     let out_dir = std::path::PathBuf::from(std::env::var("OUT_DIR")?);
+    // google/protobuf/timestamp.proto and the other well-known types.
+    let protos_include = protoc_bin_vendored::include_path()?
+        .to_str()
+        .ok_or("the vendored protoc include path is not UTF-8")?
+        .to_string();
     tonic_prost_build::configure()
         .file_descriptor_set_path(out_dir.join("cleanroom_descriptor.bin"))
         .compile_with_config(
@@ -17,7 +22,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
                 "proto/cleanroom/v1/queries.proto",
                 "proto/cleanroom/v1/governance.proto",
             ],
-            &["proto"],
+            &["proto", &protos_include],
         )?;
     // The Flight service, for reflection only: its code comes from
     // arrow-flight.

@@ -100,11 +100,11 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     let path =
         std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("policies/retail-media-demo.toml");
     let text = std::fs::read_to_string(&path)?;
-    let policy: Policy = cleanroom::policy::parse_policy(&text, &path)?;
+    let policy: Policy = cleanroom::agreements::parse_policy(&text, &path)?;
     let (without_privacy, _) = text
         .split_once("[privacy]")
         .ok_or("the demo agreement has a [privacy] section")?;
-    let thresholds: Policy = cleanroom::policy::parse_policy(without_privacy, &path)?;
+    let thresholds: Policy = cleanroom::agreements::parse_policy(without_privacy, &path)?;
     let shared = rows * 3 / 10;
     let t = Instant::now();
     let customers: Vec<u64> = (0..rows).collect();

@@ -26,7 +26,7 @@ use cleanroom::prepare::{
     CsvOptions, InputFormat, InputReader, Plan, Preparer, UploadOptions, upload,
 };
 use cleanroom::proto;
-use cleanroom::proto::datasets_client::DatasetsClient;
+use cleanroom::proto::datasets_service_client::DatasetsServiceClient;
 use cleanroom::proto::upload_request::Part;
 use cleanroom::upload::{MAX_MESSAGE_BYTES, ROWS_PER_MESSAGE, encode_messages};
 
@@ -147,7 +147,7 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         at
     });
     let t = Instant::now();
-    DatasetsClient::new(client.channel())
+    DatasetsServiceClient::new(client.channel())
         .max_encoding_message_size(8 << 20)
         .upload(tokio_stream::wrappers::ReceiverStream::new(rx))
         .await?;

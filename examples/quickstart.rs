@@ -61,7 +61,7 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     }
 
     step("2. Policy check of every agreement in policies/");
-    let set = cleanroom::policy::load_dir(&policies).map_err(|errors| {
+    let set = cleanroom::agreements::load_dir(&policies).map_err(|errors| {
         errors
             .iter()
             .map(ToString::to_string)

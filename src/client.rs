@@ -15,12 +15,12 @@ use std::path::{Path, PathBuf};
 use tonic::transport::{Certificate, Channel, ClientTlsConfig, Identity};
 
 use crate::proto;
-use crate::proto::agreements_client::AgreementsClient;
-use crate::proto::audit_client::AuditClient;
-use crate::proto::datasets_client::DatasetsClient;
-use crate::proto::governance_client::GovernanceClient;
-use crate::proto::matching_client::MatchingClient;
-use crate::proto::queries_client::QueriesClient;
+use crate::proto::agreements_service_client::AgreementsServiceClient;
+use crate::proto::audit_service_client::AuditServiceClient;
+use crate::proto::datasets_service_client::DatasetsServiceClient;
+use crate::proto::governance_service_client::GovernanceServiceClient;
+use crate::proto::matching_service_client::MatchingServiceClient;
+use crate::proto::queries_service_client::QueriesServiceClient;
 
 /// Where the server is and which certificates to use.
 #[derive(Debug, Clone)]
@@ -66,7 +66,7 @@ pub enum ClientError {
     Certificate(String),
     /// The server's refusal. Not a `source`: its text is the message
     /// shown, once, without tonic's own rendering of the status.
-    #[error("{}: {}", code_name(.0.code()), .0.message())]
+    #[error("{}: {}", crate::proto::code_name(.0.code()), .0.message())]
     Status(tonic::Status),
 }
 
@@ -91,30 +91,6 @@ impl ClientError {
             ClientError::Status(s) => Some(s),
             _ => None,
         }
-    }
-}
-
-/// A gRPC code's canonical name, as status texts and metrics spell it.
-pub(crate) fn code_name(code: tonic::Code) -> &'static str {
-    use tonic::Code::*;
-    match code {
-        Ok => "OK",
-        Cancelled => "CANCELLED",
-        Unknown => "UNKNOWN",
-        InvalidArgument => "INVALID_ARGUMENT",
-        DeadlineExceeded => "DEADLINE_EXCEEDED",
-        NotFound => "NOT_FOUND",
-        AlreadyExists => "ALREADY_EXISTS",
-        PermissionDenied => "PERMISSION_DENIED",
-        ResourceExhausted => "RESOURCE_EXHAUSTED",
-        FailedPrecondition => "FAILED_PRECONDITION",
-        Aborted => "ABORTED",
-        OutOfRange => "OUT_OF_RANGE",
-        Unimplemented => "UNIMPLEMENTED",
-        Internal => "INTERNAL",
-        Unavailable => "UNAVAILABLE",
-        DataLoss => "DATA_LOSS",
-        Unauthenticated => "UNAUTHENTICATED",
     }
 }
 
@@ -243,8 +219,8 @@ impl Client {
         self.channel.clone()
     }
 
-    fn agreements(&self) -> AgreementsClient<Channel> {
-        AgreementsClient::new(self.channel.clone())
+    fn agreements(&self) -> AgreementsServiceClient<Channel> {
+        AgreementsServiceClient::new(self.channel.clone())
     }
 
     pub async fn who_am_i(&mut self) -> Result<proto::WhoAmIResponse, ClientError> {
@@ -282,7 +258,7 @@ impl Client {
         &mut self,
         agreement_id: &str,
     ) -> Result<Vec<proto::DatasetVersion>, ClientError> {
-        Ok(DatasetsClient::new(self.channel.clone())
+        Ok(DatasetsServiceClient::new(self.channel.clone())
             .list_datasets(proto::ListDatasetsRequest {
                 agreement_id: agreement_id.to_string(),
             })
@@ -317,8 +293,8 @@ impl Client {
         page_size: u32,
         page_token: &str,
     ) -> Result<proto::ListAuditEntriesResponse, ClientError> {
-        Ok(AuditClient::new(self.channel.clone())
-            .list_entries(proto::ListAuditEntriesRequest {
+        Ok(AuditServiceClient::new(self.channel.clone())
+            .list_audit_entries(proto::ListAuditEntriesRequest {
                 agreement_id: agreement_id.to_string(),
                 page_size,
                 page_token: page_token.to_string(),
@@ -349,7 +325,7 @@ impl Client {
         datasets: &[String],
         epsilon: Option<f64>,
     ) -> Result<proto::OverlapResponse, ClientError> {
-        Ok(MatchingClient::new(self.channel.clone())
+        Ok(MatchingServiceClient::new(self.channel.clone())
             .overlap(proto::OverlapRequest {
                 agreement_id: agreement_id.to_string(),
                 datasets: datasets.to_vec(),
@@ -420,7 +396,7 @@ impl Client {
         request: proto::QueryRequest,
     ) -> Result<QueryAnswer, ClientError> {
         use proto::query_response::Part;
-        let mut stream = QueriesClient::new(self.channel.clone())
+        let mut stream = QueriesServiceClient::new(self.channel.clone())
             .query(request)
             .await?
             .into_inner();
@@ -456,7 +432,7 @@ impl Client {
         &mut self,
         agreement_id: &str,
     ) -> Result<proto::AccessReportResponse, ClientError> {
-        Ok(GovernanceClient::new(self.channel.clone())
+        Ok(GovernanceServiceClient::new(self.channel.clone())
             .access_report(proto::AccessReportRequest {
                 agreement_id: agreement_id.to_string(),
             })
@@ -466,7 +442,7 @@ impl Client {
 
     /// The agreements the caller administers.
     pub async fn admin_status(&mut self) -> Result<proto::AdminStatusResponse, ClientError> {
-        Ok(GovernanceClient::new(self.channel.clone())
+        Ok(GovernanceServiceClient::new(self.channel.clone())
             .admin_status(proto::AdminStatusRequest {})
             .await?
             .into_inner())
@@ -477,7 +453,7 @@ impl Client {
         &mut self,
         agreement_id: &str,
     ) -> Result<proto::BudgetResponse, ClientError> {
-        Ok(QueriesClient::new(self.channel.clone())
+        Ok(QueriesServiceClient::new(self.channel.clone())
             .budget(proto::BudgetRequest {
                 agreement_id: agreement_id.to_string(),
             })

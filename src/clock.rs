@@ -1,6 +1,8 @@
 //! Time as a dependency: the server asks a [`Clock`], so tests can move it.
 
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
+
+use parking_lot::Mutex;
 
 use time::{Date, OffsetDateTime};
 
@@ -34,18 +36,18 @@ impl ManualClock {
     }
 
     pub fn set(&self, at: OffsetDateTime) {
-        *self.0.lock().unwrap_or_else(|e| e.into_inner()) = at;
+        *self.0.lock() = at;
     }
 
     pub fn advance(&self, by: time::Duration) {
-        let mut t = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        let mut t = self.0.lock();
         *t += by;
     }
 }
 
 impl Clock for ManualClock {
     fn now(&self) -> OffsetDateTime {
-        *self.0.lock().unwrap_or_else(|e| e.into_inner())
+        *self.0.lock()
     }
 }
 

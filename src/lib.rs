@@ -5,6 +5,7 @@
 //! answers aggregate-only SQL under the agreement's policy. See
 //! `docs/policy.md` for the agreement format.
 
+pub mod agreements;
 pub mod audit;
 pub mod certs;
 pub mod cli;
@@ -12,7 +13,6 @@ pub mod client;
 pub mod clock;
 pub mod crash;
 pub mod disk;
-pub mod error;
 pub mod identity;
 pub mod names;
 pub mod policy;
@@ -22,6 +22,7 @@ pub mod privacy;
 pub mod proto;
 pub mod psi;
 pub mod query;
+pub mod room;
 pub mod rules;
 pub mod server;
 pub mod storage;

@@ -33,14 +33,14 @@ async fn uploads_are_audited_and_the_chain_detects_tampering() {
     let entries = acme.audit_entries("retail-media-demo").await.unwrap();
     assert_eq!(entries.len(), 2);
     assert_eq!(entries[0].organisation, "acme");
-    assert_eq!(entries[0].action, "upload");
-    assert_eq!(entries[0].decision, "accepted");
+    assert_eq!(entries[0].action().word(), "upload");
+    assert_eq!(entries[0].decision().word(), "accepted");
     assert_eq!(entries[0].rows, Some(ok.response.rows));
     assert_eq!(
         entries[0].subject.as_deref(),
         Some(format!("customers {}", ok.response.version).as_str())
     );
-    assert_eq!(entries[1].decision, "rejected");
+    assert_eq!(entries[1].decision().word(), "rejected");
     assert_eq!(entries[1].rule.as_deref(), Some("metric.bounds"));
     assert_eq!(entries[1].prev, entries[0].hash);
     assert!(!audit_holds(&entries, 77777), "an entry holds a data value");
@@ -49,7 +49,7 @@ async fn uploads_are_audited_and_the_chain_detects_tampering() {
     let mut globex = server.client("globex").await;
     let seen = globex.audit_entries("retail-media-demo").await.unwrap();
     assert_eq!(seen.len(), 2);
-    assert_eq!(seen[0].action, "upload");
+    assert_eq!(seen[0].action().word(), "upload");
     assert_eq!(seen[0].rows, None);
     assert_eq!((seen[0].hash.as_str(), seen[1].prev.as_str()), ("", ""));
     assert_eq!(seen[1].hash, entries[1].hash);

@@ -58,7 +58,7 @@ const RPCS: [&str; 12] = [
     "WhoAmI",
     "ListAgreements",
     "GetAgreement",
-    "ListEntries",
+    "ListAuditEntries",
     "Upload",
     "ListDatasets",
     "Erase",
@@ -81,25 +81,25 @@ async fn call(rpc: &str, client: &Client, hash: &str, policy: &cleanroom::policy
     let agreement = || ID.to_string();
     match rpc {
         "WhoAmI" => code_of(
-            proto::agreements_client::AgreementsClient::new(ch)
+            proto::agreements_service_client::AgreementsServiceClient::new(ch)
                 .who_am_i(proto::WhoAmIRequest::default())
                 .await,
         ),
         "ListAgreements" => code_of(
-            proto::agreements_client::AgreementsClient::new(ch)
+            proto::agreements_service_client::AgreementsServiceClient::new(ch)
                 .list_agreements(proto::ListAgreementsRequest::default())
                 .await,
         ),
         "GetAgreement" => code_of(
-            proto::agreements_client::AgreementsClient::new(ch)
+            proto::agreements_service_client::AgreementsServiceClient::new(ch)
                 .get_agreement(proto::GetAgreementRequest {
                     agreement_id: agreement(),
                 })
                 .await,
         ),
-        "ListEntries" => code_of(
-            proto::audit_client::AuditClient::new(ch)
-                .list_entries(proto::ListAuditEntriesRequest {
+        "ListAuditEntries" => code_of(
+            proto::audit_service_client::AuditServiceClient::new(ch)
+                .list_audit_entries(proto::ListAuditEntriesRequest {
                     agreement_id: agreement(),
                     ..Default::default()
                 })
@@ -120,14 +120,14 @@ async fn call(rpc: &str, client: &Client, hash: &str, policy: &cleanroom::policy
             )
         }
         "ListDatasets" => code_of(
-            proto::datasets_client::DatasetsClient::new(ch)
+            proto::datasets_service_client::DatasetsServiceClient::new(ch)
                 .list_datasets(proto::ListDatasetsRequest {
                     agreement_id: agreement(),
                 })
                 .await,
         ),
         "Erase" => code_of(
-            proto::datasets_client::DatasetsClient::new(ch)
+            proto::datasets_service_client::DatasetsServiceClient::new(ch)
                 .erase(proto::EraseRequest {
                     agreement_id: agreement(),
                     dataset: "customers".into(),
@@ -141,19 +141,19 @@ async fn call(rpc: &str, client: &Client, hash: &str, policy: &cleanroom::policy
                 .await,
         ),
         "AccessReport" => code_of(
-            proto::governance_client::GovernanceClient::new(ch)
+            proto::governance_service_client::GovernanceServiceClient::new(ch)
                 .access_report(proto::AccessReportRequest {
                     agreement_id: agreement(),
                 })
                 .await,
         ),
         "AdminStatus" => code_of(
-            proto::governance_client::GovernanceClient::new(ch)
+            proto::governance_service_client::GovernanceServiceClient::new(ch)
                 .admin_status(proto::AdminStatusRequest::default())
                 .await,
         ),
         "Overlap" => code_of(
-            proto::matching_client::MatchingClient::new(ch)
+            proto::matching_service_client::MatchingServiceClient::new(ch)
                 .overlap(proto::OverlapRequest {
                     agreement_id: agreement(),
                     ..Default::default()
@@ -161,7 +161,7 @@ async fn call(rpc: &str, client: &Client, hash: &str, policy: &cleanroom::policy
                 .await,
         ),
         "Query" => {
-            let r = proto::queries_client::QueriesClient::new(ch)
+            let r = proto::queries_service_client::QueriesServiceClient::new(ch)
                 .query(proto::QueryRequest {
                     agreement_id: agreement(),
                     sql: "SELECT COUNT(*) FROM customers c JOIN audience a ON c.email = a.email"
@@ -185,7 +185,7 @@ async fn call(rpc: &str, client: &Client, hash: &str, policy: &cleanroom::policy
             }
         }
         "Budget" => code_of(
-            proto::queries_client::QueriesClient::new(ch)
+            proto::queries_service_client::QueriesServiceClient::new(ch)
                 .budget(proto::BudgetRequest {
                     agreement_id: agreement(),
                 })
@@ -236,7 +236,13 @@ async fn holdings(acme: &mut Client, globex: &mut Client) -> String {
     let mut out = String::new();
     for c in [acme, globex] {
         for d in c.list_datasets(ID).await.unwrap() {
-            out += &format!("{} {} {} {};", d.dataset, d.version, d.rows, d.committed_at);
+            out += &format!(
+                "{} {} {} {};",
+                d.dataset,
+                d.version,
+                d.rows,
+                d.committed_at.map(|t| t.seconds).unwrap_or_default()
+            );
         }
         let b = c.budget(ID).await.unwrap();
         out += &format!("budget {} {};", b.epsilon_spent, b.queries);

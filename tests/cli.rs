@@ -773,7 +773,7 @@ async fn certificates_that_would_be_refused_are_explained_before_connecting() {
             .await;
         if let Ok(channel) = channel {
             let mut agreements =
-                cleanroom::proto::agreements_client::AgreementsClient::new(channel);
+                cleanroom::proto::agreements_service_client::AgreementsServiceClient::new(channel);
             assert!(
                 agreements
                     .who_am_i(cleanroom::proto::WhoAmIRequest {})

@@ -19,7 +19,7 @@ fn widest_dates() -> cleanroom::policy::Policy {
         .replace("min = 2020-01-01", "min = 1900-01-01")
         .replace("max = 2027-12-31\ncompare", "max = 2200-12-31\ncompare")
         .replace("min_group_size = 50", "min_group_size = 2");
-    cleanroom::policy::parse_policy(&text, &path).unwrap()
+    cleanroom::agreements::parse_policy(&text, &path).unwrap()
 }
 
 #[tokio::test]
@@ -253,7 +253,7 @@ async fn random_derived_expressions_never_fail_beneath_the_boundary() {
     let path = common::policies_dir().join("retail-media-demo.toml");
     let text = std::fs::read_to_string(&path).unwrap();
     let (_, privacy) = text.split_once("[privacy]").unwrap();
-    let shipped = cleanroom::policy::parse_policy(&text, &path).unwrap();
+    let shipped = cleanroom::agreements::parse_policy(&text, &path).unwrap();
     let widest = widest_dates();
     let policy_text = std::fs::read_to_string(&path)
         .unwrap()
@@ -268,7 +268,7 @@ async fn random_derived_expressions_never_fail_beneath_the_boundary() {
         )
         + "[privacy]"
         + privacy;
-    let policy = cleanroom::policy::parse_policy(&policy_text, &path).unwrap();
+    let policy = cleanroom::agreements::parse_policy(&policy_text, &path).unwrap();
     assert!(policy.privacy().is_some() && shipped.privacy().is_some());
     assert_eq!(policy.datasets(), widest.datasets());
     assert_eq!(policy.query().column_pairs().len(), 45);

@@ -16,7 +16,7 @@ use cleanroom::prepare::{
     complete_job, erase, fetch_work, match_pending, upload,
 };
 use cleanroom::proto;
-use cleanroom::proto::matching_client::MatchingClient;
+use cleanroom::proto::matching_service_client::MatchingServiceClient;
 use common::{Setup, TestServer, secret, synth};
 use prost::Message;
 use tonic::Code;
@@ -377,14 +377,14 @@ async fn a_blinding_that_breaks_the_protocol_stores_nothing() {
         .unwrap();
 
     let submit = |job: &str, points: Vec<u8>, agreement: &str| {
-        let messages = vec![proto::BlindingSubmission {
+        let messages = vec![proto::SubmitBlindingRequest {
             agreement_id: agreement.into(),
             job_id: job.into(),
             points,
         }];
         let channel = globex.channel();
         async move {
-            MatchingClient::new(channel)
+            MatchingServiceClient::new(channel)
                 .submit_blinding(futures::stream::iter(messages))
                 .await
                 .map(|r| r.into_inner())
@@ -422,8 +422,8 @@ async fn a_blinding_that_breaks_the_protocol_stores_nothing() {
         .await
         .unwrap()
         .remove(0);
-    let err = MatchingClient::new(acme.channel())
-        .submit_blinding(futures::stream::iter(vec![proto::BlindingSubmission {
+    let err = MatchingServiceClient::new(acme.channel())
+        .submit_blinding(futures::stream::iter(vec![proto::SubmitBlindingRequest {
             agreement_id: ECDH.into(),
             job_id: job.header.job_id.clone(),
             points: good.clone(),
@@ -446,7 +446,7 @@ async fn a_blinding_that_breaks_the_protocol_stores_nothing() {
     assert_eq!(err.code(), Code::FailedPrecondition);
     assert!(err.message().contains("blinding.job"), "{}", err.message());
     // A keyed agreement has nothing to blind.
-    let err = MatchingClient::new(globex.channel())
+    let err = MatchingServiceClient::new(globex.channel())
         .blinding_work(proto::BlindingWorkRequest {
             agreement_id: KEYED.into(),
             key_id: globex_key.key_id().to_vec(),
@@ -462,8 +462,11 @@ async fn a_blinding_that_breaks_the_protocol_stores_nothing() {
         proto::DatasetState::Waiting
     );
     let entries = acme_c.audit_entries(ECDH).await.unwrap();
-    let blindings: Vec<_> = entries.iter().filter(|e| e.action == "blinding").collect();
-    assert!(blindings.iter().all(|e| e.decision == "rejected"));
+    let blindings: Vec<_> = entries
+        .iter()
+        .filter(|e| e.action().word() == "blinding")
+        .collect();
+    assert!(blindings.iter().all(|e| e.decision().word() == "rejected"));
     assert!(
         blindings
             .iter()

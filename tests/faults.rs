@@ -57,7 +57,7 @@ impl Stalled {
         tx.send(common::batch_msg(&batch)).await.unwrap();
         let client = server.client("acme").await;
         let call = tokio::spawn(async move {
-            proto::datasets_client::DatasetsClient::new(client.channel())
+            proto::datasets_service_client::DatasetsServiceClient::new(client.channel())
                 .upload(ReceiverStream::new(rx))
                 .await
                 .map(tonic::Response::into_inner)
@@ -106,7 +106,7 @@ async fn an_upload_that_stalled_never_commits_over_later_work() {
     )
     .await
     .unwrap();
-    let erased = proto::datasets_client::DatasetsClient::new(acme.channel())
+    let erased = proto::datasets_service_client::DatasetsServiceClient::new(acme.channel())
         .erase(erase_request(&hash, 5))
         .await
         .unwrap()
@@ -122,7 +122,7 @@ async fn an_upload_that_stalled_never_commits_over_later_work() {
     assert_eq!(status.code(), Code::Aborted, "{status:?}");
     assert!(status.message().contains("dataset.changed"), "{status:?}");
     assert_eq!(current_rows(&server).await, 119);
-    let again = proto::datasets_client::DatasetsClient::new(acme.channel())
+    let again = proto::datasets_service_client::DatasetsServiceClient::new(acme.channel())
         .erase(erase_request(&hash, 5))
         .await
         .unwrap()
@@ -139,7 +139,7 @@ async fn an_upload_that_stalled_never_commits_over_later_work() {
     assert!(
         entries
             .iter()
-            .any(|e| e.action == "upload" && e.rule.as_deref() == Some("dataset.changed")),
+            .any(|e| e.action().word() == "upload" && e.rule.as_deref() == Some("dataset.changed")),
         "no audit entry for the refused commit"
     );
     server.stop().await.unwrap();
@@ -303,7 +303,7 @@ async fn a_deleted_metadata_database_refuses_to_start_and_recovery_keeps_budgets
     );
     assert_eq!(current_rows(&server).await, 0);
     let entries = acme.audit_entries(AGREEMENT).await.unwrap();
-    assert!(entries.iter().any(|e| e.action == "recover"));
+    assert!(entries.iter().any(|e| e.action().word() == "recover"));
     let data = server.data_dir.path().join("data");
     cleanroom::audit::verify(&data).unwrap();
     server.stop().await.unwrap();
@@ -376,7 +376,7 @@ fn version_files(data: &std::path::Path) -> Vec<std::path::PathBuf> {
 fn retention_entries(entries: &[proto::AuditEntry]) -> Vec<(String, String)> {
     entries
         .iter()
-        .filter(|e| e.action == "retention")
+        .filter(|e| e.action().word() == "retention")
         .map(|e| {
             (
                 e.rule.clone().unwrap_or_default(),
@@ -585,7 +585,7 @@ async fn a_salt_change_refuses_answers_over_old_fingerprints_until_uploaded_agai
     let listed = acme.list_datasets(AGREEMENT).await.unwrap();
     assert_eq!(listed[0].state, proto::DatasetState::NeedsUpload as i32);
     let hash = common::policy_hash(&server).await;
-    let erase = proto::datasets_client::DatasetsClient::new(acme.channel())
+    let erase = proto::datasets_service_client::DatasetsServiceClient::new(acme.channel())
         .erase(erase_request(&hash, 1))
         .await
         .unwrap_err();
@@ -680,7 +680,7 @@ async fn the_scrub_finds_a_damaged_version_and_a_new_upload_mends_it() {
         "customers",
     );
     let hash = common::policy_hash(&server).await;
-    let erase = proto::datasets_client::DatasetsClient::new(acme.channel())
+    let erase = proto::datasets_service_client::DatasetsServiceClient::new(acme.channel())
         .erase(erase_request(&hash, 1))
         .await
         .unwrap_err();
@@ -689,7 +689,7 @@ async fn the_scrub_finds_a_damaged_version_and_a_new_upload_mends_it() {
     assert!(
         entries
             .iter()
-            .any(|e| e.action == "scrub" && e.rule.as_deref() == Some("dataset.damaged")),
+            .any(|e| e.action().word() == "scrub" && e.rule.as_deref() == Some("dataset.damaged")),
         "the damage is not audited"
     );
     // globex learns its own datasets only; acme's state is acme's.

@@ -181,13 +181,13 @@ async fn python_adbc_runs_governed_queries_over_flight_sql() {
     let entries = acme.audit_entries("retail-media-demo").await.unwrap();
     let accepted: Vec<_> = entries
         .iter()
-        .filter(|e| e.action == "query" && e.decision == "accepted")
+        .filter(|e| e.action().word() == "query" && e.decision().word() == "accepted")
         .collect();
     assert_eq!(accepted.len(), 2, "{entries:?}");
     assert_eq!(accepted[0].sql_hash, accepted[1].sql_hash);
     assert_eq!(accepted[0].rows, accepted[1].rows);
-    assert!(entries.iter().any(|e| e.action == "query"
-        && e.decision == "rejected"
+    assert!(entries.iter().any(|e| e.action().word() == "query"
+        && e.decision().word() == "rejected"
         && e.rule.as_deref() == Some("query.aggregates")));
 }
 

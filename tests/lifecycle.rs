@@ -97,14 +97,18 @@ async fn policy_edits_apply_broken_edits_are_refused_and_removal_suspends() {
     let entries = acme.audit_entries(ID).await.unwrap();
     let reload = entries
         .iter()
-        .find(|e| e.action == "policy_reload" && e.decision == "accepted")
+        .find(|e| e.action().word() == "policy_reload" && e.decision().word() == "accepted")
         .expect("the reload is audited");
     assert_eq!(
         reload.subject.as_deref(),
         Some(format!("updated {old_hash} -> {new_hash}").as_str())
     );
     assert_eq!(reload.organisation, "(operator)");
-    let query = entries.iter().rev().find(|e| e.action == "query").unwrap();
+    let query = entries
+        .iter()
+        .rev()
+        .find(|e| e.action().word() == "query")
+        .unwrap();
     assert_eq!(query.policy_hash, new_hash);
 
     // A broken edit is refused; the last good policy keeps working.
@@ -112,16 +116,15 @@ async fn policy_edits_apply_broken_edits_are_refused_and_removal_suspends() {
         policies.path(),
         &thresholds_only(&demo_text()).replace("min_group_size = 50", "min_group_size = 1"),
     );
-    let refused =
-        eventually(|| {
-            let mut c = acme.clone();
-            async move {
-                c.audit_entries(ID).await.unwrap().iter().any(|e| {
-                    e.action == "policy_reload" && e.rule.as_deref() == Some("policy.invalid")
-                })
-            }
-        })
-        .await;
+    let refused = eventually(|| {
+        let mut c = acme.clone();
+        async move {
+            c.audit_entries(ID).await.unwrap().iter().any(|e| {
+                e.action().word() == "policy_reload" && e.rule.as_deref() == Some("policy.invalid")
+            })
+        }
+    })
+    .await;
     assert!(refused, "the broken edit was not reported");
     assert_eq!(min_group_size(&mut acme).await, 80);
     acme.query(ID, SQL).await.unwrap();
@@ -212,7 +215,10 @@ async fn retention_and_expiry_delete_the_data_and_destroy_the_key() {
     .await;
     assert!(gone, "{:?}", dataset_files(&data_dir));
     let entries = acme.audit_entries(ID).await.unwrap();
-    let retention: Vec<_> = entries.iter().filter(|e| e.action == "retention").collect();
+    let retention: Vec<_> = entries
+        .iter()
+        .filter(|e| e.action().word() == "retention")
+        .collect();
     assert!(
         retention.iter().any(|e| e.subject.as_deref()
             == Some("customers: 1 version(s) deleted, older than 180 days")),
@@ -250,7 +256,7 @@ async fn retention_and_expiry_delete_the_data_and_destroy_the_key() {
     assert_eq!(err.code(), Some(Code::FailedPrecondition));
     assert!(err.to_string().contains("expired"), "{err}");
     let entries = acme.audit_entries(ID).await.unwrap();
-    assert!(entries.iter().any(|e| e.action == "retention"
+    assert!(entries.iter().any(|e| e.action().word() == "retention"
         && e.subject.as_deref() == Some("customers: 1 version(s) deleted, the agreement expired")));
     let kept = server.stop_keeping_data().await;
     // With the server stopped, the store confirms the key is gone.
@@ -323,9 +329,12 @@ async fn erasure_removes_exactly_those_people_and_survives_a_restart() {
         expected
     );
     let entries = acme.audit_entries(ID).await.unwrap();
-    let erased = entries.iter().find(|e| e.action == "erase").unwrap();
+    let erased = entries
+        .iter()
+        .find(|e| e.action().word() == "erase")
+        .unwrap();
     assert_eq!(
-        (erased.decision.as_str(), erased.rows),
+        (erased.decision().word(), erased.rows),
         ("accepted", Some(300))
     );
 
@@ -362,7 +371,7 @@ async fn erasure_removes_exactly_those_people_and_survives_a_restart() {
             fingerprints,
         }],
     };
-    let mut raw = proto::datasets_client::DatasetsClient::new(globex.channel());
+    let mut raw = proto::datasets_service_client::DatasetsServiceClient::new(globex.channel());
     let status = raw.erase(request("email", vec![7; 32])).await.unwrap_err();
     assert_eq!(status.code(), Code::PermissionDenied);
     assert!(
@@ -370,7 +379,7 @@ async fn erasure_removes_exactly_those_people_and_survives_a_restart() {
         "{}",
         status.message()
     );
-    let mut raw = proto::datasets_client::DatasetsClient::new(client.channel());
+    let mut raw = proto::datasets_service_client::DatasetsServiceClient::new(client.channel());
     let status = raw
         .erase(request("passport", vec![7; 32]))
         .await
@@ -420,7 +429,7 @@ async fn access_reports_and_the_admin_view_match_what_happened() {
 
     let report = acme.access_report(ID).await.unwrap();
     assert_eq!(
-        (report.organisation.as_str(), report.state.as_str()),
+        (report.organisation.as_str(), report.state().word()),
         ("acme", "active")
     );
     assert_eq!(report.datasets.len(), 1, "only acme's own data");
@@ -444,12 +453,15 @@ async fn access_reports_and_the_admin_view_match_what_happened() {
     assert!(v.current);
     assert_eq!(v.rows, acme_upload.response.rows);
     assert_eq!(v.version, acme_upload.response.version);
-    assert_eq!(v.delete_by, v.uploaded_at + 180 * 86_400);
+    assert_eq!(
+        v.delete_by.map(|t| t.seconds),
+        v.uploaded_at.map(|t| t.seconds + 180 * 86_400)
+    );
     let count = |org: &str, action: &str| {
         report
             .access
             .iter()
-            .find(|a| a.organisation == org && a.action == action)
+            .find(|a| a.organisation == org && a.action().word() == action)
             .map(|a| (a.accepted, a.rejected))
     };
     assert_eq!(count("acme", "upload"), Some((1, 0)));
@@ -483,7 +495,7 @@ async fn access_reports_and_the_admin_view_match_what_happened() {
     let status = globex.admin_status().await.unwrap();
     let a = &status.agreements[0];
     assert_eq!(
-        (a.agreement_id.as_str(), a.state.as_str(), a.data_key),
+        (a.agreement_id.as_str(), a.state().word(), a.data_key),
         (ID, "active", true)
     );
     // globex's own rows; acme's count is acme's data.

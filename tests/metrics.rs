@@ -127,14 +127,14 @@ async fn metrics_move_as_calls_are_made() {
     assert_eq!(
         value(
             &after,
-            r#"cleanroom_rpc_calls_total{service="cleanroom.v1.Queries",method="Query",code="OK"}"#
+            r#"cleanroom_rpc_calls_total{service="cleanroom.v1.QueriesService",method="Query",code="OK"}"#
         ),
         1.0
     );
     assert_eq!(
         value(
             &after,
-            r#"cleanroom_rpc_calls_total{service="cleanroom.v1.Queries",method="Query",code="PERMISSION_DENIED"}"#
+            r#"cleanroom_rpc_calls_total{service="cleanroom.v1.QueriesService",method="Query",code="PERMISSION_DENIED"}"#
         ),
         1.0,
         "{after}"
@@ -142,14 +142,14 @@ async fn metrics_move_as_calls_are_made() {
     assert_eq!(
         value(
             &after,
-            r#"cleanroom_rpc_calls_total{service="cleanroom.v1.Queries",method="Query",code="NOT_FOUND"}"#
+            r#"cleanroom_rpc_calls_total{service="cleanroom.v1.QueriesService",method="Query",code="NOT_FOUND"}"#
         ),
         1.0
     );
     assert_eq!(
         value(
             &after,
-            r#"cleanroom_rpc_calls_total{service="cleanroom.v1.Datasets",method="Upload",code="OK"}"#
+            r#"cleanroom_rpc_calls_total{service="cleanroom.v1.DatasetsService",method="Upload",code="OK"}"#
         ),
         2.0
     );

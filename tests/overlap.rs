@@ -62,16 +62,19 @@ async fn overlap_equals_the_known_truth_and_is_audited() {
     assert_eq!(err.code(), Some(Code::NotFound));
 
     let entries = acme.audit_entries("retail-media-demo").await.unwrap();
-    let overlaps: Vec<_> = entries.iter().filter(|e| e.action == "overlap").collect();
+    let overlaps: Vec<_> = entries
+        .iter()
+        .filter(|e| e.action().word() == "overlap")
+        .collect();
     assert_eq!(
         overlaps.len(),
         4,
         "every overlap request of a party, granted or refused, is audited; an outsider's is logged for the operator only"
     );
     assert!(overlaps.iter().all(|e| e.organisation != "initech"));
-    assert_eq!(overlaps[0].decision, "rejected");
+    assert_eq!(overlaps[0].decision().word(), "rejected");
     assert_eq!(overlaps[0].rule.as_deref(), Some("dataset.uploaded"));
-    assert_eq!(overlaps[1].decision, "accepted");
+    assert_eq!(overlaps[1].decision().word(), "accepted");
     let overlaps: Vec<_> = overlaps.into_iter().cloned().collect();
     assert!(
         !audit_holds(&overlaps, truth.overlap),
@@ -141,7 +144,7 @@ async fn under_differential_privacy_the_overlap_is_noised_and_charged() {
     let entries = acme.audit_entries("retail-media-demo").await.unwrap();
     let charged: f64 = entries
         .iter()
-        .filter(|e| e.action == "overlap")
+        .filter(|e| e.action().word() == "overlap")
         .filter_map(|e| e.epsilon)
         .sum();
     assert!((charged - 6.0).abs() < 1e-9);

@@ -3,7 +3,7 @@
 
 use std::path::{Path, PathBuf};
 
-use cleanroom::policy::{load_dir, parse_policy};
+use cleanroom::agreements::{load_dir, parse_policy};
 
 fn policies_dir() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("policies")
@@ -507,7 +507,7 @@ fn two_files_with_one_agreement_id_are_refused() {
     let sub = dir.path().join("more");
     std::fs::create_dir(&sub).unwrap();
     std::fs::write(sub.join("retail-media-demo.toml"), demo_text()).unwrap();
-    let errors = cleanroom::policy::load_paths(&[dir.path().to_path_buf(), sub]).unwrap_err();
+    let errors = cleanroom::agreements::load_paths(&[dir.path().to_path_buf(), sub]).unwrap_err();
     assert!(
         errors[0].to_string().contains("is already declared by"),
         "{}",

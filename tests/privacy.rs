@@ -83,7 +83,10 @@ async fn concurrent_queries_spend_exactly_the_budget_and_windows_refresh() {
                         .iter()
                         .all(|c| c.scale > 0.0 && c.half_width_95 > 0.0)
                 );
-                assert_eq!(p.next_refresh, "2026-12-01T00:00:00Z");
+                assert_eq!(
+                    cleanroom::proto::when(p.next_refresh.as_ref(), "never"),
+                    "2026-12-01T00:00:00Z"
+                );
             }
             Err(e) => {
                 let status = e.status().expect("a gRPC status");
@@ -108,7 +111,10 @@ async fn concurrent_queries_spend_exactly_the_budget_and_windows_refresh() {
 
     // Every charge is in the audit log, refusals spent nothing.
     let entries = a.audit_entries("retail-media-demo").await.unwrap();
-    let queries: Vec<_> = entries.iter().filter(|e| e.action == "query").collect();
+    let queries: Vec<_> = entries
+        .iter()
+        .filter(|e| e.action().word() == "query")
+        .collect();
     let spent: f64 = queries.iter().filter_map(|e| e.epsilon).sum();
     assert!((spent - 2.0).abs() < 1e-9);
     let refused = queries
@@ -119,7 +125,7 @@ async fn concurrent_queries_spend_exactly_the_budget_and_windows_refresh() {
     assert!(
         queries
             .iter()
-            .all(|e| e.decision != "accepted" || e.query_id.is_some())
+            .all(|e| e.decision().word() != "accepted" || e.query_id.is_some())
     );
 
     // Too much epsilon for one query, or none at all, is refused by field.
@@ -155,7 +161,7 @@ async fn concurrent_queries_spend_exactly_the_budget_and_windows_refresh() {
     let last = a.audit_entries("retail-media-demo").await.unwrap();
     let last = last.last().unwrap();
     assert_eq!(
-        (last.decision.as_str(), last.epsilon, last.rule.as_deref()),
+        (last.decision().word(), last.epsilon, last.rule.as_deref()),
         ("rejected", Some(0.5), Some("query.output"))
     );
     assert!(last.query_id.is_some());
@@ -210,7 +216,10 @@ async fn a_budget_that_never_refreshes_and_agreements_without_privacy() {
     );
     let b = acme.budget("retail-media-demo").await.unwrap();
     assert_eq!(
-        (b.window.as_str(), b.next_refresh.as_str()),
+        (
+            b.window.as_str(),
+            cleanroom::proto::when(b.next_refresh.as_ref(), "never").as_str()
+        ),
         ("all", "never")
     );
     server.stop().await.unwrap();
@@ -247,7 +256,7 @@ async fn audited_and_ledger(client: &mut Client) -> (f64, f64, usize) {
     let audited: f64 = entries.iter().filter_map(|e| e.epsilon).sum();
     let interrupted = entries
         .iter()
-        .filter(|e| e.decision == "interrupted")
+        .filter(|e| e.decision().word() == "interrupted")
         .count();
     let b = client.budget("retail-media-demo").await.unwrap();
     (audited, b.epsilon_spent, interrupted)

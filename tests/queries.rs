@@ -35,13 +35,13 @@ fn with_privacy(privacy: Option<&str>) -> Policy {
         Some(section) => format!("{head}[privacy]\n{section}\n"),
     };
     let _ = tail;
-    cleanroom::policy::parse_policy(&text, &path).unwrap()
+    cleanroom::agreements::parse_policy(&text, &path).unwrap()
 }
 
 /// The demo agreement as shipped, with differential privacy.
 fn private_demo() -> Policy {
     let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("policies/retail-media-demo.toml");
-    cleanroom::policy::parse_policy(&std::fs::read_to_string(&path).unwrap(), &path).unwrap()
+    cleanroom::agreements::parse_policy(&std::fs::read_to_string(&path).unwrap(), &path).unwrap()
 }
 
 /// So much epsilon that the noise is almost always zero: shows the
@@ -179,7 +179,8 @@ fn coalition() -> (Policy, Vec<TableData>) {
     let path =
         Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/policies/retail-coalition-demo.toml");
     let policy =
-        cleanroom::policy::parse_policy(&std::fs::read_to_string(&path).unwrap(), &path).unwrap();
+        cleanroom::agreements::parse_policy(&std::fs::read_to_string(&path).unwrap(), &path)
+            .unwrap();
     let empty = vec![Vec::new(); policy.datasets().len()];
     let tables = cleanroom::query::agreement_tables(&policy, empty);
     (policy, tables)

@@ -92,9 +92,15 @@ async fn queries_over_grpc_are_governed_audited_and_never_echo_data() {
 
     // Every query is audited with the hash of its SQL and its decision.
     let entries = acme.audit_entries("retail-media-demo").await.unwrap();
-    let queries: Vec<_> = entries.iter().filter(|e| e.action == "query").collect();
+    let queries: Vec<_> = entries
+        .iter()
+        .filter(|e| e.action().word() == "query")
+        .collect();
     assert_eq!(queries.len(), 5);
-    let accepted = queries.iter().find(|e| e.decision == "accepted").unwrap();
+    let accepted = queries
+        .iter()
+        .find(|e| e.decision().word() == "accepted")
+        .unwrap();
     assert_eq!(
         accepted.sql_hash.as_deref(),
         Some(blake3::hash(sql.as_bytes()).to_hex().as_str())

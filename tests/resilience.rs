@@ -82,7 +82,7 @@ async fn outsiders_cannot_grow_an_agreements_audit_log() {
         .await
         .unwrap_err();
         assert_eq!(err.code(), Code::NotFound, "{}", err.message());
-        let err = proto::datasets_client::DatasetsClient::new(initech.channel())
+        let err = proto::datasets_service_client::DatasetsServiceClient::new(initech.channel())
             .erase(proto::EraseRequest {
                 agreement_id: "retail-media-demo".into(),
                 dataset: huge.clone(),
@@ -93,7 +93,7 @@ async fn outsiders_cannot_grow_an_agreements_audit_log() {
         assert_eq!(err.code(), Code::NotFound);
     }
     // A huge agreement id is refused by length, without echoing it.
-    let err = proto::datasets_client::DatasetsClient::new(initech.channel())
+    let err = proto::datasets_service_client::DatasetsServiceClient::new(initech.channel())
         .erase(proto::EraseRequest {
             agreement_id: huge.clone(),
             ..Default::default()
@@ -290,7 +290,7 @@ async fn erase_and_upload_of_one_dataset_never_lose_each_others_work() {
         let erase = {
             let (client, hash) = (acme.clone(), hash.clone());
             async move {
-                proto::datasets_client::DatasetsClient::new(client.channel())
+                proto::datasets_service_client::DatasetsServiceClient::new(client.channel())
                     .erase(proto::EraseRequest {
                         agreement_id: "retail-media-demo".into(),
                         dataset: "customers".into(),
@@ -362,7 +362,7 @@ async fn a_policy_listing_identifier_columns_in_another_order_matches_alike() {
         .replace("min_group_size = 50", "min_group_size = 5")
         .replace(&format!("{email}{phone}"), &format!("{phone}{email}"));
     assert_ne!(swapped, head);
-    let reordered = cleanroom::policy::parse_policy(&swapped, &path).unwrap();
+    let reordered = cleanroom::agreements::parse_policy(&swapped, &path).unwrap();
     let sql = "SELECT c.region, COUNT(*) AS n FROM customers c JOIN audience a ON c.phone = a.phone GROUP BY c.region";
     let shipped = cleanroom::query::agreement_tables(&policy, stored.clone());
     let edited = cleanroom::query::agreement_tables(&reordered, stored);

@@ -53,7 +53,7 @@ proptest! {
         let path = Path::new("policies/retail-media-demo.toml");
         let mutated = mutate(demo_text().as_bytes(), &edits);
         for text in [String::from_utf8_lossy(&mutated).into_owned(), noise] {
-            if let Err(e) = cleanroom::policy::parse_policy(&text, path) {
+            if let Err(e) = cleanroom::agreements::parse_policy(&text, path) {
                 prop_assert!(!e.to_string().is_empty());
             }
         }

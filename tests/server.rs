@@ -174,12 +174,12 @@ async fn health_turns_not_serving_during_shutdown_then_the_server_exits() {
     let acme = server.client("acme").await;
     assert_eq!(health(&acme).await, ServingStatus::Serving);
     for service in [
-        "cleanroom.v1.Agreements",
-        "cleanroom.v1.Datasets",
-        "cleanroom.v1.Matching",
-        "cleanroom.v1.Queries",
-        "cleanroom.v1.Audit",
-        "cleanroom.v1.Governance",
+        "cleanroom.v1.AgreementsService",
+        "cleanroom.v1.DatasetsService",
+        "cleanroom.v1.MatchingService",
+        "cleanroom.v1.QueriesService",
+        "cleanroom.v1.AuditService",
+        "cleanroom.v1.GovernanceService",
         "arrow.flight.protocol.FlightService",
     ] {
         assert_eq!(
@@ -200,7 +200,7 @@ async fn health_turns_not_serving_during_shutdown_then_the_server_exits() {
     }
     assert_eq!(status, ServingStatus::NotServing);
     assert_eq!(
-        health_of(&acme, "cleanroom.v1.Queries").await,
+        health_of(&acme, "cleanroom.v1.QueriesService").await,
         ServingStatus::NotServing
     );
     // Calls still finish during the grace period.
@@ -306,12 +306,12 @@ async fn reflection_v1_and_v1alpha_list_every_service_flight_sql_included() {
     let server = TestServer::start().await;
     let acme = server.client("acme").await;
     let expected = [
-        "cleanroom.v1.Agreements",
-        "cleanroom.v1.Datasets",
-        "cleanroom.v1.Matching",
-        "cleanroom.v1.Queries",
-        "cleanroom.v1.Governance",
-        "cleanroom.v1.Audit",
+        "cleanroom.v1.AgreementsService",
+        "cleanroom.v1.DatasetsService",
+        "cleanroom.v1.MatchingService",
+        "cleanroom.v1.QueriesService",
+        "cleanroom.v1.GovernanceService",
+        "cleanroom.v1.AuditService",
         "arrow.flight.protocol.FlightService",
         "grpc.health.v1.Health",
     ];

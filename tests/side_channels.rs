@@ -157,7 +157,11 @@ async fn acme_sees(server: &TestServer, sql: &str) -> String {
     let answer = acme.query("retail-media-demo", sql).await.unwrap();
     let rows = cleanroom::cli::render_answer(&answer, cleanroom::cli::OutputFormat::Csv).unwrap();
     let entries = acme.audit_entries("retail-media-demo").await.unwrap();
-    let e = entries.iter().rev().find(|e| e.action == "query").unwrap();
+    let e = entries
+        .iter()
+        .rev()
+        .find(|e| e.action().word() == "query")
+        .unwrap();
     assert_eq!(
         e.suppressed, None,
         "the audit entry holds no suppressed count"

@@ -161,7 +161,7 @@ async fn templates_are_listed_run_and_audited() {
     assert_eq!(rule_of(&e).0, Code::PermissionDenied);
     assert!(rule_of(&e).1.contains("rule template.unknown"));
     // SQL and a template in one request: refused.
-    let e = proto::queries_client::QueriesClient::new(acme.channel())
+    let e = proto::queries_service_client::QueriesServiceClient::new(acme.channel())
         .query(proto::QueryRequest {
             agreement_id: "retail-media-demo".into(),
             sql: "SELECT COUNT(*) FROM customers c JOIN audience a ON c.email = a.email".into(),
@@ -177,7 +177,9 @@ async fn templates_are_listed_run_and_audited() {
     let entries = acme.audit_entries("retail-media-demo").await.unwrap();
     let ran: Vec<_> = entries
         .iter()
-        .filter(|e| e.template.as_deref() == Some("churn_risk") && e.decision == "accepted")
+        .filter(|e| {
+            e.template.as_deref() == Some("churn_risk") && e.decision().word() == "accepted"
+        })
         .collect();
     assert_eq!(ran.len(), 3);
     assert_eq!(
@@ -190,7 +192,7 @@ async fn templates_are_listed_run_and_audited() {
     );
     let refused = entries
         .iter()
-        .filter(|e| e.action == "query" && e.decision == "rejected")
+        .filter(|e| e.action().word() == "query" && e.decision().word() == "rejected")
         .count();
     assert!(refused >= 9, "{refused} refusals audited");
 }

@@ -404,7 +404,7 @@ async fn refused_uploads_name_the_rule_and_keep_the_previous_version() {
         email.append_value(random_fp(40 + i)).unwrap();
         phone.append_null();
     }
-    let policies = cleanroom::policy::load_dir(&common::policies_dir()).unwrap();
+    let policies = cleanroom::agreements::load_dir(&common::policies_dir()).unwrap();
     let policy = policies.get("retail-media-demo").unwrap();
     let mut fields: Vec<Field> =
         cleanroom::upload::upload_schema(policy.dataset("audience").unwrap())

@@ -15,7 +15,7 @@ fn setup() -> &'static (tokio::runtime::Runtime, Policy, Vec<TableData>) {
         let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
             .join("../policies/retail-media-demo.toml");
         let policy =
-            cleanroom::policy::parse_policy(&std::fs::read_to_string(&path).unwrap(), &path)
+            cleanroom::agreements::parse_policy(&std::fs::read_to_string(&path).unwrap(), &path)
                 .unwrap();
         let tables = cleanroom::query::agreement_tables(&policy, vec![Vec::new(); 2]);
         let rt = tokio::runtime::Runtime::new().unwrap();

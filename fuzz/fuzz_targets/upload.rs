@@ -13,7 +13,7 @@ fn policy() -> &'static Policy {
     P.get_or_init(|| {
         let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
             .join("../policies/retail-media-demo.toml");
-        cleanroom::policy::parse_policy(&std::fs::read_to_string(&path).unwrap(), &path).unwrap()
+        cleanroom::agreements::parse_policy(&std::fs::read_to_string(&path).unwrap(), &path).unwrap()
     })
 }
 

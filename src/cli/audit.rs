@@ -50,12 +50,17 @@ pub(super) fn run(cmd: AuditCommand) -> anyhow::Result<ExitCode> {
                 println!("no audit entries for {agreement}");
             }
             for e in entries {
-                let when = time::OffsetDateTime::from_unix_timestamp(e.time)
+                let when = e
+                    .time
+                    .and_then(|t| time::OffsetDateTime::from_unix_timestamp(t.seconds).ok())
                     .map(|t| t.to_string())
                     .unwrap_or_default();
                 let mut line = format!(
                     "#{} {when} {} {} {}",
-                    e.seq, e.organisation, e.action, e.decision
+                    e.seq,
+                    e.organisation,
+                    e.action().word(),
+                    e.decision().word()
                 );
                 for (label, value) in [
                     ("rule", e.rule),

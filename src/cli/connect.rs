@@ -218,7 +218,7 @@ pub fn render_agreement(a: &proto::Agreement) -> String {
         if !k.default_country.is_empty() {
             let _ = write!(extra, ", default country {}", k.default_country);
         }
-        let _ = writeln!(out, "  {}: {} profile{}", k.name, k.profile, extra);
+        let _ = writeln!(out, "  {}: {} profile{}", k.name, k.profile().word(), extra);
     }
     for d in &a.datasets {
         let _ = writeln!(out, "dataset {} (owner {}):", d.name, d.owner);
@@ -230,7 +230,10 @@ pub fn render_agreement(a: &proto::Agreement) -> String {
         let _ = writeln!(
             out,
             "queries: aggregates {}; at least {} people per output row",
-            q.aggregates.join(", "),
+            q.aggregates()
+                .map(|a| a.word())
+                .collect::<Vec<_>>()
+                .join(", "),
             q.min_group_size
         );
     }
@@ -240,7 +243,7 @@ pub fn render_agreement(a: &proto::Agreement) -> String {
             "differential privacy: epsilon {} and delta {} per {} (epsilon {} to {} a query, delta {} each); a person counts in at most {} group(s) and {} row(s) per group",
             p.epsilon_total,
             p.delta_total,
-            if p.refresh == "monthly" {
+            if p.refresh() == proto::BudgetRefresh::Monthly {
                 "month"
             } else {
                 "agreement"
@@ -372,7 +375,9 @@ pub fn render_templates(a: &crate::proto::Agreement) -> String {
             let _ = writeln!(
                 out,
                 "    --param {}=...   {} ({})",
-                p.name, p.domain, p.r#type
+                p.name,
+                p.domain,
+                p.r#type().word()
             );
         }
     }
@@ -484,13 +489,13 @@ pub fn render_privacy(p: &crate::proto::PrivacyReport, min_group_size: u32) -> S
     let margin = p.threshold.saturating_sub(u64::from(min_group_size));
     let mut out = format!(
         "differential privacy ({}):\n  spent epsilon {} and delta {}: epsilon {} on the threshold below, {} on the values; epsilon {} left, budget refreshes {}\n  a group is shown only if its noisy count of people reaches {}: the agreement's minimum of {} plus {} for noise of scale {}, so that a smaller group shows with probability at most delta\n  a person counts in at most {} group(s), {} row(s) each\n",
-        p.mechanism,
+        p.mechanism().word(),
         number(p.epsilon),
         number(p.delta),
         number(threshold_epsilon),
         number(values),
         number(p.epsilon_remaining),
-        p.next_refresh,
+        proto::when(p.next_refresh.as_ref(), "never"),
         p.threshold,
         min_group_size,
         margin,
@@ -573,7 +578,7 @@ pub fn render_budget(agreement: &str, b: &crate::proto::BudgetResponse) -> Strin
         b.epsilon_per_query_min,
         b.epsilon_per_query_max,
         b.delta,
-        b.next_refresh
+        proto::when(b.next_refresh.as_ref(), "never")
     )
 }
 
@@ -631,7 +636,7 @@ mod tests {
             }
         };
         let report = crate::proto::PrivacyReport {
-            mechanism: "discrete Laplace".into(),
+            mechanism: crate::proto::NoiseMechanism::DiscreteLaplace as i32,
             epsilon: 1.0,
             delta: 1e-7,
             threshold: 114,
@@ -643,7 +648,7 @@ mod tests {
                 column("ltv", 0.5, 10_000.0, Some(4.0), 29_956.0),
             ],
             epsilon_remaining: 8.0,
-            next_refresh: "2027-01-01T00:00:00Z".into(),
+            next_refresh: Some(crate::proto::timestamp(1_798_761_600)),
         };
         let text = render_privacy(&report, 50);
         for expected in [

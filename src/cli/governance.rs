@@ -27,14 +27,8 @@ pub(super) fn report(args: ReportArgs) -> anyhow::Result<ExitCode> {
     Ok(ExitCode::SUCCESS)
 }
 
-fn when(unix: i64) -> String {
-    time::OffsetDateTime::from_unix_timestamp(unix)
-        .ok()
-        .and_then(|t| {
-            t.format(&time::format_description::well_known::Rfc3339)
-                .ok()
-        })
-        .unwrap_or_else(|| unix.to_string())
+fn when(t: &Option<prost_types::Timestamp>) -> String {
+    proto::when(t.as_ref(), "never")
 }
 
 /// An access report as text for a data protection officer.
@@ -45,9 +39,9 @@ pub fn render_report(r: &proto::AccessReportResponse) -> String {
         "Access report for {} in agreement {}\ngenerated {}\npurpose: {}\nstate: {}; policy {}\nretention: {} days per upload; everything is deleted after {}",
         r.organisation,
         r.agreement_id,
-        when(r.generated_at),
+        when(&r.generated_at),
         r.purpose,
-        r.state,
+        r.state().word(),
         r.policy_hash,
         r.retention_days,
         r.expires
@@ -70,9 +64,9 @@ pub fn render_report(r: &proto::AccessReportResponse) -> String {
                 v.version,
                 if v.current { " (current)" } else { "" },
                 v.rows,
-                when(v.uploaded_at),
+                when(&v.uploaded_at),
                 v.uploaded_by,
-                when(v.delete_by)
+                when(&v.delete_by)
             );
         }
     }
@@ -85,10 +79,10 @@ pub fn render_report(r: &proto::AccessReportResponse) -> String {
             out,
             "  {} {}: {} accepted, {} refused, last {}",
             a.organisation,
-            a.action,
+            a.action().word(),
             a.accepted,
             a.rejected,
-            when(a.last_at)
+            when(&a.last_at)
         );
         if a.epsilon > 0.0 {
             let _ = write!(out, ", epsilon {}", a.epsilon);
@@ -104,7 +98,7 @@ pub fn render_report(r: &proto::AccessReportResponse) -> String {
             b.queries,
             b.epsilon_remaining,
             b.epsilon_total,
-            b.next_refresh
+            proto::when(b.next_refresh.as_ref(), "never")
         );
     }
     out
@@ -218,7 +212,7 @@ fn trust_clock(
     for agreement in agreements {
         log.append(
             crate::audit::Event {
-                org: crate::server::OPERATOR.into(),
+                org: crate::room::OPERATOR.into(),
                 agreement,
                 action: "retention",
                 accepted: true,
@@ -247,7 +241,7 @@ fn recover(
     policies: &std::path::Path,
     master_key: Option<&std::path::Path>,
 ) -> anyhow::Result<ExitCode> {
-    let set = crate::policy::load_dir(policies).map_err(|errors| {
+    let set = crate::agreements::load_dir(policies).map_err(|errors| {
         anyhow::anyhow!(
             "{}: the policies must load to know each budget's windows:\n{}",
             policies.display(),
@@ -279,7 +273,7 @@ fn local_status(
     policies: &std::path::Path,
     master_key: Option<&std::path::Path>,
 ) -> anyhow::Result<proto::AdminStatusResponse> {
-    let (set, errors) = match crate::policy::load_dir(policies) {
+    let (set, errors) = match crate::agreements::load_dir(policies) {
         Ok(set) => (set, Vec::new()),
         Err(errors) => (
             crate::policy::PolicySet::default(),
@@ -304,12 +298,10 @@ fn local_status(
     let now = time::OffsetDateTime::now_utc();
     let mut agreements = Vec::new();
     for p in set.iter() {
-        agreements.push(crate::server::governance::agreement_status(
-            &set, p, &store, now,
-        )?);
+        agreements.push(crate::room::governance::agreement_status(&set, p, &store, now)?.into());
     }
     Ok(proto::AdminStatusResponse {
-        generated_at: now.unix_timestamp(),
+        generated_at: Some(proto::timestamp(now.unix_timestamp())),
         agreements,
         reload: Some(proto::PolicyReloadStatus {
             last_errors: errors,
@@ -321,13 +313,13 @@ fn local_status(
 /// The admin view as text.
 pub fn render_status(s: &proto::AdminStatusResponse) -> String {
     let mut out = String::new();
-    let _ = writeln!(out, "status at {}", when(s.generated_at));
+    let _ = writeln!(out, "status at {}", when(&s.generated_at));
     for a in &s.agreements {
         let _ = writeln!(
             out,
             "agreement {}: {}; policy {}; data key {}",
             a.agreement_id,
-            a.state,
+            a.state().word(),
             &a.policy_hash[..12.min(a.policy_hash.len())],
             if a.data_key { "present" } else { "none" }
         );
@@ -345,7 +337,7 @@ pub fn render_status(s: &proto::AdminStatusResponse) -> String {
                     d.dataset,
                     d.owner,
                     d.current_version,
-                    when(d.uploaded_at),
+                    when(&d.uploaded_at),
                     d.versions,
                     if d.damaged {
                         "; DAMAGED: its owner must upload it again"
@@ -366,14 +358,14 @@ pub fn render_status(s: &proto::AdminStatusResponse) -> String {
         }
     }
     if let Some(r) = &s.reload {
-        match r.last_at {
-            Some(at) => {
+        match &r.last_at {
+            Some(_) => {
                 let _ = writeln!(
                     out,
                     "policy reloads: {} ({} with refused files), last {}",
                     r.reloads,
                     r.failures,
-                    when(at)
+                    when(&r.last_at)
                 );
             }
             None => {

@@ -6,7 +6,8 @@ use std::process::ExitCode;
 use anyhow::Context;
 use clap::Subcommand;
 
-use crate::policy::{PolicySet, load_paths};
+use crate::agreements::load_paths;
+use crate::policy::PolicySet;
 
 #[derive(Debug, Subcommand)]
 pub(super) enum PolicyCommand {

@@ -267,7 +267,9 @@ pub(super) fn datasets(args: DatasetsArgs) -> anyhow::Result<ExitCode> {
         println!("no dataset of yours is stored under {}", args.agreement);
     }
     for d in list {
-        let when = time::OffsetDateTime::from_unix_timestamp(d.committed_at)
+        let when = d
+            .committed_at
+            .and_then(|t| time::OffsetDateTime::from_unix_timestamp(t.seconds).ok())
             .map(|t| t.to_string())
             .unwrap_or_default();
         println!(

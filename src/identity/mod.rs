@@ -5,6 +5,7 @@ pub mod blinding;
 mod fingerprint;
 mod lanes;
 mod normalise;
+mod profile;
 
 pub use blinding::{BlindingKey, KeyError};
 pub use fingerprint::{CONTEXT, Fingerprinter, MIN_SECRET_BYTES, Secret, SecretError};
@@ -12,3 +13,4 @@ pub(crate) use normalise::trim;
 pub use normalise::{
     Country, Gmail, Invalid, Normaliser, PHONE_METADATA, country, email, normalise, phone, text,
 };
+pub use profile::{Profile, Standard};

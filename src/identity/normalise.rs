@@ -5,7 +5,7 @@
 
 use rlibphonenumber::{PHONE_NUMBER_UTIL, PhoneNumberFormat, Region};
 
-use crate::policy::{Profile, Standard};
+use super::{Profile, Standard};
 
 /// Why a value could not be normalised. Carries no part of the value.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

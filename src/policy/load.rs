@@ -1,5 +1,5 @@
-//! Reading policy files and folders, with errors that name the file, the
-//! field and the rule.
+//! Reading a policy from its text, with errors that name the file, the
+//! field and the rule; and the set of agreements in force.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::fmt;
@@ -39,7 +39,7 @@ impl fmt::Display for PolicyError {
 impl std::error::Error for PolicyError {}
 
 impl PolicyError {
-    pub(super) fn single(file: &Path, field: impl Into<String>, rule: impl Into<String>) -> Self {
+    pub(crate) fn single(file: &Path, field: impl Into<String>, rule: impl Into<String>) -> Self {
         PolicyError {
             file: file.to_path_buf(),
             problems: vec![Problem {
@@ -50,9 +50,11 @@ impl PolicyError {
     }
 }
 
-/// Parses and validates one policy from its text. `path` is used in messages
+/// Parses and validates one policy from its text, every rule but one: its
+/// templates' SQL is checked by the query checker when the policy folder
+/// is read (`crate::agreements::parse_policy`). `path` is used in messages
 /// and its stem must equal the agreement id.
-pub fn parse_policy(text: &str, path: &Path) -> Result<Policy, PolicyError> {
+pub fn parse_text(text: &str, path: &Path) -> Result<Policy, PolicyError> {
     let hash = PolicyHash::of(text.as_bytes());
     let deserializer = toml::Deserializer::parse(text).map_err(|e| syntax_error(path, text, &e))?;
     let raw: RawPolicy = serde_path_to_error::deserialize(deserializer).map_err(|e| {
@@ -66,19 +68,10 @@ pub fn parse_policy(text: &str, path: &Path) -> Result<Policy, PolicyError> {
         PolicyError::single(path, field, inner.message().to_string())
     })?;
     let stem = path.file_stem().and_then(|s| s.to_str());
-    let policy = validate(raw, stem, hash).map_err(|problems| PolicyError {
+    validate(raw, stem, hash).map_err(|problems| PolicyError {
         file: path.to_path_buf(),
         problems,
-    })?;
-    let problems = crate::query::template_problems(&policy);
-    if problems.is_empty() {
-        Ok(policy)
-    } else {
-        Err(PolicyError {
-            file: path.to_path_buf(),
-            problems,
-        })
-    }
+    })
 }
 
 /// A TOML syntax error, located by line and column. The message is toml's
@@ -96,87 +89,12 @@ fn syntax_error(path: &Path, text: &str, e: &toml::de::Error) -> PolicyError {
     PolicyError::single(path, location, format!("TOML syntax: {}", e.message()))
 }
 
-pub(super) fn read_policy_file(path: &Path) -> Result<Policy, PolicyError> {
-    let text = std::fs::read_to_string(path)
-        .map_err(|e| PolicyError::single(path, "(file)", format!("cannot be read: {e}")))?;
-    parse_policy(&text, path)
-}
-
-/// Policy files named by `paths`: files as given, folders by their `*.toml`
-/// entries in name order.
-pub(super) fn policy_files(paths: &[PathBuf]) -> Result<Vec<PathBuf>, PolicyError> {
-    let mut files = Vec::new();
-    for path in paths {
-        if path.is_dir() {
-            let entries = std::fs::read_dir(path).map_err(|e| {
-                PolicyError::single(path, "(folder)", format!("cannot be read: {e}"))
-            })?;
-            let mut found: Vec<PathBuf> = entries
-                .filter_map(|e| e.ok().map(|e| e.path()))
-                .filter(|p| p.extension().is_some_and(|x| x == "toml") && p.is_file())
-                .collect();
-            found.sort();
-            files.extend(found);
-        } else {
-            files.push(path.clone());
-        }
-    }
-    Ok(files)
-}
-
-/// Loads every policy under `paths`, reporting all broken files, not only
-/// the first. Two files declaring the same agreement id are an error.
-pub fn load_paths(paths: &[PathBuf]) -> Result<PolicySet, Vec<PolicyError>> {
-    let files = policy_files(paths).map_err(|e| vec![e])?;
-    let mut errors = Vec::new();
-    let mut policies: BTreeMap<String, Arc<Policy>> = BTreeMap::new();
-    let mut origin: BTreeMap<String, PathBuf> = BTreeMap::new();
-    for file in files {
-        match read_policy_file(&file) {
-            Ok(policy) => {
-                let id = policy.id().to_string();
-                if let Some(first) = origin.get(&id) {
-                    errors.push(PolicyError::single(
-                        &file,
-                        "agreement.id",
-                        format!("{id:?} is already declared by {}", first.display()),
-                    ));
-                } else {
-                    origin.insert(id.clone(), file);
-                    policies.insert(id, Arc::new(policy));
-                }
-            }
-            Err(e) => errors.push(e),
-        }
-    }
-    if errors.is_empty() {
-        Ok(PolicySet {
-            policies,
-            suspended: BTreeSet::new(),
-        })
-    } else {
-        Err(errors)
-    }
-}
-
-/// Loads every `*.toml` policy in a folder.
-pub fn load_dir(dir: &Path) -> Result<PolicySet, Vec<PolicyError>> {
-    if !dir.is_dir() {
-        return Err(vec![PolicyError::single(
-            dir,
-            "(folder)",
-            "is not a folder of policy files",
-        )]);
-    }
-    load_paths(&[dir.to_path_buf()])
-}
-
 /// The agreements a server enforces, by id.
 #[derive(Debug, Clone, Default)]
 pub struct PolicySet {
-    pub(super) policies: BTreeMap<String, Arc<Policy>>,
+    pub(crate) policies: BTreeMap<String, Arc<Policy>>,
     /// Agreements whose file was removed while the server ran.
-    pub(super) suspended: BTreeSet<String>,
+    pub(crate) suspended: BTreeSet<String>,
 }
 
 impl PolicySet {

@@ -7,17 +7,19 @@
 
 mod load;
 mod raw;
-pub mod reload;
 mod template;
 mod types;
 mod validate;
 
-pub use load::{PolicyError, PolicySet, Problem, load_dir, load_paths, parse_policy};
+/// How an identity kind is normalised: the identifiers' own vocabulary,
+/// which an agreement names per kind.
+pub use crate::identity::{Profile, Standard};
+pub use load::{PolicyError, PolicySet, Problem, parse_text};
 pub use template::{Bound, Param, ParamError, ParamKind, Template, format_date};
 pub use types::{
     Aggregate, AgreementState, Column, ColumnPair, ColumnRole, Dataset, Domain, IdentityKind,
-    Matching, Party, Policy, PolicyHash, Privacy, Profile, QueryMode, QueryRules, Refresh, Right,
-    Salt, Standard, ValueType,
+    Matching, Party, Policy, PolicyHash, Privacy, QueryMode, QueryRules, Refresh, Right, Salt,
+    ValueType,
 };
 pub use validate::{FIRST_YEAR, LAST_YEAR, admitted_days, epoch_days, is_slug};
 
@@ -44,7 +46,7 @@ rights = ["upload", "query", "receive_results"]
 org = "globex"
 rights = ["upload"]
 "#;
-    parse_policy(
+    parse_text(
         &format!("{head}\n{datasets_and_rules}"),
         std::path::Path::new("unit.toml"),
     )

@@ -8,7 +8,7 @@ use super::{PrepareError, UploadError};
 use crate::client::{Client, ClientError};
 use crate::identity::blinding::{BlindingKey, POINT_LEN, POINTS_PER_MESSAGE, reblind};
 use crate::proto;
-use crate::proto::matching_client::MatchingClient;
+use crate::proto::matching_service_client::MatchingServiceClient;
 
 /// One job the server handed out: a partner dataset's distinct points, in
 /// a shuffled order.
@@ -49,7 +49,7 @@ pub async fn fetch_work(
     key: &BlindingKey,
     agreement: &str,
 ) -> Result<Vec<Job>, UploadError> {
-    let mut stream = MatchingClient::new(client.channel())
+    let mut stream = MatchingServiceClient::new(client.channel())
         .blinding_work(proto::BlindingWorkRequest {
             agreement_id: agreement.to_string(),
             key_id: key.key_id().to_vec(),
@@ -109,19 +109,19 @@ pub async fn complete_job(
             ))
         })?;
     let bytes: Vec<u8> = blinded.concat();
-    let mut messages: Vec<proto::BlindingSubmission> = bytes
+    let mut messages: Vec<proto::SubmitBlindingRequest> = bytes
         .chunks(POINTS_PER_MESSAGE * POINT_LEN)
-        .map(|c| proto::BlindingSubmission {
+        .map(|c| proto::SubmitBlindingRequest {
             points: c.to_vec(),
             ..Default::default()
         })
         .collect();
     if messages.is_empty() {
-        messages.push(proto::BlindingSubmission::default());
+        messages.push(proto::SubmitBlindingRequest::default());
     }
     messages[0].agreement_id = agreement.to_string();
     messages[0].job_id = job.header.job_id.clone();
-    let response = MatchingClient::new(client.channel())
+    let response = MatchingServiceClient::new(client.channel())
         .submit_blinding(futures::stream::iter(messages))
         .await
         .map_err(ClientError::from)?

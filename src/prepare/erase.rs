@@ -9,7 +9,7 @@ use arrow::array::{Array, FixedSizeBinaryArray};
 use super::{CsvOptions, InputFormat, Plan, PrepareError, Preparer, UploadError};
 use crate::client::{Client, ClientError};
 use crate::proto;
-use crate::proto::datasets_client::DatasetsClient;
+use crate::proto::datasets_service_client::DatasetsServiceClient;
 
 /// Fingerprints per request: 100,000 x 32 bytes stays under gRPC's default
 /// 4 MiB message limit.
@@ -102,7 +102,7 @@ pub async fn erase(
         )
         .into());
     }
-    let mut datasets = DatasetsClient::new(client.channel());
+    let mut datasets = DatasetsServiceClient::new(client.channel());
     for part in all.chunks(FINGERPRINTS_PER_REQUEST) {
         let mut by_kind: BTreeMap<&str, Vec<u8>> = BTreeMap::new();
         for (kind, fp) in part {

@@ -12,7 +12,7 @@ use arrow::record_batch::RecordBatch;
 use super::{CsvOptions, InputFormat, InputReader, Plan, PrepareError, PrepareStats, Preparer};
 use crate::client::{Client, ClientError};
 use crate::proto;
-use crate::proto::datasets_client::DatasetsClient;
+use crate::proto::datasets_service_client::DatasetsServiceClient;
 use crate::proto::upload_request::Part;
 use crate::upload::{MAX_MESSAGE_BYTES, ROWS_PER_MESSAGE, encode_messages};
 
@@ -213,7 +213,7 @@ pub async fn upload(
         .expect("the receiver is held until the call starts");
     let bar = progress_bar(reader.bytes_total(), options.progress);
     let producer = tokio::task::spawn_blocking(move || produce(reader, plan, tx, bar));
-    let answer = DatasetsClient::new(client.channel())
+    let answer = DatasetsServiceClient::new(client.channel())
         .upload(ReceiverStream::new(rx))
         .await;
     let produced = producer

@@ -233,7 +233,7 @@ mod tests {
         let path = root.join("tests/policies/retail-coalition-demo.toml");
         let text = std::fs::read_to_string(&path).unwrap()
             + "\n[privacy]\nepsilon_total = 10.0\nepsilon_per_query_max = 1.0\ndelta = 1e-7\nrefresh = \"monthly\"\nmax_groups_per_person = 1\n";
-        let policy = crate::policy::parse_policy(&text, &path).unwrap();
+        let policy = crate::policy::parse_text(&text, &path).unwrap();
         let empty = vec![Vec::new(); policy.datasets().len()];
         let tables = super::super::agreement_tables(&policy, empty);
         (policy, tables)

@@ -3,7 +3,7 @@
 //! mutual TLS and organisation identity as every other service.
 //!
 //! - A statement runs exactly as the `Query` RPC runs it
-//!   ([`QueriesService::governed`]): the same checker, release boundary,
+//!   ([`Room::governed`]): the same checker, release boundary,
 //!   minimum group size, privacy charge, audit entry, error codes and texts.
 //!   `GetFlightInfo` checks it without reading any row (a refusal is
 //!   audited there); `DoGet` runs it, charges and audits it.
@@ -42,12 +42,10 @@ use prost::Message;
 use tonic::metadata::MetadataMap;
 use tonic::{Request, Response, Status};
 
-use super::AppState;
 use super::auth::caller;
-use super::queries::QueriesService;
-use crate::error::ServiceError;
 use crate::policy::{ColumnRole, Policy, Right};
 use crate::proto;
+use crate::room::{Ask, Room, RoomError, bounded_name};
 
 /// The call header that names the agreement a statement runs under.
 pub const AGREEMENT_HEADER: &str = "x-cleanroom-agreement";
@@ -63,8 +61,7 @@ type FlightStream = Pin<Box<dyn Stream<Item = Result<arrow_flight::FlightData, S
 /// Implements Flight SQL over the server's state.
 #[derive(Clone)]
 pub struct FlightSqlEndpoint {
-    state: AppState,
-    queries: QueriesService,
+    room: Room,
     info: Arc<SqlInfoData>,
 }
 
@@ -75,7 +72,7 @@ impl std::fmt::Debug for FlightSqlEndpoint {
 }
 
 impl FlightSqlEndpoint {
-    pub fn new(state: AppState) -> Self {
+    pub fn new(room: Room) -> Self {
         let mut info = SqlInfoDataBuilder::new();
         info.append(SqlInfo::FlightSqlServerName, "cleanroom");
         info.append(SqlInfo::FlightSqlServerVersion, env!("CARGO_PKG_VERSION"));
@@ -87,50 +84,45 @@ impl FlightSqlEndpoint {
         info.append(SqlInfo::FlightSqlServerCancel, false);
         let info = info.build().expect("fixed server information builds");
         FlightSqlEndpoint {
-            queries: QueriesService::new(state.clone()),
-            state,
+            room,
             info: Arc::new(info),
         }
     }
 
     /// The agreement a call concerns: its header, or the one agreement the
     /// caller may query.
-    fn agreement_of(&self, org: &str, headers: &MetadataMap) -> Result<String, ServiceError> {
+    fn agreement_of(&self, org: &str, headers: &MetadataMap) -> Result<String, RoomError> {
         if let Some(value) = headers.get(AGREEMENT_HEADER) {
-            let id = value.to_str().map_err(|_| ServiceError::InvalidArgument {
-                field: "x-cleanroom-agreement",
-                rule: "must be text".into(),
-            })?;
-            super::bounded_name("x-cleanroom-agreement", id)?;
+            let id = value
+                .to_str()
+                .map_err(|_| RoomError::invalid("x-cleanroom-agreement", "must be text"))?;
+            bounded_name("x-cleanroom-agreement", id)?;
             return Ok(id.to_string());
         }
         match self.catalogs(org).as_slice() {
             [only] => Ok(only.id().to_string()),
-            _ => Err(ServiceError::InvalidArgument {
-                field: "x-cleanroom-agreement",
-                rule: "name the agreement with the call header x-cleanroom-agreement (ADBC: adbc.flight.sql.rpc.call_header.x-cleanroom-agreement)".into(),
-            }),
+            _ => Err(RoomError::invalid(
+                "x-cleanroom-agreement",
+                "name the agreement with the call header x-cleanroom-agreement (ADBC: adbc.flight.sql.rpc.call_header.x-cleanroom-agreement)",
+            )),
         }
     }
 
-    fn epsilon_of(headers: &MetadataMap) -> Result<Option<f64>, ServiceError> {
+    fn epsilon_of(headers: &MetadataMap) -> Result<Option<f64>, RoomError> {
         headers
             .get(EPSILON_HEADER)
             .map(|v| {
                 v.to_str()
                     .ok()
                     .and_then(|t| t.trim().parse::<f64>().ok())
-                    .ok_or_else(|| ServiceError::InvalidArgument {
-                        field: "x-cleanroom-epsilon",
-                        rule: "must be a number".into(),
-                    })
+                    .ok_or_else(|| RoomError::invalid("x-cleanroom-epsilon", "must be a number"))
             })
             .transpose()
     }
 
     /// Agreements `org` may query, for the catalog listings.
     fn catalogs(&self, org: &str) -> Vec<Arc<Policy>> {
-        self.state
+        self.room
             .policies()
             .for_org(org)
             .filter(|p| p.allows(org, Right::Query))
@@ -210,10 +202,10 @@ const MAX_PATTERN: usize = 256;
 /// [`MAX_PATTERN`] characters (naming the field, not echoing it).
 fn pattern_field(field: &'static str, pattern: &Option<String>) -> Result<(), Status> {
     match pattern {
-        Some(p) if p.chars().count() > MAX_PATTERN => Err(ServiceError::InvalidArgument {
+        Some(p) if p.chars().count() > MAX_PATTERN => Err(RoomError::invalid(
             field,
-            rule: format!("a filter pattern is at most {MAX_PATTERN} characters"),
-        }
+            format!("a filter pattern is at most {MAX_PATTERN} characters"),
+        )
         .into()),
         _ => Ok(()),
     }
@@ -328,20 +320,20 @@ impl FlightSqlService for FlightSqlEndpoint {
         let org = caller(&request)?;
         let agreement_id = self.agreement_of(&org, request.metadata())?;
         let epsilon = Self::epsilon_of(request.metadata())?;
-        let query_request = proto::QueryRequest {
-            agreement_id,
+        let ask = Ask {
+            agreement: agreement_id,
             sql: query.query,
             epsilon,
-            ..Default::default()
+            ..Ask::default()
         };
-        let checked = self.queries.dry_run(&org, &query_request).await?;
+        let checked = self.room.dry_run(&org, &ask).await?;
         let schema = with_metadata(
             released_schema(&checked.schema),
             &checked.policy,
             checked.noise.as_ref().map(privacy_json),
         );
         let ticket = TicketStatementQuery {
-            statement_handle: query_request.encode_to_vec().into(),
+            statement_handle: proto::QueryRequest::from(ask).encode_to_vec().into(),
         };
         Ok(Response::new(flight_info(
             &schema,
@@ -357,12 +349,12 @@ impl FlightSqlService for FlightSqlEndpoint {
         let org = caller(&request)?;
         let query_request =
             proto::QueryRequest::decode(ticket.statement_handle.as_ref()).map_err(|_| {
-                Status::from(ServiceError::InvalidArgument {
-                    field: "ticket",
-                    rule: "is not one this server issued".into(),
-                })
+                Status::from(RoomError::invalid(
+                    "ticket",
+                    "is not one this server issued",
+                ))
             })?;
-        let governed = self.queries.governed(&org, &query_request).await?;
+        let governed = self.room.governed(&org, &query_request.into()).await?;
         let noise = governed.outcome.privacy.as_ref().map(privacy_json);
         let schema = Arc::new(with_metadata(
             released_schema(&governed.outcome.schema),
@@ -523,7 +515,7 @@ impl FlightSqlService for FlightSqlEndpoint {
     ) -> Result<i64, Status> {
         refuse(
             &request,
-            ServiceError::PermissionDenied {
+            RoomError::PermissionDenied {
                 rule: "query.statement",
                 detail: "data modification is not allowed; partners upload with `cleanroom upload`"
                     .into(),
@@ -539,7 +531,7 @@ impl FlightSqlService for FlightSqlEndpoint {
     ) -> Result<i64, Status> {
         refuse(
             &request,
-            ServiceError::PermissionDenied {
+            RoomError::PermissionDenied {
                 rule: "query.statement",
                 detail: "ingestion is not allowed; partners upload with `cleanroom upload`".into(),
             }

@@ -1,25 +1,24 @@
-//! The gRPC server: mutual TLS, organisation identity from the client
-//! certificate, health, reflection and graceful shutdown. Handlers translate
-//! between protobuf and domain types; rules live in the domain modules.
+//! The transport: gRPC and Flight SQL over mutual TLS, the organisation
+//! from the client certificate, health, reflection and graceful shutdown.
+//! Each service file decodes a call, asks the room (`crate::room`) and
+//! encodes its answer; `status.rs` maps the room's errors to statuses.
 
-pub(crate) mod agreements;
+mod agreements;
 mod audit;
 mod auth;
-mod blinding;
-mod budget;
 mod datasets;
 pub mod flight;
-pub mod governance;
+mod governance;
 mod matching;
-pub mod metrics;
+mod metrics;
 mod queries;
+mod status;
 mod tls;
-mod upkeep;
 
 use std::future::Future;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, RwLock};
+use std::sync::Arc;
 use std::time::Duration;
 
 use tokio::net::TcpListener;
@@ -27,26 +26,27 @@ use tonic::transport::Server;
 use tonic::transport::server::TcpIncoming;
 use tonic_health::ServingStatus;
 
-use crate::audit::{AuditError, AuditLog, Event};
+use crate::audit::{AuditError, AuditLog};
 use crate::clock::Clock;
-use crate::error::ServiceError;
-use crate::policy::{PolicyError, PolicySet};
-use crate::proto::agreements_server::AgreementsServer;
-use crate::proto::audit_server::AuditServer;
-use crate::proto::datasets_server::DatasetsServer;
-use crate::proto::governance_server::GovernanceServer;
-use crate::proto::matching_server::MatchingServer;
-use crate::proto::queries_server::QueriesServer;
+use crate::policy::PolicyError;
+use crate::proto::agreements_service_server::AgreementsServiceServer;
+use crate::proto::audit_service_server::AuditServiceServer;
+use crate::proto::datasets_service_server::DatasetsServiceServer;
+use crate::proto::governance_service_server::GovernanceServiceServer;
+use crate::proto::matching_service_server::MatchingServiceServer;
+use crate::proto::queries_service_server::QueriesServiceServer;
+use crate::room::{Room, SettleError};
+
+pub use crate::room::{Deletion, Scrub};
 use crate::storage::{StorageError, Store};
 use crate::upload::Limits;
 
-pub use agreements::AgreementsService;
-pub use audit::AuditService;
-pub use datasets::DatasetsService;
-pub use governance::GovernanceService;
-pub use matching::MatchingService;
-pub use queries::QueriesService;
-pub use upkeep::{Deletion, Scrub};
+use agreements::Agreements;
+use audit::Audit;
+use datasets::Datasets;
+use governance::Governance;
+use matching::Matching;
+use queries::Queries;
 
 /// Certificate files the server presents and trusts.
 #[derive(Debug, Clone)]
@@ -84,6 +84,8 @@ pub enum ServerError {
     Storage(#[from] StorageError),
     #[error("{0}")]
     Audit(#[from] AuditError),
+    #[error("{0}")]
+    Settle(#[from] SettleError),
     #[error("gRPC reflection: {0}")]
     Reflection(String),
     #[error("TLS configuration: {0}")]
@@ -91,349 +93,6 @@ pub enum ServerError {
     #[error("gRPC transport: {0}")]
     Transport(#[from] tonic::transport::Error),
 }
-
-/// State every handler shares.
-#[derive(Debug, Clone)]
-pub struct AppState {
-    policies: Arc<RwLock<Arc<PolicySet>>>,
-    clock: Arc<dyn Clock>,
-    store: Store,
-    limits: Limits,
-    query_limits: crate::query::QueryLimits,
-    query_gate: Arc<queries::QueryGate>,
-    audit: AuditLog,
-    query_tables: queries::TableCache,
-    blinding_jobs: blinding::Jobs,
-    /// Agreements whose overlaps to match ahead of the next request, for
-    /// the background matcher (none attached outside `serve`).
-    match_queue: Arc<std::sync::Mutex<Option<tokio::sync::mpsc::UnboundedSender<String>>>>,
-    reload: Arc<std::sync::Mutex<ReloadStatus>>,
-    /// One lock per dataset, held while a version is committed and for a
-    /// whole erasure, so neither loses the other's version.
-    dataset_locks:
-        Arc<std::sync::Mutex<std::collections::HashMap<String, Arc<std::sync::Mutex<()>>>>>,
-    metrics: Arc<metrics::Metrics>,
-    deletion: Deletion,
-    /// Set at the drain deadline: no upload or erasure commits after it.
-    closed: Arc<std::sync::atomic::AtomicBool>,
-    /// The time at which deletion was last found paused for a clock
-    /// jump, so each pause is audited once.
-    paused_at: Arc<std::sync::Mutex<Option<i64>>>,
-}
-
-/// How the last re-reads of the policy folder went, for admins.
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
-pub struct ReloadStatus {
-    /// Re-reads after a change in the folder.
-    pub reloads: u64,
-    /// Re-reads that refused at least one file.
-    pub failures: u64,
-    /// Unix seconds of the last re-read.
-    pub last_at: Option<i64>,
-    /// The last re-read's refusals, as `cleanroom policy check` prints them.
-    pub last_errors: Vec<String>,
-}
-
-impl AppState {
-    pub fn new(
-        policies: PolicySet,
-        clock: Arc<dyn Clock>,
-        store: Store,
-        limits: Limits,
-        audit: AuditLog,
-    ) -> Self {
-        AppState {
-            policies: Arc::new(RwLock::new(Arc::new(policies))),
-            clock,
-            store,
-            limits,
-            query_limits: crate::query::QueryLimits::default(),
-            query_gate: Arc::new(queries::QueryGate::new(crate::query::QueryLimits::default())),
-            audit,
-            query_tables: queries::TableCache::default(),
-            blinding_jobs: blinding::Jobs::default(),
-            match_queue: Arc::default(),
-            reload: Arc::default(),
-            dataset_locks: Arc::default(),
-            metrics: Arc::default(),
-            deletion: Deletion::default(),
-            closed: Arc::default(),
-            paused_at: Arc::default(),
-        }
-    }
-
-    /// The same state with these rules for deletion.
-    pub fn with_deletion(mut self, deletion: Deletion) -> Self {
-        self.deletion = deletion;
-        self
-    }
-
-    /// The server's Prometheus metrics.
-    /// Refuses once the server has passed its drain deadline: a call still
-    /// running then commits nothing.
-    pub(crate) fn still_open(&self) -> Result<(), ServiceError> {
-        match self.closed.load(std::sync::atomic::Ordering::SeqCst) {
-            true => Err(ServiceError::Stopping),
-            false => Ok(()),
-        }
-    }
-
-    pub(crate) fn metrics(&self) -> &Arc<metrics::Metrics> {
-        &self.metrics
-    }
-
-    /// The same state with these query limits.
-    pub fn with_query_limits(mut self, limits: crate::query::QueryLimits) -> Self {
-        self.query_limits = limits;
-        self.query_gate = Arc::new(queries::QueryGate::new(limits));
-        self.query_tables = queries::TableCache::new(limits.table_cache_bytes);
-        self
-    }
-
-    pub fn reload_status(&self) -> ReloadStatus {
-        self.reload
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .clone()
-    }
-
-    /// Re-reads the policy folder and puts the result in force: valid
-    /// edits apply, broken files keep their last good policy, removed
-    /// files suspend their agreement. Every change and refusal is logged
-    /// and audited. Blocking: call off the async runtime.
-    pub fn reload_policies(&self, dir: &Path) {
-        let current = self.policies();
-        let outcome = crate::policy::reload::reload(dir, &current);
-        let now = self.clock.now().unix_timestamp();
-        for c in &outcome.changes {
-            tracing::info!(
-                agreement = %c.id,
-                change = c.kind.as_str(),
-                old = c.old_hash.as_deref().unwrap_or("-"),
-                new = c.new_hash.as_deref().unwrap_or("-"),
-                "policy reloaded"
-            );
-            let event = Event {
-                org: OPERATOR.into(),
-                agreement: c.id.clone(),
-                policy_hash: c
-                    .new_hash
-                    .clone()
-                    .or(c.old_hash.clone())
-                    .unwrap_or_default(),
-                action: "policy_reload",
-                accepted: true,
-                subject: Some(format!(
-                    "{} {} -> {}",
-                    c.kind.as_str(),
-                    c.old_hash.as_deref().unwrap_or("none"),
-                    c.new_hash.as_deref().unwrap_or("none")
-                )),
-                ..Event::default()
-            };
-            if let Err(e) = self.audit.append(event, now) {
-                tracing::error!(error = %e, "auditing a policy reload");
-            }
-        }
-        let mut messages = Vec::new();
-        for e in &outcome.errors {
-            for line in e.to_string().lines() {
-                tracing::warn!(problem = %line, "policy file refused; the last good policy stays in force");
-                messages.push(line.to_string());
-            }
-            let agreement = e
-                .file
-                .file_stem()
-                .and_then(|s| s.to_str())
-                .unwrap_or_default()
-                .to_string();
-            let event = Event {
-                org: OPERATOR.into(),
-                policy_hash: current
-                    .get(&agreement)
-                    .map(|p| p.hash().to_hex())
-                    .unwrap_or_default(),
-                agreement,
-                action: "policy_reload",
-                accepted: false,
-                rule: Some("policy.invalid".into()),
-                subject: e.file.file_name().map(|n| n.to_string_lossy().into_owned()),
-                ..Event::default()
-            };
-            if let Err(e) = self.audit.append(event, now) {
-                tracing::error!(error = %e, "auditing a refused policy reload");
-            }
-        }
-        *self.policies.write().unwrap_or_else(|e| e.into_inner()) = Arc::new(outcome.set);
-        self.query_tables.clear();
-        let mut status = self.reload.lock().unwrap_or_else(|e| e.into_inner());
-        status.reloads += 1;
-        if !outcome.errors.is_empty() {
-            status.failures += 1;
-        }
-        status.last_at = Some(now);
-        status.last_errors = messages;
-    }
-
-    /// The lock of one dataset's versions; blocking, for blocking threads.
-    pub(crate) fn dataset_lock(&self, agreement: &str, dataset: &str) -> Arc<std::sync::Mutex<()>> {
-        let key = format!("{agreement}/{dataset}");
-        Arc::clone(
-            self.dataset_locks
-                .lock()
-                .unwrap_or_else(|e| e.into_inner())
-                .entry(key)
-                .or_default(),
-        )
-    }
-
-    pub(crate) fn query_limits(&self) -> crate::query::QueryLimits {
-        self.query_limits
-    }
-
-    pub(crate) fn query_gate(&self) -> &queries::QueryGate {
-        &self.query_gate
-    }
-
-    pub(crate) fn blinding_jobs(&self) -> &blinding::Jobs {
-        &self.blinding_jobs
-    }
-
-    pub(crate) fn query_tables(&self) -> &queries::TableCache {
-        &self.query_tables
-    }
-
-    /// What follows a change of an agreement's current data (a commit, an
-    /// erasure, a completed blinding): its tables leave memory at once, and
-    /// the background matcher matches and loads the new versions.
-    pub(crate) fn versions_changed(&self, agreement: &str) {
-        self.query_tables.forget(agreement);
-        self.match_soon(agreement);
-    }
-
-    /// Asks the background matcher to match the agreement's current
-    /// versions now, after a commit, rather than at the next overlap.
-    pub(crate) fn match_soon(&self, agreement: &str) {
-        if let Some(tx) = self
-            .match_queue
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .as_ref()
-        {
-            let _ = tx.send(agreement.to_string());
-        }
-    }
-
-    pub fn audit_log(&self) -> &AuditLog {
-        &self.audit
-    }
-
-    /// Appends to the audit log; a failure to audit is our fault and fails
-    /// the call, so nothing happens unaudited.
-    pub(crate) fn audit(&self, event: Event) -> Result<(), crate::error::ServiceError> {
-        self.audit
-            .append(event, self.clock.now().unix_timestamp())
-            .map(|_| ())
-            .map_err(Into::into)
-    }
-
-    /// Audits a call's outcome: `event` names who, what and where; this adds
-    /// the policy hash, the decision and the rule, and `details` fills in
-    /// what an accepted call produced.
-    pub(crate) fn audit_outcome<T>(
-        &self,
-        mut event: Event,
-        outcome: &Result<T, crate::error::ServiceError>,
-        details: impl FnOnce(&T, &mut Event),
-    ) -> Result<(), crate::error::ServiceError> {
-        let policies = self.policies();
-        let Some(policy) = policies
-            .get(&event.agreement)
-            .filter(|p| p.party(&event.org).is_some())
-        else {
-            // Not the agreement's business: an outsider must not be able
-            // to grow a log the parties read. The operator sees it.
-            tracing::info!(
-                org = %event.org,
-                agreement = %short(&event.agreement),
-                action = event.action,
-                rule = %outcome.as_ref().err().map(ServiceError::rule).unwrap_or_default(),
-                "refused a caller who is not party to the agreement"
-            );
-            return Ok(());
-        };
-        event.policy_hash = policy.hash().to_hex();
-        event.accepted = outcome.is_ok();
-        match outcome {
-            Ok(value) => details(value, &mut event),
-            Err(e) => {
-                event.rule = Some(e.rule());
-                // A refused request's subject is kept only if it names a
-                // dataset of the agreement, never as the caller typed it.
-                event.subject = event.subject.filter(|s| policy.dataset(s).is_some());
-            }
-        }
-        self.audit(event)
-    }
-
-    pub fn store(&self) -> &Store {
-        &self.store
-    }
-
-    pub fn limits(&self) -> Limits {
-        self.limits
-    }
-
-    /// The policies in force now. A snapshot: a call sees one consistent set.
-    pub fn policies(&self) -> Arc<PolicySet> {
-        Arc::clone(&self.policies.read().unwrap_or_else(|e| e.into_inner()))
-    }
-
-    pub fn clock(&self) -> &Arc<dyn Clock> {
-        &self.clock
-    }
-
-    /// The agreement `id` if `org` is a party to it; NOT_FOUND otherwise,
-    /// exactly as for an agreement that does not exist.
-    pub(crate) fn agreement_for(
-        &self,
-        org: &str,
-        id: &str,
-    ) -> Result<Arc<crate::policy::Policy>, crate::error::ServiceError> {
-        bounded_name("agreement_id", id)?;
-        self.policies()
-            .get(id)
-            .filter(|p| p.party(org).is_some())
-            .map(Arc::clone)
-            .ok_or_else(|| crate::error::ServiceError::AgreementNotFound(id.to_string()))
-    }
-}
-
-/// Longest agreement id, dataset name or other name a request may carry.
-pub const MAX_NAME: usize = 128;
-
-/// Refuses a name longer than [`MAX_NAME`], before anything is looked up,
-/// logged or written; the refusal does not repeat it.
-pub(crate) fn bounded_name(field: &'static str, value: &str) -> Result<(), ServiceError> {
-    if value.len() > MAX_NAME {
-        return Err(ServiceError::InvalidArgument {
-            field,
-            rule: format!("must be at most {MAX_NAME} bytes"),
-        });
-    }
-    Ok(())
-}
-
-/// A caller's text as logs may carry it: at most 64 characters.
-pub(crate) fn short(text: &str) -> &str {
-    match text.char_indices().nth(64) {
-        Some((end, _)) => &text[..end],
-        None => text,
-    }
-}
-
-/// The organisation name audit entries carry for the server's own acts.
-pub const OPERATOR: &str = "(operator)";
 
 /// Everything needed to run a server.
 #[derive(Debug, Clone)]
@@ -499,65 +158,26 @@ fn read(path: &Path) -> Result<Vec<u8>, ServerError> {
     })
 }
 
-/// Sets the health of the whole server ("") and of every service.
-async fn set_health(reporter: &tonic_health::server::HealthReporter, status: ServingStatus) {
+/// The services this port routes, by their gRPC names; a test checks them
+/// against the services of the contract, so none goes without health.
+fn routed() -> [&'static str; 7] {
     use tonic::server::NamedService;
-    for service in [
-        "",
-        <AgreementsServer<AgreementsService> as NamedService>::NAME,
-        <DatasetsServer<DatasetsService> as NamedService>::NAME,
-        <MatchingServer<MatchingService> as NamedService>::NAME,
-        <QueriesServer<QueriesService> as NamedService>::NAME,
-        <AuditServer<AuditService> as NamedService>::NAME,
-        <GovernanceServer<GovernanceService> as NamedService>::NAME,
+    [
+        <AgreementsServiceServer<Agreements> as NamedService>::NAME,
+        <DatasetsServiceServer<Datasets> as NamedService>::NAME,
+        <MatchingServiceServer<Matching> as NamedService>::NAME,
+        <QueriesServiceServer<Queries> as NamedService>::NAME,
+        <AuditServiceServer<Audit> as NamedService>::NAME,
+        <GovernanceServiceServer<Governance> as NamedService>::NAME,
         <arrow_flight::flight_service_server::FlightServiceServer<flight::FlightSqlEndpoint> as NamedService>::NAME,
-    ] {
-        reporter.set_service_status(service, status).await;
-    }
+    ]
 }
 
-/// Settles the budget charges a crash left pending. Each stays spent (its
-/// answer may have left the server). A charge without an audit entry first
-/// gets one, decision "interrupted", so the audit log accounts for every
-/// epsilon the ledger holds.
-fn settle_interrupted(
-    store: &Store,
-    audit: &AuditLog,
-    policies: &PolicySet,
-    now: i64,
-) -> Result<(), ServerError> {
-    let pending = store.pending_charges()?;
-    if pending.is_empty() {
-        return Ok(());
+/// Sets the health of the whole server ("") and of every service.
+async fn set_health(reporter: &tonic_health::server::HealthReporter, status: ServingStatus) {
+    for service in std::iter::once("").chain(routed()) {
+        reporter.set_service_status(service, status).await;
     }
-    let audited = audit.query_ids()?;
-    for c in pending {
-        if !audited.contains(&c.query) {
-            let event = Event {
-                org: c.org.clone(),
-                agreement: c.agreement.clone(),
-                policy_hash: policies
-                    .get(&c.agreement)
-                    .map(|p| p.hash().to_hex())
-                    .unwrap_or_default(),
-                action: "query",
-                rule: Some("privacy.budget".into()),
-                epsilon: Some(crate::privacy::from_micros(c.micros)),
-                delta: (c.delta_units > 0).then(|| crate::storage::delta_from_units(c.delta_units)),
-                query_id: Some(c.query.clone()),
-                interrupted: true,
-                ..Event::default()
-            };
-            audit.append(event, now)?;
-        }
-        store.settle(&c.query)?;
-        tracing::warn!(
-            agreement = %c.agreement,
-            org = %c.org,
-            "a query interrupted by a stop kept its budget charge"
-        );
-    }
-    Ok(())
 }
 
 /// Runs the server on `listener` until `shutdown` resolves. Then health
@@ -568,7 +188,8 @@ pub async fn serve(
     options: ServerOptions,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<(), ServerError> {
-    let policies = crate::policy::load_dir(&options.policies_dir).map_err(ServerError::Policies)?;
+    let policies =
+        crate::agreements::load_dir(&options.policies_dir).map_err(ServerError::Policies)?;
     let tls = tls::server_config(&options.tls)?;
     let store = Store::open(&options.data_dir, options.master_key.as_deref())?;
     let local_addr: SocketAddr = listener.local_addr().map_err(|source| ServerError::Io {
@@ -576,14 +197,14 @@ pub async fn serve(
         source,
     })?;
     let audit = AuditLog::open(&options.data_dir)?;
-    settle_interrupted(
+    crate::room::settle_interrupted(
         &store,
         &audit,
         &policies,
         options.clock.now().unix_timestamp(),
     )?;
     let held = store.clone();
-    let state = AppState::new(
+    let state = Room::new(
         policies,
         Arc::clone(&options.clock),
         store,
@@ -593,7 +214,15 @@ pub async fn serve(
     .with_query_limits(options.query_limits)
     .with_deletion(options.deletion);
 
-    let background = spawn_background(&state, &options);
+    let background = crate::room::spawn_background(
+        &state,
+        &crate::room::Every {
+            maintenance: options.maintenance_interval,
+            policy_poll: options.policy_poll,
+            scrub: options.scrub,
+        },
+        &options.policies_dir,
+    );
     let (metrics_stop, metrics_stopped) = tokio::sync::oneshot::channel::<()>();
     let mut metrics_task = None;
     if let Some(addr) = options.metrics_listen {
@@ -651,7 +280,7 @@ pub async fn serve(
         data_dir = %options.data_dir.display(),
         "listening"
     );
-    let closed = Arc::clone(&state.closed);
+    let room = state.clone();
     let incoming = tls::accept(
         TcpIncoming::from(listener)
             .with_nodelay(Some(true))
@@ -668,12 +297,12 @@ pub async fn serve(
         .add_service(health_service)
         .add_service(reflection)
         .add_service(reflection_v1alpha)
-        .add_service(AgreementsServer::new(AgreementsService::new(state.clone())))
-        .add_service(DatasetsServer::new(DatasetsService::new(state.clone())))
-        .add_service(MatchingServer::new(MatchingService::new(state.clone())))
-        .add_service(QueriesServer::new(QueriesService::new(state.clone())))
-        .add_service(GovernanceServer::new(GovernanceService::new(state.clone())))
-        .add_service(AuditServer::new(AuditService::new(state.clone())))
+        .add_service(AgreementsServiceServer::new(Agreements::new(state.clone())))
+        .add_service(DatasetsServiceServer::new(Datasets::new(state.clone())))
+        .add_service(MatchingServiceServer::new(Matching::new(state.clone())))
+        .add_service(QueriesServiceServer::new(Queries::new(state.clone())))
+        .add_service(GovernanceServiceServer::new(Governance::new(state.clone())))
+        .add_service(AuditServiceServer::new(Audit::new(state.clone())))
         .add_service(
             arrow_flight::flight_service_server::FlightServiceServer::new(
                 flight::FlightSqlEndpoint::new(state),
@@ -702,8 +331,10 @@ pub async fn serve(
             }
         },
     };
-    // Calls still running past the drain commit nothing from here on.
-    closed.store(true, std::sync::atomic::Ordering::SeqCst);
+    // Calls still running past the drain commit nothing from here on; the
+    // room itself is let go, so that only those calls still hold the store.
+    room.close();
+    drop(room);
     if tokio::time::timeout_at(deadline, background.stop())
         .await
         .is_err()
@@ -730,173 +361,30 @@ pub async fn serve(
     result
 }
 
-/// The server's own work between calls: re-reading the policy folder when
-/// it changes, and deleting data retention and expiry no longer allow.
-fn spawn_background(state: &AppState, options: &ServerOptions) -> Background {
-    let (stop, stopped) = tokio::sync::watch::channel(false);
-    let maintenance = {
-        let state = state.clone();
-        let every = options.maintenance_interval;
-        let mut stopped = stopped.clone();
-        tokio::spawn(async move {
-            loop {
-                // Run to the end even when asked to stop: the blocking work
-                // holds the store, which must be free once `serve` returns.
-                let s = state.clone();
-                match tokio::task::spawn_blocking(move || s.run_maintenance()).await {
-                    Ok(Ok(())) => {}
-                    Ok(Err(e)) => tracing::error!(error = %e, "retention and expiry"),
-                    Err(e) => tracing::error!(error = %e, "retention and expiry"),
-                }
-                tokio::select! {
-                    _ = tokio::time::sleep(every) => {}
-                    _ = stopped.changed() => break,
-                }
-            }
-        })
-    };
-    let matcher = spawn_matcher(state, stop.subscribe());
-    let scrub = {
-        let state = state.clone();
-        let Scrub {
-            every,
-            bytes_per_second,
-        } = options.scrub;
-        let mut stopped = stopped.clone();
-        tokio::spawn(async move {
-            loop {
-                let (s, flag) = (state.clone(), stopped.clone());
-                let pass = tokio::task::spawn_blocking(move || {
-                    s.run_scrub(bytes_per_second, &|| *flag.borrow())
-                })
-                .await;
-                match pass {
-                    Ok(Ok(0)) => {}
-                    Ok(Ok(n)) => {
-                        tracing::error!(versions = n, "scrub found damaged dataset versions")
-                    }
-                    Ok(Err(e)) => tracing::error!(error = %e, "scrub"),
-                    Err(e) => tracing::error!(error = %e, "scrub"),
-                }
-                tokio::select! {
-                    _ = tokio::time::sleep(every) => {}
-                    _ = stopped.changed() => break,
-                }
-            }
-        })
-    };
-    let state = state.clone();
-    let dir = options.policies_dir.clone();
-    let poll = options.policy_poll;
-    let mut stopped = stopped;
-    let reload = tokio::spawn(async move {
-        let mut last = crate::policy::reload::folder_digest(&dir);
-        loop {
-            tokio::select! {
-                _ = tokio::time::sleep(poll) => {}
-                _ = stopped.changed() => break,
-            }
-            let digest = crate::policy::reload::folder_digest(&dir);
-            if digest != last {
-                last = digest;
-                let (s, d) = (state.clone(), dir.clone());
-                if let Err(e) = tokio::task::spawn_blocking(move || s.reload_policies(&d)).await {
-                    tracing::error!(error = %e, "re-reading the policy folder");
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Every service of the contract (and the Flight service) is routed and
+    /// so has health: the list is the descriptors reflection serves.
+    #[test]
+    fn every_service_of_the_contract_is_routed() {
+        use prost::Message;
+        let mut described = std::collections::BTreeSet::new();
+        for set in [
+            crate::proto::FILE_DESCRIPTOR_SET,
+            crate::proto::FLIGHT_DESCRIPTOR_SET,
+        ] {
+            let set = prost_types::FileDescriptorSet::decode(set).unwrap();
+            for file in set.file {
+                for service in &file.service {
+                    described.insert(format!("{}.{}", file.package(), service.name()));
                 }
             }
         }
-    });
-    Background {
-        stop,
-        tasks: vec![maintenance, reload, matcher, scrub],
-    }
-}
-
-/// How long the background matcher lets running queries go first before
-/// it stores the tables it matched.
-const STORE_TABLES_WAIT: std::time::Duration = std::time::Duration::from_secs(10);
-
-/// Matches agreements' current versions in the background as they are
-/// committed, so that an overlap request finds its count recorded. Each run
-/// finishes before the task stops: the store must be free once `serve`
-/// returns.
-fn spawn_matcher(
-    state: &AppState,
-    mut stopped: tokio::sync::watch::Receiver<bool>,
-) -> tokio::task::JoinHandle<()> {
-    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<String>();
-    *state.match_queue.lock().unwrap_or_else(|e| e.into_inner()) = Some(tx);
-    let state = state.clone();
-    tokio::spawn(async move {
-        loop {
-            let first = tokio::select! {
-                got = rx.recv() => match got {
-                    Some(a) => a,
-                    None => break,
-                },
-                _ = stopped.changed() => break,
-            };
-            let mut agreements = std::collections::BTreeSet::from([first]);
-            while let Ok(more) = rx.try_recv() {
-                agreements.insert(more);
-            }
-            for agreement in agreements {
-                let s = state.clone();
-                let run =
-                    tokio::task::spawn_blocking(move || matching::match_agreement(&s, &agreement));
-                let loaded = match run.await {
-                    Ok(loaded) => loaded,
-                    Err(e) => {
-                        tracing::error!(error = %e, "background matching");
-                        None
-                    }
-                };
-                let Some((policy, loaded)) = loaded else {
-                    continue;
-                };
-                queries_first(&state, &stopped).await;
-                let s = state.clone();
-                let run = tokio::task::spawn_blocking(move || {
-                    matching::save_tables(&s, &policy, &loaded)
-                });
-                match run.await {
-                    Ok(Ok(())) => {}
-                    Ok(Err(e)) => {
-                        tracing::warn!(error = %e, "storing matched tables failed; the next start matches again")
-                    }
-                    Err(e) => tracing::error!(error = %e, "storing matched tables"),
-                }
-            }
-        }
-    })
-}
-
-/// Waits, before the matcher stores tables, until no query runs: storing
-/// only spares the next start a matching, while a query waiting now (the
-/// first after a commit) should have the cores. At most
-/// [`STORE_TABLES_WAIT`], and not once the server stops.
-async fn queries_first(state: &AppState, stopped: &tokio::sync::watch::Receiver<bool>) {
-    let waited = tokio::time::Instant::now();
-    while !state.query_gate().idle() && waited.elapsed() < STORE_TABLES_WAIT && !*stopped.borrow() {
-        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
-    }
-}
-
-/// Background tasks, stopped with the server.
-#[derive(Debug)]
-struct Background {
-    stop: tokio::sync::watch::Sender<bool>,
-    tasks: Vec<tokio::task::JoinHandle<()>>,
-}
-
-impl Background {
-    /// Stops the tasks between two runs and waits until they are gone, so
-    /// nothing holds the data directory once `serve` returns. (Aborting
-    /// would not do: a blocking run goes on after its task is aborted.)
-    async fn stop(self) {
-        let _ = self.stop.send(true);
-        for t in self.tasks {
-            let _ = t.await;
-        }
+        let routed: std::collections::BTreeSet<String> =
+            routed().iter().map(|s| s.to_string()).collect();
+        assert_eq!(routed, described);
+        assert_eq!(routed.len(), 7);
     }
 }

@@ -5,7 +5,9 @@
 //! peer certificates, as `auth` reads them.
 
 use std::net::SocketAddr;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
+
+use parking_lot::Mutex;
 use std::time::{Duration, Instant};
 
 use futures::Stream;
@@ -93,7 +95,7 @@ impl FailureLog {
     }
 
     fn failed(&self, peer: SocketAddr, reason: &str) {
-        let mut w = self.window.lock().unwrap_or_else(|e| e.into_inner());
+        let mut w = self.window.lock();
         if w.0.elapsed() >= Duration::from_secs(60) {
             if w.2 > 0 {
                 tracing::info!(

@@ -9,8 +9,10 @@
 #![allow(clippy::result_large_err)]
 
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, RwLock};
+
+use parking_lot::RwLock;
 
 use redb::backends::FileBackend;
 use redb::{
@@ -124,7 +126,7 @@ impl Db {
         begin: impl Fn(&Database) -> Result<T, TransactionError>,
     ) -> Result<T, TransactionError> {
         let opened = {
-            let db = self.db.read().unwrap_or_else(|e| e.into_inner());
+            let db = self.db.read();
             let working =
                 db.1.as_ref()
                     .filter(|(_, failed)| !failed.load(Ordering::Acquire));
@@ -134,7 +136,7 @@ impl Db {
             }
         };
         self.reopen(opened);
-        let db = self.db.read().unwrap_or_else(|e| e.into_inner());
+        let db = self.db.read();
         db.1.as_ref()
             .map(|(d, _)| begin(d))
             .unwrap_or_else(|| Err(failed_io()))
@@ -146,7 +148,7 @@ impl Db {
     /// handle), no handle is left and every call fails, as UNAVAILABLE,
     /// until a later try succeeds.
     fn reopen(&self, failed: u64) {
-        let mut db = self.db.write().unwrap_or_else(|e| e.into_inner());
+        let mut db = self.db.write();
         if db.0 != failed && db.1.is_some() {
             // Another caller reopened it meanwhile.
             return;

@@ -114,11 +114,7 @@ impl Store {
     /// the metadata, no file under its folder, no upload being staged.
     /// Staging takes the same lock, so an upload cannot start in between.
     pub fn shred_data_key_if_unused(&self, agreement: &str) -> Result<bool, StorageError> {
-        let _guard = self
-            .inner
-            .keys_lock
-            .lock()
-            .unwrap_or_else(|e| e.into_inner());
+        let _guard = self.inner.keys_lock.lock();
         let prefix = format!("{agreement}/");
         let in_metadata = {
             let tx = self.inner.db.begin_read()?;

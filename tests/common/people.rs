@@ -143,7 +143,7 @@ pub fn demo_policy(privacy: Option<&str>, min_group_size: u32) -> Policy {
         None => head,
         Some(section) => format!("{head}[privacy]\n{section}\n"),
     };
-    cleanroom::policy::parse_policy(&text, &path).unwrap()
+    cleanroom::agreements::parse_policy(&text, &path).unwrap()
 }
 
 /// (year, month, day) of a day count since 1970-01-01, computed apart from

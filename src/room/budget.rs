@@ -1,13 +1,14 @@
-//! Charging the privacy budget around a private answer: shared by queries
-//! and overlaps.
+//! Charging the privacy budget around a private answer: shared by
+//! questions and overlaps.
 
-use super::AppState;
-use crate::error::ServiceError;
+use super::{Room, RoomError};
+use crate::audit::{AuditError, AuditLog, Event};
+use crate::policy::PolicySet;
 use crate::policy::{Policy, Privacy};
 use crate::privacy::window::describe;
 use crate::privacy::{Report, from_micros, to_micros, window};
-use crate::proto;
 use crate::storage::{Charge, Totals, delta_from_units, delta_to_units};
+use crate::storage::{StorageError, Store};
 
 /// A charge taken for one answer.
 #[derive(Debug, Clone)]
@@ -16,52 +17,52 @@ pub(super) struct Charged {
     pub(super) epsilon: f64,
     /// Budget left in the window after this charge.
     pub(super) remaining: f64,
-    /// RFC 3339, or "never".
-    pub(super) next_refresh: String,
+    /// Unix seconds of the next refresh; None for never.
+    pub(super) next_refresh: Option<i64>,
 }
 
 /// The epsilon a request spends: what it asks for (or the agreement's
 /// per-query maximum), rounded up to whole millionths as it is charged.
 /// Below the agreement's floor it is refused: many queries at a tiny
 /// epsilon would each still spend a whole delta.
-pub(super) fn epsilon_for(privacy: &Privacy, requested: Option<f64>) -> Result<f64, ServiceError> {
+pub(super) fn epsilon_for(privacy: &Privacy, requested: Option<f64>) -> Result<f64, RoomError> {
     let max = privacy.epsilon_per_query_max();
     let min = privacy.epsilon_per_query_min();
     let epsilon = requested.unwrap_or(max);
     if !(epsilon.is_finite() && epsilon >= min && epsilon <= max) {
-        return Err(ServiceError::InvalidArgument {
-            field: "epsilon",
-            rule: format!(
+        return Err(RoomError::invalid(
+            "epsilon",
+            format!(
                 "must be at least {min} (privacy.epsilon_per_query_min) and at most {max} (privacy.epsilon_per_query_max)"
             ),
-        });
+        ));
     }
     Ok(crate::privacy::charged_epsilon(epsilon, max))
 }
 
 /// Refuses an epsilon for an agreement without differential privacy.
-pub(super) fn no_epsilon(policy: &Policy, requested: Option<f64>) -> Result<(), ServiceError> {
+pub(super) fn no_epsilon(policy: &Policy, requested: Option<f64>) -> Result<(), RoomError> {
     match requested {
-        Some(_) => Err(ServiceError::InvalidArgument {
-            field: "epsilon",
-            rule: format!(
+        Some(_) => Err(RoomError::invalid(
+            "epsilon",
+            format!(
                 "agreement {} has no differential privacy; leave epsilon unset",
                 policy.id()
             ),
-        }),
+        )),
         None => Ok(()),
     }
 }
 
 /// A fresh random id for the budget ledger and the audit log.
-fn new_query_id() -> Result<String, ServiceError> {
+fn new_query_id() -> Result<String, RoomError> {
     let mut id = [0u8; 16];
     ring::rand::SecureRandom::fill(&ring::rand::SystemRandom::new(), &mut id)
-        .map_err(|_| ServiceError::Internal("the system random source failed".into()))?;
+        .map_err(|_| RoomError::Internal("the system random source failed".into()))?;
     Ok(hex::encode(id))
 }
 
-impl AppState {
+impl Room {
     /// Charges `epsilon` and the agreement's delta to `org`'s budget in the
     /// current window, or says which of the two is short, how much of it
     /// is left and when it refreshes.
@@ -71,7 +72,7 @@ impl AppState {
         policy: &Policy,
         privacy: &Privacy,
         epsilon: f64,
-    ) -> Result<Charged, ServiceError> {
+    ) -> Result<Charged, RoomError> {
         let window = window(privacy.refresh(), self.clock().now());
         let charge = Charge {
             query: new_query_id()?,
@@ -89,14 +90,14 @@ impl AppState {
         let (store, c) = (self.store().clone(), charge.clone());
         let spent = tokio::task::spawn_blocking(move || store.charge(&c, totals))
             .await
-            .map_err(|e| ServiceError::Internal(format!("charging the budget: {e}")))??;
+            .map_err(|e| RoomError::Internal(format!("charging the budget: {e}")))??;
         crate::crash::point("ledger.charged");
         match spent {
             Ok(after) => Ok(Charged {
                 charge,
                 epsilon,
                 remaining: from_micros(total.saturating_sub(after.micros)),
-                next_refresh: describe(window.next_refresh),
+                next_refresh: window.next_refresh.map(|t| t.unix_timestamp()),
             }),
             Err(before) => {
                 let epsilon_short = before.micros.saturating_add(charge.micros) > total;
@@ -115,7 +116,7 @@ impl AppState {
                         privacy.delta_total(),
                     )
                 };
-                Err(ServiceError::BudgetExhausted {
+                Err(RoomError::BudgetExhausted {
                     agreement: policy.id().to_string(),
                     measure,
                     needed,
@@ -157,7 +158,7 @@ impl AppState {
     pub(super) async fn finish_charge(
         &self,
         charged: Option<&Charged>,
-        audited: &Result<(), ServiceError>,
+        audited: &Result<(), RoomError>,
     ) {
         if let Some(c) = charged {
             match audited {
@@ -171,28 +172,75 @@ impl AppState {
     }
 }
 
+/// What a private answer spent and what it carries: its noise, and the
+/// caller's budget after it.
+#[derive(Debug, Clone)]
+pub struct Spent {
+    pub report: Report,
+    /// Epsilon left in the window after this answer.
+    pub epsilon_remaining: f64,
+    /// Unix seconds of the next refresh; None for never.
+    pub next_refresh: Option<i64>,
+}
+
 /// The privacy report an answer carries.
-pub(super) fn privacy_report(r: &Report, charged: &Charged) -> proto::PrivacyReport {
-    proto::PrivacyReport {
-        mechanism: r.mechanism.to_string(),
-        epsilon: r.epsilon,
-        delta: r.delta,
-        threshold: r.threshold,
-        threshold_scale: r.threshold_scale,
-        max_groups_per_person: r.max_groups_per_person,
-        max_rows_per_person: r.max_rows_per_person,
-        columns: r
-            .columns
-            .iter()
-            .map(|c| proto::ColumnNoise {
-                aggregate: c.aggregate.clone(),
-                epsilon: c.epsilon,
-                scale: c.scale,
-                count_scale: c.count_scale,
-                half_width_95: c.half_width_95,
-            })
-            .collect(),
+pub(super) fn spent(r: &Report, charged: &Charged) -> Spent {
+    Spent {
+        report: r.clone(),
         epsilon_remaining: charged.remaining,
-        next_refresh: charged.next_refresh.clone(),
+        next_refresh: charged.next_refresh,
     }
+}
+
+/// Why the charges a crash left could not be settled.
+#[derive(Debug, thiserror::Error)]
+pub enum SettleError {
+    #[error("data directory: {0}")]
+    Storage(#[from] StorageError),
+    #[error("{0}")]
+    Audit(#[from] AuditError),
+}
+
+/// Settles the budget charges a crash left pending. Each stays spent (its
+/// answer may have left the server). A charge without an audit entry first
+/// gets one, decision "interrupted", so the audit log accounts for every
+/// epsilon the ledger holds.
+pub fn settle_interrupted(
+    store: &Store,
+    audit: &AuditLog,
+    policies: &PolicySet,
+    now: i64,
+) -> Result<(), SettleError> {
+    let pending = store.pending_charges()?;
+    if pending.is_empty() {
+        return Ok(());
+    }
+    let audited = audit.query_ids()?;
+    for c in pending {
+        if !audited.contains(&c.query) {
+            let event = Event {
+                org: c.org.clone(),
+                agreement: c.agreement.clone(),
+                policy_hash: policies
+                    .get(&c.agreement)
+                    .map(|p| p.hash().to_hex())
+                    .unwrap_or_default(),
+                action: "query",
+                rule: Some("privacy.budget".into()),
+                epsilon: Some(crate::privacy::from_micros(c.micros)),
+                delta: (c.delta_units > 0).then(|| crate::storage::delta_from_units(c.delta_units)),
+                query_id: Some(c.query.clone()),
+                interrupted: true,
+                ..Event::default()
+            };
+            audit.append(event, now)?;
+        }
+        store.settle(&c.query)?;
+        tracing::warn!(
+            agreement = %c.agreement,
+            org = %c.org,
+            "a query interrupted by a stop kept its budget charge"
+        );
+    }
+    Ok(())
 }

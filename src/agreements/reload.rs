@@ -16,8 +16,8 @@ use std::collections::BTreeSet;
 use std::path::Path;
 use std::sync::Arc;
 
-use super::PolicySet;
-use super::load::{PolicyError, policy_files, read_policy_file};
+use super::{policy_files, read_policy_file};
+use crate::policy::{PolicyError, PolicySet};
 
 /// What happened to one agreement.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -280,7 +280,7 @@ mod tests {
         let p = removed.set.get("retail-media-demo").unwrap();
         assert_eq!(
             removed.set.state_of(p, today),
-            super::super::AgreementState::Suspended
+            crate::policy::AgreementState::Suspended
         );
 
         // Back: resumed.
@@ -290,7 +290,7 @@ mod tests {
         let p = back.set.get("retail-media-demo").unwrap();
         assert_eq!(
             back.set.state_of(p, today),
-            super::super::AgreementState::Active
+            crate::policy::AgreementState::Active
         );
     }
 }

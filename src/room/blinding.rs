@@ -2,30 +2,26 @@
 //!
 //! A version arrives holding its owner's singly blinded points. The server
 //! relays the distinct ones, shuffled afresh, to the partner
-//! (`BlindingWork`), which multiplies each by its own scalar and sends them
-//! back in the same order (`SubmitBlinding`). The server undoes the shuffle
+//! (blinding work), which multiplies each by its own scalar and sends them
+//! back in the same order (a submission). The server undoes the shuffle
 //! it kept and seals the pairs beside the version. From then on matching,
 //! overlaps and queries read the version with each identifier replaced by
 //! its doubly blinded point, exactly as they read fingerprints.
 
 use std::collections::HashMap;
-use std::pin::Pin;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 
 use arrow::array::{Array, ArrayRef, FixedSizeBinaryArray, FixedSizeBinaryBuilder};
 use arrow::record_batch::RecordBatch;
-use futures::Stream;
+use futures::{Stream, StreamExt};
+use parking_lot::Mutex;
 use rand::SeedableRng;
 use rand::seq::SliceRandom;
-use tonic::{Request, Response, Status, Streaming};
 
-use super::AppState;
-use super::datasets::agreement_in_force;
+use super::{Broken, Room, RoomError};
 use crate::audit::Event;
-use crate::error::ServiceError;
-use crate::identity::blinding::{POINT_LEN, POINTS_PER_MESSAGE};
+use crate::identity::blinding::POINT_LEN;
 use crate::policy::{Matching, Policy};
-use crate::proto;
 use crate::storage::{Blinding, KeyId, Store, VersionInfo};
 
 type Point = [u8; POINT_LEN];
@@ -56,7 +52,7 @@ impl Jobs {
     /// Hands out `job`; one handed out earlier for the same dataset is
     /// withdrawn, so only the latest shuffle of a version is answerable.
     fn insert(&self, id: String, job: Job) {
-        let mut jobs = self.inner.lock().unwrap_or_else(|e| e.into_inner());
+        let mut jobs = self.inner.lock();
         jobs.retain(|_, j| {
             !(j.agreement == job.agreement && j.version.dataset == job.version.dataset)
         });
@@ -65,7 +61,7 @@ impl Jobs {
 
     /// Takes the job `id` if `org` was given it in `agreement`.
     fn take(&self, id: &str, agreement: &str, org: &str) -> Option<Job> {
-        let mut jobs = self.inner.lock().unwrap_or_else(|e| e.into_inner());
+        let mut jobs = self.inner.lock();
         let theirs = jobs
             .get(id)
             .is_some_and(|j| j.agreement == agreement && j.partner == org);
@@ -89,7 +85,7 @@ pub(crate) fn read_matchable(
     policy: &Policy,
     info: &VersionInfo,
     columns: &[&str],
-) -> Result<Option<Vec<RecordBatch>>, ServiceError> {
+) -> Result<Option<Vec<RecordBatch>>, RoomError> {
     let wanted: Vec<&str> = policy
         .dataset(&info.dataset)
         .map(|d| {
@@ -101,14 +97,14 @@ pub(crate) fn read_matchable(
         })
         .unwrap_or_default();
     // Only the wanted columns are copied or substituted.
-    let project = |batch: &RecordBatch| -> Result<RecordBatch, ServiceError> {
+    let project = |batch: &RecordBatch| -> Result<RecordBatch, RoomError> {
         let schema = batch.schema();
         let kept: Vec<usize> = (0..batch.num_columns())
             .filter(|i| wanted.contains(&schema.field(*i).name().as_str()))
             .collect();
         batch
             .project(&kept)
-            .map_err(|e| ServiceError::Internal(format!("identifier columns: {e}")))
+            .map_err(|e| RoomError::Internal(format!("identifier columns: {e}")))
     };
     // A batch may keep no column (a kind this dataset lacks): its rows
     // still count.
@@ -116,11 +112,11 @@ pub(crate) fn read_matchable(
         arrow::record_batch::RecordBatchOptions::new().with_row_count(Some(batch.num_rows()))
     };
     if policy.matching() == Matching::Keyed {
-        let owned = |batch: RecordBatch| -> Result<RecordBatch, ServiceError> {
+        let owned = |batch: RecordBatch| -> Result<RecordBatch, RoomError> {
             let batch = project(&batch)?;
             let columns = batch.columns().iter().map(crate::query::owned).collect();
             RecordBatch::try_new_with_options(batch.schema(), columns, &rows(&batch))
-                .map_err(|e| ServiceError::Internal(format!("copying identifiers: {e}")))
+                .map_err(|e| RoomError::Internal(format!("copying identifiers: {e}")))
         };
         return Ok(Some(store.read_with(info, owned)?));
     }
@@ -131,7 +127,7 @@ pub(crate) fn read_matchable(
         return Ok(None);
     };
     let index = blinding.index();
-    let doubled = |batch: RecordBatch| -> Result<RecordBatch, ServiceError> {
+    let doubled = |batch: RecordBatch| -> Result<RecordBatch, RoomError> {
         let batch = project(&batch)?;
         let mut columns: Vec<ArrayRef> = batch.columns().to_vec();
         for column in columns.iter_mut() {
@@ -149,31 +145,31 @@ pub(crate) fn read_matchable(
                     .ok()
                     .and_then(|s| index.get(s).copied())
                     .ok_or_else(|| {
-                        ServiceError::Internal(format!(
+                        RoomError::Internal(format!(
                             "a point of {} {} has no blinding",
                             info.dataset, info.version
                         ))
                     })?;
                 doubles
                     .append_value(double)
-                    .map_err(|e| ServiceError::Internal(format!("building points: {e}")))?;
+                    .map_err(|e| RoomError::Internal(format!("building points: {e}")))?;
             }
             *column = Arc::new(doubles.finish());
         }
         RecordBatch::try_new_with_options(batch.schema(), columns, &rows(&batch))
-            .map_err(|e| ServiceError::Internal(format!("substituting points: {e}")))
+            .map_err(|e| RoomError::Internal(format!("substituting points: {e}")))
     };
     Ok(Some(store.read_with(info, doubled)?))
 }
 
 /// Why a dataset with a current version cannot be matched yet.
-pub(crate) fn not_blinded(policy: &Policy, dataset: &str) -> ServiceError {
+pub(crate) fn not_blinded(policy: &Policy, dataset: &str) -> RoomError {
     let owner = policy
         .dataset(dataset)
         .map(|d| d.owner())
         .unwrap_or_default();
     let partner = partner_of(policy, owner).unwrap_or_default();
-    ServiceError::NotBlinded {
+    RoomError::NotBlinded {
         dataset: dataset.to_string(),
         partner: partner.to_string(),
     }
@@ -186,7 +182,7 @@ pub(crate) fn is_matchable(
     store: &Store,
     policy: &Policy,
     info: &VersionInfo,
-) -> Result<bool, ServiceError> {
+) -> Result<bool, RoomError> {
     if policy.matching() == Matching::Keyed {
         return Ok(true);
     }
@@ -210,7 +206,7 @@ fn own_key(
     store: &Store,
     policy: &Policy,
     org: &str,
-) -> Result<Option<(String, KeyId)>, ServiceError> {
+) -> Result<Option<(String, KeyId)>, RoomError> {
     for d in policy.datasets().iter().filter(|d| d.owner() == org) {
         if let Some(v) = store.current(policy.id(), d.name())?
             && let Some(key) = store.owner_key(&v)?
@@ -224,36 +220,33 @@ fn own_key(
 /// The id of a party's blinding key, as sent with an upload, an erasure or
 /// a request for work: required and a valid point under `ecdh`, absent
 /// under `keyed`.
-pub(crate) fn key_id_of(policy: &Policy, bytes: &[u8]) -> Result<Option<KeyId>, ServiceError> {
+pub(crate) fn key_id_of(policy: &Policy, bytes: &[u8]) -> Result<Option<KeyId>, RoomError> {
     if policy.matching() == Matching::Keyed {
         if !bytes.is_empty() {
-            return Err(ServiceError::InvalidArgument {
-                field: "key_id",
-                rule: format!(
+            return Err(RoomError::invalid(
+                "key_id",
+                format!(
                     "agreement {} matches keyed fingerprints; a blinding key id has no place here",
                     policy.id()
                 ),
-            });
+            ));
         }
         return Ok(None);
     }
     let id = KeyId::try_from(bytes)
         .ok()
         .filter(|id| crate::identity::blinding::decompress(id).is_some())
-        .ok_or_else(|| ServiceError::InvalidArgument {
-            field: "key_id",
-            rule: format!(
+        .ok_or_else(|| RoomError::invalid("key_id", format!(
                 "agreement {} matches without a shared secret: send the 32-byte id of your blinding key",
                 policy.id()
-            ),
-        })?;
+            )))?;
     Ok(Some(id))
 }
 
 /// The refusal when points come blinded with another key than the one the
 /// caller's current upload of `dataset` was made with.
-pub(crate) fn other_key(dataset: &str) -> ServiceError {
-    ServiceError::Blinding {
+pub(crate) fn other_key(dataset: &str) -> RoomError {
+    RoomError::Blinding {
         rule: "blinding.key",
         detail: format!(
             "this is not the blinding key your current upload of dataset {dataset:?} was made with; use that key, or upload again with this one"
@@ -292,7 +285,7 @@ pub(crate) fn carry_over(
     from: &VersionInfo,
     to: &VersionInfo,
     kept: &[RecordBatch],
-) -> Result<(), ServiceError> {
+) -> Result<(), RoomError> {
     if policy.matching() == Matching::Keyed {
         return Ok(());
     }
@@ -309,26 +302,26 @@ pub(crate) fn carry_over(
     Ok(())
 }
 
-fn random_id() -> Result<String, ServiceError> {
+fn random_id() -> Result<String, RoomError> {
     let mut id = [0u8; 16];
     ring::rand::SecureRandom::fill(&ring::rand::SystemRandom::new(), &mut id)
-        .map_err(|_| ServiceError::Internal("the system random source failed".into()))?;
+        .map_err(|_| RoomError::Internal("the system random source failed".into()))?;
     Ok(hex::encode(id))
 }
 
-fn shuffled(n: usize) -> Result<Vec<u32>, ServiceError> {
+fn shuffled(n: usize) -> Result<Vec<u32>, RoomError> {
     let mut seed = [0u8; 32];
     ring::rand::SecureRandom::fill(&ring::rand::SystemRandom::new(), &mut seed)
-        .map_err(|_| ServiceError::Internal("the system random source failed".into()))?;
+        .map_err(|_| RoomError::Internal("the system random source failed".into()))?;
     let mut rng = rand_chacha::ChaCha20Rng::from_seed(seed);
     let mut order: Vec<u32> = (0..n as u32).collect();
     order.shuffle(&mut rng);
     Ok(order)
 }
 
-fn require_ecdh(policy: &Policy) -> Result<(), ServiceError> {
+fn require_ecdh(policy: &Policy) -> Result<(), RoomError> {
     if policy.matching() != Matching::Ecdh {
-        return Err(ServiceError::PermissionDenied {
+        return Err(RoomError::PermissionDenied {
             rule: "agreement.matching",
             detail: format!(
                 "agreement {} matches keyed fingerprints; there is nothing to blind",
@@ -339,21 +332,34 @@ fn require_ecdh(policy: &Policy) -> Result<(), ServiceError> {
     Ok(())
 }
 
+/// One version for the partner to blind: its distinct points, shuffled.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Work {
+    pub job_id: String,
+    pub dataset: String,
+    pub owner: String,
+    /// The points, 32 bytes each, in the relayed order.
+    pub points: Vec<u8>,
+}
+
+/// A returned job, sealed beside its version.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Blinded {
+    pub dataset: String,
+    pub version: String,
+    pub points: u64,
+}
+
 /// The partner's versions `org` has still to blind with `key`, each made a
 /// job.
-fn issue_jobs(
-    state: &AppState,
-    policy: &Policy,
-    org: &str,
-    key: KeyId,
-) -> Result<Vec<proto::BlindingChunk>, ServiceError> {
-    let store = state.store();
+fn issue_jobs(room: &Room, policy: &Policy, org: &str, key: KeyId) -> Result<Vec<Work>, RoomError> {
+    let store = room.store();
     if let Some((dataset, own)) = own_key(store, policy, org)?
         && own != key
     {
         return Err(other_key(&dataset));
     }
-    let mut messages = Vec::new();
+    let mut work = Vec::new();
     for d in policy.datasets().iter().filter(|d| d.owner() != org) {
         let Some(version) = store.current(policy.id(), d.name())? else {
             continue;
@@ -365,23 +371,13 @@ fn issue_jobs(
         let singles = singles_of(&store.read(&version)?, &identifiers);
         let order = shuffled(singles.len())?;
         let id = random_id()?;
-        let header = proto::BlindingJob {
+        work.push(Work {
             job_id: id.clone(),
             dataset: d.name().to_string(),
             owner: d.owner().to_string(),
-            points: singles.len() as u64,
-        };
-        let relayed: Vec<u8> = order.iter().flat_map(|&i| singles[i as usize]).collect();
-        let mut chunks = relayed.chunks(POINTS_PER_MESSAGE * POINT_LEN);
-        messages.push(proto::BlindingChunk {
-            job: Some(header),
-            points: chunks.next().unwrap_or_default().to_vec(),
+            points: order.iter().flat_map(|&i| singles[i as usize]).collect(),
         });
-        messages.extend(chunks.map(|c| proto::BlindingChunk {
-            job: None,
-            points: c.to_vec(),
-        }));
-        state.blinding_jobs().insert(
+        room.blinding_jobs().insert(
             id,
             Job {
                 agreement: policy.id().to_string(),
@@ -393,25 +389,21 @@ fn issue_jobs(
             },
         );
     }
-    Ok(messages)
+    Ok(work)
 }
 
 /// Checks a returned job and seals its pairs beside the version, if that
 /// version is still current.
-fn complete(
-    state: &AppState,
-    job: Job,
-    returned: Vec<u8>,
-) -> Result<proto::SubmitBlindingResponse, ServiceError> {
+fn complete(room: &Room, job: Job, returned: Vec<u8>) -> Result<Blinded, RoomError> {
     let n = job.singles.len();
     if returned.len() != n * POINT_LEN {
-        return Err(ServiceError::InvalidArgument {
-            field: "points",
-            rule: format!(
+        return Err(RoomError::invalid(
+            "points",
+            format!(
                 "the job holds {n} points; {} bytes is not {n} 32-byte points",
                 returned.len()
             ),
-        });
+        ));
     }
     let mut doubles: Vec<Point> = vec![[0; POINT_LEN]; n];
     for (i, chunk) in returned.chunks_exact(POINT_LEN).enumerate() {
@@ -422,18 +414,18 @@ fn complete(
     let mut sorted = doubles.clone();
     sorted.sort_unstable();
     if sorted.windows(2).any(|w| w[0] == w[1]) {
-        return Err(ServiceError::InvalidArgument {
-            field: "points",
-            rule: "distinct points must stay distinct once blinded".into(),
-        });
+        return Err(RoomError::invalid(
+            "points",
+            "distinct points must stay distinct once blinded",
+        ));
     }
     let info = &job.version;
-    let lock = state.dataset_lock(&info.agreement, &info.dataset);
-    let _serialised = lock.lock().unwrap_or_else(|e| e.into_inner());
-    let store = state.store();
+    let lock = room.dataset_lock(&info.agreement, &info.dataset);
+    let _serialised = lock.lock();
+    let store = room.store();
     let current = store.current(&info.agreement, &info.dataset)?;
     if current.as_ref().map(|c| &c.version) != Some(&info.version) {
-        return Err(ServiceError::Blinding {
+        return Err(RoomError::Blinding {
             rule: "blinding.job",
             detail: format!(
                 "dataset {:?} has a newer version since this job was issued; run `cleanroom match` again",
@@ -443,105 +435,95 @@ fn complete(
     }
     let pairs = job.singles.into_iter().zip(doubles).collect();
     store.put_blinding(info, &Blinding::new(job.blinder, pairs))?;
-    state.versions_changed(&info.agreement);
-    Ok(proto::SubmitBlindingResponse {
+    room.versions_changed(&info.agreement);
+    Ok(Blinded {
         dataset: info.dataset.clone(),
         version: info.version.clone(),
         points: n as u64,
     })
 }
 
-pub(crate) type WorkStream =
-    Pin<Box<dyn Stream<Item = Result<proto::BlindingChunk, Status>> + Send + 'static>>;
-
-impl super::matching::MatchingService {
-    pub(crate) async fn blinding_work_of(
+impl Room {
+    /// The versions `org` has still to blind in agreement `id` with the key
+    /// `key_id`, each a job that lasts until answered, a newer fetch or a
+    /// restart.
+    pub async fn blinding_work(
         &self,
-        request: Request<proto::BlindingWorkRequest>,
-    ) -> Result<Response<WorkStream>, Status> {
-        let org = super::auth::caller(&request)?;
-        let state = self.state().clone();
-        let policy = agreement_in_force(&state, &org, &request.get_ref().agreement_id)?;
+        org: &str,
+        id: &str,
+        key_id: &[u8],
+    ) -> Result<Vec<Work>, RoomError> {
+        let policy = self.agreement_in_force(org, id)?;
         require_ecdh(&policy)?;
-        let key = key_id_of(&policy, &request.get_ref().key_id)?
-            .ok_or_else(|| ServiceError::Internal("no key id under ecdh".into()))?;
-        let messages = tokio::task::spawn_blocking(move || issue_jobs(&state, &policy, &org, key))
+        let key = key_id_of(&policy, key_id)?
+            .ok_or_else(|| RoomError::Internal("no key id under ecdh".into()))?;
+        let (room, org) = (self.clone(), org.to_string());
+        tokio::task::spawn_blocking(move || issue_jobs(&room, &policy, &org, key))
             .await
-            .map_err(|e| ServiceError::Internal(format!("issuing blinding jobs: {e}")))??;
-        let stream = tokio_stream::iter(messages.into_iter().map(Ok));
-        Ok(Response::new(Box::pin(stream)))
+            .map_err(|e| RoomError::Internal(format!("issuing blinding jobs: {e}")))?
     }
 
-    pub(crate) async fn submit_blinding_of(
+    /// Takes back job `job_id` of agreement `id`, its points `first` and
+    /// then `rest`, checks them and seals them beside the version. Audited.
+    pub async fn submit_blinding(
         &self,
-        request: Request<Streaming<proto::BlindingSubmission>>,
-    ) -> Result<Response<proto::SubmitBlindingResponse>, Status> {
-        let org = super::auth::caller(&request)?;
-        let mut stream = request.into_inner();
-        let first = match stream.message().await {
-            Ok(Some(m)) => m,
-            _ => {
-                return Err(ServiceError::InvalidArgument {
-                    field: "job_id",
-                    rule: "the first message must name the agreement and the job".into(),
-                }
-                .into());
-            }
-        };
-        let agreement = first.agreement_id.clone();
-        let outcome = self.receive(&org, first, &mut stream).await;
+        org: &str,
+        id: &str,
+        job_id: &str,
+        first: Vec<u8>,
+        rest: impl Stream<Item = Result<Vec<u8>, Broken>> + Unpin,
+    ) -> Result<Blinded, RoomError> {
+        let outcome = self.receive(org, id, job_id, first, rest).await;
         let event = Event {
-            org,
-            agreement,
+            org: org.to_string(),
+            agreement: id.to_string(),
             action: "blinding",
             ..Event::default()
         };
-        self.state().audit_outcome(event, &outcome, |r, e| {
+        self.audit_outcome(event, &outcome, |r, e| {
             e.subject = Some(format!("{} {}", r.dataset, r.version));
             e.rows = Some(r.points);
         })?;
-        Ok(Response::new(outcome?))
+        outcome
     }
 
     async fn receive(
         &self,
         org: &str,
-        first: proto::BlindingSubmission,
-        stream: &mut Streaming<proto::BlindingSubmission>,
-    ) -> Result<proto::SubmitBlindingResponse, ServiceError> {
-        let state = self.state().clone();
-        let policy = agreement_in_force(&state, org, &first.agreement_id)?;
+        id: &str,
+        job_id: &str,
+        first: Vec<u8>,
+        mut rest: impl Stream<Item = Result<Vec<u8>, Broken>> + Unpin,
+    ) -> Result<Blinded, RoomError> {
+        let policy = self.agreement_in_force(org, id)?;
         require_ecdh(&policy)?;
-        let job = state
+        let job = self
             .blinding_jobs()
-            .take(&first.job_id, policy.id(), org)
-            .ok_or_else(|| ServiceError::InvalidArgument {
-                field: "job_id",
-                rule: "is not a blinding job handed to you in this agreement (jobs last until answered, a newer fetch or a restart)".into(),
-            })?;
+            .take(job_id, policy.id(), org)
+            .ok_or_else(|| RoomError::invalid("job_id", "is not a blinding job handed to you in this agreement (jobs last until answered, a newer fetch or a restart)"))?;
         let expected = job.singles.len() * POINT_LEN;
-        let mut returned = first.points;
+        let mut returned = first;
         loop {
             if returned.len() > expected {
-                return Err(ServiceError::InvalidArgument {
-                    field: "points",
-                    rule: format!("the job holds {} points; more came back", job.singles.len()),
-                });
+                return Err(RoomError::invalid(
+                    "points",
+                    format!("the job holds {} points; more came back", job.singles.len()),
+                ));
             }
-            match stream.message().await {
-                Ok(Some(m)) => returned.extend_from_slice(&m.points),
-                Ok(None) => break,
-                Err(status) => {
-                    tracing::info!(code = ?status.code(), "a blinding stream broke");
-                    return Err(ServiceError::InvalidArgument {
-                        field: "points",
-                        rule: "the stream broke before its end; nothing was stored".into(),
-                    });
+            match rest.next().await {
+                Some(Ok(points)) => returned.extend_from_slice(&points),
+                None => break,
+                Some(Err(Broken)) => {
+                    return Err(RoomError::invalid(
+                        "points",
+                        "the stream broke before its end; nothing was stored",
+                    ));
                 }
             }
         }
-        tokio::task::spawn_blocking(move || complete(&state, job, returned))
+        let room = self.clone();
+        tokio::task::spawn_blocking(move || complete(&room, job, returned))
             .await
-            .map_err(|e| ServiceError::Internal(format!("storing a blinding: {e}")))?
+            .map_err(|e| RoomError::Internal(format!("storing a blinding: {e}")))?
     }
 }

@@ -1,10 +1,12 @@
-//! The server's upkeep between calls: deleting what retention and expiry
-//! no longer allow, once the clock is believable, and checking stored
-//! versions for damage.
+//! The room's upkeep between calls: re-reading the policy folder,
+//! deleting what retention and expiry no longer allow, once the clock is
+//! believable, and checking stored versions for damage.
 
+use std::path::Path;
+use std::sync::Arc;
 use std::time::Duration;
 
-use super::{AppState, OPERATOR};
+use super::{OPERATOR, Room};
 use crate::audit::Event;
 use crate::storage::StorageError;
 
@@ -50,7 +52,85 @@ impl Default for Scrub {
     }
 }
 
-impl AppState {
+impl Room {
+    /// Re-reads the policy folder and puts the result in force: valid
+    /// edits apply, broken files keep their last good policy, removed
+    /// files suspend their agreement. Every change and refusal is logged
+    /// and audited. Blocking: call off the async runtime.
+    pub fn reload_policies(&self, dir: &Path) {
+        let current = self.policies();
+        let outcome = crate::agreements::reload::reload(dir, &current);
+        let now = self.clock.now().unix_timestamp();
+        for c in &outcome.changes {
+            tracing::info!(
+                agreement = %c.id,
+                change = c.kind.as_str(),
+                old = c.old_hash.as_deref().unwrap_or("-"),
+                new = c.new_hash.as_deref().unwrap_or("-"),
+                "policy reloaded"
+            );
+            let event = Event {
+                org: OPERATOR.into(),
+                agreement: c.id.clone(),
+                policy_hash: c
+                    .new_hash
+                    .clone()
+                    .or(c.old_hash.clone())
+                    .unwrap_or_default(),
+                action: "policy_reload",
+                accepted: true,
+                subject: Some(format!(
+                    "{} {} -> {}",
+                    c.kind.as_str(),
+                    c.old_hash.as_deref().unwrap_or("none"),
+                    c.new_hash.as_deref().unwrap_or("none")
+                )),
+                ..Event::default()
+            };
+            if let Err(e) = self.audit.append(event, now) {
+                tracing::error!(error = %e, "auditing a policy reload");
+            }
+        }
+        let mut messages = Vec::new();
+        for e in &outcome.errors {
+            for line in e.to_string().lines() {
+                tracing::warn!(problem = %line, "policy file refused; the last good policy stays in force");
+                messages.push(line.to_string());
+            }
+            let agreement = e
+                .file
+                .file_stem()
+                .and_then(|s| s.to_str())
+                .unwrap_or_default()
+                .to_string();
+            let event = Event {
+                org: OPERATOR.into(),
+                policy_hash: current
+                    .get(&agreement)
+                    .map(|p| p.hash().to_hex())
+                    .unwrap_or_default(),
+                agreement,
+                action: "policy_reload",
+                accepted: false,
+                rule: Some("policy.invalid".into()),
+                subject: e.file.file_name().map(|n| n.to_string_lossy().into_owned()),
+                ..Event::default()
+            };
+            if let Err(e) = self.audit.append(event, now) {
+                tracing::error!(error = %e, "auditing a refused policy reload");
+            }
+        }
+        *self.policies.write() = Arc::new(outcome.set);
+        self.query_tables.clear();
+        let mut status = self.reload.lock();
+        status.reloads += 1;
+        if !outcome.errors.is_empty() {
+            status.failures += 1;
+        }
+        status.last_at = Some(now);
+        status.last_errors = messages;
+    }
+
     /// Deletes what retention and expiry no longer allow: every version
     /// older than the agreement's retention period, and everything of an
     /// agreement once the grace period after its expiry has passed. When
@@ -70,7 +150,7 @@ impl AppState {
             return Ok(());
         }
         self.store.see_time(unix, false)?;
-        *self.paused_at.lock().unwrap_or_else(|e| e.into_inner()) = None;
+        *self.paused_at.lock() = None;
         let grace = time::Duration::try_from(self.deletion.grace).unwrap_or(time::Duration::MAX);
         for policy in self.policies().iter() {
             let id = policy.id();
@@ -167,7 +247,7 @@ impl AppState {
 
     /// Audits, once per pause, that deletion waits for the clock.
     fn deletion_paused(&self, seen: i64, now: i64) {
-        let mut paused = self.paused_at.lock().unwrap_or_else(|e| e.into_inner());
+        let mut paused = self.paused_at.lock();
         if paused.is_some() {
             return;
         }
