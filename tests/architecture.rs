@@ -174,6 +174,7 @@ fn the_files_of_each_folder_import_each_other_in_no_loop() {
 /// The layers from the top: each may name only those below it.
 const LAYERS: &[&[&str]] = &[
     &["cli"],
+    &["console"],
     &["server"],
     &["prepare"],
     &["client"],

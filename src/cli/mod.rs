@@ -2,6 +2,7 @@
 
 mod audit;
 mod connect;
+mod console;
 mod governance;
 mod local;
 mod matching;
@@ -73,6 +74,9 @@ enum Command {
     /// Check the audit chain, or read your agreements' audit entries.
     #[command(subcommand)]
     Audit(audit::AuditCommand),
+    /// A web console on this machine for your agreements: templates and
+    /// queries with charts, datasets, budget, audit log and access report.
+    Console(console::ConsoleArgs),
     /// Show the organisation your client certificate names.
     Whoami(connect::WhoamiArgs),
     /// List your agreements, or show one.
@@ -234,6 +238,7 @@ pub fn main() -> ExitCode {
         Command::Budget(args) => connect::budget(args),
         Command::Report(args) => governance::report(args),
         Command::Admin(cmd) => governance::admin(cmd),
+        Command::Console(args) => console::run(args),
         Command::Whoami(args) => connect::whoami(args),
         Command::Agreements(args) => connect::agreements(args),
         Command::Completions { shell } => {
