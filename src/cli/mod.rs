@@ -172,6 +172,10 @@ const EXAMPLES: &[(&str, &str)] = &[
         "cleanroom audit show --agreement retail-media-demo",
     ),
     (
+        "console",
+        "cleanroom console --cert cleanroom-data/certs/acme.pem --key cleanroom-data/certs/acme-key.pem --listen 127.0.0.1:8787",
+    ),
+    (
         "whoami",
         "cleanroom whoami --server https://cleanroom.example.com:50051",
     ),
@@ -427,6 +431,18 @@ mod tests {
     #[test]
     fn command_line_is_well_formed() {
         command().debug_assert();
+    }
+
+    /// The commands the web console shows for uploads and erasures are
+    /// ones this command line accepts.
+    #[test]
+    fn the_consoles_commands_parse() {
+        for line in crate::console::commands("retail-media-demo") {
+            let words: Vec<&str> = line.split_whitespace().collect();
+            if let Err(e) = Cli::try_parse_from(&words) {
+                panic!("{line}: {e}");
+            }
+        }
     }
 
     /// Every command a user can run has an example in its help, and the

@@ -13,6 +13,9 @@ mod chart;
 mod pages;
 mod results;
 
+#[cfg(test)]
+pub(crate) use pages::commands;
+
 use std::collections::BTreeMap;
 use std::future::Future;
 use std::sync::Arc;

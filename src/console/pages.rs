@@ -316,11 +316,24 @@ pub(super) fn datasets(agreement: &str, list: &[proto::DatasetVersion]) -> Marku
         }
         section.card {
             h2 { "Uploads and erasures" }
-            p { "Your files and secret stay on your machine: upload and erase with the command line." }
-            pre { code { "cleanroom upload --agreement " (agreement) " --dataset NAME --input FILE --secret SECRET_FILE\n"
-                         "cleanroom erase --agreement " (agreement) " --dataset NAME --input IDENTIFIERS_FILE --secret SECRET_FILE" } }
+            p { "Your files and secret stay on your machine: upload and erase with the command line (where the agreement matches without a shared secret, " code { "--key-file KEY" } " takes the place of " code { "--secret-file" } ")." }
+            pre { code { (commands(agreement).join("\n")) } }
         }
     }
+}
+
+/// The commands that upload to and erase from a dataset of `agreement`,
+/// as the datasets page shows them (a test parses them with the command
+/// line's own parser).
+pub(crate) fn commands(agreement: &str) -> [String; 2] {
+    [
+        format!(
+            "cleanroom upload --agreement {agreement} --dataset NAME --input FILE --secret-file SECRET"
+        ),
+        format!(
+            "cleanroom erase --agreement {agreement} --dataset NAME --input IDENTIFIERS --secret-file SECRET"
+        ),
+    ]
 }
 
 pub(super) fn overlap_form(agreement: &str, private: bool) -> Markup {
