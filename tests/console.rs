@@ -441,8 +441,18 @@ async fn an_analyst_works_the_agreement_in_a_browser() {
 
     tokio::task::spawn_blocking(move || {
         // Without the token or its cookie: refused, and nothing shown.
-        let (status, _, body) = http(&acme_base, "GET", "/agreements", &[], None);
+        let (status, head, body) = http(&acme_base, "GET", "/agreements", &[], None);
         assert_eq!(status, 401);
+        let head = head.to_ascii_lowercase();
+        for h in [
+            "content-security-policy: default-src 'none'",
+            "script-src 'none'",
+            "referrer-policy: no-referrer",
+            "cache-control: no-store",
+            "x-frame-options: deny",
+        ] {
+            assert!(head.contains(h), "{h} not in\n{head}");
+        }
         assert!(!String::from_utf8_lossy(&body).contains("retail-media-demo"));
         let (status, _, _) = http(&acme_base, "GET", "/?token=wrong", &[], None);
         assert_eq!(status, 401);
@@ -534,13 +544,21 @@ async fn an_analyst_works_the_agreement_in_a_browser() {
 
         // A refused query: its rule and what to do, beside the query.
         browser.open(&format!("{acme_base}/agreements/retail-media-demo"));
-        browser.type_into("#sql", "SELECT c.email FROM customers c");
+        browser.type_into(
+            "#sql",
+            "SELECT c.email FROM customers c -- <b class=injected>x</b>",
+        );
         browser.click("form:has(#sql) button[type=submit]");
         let rule = browser.text("#rule");
         assert!(rule.contains('.'), "a rule name: {rule}");
         let alert = browser.text(".refusal");
         assert!(alert.contains("What to do"), "{alert}");
+        // The query is kept as text: the tag in it is not an element.
         assert!(browser.source().contains("SELECT c.email FROM customers c"));
+        assert!(
+            browser.find_all("b.injected").is_empty(),
+            "an injected tag became an element"
+        );
         browser.screenshot(1280, "refused");
         browser.screenshot(390, "refused");
 

@@ -116,8 +116,27 @@ pub async fn serve(
 }
 
 /// Lets a request through only from the console's own address, with the
-/// cookie, or to `/` with the token.
+/// cookie, or to `/` with the token; every answer carries the headers that
+/// keep a page from being framed, scripted, cached or referred from.
 async fn guard(State(c): State<Console>, request: Request, next: Next) -> Response {
+    let mut response = admit(&c, request, next).await;
+    let headers = response.headers_mut();
+    for (name, value) in [
+        (
+            header::CONTENT_SECURITY_POLICY,
+            "default-src 'none'; style-src 'unsafe-inline'; img-src 'self' data:; form-action 'self'; frame-ancestors 'none'; base-uri 'none'; script-src 'none'",
+        ),
+        (header::REFERRER_POLICY, "no-referrer"),
+        (header::CACHE_CONTROL, "no-store"),
+        (header::X_CONTENT_TYPE_OPTIONS, "nosniff"),
+        (header::X_FRAME_OPTIONS, "DENY"),
+    ] {
+        headers.insert(name, HeaderValue::from_static(value));
+    }
+    response
+}
+
+async fn admit(c: &Console, request: Request, next: Next) -> Response {
     let host_ok = request
         .headers()
         .get(header::HOST)

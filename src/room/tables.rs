@@ -157,12 +157,19 @@ impl TableCache {
                 current,
             }))
         };
-        let cached = self
-            .inner
-            .try_get_with(policy.id().to_string(), load)
-            .map_err(|e| {
-                Arc::try_unwrap(e).unwrap_or_else(|e| RoomError::Internal(e.to_string()))
-            })?;
+        let cached = match self.inner.try_get_with(policy.id().to_string(), load) {
+            Ok(cached) => cached,
+            Err(shared) => match Arc::try_unwrap(shared) {
+                // This caller's own load failed: its own error.
+                Ok(e) => return Err(e),
+                // Another caller's load failed while this one waited for it
+                // (the background matcher, or a query under the policy
+                // before a reload): this caller loads for itself, so that
+                // it answers or fails for its own reason, never for
+                // another's.
+                Err(_) => load()?,
+            },
+        };
         // Evict now, not at some later call, if the budget is exceeded.
         self.inner.run_pending_tasks();
         if !cached.current || cached.key != key {
