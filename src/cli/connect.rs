@@ -96,9 +96,9 @@ pub(super) fn agreements(args: AgreementsArgs) -> anyhow::Result<ExitCode> {
                 println!(
                     "{}  {}  expires {}  rights: {}\n    {}",
                     a.id,
-                    state_name(a.state),
+                    proto::state(a.state),
                     a.expires_on,
-                    rights(&a.my_rights),
+                    proto::rights(&a.my_rights),
                     a.purpose
                 );
             }
@@ -109,30 +109,6 @@ pub(super) fn agreements(args: AgreementsArgs) -> anyhow::Result<ExitCode> {
         }
     }
     Ok(ExitCode::SUCCESS)
-}
-
-fn state_name(s: i32) -> &'static str {
-    match proto::AgreementState::try_from(s) {
-        Ok(proto::AgreementState::Pending) => "pending",
-        Ok(proto::AgreementState::Active) => "active",
-        Ok(proto::AgreementState::Expired) => "expired",
-        Ok(proto::AgreementState::Suspended) => "suspended",
-        _ => "unknown",
-    }
-}
-
-fn rights(rs: &[i32]) -> String {
-    rs.iter()
-        .map(|r| match proto::Right::try_from(*r) {
-            Ok(proto::Right::Upload) => "upload",
-            Ok(proto::Right::Query) => "query",
-            Ok(proto::Right::ReceiveResults) => "receive_results",
-            Ok(proto::Right::SeeOverlap) => "see_overlap",
-            Ok(proto::Right::Admin) => "admin",
-            _ => "unknown",
-        })
-        .collect::<Vec<_>>()
-        .join(", ")
 }
 
 fn column_line(c: &proto::Column) -> String {
@@ -189,7 +165,7 @@ pub fn render_agreement(a: &proto::Agreement) -> String {
     use std::fmt::Write;
     let mut out = String::new();
     if let Some(s) = &a.summary {
-        let _ = writeln!(out, "agreement {} ({})", s.id, state_name(s.state));
+        let _ = writeln!(out, "agreement {} ({})", s.id, proto::state(s.state));
         let _ = writeln!(out, "  purpose:   {}", s.purpose);
         let _ = writeln!(
             out,
@@ -202,12 +178,12 @@ pub fn render_agreement(a: &proto::Agreement) -> String {
             s.expires_on
         );
         let _ = writeln!(out, "  policy:    {}", s.policy_hash);
-        let _ = writeln!(out, "  my rights: {}", rights(&s.my_rights));
+        let _ = writeln!(out, "  my rights: {}", proto::rights(&s.my_rights));
     }
     let _ = writeln!(out, "  retention: {} days", a.retention_days);
     let _ = writeln!(out, "parties:");
     for p in &a.parties {
-        let _ = writeln!(out, "  {}: {}", p.organisation, rights(&p.rights));
+        let _ = writeln!(out, "  {}: {}", p.organisation, proto::rights(&p.rights));
     }
     let _ = writeln!(out, "identity kinds:");
     for k in &a.identity_kinds {

@@ -49,6 +49,20 @@ fn number(x: f64) -> String {
     }
 }
 
+/// A point's hover title: its label, value and interval.
+fn tip(p: &Point, measure: &str) -> String {
+    match p.half_width {
+        Some(h) => format!(
+            "{}: {measure} {} (95% within {}..{})",
+            p.label,
+            number(p.value),
+            number(p.value - h),
+            number(p.value + h)
+        ),
+        None => format!("{}: {measure} {}", p.label, number(p.value)),
+    }
+}
+
 /// The scale's end: the largest value or interval end, at least 1.
 fn top(points: &[Point]) -> f64 {
     points
@@ -77,16 +91,7 @@ fn bars(points: &[Point], measure: &str, title: &str) -> String {
     for (i, p) in points.iter().enumerate() {
         let y = i as f64 * BAR_HEIGHT;
         let w = (p.value.max(0.0) * scale).max(0.0);
-        let tip = match p.half_width {
-            Some(h) => format!(
-                "{}: {measure} {} (95% within {}..{})",
-                p.label,
-                number(p.value),
-                number(p.value - h),
-                number(p.value + h)
-            ),
-            None => format!("{}: {measure} {}", p.label, number(p.value)),
-        };
+        let tip = tip(p, measure);
         let _ = write!(
             out,
             r#"<g class="bar"><title>{}</title><text x="{:.1}" y="{:.1}" text-anchor="end" class="label">{}</text><rect x="{LABEL_WIDTH}" y="{:.1}" width="{w:.1}" height="{:.1}"/>"#,
@@ -172,16 +177,7 @@ fn line(points: &[Point], measure: &str, title: &str) -> String {
     }
     let _ = write!(out, r#"<path class="line" d="{d}"/>"#);
     for (i, p) in points.iter().enumerate() {
-        let tip = match p.half_width {
-            Some(h) => format!(
-                "{}: {measure} {} (95% within {}..{})",
-                p.label,
-                number(p.value),
-                number(p.value - h),
-                number(p.value + h)
-            ),
-            None => format!("{}: {measure} {}", p.label, number(p.value)),
-        };
+        let tip = tip(p, measure);
         let _ = write!(
             out,
             r#"<circle cx="{:.1}" cy="{:.1}" r="4"><title>{}</title></circle>"#,

@@ -202,15 +202,25 @@ fn refusal(e: &ClientError) -> maud::Markup {
     }
 }
 
+/// A page's body from an answer of the server, or the refusal instead.
+fn shown<T>(
+    answer: Result<T, ClientError>,
+    render: impl FnOnce(&T) -> maud::Markup,
+) -> maud::Markup {
+    match answer {
+        Ok(value) => render(&value),
+        Err(e) => refusal(&e),
+    }
+}
+
 fn html(c: &Console, title: &str, agreement: Option<&str>, body: maud::Markup) -> Response {
     Html(pages::page(title, &c.org, agreement, body)).into_response()
 }
 
 async fn agreements(State(c): State<Console>) -> Response {
-    let body = match c.client.clone().list_agreements().await {
-        Ok(list) => pages::agreements(&list),
-        Err(e) => refusal(&e),
-    };
+    let body = shown(c.client.clone().list_agreements().await, |list| {
+        pages::agreements(list)
+    });
     html(&c, "Agreements", None, body)
 }
 
@@ -328,10 +338,9 @@ async fn download(State(c): State<Console>, Path(file): Path<String>) -> Respons
 }
 
 async fn datasets(State(c): State<Console>, Path(id): Path<String>) -> Response {
-    let body = match c.client.clone().list_datasets(&id).await {
-        Ok(list) => pages::datasets(&id, &list),
-        Err(e) => refusal(&e),
-    };
+    let body = shown(c.client.clone().list_datasets(&id).await, |list| {
+        pages::datasets(&id, list)
+    });
     html(&c, "Your datasets", Some(&id), body)
 }
 
@@ -352,23 +361,18 @@ async fn overlap(
         .iter()
         .find(|(k, _)| k == "epsilon")
         .and_then(|(_, v)| v.trim().parse::<f64>().ok());
-    let body = match c
-        .client
-        .clone()
-        .overlap_with_epsilon(&id, &[], epsilon)
-        .await
-    {
-        Ok(o) => pages::overlap(&o),
-        Err(e) => refusal(&e),
-    };
+    let body = shown(
+        c.client
+            .clone()
+            .overlap_with_epsilon(&id, &[], epsilon)
+            .await,
+        pages::overlap,
+    );
     html(&c, "Overlap", Some(&id), body)
 }
 
 async fn budget(State(c): State<Console>, Path(id): Path<String>) -> Response {
-    let body = match c.client.clone().budget(&id).await {
-        Ok(b) => pages::budget(&b),
-        Err(e) => refusal(&e),
-    };
+    let body = shown(c.client.clone().budget(&id).await, pages::budget);
     html(&c, "Privacy budget", Some(&id), body)
 }
 
@@ -378,18 +382,16 @@ async fn audit(
     Query(q): Query<BTreeMap<String, String>>,
 ) -> Response {
     let after = q.get("after").cloned().unwrap_or_default();
-    let body = match c.client.clone().audit_page(&id, 50, &after).await {
-        Ok(page) => pages::audit(&id, &page, &after),
-        Err(e) => refusal(&e),
-    };
+    let body = shown(c.client.clone().audit_page(&id, 50, &after).await, |page| {
+        pages::audit(&id, page, &after)
+    });
     html(&c, "Audit log", Some(&id), body)
 }
 
 async fn access(State(c): State<Console>, Path(id): Path<String>) -> Response {
-    let body = match c.client.clone().access_report(&id).await {
-        Ok(r) => pages::access(&r),
-        Err(e) => refusal(&e),
-    };
+    let body = shown(c.client.clone().access_report(&id).await, |r| {
+        pages::access(r)
+    });
     html(&c, "Access report", Some(&id), body)
 }
 

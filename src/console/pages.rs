@@ -85,23 +85,6 @@ pub(super) fn page(title: &str, org: &str, agreement: Option<&str>, body: Markup
     .into_string()
 }
 
-fn state_word(state: i32) -> &'static str {
-    proto::AgreementState::try_from(state)
-        .unwrap_or(proto::AgreementState::Unspecified)
-        .word()
-}
-
-fn right_word(r: i32) -> &'static str {
-    match proto::Right::try_from(r) {
-        Ok(proto::Right::Upload) => "upload",
-        Ok(proto::Right::Query) => "query",
-        Ok(proto::Right::ReceiveResults) => "receive_results",
-        Ok(proto::Right::SeeOverlap) => "see_overlap",
-        Ok(proto::Right::Admin) => "admin",
-        _ => "unknown",
-    }
-}
-
 pub(super) fn agreements(list: &[proto::AgreementSummary]) -> Markup {
     html! {
         @if list.is_empty() {
@@ -114,9 +97,9 @@ pub(super) fn agreements(list: &[proto::AgreementSummary]) -> Markup {
                         tr {
                             td { a href={ "/agreements/" (a.id) } { (a.id) } }
                             td { (a.purpose) }
-                            td { (state_word(a.state)) }
+                            td { (proto::state(a.state)) }
                             td { (a.expires_on) }
-                            td { (a.my_rights.iter().map(|r| right_word(*r)).collect::<Vec<_>>().join(", ")) }
+                            td { (proto::rights(&a.my_rights)) }
                             td { code { (a.policy_hash.get(..12).unwrap_or(&a.policy_hash)) } }
                         }
                     }
@@ -137,7 +120,7 @@ pub(super) fn agreement(a: &proto::Agreement, sql: &str) -> Markup {
     html! {
         dl {
             dt { "Purpose" } dd { (summary.purpose) }
-            dt { "State" } dd { (state_word(summary.state)) }
+            dt { "State" } dd { (proto::state(summary.state)) }
             dt { "In force" } dd { (if summary.starts_on.is_empty() { "from signing" } else { summary.starts_on.as_str() }) " to " (summary.expires_on) }
             dt { "Policy hash" } dd { code { (summary.policy_hash) } }
             dt { "Retention" } dd { (a.retention_days) " days per upload" }
@@ -149,7 +132,7 @@ pub(super) fn agreement(a: &proto::Agreement, sql: &str) -> Markup {
             }
         }
         h2 { "Parties" }
-        ul { @for p in &a.parties { li { b { (p.organisation) } ": " (p.rights.iter().map(|r| right_word(*r)).collect::<Vec<_>>().join(", ")) } } }
+        ul { @for p in &a.parties { li { b { (p.organisation) } ": " (proto::rights(&p.rights)) } } }
         h2 { "Datasets" }
         ul { @for d in &a.datasets { li { b { (d.name) } " (owner " (d.owner) "): " (d.columns.iter().map(|c| c.name.as_str()).collect::<Vec<_>>().join(", ")) } } }
         h2 { "Templates" }

@@ -39,6 +39,35 @@ impl AgreementState {
     }
 }
 
+impl Right {
+    pub fn word(self) -> &'static str {
+        match self {
+            Right::Unspecified => "unknown",
+            Right::Upload => "upload",
+            Right::Query => "query",
+            Right::ReceiveResults => "receive_results",
+            Right::SeeOverlap => "see_overlap",
+            Right::Admin => "admin",
+        }
+    }
+}
+
+/// Rights as a message carries them, in words: `upload, query`.
+pub fn rights(rights: &[i32]) -> String {
+    rights
+        .iter()
+        .map(|r| Right::try_from(*r).unwrap_or(Right::Unspecified).word())
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
+/// An agreement's state as a message carries it, in words.
+pub fn state(state: i32) -> &'static str {
+    AgreementState::try_from(state)
+        .unwrap_or(AgreementState::Unspecified)
+        .word()
+}
+
 impl AuditAction {
     const WORDS: [(AuditAction, &'static str); 9] = [
         (AuditAction::Upload, "upload"),
