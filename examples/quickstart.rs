@@ -275,8 +275,8 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
             "   #{} {} {} {}{}{}",
             e.seq,
             e.organisation,
-            e.action,
-            e.decision,
+            e.action().word(),
+            e.decision().word(),
             e.rule.map(|r| format!(" ({r})")).unwrap_or_default(),
             e.epsilon
                 .map(|x| format!(" epsilon {x}"))
