@@ -438,8 +438,9 @@ async fn an_analyst_works_the_agreement_in_a_browser() {
     let (acme_base, acme_token) = (acme.base.clone(), acme.token.clone());
     let globex_base = globex.base.clone();
     let globex_token = globex.token.clone();
+    let base = acme.base.clone();
 
-    tokio::task::spawn_blocking(move || {
+    let cookie = tokio::task::spawn_blocking(move || {
         // Without the token or its cookie: refused, and nothing shown.
         let (status, head, body) = http(&acme_base, "GET", "/agreements", &[], None);
         assert_eq!(status, 401);
@@ -630,9 +631,25 @@ async fn an_analyst_works_the_agreement_in_a_browser() {
             !page.contains("lift_by_region"),
             "globex may not run acme's templates: {page}"
         );
+        cookie
     })
     .await
     .unwrap();
-    drop((acme, globex));
+
+    // The server goes away: the console says so on the page and stays up.
     server.stop().await.unwrap();
+    let (status, _, body) = tokio::task::spawn_blocking(move || {
+        http(&base, "GET", "/agreements", &[("Cookie", &cookie)], None)
+    })
+    .await
+    .unwrap();
+    let body = String::from_utf8_lossy(&body).to_string();
+    assert_eq!(status, 200);
+    assert!(body.contains(r#"id="unreachable""#), "{body}");
+    let mut acme = acme;
+    assert!(
+        acme.child.try_wait().unwrap().is_none(),
+        "the console stays up"
+    );
+    drop((acme, globex));
 }

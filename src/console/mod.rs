@@ -186,19 +186,26 @@ async fn enter(State(c): State<Console>) -> Response {
 }
 
 /// A refusal or failure of the server, as the console shows it: the rule
-/// the server named, its text, and what to do.
+/// the server named, its text, and what to do. Every answer of the server
+/// names a rule; a status without one came from the transport (the server
+/// unreachable, the connection dropped) and is said as such.
 fn refusal(e: &ClientError) -> maud::Markup {
     use tonic_types::StatusExt;
-    match e.status() {
-        Some(status) => {
-            let rule = status
-                .get_error_details()
-                .error_info()
-                .map(|i| i.reason.clone());
-            let advice = rule.as_deref().and_then(crate::rules::advice);
-            pages::refusal(rule.as_deref(), status.message(), advice)
+    let Some(status) = e.status() else {
+        return pages::unreachable(&e.to_string());
+    };
+    match status.get_error_details().error_info() {
+        Some(info) => {
+            let rule = info.reason.as_str();
+            pages::refusal(Some(rule), status.message(), crate::rules::advice(rule))
         }
-        None => pages::refusal(None, &e.to_string(), None),
+        None => match status.code() {
+            tonic::Code::Unavailable
+            | tonic::Code::Unknown
+            | tonic::Code::Cancelled
+            | tonic::Code::DeadlineExceeded => pages::unreachable(status.message()),
+            _ => pages::refusal(None, status.message(), None),
+        },
     }
 }
 

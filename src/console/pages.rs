@@ -186,6 +186,16 @@ pub(super) fn refusal(rule: Option<&str>, message: &str, advice: Option<&str>) -
     }
 }
 
+/// No answer from the server: unreachable, or the connection dropped.
+pub(super) fn unreachable(detail: &str) -> Markup {
+    html! {
+        div.refusal role="alert" #unreachable {
+            p { "The server did not answer: " (detail) }
+            p { b { "What to do: " } "check that the server runs and that this machine reaches it, then reload this page. A question cut off this way may still have run on the server: the budget and audit log pages say whether it did." }
+        }
+    }
+}
+
 /// An answer: the privacy it carries, a chart, the table and downloads.
 pub(super) fn answer(agreement: &str, id: &str, answer: &QueryAnswer) -> Markup {
     let schema = &answer.schema;
