@@ -594,6 +594,13 @@ async fn an_analyst_works_the_agreement_in_a_browser() {
             page.contains("customers") && !page.contains(">audience<"),
             "{page}"
         );
+        // Administration: acme administers no agreement, and is told which
+        // right that needs.
+        browser.open(&format!("{acme_base}/admin"));
+        assert_eq!(browser.text("#rule"), "party.rights");
+        browser.open(&format!(
+            "{acme_base}/agreements/retail-media-demo/datasets"
+        ));
         browser.click("nav a[href$='/access']");
         let started = Instant::now();
         while !browser.source().contains("Use of the agreement") {

@@ -107,6 +107,7 @@ pub async fn serve(
         .route("/agreements/{id}/budget", get(budget))
         .route("/agreements/{id}/audit", get(audit))
         .route("/agreements/{id}/access", get(access))
+        .route("/admin", get(admin))
         .route("/results/{file}", get(download))
         .layer(middleware::from_fn_with_state(console.clone(), guard))
         .with_state(console);
@@ -393,6 +394,11 @@ async fn audit(
         pages::audit(&id, page, &after)
     });
     html(&c, "Audit log", Some(&id), body)
+}
+
+async fn admin(State(c): State<Console>) -> Response {
+    let body = shown(c.client.clone().admin_status().await, pages::admin);
+    html(&c, "Administration", None, body)
 }
 
 async fn access(State(c): State<Console>, Path(id): Path<String>) -> Response {

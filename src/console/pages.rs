@@ -67,6 +67,7 @@ pub(super) fn page(title: &str, org: &str, agreement: Option<&str>, body: Markup
                     strong { "Cleanroom" }
                     span { "signed in as " b #org { (org) } }
                     a href="/agreements" { "Agreements" }
+                    a href="/admin" { "Administration" }
                 }
                 @if let Some(id) = agreement {
                     nav aria-label="Agreement" {
@@ -438,6 +439,46 @@ pub(super) fn access(r: &proto::AccessReportResponse) -> Markup {
     }
 }
 
+/// The agreements the caller administers: state, data and budgets, and
+/// the policy folder's last re-read.
+pub(super) fn admin(s: &proto::AdminStatusResponse) -> Markup {
+    html! {
+        p { "As of " (proto::when(s.generated_at.as_ref(), "-")) "." }
+        @for a in &s.agreements {
+            section.card {
+                h2 { a href={ "/agreements/" (a.agreement_id) } { (a.agreement_id) } }
+                dl {
+                    dt { "State" } dd { (a.state().word()) }
+                    dt { "Policy hash" } dd { code { (a.policy_hash) } }
+                    dt { "Data key" } dd { (if a.data_key { "present" } else { "none" }) }
+                }
+                div.scroll { table {
+                    thead { tr { th { "Dataset" } th { "Owner" } th { "Version" } th.n { "Rows" } th.n { "Versions" } th { "Uploaded" } th { "Needs" } } }
+                    tbody { @for d in &a.datasets { tr {
+                        td { (d.dataset) } td { (d.owner) } td { code { (d.current_version) } }
+                        td.n { (d.rows.map(|r| r.to_string()).unwrap_or_else(|| "another party's".into())) }
+                        td.n { (d.versions) } td { (proto::when(d.uploaded_at.as_ref(), "-")) }
+                        td { (if d.damaged { "a new upload (damaged)" } else if d.needs_upload { "a new upload (settings changed)" } else { "" }) }
+                    } } }
+                } }
+                @if !a.budgets.is_empty() {
+                    div.scroll { table {
+                        thead { tr { th { "Organisation" } th { "Window" } th.n { "Epsilon spent" } th.n { "of" } th.n { "Queries" } } }
+                        tbody { @for b in &a.budgets { tr {
+                            td { (b.organisation) } td { (b.window) } td.n { (b.epsilon_spent) } td.n { (b.epsilon_total) } td.n { (b.queries) }
+                        } } }
+                    } }
+                }
+            }
+        }
+        @if let Some(r) = &s.reload {
+            h2 { "Policy files" }
+            p { (r.reloads) " re-read(s), " (r.failures) " with refused files; last " (proto::when(r.last_at.as_ref(), "none since start")) "." }
+            @if !r.last_errors.is_empty() { ul { @for e in &r.last_errors { li { code { (e) } } } } }
+        }
+    }
+}
+
 pub(super) fn unauthorised() -> String {
     html! {
         (DOCTYPE)
@@ -447,4 +488,53 @@ pub(super) fn unauthorised() -> String {
         }
     }
     .into_string()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_admin_view_hides_another_partys_rows_and_escapes_names() {
+        let status = proto::AdminStatusResponse {
+            generated_at: Some(proto::timestamp(1_796_083_200)),
+            agreements: vec![proto::AgreementStatus {
+                agreement_id: "retail".into(),
+                state: proto::AgreementState::Active as i32,
+                policy_hash: "ab".into(),
+                datasets: vec![
+                    proto::DatasetStatus {
+                        dataset: "customers".into(),
+                        owner: "acme".into(),
+                        current_version: "v1".into(),
+                        rows: Some(1_234),
+                        versions: 1,
+                        ..Default::default()
+                    },
+                    proto::DatasetStatus {
+                        dataset: "<i>audience</i>".into(),
+                        owner: "globex".into(),
+                        current_version: "v2".into(),
+                        rows: None,
+                        versions: 2,
+                        damaged: true,
+                        ..Default::default()
+                    },
+                ],
+                budgets: vec![],
+                data_key: true,
+            }],
+            reload: None,
+        };
+        let html = admin(&status).into_string();
+        assert!(html.contains("1234"), "{html}");
+        assert!(
+            html.contains("another party&#39;s") || html.contains("another party's"),
+            "{html}"
+        );
+        assert!(html.contains("&lt;i&gt;audience&lt;/i&gt;"), "{html}");
+        assert!(!html.contains("<i>"), "{html}");
+        assert!(html.contains("a new upload (damaged)"), "{html}");
+        assert!(html.contains("2026-12-01T00:00:00Z"), "{html}");
+    }
 }
