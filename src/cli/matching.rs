@@ -81,19 +81,6 @@ pub(super) fn print_report(report: &MatchReport) {
         );
     }
     for d in &report.own {
-        println!("your dataset {}: {}", d.dataset, state_text(d));
-    }
-}
-
-/// A dataset's state as people read it.
-pub(super) fn state_text(d: &proto::DatasetVersion) -> String {
-    match proto::DatasetState::try_from(d.state) {
-        Ok(proto::DatasetState::Waiting) => format!(
-            "uploaded, waiting for {}'s blinding (they run `cleanroom match`)",
-            d.waiting_for
-        ),
-        Ok(proto::DatasetState::Damaged) => "damaged on the server: upload it again".into(),
-        Ok(proto::DatasetState::NeedsUpload) => "made under identity settings the policy no longer has (salt, normalisation or column types changed): upload it again".into(),
-        _ => "matched".into(),
+        println!("your dataset {}: {}", d.dataset, proto::dataset_state(d));
     }
 }

@@ -280,7 +280,7 @@ pub(super) fn datasets(args: DatasetsArgs) -> anyhow::Result<ExitCode> {
             d.upload_id,
             when,
             d.versions,
-            super::matching::state_text(&d)
+            crate::proto::dataset_state(&d)
         );
     }
     Ok(ExitCode::SUCCESS)

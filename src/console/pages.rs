@@ -5,7 +5,7 @@
 use maud::{DOCTYPE, Markup, PreEscaped, html};
 
 use super::chart::{Point, Shape, svg};
-use super::results::{cells, is_number, is_time, numbers};
+use super::results::{cells, numbers};
 use crate::client::QueryAnswer;
 use crate::proto;
 
@@ -219,7 +219,7 @@ pub(super) fn answer(agreement: &str, id: &str, answer: &QueryAnswer) -> Markup 
         div.scroll { table {
             thead { tr { @for f in schema.fields() { th scope="col" { (f.name()) } } } }
             tbody { @for row in &rows { tr { @for (i, cell) in row.iter().enumerate() {
-                @if is_number(schema.field(i).data_type()) { td.n { (cell) } } @else { td { (cell) } }
+                @if schema.field(i).data_type().is_numeric() { td.n { (cell) } } @else { td { (cell) } }
             } } } }
         } }
         p {
@@ -236,10 +236,10 @@ pub(super) fn answer(agreement: &str, id: &str, answer: &QueryAnswer) -> Markup 
 fn chart(answer: &QueryAnswer) -> Option<String> {
     let fields = answer.schema.fields();
     let numeric: Vec<usize> = (0..fields.len())
-        .filter(|i| is_number(fields[*i].data_type()))
+        .filter(|i| fields[*i].data_type().is_numeric())
         .collect();
     let labels: Vec<usize> = (0..fields.len())
-        .filter(|i| !is_number(fields[*i].data_type()))
+        .filter(|i| !fields[*i].data_type().is_numeric())
         .collect();
     let &measure = numeric.first()?;
     let values = numbers(&answer.batches, measure)?;
@@ -271,7 +271,7 @@ fn chart(answer: &QueryAnswer) -> Option<String> {
         return None;
     }
     let shape = match labels.as_slice() {
-        [one] if is_time(fields[*one].data_type()) => Shape::Line,
+        [one] if fields[*one].data_type().is_temporal() => Shape::Line,
         _ => Shape::Bars,
     };
     let measure_name = fields[measure].name();
@@ -298,13 +298,7 @@ pub(super) fn datasets(agreement: &str, list: &[proto::DatasetVersion]) -> Marku
                 tbody { @for d in list { tr {
                     td { (d.dataset) } td { code { (d.version) } } td.n { (d.rows) }
                     td { (proto::when(d.committed_at.as_ref(), "-")) } td.n { (d.versions) }
-                    td { (match proto::DatasetState::try_from(d.state) {
-                        Ok(proto::DatasetState::Matched) => "matched".to_string(),
-                        Ok(proto::DatasetState::Waiting) => format!("waiting for {}'s blinding", d.waiting_for),
-                        Ok(proto::DatasetState::NeedsUpload) => "needs a new upload".to_string(),
-                        Ok(proto::DatasetState::Damaged) => "damaged: upload again".to_string(),
-                        _ => "unknown".to_string(),
-                    }) }
+                    td { (proto::dataset_state(d)) }
                 } } }
             } }
         }

@@ -95,16 +95,6 @@ pub(super) fn numbers(batches: &[RecordBatch], column: usize) -> Option<Vec<Opti
     Some(out)
 }
 
-/// Whether a column holds numbers a chart can draw.
-pub(super) fn is_number(t: &DataType) -> bool {
-    t.is_numeric()
-}
-
-/// Whether a column holds days or instants, drawn as a line.
-pub(super) fn is_time(t: &DataType) -> bool {
-    t.is_temporal()
-}
-
 /// The answer as CSV, with a header line.
 pub(super) fn csv(kept: &Kept) -> Result<Vec<u8>, arrow::error::ArrowError> {
     let mut out = Vec::new();

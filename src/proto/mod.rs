@@ -18,7 +18,7 @@ mod words;
 
 pub use generated::*;
 pub use views::{agreement_view, blinding_chunks, summary};
-pub use words::{rights, state, timestamp, when};
+pub use words::{dataset_state, rights, state, timestamp, when};
 
 /// Encoded descriptors of `cleanroom.v1`, served by gRPC reflection.
 pub const FILE_DESCRIPTOR_SET: &[u8] = tonic::include_file_descriptor_set!("cleanroom_descriptor");

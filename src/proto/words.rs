@@ -68,6 +68,19 @@ pub fn state(state: i32) -> &'static str {
         .word()
 }
 
+/// A dataset's state as people read it.
+pub fn dataset_state(d: &DatasetVersion) -> String {
+    match DatasetState::try_from(d.state) {
+        Ok(DatasetState::Waiting) => format!(
+            "uploaded, waiting for {}'s blinding (they run `cleanroom match`)",
+            d.waiting_for
+        ),
+        Ok(DatasetState::Damaged) => "damaged on the server: upload it again".into(),
+        Ok(DatasetState::NeedsUpload) => "made under identity settings the policy no longer has (salt, normalisation or column types changed): upload it again".into(),
+        _ => "matched".into(),
+    }
+}
+
 impl AuditAction {
     const WORDS: [(AuditAction, &'static str); 9] = [
         (AuditAction::Upload, "upload"),
