@@ -24,6 +24,15 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
             ],
             &["proto", &protos_include],
         )?;
+    // The workers' placement service: served by `cleanroom worker`, not by
+    // the server, so it stays out of the server's descriptor set.
+    let mut config = prost_build::Config::new();
+    config.protoc_executable(protoc_bin_vendored::protoc_bin_path()?);
+    tonic_prost_build::configure().compile_with_config(
+        config,
+        &["proto/cleanroom/worker/v1/worker.proto"],
+        &["proto", &protos_include],
+    )?;
     // The Flight service, for reflection only: its code comes from
     // arrow-flight.
     let status = std::process::Command::new(protoc_bin_vendored::protoc_bin_path()?)

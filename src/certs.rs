@@ -181,6 +181,104 @@ pub fn issue_client(dir: &Path, org: &str, force: bool) -> Result<ClientFiles, C
     Ok(files)
 }
 
+/// The organisational unit that marks a certificate of the worker role:
+/// the server's and its workers' identity toward each other. A partner's
+/// certificate never has it, and its common name (`worker.NAME`) is no
+/// organisation's name, so no partner-facing call accepts it.
+pub const WORKER_UNIT: &str = "cleanroom-worker";
+
+/// The files [`issue_worker`] writes for worker `name` in `dir`.
+pub fn worker_files(dir: &Path, name: &str) -> ClientFiles {
+    ClientFiles {
+        cert: dir.join(format!("worker-{name}.pem")),
+        key: dir.join(format!("worker-{name}-key.pem")),
+    }
+}
+
+/// Issues a certificate of the worker role, signed by the CA in `dir`, as
+/// `dir/worker-NAME.pem` and its key: for a worker's port (`localhost`,
+/// `127.0.0.1`, `::1` and `extra_names`) and for its calls to the server's
+/// other workers. The server presents one too when it calls workers.
+pub fn issue_worker(
+    dir: &Path,
+    name: &str,
+    extra_names: &[String],
+    force: bool,
+) -> Result<ClientFiles, CertError> {
+    if !is_org_name(name) {
+        return Err(CertError::BadOrg(name.to_string()));
+    }
+    let ca_cert_path = dir.join(CA_CERT);
+    let ca_key_path = dir.join(CA_KEY);
+    let ca_pem = read_text(&ca_cert_path)?;
+    let ca_key_pem = read_text(&ca_key_path)?;
+    let ca_key = KeyPair::from_pem(&ca_key_pem).map_err(|_| CertError::BadPem {
+        path: ca_key_path.clone(),
+    })?;
+    let issuer = Issuer::from_ca_cert_pem(&ca_pem, &ca_key).map_err(|_| CertError::BadPem {
+        path: ca_cert_path.clone(),
+    })?;
+    let files = worker_files(dir, name);
+    if !force {
+        for path in [&files.cert, &files.key] {
+            if path.exists() {
+                return Err(CertError::Exists { path: path.clone() });
+            }
+        }
+    }
+    let mut names = vec![
+        "localhost".to_string(),
+        "127.0.0.1".to_string(),
+        "::1".to_string(),
+    ];
+    names.extend(extra_names.iter().cloned());
+    let key = KeyPair::generate()?;
+    let mut params = CertificateParams::new(names)?;
+    let mut dn = DistinguishedName::new();
+    dn.push(DnType::CommonName, format!("worker.{name}"));
+    dn.push(DnType::OrganizationalUnitName, WORKER_UNIT);
+    params.distinguished_name = dn;
+    params.extended_key_usages = vec![
+        ExtendedKeyUsagePurpose::ServerAuth,
+        ExtendedKeyUsagePurpose::ClientAuth,
+    ];
+    params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
+    validity(&mut params, 825);
+    let cert = params.signed_by(&key, &issuer)?;
+    write_file(&files.cert, cert.pem().as_bytes(), false, force)?;
+    write_file(&files.key, key.serialize_pem().as_bytes(), true, force)?;
+    Ok(files)
+}
+
+/// Whether a certificate (DER) is of the worker role. The chain itself has
+/// already been verified by TLS.
+pub fn is_worker(der: &[u8]) -> bool {
+    let Ok((_, cert)) = x509_parser::parse_x509_certificate(der) else {
+        return false;
+    };
+    let unit = cert
+        .subject()
+        .iter_organizational_unit()
+        .any(|u| u.as_str() == Ok(WORKER_UNIT));
+    let cn = cert
+        .subject()
+        .iter_common_name()
+        .next()
+        .and_then(|c| c.as_str().ok())
+        .is_some_and(|c| c.starts_with("worker."));
+    unit && cn
+}
+
+/// Whether the first certificate of a PEM file is of the worker role.
+pub fn pem_is_worker(pem: &[u8]) -> bool {
+    use rustls::pki_types::CertificateDer;
+    use rustls::pki_types::pem::PemObject;
+    CertificateDer::pem_slice_iter(pem)
+        .next()
+        .and_then(Result::ok)
+        .is_some_and(|c| is_worker(c.as_ref()))
+}
+
 /// Organisation names as they appear in certificates and policies.
 pub fn is_org_name(s: &str) -> bool {
     crate::policy::is_slug(s)
@@ -190,6 +288,9 @@ pub fn is_org_name(s: &str) -> bool {
 /// name, if that is a valid organisation name. The chain itself has already
 /// been verified by TLS.
 pub fn organisation_of(der: &[u8]) -> Option<String> {
+    if is_worker(der) {
+        return None;
+    }
     let (_, cert) = x509_parser::parse_x509_certificate(der).ok()?;
     let cn = cert.subject().iter_common_name().next()?.as_str().ok()?;
     is_org_name(cn).then(|| cn.to_string())

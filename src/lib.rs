@@ -11,6 +11,7 @@ pub mod certs;
 pub mod cli;
 pub mod client;
 pub mod clock;
+pub mod cluster;
 pub mod console;
 pub mod crash;
 pub mod disk;

@@ -180,7 +180,7 @@ const LAYERS: &[&[&str]] = &[
     &["client"],
     &["proto"],
     &["room"],
-    &["agreements"],
+    &["agreements", "cluster"],
     &["query", "storage"],
     &["upload", "privacy", "synth", "certs"],
     &["policy", "audit"],
@@ -251,7 +251,17 @@ fn no_service_of_the_transport_imports_another() {
 
 #[test]
 fn the_command_line_reaches_the_server_only_to_serve() {
-    let allowed = ["serve", "ServerOptions", "TlsFiles", "Deletion", "Scrub"];
+    let allowed = [
+        "serve",
+        "ServerOptions",
+        "TlsFiles",
+        "Deletion",
+        "Scrub",
+        "serve_worker",
+        "WorkerOptions",
+        "DEFAULT_WORKER_LISTEN",
+        "worker_url",
+    ];
     for (rel, code) in sources() {
         if top(&rel) != "cli" {
             continue;

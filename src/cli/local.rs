@@ -40,8 +40,16 @@ pub(super) enum CertsCommand {
         #[arg(long, default_value = "cleanroom-data/certs")]
         dir: PathBuf,
         /// Organisation name, as in the policies' `party.org`.
-        #[arg(long)]
-        org: String,
+        #[arg(long, required_unless_present = "worker", conflicts_with = "worker")]
+        org: Option<String>,
+        /// Issue a certificate of the worker role for worker NAME instead
+        /// (worker-NAME.pem): the server's and its workers' identity toward
+        /// each other, which no partner certificate has.
+        #[arg(long, value_name = "NAME")]
+        worker: Option<String>,
+        /// Extra DNS name or IP address for a worker's certificate (repeatable).
+        #[arg(long = "san", requires = "worker")]
+        sans: Vec<String>,
         /// Replace existing files.
         #[arg(long)]
         force: bool,
@@ -119,12 +127,27 @@ pub(super) fn certs(cmd: CertsCommand) -> anyhow::Result<ExitCode> {
             println!("server certificate: {}", files.server_cert.display());
             println!("server key (0600):  {}", files.server_key.display());
         }
-        CertsCommand::Issue { dir, org, force } => {
-            let files = crate::certs::issue_client(&dir, &org, force)
-                .with_context(|| format!("issuing a client certificate for {org}"))?;
-            println!("client certificate: {}", files.cert.display());
-            println!("client key (0600):  {}", files.key.display());
-        }
+        CertsCommand::Issue {
+            dir,
+            org,
+            worker,
+            sans,
+            force,
+        } => match (org, worker) {
+            (_, Some(name)) => {
+                let files = crate::certs::issue_worker(&dir, &name, &sans, force)
+                    .with_context(|| format!("issuing a worker certificate for {name}"))?;
+                println!("worker certificate: {}", files.cert.display());
+                println!("worker key (0600):  {}", files.key.display());
+            }
+            (Some(org), None) => {
+                let files = crate::certs::issue_client(&dir, &org, force)
+                    .with_context(|| format!("issuing a client certificate for {org}"))?;
+                println!("client certificate: {}", files.cert.display());
+                println!("client key (0600):  {}", files.key.display());
+            }
+            (None, None) => anyhow::bail!("--org or --worker: one is required"),
+        },
     }
     Ok(ExitCode::SUCCESS)
 }

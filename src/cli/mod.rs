@@ -8,6 +8,7 @@ mod local;
 mod matching;
 mod serve;
 mod upload;
+mod worker;
 
 use std::process::ExitCode;
 
@@ -30,6 +31,9 @@ struct Cli {
 enum Command {
     /// Run the server.
     Serve(serve::ServeArgs),
+    /// Run an execution worker of the server's distributed engine, in the
+    /// operator's trust domain (the server lists it under [cluster]).
+    Worker(worker::WorkerArgs),
     /// Check and create policy files.
     #[command(subcommand)]
     Policy(local::PolicyCommand),
@@ -225,6 +229,7 @@ pub fn main() -> ExitCode {
     };
     let result = match cli.command {
         Command::Serve(args) => serve::run(args),
+        Command::Worker(args) => worker::run(args),
         Command::Policy(cmd) => local::policy(cmd),
         Command::Certs(cmd) => local::certs(cmd),
         Command::Secret(cmd) => upload::secret(cmd),

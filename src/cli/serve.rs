@@ -90,6 +90,52 @@ struct ConfigFile {
     scrub_interval_seconds: Option<f64>,
     tls_handshake_timeout_seconds: Option<f64>,
     scrub_bytes_per_second: Option<u64>,
+    cluster: Option<ClusterSection>,
+}
+
+/// Workers of the distributed engine (`cleanroom worker`).
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ClusterSection {
+    /// `https://HOST:PORT` of each worker.
+    workers: Vec<String>,
+    /// The CA that signed the workers' certificates, and the certificate
+    /// of the worker role the server presents to them.
+    ca: PathBuf,
+    cert: PathBuf,
+    key: PathBuf,
+    health_interval_seconds: Option<f64>,
+}
+
+fn cluster(section: Option<ClusterSection>) -> anyhow::Result<Option<crate::cluster::ClusterConfig>> {
+    let Some(s) = section else {
+        return Ok(None);
+    };
+    if s.workers.is_empty() {
+        anyhow::bail!("cluster.workers: must list at least one worker");
+    }
+    let mut workers = Vec::new();
+    for (i, w) in s.workers.iter().enumerate() {
+        match url::Url::parse(w) {
+            Ok(u) if u.scheme() == "https" && u.host().is_some() && u.port().is_some() => {
+                workers.push(u)
+            }
+            _ => anyhow::bail!("cluster.workers[{i}]: must be https://HOST:PORT"),
+        }
+    }
+    Ok(Some(crate::cluster::ClusterConfig {
+        workers,
+        tls: crate::cluster::WorkerTls {
+            ca: s.ca,
+            cert: s.cert,
+            key: s.key,
+        },
+        health_interval: positive_seconds(
+            "cluster.health_interval_seconds",
+            s.health_interval_seconds,
+            Duration::from_secs(2),
+        )?,
+    }))
 }
 
 /// Certificates from an existing CA, file by file.
@@ -178,6 +224,7 @@ fn settings(args: ServeArgs) -> anyhow::Result<Settings> {
         None => ConfigFile::default(),
     };
     let query_limits = query_limits(&file)?;
+    let cluster = cluster(file.cluster)?;
     let data_dir = args
         .data_dir
         .or(file.data_dir)
@@ -264,6 +311,7 @@ fn settings(args: ServeArgs) -> anyhow::Result<Settings> {
                 file.tls_handshake_timeout_seconds,
                 Duration::from_secs(10),
             )?,
+            cluster,
             scrub: Scrub {
                 every: positive_seconds(
                     "scrub_interval_seconds",
@@ -280,7 +328,7 @@ fn settings(args: ServeArgs) -> anyhow::Result<Settings> {
     })
 }
 
-fn init_logging(format: LogFormat) {
+pub(super) fn init_logging(format: LogFormat) {
     use tracing_subscriber::EnvFilter;
     let filter =
         EnvFilter::try_from_env("CLEANROOM_LOG").unwrap_or_else(|_| EnvFilter::new("info"));

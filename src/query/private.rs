@@ -254,11 +254,7 @@ pub async fn execute(
             Aggregate::try_new(Arc::clone(&agg.input), group, partials).map_err(private_failure)?,
         )
     };
-    let batches = ctx
-        .execute_logical_plan(partial)
-        .await
-        .map_err(private_failure)?
-        .collect()
+    let batches = super::collect(&ctx, partial)
         .await
         .map_err(private_failure)?;
 

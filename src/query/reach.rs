@@ -152,11 +152,7 @@ pub(super) async fn one_caller_person_each(
         ])
         .and_then(LogicalPlanBuilder::build)
         .map_err(private_failure)?;
-    let batches = ctx
-        .execute_logical_plan(pairs)
-        .await
-        .map_err(private_failure)?
-        .collect()
+    let batches = super::collect(ctx, pairs)
         .await
         .map_err(private_failure)?;
     let columns = |b: &arrow::record_batch::RecordBatch, i: usize| {

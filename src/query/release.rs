@@ -82,7 +82,8 @@ pub(super) async fn public_stage(
     released: Vec<RecordBatch>,
 ) -> Result<(SchemaRef, Vec<RecordBatch>), QueryError> {
     let rest = above_released(plan, agg, released).map_err(private_failure)?;
-    let df = ctx
+    // Over released rows alone: on the server.
+    let df = super::on_this_machine(ctx)
         .execute_logical_plan(rest)
         .await
         .map_err(public_failure)?;

@@ -368,7 +368,7 @@ pub(crate) fn for_caller(
 /// The table an analyst sees: the uploaded columns, the sensitive columns as
 /// always-null placeholders (so naming them is refused by rule rather than
 /// as an unknown column), and the hidden person column.
-pub(super) fn table_batches(
+pub(crate) fn table_batches(
     t: &TableData,
 ) -> Result<(SchemaRef, Vec<RecordBatch>), DataFusionError> {
     let mut fields: Vec<Field> = Vec::new();

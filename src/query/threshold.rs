@@ -117,12 +117,7 @@ pub(super) async fn threshold_stage(
         false => materialised(ctx, input).await.map_err(private_failure)?,
     };
     let plan = plan(agg, input, &phantoms, owners, min, counting).map_err(private_failure)?;
-    ctx.execute_logical_plan(plan)
-        .await
-        .map_err(private_failure)?
-        .collect()
-        .await
-        .map_err(private_failure)
+    super::collect(ctx, plan).await.map_err(private_failure)
 }
 
 /// The conditions a query's aggregates read, each once. Depends on the

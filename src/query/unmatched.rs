@@ -32,7 +32,7 @@ pub(super) async fn materialised(ctx: &SessionContext, input: LogicalPlan) -> Re
             })
             .collect::<Vec<_>>(),
     ));
-    let batches = ctx.execute_logical_plan(input).await?.collect().await?;
+    let batches = super::collect(ctx, input).await?;
     let mut partitions: Vec<Vec<RecordBatch>> = vec![Vec::new(), Vec::new()];
     for (i, b) in batches.into_iter().enumerate() {
         partitions[i % 2].push(RecordBatch::try_new(

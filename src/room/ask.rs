@@ -249,8 +249,21 @@ impl Room {
         let present = loaded.present();
         let tables = Arc::clone(&loaded.tables);
         let limits = self.query_limits();
+        let placement = match self.cluster() {
+            Some(cluster) => match cluster.place(policy.id(), &loaded.key, &tables).await {
+                Ok(p) => Some(p),
+                Err(e) => {
+                    tracing::warn!(error = %e, "tables not placed on workers; the query runs on the server");
+                    None
+                }
+            },
+            None => None,
+        };
+        let placed = placement
+            .as_deref()
+            .map(|p| p as &dyn crate::query::Placement);
         let (ctx, plan, checked) =
-            crate::query::plan_and_check_with(&policy, org, &tables, sql, &limits)
+            crate::query::plan_and_check_with(&policy, org, &tables, sql, &limits, placed)
                 .await
                 .map_err(query_error)?;
         for name in &checked.datasets {

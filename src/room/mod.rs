@@ -72,6 +72,8 @@ pub struct Room {
     /// The time at which deletion was last found paused for a clock
     /// jump, so each pause is audited once.
     paused_at: Arc<Mutex<Option<i64>>>,
+    /// Workers the private stage may run on, if any.
+    cluster: Option<Arc<crate::cluster::Cluster>>,
 }
 
 /// How the last re-reads of the policy folder went, for admins.
@@ -112,7 +114,22 @@ impl Room {
             deletion: Deletion::default(),
             closed: Arc::default(),
             paused_at: Arc::default(),
+            cluster: None,
         }
+    }
+
+    /// The same room running the private stage of queries on `cluster`'s
+    /// workers.
+    pub fn with_cluster(mut self, cluster: Arc<crate::cluster::Cluster>) -> Self {
+        self.query_tables =
+            tables::TableCache::new(self.query_limits.table_cache_bytes, Some(Arc::clone(&cluster)));
+        self.cluster = Some(cluster);
+        self
+    }
+
+    /// The workers, if any.
+    pub(crate) fn cluster(&self) -> Option<&Arc<crate::cluster::Cluster>> {
+        self.cluster.as_ref()
     }
 
     /// The same room with these rules for deletion.
@@ -156,7 +173,7 @@ impl Room {
     pub fn with_query_limits(mut self, limits: crate::query::QueryLimits) -> Self {
         self.query_limits = limits;
         self.query_gate = Arc::new(gate::QueryGate::new(limits));
-        self.query_tables = tables::TableCache::new(limits.table_cache_bytes);
+        self.query_tables = tables::TableCache::new(limits.table_cache_bytes, self.cluster.clone());
         self
     }
 

@@ -74,20 +74,27 @@ impl std::fmt::Debug for TableCache {
 
 impl Default for TableCache {
     fn default() -> Self {
-        TableCache::new(QueryLimits::default().table_cache_bytes)
+        TableCache::new(QueryLimits::default().table_cache_bytes, None)
     }
 }
 
 impl TableCache {
-    /// A cache holding at most `budget` bytes of tables.
-    pub(crate) fn new(budget: u64) -> Self {
+    /// A cache holding at most `budget` bytes of tables. Whatever lets an
+    /// agreement's tables go (an erasure, a new version, a retention run, a
+    /// reload, the budget) drops their placement on `cluster`'s workers too.
+    pub(crate) fn new(budget: u64, cluster: Option<Arc<crate::cluster::Cluster>>) -> Self {
         // Weights in KiB, so one entry can weigh up to 4 TiB.
-        let inner = moka::sync::Cache::builder()
+        let mut builder = moka::sync::Cache::builder()
             .max_capacity((budget / 1024).max(1))
             .weigher(|_: &String, c: &Arc<Cached>| {
                 u32::try_from(c.bytes / 1024).unwrap_or(u32::MAX).max(1)
-            })
-            .build();
+            });
+        if let Some(cluster) = cluster {
+            builder = builder.eviction_listener(move |agreement: Arc<String>, c: Arc<Cached>, _| {
+                cluster.forget(&agreement, Some(&c.key));
+            });
+        }
+        let inner = builder.build();
         TableCache { inner }
     }
 

@@ -14,6 +14,7 @@ mod metrics;
 mod queries;
 mod status;
 mod tls;
+mod worker;
 
 use std::future::Future;
 use std::net::SocketAddr;
@@ -38,6 +39,7 @@ use crate::proto::queries_service_server::QueriesServiceServer;
 use crate::room::{Room, SettleError};
 
 pub use crate::room::{Deletion, Scrub};
+pub use worker::{DEFAULT_WORKER_LISTEN, WorkerOptions, serve_worker, worker_url};
 use crate::storage::{StorageError, Store};
 use crate::upload::Limits;
 
@@ -125,6 +127,9 @@ pub struct ServerOptions {
     /// Longest a connection may take to finish its TLS handshake; one
     /// that has not by then is closed.
     pub tls_handshake_timeout: Duration,
+    /// Workers of the distributed engine the private stage runs on; the
+    /// server alone if `None`.
+    pub cluster: Option<crate::cluster::ClusterConfig>,
 }
 
 impl ServerOptions {
@@ -147,6 +152,7 @@ impl ServerOptions {
             deletion: Deletion::default(),
             scrub: Scrub::default(),
             tls_handshake_timeout: Duration::from_secs(10),
+            cluster: None,
         }
     }
 }
@@ -213,6 +219,19 @@ pub async fn serve(
     )
     .with_query_limits(options.query_limits)
     .with_deletion(options.deletion);
+    let state = match options.cluster.clone() {
+        Some(config) => {
+            let cluster = crate::cluster::Cluster::start(config)
+                .await
+                .map_err(|e| ServerError::Tls(e.to_string()))?;
+            tracing::info!(
+                live = cluster.figures().live_workers,
+                "the private stage of queries runs on workers"
+            );
+            state.with_cluster(cluster)
+        }
+        None => state,
+    };
 
     let background = crate::room::spawn_background(
         &state,

@@ -31,6 +31,19 @@ const LOGGED_PER_MINUTE: u32 = 20;
 /// one gets through TLS, so that health checks work and other calls are
 /// refused with a clear UNAUTHENTICATED status), HTTP/2 only.
 pub(super) fn server_config(files: &TlsFiles) -> Result<Arc<rustls::ServerConfig>, ServerError> {
+    config(files, true)
+}
+
+/// A worker's TLS settings: as the server's, but a session without a
+/// client certificate signed by the CA is refused in the handshake.
+pub(super) fn worker_config(files: &TlsFiles) -> Result<Arc<rustls::ServerConfig>, ServerError> {
+    config(files, false)
+}
+
+fn config(
+    files: &TlsFiles,
+    without_client_certificate: bool,
+) -> Result<Arc<rustls::ServerConfig>, ServerError> {
     for path in [&files.ca, &files.cert, &files.key] {
         if !path.exists() {
             return Err(ServerError::Tls(format!(
@@ -65,11 +78,14 @@ pub(super) fn server_config(files: &TlsFiles) -> Result<Arc<rustls::ServerConfig
     let key = PrivateKeyDer::from_pem_slice(&super::read(&files.key)?)
         .map_err(|_| ServerError::Tls(format!("{}: not a PEM private key", files.key.display())))?;
     let provider = Arc::new(rustls::crypto::ring::default_provider());
-    let verifier =
-        WebPkiClientVerifier::builder_with_provider(Arc::new(roots), Arc::clone(&provider))
-            .allow_unauthenticated()
-            .build()
-            .map_err(|e| ServerError::Tls(format!("{}: {e}", files.ca.display())))?;
+    let mut verifier =
+        WebPkiClientVerifier::builder_with_provider(Arc::new(roots), Arc::clone(&provider));
+    if without_client_certificate {
+        verifier = verifier.allow_unauthenticated();
+    }
+    let verifier = verifier
+        .build()
+        .map_err(|e| ServerError::Tls(format!("{}: {e}", files.ca.display())))?;
     let mut config = rustls::ServerConfig::builder_with_provider(provider)
         .with_safe_default_protocol_versions()
         .map_err(|e| ServerError::Tls(e.to_string()))?
