@@ -32,8 +32,8 @@ fn victim() -> Row {
 async fn both_ways(policy: &Policy, acme: &[Row], globex: &[Row], sql: &str) -> (String, String) {
     let mut with = globex.to_vec();
     with.push(victim());
-    let present = cleanroom::query::run(policy, "acme", &tables(policy, acme, &with), sql).await;
-    let absent = cleanroom::query::run(policy, "acme", &tables(policy, acme, globex), sql).await;
+    let present = common::workers::run(policy, "acme", &tables(policy, acme, &with), sql).await;
+    let absent = common::workers::run(policy, "acme", &tables(policy, acme, globex), sql).await;
     (observed(&present), observed(&absent))
 }
 
@@ -352,12 +352,12 @@ async fn rows_laid_out_to_bridge_identity_kinds_move_one_persons_count_only() {
     // Bounding picks a person's groups at random: 30 tries each.
     for _ in 0..30 {
         let with = counts(
-            &cleanroom::query::run(&policy, "acme", &present, sql)
+            &common::workers::run(&policy, "acme", &present, sql)
                 .await
                 .unwrap(),
         );
         let without = counts(
-            &cleanroom::query::run(&policy, "acme", &absent, sql)
+            &common::workers::run(&policy, "acme", &absent, sql)
                 .await
                 .unwrap(),
         );
@@ -392,7 +392,7 @@ async fn a_victim_bridging_two_people_does_not_shrink_their_cell() {
     let mut seen = Vec::new();
     for tables in bridging(&policy, &shared, ["sports", "sports"]) {
         seen.push(observed(
-            &cleanroom::query::run(&policy, "acme", &tables, sql).await,
+            &common::workers::run(&policy, "acme", &tables, sql).await,
         ));
     }
     assert_eq!(seen[0], seen[1]);

@@ -65,7 +65,7 @@ async fn date_functions_answer_at_the_ends_of_the_admitted_years() {
         ),
     ];
     for sql in &probes {
-        match cleanroom::query::run(&policy, "acme", &data, sql).await {
+        match common::workers::run(&policy, "acme", &data, sql).await {
             Ok(_) => {}
             Err(e @ (QueryError::Engine(_) | QueryError::Output | QueryError::Limit { .. })) => {
                 panic!("{sql}: failed beneath the boundary: {e:?}")
@@ -87,7 +87,7 @@ async fn date_functions_answer_at_the_ends_of_the_admitted_years() {
         format!("SELECT COUNT(*) {from} WHERE c.last_purchase > TIMESTAMP '1800-01-01 00:00:00'"),
         format!("SELECT date_trunc('year', DATE '2262-04-12') AS y, COUNT(*) {from} GROUP BY y"),
     ] {
-        match cleanroom::query::run(&policy, "acme", &data, &beyond).await {
+        match common::workers::run(&policy, "acme", &data, &beyond).await {
             Err(QueryError::Refused(v)) => assert!(
                 ["query.expression", "query.cast"].contains(&v.rule),
                 "{beyond}: {v}"
@@ -99,7 +99,7 @@ async fn date_functions_answer_at_the_ends_of_the_admitted_years() {
     let beyond = format!(
         "SELECT COUNT(*) {from} WHERE c.last_purchase + INTERVAL '51 years' > a.first_exposure"
     );
-    match cleanroom::query::run(&policy, "acme", &data, &beyond).await {
+    match common::workers::run(&policy, "acme", &data, &beyond).await {
         Err(QueryError::Refused(v)) => assert_eq!(v.rule, "query.expression"),
         other => panic!("{beyond}: {other:?}"),
     }
@@ -303,7 +303,7 @@ async fn random_derived_expressions_never_fail_beneath_the_boundary() {
         let sql = format!(
             "SELECT {g} AS k, COUNT(*), AVG(CASE WHEN {s} THEN 1 ELSE 0 END) FROM customers c JOIN audience a ON c.email = a.email WHERE {w} GROUP BY k"
         );
-        match cleanroom::query::run(&policy, "acme", &data, &sql).await {
+        match common::workers::run(&policy, "acme", &data, &sql).await {
             Ok(_) => answered += 1,
             Err(QueryError::Refused(v)) => {
                 refused += 1;

@@ -1,6 +1,8 @@
 //! Governed queries: the policy cases in tests/query_cases.toml, and results
 //! checked against an independent computation.
 
+mod common;
+
 use std::collections::{BTreeMap, HashMap};
 use std::path::Path;
 use std::sync::Arc;
@@ -17,7 +19,7 @@ use serde::Deserialize;
 
 /// A governed query asked by acme, the demo's querying party.
 async fn run(policy: &Policy, tables: &[TableData], sql: &str) -> Result<QueryOutcome, QueryError> {
-    cleanroom::query::run(policy, "acme", tables, sql).await
+    common::workers::run(policy, "acme", tables, sql).await
 }
 
 fn demo() -> Policy {

@@ -23,7 +23,7 @@ async fn run(
     tables: &[TableData],
     sql: &str,
 ) -> Result<QueryOutcome, QueryError> {
-    cleanroom::query::run(policy, "acme", tables, sql).await
+    common::workers::run(policy, "acme", tables, sql).await
 }
 
 /// 60 matched people in the north, plus `extra` rows on both sides.

@@ -34,6 +34,10 @@ pub(super) struct WorkerArgs {
     /// Log format [default: text].
     #[arg(long, value_enum, default_value = "text")]
     log_format: LogFormat,
+    /// Stop when standard input closes (a supervisor that holds the pipe;
+    /// the tests use it so that no worker outlives them).
+    #[arg(long, hide = true)]
+    stop_on_stdin_close: bool,
 }
 
 pub(super) fn run(args: WorkerArgs) -> anyhow::Result<ExitCode> {
@@ -60,7 +64,21 @@ pub(super) fn run(args: WorkerArgs) -> anyhow::Result<ExitCode> {
             .with_context(|| format!("listening on {listen}"))?;
         let addr = listener.local_addr()?;
         println!("worker listening on {}", crate::server::worker_url(addr));
-        crate::server::serve_worker(listener, options, shutdown_signal())
+        let stdin_closed = async move {
+            if !args.stop_on_stdin_close {
+                return std::future::pending().await;
+            }
+            let mut sink = Vec::new();
+            let _ = tokio::io::AsyncReadExt::read_to_end(&mut tokio::io::stdin(), &mut sink).await;
+            tracing::info!("standard input closed; stopping");
+        };
+        let stop = async move {
+            tokio::select! {
+                () = shutdown_signal() => {}
+                () = stdin_closed => {}
+            }
+        };
+        crate::server::serve_worker(listener, options, stop)
             .await
             .context("the worker could not start")
     })?;

@@ -71,7 +71,7 @@ impl std::fmt::Debug for Channels {
 }
 
 impl Channels {
-    pub(crate) fn new(tls: &WorkerTls) -> Result<Self, ClusterError> {
+    pub fn new(tls: &WorkerTls) -> Result<Self, ClusterError> {
         Ok(Channels {
             tls: tls.client_config()?,
             open: Arc::default(),
@@ -79,7 +79,7 @@ impl Channels {
     }
 
     /// The channel to `url`; connects on first use.
-    pub(crate) fn channel(&self, url: &Url) -> Result<Channel, ClusterError> {
+    pub fn channel(&self, url: &Url) -> Result<Channel, ClusterError> {
         if let Some(c) = self.open.lock().get(url) {
             return Ok(c.clone());
         }

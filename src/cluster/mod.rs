@@ -202,7 +202,7 @@ impl Cluster {
     /// The agreement's tables placed on the live workers: the placement in
     /// use if the tables (`key`) and the workers are the same, else a new
     /// one, the old one dropped.
-    pub(crate) async fn place(
+    pub async fn place(
         &self,
         agreement: &str,
         key: &[String],
@@ -240,7 +240,7 @@ impl Cluster {
     /// the tables `key` (of any tables, when `key` is `None`). Returns at
     /// once; the workers are told in the background, after any placement
     /// under way.
-    pub(crate) fn forget(self: &Arc<Self>, agreement: &str, key: Option<&[String]>) {
+    pub fn forget(self: &Arc<Self>, agreement: &str, key: Option<&[String]>) {
         let key = key.map(|k| blake3::hash(k.join("\n").as_bytes()).to_hex().to_string());
         self.forgotten.lock().push((agreement.to_string(), key));
         if let Ok(runtime) = tokio::runtime::Handle::try_current() {
@@ -513,14 +513,20 @@ impl crate::query::Placement for Placement {
     }
 }
 
-/// A worker's session for each plan it runs: our functions, the placed
+/// A worker's session for each plan it runs: the engine's functions, the placed
 /// scan's codec reading `held`, and connections to other workers.
 pub fn worker_session(
     builder: SessionStateBuilder,
     held: &Arc<Held>,
     channels: &Channels,
 ) -> datafusion::execution::SessionState {
-    let mut builder = crate::query::with_functions(builder)
+    // Every function the engine has: a worker runs plans the server
+    // checked and planned, whose rewrites may use functions analysts may
+    // not (NULLIF, say); what analysts may use is the server's checker's
+    // decision, not the worker's.
+    let mut builder = builder
+        .with_scalar_functions(datafusion::functions::all_default_functions())
+        .with_aggregate_functions(datafusion::functions_aggregate::all_default_aggregate_functions())
         .with_distributed_channel_resolver(channels.clone())
         .with_distributed_user_codec(PlacedScanCodec);
     builder

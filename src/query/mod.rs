@@ -377,7 +377,19 @@ pub async fn run(
     tables: &[TableData],
     sql: &str,
 ) -> Result<QueryOutcome, QueryError> {
-    let (ctx, plan, checked) = plan_and_check(policy, org, tables, sql).await?;
+    run_with(policy, org, tables, sql, None).await
+}
+
+/// As [`run`], the tables read where `placement` put them.
+pub async fn run_with(
+    policy: &Policy,
+    org: &str,
+    tables: &[TableData],
+    sql: &str,
+    placement: Option<&dyn Placement>,
+) -> Result<QueryOutcome, QueryError> {
+    let (ctx, plan, checked) =
+        plan_and_check_with(policy, org, tables, sql, &QueryLimits::default(), placement).await?;
     if let Some(privacy) = policy.privacy() {
         let noise_plan = private::plan(policy, &checked, privacy.epsilon_per_query_max())
             .map_err(QueryError::Refused)?;

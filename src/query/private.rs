@@ -174,22 +174,37 @@ fn unit_expr(policy: &Policy, org: &str, input: &LogicalPlan) -> Result<Expr, Vi
     })
 }
 
-/// Runs a checked plan under `noise_plan`, bounding contributions as
-/// `bounding` says ([`bounding_unit`]).
-pub async fn execute(
-    ctx: SessionContext,
+/// The private stage's first step: the partial aggregates per group and
+/// bounding unit (step 1 above), exact, before any bounding or noise. What
+/// the engine returns, wherever it ran; public so that tests can compare
+/// engines on it.
+#[derive(Debug)]
+pub struct Partials {
+    /// The analyst's plan (under a `LEFT JOIN`, rewritten so that each
+    /// partner person joins one caller person at most).
     plan: LogicalPlan,
-    checked: Checked,
+    agg: Aggregate,
+    groups_width: usize,
+    /// Per measure: (sum column, count column) in the batches.
+    columns: Vec<(Option<usize>, Option<usize>)>,
+    /// Columns: the groups, the unit, the rows, then the measures' sums
+    /// and counts.
+    pub batches: Vec<RecordBatch>,
+}
+
+/// Computes [`Partials`] of a checked plan under `noise_plan`.
+pub async fn partials(
+    ctx: &SessionContext,
+    plan: LogicalPlan,
     noise_plan: &Plan,
-    bounding: Bounding,
+    bounding: &Bounding,
     one_row_per_person: bool,
-    mut rng: NoiseSource,
-) -> Result<QueryOutcome, QueryError> {
+) -> Result<Partials, QueryError> {
     let plan = match &bounding.reach {
-        Some(reach) => super::reach::one_caller_person_each(&ctx, plan, reach).await?,
+        Some(reach) => super::reach::one_caller_person_each(ctx, plan, reach).await?,
         None => plan,
     };
-    let unit = bounding.unit;
+    let unit = bounding.unit.clone();
     let measures = noise_plan.measures();
     let agg = find_aggregate(&plan)
         .cloned()
@@ -207,7 +222,6 @@ pub async fn execute(
     let per_row = one_row_per_person;
     let rows_expr = if per_row { lit(1i64) } else { count(lit(1i64)) };
     let mut partials = vec![rows_expr.alias("__rows")];
-    // Per measure: (sum column, count column) in the partial output.
     let mut columns: Vec<(Option<usize>, Option<usize>)> = Vec::new();
     let mut next = groups_width + 2;
     for (i, (m, e)) in measures.iter().zip(&agg.aggr_expr).enumerate() {
@@ -254,9 +268,37 @@ pub async fn execute(
             Aggregate::try_new(Arc::clone(&agg.input), group, partials).map_err(private_failure)?,
         )
     };
-    let batches = super::collect(&ctx, partial)
+    let batches = super::collect(ctx, partial)
         .await
         .map_err(private_failure)?;
+    Ok(Partials {
+        plan,
+        agg,
+        groups_width,
+        columns,
+        batches,
+    })
+}
+
+/// Runs a checked plan under `noise_plan`, bounding contributions as
+/// `bounding` says ([`bounding_unit`]).
+pub async fn execute(
+    ctx: SessionContext,
+    plan: LogicalPlan,
+    checked: Checked,
+    noise_plan: &Plan,
+    bounding: Bounding,
+    one_row_per_person: bool,
+    mut rng: NoiseSource,
+) -> Result<QueryOutcome, QueryError> {
+    let Partials {
+        plan,
+        agg,
+        groups_width,
+        columns,
+        batches,
+    } = partials(&ctx, plan, noise_plan, &bounding, one_row_per_person).await?;
+    let measures = noise_plan.measures();
 
     // 2. Group numbers, contributions, then the mechanism.
     let group_fields: Vec<SortField> = agg

@@ -8,6 +8,7 @@ use std::time::Duration;
 
 pub mod differential;
 pub mod people;
+pub mod workers;
 
 use arrow::record_batch::RecordBatch;
 use cleanroom::client::{Client, ClientConfig};
@@ -83,6 +84,9 @@ pub struct Setup {
     pub scrub: cleanroom::server::Scrub,
     pub drain_timeout: Duration,
     pub tls_handshake_timeout: Duration,
+    /// Workers the private stage runs on: the shared ones when
+    /// `CLEANROOM_TEST_WORKERS` asks for some.
+    pub cluster: Option<cleanroom::cluster::ClusterConfig>,
 }
 
 /// Deletion as the tests that move a manual clock by months need it: the
@@ -110,6 +114,7 @@ impl Default for Setup {
             scrub: cleanroom::server::Scrub::default(),
             drain_timeout: Duration::from_secs(10),
             tls_handshake_timeout: Duration::from_secs(10),
+            cluster: workers::shared_config(),
         }
     }
 }
@@ -163,6 +168,7 @@ impl TestServer {
             metrics_listen: setup.metrics_listen,
             deletion: setup.deletion,
             scrub: setup.scrub,
+            cluster: setup.cluster,
             ..ServerOptions::new(pki.path(), &setup.policies, &data_dir.path().join("data"))
         };
         let (tx, rx) = oneshot::channel::<()>();
@@ -194,6 +200,7 @@ impl TestServer {
     }
 
     pub async fn client(&self, org: &str) -> Client {
+        workers::ran_on_workers();
         Client::connect(&self.config(Some(org))).await.unwrap()
     }
 
