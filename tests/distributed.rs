@@ -120,7 +120,11 @@ fn same(
             }
             match equal_rows(&x, &y) {
                 true => Ok(()),
-                false => Err(format!("{} rows vs {} rows, or other values", x.len(), y.len())),
+                false => Err(format!(
+                    "{} rows vs {} rows, or other values",
+                    x.len(),
+                    y.len()
+                )),
             }
         }
         (Err(a), Err(b)) if a.to_string() == b.to_string() => Ok(()),
@@ -181,7 +185,11 @@ async fn random_queries_answer_alike_on_three_workers() {
     let reran = cleanroom::query::reruns_on_server() - reruns;
     eprintln!(
         "accepted {accepted}, refused or failed {refused}, partitions read per worker {:?}, stages rerun on the server {reran}",
-        after.iter().zip(&before).map(|(a, b)| a - b).collect::<Vec<_>>()
+        after
+            .iter()
+            .zip(&before)
+            .map(|(a, b)| a - b)
+            .collect::<Vec<_>>()
     );
     assert!(accepted > 60, "{accepted}");
     for (a, b) in after.iter().zip(&before) {
@@ -214,7 +222,10 @@ async fn private_stage_partials_are_exactly_those_of_one_machine() {
     for _ in 0..60 {
         let sql = query(&mut rng).sql();
         let mut outputs = Vec::new();
-        for placed in [None, Some(placement.as_ref() as &dyn cleanroom::query::Placement)] {
+        for placed in [
+            None,
+            Some(placement.as_ref() as &dyn cleanroom::query::Placement),
+        ] {
             let Ok((ctx, plan, checked)) = cleanroom::query::plan_and_check_with(
                 &policy, "acme", &d.tables, &sql, &limits, placed,
             )
@@ -238,8 +249,13 @@ async fn private_stage_partials_are_exactly_those_of_one_machine() {
             match (a, b) {
                 (Ok(a), Ok(b)) => {
                     if !equal_rows(a, b) {
-                        let diff: Vec<_> = a.iter().zip(b).filter(|(x, y)| x != y).take(3).collect();
-                        panic!("{sql}\n{} vs {} rows; first differences {diff:?}", a.len(), b.len());
+                        let diff: Vec<_> =
+                            a.iter().zip(b).filter(|(x, y)| x != y).take(3).collect();
+                        panic!(
+                            "{sql}\n{} vs {} rows; first differences {diff:?}",
+                            a.len(),
+                            b.len()
+                        );
                     }
                     compared += a.len();
                 }
@@ -278,25 +294,43 @@ async fn two_servers(workers: &Workers) -> (TestServer, TestServer, tempfile::Te
 
 const AGREEMENT: &str = "retail-media-demo";
 
+/// A template with its parameters, or free SQL.
+type Analysis = (
+    Option<(&'static str, Vec<(&'static str, &'static str)>)>,
+    &'static str,
+);
+
 /// The analyses compared on both servers: the demo's templates and free
 /// SQL of every join kind the demo allows.
-fn analyses() -> Vec<(Option<(&'static str, Vec<(&'static str, &'static str)>)>, &'static str)> {
+fn analyses() -> Vec<Analysis> {
     vec![
-        (Some(("overlap_by_segment", vec![("regions", "north,east")])), ""),
+        (
+            Some(("overlap_by_segment", vec![("regions", "north,east")])),
+            "",
+        ),
         (Some(("lift_by_region", vec![("min_exposures", "1")])), ""),
-        (None, "SELECT c.region, COUNT(*) AS n FROM customers c JOIN audience a ON c.email = a.email GROUP BY c.region ORDER BY c.region"),
-        (None, "SELECT a.interest_segment, SUM(c.lifetime_value) AS v, AVG(c.purchases) AS p FROM customers c JOIN audience a ON c.email = a.email GROUP BY a.interest_segment ORDER BY a.interest_segment"),
-        (None, "SELECT c.region, COUNT(a.interest_segment) AS reached FROM customers c LEFT JOIN audience a ON c.email = a.email GROUP BY c.region ORDER BY c.region"),
+        (
+            None,
+            "SELECT c.region, COUNT(*) AS n FROM customers c JOIN audience a ON c.email = a.email GROUP BY c.region ORDER BY c.region",
+        ),
+        (
+            None,
+            "SELECT a.interest_segment, SUM(c.lifetime_value) AS v, AVG(c.purchases) AS p FROM customers c JOIN audience a ON c.email = a.email GROUP BY a.interest_segment ORDER BY a.interest_segment",
+        ),
+        (
+            None,
+            "SELECT c.region, COUNT(a.interest_segment) AS reached FROM customers c LEFT JOIN audience a ON c.email = a.email GROUP BY c.region ORDER BY c.region",
+        ),
         (None, "SELECT COUNT(*) AS n FROM customers c"),
-        (None, "SELECT floor(c.lifetime_value / 1000) AS band, COUNT(*) AS n, SUM(a.ad_exposures) AS e FROM customers c JOIN audience a ON c.email = a.email AND c.phone = a.phone GROUP BY floor(c.lifetime_value / 1000) ORDER BY band"),
+        (
+            None,
+            "SELECT floor(c.lifetime_value / 1000) AS band, COUNT(*) AS n, SUM(a.ad_exposures) AS e FROM customers c JOIN audience a ON c.email = a.email AND c.phone = a.phone GROUP BY floor(c.lifetime_value / 1000) ORDER BY band",
+        ),
         (None, "SELECT c.email FROM customers c"),
     ]
 }
 
-async fn ask(
-    server: &TestServer,
-    what: &(Option<(&'static str, Vec<(&'static str, &'static str)>)>, &'static str),
-) -> Result<Vec<RecordBatch>, String> {
+async fn ask(server: &TestServer, what: &Analysis) -> Result<Vec<RecordBatch>, String> {
     let mut acme = server.client("acme").await;
     let answer = match &what.0 {
         Some((name, params)) => {
@@ -355,8 +389,7 @@ async fn a_server_on_workers_answers_as_one_machine_and_drops_placements_with_th
     // the answers stay equal.
     for s in [&one, &placed] {
         let client = s.client("acme").await;
-        common::erase_first_customers(&client, &common::secret(), AGREEMENT, dir.path(), 200)
-            .await;
+        common::erase_first_customers(&client, &common::secret(), AGREEMENT, dir.path(), 200).await;
     }
     let dropped = common::eventually(|| async {
         for u in &workers.urls {
@@ -368,14 +401,21 @@ async fn a_server_on_workers_answers_as_one_machine_and_drops_placements_with_th
         true
     })
     .await;
-    assert!(dropped, "a worker still holds the placement made before the erasure");
+    assert!(
+        dropped,
+        "a worker still holds the placement made before the erasure"
+    );
     assert!(compare().await >= 6);
     for u in &workers.urls {
         let p = describe(&workers.certs, u).await.placements;
         assert_eq!(p.len(), 1);
         assert_ne!(p[0].placement, first);
     }
-    assert_eq!(cleanroom::query::reruns_on_server(), reruns, "no stage fell back");
+    assert_eq!(
+        cleanroom::query::reruns_on_server(),
+        reruns,
+        "no stage fell back"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -413,7 +453,11 @@ async fn workers_serve_only_the_worker_role() {
         .await
         .unwrap_err();
     assert_eq!(refused.code(), tonic::Code::PermissionDenied);
-    assert!(refused.message().contains("worker.role"), "{}", refused.message());
+    assert!(
+        refused.message().contains("worker.role"),
+        "{}",
+        refused.message()
+    );
     // No client certificate: no session at all.
     let bare = tonic::transport::ClientTlsConfig::new().ca_certificate(
         tonic::transport::Certificate::from_pem(std::fs::read(pki.path().join("ca.pem")).unwrap()),
@@ -440,12 +484,18 @@ async fn workers_serve_only_the_worker_role() {
     })
     .await;
     let files = cleanroom::certs::issue_worker(server.pki.path(), "intruder", &[], false).unwrap();
-    let config = cleanroom::client::ClientConfig::new(server.url(), server.pki.path().join("ca.pem"))
-        .with_identity(files.cert, files.key);
+    let config =
+        cleanroom::client::ClientConfig::new(server.url(), server.pki.path().join("ca.pem"))
+            .with_identity(files.cert, files.key);
     let mut client = cleanroom::client::Client::connect(&config).await.unwrap();
-    let err = client.query(AGREEMENT, "SELECT COUNT(*) FROM customers c").await;
+    let err = client
+        .query(AGREEMENT, "SELECT COUNT(*) FROM customers c")
+        .await;
     assert!(err.is_err());
-    assert_eq!(cleanroom::certs::organisation_of(&pem_der(&server, "worker-intruder.pem")), None);
+    assert_eq!(
+        cleanroom::certs::organisation_of(&pem_der(&server, "worker-intruder.pem")),
+        None
+    );
 }
 
 fn pem_der(server: &TestServer, file: &str) -> Vec<u8> {
@@ -477,13 +527,20 @@ async fn a_worker_killed_mid_query_gives_whole_answers_only() {
         .unwrap();
     let reruns = cleanroom::query::reruns_on_server();
     let tables = Arc::new(d.tables.clone());
-    let (policy2, tables2, placement2) = (policy.clone(), Arc::clone(&tables), Arc::clone(&placement));
+    let (policy2, tables2, placement2) =
+        (policy.clone(), Arc::clone(&tables), Arc::clone(&placement));
     let asking = tokio::spawn(async move {
         let mut outcomes = Vec::new();
         for _ in 0..30 {
             outcomes.push(
-                cleanroom::query::run_with(&policy2, "acme", &tables2, sql, Some(placement2.as_ref()))
-                    .await,
+                cleanroom::query::run_with(
+                    &policy2,
+                    "acme",
+                    &tables2,
+                    sql,
+                    Some(placement2.as_ref()),
+                )
+                .await,
             );
         }
         outcomes
@@ -498,7 +555,10 @@ async fn a_worker_killed_mid_query_gives_whole_answers_only() {
     }
     let reran = cleanroom::query::reruns_on_server() - reruns;
     eprintln!("stages rerun on the server after the kill: {reran}");
-    assert!(reran > 0, "the killed worker's stages ran again on the server");
+    assert!(
+        reran > 0,
+        "the killed worker's stages ran again on the server"
+    );
     // The health check drops it, and the next placement leaves it out.
     let dropped = common::eventually(|| async {
         cluster.check_health().await;
@@ -511,5 +571,9 @@ async fn a_worker_killed_mid_query_gives_whole_answers_only() {
     same(&want, &fresh, false).unwrap();
     let again = placed_run(&cluster, &policy, "acme", &d.tables, sql).await;
     same(&want, &again, false).unwrap();
-    assert_eq!(cleanroom::query::reruns_on_server(), before, "two workers serve again");
+    assert_eq!(
+        cleanroom::query::reruns_on_server(),
+        before,
+        "two workers serve again"
+    );
 }

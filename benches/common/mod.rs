@@ -145,3 +145,71 @@ pub async fn connect(
         );
     Ok(cleanroom::client::Client::connect(&config).await?)
 }
+
+use std::sync::Arc;
+
+use arrow::array::{FixedSizeBinaryBuilder, Float64Array, Int64Array, StringArray};
+use arrow::datatypes::{DataType, Field, Schema};
+use arrow::record_batch::RecordBatch;
+
+const REGIONS: [&str; 4] = ["north", "south", "east", "west"];
+const AGES: [&str; 6] = ["18-24", "25-34", "35-44", "45-54", "55-64", "65+"];
+const SEGMENTS: [&str; 6] = ["sports", "travel", "home", "tech", "fashion", "food"];
+
+/// Batches of 65,536 rows of one side of the demo agreement: `customers`
+/// (acme) or `audience` (globex), people `ids`.
+pub fn side(ids: &[u64], customers: bool) -> Vec<RecordBatch> {
+    ids.chunks(65_536)
+        .map(|chunk| {
+            let mut email = FixedSizeBinaryBuilder::new(32);
+            let mut phone = FixedSizeBinaryBuilder::new(32);
+            for p in chunk {
+                email.append_value(fingerprint(*p, 0)).expect("32 bytes");
+                if p % 10 < 7 {
+                    phone.append_value(fingerprint(*p, 1)).expect("32 bytes");
+                } else {
+                    phone.append_null();
+                }
+            }
+            let (dim, dim_values, metric_name): (&str, &[&str], &str) = if customers {
+                ("age_band", &AGES, "region")
+            } else {
+                ("interest_segment", &SEGMENTS, "ad_exposures")
+            };
+            let mut fields = vec![
+                Field::new("email", DataType::FixedSizeBinary(32), true),
+                Field::new("phone", DataType::FixedSizeBinary(32), true),
+                Field::new(dim, DataType::Utf8, true),
+            ];
+            let mut columns: Vec<arrow::array::ArrayRef> = vec![
+                Arc::new(email.finish()),
+                Arc::new(phone.finish()),
+                Arc::new(StringArray::from_iter_values(
+                    chunk
+                        .iter()
+                        .map(|p| dim_values[(p * 7 % dim_values.len() as u64) as usize]),
+                )),
+            ];
+            if customers {
+                fields.push(Field::new(metric_name, DataType::Utf8, true));
+                fields.push(Field::new("lifetime_value", DataType::Float64, true));
+                columns.push(Arc::new(StringArray::from_iter_values(
+                    chunk.iter().map(|p| REGIONS[(p * 13 % 4) as usize]),
+                )));
+                columns.push(Arc::new(Float64Array::from_iter_values(
+                    chunk.iter().map(|p| (p * 37 % 5000) as f64),
+                )));
+            } else {
+                fields.push(Field::new(metric_name, DataType::Int64, true));
+                fields.push(Field::new("spend", DataType::Float64, true));
+                columns.push(Arc::new(Int64Array::from_iter_values(
+                    chunk.iter().map(|p| (p % 50) as i64),
+                )));
+                columns.push(Arc::new(Float64Array::from_iter_values(
+                    chunk.iter().map(|p| (p * 11 % 2000) as f64),
+                )));
+            }
+            RecordBatch::try_new(Arc::new(Schema::new(fields)), columns).expect("valid batch")
+        })
+        .collect()
+}

@@ -107,7 +107,9 @@ struct ClusterSection {
     health_interval_seconds: Option<f64>,
 }
 
-fn cluster(section: Option<ClusterSection>) -> anyhow::Result<Option<crate::cluster::ClusterConfig>> {
+fn cluster(
+    section: Option<ClusterSection>,
+) -> anyhow::Result<Option<crate::cluster::ClusterConfig>> {
     let Some(s) = section else {
         return Ok(None);
     };

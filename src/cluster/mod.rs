@@ -38,8 +38,8 @@ use datafusion_distributed::{DistributedExt, SessionStateBuilderExt, WorkerResol
 use parking_lot::RwLock;
 use url::Url;
 
-pub use channels::WorkerTls;
 pub use channels::Channels;
+pub use channels::WorkerTls;
 use scan::{LocalTable, Placed, PlacedScanCodec, PlacedTable};
 pub use store::{Held, HeldError, HeldPlacement};
 
@@ -421,7 +421,8 @@ fn encode_error(e: impl std::fmt::Display) -> ClusterError {
 fn local_table(t: &TableData, partitions: u32) -> Result<LocalTable, DataFusionError> {
     let (schema, batches) = crate::query::table_batches(t)?;
     let person = schema.index_of(PERSON_COLUMN)?;
-    let mut rows: Vec<Vec<UInt32Array>> = vec![Vec::with_capacity(batches.len()); partitions as usize];
+    let mut rows: Vec<Vec<UInt32Array>> =
+        vec![Vec::with_capacity(batches.len()); partitions as usize];
     for b in &batches {
         let people = b
             .column(person)
@@ -450,8 +451,8 @@ fn ipc_messages(
     schema: &arrow::datatypes::SchemaRef,
 ) -> Result<Vec<Vec<u8>>, ClusterError> {
     let mut out = Vec::new();
-    let mut writer = arrow::ipc::writer::StreamWriter::try_new(Vec::new(), schema)
-        .map_err(encode_error)?;
+    let mut writer =
+        arrow::ipc::writer::StreamWriter::try_new(Vec::new(), schema).map_err(encode_error)?;
     let mut empty = true;
     for b in batches {
         // Large batches in slices, so that no message is far over the size.
@@ -526,7 +527,9 @@ pub fn worker_session(
     // decision, not the worker's.
     let mut builder = builder
         .with_scalar_functions(datafusion::functions::all_default_functions())
-        .with_aggregate_functions(datafusion::functions_aggregate::all_default_aggregate_functions())
+        .with_aggregate_functions(
+            datafusion::functions_aggregate::all_default_aggregate_functions(),
+        )
         .with_distributed_channel_resolver(channels.clone())
         .with_distributed_user_codec(PlacedScanCodec);
     builder

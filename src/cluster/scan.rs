@@ -166,9 +166,14 @@ impl PlacedScanExec {
         let Some(&part) = self.parts.get(partition) else {
             return exec_err!("no engine partition {partition} in a placed scan");
         };
-        let rows = match (&self.local, context.session_config().get_extension::<Held>()) {
+        let rows = match (
+            &self.local,
+            context.session_config().get_extension::<Held>(),
+        ) {
             (Some(local), _) => local.partition(part as usize)?,
-            (None, Some(held)) => held.partition(&self.placed.placement, &self.placed.dataset, part)?,
+            (None, Some(held)) => {
+                held.partition(&self.placed.placement, &self.placed.dataset, part)?
+            }
             (None, None) => return exec_err!("a placed scan ran where no partitions are held"),
         };
         rows.iter()
@@ -266,8 +271,8 @@ impl PhysicalExtensionCodec for PlacedScanCodec {
         if !inputs.is_empty() {
             return internal_err!("a placed scan has no inputs");
         }
-        let p = PlacedScanProto::decode(buf)
-            .map_err(|e| proto_error(format!("placed scan: {e}")))?;
+        let p =
+            PlacedScanProto::decode(buf).map_err(|e| proto_error(format!("placed scan: {e}")))?;
         let schema: arrow::datatypes::Schema = p
             .schema
             .as_ref()
@@ -339,7 +344,10 @@ pub(crate) fn scale_up(ev: ScaleUpLeafNodeEvent) -> Option<Result<ScaleUpLeafNod
         ));
     }
     let variants = (0..ev.task_count)
-        .map(|i| scan.on_worker(i).map(|v| Arc::new(v) as Arc<dyn ExecutionPlan>))
+        .map(|i| {
+            scan.on_worker(i)
+                .map(|v| Arc::new(v) as Arc<dyn ExecutionPlan>)
+        })
         .collect::<Result<Vec<_>>>();
     Some(variants.and_then(|v| {
         DistributedLeafExec::try_new(Arc::clone(ev.plan), v)

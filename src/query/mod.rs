@@ -226,7 +226,12 @@ pub fn session_with(
 /// The same session planning every stage on this machine: placed tables
 /// are then read from the server's own memory.
 pub(crate) fn on_this_machine(ctx: &SessionContext) -> SessionContext {
-    if ctx.state().config().get_extension::<Distributed>().is_none() {
+    if ctx
+        .state()
+        .config()
+        .get_extension::<Distributed>()
+        .is_none()
+    {
         return ctx.clone();
     }
     let state = SessionStateBuilder::new_from_existing(ctx.state())
@@ -261,7 +266,11 @@ pub(crate) async fn collect(
     ctx: &SessionContext,
     plan: datafusion::logical_expr::LogicalPlan,
 ) -> Result<Vec<RecordBatch>, DataFusionError> {
-    let distributed = ctx.state().config().get_extension::<Distributed>().is_some();
+    let distributed = ctx
+        .state()
+        .config()
+        .get_extension::<Distributed>()
+        .is_some();
     if !distributed {
         return ctx.execute_logical_plan(plan).await?.collect().await;
     }

@@ -152,9 +152,7 @@ pub(super) async fn one_caller_person_each(
         ])
         .and_then(LogicalPlanBuilder::build)
         .map_err(private_failure)?;
-    let batches = super::collect(ctx, pairs)
-        .await
-        .map_err(private_failure)?;
+    let batches = super::collect(ctx, pairs).await.map_err(private_failure)?;
     let columns = |b: &arrow::record_batch::RecordBatch, i: usize| {
         arrow::compute::cast(b.column(i), &DataType::UInt32)
             .map(|a| a.as_primitive::<UInt32Type>().clone())

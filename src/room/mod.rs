@@ -121,8 +121,10 @@ impl Room {
     /// The same room running the private stage of queries on `cluster`'s
     /// workers.
     pub fn with_cluster(mut self, cluster: Arc<crate::cluster::Cluster>) -> Self {
-        self.query_tables =
-            tables::TableCache::new(self.query_limits.table_cache_bytes, Some(Arc::clone(&cluster)));
+        self.query_tables = tables::TableCache::new(
+            self.query_limits.table_cache_bytes,
+            Some(Arc::clone(&cluster)),
+        );
         self.cluster = Some(cluster);
         self
     }

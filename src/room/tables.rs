@@ -90,9 +90,10 @@ impl TableCache {
                 u32::try_from(c.bytes / 1024).unwrap_or(u32::MAX).max(1)
             });
         if let Some(cluster) = cluster {
-            builder = builder.eviction_listener(move |agreement: Arc<String>, c: Arc<Cached>, _| {
-                cluster.forget(&agreement, Some(&c.key));
-            });
+            builder =
+                builder.eviction_listener(move |agreement: Arc<String>, c: Arc<Cached>, _| {
+                    cluster.forget(&agreement, Some(&c.key));
+                });
         }
         let inner = builder.build();
         TableCache { inner }

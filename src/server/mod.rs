@@ -39,9 +39,9 @@ use crate::proto::queries_service_server::QueriesServiceServer;
 use crate::room::{Room, SettleError};
 
 pub use crate::room::{Deletion, Scrub};
-pub use worker::{DEFAULT_WORKER_LISTEN, WorkerOptions, serve_worker, worker_url};
 use crate::storage::{StorageError, Store};
 use crate::upload::Limits;
+pub use worker::{DEFAULT_WORKER_LISTEN, WorkerOptions, serve_worker, worker_url};
 
 use agreements::Agreements;
 use audit::Audit;

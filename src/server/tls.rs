@@ -178,6 +178,29 @@ pub(super) fn accept(
     config: Arc<rustls::ServerConfig>,
     timeout: Duration,
 ) -> impl Stream<Item = Result<TlsStream<TcpStream>, std::io::Error>> {
+    accept_from(incoming, config, timeout)
+}
+
+/// A connection whose peer address is known, for the failure log.
+pub(super) trait Peer {
+    fn peer(&self) -> std::io::Result<SocketAddr>;
+}
+
+impl Peer for TcpStream {
+    fn peer(&self) -> std::io::Result<SocketAddr> {
+        self.peer_addr()
+    }
+}
+
+/// As [`accept`], over connections of any kind.
+pub(super) fn accept_from<S>(
+    incoming: impl Stream<Item = Result<S, std::io::Error>> + Send + 'static,
+    config: Arc<rustls::ServerConfig>,
+    timeout: Duration,
+) -> impl Stream<Item = Result<TlsStream<S>, std::io::Error>>
+where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Peer + Unpin + Send + 'static,
+{
     let (tx, rx) = tokio::sync::mpsc::channel(64);
     let acceptor = TlsAcceptor::from(config);
     let log = Arc::new(FailureLog::new());
@@ -200,7 +223,7 @@ pub(super) fn accept(
             let (acceptor, tx, log) = (acceptor.clone(), tx.clone(), Arc::clone(&log));
             tokio::spawn(async move {
                 let peer = stream
-                    .peer_addr()
+                    .peer()
                     .unwrap_or_else(|_| SocketAddr::from(([0, 0, 0, 0], 0)));
                 match tokio::time::timeout(timeout, acceptor.accept(stream)).await {
                     Ok(Ok(session)) => {

@@ -76,8 +76,17 @@ pub async fn serve_worker(
         source,
     })?;
     tracing::info!(addr = %addr, instance = held.instance(), "worker serving");
-    let incoming = tls::accept(
-        tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true)),
+    let traffic = Arc::new(Traffic::default());
+    let counting = Arc::clone(&traffic);
+    let incoming = tls::accept_from(
+        tonic::transport::server::TcpIncoming::from(listener)
+            .with_nodelay(Some(true))
+            .map(move |c| {
+                c.map(|inner| Counted {
+                    inner,
+                    traffic: Arc::clone(&counting),
+                })
+            }),
         config,
         options.tls_handshake_timeout,
     );
@@ -87,8 +96,11 @@ pub async fn serve_worker(
             only_workers,
         ))
         .add_service(InterceptedService::new(
-            PartitionServiceServer::new(Places { held: for_places })
-                .max_decoding_message_size(MAX_MESSAGE),
+            PartitionServiceServer::new(Places {
+                held: for_places,
+                traffic,
+            })
+            .max_decoding_message_size(MAX_MESSAGE),
             only_workers,
         ))
         .serve_with_incoming_shutdown(incoming, shutdown)
@@ -116,6 +128,7 @@ fn only_workers(request: Request<()>) -> Result<Request<()>, Status> {
 #[derive(Debug)]
 struct Places {
     held: Arc<Held>,
+    traffic: Arc<Traffic>,
 }
 
 #[tonic::async_trait]
@@ -154,9 +167,8 @@ impl PartitionService for Places {
                 }
             };
             bytes += part.ipc.len() as u64;
-            let batches = crate::cluster::read_ipc(&part.ipc).map_err(|_| {
-                Status::invalid_argument("partition.ipc: not an Arrow IPC stream")
-            })?;
+            let batches = crate::cluster::read_ipc(&part.ipc)
+                .map_err(|_| Status::invalid_argument("partition.ipc: not an Arrow IPC stream"))?;
             partitions
                 .entry((part.dataset, part.index))
                 .or_default()
@@ -198,6 +210,11 @@ impl PartitionService for Places {
                 .collect(),
             bytes,
             partitions_read: self.held.reads(),
+            bytes_received: self
+                .traffic
+                .received
+                .load(std::sync::atomic::Ordering::Relaxed),
+            bytes_sent: self.traffic.sent.load(std::sync::atomic::Ordering::Relaxed),
         }))
     }
 }
@@ -208,4 +225,79 @@ pub const DEFAULT_WORKER_LISTEN: &str = "127.0.0.1:50061";
 /// A worker's address as the server's config names it.
 pub fn worker_url(addr: SocketAddr) -> String {
     format!("https://{addr}")
+}
+
+/// Bytes a worker received and sent on its port, TLS included: what the
+/// network carries.
+#[derive(Debug, Default)]
+struct Traffic {
+    received: std::sync::atomic::AtomicU64,
+    sent: std::sync::atomic::AtomicU64,
+}
+
+/// A connection that counts its bytes into [`Traffic`].
+#[derive(Debug)]
+struct Counted {
+    inner: tokio::net::TcpStream,
+    traffic: Arc<Traffic>,
+}
+
+impl tls::Peer for Counted {
+    fn peer(&self) -> std::io::Result<SocketAddr> {
+        self.inner.peer_addr()
+    }
+}
+
+impl tonic::transport::server::Connected for Counted {
+    type ConnectInfo = tonic::transport::server::TcpConnectInfo;
+
+    fn connect_info(&self) -> Self::ConnectInfo {
+        self.inner.connect_info()
+    }
+}
+
+impl tokio::io::AsyncRead for Counted {
+    fn poll_read(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &mut tokio::io::ReadBuf<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        let before = buf.filled().len();
+        let poll = std::pin::Pin::new(&mut self.inner).poll_read(cx, buf);
+        let n = (buf.filled().len() - before) as u64;
+        self.traffic
+            .received
+            .fetch_add(n, std::sync::atomic::Ordering::Relaxed);
+        poll
+    }
+}
+
+impl tokio::io::AsyncWrite for Counted {
+    fn poll_write(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &[u8],
+    ) -> std::task::Poll<std::io::Result<usize>> {
+        let poll = std::pin::Pin::new(&mut self.inner).poll_write(cx, buf);
+        if let std::task::Poll::Ready(Ok(n)) = &poll {
+            self.traffic
+                .sent
+                .fetch_add(*n as u64, std::sync::atomic::Ordering::Relaxed);
+        }
+        poll
+    }
+
+    fn poll_flush(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.inner).poll_flush(cx)
+    }
+
+    fn poll_shutdown(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.inner).poll_shutdown(cx)
+    }
 }

@@ -12,12 +12,12 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 
+use super::workers::run;
 use arrow::array::{Array, AsArray};
 use arrow::datatypes::{DataType, Float64Type};
 use arrow::record_batch::RecordBatch;
 use cleanroom::policy::Policy;
 use cleanroom::query::{QueryError, QueryOutcome, TableData};
-use super::workers::run;
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 

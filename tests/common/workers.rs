@@ -28,7 +28,10 @@ impl Workers {
     /// `n` workers with certificates of the worker role from the CA in
     /// `certs` (`w0`, `w1`, ... and `server` for the coordinator).
     pub fn spawn(certs: &Path, n: usize) -> Self {
-        for name in (0..n).map(|i| format!("w{i}")).chain(["server".to_string()]) {
+        for name in (0..n)
+            .map(|i| format!("w{i}"))
+            .chain(["server".to_string()])
+        {
             if !cleanroom::certs::worker_files(certs, &name).cert.exists() {
                 cleanroom::certs::issue_worker(certs, &name, &[], false).unwrap();
             }
@@ -75,7 +78,14 @@ impl Drop for Workers {
 /// Starts one worker and reads the address it prints.
 pub fn spawn_one(certs: &Path, name: &str) -> (Child, Url) {
     let mut child = Command::new(env!("CARGO_BIN_EXE_cleanroom"))
-        .args(["worker", "--listen", "127.0.0.1:0", "--stop-on-stdin-close", "--name", name])
+        .args([
+            "worker",
+            "--listen",
+            "127.0.0.1:0",
+            "--stop-on-stdin-close",
+            "--name",
+            name,
+        ])
         .arg("--certs-dir")
         .arg(certs)
         .env("CLEANROOM_LOG", "warn")
@@ -171,7 +181,7 @@ pub async fn placed_run(
         NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
     );
     let placement = cluster
-        .place(&label, &[label.clone()], tables)
+        .place(&label, std::slice::from_ref(&label), tables)
         .await
         .expect("placing the tables on the workers");
     let out = cleanroom::query::run_with(policy, org, tables, sql, Some(placement.as_ref())).await;
