@@ -221,7 +221,10 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
             )
             .await?;
             let physical = ctx.state().create_physical_plan(&plan).await?;
-            println!("{}", datafusion_distributed::display_plan_ascii(physical.as_ref(), false));
+            println!(
+                "{}",
+                datafusion_distributed::display_plan_ascii(physical.as_ref(), false)
+            );
         }
         let reruns = cleanroom::query::reruns_on_server();
         // One query of each kind, its traffic per worker.

@@ -406,10 +406,23 @@ async fn a_server_on_workers_answers_as_one_machine_and_drops_placements_with_th
         "a worker still holds the placement made before the erasure"
     );
     assert!(compare().await >= 6);
+    let second = describe(&workers.certs, &workers.urls[0]).await.placements;
+    assert_eq!(second.len(), 1);
+    assert_ne!(second[0].placement, first);
+    let second = second[0].placement.clone();
+    // A new version: the same again.
+    for s in [&one, &placed] {
+        upload_demo(s, "globex", dir.path()).await;
+    }
+    assert!(compare().await >= 6);
     for u in &workers.urls {
         let p = describe(&workers.certs, u).await.placements;
-        assert_eq!(p.len(), 1);
-        assert_ne!(p[0].placement, first);
+        assert_eq!(
+            p.len(),
+            1,
+            "only the placement of the current versions is held"
+        );
+        assert!(p[0].placement != first && p[0].placement != second);
     }
     assert_eq!(
         cleanroom::query::reruns_on_server(),

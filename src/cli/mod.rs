@@ -105,6 +105,10 @@ const EXAMPLES: &[(&str, &str)] = &[
         "serve",
         "cleanroom serve --config /etc/cleanroom/config.toml --log-format json",
     ),
+    (
+        "worker",
+        "cleanroom worker --name w1 --listen 0.0.0.0:50061 --certs-dir cleanroom-data/certs",
+    ),
     ("policy", "cleanroom policy check policies/"),
     ("policy check", "cleanroom policy check policies/"),
     ("policy salt", "cleanroom policy salt"),
