@@ -56,6 +56,9 @@ pub(crate) struct Metrics {
     reload_failures: Gauge,
     store_bytes: Gauge,
     cached_agreements: Gauge,
+    workers_live: Gauge,
+    worker_placed_bytes: Gauge,
+    stage_reruns: Gauge,
     cached_rows: Gauge,
     table_loads: Counter,
     matched_reads: Counter,
@@ -134,6 +137,24 @@ impl Default for Metrics {
             "Agreements whose decrypted, matched tables are held in memory",
             cached_agreements.clone(),
         );
+        let workers_live = Gauge::default();
+        registry.register(
+            "workers_live",
+            "Workers of the distributed engine that answered their last health check",
+            workers_live.clone(),
+        );
+        let worker_placed_bytes = Gauge::default();
+        registry.register(
+            "worker_placed_bytes",
+            "Bytes of matched tables streamed to workers by placements, since start",
+            worker_placed_bytes.clone(),
+        );
+        let stage_reruns = Gauge::default();
+        registry.register(
+            "stage_reruns",
+            "Stages of queries that failed on the workers and ran again on the server, since start",
+            stage_reruns.clone(),
+        );
         let cached_rows = Gauge::default();
         registry.register(
             "cached_rows",
@@ -167,6 +188,9 @@ impl Default for Metrics {
         Metrics {
             registry,
             cached_agreements,
+            workers_live,
+            worker_placed_bytes,
+            stage_reruns,
             cached_rows,
             table_loads,
             matched_reads,
@@ -259,13 +283,23 @@ impl Metrics {
     }
 
     /// The text exposition, after reading the values kept elsewhere;
-    /// `cached` is (agreements, rows) in memory.
+    /// `cached` is (agreements, rows) in memory, `cluster` what the
+    /// workers did, if there are workers.
     pub(crate) fn render(
         &self,
         reload_failures: u64,
         data_dir: &Path,
         cached: (usize, u64),
+        cluster: Option<crate::cluster::ClusterFigures>,
     ) -> String {
+        if let Some(c) = cluster {
+            self.workers_live
+                .set(i64::try_from(c.live_workers).unwrap_or(i64::MAX));
+            self.worker_placed_bytes
+                .set(i64::try_from(c.placed_bytes).unwrap_or(i64::MAX));
+        }
+        self.stage_reruns
+            .set(i64::try_from(crate::query::reruns_on_server()).unwrap_or(i64::MAX));
         self.cached_agreements
             .set(i64::try_from(cached.0).unwrap_or(i64::MAX));
         self.cached_rows

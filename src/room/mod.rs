@@ -168,6 +168,7 @@ impl Room {
             self.reload_status().failures,
             self.store().root(),
             (tables.len(), tables.rows()),
+            self.cluster.as_ref().map(|c| c.figures()),
         )
     }
 

@@ -232,7 +232,7 @@ mod tests {
             "OK",
             std::time::Duration::ZERO,
         );
-        let text = m.render(0, std::path::Path::new("/nonexistent"), (0, 0));
+        let text = m.render(0, std::path::Path::new("/nonexistent"), (0, 0), None);
         assert!(text.contains(
             r#"cleanroom_rpc_calls_total{service="cleanroom.v1.QueriesService",method="Query",code="PERMISSION_DENIED"} 1"#
         ), "{text}");
