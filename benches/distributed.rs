@@ -17,6 +17,8 @@
 //! (`docs/distributed.md` models a real cluster).
 
 mod common;
+#[path = "../tests/common/worker_process.rs"]
+mod worker_process;
 
 use std::time::{Duration, Instant};
 
@@ -26,6 +28,7 @@ use cleanroom::cluster::{Channels, Cluster, ClusterConfig, WorkerTls};
 use cleanroom::policy::Policy;
 use cleanroom::query::{Placement, QueryLimits, TableData};
 use common::{arg, side};
+use worker_process::spawn_worker;
 
 const SQL: &str = "SELECT c.region, a.interest_segment, COUNT(*) AS people, AVG(c.lifetime_value) AS ltv, \
                    SUM(a.spend) AS spend FROM customers c JOIN audience a ON c.email = a.email \
@@ -43,43 +46,11 @@ impl Drop for Workers {
     }
 }
 
-fn spawn(
-    certs: &std::path::Path,
-    n: usize,
-) -> Result<(Workers, Vec<url::Url>), Box<dyn std::error::Error>> {
-    use std::io::BufRead;
-    let mut children = Vec::new();
-    let mut urls = Vec::new();
-    for i in 0..n {
-        let name = format!("w{i}");
-        if !cleanroom::certs::worker_files(certs, &name).cert.exists() {
-            cleanroom::certs::issue_worker(certs, &name, &[], false)?;
-        }
-        let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_cleanroom"))
-            .args([
-                "worker",
-                "--listen",
-                "127.0.0.1:0",
-                "--stop-on-stdin-close",
-                "--name",
-                &name,
-            ])
-            .arg("--certs-dir")
-            .arg(certs)
-            .env("CLEANROOM_LOG", "warn")
-            .stdin(std::process::Stdio::piped())
-            .stdout(std::process::Stdio::piped())
-            .spawn()?;
-        let mut line = String::new();
-        std::io::BufReader::new(child.stdout.take().ok_or("stdout")?).read_line(&mut line)?;
-        let url = line
-            .trim()
-            .strip_prefix("worker listening on ")
-            .ok_or("the worker printed no address")?;
-        urls.push(url::Url::parse(url)?);
-        children.push(child);
-    }
-    Ok((Workers(children), urls))
+fn spawn(certs: &std::path::Path, n: usize) -> (Workers, Vec<url::Url>) {
+    let (children, urls) = (0..n)
+        .map(|i| spawn_worker(certs, &format!("w{i}")))
+        .unzip();
+    (Workers(children), urls)
 }
 
 /// Bytes each worker's port received and sent so far.
@@ -185,7 +156,7 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     let tls = WorkerTls::in_dir(dir.path(), "server");
     let channels = Channels::new(&tls)?;
     for n in counts {
-        let (workers, urls) = spawn(dir.path(), n)?;
+        let (workers, urls) = spawn(dir.path(), n);
         let cluster = Cluster::start(ClusterConfig {
             workers: urls.clone(),
             tls: tls.clone(),

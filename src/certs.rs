@@ -144,41 +144,17 @@ pub fn issue_client(dir: &Path, org: &str, force: bool) -> Result<ClientFiles, C
     if !is_org_name(org) {
         return Err(CertError::BadOrg(org.to_string()));
     }
-    let ca_cert_path = dir.join(CA_CERT);
-    let ca_key_path = dir.join(CA_KEY);
-    let ca_pem = read_text(&ca_cert_path)?;
-    let ca_key_pem = read_text(&ca_key_path)?;
-    let ca_key = KeyPair::from_pem(&ca_key_pem).map_err(|_| CertError::BadPem {
-        path: ca_key_path.clone(),
-    })?;
-    let issuer = Issuer::from_ca_cert_pem(&ca_pem, &ca_key).map_err(|_| CertError::BadPem {
-        path: ca_cert_path.clone(),
-    })?;
-
     let files = ClientFiles {
         cert: dir.join(format!("{org}.pem")),
         key: dir.join(format!("{org}-key.pem")),
     };
-    if !force {
-        for path in [&files.cert, &files.key] {
-            if path.exists() {
-                return Err(CertError::Exists { path: path.clone() });
-            }
-        }
-    }
-    let key = KeyPair::generate()?;
     let mut params = CertificateParams::default();
     let mut dn = DistinguishedName::new();
     dn.push(DnType::CommonName, org);
     dn.push(DnType::OrganizationName, org);
     params.distinguished_name = dn;
     params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ClientAuth];
-    params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
-    validity(&mut params, 825);
-    let cert = params.signed_by(&key, &issuer)?;
-    write_file(&files.cert, cert.pem().as_bytes(), false, force)?;
-    write_file(&files.key, key.serialize_pem().as_bytes(), true, force)?;
-    Ok(files)
+    sign(dir, params, files, force)
 }
 
 /// The organisational unit that marks a certificate of the worker role:
@@ -208,6 +184,33 @@ pub fn issue_worker(
     if !is_org_name(name) {
         return Err(CertError::BadOrg(name.to_string()));
     }
+    let mut names = vec![
+        "localhost".to_string(),
+        "127.0.0.1".to_string(),
+        "::1".to_string(),
+    ];
+    names.extend(extra_names.iter().cloned());
+    let mut params = CertificateParams::new(names)?;
+    let mut dn = DistinguishedName::new();
+    dn.push(DnType::CommonName, format!("worker.{name}"));
+    dn.push(DnType::OrganizationalUnitName, WORKER_UNIT);
+    params.distinguished_name = dn;
+    params.extended_key_usages = vec![
+        ExtendedKeyUsagePurpose::ServerAuth,
+        ExtendedKeyUsagePurpose::ClientAuth,
+    ];
+    sign(dir, params, worker_files(dir, name), force)
+}
+
+/// Signs `params` with the CA in `dir` (for 825 days, a new key) and
+/// writes the certificate and key as `files`, unless they exist and not
+/// `force`.
+fn sign(
+    dir: &Path,
+    mut params: CertificateParams,
+    files: ClientFiles,
+    force: bool,
+) -> Result<ClientFiles, CertError> {
     let ca_cert_path = dir.join(CA_CERT);
     let ca_key_path = dir.join(CA_KEY);
     let ca_pem = read_text(&ca_cert_path)?;
@@ -218,7 +221,6 @@ pub fn issue_worker(
     let issuer = Issuer::from_ca_cert_pem(&ca_pem, &ca_key).map_err(|_| CertError::BadPem {
         path: ca_cert_path.clone(),
     })?;
-    let files = worker_files(dir, name);
     if !force {
         for path in [&files.cert, &files.key] {
             if path.exists() {
@@ -226,22 +228,7 @@ pub fn issue_worker(
             }
         }
     }
-    let mut names = vec![
-        "localhost".to_string(),
-        "127.0.0.1".to_string(),
-        "::1".to_string(),
-    ];
-    names.extend(extra_names.iter().cloned());
     let key = KeyPair::generate()?;
-    let mut params = CertificateParams::new(names)?;
-    let mut dn = DistinguishedName::new();
-    dn.push(DnType::CommonName, format!("worker.{name}"));
-    dn.push(DnType::OrganizationalUnitName, WORKER_UNIT);
-    params.distinguished_name = dn;
-    params.extended_key_usages = vec![
-        ExtendedKeyUsagePurpose::ServerAuth,
-        ExtendedKeyUsagePurpose::ClientAuth,
-    ];
     params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
     validity(&mut params, 825);
     let cert = params.signed_by(&key, &issuer)?;

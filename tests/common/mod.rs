@@ -8,6 +8,7 @@ use std::time::Duration;
 
 pub mod differential;
 pub mod people;
+pub mod worker_process;
 pub mod workers;
 
 use arrow::record_batch::RecordBatch;

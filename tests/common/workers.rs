@@ -3,9 +3,8 @@
 //! set, every test server and every in-process governed query of the
 //! suites that use [`run`] go through N shared workers.
 
-use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::Child;
 use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
@@ -15,6 +14,7 @@ use cleanroom::query::{QueryError, QueryOutcome, TableData};
 use url::Url;
 
 use super::Pki;
+use super::worker_process::spawn_worker;
 
 /// Worker processes; killed when dropped (and they stop by themselves
 /// when this process ends: their standard input closes).
@@ -28,21 +28,15 @@ impl Workers {
     /// `n` workers with certificates of the worker role from the CA in
     /// `certs` (`w0`, `w1`, ... and `server` for the coordinator).
     pub fn spawn(certs: &Path, n: usize) -> Self {
-        for name in (0..n)
-            .map(|i| format!("w{i}"))
-            .chain(["server".to_string()])
+        if !cleanroom::certs::worker_files(certs, "server")
+            .cert
+            .exists()
         {
-            if !cleanroom::certs::worker_files(certs, &name).cert.exists() {
-                cleanroom::certs::issue_worker(certs, &name, &[], false).unwrap();
-            }
+            cleanroom::certs::issue_worker(certs, "server", &[], false).unwrap();
         }
-        let mut urls = Vec::new();
-        let mut children = Vec::new();
-        for i in 0..n {
-            let (child, url) = spawn_one(certs, &format!("w{i}"));
-            children.push(child);
-            urls.push(url);
-        }
+        let (children, urls) = (0..n)
+            .map(|i| spawn_worker(certs, &format!("w{i}")))
+            .unzip();
         Workers {
             urls,
             children,
@@ -73,36 +67,6 @@ impl Drop for Workers {
             let _ = c.wait();
         }
     }
-}
-
-/// Starts one worker and reads the address it prints.
-pub fn spawn_one(certs: &Path, name: &str) -> (Child, Url) {
-    let mut child = Command::new(env!("CARGO_BIN_EXE_cleanroom"))
-        .args([
-            "worker",
-            "--listen",
-            "127.0.0.1:0",
-            "--stop-on-stdin-close",
-            "--name",
-            name,
-        ])
-        .arg("--certs-dir")
-        .arg(certs)
-        .env("CLEANROOM_LOG", "warn")
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::inherit())
-        .spawn()
-        .unwrap();
-    let mut line = String::new();
-    BufReader::new(child.stdout.take().unwrap())
-        .read_line(&mut line)
-        .unwrap();
-    let url = line
-        .trim()
-        .strip_prefix("worker listening on ")
-        .unwrap_or_else(|| panic!("worker printed {line:?}"));
-    (child, Url::parse(url).unwrap())
 }
 
 /// How many shared workers the suites run through (0: none).
