@@ -425,6 +425,8 @@ mod tests {
             "inbox.test",
             "meta.redb",
             "truth.json",
+            // Config file keys.
+            "cluster.health_interval_seconds",
             // Flight SQL metadata keys.
             "cleanroom.agreement",
             "cleanroom.min_group_size",

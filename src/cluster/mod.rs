@@ -53,8 +53,8 @@ pub enum ClusterError {
     Tls(String),
     #[error("worker address {0:?} is not an https:// URL")]
     Address(String),
-    #[error("no worker is live")]
-    NoWorkers,
+    #[error("{0} worker(s) live: the engine keeps a plan on the server unless at least two are")]
+    TooFewWorkers(usize),
     #[error("placing tables on {worker}: {detail}")]
     Place { worker: String, detail: String },
     #[error("encoding a partition: {0}")]
@@ -212,8 +212,10 @@ impl Cluster {
         let mut current = self.current.lock().await;
         self.sweep(&mut current).await;
         let workers = self.live.instances();
-        if workers.is_empty() {
-            return Err(ClusterError::NoWorkers);
+        // With one task per stage the engine runs the stage here: placing
+        // the tables on a single worker would only cost a transfer.
+        if workers.len() < 2 {
+            return Err(ClusterError::TooFewWorkers(workers.len()));
         }
         if let Some(c) = current.get(agreement)
             && c.key == key
