@@ -497,9 +497,22 @@ pub struct Placement {
     channels: Channels,
 }
 
+datafusion::common::extensions_options! {
+    /// What the server passes on to the workers with every plan: the
+    /// memory one query's operators may hold (`max_query_memory_bytes`).
+    pub struct QueryBudget {
+        pub memory_bytes: usize, default = crate::query::QueryLimits::default().memory_bytes
+    }
+}
+
+impl datafusion::config::ConfigExtension for QueryBudget {
+    const PREFIX: &'static str = "cleanroom";
+}
+
 impl crate::query::Placement for Placement {
-    fn session(&self, builder: SessionStateBuilder) -> SessionStateBuilder {
+    fn session(&self, builder: SessionStateBuilder, memory_bytes: usize) -> SessionStateBuilder {
         builder
+            .with_distributed_option_extension(QueryBudget { memory_bytes })
             .with_distributed_worker_resolver(self.live.clone())
             .with_distributed_channel_resolver(self.channels.clone())
             .with_distributed_planner()
@@ -516,13 +529,17 @@ impl crate::query::Placement for Placement {
     }
 }
 
-/// A worker's session for each plan it runs: the engine's functions, the placed
-/// scan's codec reading `held`, and connections to other workers.
+/// A worker's session for each plan it runs: the engine's functions, the
+/// placed scan's codec reading `held`, connections to other workers, and
+/// the server's per-query memory limit (`QueryBudget`, from the call's
+/// headers), within `memory_bytes`, the worker's own.
 pub fn worker_session(
     builder: SessionStateBuilder,
+    headers: &http::HeaderMap,
     held: &Arc<Held>,
     channels: &Channels,
-) -> datafusion::execution::SessionState {
+    memory_bytes: usize,
+) -> Result<datafusion::execution::SessionState, DataFusionError> {
     // Every function the engine has: a worker runs plans the server
     // checked and planned, whose rewrites may use functions analysts may
     // not (NULLIF, say); what analysts may use is the server's checker's
@@ -533,12 +550,19 @@ pub fn worker_session(
             datafusion::functions_aggregate::all_default_aggregate_functions(),
         )
         .with_distributed_channel_resolver(channels.clone())
-        .with_distributed_user_codec(PlacedScanCodec);
-    builder
-        .config()
-        .get_or_insert_default()
-        .set_extension(Arc::clone(held));
-    builder.build()
+        .with_distributed_user_codec(PlacedScanCodec)
+        .with_distributed_option_extension_from_headers::<QueryBudget>(headers)?;
+    let config = builder.config().get_or_insert_default();
+    config.set_extension(Arc::clone(held));
+    let asked = config
+        .options()
+        .extensions
+        .get::<QueryBudget>()
+        .map_or(memory_bytes, |b| b.memory_bytes);
+    let runtime = datafusion::execution::runtime_env::RuntimeEnvBuilder::new()
+        .with_memory_limit(asked.min(memory_bytes), 1.0)
+        .build_arc()?;
+    Ok(builder.with_runtime_env(runtime).build())
 }
 
 /// Channels for a worker's own calls to other workers.

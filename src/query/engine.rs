@@ -19,8 +19,10 @@ use super::{QueryLimits, TableData, engine_failure, table_batches};
 /// memory (no placement), or partitions placed on workers of a distributed
 /// engine (`crate::cluster`), which the coordinating session reaches.
 pub trait Placement: std::fmt::Debug + Send + Sync {
-    /// The coordinating session: the engine's planner and hooks added.
-    fn session(&self, builder: SessionStateBuilder) -> SessionStateBuilder;
+    /// The coordinating session: the engine's planner and hooks added, and
+    /// `memory_bytes`, the memory one query's operators may hold, passed on
+    /// to every worker the query reaches.
+    fn session(&self, builder: SessionStateBuilder, memory_bytes: usize) -> SessionStateBuilder;
     /// The placed table of `dataset`, if placed.
     fn table(&self, dataset: &str) -> Option<Arc<dyn datafusion::catalog::TableProvider>>;
 }
@@ -87,7 +89,7 @@ pub fn session_with(
             .with_runtime_env(runtime),
     );
     if let Some(p) = placement {
-        builder = p.session(builder);
+        builder = p.session(builder, memory_bytes);
     }
     let ctx = SessionContext::new_with_state(builder.build());
     for t in tables {

@@ -61,16 +61,18 @@ pub async fn serve_worker(
         key: options.tls.key.clone(),
     })
     .map_err(|e| ServerError::Tls(e.to_string()))?;
-    let runtime = datafusion::execution::runtime_env::RuntimeEnvBuilder::new()
-        .with_memory_limit(options.query_memory_bytes, 1.0)
-        .build_arc()
-        .map_err(|e| ServerError::Tls(format!("worker runtime: {e}")))?;
     let (for_plans, for_places) = (Arc::clone(&held), Arc::clone(&held));
+    let memory = options.query_memory_bytes;
     let worker = Worker::from_session_builder(move |ctx: WorkerQueryContext| {
-        let state = crate::cluster::worker_session(ctx.builder, &for_plans, &channels);
-        async move { Ok(state) }
-    })
-    .with_runtime_env(runtime);
+        let state = crate::cluster::worker_session(
+            ctx.builder,
+            &ctx.headers,
+            &for_plans,
+            &channels,
+            memory,
+        );
+        async move { state }
+    });
     let addr = listener.local_addr().map_err(|source| ServerError::Io {
         path: "(worker listener)".into(),
         source,
