@@ -165,6 +165,7 @@ async fn random_queries_answer_alike_on_three_workers() {
     let d = data(&policy, 20_261_207, 400);
     let mut rng = StdRng::seed_from_u64(20_261_208);
     let reruns = cleanroom::query::reruns_on_server();
+    let minimums = cleanroom::query::minimums_on_server();
     let before = reads(&workers).await;
     let (mut accepted, mut refused) = (0, 0);
     for i in 0..120 {
@@ -183,6 +184,12 @@ async fn random_queries_answer_alike_on_three_workers() {
     }
     let after = reads(&workers).await;
     let reran = cleanroom::query::reruns_on_server() - reruns;
+    // Each accepted query's minimum ran here, over counts from the
+    // workers (one local run of each query does not count: it is not
+    // distributed).
+    let on_server = cleanroom::query::minimums_on_server() - minimums;
+    eprintln!("minimum filters applied on the server: {on_server}");
+    assert!(on_server >= accepted, "{on_server} < {accepted}");
     eprintln!(
         "accepted {accepted}, refused or failed {refused}, partitions read per worker {:?}, stages rerun on the server {reran}",
         after

@@ -107,6 +107,14 @@ pub fn session_with(
     Ok(ctx)
 }
 
+/// Whether the session's plans may run on workers.
+pub(crate) fn distributed(ctx: &SessionContext) -> bool {
+    ctx.state()
+        .config()
+        .get_extension::<Distributed>()
+        .is_some()
+}
+
 /// The same session planning every stage on this machine: placed tables
 /// are then read from the server's own memory.
 pub(crate) fn on_this_machine(ctx: &SessionContext) -> SessionContext {

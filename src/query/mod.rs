@@ -40,6 +40,7 @@ pub use tables::{
     OWN_PERSON_COLUMN, ROW_COLUMN, TableData, agreement_tables, caller_type, matched_batches,
     tables_from_matched,
 };
+pub use threshold::minimums_on_server;
 
 use crate::policy::Policy;
 

@@ -117,7 +117,70 @@ pub(super) async fn threshold_stage(
         false => materialised(ctx, input).await.map_err(private_failure)?,
     };
     let plan = plan(agg, input, &phantoms, owners, min, counting).map_err(private_failure)?;
+    let plan = match super::engine::distributed(ctx) {
+        true => minimum_on_server(ctx, plan)
+            .await
+            .map_err(private_failure)?,
+        false => plan,
+    };
     super::collect(ctx, plan).await.map_err(private_failure)
+}
+
+/// Under the distributed engine, the minimum is applied here, on the
+/// server: every aggregation whose people counts a minimum reads runs on
+/// the workers and its exact counts come back, and the filter, and all
+/// that builds on it, runs over them. Nothing a worker returns is released
+/// unless the server kept it.
+fn minimum_on_server(
+    ctx: &SessionContext,
+    plan: LogicalPlan,
+) -> futures::future::BoxFuture<'_, Result<LogicalPlan>> {
+    Box::pin(async move {
+        if !has_minimum(&plan) {
+            return Ok(plan);
+        }
+        if let LogicalPlan::Filter(f) = &plan
+            && reads_people(&f.predicate)
+            && matches!(f.input.as_ref(), LogicalPlan::Aggregate(_))
+        {
+            let counted = materialised(ctx, f.input.as_ref().clone()).await?;
+            MINIMUMS_ON_SERVER.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            return Ok(LogicalPlan::Filter(Filter::try_new(
+                f.predicate.clone(),
+                Arc::new(counted),
+            )?));
+        }
+        let mut inputs = Vec::new();
+        for input in plan.inputs().into_iter().cloned() {
+            inputs.push(minimum_on_server(ctx, input).await?);
+        }
+        plan.with_new_exprs(plan.expressions(), inputs)
+    })
+}
+
+/// Minimum filters applied on the server over counts the workers returned,
+/// since the process started.
+static MINIMUMS_ON_SERVER: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+
+/// How many minimum filters ran on the server over the workers' counts.
+pub fn minimums_on_server() -> u64 {
+    MINIMUMS_ON_SERVER.load(std::sync::atomic::Ordering::Relaxed)
+}
+
+/// Whether a predicate reads the people counts of [`People::counts`].
+fn reads_people(predicate: &Expr) -> bool {
+    predicate
+        .column_refs()
+        .iter()
+        .any(|c| c.name.starts_with("__people_"))
+}
+
+/// Whether a plan holds a minimum's filter.
+fn has_minimum(plan: &LogicalPlan) -> bool {
+    datafusion::common::tree_node::TreeNode::exists(plan, |node| {
+        Ok(matches!(node, LogicalPlan::Filter(f) if reads_people(&f.predicate)))
+    })
+    .unwrap_or(true)
 }
 
 /// The conditions a query's aggregates read, each once. Depends on the
