@@ -267,18 +267,6 @@ impl Cluster {
         }
     }
 
-    /// Placements held by workers, as the server last made them: agreement
-    /// and placement id.
-    pub async fn placements(&self) -> Vec<(String, String)> {
-        let current = self.current.lock().await;
-        let mut out: Vec<(String, String)> = current
-            .iter()
-            .map(|(a, c)| (a.clone(), c.placement.id.clone()))
-            .collect();
-        out.sort();
-        out
-    }
-
     async fn forget_placement(&self, c: &Current) {
         let workers: Vec<Url> = c.workers.iter().map(|(u, _)| u.clone()).collect();
         self.send_forget(&c.placement.id, &workers).await;
