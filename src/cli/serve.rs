@@ -445,4 +445,34 @@ mod tests {
             "runs as non-root"
         );
     }
+
+    #[test]
+    fn a_broken_cluster_section_names_its_field() {
+        let section = |workers: &str| -> anyhow::Result<Option<crate::cluster::ClusterConfig>> {
+            let text = format!(
+                "[cluster]\nworkers = {workers}\nca = \"ca.pem\"\ncert = \"w.pem\"\nkey = \"w-key.pem\"\n"
+            );
+            let file: ConfigFile = toml::from_str(&text).unwrap();
+            cluster(file.cluster)
+        };
+        let err = |w: &str| section(w).unwrap_err().to_string();
+        assert_eq!(err("[]"), "cluster.workers: must list at least one worker");
+        assert_eq!(
+            err("[\"https://127.0.0.1:50061\", \"http://127.0.0.1:50062\"]"),
+            "cluster.workers[1]: must be https://HOST:PORT"
+        );
+        assert_eq!(
+            err("[\"https://worker1.internal\"]"),
+            "cluster.workers[0]: must be https://HOST:PORT"
+        );
+        let ok = section("[\"https://worker1.internal:50061\"]")
+            .unwrap()
+            .unwrap();
+        assert_eq!(ok.workers.len(), 1);
+        assert_eq!(ok.health_interval, Duration::from_secs(2));
+        let unknown: Result<ConfigFile, _> = toml::from_str(
+            "[cluster]\nworkers = []\nca = \"a\"\ncert = \"b\"\nkey = \"c\"\nport = 1\n",
+        );
+        assert!(unknown.unwrap_err().to_string().contains("port"));
+    }
 }
