@@ -303,7 +303,17 @@ pub(crate) fn match_agreement(room: &Room, agreement: &str) -> Option<(Arc<Polic
         Ok(true)
     };
     // Until every dataset is there, a query loads what there is itself.
-    let loaded = if is_queried(&policy) && complete().unwrap_or(false) {
+    // Tables the store already holds for these versions are not loaded
+    // again only to be found stored (a query that matched them asks for a
+    // run too).
+    let stored_already = || -> Result<bool, RoomError> {
+        let (_, key) = super::tables::current_versions(room, &policy)?;
+        Ok(store.matched_tables_built_from(policy.id())?.as_ref() == Some(&key))
+    };
+    let loaded = if is_queried(&policy)
+        && complete().unwrap_or(false)
+        && !stored_already().unwrap_or(false)
+    {
         match room.query_tables().tables(room, &policy) {
             Ok(loaded) => Some(loaded),
             Err(e) => {

@@ -103,32 +103,7 @@ impl TableCache {
     /// matching them if they changed. Blocking: call off the async runtime.
     pub(crate) fn tables(&self, room: &Room, policy: &Policy) -> Result<Loaded, RoomError> {
         let store = room.store();
-        let mut versions = Vec::new();
-        for d in policy.datasets() {
-            let v = store.current(policy.id(), d.name())?;
-            // Never compare rows made under two salts.
-            if let Some(v) = &v
-                && !policy.made_now(d, &v.form)
-            {
-                return Err(RoomError::NeedsUpload(d.name().to_string()));
-            }
-            versions.push(v);
-        }
-        // Under matching = "ecdh" a version the partner has not blinded yet
-        // cannot be matched: it is left out, as if not uploaded. So is a
-        // damaged one: queries that do not read it still answer.
-        for v in versions.iter_mut() {
-            if let Some(info) = v
-                && (store.is_damaged(info)? || !is_matchable(store, policy, info)?)
-            {
-                *v = None;
-            }
-        }
-        let key: Vec<String> = versions
-            .iter()
-            .map(|v| v.as_ref().map(|v| v.version.clone()).unwrap_or_default())
-            .chain([policy.hash().to_hex(), TABLES_FORMAT.to_string()])
-            .collect();
+        let (versions, key) = current_versions(room, policy)?;
         let matched_now = std::cell::Cell::new(false);
         let loaded = |tables: &Arc<Vec<TableData>>| Loaded {
             tables: Arc::clone(tables),
@@ -494,6 +469,43 @@ pub(crate) fn link_versions(
         shape,
         took,
     })
+}
+
+/// The versions an agreement's tables are built from now (in the policy's
+/// dataset order; None where a dataset has no usable version) and the key
+/// naming them with the policy and the tables' form.
+pub(crate) fn current_versions(
+    room: &Room,
+    policy: &Policy,
+) -> Result<(Vec<Option<VersionInfo>>, Vec<String>), RoomError> {
+    let store = room.store();
+    let mut versions = Vec::new();
+    for d in policy.datasets() {
+        let v = store.current(policy.id(), d.name())?;
+        // Never compare rows made under two salts.
+        if let Some(v) = &v
+            && !policy.made_now(d, &v.form)
+        {
+            return Err(RoomError::NeedsUpload(d.name().to_string()));
+        }
+        versions.push(v);
+    }
+    // Under matching = "ecdh" a version the partner has not blinded yet
+    // cannot be matched: it is left out, as if not uploaded. So is a
+    // damaged one: queries that do not read it still answer.
+    for v in versions.iter_mut() {
+        if let Some(info) = v
+            && (store.is_damaged(info)? || !is_matchable(store, policy, info)?)
+        {
+            *v = None;
+        }
+    }
+    let key: Vec<String> = versions
+        .iter()
+        .map(|v| v.as_ref().map(|v| v.version.clone()).unwrap_or_default())
+        .chain([policy.hash().to_hex(), TABLES_FORMAT.to_string()])
+        .collect();
+    Ok((versions, key))
 }
 
 #[cfg(test)]
