@@ -22,96 +22,18 @@
 //! overlap and query shapes, and prints each ratio.
 
 mod common;
+#[path = "common/real.rs"]
+mod real;
 #[path = "../tests/common/mod.rs"]
 mod support;
 
 use common::arg;
+use real::{PRIVATE, Running, THRESHOLDS, median, timed_overlap, timed_query};
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::time::Instant;
 
-use cleanroom::client::Client;
-use cleanroom::prepare::{CsvOptions, InputFormat, InputReader, Plan, Preparer, upload};
-
-const PRIVATE: &str = "retail-media-demo";
-const THRESHOLDS: &str = "retail-media-thresholds";
-const SQL: &str = "SELECT c.region, COUNT(*) AS n, AVG(c.lifetime_value) AS ltv \
-                   FROM customers c JOIN audience a ON c.email = a.email GROUP BY c.region";
-
-/// The real `cleanroom serve` binary, so its memory is its own.
-struct Running {
-    server: support::RealServer,
-    url: String,
-}
-
-impl Running {
-    fn start(pki: &support::Pki, policies: &Path, data: &Path) -> Self {
-        let server = support::RealServer::spawn_with(pki, data, "0", policies);
-        Running {
-            url: format!("https://{}", server.addr),
-            server,
-        }
-    }
-
-    /// Stops the server gracefully (SIGTERM) and waits for it, then shows
-    /// how long its matchings, reads and writes of tables took.
-    fn stop(mut self) -> Result<(), Box<dyn std::error::Error>> {
-        self.server.signal(libc::SIGTERM);
-        self.server.child.wait()?;
-        // Every line, to the end of its log (the reader ends at its EOF).
-        for line in self.server.log.iter() {
-            if line.contains(" tables ")
-                && let Some(start) = line.find("\"fields\":{")
-                && let Some(end) = line[start..].find('}')
-            {
-                println!("  server: {}", &line[start + 10..start + end]);
-            }
-        }
-        Ok(())
-    }
-
-    /// Resident and peak resident memory of the server process, MiB.
-    fn memory(&self) -> (f64, f64) {
-        memory_of(&format!("/proc/{}/status", self.server.child.id()))
-    }
-}
-
-/// Resident and peak resident memory from a /proc status file, MiB.
-fn memory_of(status: &str) -> (f64, f64) {
-    let status = std::fs::read_to_string(status).unwrap_or_default();
-    let field = |name: &str| {
-        status
-            .lines()
-            .find_map(|l| l.strip_prefix(name))
-            .and_then(|v| v.trim().trim_end_matches(" kB").trim().parse::<f64>().ok())
-            .map_or(0.0, |kb| kb / 1024.0)
-    };
-    (field("VmRSS:"), field("VmHWM:"))
-}
-
-fn median(mut times: Vec<f64>) -> f64 {
-    times.sort_by(f64::total_cmp);
-    times[times.len() / 2]
-}
-
-/// Seconds an overlap takes as the client sees it, and the count shown.
-async fn timed_overlap(
-    client: &Client,
-    agreement: &str,
-) -> Result<(f64, Option<u64>), Box<dyn std::error::Error>> {
-    let mut c = client.clone();
-    let t = Instant::now();
-    let r = c.overlap(agreement, &[]).await?;
-    Ok((t.elapsed().as_secs_f64(), r.overlap))
-}
-
-/// Seconds a governed query takes as the client sees it.
-async fn timed_query(client: &Client, agreement: &str) -> Result<f64, Box<dyn std::error::Error>> {
-    let mut c = client.clone();
-    let t = Instant::now();
-    c.query(agreement, SQL).await?;
-    Ok(t.elapsed().as_secs_f64())
-}
+use cleanroom::prepare::upload;
 
 #[tokio::main(flavor = "multi_thread", worker_threads = 2)]
 async fn main() -> Result<(), Box<dyn std::error::Error>> {
@@ -120,21 +42,7 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     let pki = support::Pki::new();
     let certs = pki.path().to_path_buf();
     let policies = work.path().join("policies");
-    std::fs::create_dir_all(&policies)?;
-    let shipped = std::fs::read_to_string(
-        Path::new(env!("CARGO_MANIFEST_DIR")).join("policies/retail-media-demo.toml"),
-    )?;
-    std::fs::write(policies.join(format!("{PRIVATE}.toml")), &shipped)?;
-    let (head, _) = shipped
-        .split_once("[privacy]")
-        .ok_or("the demo has a [privacy] section")?;
-    std::fs::write(
-        policies.join(format!("{THRESHOLDS}.toml")),
-        head.replace(
-            &format!("id = \"{PRIVATE}\""),
-            &format!("id = \"{THRESHOLDS}\""),
-        ),
-    )?;
+    real::demo_policies(&policies)?;
 
     let t = Instant::now();
     let synth = work.path().join("synth");
@@ -162,48 +70,25 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
 
     // Uploads, end to end: acme's through the `cleanroom upload` binary, in
     // a process of its own, as a partner runs it.
-    let t = Instant::now();
-    let out = std::process::Command::new(env!("CARGO_BIN_EXE_cleanroom"))
-        .args([
-            "upload",
-            "--agreement",
-            THRESHOLDS,
-            "--dataset",
-            "customers",
-        ])
-        .arg("--input")
-        .arg(&acme_file)
-        .arg("--no-progress")
-        .env("CLEANROOM_SERVER", &server.url)
-        .env("CLEANROOM_CA", certs.join("ca.pem"))
-        .env("CLEANROOM_CERT", certs.join("acme.pem"))
-        .env("CLEANROOM_KEY", certs.join("acme-key.pem"))
-        .env("CLEANROOM_SECRET", secret.to_hex())
-        .output()?;
-    let up = t.elapsed().as_secs_f64();
-    let said = String::from_utf8_lossy(&out.stdout);
-    // "uploaded SENT of READ rows to ..."
-    let sent: u64 = said
-        .split_once("uploaded ")
-        .and_then(|(_, rest)| rest.split_whitespace().next())
-        .and_then(|n| n.parse().ok())
-        .ok_or_else(|| {
-            format!(
-                "cleanroom upload failed: {}{}",
-                said,
-                String::from_utf8_lossy(&out.stderr)
-            )
-        })?;
+    let run = real::upload_with(
+        Path::new(env!("CARGO_BIN_EXE_cleanroom")),
+        &server.url,
+        &certs,
+        "acme",
+        &secret,
+        (THRESHOLDS, "customers"),
+        &acme_file,
+    )?;
     println!(
         "upload, end to end:           {:>8.2} s  {:>10.0} rows/s ({} rows, cleanroom upload)",
-        up,
-        sent as f64 / up,
-        sent
+        run.seconds,
+        run.rows as f64 / run.seconds,
+        run.rows
     );
-    // "  N batches, M MiB, S s, R rows/s": the command's own timing, from
-    // its start of reading to the server's answer.
-    if let Some(own) = said.lines().find(|l| l.trim_end().ends_with("rows/s")) {
-        println!("  as the command reports it: {}", own.trim());
+    // The command's own timing, from its start of reading to the server's
+    // answer.
+    if let Some(own) = &run.own {
+        println!("  as the command reports it: {own}");
     }
     upload(
         &globex,
@@ -252,7 +137,7 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     // A restart: what is recorded is read back, the rest loaded again.
     drop(acme);
     drop(globex);
-    server.stop()?;
+    print_lines(server.stop()?);
     let server = Running::start(&pki, &policies, &data);
     let acme = common::connect(&server.url, &certs, "acme").await?;
     let (restart_overlap, _) = timed_overlap(&acme, THRESHOLDS).await?;
@@ -281,7 +166,7 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         (after_load - before_load) * 1048576.0 / (2 * rows) as f64,
         peak
     );
-    server.stop()?;
+    print_lines(server.stop()?);
 
     if arg("--duckdb", 1) == 1 {
         let agreement = {
@@ -292,9 +177,14 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
             run.stop()?;
             a
         };
-        let customers = prepare_parquet(&agreement, "customers", &acme_file, &secret, work.path())?;
-        let audience = prepare_parquet(&agreement, "audience", &globex_file, &secret, work.path())?;
-        match duckdb(&customers, &audience) {
+        let customers =
+            real::prepare_parquet(&agreement, "customers", &acme_file, &secret, work.path())?;
+        let audience =
+            real::prepare_parquet(&agreement, "audience", &globex_file, &secret, work.path())?;
+        match real::duckdb(
+            "duckdb_side_by_side.py",
+            &[customers.as_os_str(), audience.as_os_str(), "2".as_ref()],
+        ) {
             Ok(d) => {
                 let f = |k: &str| d[k].as_f64().unwrap_or(f64::NAN);
                 println!(
@@ -334,45 +224,8 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     Ok(())
 }
 
-/// What the upload would store for `dataset`, as a Parquet file.
-fn prepare_parquet(
-    agreement: &cleanroom::proto::Agreement,
-    dataset: &str,
-    input: &Path,
-    secret: &cleanroom::identity::Secret,
-    dir: &Path,
-) -> Result<PathBuf, Box<dyn std::error::Error>> {
-    let mut reader = InputReader::open(input, InputFormat::Csv, CsvOptions::default(), 65_536)?;
-    let plan = Plan::new(
-        agreement,
-        dataset,
-        secret.into(),
-        reader.header(),
-        &Default::default(),
-    )?;
-    let indices = plan.input_indices();
-    let schema = std::sync::Arc::clone(plan.schema());
-    let mut preparer = Preparer::new(plan);
-    let path = dir.join(format!("{dataset}.parquet"));
-    let mut writer =
-        parquet::arrow::ArrowWriter::try_new(std::fs::File::create(&path)?, schema, None)?;
-    while let Some(chunk) = reader.next_chunk(65_536, &indices)? {
-        writer.write(&preparer.prepare(&chunk)?)?;
+fn print_lines(lines: Vec<String>) {
+    for line in lines {
+        println!("  server: {line}");
     }
-    writer.close()?;
-    Ok(path)
-}
-
-fn duckdb(customers: &Path, audience: &Path) -> Result<serde_json::Value, String> {
-    let python = common::python_with("cleanroom-bench-duckdb-venv", &["duckdb==2.0.1"])?;
-    let script =
-        Path::new(env!("CARGO_MANIFEST_DIR")).join("benches/python/duckdb_side_by_side.py");
-    let out = common::run(
-        std::process::Command::new(python)
-            .arg(script)
-            .arg(customers)
-            .arg(audience)
-            .arg("2"),
-    )?;
-    serde_json::from_str(out.trim()).map_err(|e| format!("unexpected output {out}: {e}"))
 }

@@ -276,8 +276,28 @@ impl RealServer {
         policies: &Path,
         env: &[(&str, &str)],
     ) -> Self {
+        Self::spawn_program(
+            Path::new(env!("CARGO_BIN_EXE_cleanroom")),
+            pki,
+            data_dir,
+            grace_seconds,
+            policies,
+            env,
+        )
+    }
+
+    /// As [`RealServer::spawn_env`], running `program` (another build of
+    /// `cleanroom`, for a bench's A/B) instead of this one.
+    pub fn spawn_program(
+        program: &Path,
+        pki: &Pki,
+        data_dir: &Path,
+        grace_seconds: &str,
+        policies: &Path,
+        env: &[(&str, &str)],
+    ) -> Self {
         use std::io::{BufRead, BufReader};
-        let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_cleanroom"))
+        let mut child = std::process::Command::new(program)
             .envs(env.iter().copied())
             .args([
                 "serve",
