@@ -3,7 +3,7 @@
 //! the same person gets the same fingerprint. `docs/fingerprints.md`
 //! specifies every step.
 
-use rlibphonenumber::{PHONE_NUMBER_UTIL, PhoneNumberFormat, Region};
+use rlibphonenumber::{PHONE_NUMBER_UTIL, PhoneNumberFormat, PhoneNumberUtil, Region};
 
 use super::{Profile, Standard};
 
@@ -225,18 +225,30 @@ fn phone_into(raw: &str, default: Country, plus: bool, out: &mut String) -> Resu
     if t.is_empty() {
         return Err(Invalid::Empty);
     }
-    let number = PHONE_NUMBER_UTIL
-        .parse(t, Some(default.0))
-        .map_err(|_| Invalid::NotAPhone)?;
-    if !number.is_valid() {
-        return Err(Invalid::NotAPhone);
-    }
-    let e164 = number.format_as(PhoneNumberFormat::E164);
-    match plus {
-        true => out.push_str(&e164),
-        false => out.push_str(e164.trim_start_matches('+')),
-    }
-    Ok(())
+    PHONES.with(|util| {
+        let number = util
+            .parse(t, Some(default.0))
+            .map_err(|_| Invalid::NotAPhone)?;
+        if !util.is_valid_number(&number) {
+            return Err(Invalid::NotAPhone);
+        }
+        let e164 = util.format(&number, PhoneNumberFormat::E164);
+        match plus {
+            true => out.push_str(&e164),
+            false => out.push_str(e164.trim_start_matches('+')),
+        }
+        Ok(())
+    })
+}
+
+thread_local! {
+    /// libphonenumber's reader, one per thread: its compiled patterns keep
+    /// their match state in pools that only the thread that made them
+    /// reaches without a lock, so threads sharing one instance wait on each
+    /// other (two preparing threads went 1.4 times slower than with one
+    /// each). The same metadata, so the same answers; about 7 ms to make.
+    static PHONES: PhoneNumberUtil =
+        PhoneNumberUtil::new().expect("libphonenumber's built-in metadata loads");
 }
 
 #[cfg(test)]
