@@ -39,7 +39,11 @@
 //! the growth exponent between sizes (1.0 is linear; an n log n stage has
 //! exponent 1 + ln(ln n2 / ln n1) / ln(n2 / n1), printed beside it).
 //!
-//! Disk: the CSVs take about 200 bytes per row per side and are deleted
+//! `--config FILE` gives the server a config file (`CLEANROOM_CONFIG`):
+//! past about 90M rows per side the tables outgrow the default 8 GiB
+//! `table_cache_bytes`, and every query would read them back.
+//!
+//! Disk: the CSVs take about 90 bytes per row per side and are deleted
 //! once uploaded and written to Parquet; the work directory is under
 //! `$TMPDIR` (or `--dir DIR`) and is removed after each size.
 
@@ -168,6 +172,7 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     let with_duckdb = arg("--duckdb", 1) == 1;
     let duck_memory = arg("--duckdb-memory", 12);
     let root = text_arg("--dir").map(PathBuf::from);
+    let config = text_arg("--config");
     println!(
         "demo shape, 30% shared, 2 cores; sizes {:?} rows per side",
         sizes
@@ -182,8 +187,18 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
             baseline: baseline.as_deref().filter(|_| rows <= ab_up_to),
             second: rows <= second_up_to,
             duckdb: with_duckdb.then_some(duck_memory),
+            config: config.as_deref(),
         };
-        runs.push(one_size(rows, work.path(), &options).await?);
+        let mut run = SizeRun {
+            rows,
+            ..Default::default()
+        };
+        // A size that fails (the server killed for memory, say) is shown
+        // as far as it got; the summary still prints.
+        if let Err(e) = one_size(&mut run, work.path(), &options).await {
+            println!("  stopped at this size: {e}");
+        }
+        runs.push(run);
     }
     summary(&runs);
     Ok(())
@@ -194,17 +209,16 @@ struct Options<'a> {
     second: bool,
     /// DuckDB's memory limit in GB, if DuckDB runs.
     duckdb: Option<u64>,
+    /// The server's config file.
+    config: Option<&'a str>,
 }
 
 async fn one_size(
-    rows: u64,
+    run: &mut SizeRun,
     work: &Path,
     options: &Options<'_>,
-) -> Result<SizeRun, Box<dyn std::error::Error>> {
-    let mut run = SizeRun {
-        rows,
-        ..Default::default()
-    };
+) -> Result<(), Box<dyn std::error::Error>> {
+    let rows = run.rows;
     println!("\n{rows} x {rows} rows");
     let pki = support::Pki::new();
     let certs = pki.path().to_path_buf();
@@ -256,7 +270,12 @@ async fn one_size(
     }
 
     let data = work.join("data");
-    let server = Running::start(&pki, &policies, &data);
+    let env: Vec<(&str, &str)> = options
+        .config
+        .map(|c| ("CLEANROOM_CONFIG", c))
+        .into_iter()
+        .collect();
+    let server = Running::start_env(program, &pki, &policies, &data, &env);
     server.reset_peak();
     let mut seconds = 0.0;
     let mut sent = 0;
@@ -367,7 +386,7 @@ async fn one_size(
     let lines = server.stop()?;
     let wrote = field_sum(&lines, "matched tables stored", "write_ms");
     let t = Instant::now();
-    let server = Running::start(&pki, &policies, &data);
+    let server = Running::start_env(program, &pki, &policies, &data, &env);
     let started = t.elapsed().as_secs_f64();
     let acme = common::connect(&server.url, &certs, "acme").await?;
     let (before_load, _) = server.memory();
@@ -444,7 +463,7 @@ async fn one_size(
             first / warm
         );
     }
-    Ok(run)
+    Ok(())
 }
 
 /// Every stage's time per size, and the growth exponents between sizes.

@@ -64,8 +64,20 @@ impl Running {
         policies: &Path,
         data: &Path,
     ) -> Self {
+        Self::start_env(program, pki, policies, data, &[])
+    }
+
+    /// As [`Running::start_program`], with extra environment variables
+    /// (`CLEANROOM_CONFIG`, say).
+    pub fn start_env(
+        program: &Path,
+        pki: &crate::support::Pki,
+        policies: &Path,
+        data: &Path,
+        env: &[(&str, &str)],
+    ) -> Self {
         let server =
-            crate::support::RealServer::spawn_program(program, pki, data, "0", policies, &[]);
+            crate::support::RealServer::spawn_program(program, pki, data, "0", policies, env);
         Running {
             url: format!("https://{}", server.addr),
             server,

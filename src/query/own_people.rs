@@ -66,12 +66,12 @@ struct KeyColumn<'a> {
 impl KeyColumn<'_> {
     /// (key, row) of every non-null value.
     fn iter(&self) -> impl Iterator<Item = (u32, u32)> + '_ {
-        (0..self.keys.len()).filter_map(move |r| {
-            self.keys.is_valid(r).then(|| {
+        (0..self.keys.len())
+            .filter(|&r| self.keys.is_valid(r))
+            .map(move |r| {
                 let key = u32::from_be_bytes(self.keys.value(r).try_into().unwrap_or([0; 4]));
                 (key, self.first + r as u32)
             })
-        })
     }
 }
 
