@@ -14,26 +14,12 @@ import time
 
 import duckdb
 
+import duckdb_shapes
+
 SQL = {
-    # People in both, matched on email or phone (semi-joins; rows of one
-    # person counted once per row, which the demo shape barely has).
-    "overlap": """
-        SELECT COUNT(*) FROM customers c
-        WHERE c.email IN (SELECT email FROM audience)
-           OR c.phone IN (SELECT phone FROM audience WHERE phone IS NOT NULL)
-    """,
-    # The governed query's shape under thresholds: groups of at least 50
-    # distinct people.
-    "governed": """
-        SELECT c.region, COUNT(*) AS n, AVG(c.lifetime_value) AS ltv
-        FROM customers c JOIN audience a ON c.email = a.email
-        GROUP BY c.region HAVING COUNT(DISTINCT c.email) >= 50
-    """,
-    "plain": """
-        SELECT c.region, COUNT(*) AS n, AVG(c.lifetime_value) AS ltv
-        FROM customers c JOIN audience a ON c.email = a.email
-        GROUP BY c.region
-    """,
+    "overlap": duckdb_shapes.OVERLAP,
+    "governed": duckdb_shapes.GOVERNED,
+    "plain": duckdb_shapes.PLAIN,
 }
 
 
