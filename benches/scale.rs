@@ -53,7 +53,7 @@ mod real;
 #[path = "../tests/common/mod.rs"]
 mod support;
 
-use common::arg;
+use common::{arg, text_arg};
 use real::{PRIVATE, Running, THRESHOLDS, median, timed_overlap, timed_query};
 
 use std::path::{Path, PathBuf};
@@ -111,21 +111,9 @@ impl SizeRun {
 
 /// The sizes from `--rows A,B,C`.
 fn sizes() -> Vec<u64> {
-    let args: Vec<String> = std::env::args().collect();
-    args.iter()
-        .position(|a| a == "--rows")
-        .and_then(|i| args.get(i + 1))
+    text_arg("--rows")
         .map(|v| v.split(',').filter_map(|n| n.trim().parse().ok()).collect())
         .unwrap_or_else(|| vec![1_000_000, 10_000_000])
-}
-
-/// The value after `--name`, as text.
-fn text_arg(name: &str) -> Option<String> {
-    let args: Vec<String> = std::env::args().collect();
-    args.iter()
-        .position(|a| a == name)
-        .and_then(|i| args.get(i + 1))
-        .cloned()
 }
 
 /// Bytes of every file under `dir`.
